@@ -1,0 +1,55 @@
+# tsmsg build and test entry points. Every target is idempotent: the virtualenv and the
+# extension are rebuilt only when their inputs change (stamp files under .venv/).
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.tsmsg-installed
+RUST_SOURCES := $(shell find rust -name '*.rs' 2>/dev/null) Cargo.toml Cargo.lock
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+HOST     ?= 127.0.0.1
+PORT     ?= 7700
+DATA_DIR ?= ./data
+
+.PHONY: setup run test test-rust test-python lint bench-codec bench-store clean
+
+setup: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q pip maturin
+
+# maturin builds the extension in release mode and installs the package (editable: the
+# Python sources under python/ are used in place) with its dev extras into .venv.
+$(STAMP): $(VPY) pyproject.toml constraints.txt $(RUST_SOURCES)
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E dev -q
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+test: lint test-rust test-python
+
+test-rust:
+	cargo test --locked -q
+
+test-python: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	cargo fmt --check
+	cargo clippy --locked -q --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy
+	$(VPY) -m mypy.stubtest tsmsg._native
+
+bench-codec: $(STAMP)
+	$(VPY) bench/codec.py
+
+bench-store: $(STAMP)
+	$(VPY) bench/store.py
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,470 @@
+"""Access tokens: verify a JWT into :class:`Claims` and answer "may this user do X in
+channel C?".
+
+Tokens are JWTs (DESIGN.md, "Tokens and the command line") verified by pyjwt with a
+pinned algorithm: HS256 with the server secret by default, or a public key for
+RS256/EdDSA (needs ``pyjwt[crypto]``). Claims:
+
+- ``sub``: the user id (required; see :func:`valid_user`).
+- ``exp``: expiry, integer seconds since the epoch (required).
+- ``scope``: a list of scope strings. Known ones (:data:`KNOWN_SCOPES`) are kept; unknown
+  strings are ignored, so a newer issuer can add scopes without locking out older servers.
+  Absent means no scopes.
+- ``channels``: a list of glob patterns (:func:`fnmatch.fnmatchcase`: ``*``, ``?``,
+  ``[...]``, always case-sensitive) naming the channels the user may use. Absent means
+  none: the user can still use the DM channels they belong to.
+- ``aud`` / ``iss``: checked when the verifier is configured with them; a token that
+  carries an ``aud`` is rejected by a verifier without one. ``nbf`` is honoured.
+
+Direct-message channels are named ``dm:<a>:<b>`` with ``a < b``, both valid user ids.
+The whole ``dm:`` namespace is reserved: such a channel is open to exactly its two users
+and never through a pattern, so ``channels=["*"]`` does not let a third user into
+someone else's DM, and a malformed ``dm:`` name is open to nobody.
+
+This module does no I/O (key material is passed in as bytes) and keeps no clock: the
+caller passes ``now`` in seconds, so expiry is tested deterministically.
+
+Errors: :class:`AuthError` carries a stable wire code (``token_expired`` or
+``unauthorized``) for anything wrong with a token from the network; ``ValueError`` is
+local misuse (a short secret, a private key where a public one belongs, bad issue
+arguments).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import jwt
+from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+
+__all__ = [
+    "DM_PREFIX",
+    "KNOWN_SCOPES",
+    "MAX_CHANNEL_CHARS",
+    "MAX_PATTERNS",
+    "MAX_PATTERN_CHARS",
+    "MAX_TOKEN_CHARS",
+    "MAX_USER_CHARS",
+    "MIN_SECRET_BYTES",
+    "SCOPE_MODERATE",
+    "SCOPE_READ",
+    "SCOPE_SEND",
+    "SECRET_ENV",
+    "TOKEN_EXPIRED",
+    "UNAUTHORIZED",
+    "AuthError",
+    "Claims",
+    "TokenIssuer",
+    "TokenVerifier",
+    "dm_channel",
+    "generate_dev_secret",
+    "parse_dm",
+    "secret_from_env",
+    "valid_channel",
+    "valid_user",
+]
+
+# --- limits -------------------------------------------------------------------------------
+
+MAX_CHANNEL_CHARS: Final = 128  # matches the store's MAX_CHANNEL_BYTES (names are ASCII)
+DM_PREFIX: Final = "dm:"  # reserved namespace for direct-message channels
+# Derived, not chosen: the longest DM name, dm:<user>:<user>, must fit in a channel name.
+MAX_USER_CHARS: Final = (MAX_CHANNEL_CHARS - len(DM_PREFIX) - 1) // 2  # = 62
+MAX_PATTERNS: Final = 64  # bounds per-request matching work and the claims kept per session
+MAX_PATTERN_CHARS: Final = 256  # a bracket class spends several characters per channel char
+MAX_TOKEN_CHARS: Final = 8 * 1024  # checked before decoding: no parsing of huge inputs
+MIN_SECRET_BYTES: Final = 32  # RFC 7518 3.2: an HS256 key at least as long as its hash
+
+# No ':' in user ids, so a DM name splits unambiguously into its two users.
+_USER_RE: Final = re.compile(rf"[A-Za-z0-9_.@-]{{1,{MAX_USER_CHARS}}}")
+# Channel names: the user-id charset plus ':' (namespaces such as dm:). ASCII only, so
+# characters and bytes agree and no two names differ only by Unicode normalisation.
+_CHANNEL_RE: Final = re.compile(rf"[A-Za-z0-9_.:@-]{{1,{MAX_CHANNEL_CHARS}}}")
+# Patterns: the channel charset plus the fnmatch metacharacters * ? [ ] !
+_PATTERN_RE: Final = re.compile(rf"[A-Za-z0-9_.:@*?\[\]!-]{{1,{MAX_PATTERN_CHARS}}}")
+
+# --- scopes and codes ---------------------------------------------------------------------
+
+SCOPE_READ: Final = "chat:read"
+SCOPE_SEND: Final = "chat:send"
+SCOPE_MODERATE: Final = "chat:moderate"  # change other users' messages; implies nothing else
+KNOWN_SCOPES: Final = frozenset({SCOPE_READ, SCOPE_SEND, SCOPE_MODERATE})
+
+TOKEN_EXPIRED: Final = "token_expired"
+UNAUTHORIZED: Final = "unauthorized"
+AuthCode = Literal["token_expired", "unauthorized"]
+
+SECRET_ENV: Final = "TSMSG_SECRET"
+
+# HMAC key minimum per algorithm: the hash output size (RFC 7518 3.2).
+_HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+_ASYMMETRIC: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class AuthError(Exception):
+    """A token was refused. ``code`` is the stable wire error code; ``message`` is safe to
+    send to the client (it never contains the token)."""
+
+    def __init__(self, code: AuthCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code: AuthCode = code
+        self.message = message
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+def valid_user(s: object) -> bool:
+    """A user id: 1..MAX_USER_CHARS characters of ``[A-Za-z0-9_.@-]``."""
+    return isinstance(s, str) and _USER_RE.fullmatch(s) is not None
+
+
+def valid_channel(s: object) -> bool:
+    """A channel name: 1..MAX_CHANNEL_CHARS characters of ``[A-Za-z0-9_.:@-]``. A valid
+    name in the reserved ``dm:`` namespace may still be no valid DM (see :func:`parse_dm`);
+    such a channel is open to nobody."""
+    return isinstance(s, str) and _CHANNEL_RE.fullmatch(s) is not None
+
+
+def _valid_pattern(s: object) -> bool:
+    return isinstance(s, str) and _PATTERN_RE.fullmatch(s) is not None
+
+
+def dm_channel(a: str, b: str) -> str:
+    """The DM channel of users ``a`` and ``b`` (in either order). Raises ``ValueError`` for
+    an invalid user id or ``a == b``."""
+    for user in (a, b):
+        if not valid_user(user):
+            raise ValueError(f"invalid user id {user!r} (1..{MAX_USER_CHARS} of [A-Za-z0-9_.@-])")
+    if a == b:
+        raise ValueError("a DM channel needs two distinct users")
+    lo, hi = sorted((a, b))
+    return f"{DM_PREFIX}{lo}:{hi}"
+
+
+def parse_dm(name: str) -> tuple[str, str] | None:
+    """The two users of a well-formed DM channel name (``dm:<a>:<b>``, ``a < b``, both valid
+    user ids), else ``None``. ``dm:bob:alice`` and ``dm:alice:alice`` are not DM names."""
+    if not name.startswith(DM_PREFIX):
+        return None
+    parts = name[len(DM_PREFIX) :].split(":")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if not (valid_user(a) and valid_user(b) and a < b):
+        return None
+    return a, b
+
+
+# --- claims -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a verified token allows. Build one with :meth:`TokenVerifier.verify`."""
+
+    user: str
+    exp: int
+    scopes: frozenset[str]
+    channels: tuple[str, ...]
+
+    def may_access(self, channel: str) -> bool:
+        """True when the channel is this user's DM, or a non-DM channel matching one of the
+        patterns. Names in the ``dm:`` namespace never match through patterns."""
+        if not valid_channel(channel):
+            return False
+        if channel.startswith(DM_PREFIX):
+            users = parse_dm(channel)
+            return users is not None and self.user in users
+        return any(fnmatch.fnmatchcase(channel, p) for p in self.channels)
+
+    def may_read(self, channel: str) -> bool:
+        """Join, sync, history, read cursor and typing: scope ``chat:read`` and access."""
+        return SCOPE_READ in self.scopes and self.may_access(channel)
+
+    def may_send(self, channel: str) -> bool:
+        """Send, and edit or delete one's own messages: scope ``chat:send`` and access."""
+        return SCOPE_SEND in self.scopes and self.may_access(channel)
+
+    def may_moderate(self, channel: str) -> bool:
+        """Edit or delete other users' messages: scope ``chat:moderate`` and access."""
+        return SCOPE_MODERATE in self.scopes and self.may_access(channel)
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def _is_hmac(algorithm: str) -> bool:
+    """Whether ``algorithm`` is an HMAC one; ``ValueError`` if it is not supported at all
+    (``none`` among them)."""
+    if algorithm in _HMAC_MIN_BYTES:
+        return True
+    if algorithm in _ASYMMETRIC:
+        return False
+    supported = ", ".join(sorted([*_HMAC_MIN_BYTES, *_ASYMMETRIC]))
+    raise ValueError(f"unsupported algorithm {algorithm!r}; use one of {supported}")
+
+
+def _prepare_key(algorithm: str, key: bytes, *, private: bool) -> Any:
+    """Parse ``key`` for ``algorithm`` once, at construction, so a bad key fails at
+    startup rather than on the first token. Returns what pyjwt takes as a key."""
+    symmetric = _is_hmac(algorithm)
+    if symmetric and len(key) < _HMAC_MIN_BYTES[algorithm]:
+        minimum = _HMAC_MIN_BYTES[algorithm]
+        raise ValueError(f"{algorithm} secret must be at least {minimum} bytes, got {len(key)}")
+    try:
+        alg = jwt.get_algorithm_by_name(algorithm)
+    except NotImplementedError:
+        raise ValueError(
+            f"algorithm {algorithm} needs the cryptography package (pip install 'pyjwt[crypto]')"
+        ) from None
+    try:
+        prepared = alg.prepare_key(key)
+    except (jwt.InvalidKeyError, ValueError, TypeError) as e:
+        raise ValueError(f"unusable {algorithm} key: {e}") from None
+    if not symmetric:
+        # cryptography's private key classes have public_key(); its public ones do not.
+        is_private = callable(getattr(prepared, "public_key", None))
+        if is_private != private:
+            want = "a private" if private else "a public"
+            raise ValueError(f"{algorithm} needs {want} key (PEM)")
+    return prepared
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+class TokenVerifier:
+    """Turns a token into :class:`Claims` or raises :class:`AuthError`.
+
+    The algorithm is pinned: a token whose header names any other ``alg`` (``none``, HS384,
+    HS256 against an RS256 verifier, ...) is refused before its claims are read. With an
+    HMAC algorithm, ``secret`` verifies and ``extra_secrets`` verify too, so during a secret
+    rotation tokens signed with the old and the new secret are both accepted.
+    """
+
+    def __init__(
+        self,
+        secret: bytes | None = None,
+        *,
+        public_key: bytes | None = None,
+        algorithm: str = "HS256",
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway_s: int = 0,
+        extra_secrets: Sequence[bytes] = (),
+    ) -> None:
+        if _is_hmac(algorithm):
+            if secret is None or public_key is not None:
+                raise ValueError(f"{algorithm} verifies with a secret, not a public key")
+            keys = [_prepare_key(algorithm, k, private=False) for k in (secret, *extra_secrets)]
+        else:
+            if public_key is None or secret is not None or extra_secrets:
+                raise ValueError(f"{algorithm} verifies with public_key, not a secret")
+            keys = [_prepare_key(algorithm, public_key, private=False)]
+        if leeway_s < 0:
+            raise ValueError(f"leeway_s must be >= 0, got {leeway_s}")
+        self._keys: tuple[Any, ...] = tuple(keys)
+        self.algorithm = algorithm
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway_s = leeway_s
+
+    def verify(self, token: str, now: int) -> Claims:
+        """Verify ``token`` at time ``now`` (seconds since the epoch)."""
+        payload = self._decode(token)
+        exp = _claim_int(payload, "exp")
+        nbf = _claim_int(payload, "nbf") if "nbf" in payload else None
+        # pyjwt's own time checks read the wall clock; ours use the ``now`` passed in.
+        if exp <= now - self.leeway_s:
+            raise AuthError(TOKEN_EXPIRED, "token has expired")
+        if nbf is not None and nbf > now + self.leeway_s:
+            raise AuthError(UNAUTHORIZED, "token is not valid yet (nbf)")
+        user = payload["sub"]
+        if not valid_user(user):
+            raise AuthError(
+                UNAUTHORIZED,
+                f"claim 'sub' is not a valid user id (1..{MAX_USER_CHARS} of [A-Za-z0-9_.@-])",
+            )
+        scopes = _claim_str_list(payload, "scope")
+        patterns = _claim_str_list(payload, "channels")
+        if len(patterns) > MAX_PATTERNS:
+            raise AuthError(
+                UNAUTHORIZED, f"claim 'channels' has {len(patterns)} patterns, max {MAX_PATTERNS}"
+            )
+        if not all(_valid_pattern(p) for p in patterns):
+            raise AuthError(
+                UNAUTHORIZED,
+                f"claim 'channels' holds an invalid pattern (1..{MAX_PATTERN_CHARS} of "
+                "[A-Za-z0-9_.:@-] and *?[]!)",
+            )
+        return Claims(
+            user=user,
+            exp=exp,
+            scopes=frozenset(scopes) & KNOWN_SCOPES,
+            channels=tuple(patterns),
+        )
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        if not isinstance(token, str):
+            raise AuthError(UNAUTHORIZED, "token must be a string")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(UNAUTHORIZED, f"token is longer than {MAX_TOKEN_CHARS} characters")
+        if not token.isascii():
+            raise AuthError(UNAUTHORIZED, "malformed token (not ASCII)")
+        options = {
+            "require": ["sub", "exp"],
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+        }
+        for i, key in enumerate(self._keys):
+            try:
+                payload: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[self.algorithm],
+                    options=options,
+                    audience=self.audience,
+                    issuer=self.issuer,
+                )
+                return payload
+            except jwt.InvalidSignatureError:
+                if i + 1 < len(self._keys):
+                    continue  # rotation: try the next secret
+                raise AuthError(UNAUTHORIZED, "token signature is invalid") from None
+            except jwt.PyJWTError as e:
+                raise AuthError(UNAUTHORIZED, self._describe(e)) from None
+            except (ValueError, TypeError, UnicodeError):
+                # pyjwt wraps what it expects to fail; anything else is still a bad token.
+                raise AuthError(UNAUTHORIZED, "malformed token") from None
+        raise AssertionError("unreachable: a verifier has at least one key")
+
+    def _describe(self, e: jwt.PyJWTError) -> str:
+        """Our own wording per failure: pyjwt's messages are not part of our contract."""
+        if isinstance(e, jwt.InvalidAlgorithmError):
+            return f"token algorithm is not allowed (this server accepts {self.algorithm})"
+        if isinstance(e, jwt.MissingRequiredClaimError):
+            return f"token lacks the required claim {e.claim!r}"
+        if isinstance(e, jwt.InvalidAudienceError):
+            return "token audience does not match this server"
+        if isinstance(e, jwt.InvalidIssuerError):
+            return "token issuer is not accepted"
+        if isinstance(e, InvalidSubjectError):
+            return "claim 'sub' must be a string"
+        if isinstance(e, InvalidJTIError):
+            return "claim 'jti' must be a string"
+        if isinstance(e, jwt.DecodeError):
+            return "malformed token"
+        return "invalid token"
+
+
+def _claim_int(payload: Mapping[str, Any], name: str) -> int:
+    value = payload.get(name)
+    # bool is an int subclass; true is no timestamp.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise AuthError(UNAUTHORIZED, f"claim {name!r} must be an integer (seconds)")
+    return value
+
+
+def _claim_str_list(payload: Mapping[str, Any], name: str) -> list[str]:
+    """An optional list-of-strings claim; absent means empty."""
+    value = payload.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AuthError(UNAUTHORIZED, f"claim {name!r} must be a list of strings")
+    return value
+
+
+# --- issuing ------------------------------------------------------------------------------
+
+
+class TokenIssuer:
+    """Signs tokens: used by ``tsmsg token`` and by tests. ``secret`` is the HMAC secret,
+    or a private key (PEM) for an asymmetric algorithm."""
+
+    def __init__(self, secret: bytes, algorithm: str = "HS256") -> None:
+        self._key: Any = _prepare_key(algorithm, secret, private=True)
+        self.algorithm = algorithm
+
+    def issue(
+        self,
+        user: str,
+        channels: Iterable[str] = (),
+        scopes: Iterable[str] = (SCOPE_READ, SCOPE_SEND),
+        ttl_s: int = 3600,
+        *,
+        now: int,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> str:
+        """A token for ``user`` valid from ``now`` for ``ttl_s`` seconds.
+
+        ``channels`` defaults to none, so a token grants only the user's DMs unless
+        channels are named (the CLI's ``--channels``); ``("*",)`` grants every non-DM
+        channel. Raises ``ValueError`` for arguments the verifier would refuse, including
+        unknown scopes (most likely a typo here, although verifiers ignore them).
+        """
+        channels = list(channels)
+        scope_list = sorted(set(scopes))
+        if not valid_user(user):
+            raise ValueError(f"invalid user id {user!r} (1..{MAX_USER_CHARS} of [A-Za-z0-9_.@-])")
+        if len(channels) > MAX_PATTERNS:
+            raise ValueError(f"{len(channels)} channel patterns, max {MAX_PATTERNS}")
+        for p in channels:
+            if not _valid_pattern(p):
+                raise ValueError(
+                    f"invalid channel pattern {p!r} (1..{MAX_PATTERN_CHARS} of "
+                    "[A-Za-z0-9_.:@-] and *?[]!)"
+                )
+        unknown = set(scope_list) - KNOWN_SCOPES
+        if unknown:
+            raise ValueError(
+                f"unknown scopes {sorted(unknown)}; known: {', '.join(sorted(KNOWN_SCOPES))}"
+            )
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        payload: dict[str, Any] = {
+            "sub": user,
+            "iat": now,
+            "exp": now + ttl_s,
+            "scope": scope_list,
+            "channels": channels,
+        }
+        if audience is not None:
+            payload["aud"] = audience
+        if issuer is not None:
+            payload["iss"] = issuer
+        token = jwt.encode(payload, self._key, algorithm=self.algorithm)
+        if len(token) > MAX_TOKEN_CHARS:
+            raise ValueError(f"token is {len(token)} characters, max {MAX_TOKEN_CHARS}")
+        return token
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+def secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
+    """The HMAC secret from ``TSMSG_SECRET`` (UTF-8), or ``None`` when it is unset.
+    Raises ``ValueError`` for a secret shorter than MIN_SECRET_BYTES."""
+    value = env.get(SECRET_ENV)
+    if value is None:
+        return None
+    secret = value.encode("utf-8")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{SECRET_ENV} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
+        )
+    return secret
+
+
+def generate_dev_secret() -> bytes:
+    """A random secret for development (43 URL-safe characters, 256 bits)."""
+    return secrets.token_urlsafe(32).encode("ascii")

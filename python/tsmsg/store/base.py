@@ -1,0 +1,200 @@
+"""The store interface: what the server needs from durable storage.
+
+A backend keeps, per channel, an append-only log of entries keyed by a dense seq
+(1, 2, 3, ...), the channel's metadata (head, compaction horizon, epoch), read cursors
+per (user, channel) and a dedup index per (channel, sender, cid). Writes go through
+:meth:`Store.submit` and are committed in groups by a single writer; reads are plain
+synchronous calls. A second backend implements this class and nothing in the server
+changes.
+
+Entries are plain dicts shaped like the wire's ``event`` push minus ``t`` and
+``channel`` (see STORAGE.md): ``seq``, ``kind``, ``id``, ``sender``, ``ts`` and the body
+fields. Returning dicts lets the server put them on the wire without a conversion.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Entry = dict[str, Any]
+Kind = Literal["message", "edit", "delete"]
+
+# Limits the store enforces itself (the protocol layer checks them first with clear
+# error frames; these guard the on-disk format against any other caller).
+MAX_CHANNEL_BYTES = 128  # channel names are short identifiers, not content
+MAX_USER_BYTES = 128  # user ids come from the token's `sub`
+MAX_CID_CHARS = 64  # the idempotency key: a UUID by habit
+
+
+class StoreError(Exception):
+    """A request the store refused or could not carry out. ``code`` is the wire error
+    code the server sends for it (see PROTOCOL.md)."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(StoreError):
+    code = "not_found"
+
+
+class Forbidden(StoreError):
+    code = "forbidden"
+
+
+class StoreUnavailable(StoreError):
+    """A commit failed (disk full, I/O error): nothing of the batch was stored, no seq
+    was consumed, reads keep working."""
+
+    code = "store_unavailable"
+
+
+class FormatError(Exception):
+    """The data directory was written by an incompatible on-disk format version."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    channel: str
+    seq: int
+    id: str  # the message id (for edits and deletes: the target's id)
+    ts: int
+    dup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPage:
+    """Entries after ``since`` in seq order. ``resync`` is set (and ``entries`` empty)
+    when ``since`` is below the compaction horizon or above the head: the client must
+    reload with history and continue from ``head``, never skip a gap."""
+
+    entries: list[Entry]
+    more: bool
+    head: int
+    epoch: int
+    resync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    name: str
+    head: int  # last committed seq, 0 for an empty channel
+    horizon: int  # sync below this seq needs a resync (compacted or retained away)
+    epoch: int  # changes if the log is ever reset; seqs restart then
+
+
+@dataclass(slots=True)
+class WriteOp:
+    """One pending write. The writer fills ``result`` or ``error`` and then calls the
+    store's ``notify`` hook once per committed batch."""
+
+    kind: Literal["message", "edit", "delete", "read"]
+    channel: str
+    user: str
+    cid: str | None = None  # message only: the idempotency key
+    text: str | None = None  # message and edit
+    meta: dict[str, Any] | None = None  # message only
+    target: str | None = None  # edit and delete: the message id
+    seq: int = 0  # read only: the cursor position asked for
+    moderator: bool = False  # may change other users' messages
+    result: AppendResult | int | None = None  # AppendResult, or the cursor for `read`
+    error: StoreError | None = None
+    done: threading.Event | None = field(default=None, repr=False)
+
+
+Notify = Callable[[list[WriteOp]], None]
+
+
+class Store(ABC):
+    """Durable channel logs. Thread-safe: writes are queued to one writer thread; reads
+    may be called from any thread."""
+
+    @abstractmethod
+    def submit(self, op: WriteOp) -> None:
+        """Queue a write. When its batch is committed (or failed), the op's ``result``
+        or ``error`` is set and the ``notify`` hook given at open is called with the
+        batch, from the writer thread. ``ok`` may be sent only after that."""
+
+    def write(self, op: WriteOp, timeout: float | None = 30.0) -> WriteOp:
+        """Blocking convenience for tools and tests: submit and wait for the commit."""
+        op.done = threading.Event()
+        self.submit(op)
+        if not op.done.wait(timeout):
+            raise StoreUnavailable(f"write not committed within {timeout} s")
+        if op.error is not None:
+            raise op.error
+        return op
+
+    def append(
+        self,
+        channel: str,
+        sender: str,
+        cid: str,
+        text: str,
+        meta: dict[str, Any] | None = None,
+    ) -> AppendResult:
+        op = self.write(WriteOp("message", channel, sender, cid=cid, text=text, meta=meta))
+        assert isinstance(op.result, AppendResult)
+        return op.result
+
+    def edit(
+        self, channel: str, user: str, target: str, text: str, *, moderator: bool = False
+    ) -> AppendResult:
+        op = self.write(
+            WriteOp("edit", channel, user, text=text, target=target, moderator=moderator)
+        )
+        assert isinstance(op.result, AppendResult)
+        return op.result
+
+    def delete(
+        self, channel: str, user: str, target: str, *, moderator: bool = False
+    ) -> AppendResult:
+        op = self.write(WriteOp("delete", channel, user, target=target, moderator=moderator))
+        assert isinstance(op.result, AppendResult)
+        return op.result
+
+    def set_read(self, user: str, channel: str, seq: int) -> int:
+        """Move the user's read cursor forward to ``seq`` (clamped to the head); an
+        older seq changes nothing. Returns the cursor."""
+        op = self.write(WriteOp("read", channel, user, seq=seq))
+        assert isinstance(op.result, int)
+        return op.result
+
+    @abstractmethod
+    def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        """Answer a retried cid without queueing a write, if it is known."""
+
+    @abstractmethod
+    def channel(self, name: str) -> ChannelInfo: ...
+
+    @abstractmethod
+    def sync(self, channel: str, since: int, limit: int, max_bytes: int | None = None) -> SyncPage:
+        """Raw entries with seq > since, at most ``limit`` (and ``max_bytes`` of packed
+        entries, at least one entry), in seq order."""
+
+    @abstractmethod
+    def history(self, channel: str, before: int | None, limit: int) -> list[Entry]:
+        """The latest state of the newest ``limit`` messages with seq < before
+        (default: all), oldest first. Deleted ones are tombstones: ``deleted: True``,
+        no text and no meta."""
+
+    @abstractmethod
+    def read_cursor(self, user: str, channel: str) -> int: ...
+
+    @abstractmethod
+    def unread(self, user: str, channel: str) -> int:
+        """Messages after the user's cursor that are neither deleted nor the user's own."""
+
+    @abstractmethod
+    def compact(self, channel: str) -> int:
+        """Compact one channel by the configured policy; returns the new horizon."""
+
+    @abstractmethod
+    def close(self) -> None: ...

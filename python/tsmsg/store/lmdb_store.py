@@ -1,0 +1,736 @@
+"""The LMDB backend of :class:`~tsmsg.store.base.Store` (py-lmdb).
+
+One environment, named databases, one writer thread with group commit. The on-disk
+format is specified in STORAGE.md; ``FORMAT_VERSION`` below must change with it.
+
+Why one writer thread: LMDB allows one write transaction at a time, and an fsync per
+commit costs far more than the puts in it. The writer takes every write that is pending
+when it becomes free (up to ``max_batch``) and commits them in one transaction, so the
+batch grows with the load and a lone write is committed at once: no timer ever delays a
+commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from tsmsg._native import DedupRing, packb, unpackb
+from tsmsg.store.base import (
+    MAX_CHANNEL_BYTES,
+    MAX_CID_CHARS,
+    MAX_USER_BYTES,
+    AppendResult,
+    ChannelInfo,
+    Entry,
+    Forbidden,
+    FormatError,
+    NotFound,
+    Notify,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    SyncPage,
+    WriteOp,
+)
+
+log = logging.getLogger("tsmsg.store")
+
+FORMAT_VERSION = 1
+U64 = struct.Struct(">Q")
+SEQ_MAX = 2**64 - 1
+
+# Sizing defaults; each is a field of StoreConfig so an operator can change it.
+DEFAULT_MAP_SIZE = 64 << 20  # the map grows by doubling when full; start small
+DEFAULT_MAX_BATCH = 1024  # writes per transaction: bounds the time one commit holds the lock
+DEFAULT_DEDUP_RING = 65536  # cids answered from memory without queueing a write
+DEFAULT_DEDUP_MAX = 1_000_000  # persistent dedup entries kept, oldest pruned first
+DEFAULT_DEDUP_RETENTION_MS = 7 * 24 * 3600 * 1000  # a client retries within days, not weeks
+DEFAULT_SYNC_INTERVAL_S = 1.0  # `async` durability: at most this much is lost on power loss
+DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
+COMPACT_CHUNK = 4096  # entries per compaction transaction, so appends interleave
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionPolicy:
+    """Kafka's log-compaction rule, per channel. Entries in the newest ``keep_recent``
+    seqs are never compacted (clients that are only briefly behind replay them raw)."""
+
+    keep_recent: int = 1000
+    tombstone_retention_ms: int = 24 * 3600 * 1000  # a deleted message's tombstone lives this long
+    max_age_ms: int | None = None  # retention by age: older messages are dropped
+    max_count: int | None = None  # retention by count: only the newest N seqs are kept
+    interval_s: float | None = None  # background compaction period; None: only on request
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    durability: str = "fsync"  # "fsync": an ack means on disk; "async": see STORAGE.md
+    map_size: int = DEFAULT_MAP_SIZE
+    max_batch: int = DEFAULT_MAX_BATCH
+    dedup_ring: int = DEFAULT_DEDUP_RING
+    dedup_max: int = DEFAULT_DEDUP_MAX
+    dedup_retention_ms: int = DEFAULT_DEDUP_RETENTION_MS
+    sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
+    compaction: CompactionPolicy = CompactionPolicy()
+
+
+def message_id(chan_id: int, seq: int) -> str:
+    return f"{chan_id}-{seq}"
+
+
+def parse_message_id(mid: str) -> tuple[int, int] | None:
+    chan, _, seq = mid.partition("-")
+    if not (chan.isdigit() and seq.isdigit()) or len(mid) > 41:
+        return None
+    return int(chan), int(seq)
+
+
+def _check_name(what: str, value: str, max_bytes: int) -> bytes:
+    raw = value.encode()
+    if not raw or len(raw) > max_bytes or b"\0" in raw:
+        raise ValueError(f"{what} must be 1 to {max_bytes} bytes of UTF-8 without NUL: {value!r}")
+    return raw
+
+
+class _Job:
+    """Work other than appends that must run in the writer thread (compaction, reset)."""
+
+    def __init__(self, fn: Callable[[], bool]) -> None:
+        self.fn = fn  # returns True when finished; False re-queues it after pending writes
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class _Stop:
+    pass
+
+
+class LmdbStore(Store):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: StoreConfig | None = None,
+        notify: Notify | None = None,
+        clock: Callable[[], int] = now_ms,
+        fault: Callable[[], None] | None = None,
+    ) -> None:
+        config = config or StoreConfig()
+        if config.durability not in ("fsync", "async"):
+            raise ValueError(f"durability must be 'fsync' or 'async', not {config.durability!r}")
+        self.config = config
+        self._notify = notify
+        self._clock = clock
+        self._fault = fault  # test hook: called before each commit, may raise lmdb errors
+        os.makedirs(path, exist_ok=True)
+        self._env = lmdb.open(
+            os.fspath(path),
+            map_size=config.map_size,
+            max_dbs=8,
+            sync=config.durability == "fsync",
+            metasync=config.durability == "fsync",
+            readahead=False,
+            max_readers=256,
+        )
+        # Resizing the map needs no transaction open in this process: readers hold this lock.
+        self._resize_lock = threading.Lock()
+        env = self._env
+        self._meta = env.open_db(b"meta")
+        self._channels = env.open_db(b"channels")
+        self._log = env.open_db(b"log")
+        self._edits = env.open_db(b"edits")
+        self._tombstones = env.open_db(b"tombstones")
+        self._cursors = env.open_db(b"cursors")
+        self._dedup = env.open_db(b"dedup")
+        self._dedup_age = env.open_db(b"dedup_age")
+        self._check_format()
+        self._ring = DedupRing(config.dedup_ring)
+        self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
+        self._closed = False
+        self.batch_sizes: list[int] = []  # recent batch sizes, for benchmarks (bounded)
+        self._writer = threading.Thread(
+            target=self._run_writer, name="tsmsg-store-writer", daemon=True
+        )
+        self._writer.start()
+        self._compactor: threading.Thread | None = None
+        self._stop_compactor = threading.Event()
+        if config.compaction.interval_s:
+            self._compactor = threading.Thread(
+                target=self._run_compactor, name="tsmsg-compactor", daemon=True
+            )
+            self._compactor.start()
+
+    # ---------------------------------------------------------------- format
+
+    def _check_format(self) -> None:
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(b"format", db=self._meta)
+            if raw is None:
+                if txn.stat(self._log)["entries"] or txn.stat(self._channels)["entries"]:
+                    raise FormatError("data directory has channel data but no format version")
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+            elif raw != str(FORMAT_VERSION).encode():
+                raise FormatError(
+                    f"data directory {self._env.path()!r} has on-disk format version "
+                    f"{raw.decode(errors='replace')}, this tsmsg reads version {FORMAT_VERSION}; "
+                    "see STORAGE.md for upgrading"
+                )
+
+    # ---------------------------------------------------------------- reads
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        with self._resize_lock, self._env.begin(buffers=False) as txn:
+            yield txn
+
+    def _channel_record(self, txn: lmdb.Transaction, name: str) -> dict[str, int] | None:
+        raw = txn.get(name.encode(), db=self._channels)
+        return None if raw is None else dict(unpackb(raw))
+
+    def channel(self, name: str) -> ChannelInfo:
+        with self._read() as txn:
+            rec = self._channel_record(txn, name)
+        if rec is None:
+            return ChannelInfo(name, 0, 0, 0)
+        return ChannelInfo(name, rec["head"], rec["horizon"], rec["epoch"])
+
+    def sync(self, channel: str, since: int, limit: int, max_bytes: int | None = None) -> SyncPage:
+        with self._read() as txn:
+            rec = self._channel_record(txn, channel)
+            if rec is None:
+                return SyncPage([], False, 0, 0, resync=since != 0)
+            head, epoch = rec["head"], rec["epoch"]
+            if since < rec["horizon"] or since > head:
+                return SyncPage([], False, head, epoch, resync=True)
+            prefix = U64.pack(rec["id"])
+            entries: list[Entry] = []
+            size = 0
+            cur = txn.cursor(db=self._log)
+            if cur.set_range(prefix + U64.pack(since + 1)):
+                for key, value in cur:
+                    if not key.startswith(prefix) or len(entries) >= limit:
+                        break
+                    size += len(value)
+                    if max_bytes is not None and entries and size > max_bytes:
+                        break
+                    entries.append(unpackb(value))
+        last = entries[-1]["seq"] if entries else since
+        return SyncPage(entries, last < head, head, epoch)
+
+    def history(self, channel: str, before: int | None, limit: int) -> list[Entry]:
+        out: list[Entry] = []
+        with self._read() as txn:
+            rec = self._channel_record(txn, channel)
+            if rec is None or limit <= 0:
+                return out
+            prefix = U64.pack(rec["id"])
+            top = rec["head"] if before is None else min(before - 1, rec["head"])
+            if top < 1:
+                return out
+            cur = txn.cursor(db=self._log)
+            if cur.set_range(prefix + U64.pack(top + 1)):
+                positioned = cur.prev()
+            else:
+                positioned = cur.last()
+            if not positioned:
+                return out
+            for key, value in cur.iterprev():
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                entry = unpackb(value)
+                if entry["kind"] == "message":
+                    out.append(entry)
+        out.reverse()
+        return out
+
+    def read_cursor(self, user: str, channel: str) -> int:
+        with self._read() as txn:
+            rec = self._channel_record(txn, channel)
+            if rec is None:
+                return 0
+            raw = txn.get(self._cursor_key(user, rec["id"]), db=self._cursors)
+        return 0 if raw is None else int(U64.unpack(raw)[0])
+
+    def unread(self, user: str, channel: str) -> int:
+        with self._read() as txn:
+            rec = self._channel_record(txn, channel)
+            if rec is None:
+                return 0
+            raw = txn.get(self._cursor_key(user, rec["id"]), db=self._cursors)
+            since = 0 if raw is None else U64.unpack(raw)[0]
+            prefix = U64.pack(rec["id"])
+            count = 0
+            cur = txn.cursor(db=self._log)
+            if cur.set_range(prefix + U64.pack(since + 1)):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    e = unpackb(value)
+                    if e["kind"] == "message" and not e.get("deleted") and e["sender"] != user:
+                        count += 1
+        return count
+
+    def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        with self._read() as txn:
+            rec = self._channel_record(txn, channel)
+            if rec is None:
+                return None
+            key = self._dedup_key(rec["id"], sender, cid)
+            seq = self._ring.get(key)
+            if seq is None:
+                return None
+            raw = txn.get(key, db=self._dedup)
+        ts = unpackb(raw)[1] if raw is not None else 0
+        return AppendResult(channel, seq, message_id(rec["id"], seq), ts, dup=True)
+
+    # ---------------------------------------------------------------- keys
+
+    @staticmethod
+    def _cursor_key(user: str, chan_id: int) -> bytes:
+        return user.encode() + b"\0" + U64.pack(chan_id)
+
+    @staticmethod
+    def _dedup_key(chan_id: int, sender: str, cid: str) -> bytes:
+        return U64.pack(chan_id) + sender.encode() + b"\0" + cid.encode()
+
+    # ---------------------------------------------------------------- writes
+
+    def submit(self, op: WriteOp) -> None:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        self._queue.put(op)
+
+    def _run_writer(self) -> None:
+        timeout = None if self.config.durability == "fsync" else self.config.sync_interval_s
+        last_sync = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if timeout is not None and time.monotonic() - last_sync >= timeout:
+                self._env.sync(True)
+                last_sync = time.monotonic()
+            if item is None:
+                continue
+            if isinstance(item, _Stop):
+                return
+            if isinstance(item, _Job):
+                self._run_job(item)
+                continue
+            batch = [item]
+            while len(batch) < self.config.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, WriteOp):
+                    self._queue.put(nxt)  # jobs and stop run after this batch
+                    break
+                batch.append(nxt)
+            self._commit_batch(batch)
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            finished = self._with_map_growth(job.fn)
+        except BaseException as exc:  # reported to the waiter, never kills the writer
+            job.error = exc
+            finished = True
+        if finished:
+            job.done.set()
+        else:
+            self._queue.put(job)
+
+    def _with_map_growth(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (which commits or aborts its own transaction); when the map is full,
+        double it and run ``fn`` again. Nothing of a failed attempt was committed."""
+        while True:
+            try:
+                return fn()
+            except lmdb.MapFullError:
+                with self._resize_lock:
+                    size = self._env.info()["map_size"] * 2
+                    self._env.set_mapsize(size)
+                log.info("store map full: grew LMDB map to %d MiB", size >> 20)
+
+    def _commit_batch(self, batch: list[WriteOp]) -> None:
+        for op in batch:
+            op.result = op.error = None
+        try:
+            ring_inserts = self._with_map_growth(lambda: self._write_batch(batch))
+        except Exception as exc:  # a failed batch must never stop the writer thread
+            log.error("store commit of %d writes failed: %r", len(batch), exc)
+            err = StoreUnavailable(f"store commit failed: {exc}")
+            for op in batch:
+                op.result, op.error = None, err
+        else:
+            for key, seq in ring_inserts:
+                self._ring.insert(key, seq)
+        if len(self.batch_sizes) < 100_000:
+            self.batch_sizes.append(len(batch))
+        for op in batch:
+            if op.done is not None:
+                op.done.set()
+        if self._notify is not None:
+            self._notify(batch)
+
+    def _write_batch(self, batch: list[WriteOp]) -> list[tuple[bytes, int]]:
+        ring_inserts: list[tuple[bytes, int]] = []
+        txn = self._env.begin(write=True)
+        try:
+            ts = self._clock()
+            records: dict[str, dict[str, int]] = {}  # channel records touched in this batch
+            for op in batch:
+                try:
+                    op.result = self._apply(txn, op, ts, records, ring_inserts)
+                except StoreError as exc:
+                    op.error = exc
+                except ValueError as exc:
+                    op.error = StoreError(str(exc))
+            for name, rec in records.items():
+                txn.put(name.encode(), packb(rec), db=self._channels)
+            self._prune_dedup(txn, ts)
+            if self._fault is not None:
+                self._fault()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            ring_inserts.clear()
+            raise
+        return ring_inserts
+
+    def _record(
+        self, txn: lmdb.Transaction, name: str, records: dict[str, dict[str, int]], create: bool
+    ) -> dict[str, int] | None:
+        rec = records.get(name)
+        if rec is None:
+            rec = self._channel_record(txn, name)
+            if rec is None:
+                if not create:
+                    return None
+                raw = txn.get(b"next_channel_id", db=self._meta)
+                chan_id = 1 if raw is None else U64.unpack(raw)[0]
+                txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
+                rec = {"id": chan_id, "head": 0, "horizon": 0, "epoch": chan_id}
+            records[name] = rec
+        return rec
+
+    def _apply(
+        self,
+        txn: lmdb.Transaction,
+        op: WriteOp,
+        ts: int,
+        records: dict[str, dict[str, int]],
+        ring_inserts: list[tuple[bytes, int]],
+    ) -> AppendResult | int:
+        _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+        _check_name("user", op.user, MAX_USER_BYTES)
+        if op.kind == "read":
+            return self._apply_read(txn, op, records)
+        if op.kind == "message":
+            if op.cid is None or not 1 <= len(op.cid) <= MAX_CID_CHARS or op.text is None:
+                raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
+            rec = self._record(txn, op.channel, records, create=True)
+            assert rec is not None
+            dkey = self._dedup_key(rec["id"], op.user, op.cid)
+            raw = txn.get(dkey, db=self._dedup)
+            if raw is not None:
+                seq, first_ts, _ = unpackb(raw)
+                return AppendResult(op.channel, seq, message_id(rec["id"], seq), first_ts, dup=True)
+            seq = rec["head"] + 1
+            entry: Entry = {"seq": seq, "kind": "message", "id": message_id(rec["id"], seq)}
+            entry.update(sender=op.user, ts=ts, text=op.text)
+            if op.meta:
+                entry["meta"] = op.meta
+            self._put_entry(txn, rec, entry)
+            order = txn.get(b"dedup_order", db=self._meta)
+            n = 0 if order is None else U64.unpack(order)[0]
+            txn.put(b"dedup_order", U64.pack(n + 1), db=self._meta)
+            txn.put(dkey, packb([seq, ts, n]), db=self._dedup)
+            txn.put(U64.pack(n), dkey, db=self._dedup_age)
+            ring_inserts.append((dkey, seq))
+            return AppendResult(op.channel, seq, entry["id"], ts)
+        return self._apply_change(txn, op, ts, records)
+
+    def _put_entry(self, txn: lmdb.Transaction, rec: dict[str, int], entry: Entry) -> None:
+        txn.put(U64.pack(rec["id"]) + U64.pack(entry["seq"]), packb(entry), db=self._log)
+        rec["head"] = entry["seq"]
+
+    def _apply_change(
+        self, txn: lmdb.Transaction, op: WriteOp, ts: int, records: dict[str, dict[str, int]]
+    ) -> AppendResult:
+        """An edit or a delete: a new entry naming its target, and the target's message
+        entry rewritten to the message's current state (a delete redacts its text and
+        meta, and the text of its earlier edits)."""
+        target = op.target or ""
+        rec = self._record(txn, op.channel, records, create=False)
+        parsed = parse_message_id(target)
+        if rec is None or parsed is None or parsed[0] != rec["id"]:
+            raise NotFound(f"no message {target!r} in channel {op.channel!r}")
+        mkey = U64.pack(rec["id"]) + U64.pack(parsed[1])
+        raw = txn.get(mkey, db=self._log)
+        msg = None if raw is None else unpackb(raw)
+        if msg is None or msg["kind"] != "message" or msg.get("deleted"):
+            raise NotFound(f"no message {target!r} in channel {op.channel!r}")
+        if msg["sender"] != op.user and not op.moderator:
+            raise Forbidden(f"only the sender or a moderator may change message {target!r}")
+        seq = rec["head"] + 1
+        ekey = mkey  # the edits index shares the log key of the message
+        if op.kind == "edit":
+            if op.text is None:
+                raise ValueError("an edit needs text")
+            entry: Entry = {"seq": seq, "kind": "edit", "id": target, "sender": op.user}
+            entry.update(ts=ts, text=op.text)
+            msg["text"], msg["edited"] = op.text, ts
+            old = txn.get(ekey, db=self._edits)
+            txn.put(ekey, packb([*(unpackb(old) if old else []), seq]), db=self._edits)
+        else:
+            entry = {"seq": seq, "kind": "delete", "id": target, "sender": op.user, "ts": ts}
+            for key in ("text", "meta", "edited"):
+                msg.pop(key, None)
+            msg["deleted"] = True
+            old = txn.get(ekey, db=self._edits)
+            for edit_seq in unpackb(old) if old else []:
+                ek = U64.pack(rec["id"]) + U64.pack(edit_seq)
+                edit_raw = txn.get(ek, db=self._log)
+                if edit_raw is not None:
+                    edit = unpackb(edit_raw)
+                    edit.pop("text", None)
+                    edit["deleted"] = True
+                    txn.put(ek, packb(edit), db=self._log)
+            txn.delete(ekey, db=self._edits)
+            txn.put(ekey, U64.pack(ts), db=self._tombstones)
+        txn.put(mkey, packb(msg), db=self._log)
+        self._put_entry(txn, rec, entry)
+        return AppendResult(op.channel, seq, target, ts)
+
+    def _apply_read(
+        self, txn: lmdb.Transaction, op: WriteOp, records: dict[str, dict[str, int]]
+    ) -> int:
+        rec = self._record(txn, op.channel, records, create=False)
+        if rec is None:
+            return 0
+        key = self._cursor_key(op.user, rec["id"])
+        raw = txn.get(key, db=self._cursors)
+        old = 0 if raw is None else U64.unpack(raw)[0]
+        new = min(max(op.seq, 0), rec["head"])
+        if new <= old:
+            return int(old)
+        txn.put(key, U64.pack(new), db=self._cursors)
+        return new
+
+    def _prune_dedup(self, txn: lmdb.Transaction, now: int) -> None:
+        """Drop the oldest dedup entries past the size bound or the retention window,
+        a bounded number per commit."""
+        excess = txn.stat(self._dedup)["entries"] - self.config.dedup_max
+        cutoff = now - self.config.dedup_retention_ms
+        cur = txn.cursor(db=self._dedup_age)
+        pruned = 0
+        while pruned < DEDUP_PRUNE_PER_BATCH and cur.first():
+            dkey = cur.value()
+            raw = txn.get(dkey, db=self._dedup)
+            if pruned >= excess and raw is not None and unpackb(raw)[1] >= cutoff:
+                break
+            cur.delete()
+            txn.delete(dkey, db=self._dedup)
+            pruned += 1
+
+    # ---------------------------------------------------------------- compaction
+
+    def _submit_job(self, fn: Callable[[], bool], timeout: float | None = None) -> None:
+        job = _Job(fn)
+        self._queue.put(job)
+        if not job.done.wait(timeout):
+            raise StoreUnavailable("store job did not finish in time")
+        if job.error is not None:
+            raise job.error
+
+    def compact(self, channel: str) -> int:
+        """Kafka's rule, for seqs at or below the compaction point ``head - keep_recent``:
+        keep each message's latest state (its message entry, which edits and deletes keep
+        current), drop edit and delete entries, keep tombstones until
+        ``tombstone_retention_ms`` after the delete; retention by ``max_count`` and
+        ``max_age_ms`` drops old messages entirely. The horizon moves up to the point: a
+        sync from below it is told to resync. Runs in steps of at most ``COMPACT_CHUNK``
+        entries, each its own transaction, so appends interleave with it."""
+        policy = self.config.compaction
+        plan: dict[str, int] = {}  # fixed by the first step, so a busy channel finishes
+        phase = [self._compact_retention, self._compact_changes, self._compact_tombstones]
+
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                rec = self._channel_record(txn, channel)
+                if rec is None:
+                    return True
+                if not plan:
+                    head = rec["head"]
+                    keep = head - policy.max_count if policy.max_count is not None else 0
+                    now = self._clock()
+                    age = now - policy.max_age_ms if policy.max_age_ms is not None else 0
+                    plan.update(phase=0, next=rec["horizon"] + 1, now=now, age_cutoff=age)
+                    plan.update(
+                        drop_below=max(0, keep), point=max(0, head - policy.keep_recent, keep)
+                    )
+                budget = COMPACT_CHUNK
+                while plan["phase"] < len(phase) and budget > 0:
+                    budget = phase[plan["phase"]](txn, U64.pack(rec["id"]), plan, budget)
+                finished = plan["phase"] == len(phase)
+                if finished:
+                    rec["horizon"] = max(rec["horizon"], min(plan["point"], rec["head"]))
+                    txn.put(channel.encode(), packb(rec), db=self._channels)
+                    plan["horizon"] = rec["horizon"]
+                if self._fault is not None:
+                    self._fault()
+            return finished
+
+        self._submit_job(step)
+        return plan.get("horizon", 0)
+
+    def _drop(self, txn: lmdb.Transaction, cur: lmdb.Cursor, key: bytes) -> bool:
+        """Delete the log entry under ``cur`` (and its side rows); the cursor moves on."""
+        txn.delete(key, db=self._edits)
+        txn.delete(key, db=self._tombstones)
+        return bool(cur.delete())
+
+    def _compact_retention(
+        self, txn: lmdb.Transaction, prefix: bytes, plan: dict[str, int], budget: int
+    ) -> int:
+        """Phase 1: from the start of the log, drop entries below the count limit or
+        older than the age limit."""
+        cur = txn.cursor(db=self._log)
+        ok = cur.set_range(prefix)
+        while ok:
+            key = cur.key()
+            if not key.startswith(prefix):
+                break
+            seq = U64.unpack(key[8:])[0]
+            if seq > plan["drop_below"] and unpackb(cur.value())["ts"] >= plan["age_cutoff"]:
+                break
+            if budget == 0:
+                return 0
+            budget -= 1
+            plan["point"] = max(plan["point"], seq)
+            ok = self._drop(txn, cur, key)
+        plan["phase"] += 1
+        return budget
+
+    def _compact_changes(
+        self, txn: lmdb.Transaction, prefix: bytes, plan: dict[str, int], budget: int
+    ) -> int:
+        """Phase 2: between the old horizon and the point, drop edit and delete entries."""
+        cur = txn.cursor(db=self._log)
+        ok = cur.set_range(prefix + U64.pack(plan["next"]))
+        while ok:
+            key = cur.key()
+            if not key.startswith(prefix) or U64.unpack(key[8:])[0] > plan["point"]:
+                break
+            if budget == 0:
+                plan["next"] = U64.unpack(key[8:])[0]
+                return 0
+            budget -= 1
+            if unpackb(cur.value())["kind"] != "message":
+                ok = self._drop(txn, cur, key)
+            else:
+                ok = cur.next()
+        plan["phase"] += 1
+        return budget
+
+    def _compact_tombstones(
+        self, txn: lmdb.Transaction, prefix: bytes, plan: dict[str, int], budget: int
+    ) -> int:
+        """Phase 3: drop tombstones at or below the point whose retention is over."""
+        retention = self.config.compaction.tombstone_retention_ms
+        cur = txn.cursor(db=self._tombstones)
+        ok = cur.set_range(prefix)
+        while ok:
+            key = cur.key()
+            if not key.startswith(prefix) or U64.unpack(key[8:])[0] > plan["point"]:
+                break
+            if U64.unpack(cur.value())[0] + retention > plan["now"]:
+                ok = cur.next()
+                continue
+            if budget == 0:
+                return 0
+            budget -= 1
+            txn.delete(key, db=self._log)
+            txn.delete(key, db=self._edits)
+            ok = cur.delete()
+        plan["phase"] += 1
+        return budget
+
+    def channels(self) -> list[str]:
+        with self._read() as txn:
+            return [bytes(k).decode() for k, _ in txn.cursor(db=self._channels)]
+
+    def compact_all(self) -> dict[str, int]:
+        return {name: self.compact(name) for name in self.channels()}
+
+    def _run_compactor(self) -> None:
+        interval = self.config.compaction.interval_s
+        assert interval
+        while not self._stop_compactor.wait(interval):
+            try:
+                self.compact_all()
+            except Exception:
+                log.exception("background compaction failed; will retry in %.0f s", interval)
+
+    def reset_channel(self, channel: str) -> int:
+        """Drop a channel's log and give it a new epoch (an operator's last resort, e.g.
+        after restoring a damaged backup). Clients holding positions get a resync."""
+        result: dict[str, int] = {}
+
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                rec = self._channel_record(txn, channel)
+                if rec is None:
+                    return True
+                prefix = U64.pack(rec["id"])
+                for db in (self._log, self._edits, self._tombstones):
+                    cur = txn.cursor(db=db)
+                    if cur.set_range(prefix):
+                        while cur.key().startswith(prefix) and cur.delete():
+                            pass
+                raw = txn.get(b"next_channel_id", db=self._meta)
+                new_id = 1 if raw is None else U64.unpack(raw)[0]
+                txn.put(b"next_channel_id", U64.pack(new_id + 1), db=self._meta)
+                new = {"id": new_id, "head": 0, "horizon": 0, "epoch": new_id}
+                txn.put(channel.encode(), packb(new), db=self._channels)
+                result["epoch"] = new_id
+            return True
+
+        self._submit_job(step)
+        return result.get("epoch", 0)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_compactor.set()
+        if self._compactor is not None:
+            self._compactor.join()
+        self._queue.put(_Stop())
+        self._writer.join()
+        self._env.sync(True)
+        self._env.close()
+
+    def __enter__(self) -> LmdbStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,18 @@
+//! `tsmsg._native`: the module declaration only. Logic lives in plain-Rust modules
+//! (`codec`, `dedup`) with their own tests; the `py_*` modules are thin pyo3 wrappers.
+
+pub mod codec;
+pub mod dedup;
+pub mod error;
+mod py_codec;
+mod py_dedup;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    error::register(m)?;
+    py_codec::register(m)?;
+    py_dedup::register(m)?;
+    Ok(())
+}

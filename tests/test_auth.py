@@ -1,0 +1,493 @@
+"""Tokens and authorization (tsmsg.auth): plain calls, time passed in."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import jwt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tsmsg import auth
+from tsmsg.auth import (
+    MAX_PATTERNS,
+    MAX_TOKEN_CHARS,
+    MAX_USER_CHARS,
+    SCOPE_MODERATE,
+    SCOPE_READ,
+    SCOPE_SEND,
+    AuthError,
+    Claims,
+    TokenIssuer,
+    TokenVerifier,
+    dm_channel,
+    generate_dev_secret,
+    parse_dm,
+    secret_from_env,
+    valid_channel,
+    valid_user,
+)
+
+NOW = 1_700_000_000
+SECRET = b"test-secret-0123456789abcdef-0001"
+OLD_SECRET = b"test-secret-0123456789abcdef-old0"
+OTHER_SECRET = b"test-secret-0123456789abcdef-evil"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def forge(
+    payload: dict[str, Any],
+    key: bytes | None = SECRET,
+    alg: str = "HS256",
+    digest: Any = hashlib.sha256,
+) -> str:
+    """A JWT built by hand, independent of pyjwt, so tests can craft what pyjwt's encoder
+    refuses to (alg none, a PEM as HMAC key). ``key=None`` leaves the signature empty."""
+    header = {"alg": alg, "typ": "JWT"}
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
+    sig = b"" if key is None else hmac.new(key, signing_input.encode(), digest).digest()
+    return signing_input + "." + b64(sig)
+
+
+def payload(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "sub": "alice",
+        "exp": NOW + 60,
+        "scope": [SCOPE_READ, SCOPE_SEND],
+        "channels": ["room-*"],
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def refused(verifier: TokenVerifier, token: str, now: int = NOW) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        verifier.verify(token, now)
+    err = info.value
+    assert err.code in ("unauthorized", "token_expired")
+    if token:
+        assert token not in str(err) and token not in err.message
+    return err
+
+
+def claims(user: str = "alice", channels: tuple[str, ...] = (), scopes: Any = None) -> Claims:
+    scope_set = frozenset(scopes if scopes is not None else (SCOPE_READ, SCOPE_SEND))
+    return Claims(user=user, exp=NOW + 60, scopes=scope_set, channels=channels)
+
+
+# --- issue and verify ---------------------------------------------------------------------
+
+
+def test_round_trip() -> None:
+    token = TokenIssuer(SECRET).issue("alice", ["room-*", "lobby"], now=NOW)
+    got = TokenVerifier(SECRET).verify(token, NOW)
+    assert got == Claims(
+        user="alice",
+        exp=NOW + 3600,
+        scopes=frozenset({SCOPE_READ, SCOPE_SEND}),
+        channels=("room-*", "lobby"),
+    )
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+
+def test_issue_defaults_to_no_channels_but_dms_work() -> None:
+    token = TokenIssuer(SECRET).issue("alice", now=NOW)
+    got = TokenVerifier(SECRET).verify(token, NOW)
+    assert got.channels == ()
+    assert not got.may_access("room-1")
+    assert got.may_send("dm:alice:bob")
+
+
+@pytest.mark.parametrize(("now", "expired"), [(NOW + 59, False), (NOW + 60, True)])
+def test_expiry_at_exactly_exp(now: int, expired: bool) -> None:
+    token = forge(payload())
+    verifier = TokenVerifier(SECRET)
+    if expired:
+        assert refused(verifier, token, now).code == "token_expired"
+    else:
+        assert verifier.verify(token, now).exp == NOW + 60
+
+
+def test_leeway() -> None:
+    token = forge(payload())
+    verifier = TokenVerifier(SECRET, leeway_s=10)
+    assert verifier.verify(token, NOW + 69).user == "alice"
+    assert refused(verifier, token, NOW + 70).code == "token_expired"
+
+
+def test_not_before() -> None:
+    token = forge(payload(nbf=NOW + 5))
+    assert refused(TokenVerifier(SECRET), token).code == "unauthorized"
+    assert TokenVerifier(SECRET, leeway_s=5).verify(token, NOW).user == "alice"
+    assert TokenVerifier(SECRET).verify(token, NOW + 5).user == "alice"
+
+
+def test_wrong_secret() -> None:
+    err = refused(TokenVerifier(SECRET), forge(payload(), key=OTHER_SECRET))
+    assert err.code == "unauthorized"
+    assert "signature" in err.message
+
+
+def test_secret_rotation() -> None:
+    old = forge(payload(), key=OLD_SECRET)
+    new = forge(payload(), key=SECRET)
+    rotating = TokenVerifier(SECRET, extra_secrets=[OLD_SECRET])
+    assert rotating.verify(old, NOW).user == "alice"
+    assert rotating.verify(new, NOW).user == "alice"
+    assert "signature" in refused(rotating, forge(payload(), key=OTHER_SECRET)).message
+    assert refused(TokenVerifier(SECRET), old).code == "unauthorized"
+
+
+# --- algorithm pinning --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+def test_alg_none_rejected(alg: str) -> None:
+    err = refused(TokenVerifier(SECRET), forge(payload(), key=None, alg=alg))
+    assert err.code == "unauthorized"
+
+
+@pytest.mark.parametrize(("alg", "digest"), [("HS384", hashlib.sha384), ("HS512", hashlib.sha512)])
+def test_other_hmac_algorithms_rejected_when_hs256_pinned(alg: str, digest: Any) -> None:
+    token = forge(payload(), key=SECRET, alg=alg, digest=digest)
+    err = refused(TokenVerifier(SECRET), token)
+    assert err.code == "unauthorized"
+    assert "HS256" in err.message
+
+
+def test_hs512_verifier_accepts_hs512_only() -> None:
+    secret = SECRET * 2  # HS512 wants a 64-byte key
+    verifier = TokenVerifier(secret, algorithm="HS512")
+    token = TokenIssuer(secret, algorithm="HS512").issue("alice", now=NOW)
+    assert verifier.verify(token, NOW).user == "alice"
+    refused(verifier, forge(payload(), key=secret))
+
+
+def _pems(algorithm: str) -> tuple[bytes, bytes]:
+    """A fresh (private, public) PEM pair for RS256 or EdDSA; skips without cryptography."""
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key: Any = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+def test_rs256_round_trip_and_key_confusion() -> None:
+    private, public = _pems("RS256")
+    verifier = TokenVerifier(public_key=public, algorithm="RS256")
+    token = TokenIssuer(private, algorithm="RS256").issue("alice", ["room-*"], now=NOW)
+    assert verifier.verify(token, NOW).channels == ("room-*",)
+    # The classic confusion attack: HS256 with the (public) PEM as the HMAC secret.
+    forged = forge(payload(), key=public, alg="HS256")
+    assert refused(verifier, forged).code == "unauthorized"
+    # An HS256 server never treats a PEM as its secret either.
+    with pytest.raises(ValueError):
+        TokenVerifier(public + b" " * 32)
+
+
+def test_rs256_verifier_wants_a_public_key() -> None:
+    private, public = _pems("RS256")
+    with pytest.raises(ValueError, match="public key"):
+        TokenVerifier(public_key=private, algorithm="RS256")
+    with pytest.raises(ValueError, match="private key"):
+        TokenIssuer(public, algorithm="RS256")
+    with pytest.raises(ValueError, match="public_key"):
+        TokenVerifier(SECRET, algorithm="RS256")
+    with pytest.raises(ValueError):
+        TokenVerifier(public_key=b"not a pem", algorithm="RS256")
+
+
+def test_eddsa_round_trip() -> None:
+    private, public = _pems("EdDSA")
+    token = TokenIssuer(private, algorithm="EdDSA").issue("alice", now=NOW)
+    assert TokenVerifier(public_key=public, algorithm="EdDSA").verify(token, NOW).user == "alice"
+    refused(TokenVerifier(public_key=public, algorithm="EdDSA"), forge(payload(), key=public))
+
+
+@pytest.mark.skipif(jwt.algorithms.has_crypto, reason="cryptography is installed")
+def test_asymmetric_without_cryptography_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cryptography"):
+        TokenVerifier(public_key=b"-----BEGIN PUBLIC KEY-----", algorithm="RS256")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"secret": b"short"}, "at least 32 bytes"),
+        ({"secret": SECRET, "extra_secrets": [b"short"]}, "at least 32 bytes"),
+        ({"secret": SECRET, "algorithm": "HS512"}, "at least 64 bytes"),
+        ({"secret": SECRET, "algorithm": "none"}, "unsupported algorithm"),
+        ({"secret": SECRET, "algorithm": "HS257"}, "unsupported algorithm"),
+        ({"secret": None}, "secret"),
+        ({"secret": SECRET, "public_key": SECRET}, "secret"),
+        ({"secret": SECRET, "leeway_s": -1}, "leeway"),
+    ],
+)
+def test_verifier_misuse(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TokenVerifier(**kwargs)
+
+
+# --- claims -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"sub": None}, "'sub'"),
+        ({"exp": None}, "'exp'"),
+        ({"exp": "1700000060"}, "'exp'"),
+        ({"exp": True}, "'exp'"),
+        ({"exp": NOW + 60.5}, "'exp'"),
+        ({"nbf": "soon"}, "'nbf'"),
+        ({"sub": 42}, "'sub'"),
+        ({"sub": "al ice"}, "'sub'"),
+        ({"sub": "a:b"}, "'sub'"),
+        ({"sub": ""}, "'sub'"),
+        ({"sub": "a" * (MAX_USER_CHARS + 1)}, "'sub'"),
+        ({"channels": "room-*"}, "'channels'"),
+        ({"channels": [1]}, "'channels'"),
+        ({"channels": {"room-*": True}}, "'channels'"),
+        ({"channels": ["room/1"]}, "'channels'"),
+        ({"channels": [""]}, "'channels'"),
+        ({"channels": [f"r{i}" for i in range(MAX_PATTERNS + 1)]}, "'channels'"),
+        ({"scope": [SCOPE_READ, 7]}, "'scope'"),
+        ({"scope": "chat:read chat:send"}, "'scope'"),
+    ],
+)
+def test_bad_claims_are_unauthorized(overrides: dict[str, Any], needle: str) -> None:
+    if None in overrides.values():  # a missing claim
+        body = payload()
+        for key in overrides:
+            del body[key]
+    else:
+        body = payload(**overrides)
+    err = refused(TokenVerifier(SECRET), forge(body))
+    assert err.code == "unauthorized"
+    assert needle in err.message
+
+
+def test_absent_optional_claims_mean_nothing_granted() -> None:
+    got = TokenVerifier(SECRET).verify(forge({"sub": "alice", "exp": NOW + 60}), NOW)
+    assert got.scopes == frozenset() and got.channels == ()
+    assert not got.may_read("dm:alice:bob")
+
+
+def test_unknown_scopes_are_ignored() -> None:
+    token = forge(payload(scope=[SCOPE_READ, "chat:teleport"]))
+    assert TokenVerifier(SECRET).verify(token, NOW).scopes == frozenset({SCOPE_READ})
+
+
+def test_max_patterns_accepted() -> None:
+    token = forge(payload(channels=[f"r{i}" for i in range(MAX_PATTERNS)]))
+    assert len(TokenVerifier(SECRET).verify(token, NOW).channels) == MAX_PATTERNS
+
+
+def test_audience() -> None:
+    verifier = TokenVerifier(SECRET, audience="tsmsg")
+    assert verifier.verify(forge(payload(aud="tsmsg")), NOW).user == "alice"
+    assert verifier.verify(forge(payload(aud=["other", "tsmsg"])), NOW).user == "alice"
+    assert "audience" in refused(verifier, forge(payload(aud="other"))).message
+    assert "'aud'" in refused(verifier, forge(payload())).message
+    # A token meant for some audience is not accepted by a server that names none.
+    assert "audience" in refused(TokenVerifier(SECRET), forge(payload(aud="other"))).message
+
+
+def test_issuer() -> None:
+    verifier = TokenVerifier(SECRET, issuer="https://idp.example")
+    token = TokenIssuer(SECRET).issue("alice", now=NOW, issuer="https://idp.example")
+    assert verifier.verify(token, NOW).user == "alice"
+    assert "issuer" in refused(verifier, forge(payload(iss="https://evil.example"))).message
+    # pyjwt 2.10.0 matched a string issuer by substring (CVE-2024-53861).
+    assert "issuer" in refused(verifier, forge(payload(iss="https://idp"))).message
+    assert "'iss'" in refused(verifier, forge(payload())).message
+
+
+# --- malformed tokens ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "abc", "a.b", "a.b.c", "..", "a.b.c.d", "eyJhbGciOiJIUzI1NiJ9..", "é.é.é", "a\x00.b.c"],
+)
+def test_malformed_tokens(token: str) -> None:
+    assert refused(TokenVerifier(SECRET), token).code == "unauthorized"
+
+
+def test_oversize_token_is_refused_before_decoding() -> None:
+    good = forge(payload())
+    padded = good + "A" * (MAX_TOKEN_CHARS + 1 - len(good))
+    err = refused(TokenVerifier(SECRET), padded)
+    assert "longer than 8192" in err.message
+
+
+def test_non_string_token() -> None:
+    with pytest.raises(AuthError, match="unauthorized: token must be a string"):
+        TokenVerifier(SECRET).verify(b"abc", NOW)  # type: ignore[arg-type]
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_text_is_refused_cleanly(token: str) -> None:
+    with pytest.raises(AuthError):
+        TokenVerifier(SECRET).verify(token, NOW)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["sub", "exp", "nbf", "scope", "channels", "aud"]), _json))
+def test_signed_arbitrary_claims_give_claims_or_auth_error(body: dict[str, Any]) -> None:
+    try:
+        got = TokenVerifier(SECRET).verify(forge(body), NOW)
+    except AuthError:
+        return
+    assert valid_user(got.user) and got.exp > NOW
+
+
+# --- names and DM channels ----------------------------------------------------------------
+
+
+def test_valid_user_and_channel() -> None:
+    assert valid_user("alice.b@example-1_x")
+    assert valid_user("a" * MAX_USER_CHARS)
+    for bad in ["", "a:b", "al ice", "alice\n", "ålice", "a" * (MAX_USER_CHARS + 1), 3, None]:
+        assert not valid_user(bad)
+    assert valid_channel("room-1") and valid_channel("dm:alice:bob")
+    assert valid_channel("c" * auth.MAX_CHANNEL_CHARS)
+    for bad in ["", "room 1", "room/1", "room-1\n", "c" * (auth.MAX_CHANNEL_CHARS + 1), 1]:
+        assert not valid_channel(bad)
+
+
+def test_limits_fit_together() -> None:
+    longest = "u" * MAX_USER_CHARS
+    assert valid_channel(dm_channel(longest, longest[:-1] + "v"))
+    from tsmsg.store.base import MAX_CHANNEL_BYTES, MAX_USER_BYTES
+
+    assert auth.MAX_CHANNEL_CHARS <= MAX_CHANNEL_BYTES
+    assert MAX_USER_CHARS <= MAX_USER_BYTES
+
+
+def test_dm_channel_and_parse_dm() -> None:
+    assert dm_channel("bob", "alice") == "dm:alice:bob" == dm_channel("alice", "bob")
+    assert parse_dm("dm:alice:bob") == ("alice", "bob")
+    for bad in [
+        "dm:alice:alice",
+        "dm:bob:alice",
+        "dm:alice",
+        "dm:alice:bob:carol",
+        "dm::bob",
+        "dm:alice:b c",
+        "dm:alice:" + "b" * (MAX_USER_CHARS + 1),
+        "DM:alice:bob",
+        "room-1",
+    ]:
+        assert parse_dm(bad) is None, bad
+    with pytest.raises(ValueError, match="distinct"):
+        dm_channel("alice", "alice")
+    with pytest.raises(ValueError, match="invalid user id"):
+        dm_channel("alice", "b:c")
+
+
+def test_glob_patterns_are_case_sensitive_and_anchored() -> None:
+    c = claims(channels=("room-*", "team-?", "ops-[ab]"))
+    assert c.may_access("room-1") and c.may_access("room-")
+    assert not c.may_access("Room-1")
+    assert not c.may_access("xroom-1")
+    assert c.may_access("team-x") and not c.may_access("team-xy")
+    assert c.may_access("ops-a") and not c.may_access("ops-c")
+    assert not c.may_access("lobby")
+
+
+def test_invalid_channel_names_are_never_accessible() -> None:
+    c = claims(channels=("*",))
+    assert c.may_access("lobby")
+    for bad in ["", "room 1", "room/1", "c" * (auth.MAX_CHANNEL_CHARS + 1)]:
+        assert not c.may_access(bad)
+
+
+def test_dm_channels_are_implied_for_their_two_users_only() -> None:
+    alice = claims("alice", channels=("*", "dm:*", "dm:bob:carol"))
+    assert alice.may_access("dm:alice:bob")
+    assert alice.may_access("dm:alice:carol")
+    # A pattern never opens someone else's DM, even "*".
+    assert not alice.may_access("dm:bob:carol")
+    # Malformed names in the dm: namespace are open to nobody.
+    assert not alice.may_access("dm:alice:alice")
+    assert not alice.may_access("dm:bob:alice")
+    assert not alice.may_access("dm:alice:bob:carol")
+    assert not alice.may_access("dm:alice")
+    # DMs need no pattern at all.
+    assert claims("bob").may_access("dm:alice:bob")
+    assert not claims("carol").may_access("dm:alice:bob")
+
+
+def test_scopes_gate_actions() -> None:
+    reader = claims(channels=("room-*",), scopes={SCOPE_READ})
+    assert reader.may_read("room-1")
+    assert not reader.may_send("room-1")
+    assert not reader.may_moderate("room-1")
+    mod = claims(channels=("room-*",), scopes={SCOPE_MODERATE})
+    assert mod.may_moderate("room-1")
+    assert not mod.may_moderate("lobby")  # moderation still needs access
+    assert not mod.may_read("room-1")  # and implies no other scope
+    assert not claims(channels=("room-*",)).may_moderate("room-1")
+
+
+# --- issuing and secrets ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("a:b",), {}, "invalid user id"),
+        (("alice", ["room/1"]), {}, "invalid channel pattern"),
+        (("alice", ["r"] * (MAX_PATTERNS + 1)), {}, "patterns"),
+        (("alice",), {"scopes": ["chat:write"]}, "unknown scopes"),
+        (("alice",), {"ttl_s": 0}, "ttl_s"),
+        (("alice", ["r" * 256] * MAX_PATTERNS), {}, "max 8192"),
+    ],
+)
+def test_issue_misuse(args: tuple[Any, ...], kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TokenIssuer(SECRET).issue(*args, now=NOW, **kwargs)
+
+
+def test_secret_from_env() -> None:
+    assert secret_from_env({}) is None
+    assert secret_from_env({"TSMSG_SECRET": SECRET.decode()}) == SECRET
+    with pytest.raises(ValueError, match="at least 32 bytes") as info:
+        secret_from_env({"TSMSG_SECRET": "hunter2"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_generate_dev_secret() -> None:
+    a, b = generate_dev_secret(), generate_dev_secret()
+    assert a != b and len(a) >= 32
+    assert secret_from_env({"TSMSG_SECRET": a.decode()}) == a
+    token = TokenIssuer(a).issue("alice", now=NOW)
+    assert TokenVerifier(a).verify(token, NOW).user == "alice"
