@@ -27,7 +27,7 @@ $(STAMP): $(VPY) pyproject.toml constraints.txt $(RUST_SOURCES)
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) $(if $(TSMSG_SECRET),,--dev)
 
 test: lint test-rust test-python
 

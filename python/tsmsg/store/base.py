@@ -83,6 +83,16 @@ class SyncPage:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """The latest state of messages, oldest first. ``more``: the page stopped at its
+    limit (count or bytes) before the start of the log; ask again with
+    ``before = messages[0]["seq"]``."""
+
+    messages: list[Entry]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelInfo:
     name: str
     head: int  # last committed seq, 0 for an empty channel
@@ -105,7 +115,10 @@ class WriteOp:
     seq: int = 0  # read only: the cursor position asked for
     moderator: bool = False  # may change other users' messages
     result: AppendResult | int | None = None  # AppendResult, or the cursor for `read`
+    changed: bool = False  # `read` only: the cursor moved
     error: StoreError | None = None
+    origin: Any = field(default=None, repr=False)  # the caller's handle, e.g. its session
+    rid: int | None = None  # the request id to answer
     done: threading.Event | None = field(default=None, repr=False)
 
 
@@ -175,15 +188,25 @@ class Store(ABC):
     def channel(self, name: str) -> ChannelInfo: ...
 
     @abstractmethod
-    def sync(self, channel: str, since: int, limit: int, max_bytes: int | None = None) -> SyncPage:
-        """Raw entries with seq > since, at most ``limit`` (and ``max_bytes`` of packed
-        entries, at least one entry), in seq order."""
+    def sync(
+        self,
+        channel: str,
+        since: int,
+        limit: int,
+        max_bytes: int | None = None,
+        entry_overhead: int = 0,
+    ) -> SyncPage:
+        """Raw entries with seq > since, in seq order: at most ``limit`` of them, and at
+        most ``max_bytes`` counting each entry's packed size plus ``entry_overhead``
+        (always at least one entry)."""
 
     @abstractmethod
-    def history(self, channel: str, before: int | None, limit: int) -> list[Entry]:
+    def history(
+        self, channel: str, before: int | None, limit: int, max_bytes: int | None = None
+    ) -> HistoryPage:
         """The latest state of the newest ``limit`` messages with seq < before
-        (default: all), oldest first. Deleted ones are tombstones: ``deleted: True``,
-        no text and no meta."""
+        (default: all) and at most ``max_bytes`` packed, oldest first. Deleted ones are
+        tombstones: ``deleted: True``, no text and no meta."""
 
     @abstractmethod
     def read_cursor(self, user: str, channel: str) -> int: ...

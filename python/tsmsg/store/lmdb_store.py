@@ -35,6 +35,7 @@ from tsmsg.store.base import (
     Entry,
     Forbidden,
     FormatError,
+    HistoryPage,
     NotFound,
     Notify,
     Store,
@@ -208,7 +209,14 @@ class LmdbStore(Store):
             return ChannelInfo(name, 0, 0, 0)
         return ChannelInfo(name, rec["head"], rec["horizon"], rec["epoch"])
 
-    def sync(self, channel: str, since: int, limit: int, max_bytes: int | None = None) -> SyncPage:
+    def sync(
+        self,
+        channel: str,
+        since: int,
+        limit: int,
+        max_bytes: int | None = None,
+        entry_overhead: int = 0,
+    ) -> SyncPage:
         with self._read() as txn:
             rec = self._channel_record(txn, channel)
             if rec is None:
@@ -224,38 +232,49 @@ class LmdbStore(Store):
                 for key, value in cur:
                     if not key.startswith(prefix) or len(entries) >= limit:
                         break
-                    size += len(value)
+                    size += len(value) + entry_overhead
                     if max_bytes is not None and entries and size > max_bytes:
                         break
                     entries.append(unpackb(value))
         last = entries[-1]["seq"] if entries else since
         return SyncPage(entries, last < head, head, epoch)
 
-    def history(self, channel: str, before: int | None, limit: int) -> list[Entry]:
+    def history(
+        self, channel: str, before: int | None, limit: int, max_bytes: int | None = None
+    ) -> HistoryPage:
         out: list[Entry] = []
+        more = False
         with self._read() as txn:
             rec = self._channel_record(txn, channel)
-            if rec is None or limit <= 0:
-                return out
+            top = (
+                0
+                if rec is None
+                else rec["head"]
+                if before is None
+                else min(before - 1, rec["head"])
+            )
+            if rec is None or top < 1:
+                return HistoryPage(out, False)
             prefix = U64.pack(rec["id"])
-            top = rec["head"] if before is None else min(before - 1, rec["head"])
-            if top < 1:
-                return out
             cur = txn.cursor(db=self._log)
             if cur.set_range(prefix + U64.pack(top + 1)):
                 positioned = cur.prev()
             else:
                 positioned = cur.last()
-            if not positioned:
-                return out
-            for key, value in cur.iterprev():
-                if not key.startswith(prefix) or len(out) >= limit:
+            size = 0
+            for key, value in cur.iterprev() if positioned else ():
+                if not key.startswith(prefix):
                     break
                 entry = unpackb(value)
-                if entry["kind"] == "message":
-                    out.append(entry)
+                if entry["kind"] != "message":
+                    continue
+                size += len(value)
+                if len(out) >= limit or (max_bytes is not None and out and size > max_bytes):
+                    more = True
+                    break
+                out.append(entry)
         out.reverse()
-        return out
+        return HistoryPage(out, more)
 
     def read_cursor(self, user: str, channel: str) -> int:
         with self._read() as txn:
@@ -370,6 +389,7 @@ class LmdbStore(Store):
     def _commit_batch(self, batch: list[WriteOp]) -> None:
         for op in batch:
             op.result = op.error = None
+            op.changed = False
         try:
             ring_inserts = self._with_map_growth(lambda: self._write_batch(batch))
         except Exception as exc:  # a failed batch must never stop the writer thread
@@ -531,6 +551,7 @@ class LmdbStore(Store):
         if new <= old:
             return int(old)
         txn.put(key, U64.pack(new), db=self._cursors)
+        op.changed = True
         return new
 
     def _prune_dedup(self, txn: lmdb.Transaction, now: int) -> None:

@@ -1,0 +1,113 @@
+"""Server settings: defaults here, then a TOML file (``--config``), then ``TSMSG_*``
+environment variables, then command-line flags; each later source wins.
+
+Names map one to one: the field ``max_queue_bytes`` is ``max_queue_bytes = …`` in the
+file's top level, ``TSMSG_MAX_QUEUE_BYTES`` in the environment; a protocol limit such as
+``max_text_bytes`` lives in the file's ``[limits]`` table and is
+``TSMSG_LIMITS_MAX_TEXT_BYTES`` in the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from tsmsg.protocol.limits import Limits
+
+ENV_PREFIX = "TSMSG_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"  # plaintext is for loopback and development
+    port: int = 7700
+    data_dir: str = "./data"
+    durability: str = "fsync"  # see STORAGE.md: "fsync" or "async"
+    algorithm: str = "HS256"  # the pinned JWT algorithm
+    public_key_file: str = ""  # PEM, for RS256/EdDSA instead of the HS256 secret
+    audience: str = ""  # checked when set
+    issuer: str = ""  # checked when set
+    dev: bool = False  # allow starting without TSMSG_SECRET (a random one is generated)
+    log_format: str = "text"  # "text" or "json"
+    log_level: str = "INFO"
+    max_queue_bytes: int = 4 << 20  # outbound bytes queued per connection before its stream is cut
+    max_inflight: int = 256  # writes one connection may have waiting for the store
+    hello_timeout_s: float = 10.0  # a connection must complete hello within this (slowloris)
+    send_timeout_s: float = 30.0  # a write to a peer that takes longer closes the connection
+    shutdown_grace_s: float = 5.0  # how long shutdown waits to flush `bye` to clients
+    limits: Limits = field(default_factory=Limits)
+
+
+def _convert(name: str, value: Any, current: Any) -> Any:
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"setting {name}: expected a boolean, got {value!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"setting {name}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"setting {name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{where}: unknown setting {key!r}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}: [{name}] must be a table")
+            changes[name] = _apply(current, value, f"{where} [{name}]")
+        else:
+            changes[name] = _convert(name, value, current)
+    return replace(obj, **changes)
+
+
+def _from_env(obj: Any, env: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        current = getattr(obj, f.name)
+        key = prefix + f.name.upper()
+        if dataclasses.is_dataclass(current):
+            nested = _from_env(current, env, key + "_")
+            if nested:
+                out[f.name] = nested
+        elif key in env:
+            out[f.name] = env[key]
+    return out
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    settings: Settings = Settings()
+    if config_file:
+        with open(config_file, "rb") as fh:
+            settings = _apply(settings, tomllib.load(fh), config_file)
+    settings = _apply(settings, _from_env(settings, env, ENV_PREFIX), "environment")
+    if overrides:
+        settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None}, "flags")
+    if settings.durability not in ("fsync", "async"):
+        raise ValueError(f"durability must be 'fsync' or 'async', not {settings.durability!r}")
+    if settings.log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
+    return settings
