@@ -12,7 +12,7 @@ HOST     ?= 127.0.0.1
 PORT     ?= 7700
 DATA_DIR ?= ./data
 
-.PHONY: setup run test test-rust test-python lint bench-codec bench-store clean
+.PHONY: setup run test test-rust test-python lint bench-codec bench-store bench-e2e clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-codec: $(STAMP)
 
 bench-store: $(STAMP)
 	$(VPY) bench/store.py
+
+bench-e2e: $(STAMP)
+	$(VPY) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) target

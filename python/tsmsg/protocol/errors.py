@@ -9,6 +9,7 @@ from typing import Any
 BAD_FRAME = "bad_frame"  # invalid msgpack, not a map, too deep, no string `t`, ...
 FRAME_TOO_LARGE = "frame_too_large"  # declared length over max_frame
 HELLO_REQUIRED = "hello_required"  # the first frame was not `hello`
+HELLO_TIMEOUT = "hello_timeout"  # no `hello` within the server's deadline
 UNSUPPORTED_VERSION = "unsupported_version"  # `hello.v` is not a version this server speaks
 UNAUTHORIZED = "unauthorized"  # bad token at hello
 TOKEN_EXPIRED = "token_expired"  # expired token at hello
@@ -25,22 +26,28 @@ STORE_UNAVAILABLE = "store_unavailable"  # the write was not stored; retry with 
 INTERNAL = "internal"  # a server bug; the request may be retried
 
 CONNECTION_ERRORS = frozenset(
-    {BAD_FRAME, FRAME_TOO_LARGE, HELLO_REQUIRED, UNSUPPORTED_VERSION, UNAUTHORIZED, TOKEN_EXPIRED}
+    {
+        BAD_FRAME,
+        FRAME_TOO_LARGE,
+        HELLO_REQUIRED,
+        HELLO_TIMEOUT,
+        UNSUPPORTED_VERSION,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+    }
 )
 
 
 class RequestError(Exception):
     """A request the server refuses: becomes ``{"t": "error", "rid", "code", "message"}``."""
 
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, code: str, message: str, *, fatal: bool | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.extra = extra
-
-    @property
-    def fatal(self) -> bool:
-        return self.code in CONNECTION_ERRORS
+        # Connection errors close the connection; so does any error before hello.
+        self.fatal = code in CONNECTION_ERRORS if fatal is None else fatal
 
     def frame(self, rid: int | None) -> dict[str, Any]:
         frame: dict[str, Any] = {"t": "error"}

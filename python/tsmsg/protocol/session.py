@@ -27,6 +27,8 @@ from tsmsg.store.base import AppendResult, ChannelInfo, Entry, Store, WriteOp
 
 Frame = dict[str, Any]
 INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+RID_RULE = "`rid` must be an integer from -2**63 to 2**63-1"
 MAX_ID_CHARS = 64  # message ids are opaque strings of at most this length
 # Bytes of a reply around its list of entries ({"t":"ok","rid":…,"channel":…,"more":…,…});
 # kept generous so a page never exceeds max_frame.
@@ -156,21 +158,24 @@ class Session:
         if self.state is State.CLOSED:
             return []
         rid = frame.get("rid")
-        if not isinstance(rid, int) or isinstance(rid, bool) or not -INT64_MAX <= rid <= INT64_MAX:
+        bad_rid = "rid" in frame and (type(rid) is not int or not INT64_MIN <= rid <= INT64_MAX)
+        if bad_rid or type(rid) is not int:
             rid = None
         t = frame.get("t")
         try:
             if not isinstance(t, str):
                 raise RequestError(E.BAD_FRAME, "every frame needs a string `t`")
-            if "rid" in frame and rid is None:
-                raise RequestError(E.BAD_REQUEST, "`rid` must be a 64-bit signed integer")
             if self.state is State.AWAITING_HELLO:
                 if t != "hello":
                     raise RequestError(
                         E.HELLO_REQUIRED, f"the first frame must be hello, not {t!r}"
                     )
+                if bad_rid:
+                    raise RequestError(E.BAD_REQUEST, RID_RULE, fatal=True)
                 return self._hello(frame, rid, now_ms)
             self._spend_token(now_ms)
+            if bad_rid:
+                raise RequestError(E.BAD_REQUEST, RID_RULE)
             handler = self._handlers.get(t)
             if handler is None:
                 if t == "hello":
@@ -182,8 +187,14 @@ class Session:
 
     def frame_error(self, exc: FrameError) -> list[Action]:
         """The decoder failed: a connection error."""
+        if self.state is State.CLOSED:
+            return []
         code = E.FRAME_TOO_LARGE if isinstance(exc, FrameTooLarge) else E.BAD_FRAME
         return self._refuse(RequestError(code, str(exc)), None)
+
+    def hello_timeout(self) -> list[Action]:
+        """The connection did not complete hello within the deadline (slowloris)."""
+        return self._refuse(RequestError(E.HELLO_TIMEOUT, "no hello within the deadline"), None)
 
     def _refuse(self, exc: RequestError, rid: int | None) -> list[Action]:
         actions: list[Action] = [Reply(exc.frame(rid))]
@@ -218,7 +229,7 @@ class Session:
 
     def _hello(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         v = frame.get("v")
-        if v != PROTOCOL_VERSION or isinstance(v, bool):
+        if type(v) is not int or v != PROTOCOL_VERSION:
             raise RequestError(
                 E.UNSUPPORTED_VERSION, f"this server speaks protocol version {PROTOCOL_VERSION}"
             )
@@ -281,7 +292,10 @@ class Session:
         ]
 
     def _leave(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
+        # No authorization: leaving is always allowed (also after a token lost access).
         channel: str = _field(frame, "channel", str, "a channel name")
+        if not valid_channel(channel):
+            raise RequestError(E.BAD_REQUEST, "`channel` is not a valid channel name")
         self.joined.discard(channel)
         self.cut.discard(channel)
         return [Unsubscribe(channel), *self._ok(rid, channel=channel)]

@@ -138,6 +138,7 @@ class Connection:
                 if scope.cancelled_caught:
                     self.closing = self.closing or "send timeout: the peer is not reading"
                     self.queue.clear()
+                    self.queued_bytes = 0
             if self.closing is not None and not self.queue:
                 self.cancel.cancel()
                 return
@@ -157,16 +158,15 @@ class Connection:
         deadline = trio.current_time() + settings.hello_timeout_s
         while self.closing is None:
             if self.session.state is State.AWAITING_HELLO:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as hello_wait:
                     data = await self.stream.receive_some(RECEIVE_CHUNK)
-                if self.session.state is State.AWAITING_HELLO and trio.current_time() >= deadline:
-                    self.close_after_flush("no hello within the deadline")
+                if hello_wait.cancelled_caught:
+                    self.server.perform(self, self.session.hello_timeout())
                     return
             else:
                 data = await self.stream.receive_some(RECEIVE_CHUNK)
             if not data:
-                self.close_after_flush("peer closed the connection")
-                return
+                return  # the peer closed its side: handle() still delivers pending acks
             try:
                 frames = decoder.feed(data)
             except FrameError as exc:
@@ -174,6 +174,8 @@ class Connection:
                 return
             for frame in frames:
                 await self.wait_writable()
+                if self.server.draining:
+                    await trio.sleep_forever()  # shutdown() says bye and closes us
                 if self.closing is not None:
                     return
                 self.server.stats["frames_in"] += 1
@@ -192,6 +194,7 @@ class Server:
         self.store: LmdbStore  # opened in run()
         self.port = 0
         self.stopping = trio.Event()
+        self.draining = False  # shutting down: no new requests are read
 
     # ------------------------------------------------------------------ actions
 
@@ -274,9 +277,12 @@ class Server:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.writer)
                     await conn.reader()
-                    # The reader is done: let the writer flush, with a deadline.
-                    conn.close_after_flush(conn.closing or "reader finished")
+                    # The reader is done: acknowledge the writes still in flight, let the
+                    # writer flush, then close; all within a deadline.
                     with trio.move_on_after(self.settings.shutdown_grace_s):
+                        while conn.inflight and conn.closing is None:
+                            await conn.inflight_freed.wait()
+                        conn.close_after_flush("peer closed the connection")
                         await trio.sleep_forever()
                     nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -340,6 +346,7 @@ class Server:
 
     async def shutdown(self, stop: Callable[[], Any]) -> None:
         """Stop reading, let pending writes commit and be acknowledged, say ``bye``."""
+        self.draining = True
         with trio.move_on_after(self.settings.shutdown_grace_s):
             while any(c.inflight for c in self.connections.values()):
                 await trio.sleep(0.01)

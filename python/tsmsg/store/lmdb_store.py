@@ -162,7 +162,7 @@ class LmdbStore(Store):
         self._ring = DedupRing(config.dedup_ring)
         self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
-        self.batch_sizes: list[int] = []  # recent batch sizes, for benchmarks (bounded)
+        self.batch_sizes: list[int] = []  # the first 100,000 batch sizes, for benchmarks
         self._writer = threading.Thread(
             target=self._run_writer, name="tsmsg-store-writer", daemon=True
         )
@@ -406,7 +406,10 @@ class LmdbStore(Store):
             if op.done is not None:
                 op.done.set()
         if self._notify is not None:
-            self._notify(batch)
+            try:
+                self._notify(batch)
+            except Exception:  # the hook's bug must not stop the writer thread
+                log.exception("store notify hook failed for a batch of %d", len(batch))
 
     def _write_batch(self, batch: list[WriteOp]) -> list[tuple[bytes, int]]:
         ring_inserts: list[tuple[bytes, int]] = []
@@ -419,8 +422,10 @@ class LmdbStore(Store):
                     op.result = self._apply(txn, op, ts, records, ring_inserts)
                 except StoreError as exc:
                     op.error = exc
-                except ValueError as exc:
-                    op.error = StoreError(str(exc))
+                except lmdb.Error:
+                    raise  # fails the whole batch: the transaction is aborted
+                except Exception as exc:  # a malformed op fails alone, never its batch
+                    op.error = StoreError(f"invalid write: {exc}")
             for name, rec in records.items():
                 txn.put(name.encode(), packb(rec), db=self._channels)
             self._prune_dedup(txn, ts)

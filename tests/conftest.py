@@ -1,0 +1,136 @@
+"""Shared fixtures: a real server on 127.0.0.1 port 0 with its LMDB store in a tmp dir,
+token minting, and a small raw wire client (frames in, frames out) for the TCP tests."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tsmsg import FrameDecoder, encode
+from tsmsg.auth import TokenIssuer, TokenVerifier
+from tsmsg.server.app import Server
+from tsmsg.server.settings import Settings
+
+SECRET = b"test-secret-test-secret-test-secret!!"  # >= 32 bytes: pyjwt warns on short keys
+WIRE_TIMEOUT = 5.0  # seconds any single wait for a frame may take in a test
+
+
+def mint(
+    user: str,
+    channels: Iterable[str] = ("*",),
+    scopes: Iterable[str] = ("chat:read", "chat:send"),
+    ttl_s: int = 3600,
+) -> str:
+    return TokenIssuer(SECRET).issue(user, channels, scopes, ttl_s, now=int(time.time()))
+
+
+class WireClient:
+    """A raw protocol client: sends dicts, receives decoded frames. ``request`` sends a
+    frame with a fresh rid and returns the reply with that rid, keeping every other frame
+    (pushes, other replies) in ``pending`` for ``next``/``expect``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+        self.pending: list[dict[str, Any]] = []
+        self.rids = itertools.count(1)
+        self.eof = False
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.stream.send_all(encode(frame))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            self.eof = True
+            raise EOFError("server closed the connection")
+        self.pending.extend(self.decoder.feed(data))
+
+    async def next(
+        self, match: Callable[[dict[str, Any]], bool] = lambda f: True
+    ) -> dict[str, Any]:
+        """The first pending or future frame for which ``match`` is true."""
+        with trio.fail_after(WIRE_TIMEOUT):
+            while True:
+                for i, frame in enumerate(self.pending):
+                    if match(frame):
+                        return self.pending.pop(i)
+                await self._fill()
+
+    async def expect(self, t: str, **fields: Any) -> dict[str, Any]:
+        return await self.next(
+            lambda f: f.get("t") == t and all(f.get(k) == v for k, v in fields.items())
+        )
+
+    async def request(self, t: str, **fields: Any) -> dict[str, Any]:
+        rid = next(self.rids)
+        await self.send({"t": t, "rid": rid, **fields})
+        return await self.next(lambda f: f.get("rid") == rid)
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection within the timeout."""
+        with trio.move_on_after(WIRE_TIMEOUT):
+            try:
+                while True:
+                    await self._fill()
+            except (EOFError, trio.BrokenResourceError):
+                return True
+        return False
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Harness:
+    """A running server plus helpers to connect to it."""
+
+    def __init__(self, server: Server, nursery: trio.Nursery) -> None:
+        self.server = server
+        self.nursery = nursery
+        self.clients: list[WireClient] = []
+
+    async def raw(self) -> WireClient:
+        stream = await trio.open_tcp_stream("127.0.0.1", self.server.port)
+        client = WireClient(stream)
+        self.clients.append(client)
+        return client
+
+    async def connect(self, user: str, channels: Iterable[str] = ("*",), **kw: Any) -> WireClient:
+        """Connected and past hello."""
+        client = await self.raw()
+        welcome = await client.request("hello", v=1, token=mint(user, channels, **kw))
+        assert welcome["t"] == "welcome", welcome
+        return client
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    limits = overrides.pop("limits", None)
+    settings = replace(Settings(), host="127.0.0.1", port=0, data_dir=str(data_dir), **overrides)
+    return replace(settings, limits=limits) if limits is not None else settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture
+async def harness(settings: Settings) -> AsyncIterator[Harness]:
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(Server(settings, TokenVerifier(SECRET)).run)
+        h = Harness(server, nursery)
+        yield h
+        for client in h.clients:
+            with trio.move_on_after(1):
+                await client.aclose()
+        server.stopping.set()

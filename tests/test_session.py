@@ -1,0 +1,1504 @@
+"""The sans-IO protocol core (``tsmsg.protocol.session``), with plain calls.
+
+No trio and no sockets: a test builds a :class:`Session` on a real ``LmdbStore`` in a tmp
+dir (fixed clock, so every ``ts`` is known), feeds it decoded frames with an explicit
+``now_ms`` and compares the returned actions exactly. Writes the session submits are run
+through the store with the blocking ``store.write`` and handed back with ``write_done``,
+as the server does after a group commit. Error frames are compared field by field except
+for ``message``, which is prose (it must be a non-empty string).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tsmsg import encode
+from tsmsg._native import (
+    FrameError,
+    FrameTooLarge,
+    InvalidMsgpack,
+    NotAMap,
+    TooDeep,
+    packb,
+)
+from tsmsg.auth import SCOPE_MODERATE, SCOPE_READ, SCOPE_SEND, TokenIssuer, TokenVerifier
+from tsmsg.protocol import errors as E
+from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.session import (
+    Action,
+    Close,
+    Publish,
+    Reply,
+    Session,
+    State,
+    Submit,
+    Subscribe,
+    Unsubscribe,
+)
+from tsmsg.store import (
+    AppendResult,
+    CompactionPolicy,
+    LmdbStore,
+    StoreConfig,
+    StoreError,
+    StoreUnavailable,
+    WriteOp,
+)
+
+SECRET = b"session-test-secret-session-test-secret"  # >= 32 bytes: pyjwt warns on short keys
+OTHER_SECRET = b"another-secret-another-secret-another!!"
+NOW_S = 1_700_000_000  # the "current time" every test passes in
+NOW_MS = NOW_S * 1000
+STORE_TS = NOW_MS + 123  # the store's fixed clock: the ts of every committed entry
+WAIT_S = 10.0  # a store write commits well within this
+ROOM = "room-1"
+RW = (SCOPE_READ, SCOPE_SEND)
+MOD = (SCOPE_READ, SCOPE_SEND, SCOPE_MODERATE)
+VERIFIER = TokenVerifier(SECRET)
+ISSUER = TokenIssuer(SECRET)
+# Every code errors.py documents (module-level snake_case string constants).
+ERROR_CODES = frozenset(
+    v for k, v in vars(E).items() if k.isupper() and isinstance(v, str) and v.islower()
+)
+ACTION_TYPES = (Reply, Close, Submit, Subscribe, Unsubscribe, Publish)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def open_store(path: Path | str, **config: Any) -> LmdbStore:
+    # async durability: no fsync per commit; these tests never cut the power.
+    return LmdbStore(path, StoreConfig(durability="async", **config), clock=lambda: STORE_TS)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LmdbStore]:
+    s = open_store(tmp_path / "db")
+    yield s
+    s.close()
+
+
+def token(
+    user: str = "alice",
+    channels: tuple[str, ...] = ("room-*",),
+    scopes: tuple[str, ...] = RW,
+    ttl_s: int = 3600,
+) -> str:
+    return ISSUER.issue(user, channels, scopes, ttl_s, now=NOW_S)
+
+
+def new_session(store: LmdbStore, limits: Limits | None = None, sid: str = "s-1") -> Session:
+    return Session(store, VERIFIER, limits or Limits(), sid, NOW_MS)
+
+
+def connect(
+    store: LmdbStore,
+    user: str = "alice",
+    *,
+    channels: tuple[str, ...] = ("room-*",),
+    scopes: tuple[str, ...] = RW,
+    limits: Limits | None = None,
+    sid: str = "s-1",
+) -> Session:
+    """A session past hello."""
+    session = new_session(store, limits, sid)
+    actions = session.receive_frame(
+        {"t": "hello", "v": 1, "token": token(user, channels, scopes)}, NOW_MS
+    )
+    assert len(actions) == 1 and isinstance(actions[0], Reply), actions
+    assert actions[0].frame["t"] == "welcome", actions
+    assert session.state is State.READY
+    return session
+
+
+def call(session: Session, t: str, now_ms: int = NOW_MS, **fields: Any) -> list[Action]:
+    return session.receive_frame({"t": t, **fields}, now_ms)
+
+
+def expect_error(
+    actions: list[Action],
+    code: str,
+    *,
+    rid: int | None = None,
+    fatal: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``actions`` is exactly the error reply (and ``Close`` if ``fatal``)."""
+    assert len(actions) == (2 if fatal else 1), actions
+    assert isinstance(actions[0], Reply), actions
+    frame = actions[0].frame
+    message = frame.get("message")
+    assert isinstance(message, str) and message, frame
+    expected = {"t": "error", "code": code, "message": message, **extra}
+    if rid is not None:
+        expected["rid"] = rid
+    assert frame == expected
+    if fatal:
+        assert isinstance(actions[1], Close)
+        assert actions[1].reason.startswith(code), actions[1]
+    return frame
+
+
+def expect_closed(session: Session) -> None:
+    """A closed session refuses every further frame, even a perfect hello."""
+    assert session.state is State.CLOSED
+    assert session.receive_frame({"t": "ping", "rid": 1}, NOW_MS) == []
+    assert session.receive_frame({"t": "hello", "v": 1, "token": token()}, NOW_MS) == []
+    assert session.state is State.CLOSED
+
+
+def only_submit(actions: list[Action]) -> WriteOp:
+    assert len(actions) == 1 and isinstance(actions[0], Submit), actions
+    return actions[0].op
+
+
+def commit(store: LmdbStore, op: WriteOp) -> WriteOp:
+    """Run ``op`` through the store as the server's writer would; a refused op keeps its
+    ``error`` (``store.write`` raises it too)."""
+    try:
+        store.write(op, timeout=WAIT_S)
+    except StoreError:
+        assert op.error is not None
+    return op
+
+
+def done(store: LmdbStore, actions: list[Action]) -> list[Action]:
+    """Commit the single ``Submit`` in ``actions`` and return its ``write_done`` actions."""
+    op = commit(store, only_submit(actions))
+    session = op.origin
+    assert isinstance(session, Session)
+    return session.write_done(op)
+
+
+def ok(rid: int, **fields: Any) -> Reply:
+    return Reply({"t": "ok", "rid": rid, **fields})
+
+
+def event(channel: str, **fields: Any) -> dict[str, Any]:
+    return {"t": "event", "channel": channel, **fields}
+
+
+def send(
+    store: LmdbStore, session: Session, text: str, cid: str, rid: int = 1, channel: str = ROOM
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A committed send: its ``ok`` frame and its published ``event`` frame."""
+    actions = done(store, call(session, "send", rid=rid, channel=channel, cid=cid, text=text))
+    assert len(actions) == 2 and isinstance(actions[0], Reply), actions
+    assert isinstance(actions[1], Publish), actions
+    return actions[0].frame, actions[1].frame
+
+
+def meta_of_size(size: int) -> dict[str, str]:
+    """A meta map whose msgpack encoding is exactly ``size`` bytes (size >= 262)."""
+    meta = {"k": "x" * (size - 6)}  # fixmap(1) + fixstr "k"(2) + str16 header(3)
+    assert len(packb(meta)) == size
+    return meta
+
+
+def encoded_size(frame: dict[str, Any]) -> int:
+    return len(encode(frame)) - 4  # the body, without the 4-byte length header
+
+
+# ------------------------------------------------------------------- states and hello
+
+
+def test_new_session_awaits_hello(store: LmdbStore) -> None:
+    session = new_session(store)
+    assert session.state is State.AWAITING_HELLO
+    assert session.joined == set() and session.cut == set()
+    assert session.claims is None
+
+
+def test_hello_answers_welcome_with_rid(store: LmdbStore) -> None:
+    limits = Limits(heartbeat_ms=15_000, max_frame=65_536)
+    session = new_session(store, limits, sid="abc-7")
+    actions = session.receive_frame(
+        {"t": "hello", "v": 1, "token": token("alice"), "rid": 42}, NOW_MS + 5
+    )
+    assert actions == [
+        Reply(
+            {
+                "t": "welcome",
+                "rid": 42,
+                "v": 1,
+                "user": "alice",
+                "session": "abc-7",
+                "heartbeat_ms": 15_000,
+                "max_frame": 65_536,
+                "limits": limits.announce(),
+                "ts": NOW_MS + 5,
+            }
+        )
+    ]
+    assert session.state is State.READY
+    assert session.user == "alice"
+
+
+def test_hello_without_rid_has_no_rid_in_welcome(store: LmdbStore) -> None:
+    session = new_session(store)
+    [reply] = session.receive_frame({"t": "hello", "v": 1, "token": token("bob")}, NOW_MS)
+    assert isinstance(reply, Reply)
+    assert reply.frame["t"] == "welcome" and "rid" not in reply.frame
+    assert reply.frame["user"] == "bob"
+    assert session.state is State.READY
+
+
+@pytest.mark.parametrize("v", [None, 0, 2, -1, True, False, "1", [1], {"v": 1}], ids=repr)
+def test_hello_wrong_version_is_a_connection_error(store: LmdbStore, v: Any) -> None:
+    session = new_session(store)
+    hello = {"t": "hello", "token": token(), "rid": 3}
+    if v is not None:
+        hello["v"] = v
+    expect_error(session.receive_frame(hello, NOW_MS), E.UNSUPPORTED_VERSION, rid=3, fatal=True)
+    expect_closed(session)
+
+
+@pytest.mark.parametrize("tok", [None, 123, b"a.b.c", ["x"], {"jwt": "x"}, True], ids=repr)
+def test_hello_missing_or_non_string_token(store: LmdbStore, tok: Any) -> None:
+    session = new_session(store)
+    hello: dict[str, Any] = {"t": "hello", "v": 1, "rid": 1}
+    if tok is not None:
+        hello["token"] = tok
+    expect_error(session.receive_frame(hello, NOW_MS), E.UNAUTHORIZED, rid=1, fatal=True)
+    expect_closed(session)
+
+
+@pytest.mark.parametrize(
+    "tok",
+    [
+        "",
+        "not-a-jwt",
+        "a.b.c",
+        TokenIssuer(OTHER_SECRET).issue("alice", ["*"], RW, 3600, now=NOW_S),
+        token()[:-3] + "AAA",
+    ],
+    ids=["empty", "garbage", "three-parts", "other-secret", "bad-signature"],
+)
+def test_hello_bad_token(store: LmdbStore, tok: str) -> None:
+    session = new_session(store)
+    hello = {"t": "hello", "v": 1, "token": tok, "rid": 9}
+    expect_error(session.receive_frame(hello, NOW_MS), E.UNAUTHORIZED, rid=9, fatal=True)
+    expect_closed(session)
+    assert session.claims is None
+
+
+@pytest.mark.parametrize(
+    ("now_ms", "accepted"),
+    [
+        (NOW_MS, True),
+        (NOW_MS + 9_999, True),  # exp = now + 10 s; the last ms before it
+        (NOW_MS + 10_000, False),
+        (NOW_MS + 3_600_000, False),
+    ],
+)
+def test_hello_token_expiry_uses_the_passed_in_time(
+    store: LmdbStore, now_ms: int, accepted: bool
+) -> None:
+    session = Session(store, VERIFIER, Limits(), "s", now_ms)
+    hello = {"t": "hello", "v": 1, "token": token(ttl_s=10), "rid": 1}
+    actions = session.receive_frame(hello, now_ms)
+    if accepted:
+        assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "welcome"
+        assert session.state is State.READY
+    else:
+        expect_error(actions, E.TOKEN_EXPIRED, rid=1, fatal=True)
+        expect_closed(session)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "join", "rid": 4, "channel": ROOM},
+        {"t": "ping", "rid": 4},
+        {"t": "welcome", "rid": 4},
+        {"t": "nonsense", "rid": 4},
+    ],
+    ids=lambda f: f["t"],
+)
+def test_first_frame_not_hello(store: LmdbStore, frame: dict[str, Any]) -> None:
+    session = new_session(store)
+    expect_error(session.receive_frame(frame, NOW_MS), E.HELLO_REQUIRED, rid=4, fatal=True)
+    expect_closed(session)
+
+
+def test_first_frame_not_hello_without_rid(store: LmdbStore) -> None:
+    session = new_session(store)
+    expect_error(session.receive_frame({"t": "ping"}, NOW_MS), E.HELLO_REQUIRED, fatal=True)
+    expect_closed(session)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "join", "rid": "x", "channel": ROOM},
+        {"t": "hello", "v": 1, "token": "not-a-jwt", "rid": 1.5},
+    ],
+    ids=["join", "hello"],
+)
+def test_first_frame_with_bad_rid_is_still_a_connection_error(
+    store: LmdbStore, frame: dict[str, Any]
+) -> None:
+    session = new_session(store)
+    actions = session.receive_frame(frame, NOW_MS)
+    assert len(actions) == 2 and isinstance(actions[1], Close), actions
+    assert session.state is State.CLOSED
+    if frame["t"] != "hello":
+        expect_error(actions, E.HELLO_REQUIRED, fatal=True)
+
+
+def test_hello_with_bad_rid_and_good_token_does_not_authenticate(store: LmdbStore) -> None:
+    # Whatever else happens, a hello that was refused never makes the session READY.
+    session = new_session(store)
+    actions = session.receive_frame({"t": "hello", "v": 1, "token": token(), "rid": "1"}, NOW_MS)
+    assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "error"
+    assert actions[0].frame["code"] == E.BAD_REQUEST
+    assert "rid" not in actions[0].frame
+    assert session.state is not State.READY and session.claims is None
+
+
+@pytest.mark.parametrize("ready", [False, True], ids=["awaiting-hello", "ready"])
+@pytest.mark.parametrize(
+    "frame",
+    [{"rid": 5}, {"t": None, "rid": 5}, {"t": 1, "rid": 5}, {"t": b"ping", "rid": 5}],
+    ids=["no-t", "t-none", "t-int", "t-bytes"],
+)
+def test_frame_without_string_t_is_bad_frame(
+    store: LmdbStore, ready: bool, frame: dict[str, Any]
+) -> None:
+    session = connect(store) if ready else new_session(store)
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_FRAME, rid=5, fatal=True)
+    expect_closed(session)
+
+
+def test_frame_without_t_and_without_rid(store: LmdbStore) -> None:
+    session = connect(store)
+    expect_error(session.receive_frame({"channel": ROOM}, NOW_MS), E.BAD_FRAME, fatal=True)
+    expect_closed(session)
+
+
+@pytest.mark.parametrize(
+    "rid",
+    [None, "1", 1.0, 1.5, True, False, [1], {"r": 1}, b"\x01", 2**63, 2**64 - 1, -(2**63) - 1],
+    ids=repr,
+)
+def test_bad_rid_is_a_request_error_without_rid(store: LmdbStore, rid: Any) -> None:
+    session = connect(store)
+    expect_error(call(session, "ping", rid=rid), E.BAD_REQUEST)
+    assert session.state is State.READY
+    assert call(session, "ping", rid=1) == [Reply({"t": "pong", "ts": NOW_MS, "rid": 1})]
+
+
+@pytest.mark.parametrize("rid", [0, -1, 1, 2**31, 2**63 - 1, -(2**63) + 1], ids=repr)
+def test_rid_range_is_echoed(store: LmdbStore, rid: int) -> None:
+    session = connect(store)
+    assert call(session, "ping", rid=rid) == [Reply({"t": "pong", "ts": NOW_MS, "rid": rid})]
+
+
+def test_rid_int64_min_is_valid(store: LmdbStore) -> None:
+    session = connect(store)
+    rid = -(2**63)
+    assert call(session, "ping", rid=rid) == [Reply({"t": "pong", "ts": NOW_MS, "rid": rid})]
+
+
+def test_ping_without_rid(store: LmdbStore) -> None:
+    session = connect(store)
+    assert call(session, "ping", NOW_MS + 77) == [Reply({"t": "pong", "ts": NOW_MS + 77})]
+
+
+def test_unknown_type_is_a_request_error(store: LmdbStore) -> None:
+    session = connect(store)
+    expect_error(call(session, "presence", rid=3, status="away"), E.UNKNOWN_TYPE, rid=3)
+    frame = expect_error(call(session, "x" * 10_000, rid=4), E.UNKNOWN_TYPE, rid=4)
+    assert len(frame["message"]) < 100  # the echoed type is truncated
+    expect_error(call(session, "welcome"), E.UNKNOWN_TYPE)
+    assert session.state is State.READY
+
+
+def test_second_hello_is_a_request_error(store: LmdbStore) -> None:
+    session = connect(store)
+    expect_error(call(session, "hello", rid=2, v=1, token=token("bob")), E.BAD_REQUEST, rid=2)
+    assert session.state is State.READY
+    assert session.user == "alice"
+
+
+def test_closed_by_the_server(store: LmdbStore) -> None:
+    session = connect(store)
+    session.closed("peer closed the connection")
+    assert session.close_reason == "peer closed the connection"
+    expect_closed(session)
+    session.closed("later")  # the first reason stays
+    assert session.close_reason == "peer closed the connection"
+
+
+def test_closed_after_a_connection_error_keeps_its_reason(store: LmdbStore) -> None:
+    session = connect(store)
+    expect_error(session.receive_frame({"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
+    reason = session.close_reason
+    assert reason is not None and reason.startswith(E.BAD_FRAME)
+    session.closed("peer closed the connection")
+    assert session.close_reason == reason
+
+
+@pytest.mark.parametrize("ready", [False, True], ids=["awaiting-hello", "ready"])
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (FrameTooLarge("frame length 2000000 is over max_frame 1048576"), E.FRAME_TOO_LARGE),
+        (InvalidMsgpack("invalid msgpack at byte 3"), E.BAD_FRAME),
+        (NotAMap("frame body is not a map"), E.BAD_FRAME),
+        (TooDeep("nesting deeper than max_depth 32 at byte 40"), E.BAD_FRAME),
+        (FrameError("some decode failure"), E.BAD_FRAME),
+    ],
+    ids=["too-large", "msgpack", "not-map", "too-deep", "base"],
+)
+def test_frame_error_is_a_connection_error(
+    store: LmdbStore, ready: bool, exc: FrameError, code: str
+) -> None:
+    session = connect(store) if ready else new_session(store)
+    actions = session.frame_error(exc)
+    frame = expect_error(actions, code, fatal=True)
+    assert frame["message"] == str(exc)  # names the limit or the offset
+    expect_closed(session)
+
+
+def test_hello_timeout_is_a_connection_error(store: LmdbStore) -> None:
+    session = new_session(store)
+    expect_error(session.hello_timeout(), E.HELLO_TIMEOUT, fatal=True)
+    expect_closed(session)
+
+
+# ------------------------------------------------------------------- field validation
+
+
+BAD_CHANNELS = [None, 5, True, b"room-1", ["room-1"], "", "room 1", "x" * 129, "röom", "room/1"]
+
+
+@pytest.mark.parametrize(
+    "t", ["join", "send", "edit", "delete", "history", "sync", "read", "typing"]
+)
+@pytest.mark.parametrize("channel", BAD_CHANNELS, ids=repr)
+def test_invalid_channel_is_bad_request(store: LmdbStore, t: str, channel: Any) -> None:
+    session = connect(store, channels=("*",))
+    frame: dict[str, Any] = {
+        "t": t,
+        "rid": 8,
+        "cid": "c",
+        "text": "x",
+        "id": "1-1",
+        "since": 0,
+        "seq": 1,
+        "on": True,
+    }
+    if channel is not None:
+        frame["channel"] = channel
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=8)
+    assert session.state is State.READY and store.channels() == []
+
+
+@pytest.mark.parametrize("channel", [None, 5, b"room-1"], ids=repr)
+def test_leave_needs_a_channel_string(store: LmdbStore, channel: Any) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "leave", "rid": 2}
+    if channel is not None:
+        frame["channel"] = channel
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=2)
+
+
+SEND = {"channel": ROOM, "cid": "c-1", "text": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"cid": None}, E.BAD_REQUEST),
+        ({"cid": ""}, E.BAD_REQUEST),
+        ({"cid": 7}, E.BAD_REQUEST),
+        ({"cid": True}, E.BAD_REQUEST),
+        ({"cid": b"c-1"}, E.BAD_REQUEST),
+        ({"cid": "c" * 65}, E.BAD_REQUEST),
+        ({"text": None}, E.BAD_REQUEST),
+        ({"text": 5}, E.BAD_REQUEST),
+        ({"text": b"hi"}, E.BAD_REQUEST),
+        ({"text": ["hi"]}, E.BAD_REQUEST),
+        ({"text": "x" * (16 * 1024 + 1)}, E.LIMIT_EXCEEDED),
+        ({"text": "é" * (8 * 1024) + "x"}, E.LIMIT_EXCEEDED),  # 16385 bytes of UTF-8
+        ({"meta": "x"}, E.BAD_REQUEST),
+        ({"meta": [1, 2]}, E.BAD_REQUEST),
+        ({"meta": 1}, E.BAD_REQUEST),
+        ({"meta": meta_of_size(4 * 1024 + 1)}, E.LIMIT_EXCEEDED),
+    ],
+    ids=lambda c: repr(c)[:40] if isinstance(c, dict) else c,
+)
+def test_send_field_validation(store: LmdbStore, change: dict[str, Any], code: str) -> None:
+    session = connect(store)
+    frame = {"t": "send", "rid": 5, **SEND, **change}
+    frame = {k: v for k, v in frame.items() if v is not None}
+    expect_error(session.receive_frame(frame, NOW_MS), code, rid=5)
+    assert store.channels() == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cid": "c"},
+        {"cid": "c" * 64},
+        {"text": ""},
+        {"text": "x" * (16 * 1024)},
+        {"text": "é" * (8 * 1024)},  # exactly 16384 bytes of UTF-8
+        {"meta": meta_of_size(4 * 1024)},
+        {"meta": None},
+        {"meta": {}},
+    ],
+    ids=lambda c: repr(c)[:40],
+)
+def test_send_fields_at_their_limits_are_accepted(store: LmdbStore, change: dict[str, Any]) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", rid=5, **{**SEND, **change}))
+    assert op.kind == "message"
+    assert op.cid == change.get("cid", "c-1")
+    assert op.text == change.get("text", "hi")
+    assert op.meta == (change.get("meta") or None)  # an empty map is no meta
+    assert commit(store, op).error is None
+
+
+@pytest.mark.parametrize("t", ["edit", "delete"])
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"id": None}, E.BAD_REQUEST),
+        ({"id": 11}, E.BAD_REQUEST),
+        ({"id": True}, E.BAD_REQUEST),
+        ({"id": ["1-1"]}, E.BAD_REQUEST),
+        ({"id": "1" * 65}, E.NOT_FOUND),
+    ],
+    ids=repr,
+)
+def test_edit_delete_id_validation(
+    store: LmdbStore, t: str, change: dict[str, Any], code: str
+) -> None:
+    session = connect(store)
+    frame = {"t": t, "rid": 6, "channel": ROOM, "id": "1-1", "text": "new", **change}
+    frame = {k: v for k, v in frame.items() if v is not None}
+    expect_error(session.receive_frame(frame, NOW_MS), code, rid=6)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        (None, E.BAD_REQUEST),
+        (3, E.BAD_REQUEST),
+        (b"x", E.BAD_REQUEST),
+        ("x" * (16 * 1024 + 1), E.LIMIT_EXCEEDED),
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+def test_edit_text_validation(store: LmdbStore, text: Any, code: str) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "edit", "rid": 6, "channel": ROOM, "id": "1-1"}
+    if text is not None:
+        frame["text"] = text
+    expect_error(session.receive_frame(frame, NOW_MS), code, rid=6)
+
+
+def test_edit_and_delete_id_at_64_chars_is_submitted(store: LmdbStore) -> None:
+    session = connect(store)
+    edit = only_submit(call(session, "edit", rid=1, channel=ROOM, id="1" * 64, text="x"))
+    assert edit.target == "1" * 64
+    delete = only_submit(call(session, "delete", rid=2, channel=ROOM, id="1" * 64))
+    assert delete.target == "1" * 64
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"before": 0},
+        {"before": -1},
+        {"before": True},
+        {"before": "5"},
+        {"before": 1.5},
+        {"before": 2**63},
+        {"limit": 0},
+        {"limit": -1},
+        {"limit": 501},
+        {"limit": True},
+        {"limit": "10"},
+        {"limit": 10.0},
+    ],
+    ids=repr,
+)
+def test_history_field_validation(store: LmdbStore, fields: dict[str, Any]) -> None:
+    session = connect(store)
+    expect_error(call(session, "history", rid=3, channel=ROOM, **fields), E.BAD_REQUEST, rid=3)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"since": None},
+        {"since": -1},
+        {"since": True},
+        {"since": False},
+        {"since": "0"},
+        {"since": 0.0},
+        {"since": 2**63},
+        {"since": 0, "limit": 0},
+        {"since": 0, "limit": 5001},
+        {"since": 0, "limit": True},
+        {"since": 0, "limit": [1]},
+    ],
+    ids=repr,
+)
+def test_sync_field_validation(store: LmdbStore, fields: dict[str, Any]) -> None:
+    session = connect(store)
+    expect_error(call(session, "sync", rid=3, channel=ROOM, **fields), E.BAD_REQUEST, rid=3)
+
+
+@pytest.mark.parametrize("seq", [None, -1, True, "1", 1.0, 2**63], ids=repr)
+def test_read_field_validation(store: LmdbStore, seq: Any) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "read", "rid": 3, "channel": ROOM}
+    if seq is not None:
+        frame["seq"] = seq
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=3)
+
+
+@pytest.mark.parametrize("on", [None, 1, 0, "true", [True]], ids=repr)
+def test_typing_field_validation(store: LmdbStore, on: Any) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "typing", "rid": 3, "channel": ROOM}
+    if on is not None:
+        frame["on"] = on
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=3)
+
+
+def test_field_limits_at_their_maximum_are_accepted(store: LmdbStore) -> None:
+    session = connect(store)
+    [reply] = call(session, "history", rid=1, channel=ROOM, before=2**63 - 1, limit=500)
+    assert reply == ok(1, channel=ROOM, messages=[], more=False)
+    [reply] = call(session, "history", rid=2, channel=ROOM, before=1, limit=1)
+    assert reply == ok(2, channel=ROOM, messages=[], more=False)
+    [reply] = call(session, "history", rid=3, channel=ROOM, before=None, limit=None)
+    assert reply == ok(3, channel=ROOM, messages=[], more=False)
+    [reply] = call(session, "sync", rid=4, channel=ROOM, since=0, limit=5000)
+    assert reply == ok(4, channel=ROOM, events=[], more=False, head=0, epoch=0)
+    op = only_submit(call(session, "read", rid=5, channel=ROOM, seq=2**63 - 1))
+    assert op.seq == 2**63 - 1
+
+
+# ------------------------------------------------------------------- authorization
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "join"},
+        {"t": "sync", "since": 0},
+        {"t": "history"},
+        {"t": "read", "seq": 1},
+        {"t": "typing", "on": True},
+        {"t": "send", "cid": "c", "text": "x"},
+        {"t": "edit", "id": "1-1", "text": "x"},
+        {"t": "delete", "id": "1-1"},
+    ],
+    ids=lambda f: f["t"],
+)
+@pytest.mark.parametrize("channel", ["lobby", "room", "Room-1", "xroom-1", "dm:bob:carol"])
+def test_channels_outside_the_token_are_forbidden(
+    store: LmdbStore, frame: dict[str, Any], channel: str
+) -> None:
+    store.append(channel, "bob", "c0", "secret")
+    session = connect(store, channels=("room-*",), scopes=MOD)
+    actions = session.receive_frame({**frame, "rid": 4, "channel": channel}, NOW_MS)
+    expect_error(actions, E.FORBIDDEN, rid=4)
+    assert session.joined == set()
+    assert store.channel(channel).head == 1
+
+
+def test_dm_channels(store: LmdbStore) -> None:
+    alice = connect(store, "alice", channels=())  # DMs need no pattern
+    actions = call(alice, "join", rid=1, channel="dm:alice:bob")
+    assert actions == [
+        Subscribe("dm:alice:bob"),
+        ok(1, channel="dm:alice:bob", head=0, read=0, epoch=0, horizon=0),
+    ]
+    only_submit(call(alice, "send", rid=2, channel="dm:alice:bob", cid="c", text="hi"))
+    bob = connect(store, "bob", channels=("*",), sid="s-2")
+    assert call(bob, "join", rid=1, channel="dm:alice:bob")[0] == Subscribe("dm:alice:bob")
+    carol = connect(store, "carol", channels=("*", "dm:*"), scopes=MOD, sid="s-3")
+    for t in ("join", "sync", "history"):
+        expect_error(call(carol, t, rid=3, channel="dm:alice:bob", since=0), E.FORBIDDEN, rid=3)
+    expect_error(
+        call(carol, "send", rid=4, channel="dm:alice:bob", cid="c", text="x"), E.FORBIDDEN, rid=4
+    )
+    # A malformed DM name (unsorted, or a user with itself) is open to nobody.
+    for name in ("dm:bob:alice", "dm:alice:alice", "dm:alice", "dm:alice:bob:carol"):
+        expect_error(call(alice, "join", rid=5, channel=name), E.FORBIDDEN, rid=5)
+    assert alice.joined == {"dm:alice:bob"}
+
+
+def test_read_only_token_cannot_write(store: LmdbStore) -> None:
+    session = connect(store, scopes=(SCOPE_READ,))
+    assert call(session, "join", rid=1, channel=ROOM)[0] == Subscribe(ROOM)
+    expect_error(call(session, "send", rid=2, channel=ROOM, cid="c", text="x"), E.FORBIDDEN, rid=2)
+    expect_error(call(session, "edit", rid=3, channel=ROOM, id="1-1", text="x"), E.FORBIDDEN, rid=3)
+    expect_error(call(session, "delete", rid=4, channel=ROOM, id="1-1"), E.FORBIDDEN, rid=4)
+    # Reading is still allowed, the cursor too.
+    assert only_submit(call(session, "read", rid=5, channel=ROOM, seq=0)).kind == "read"
+    assert store.channels() == []
+
+
+def test_send_only_token_cannot_read(store: LmdbStore) -> None:
+    session = connect(store, scopes=(SCOPE_SEND,))
+    expect_error(call(session, "join", rid=1, channel=ROOM), E.FORBIDDEN, rid=1)
+    expect_error(call(session, "sync", rid=2, channel=ROOM, since=0), E.FORBIDDEN, rid=2)
+    expect_error(call(session, "history", rid=3, channel=ROOM), E.FORBIDDEN, rid=3)
+    expect_error(call(session, "typing", rid=4, channel=ROOM, on=True), E.FORBIDDEN, rid=4)
+    assert only_submit(call(session, "send", rid=5, channel=ROOM, cid="c", text="x")).kind == (
+        "message"
+    )
+
+
+def test_moderate_scope_alone_allows_no_changes(store: LmdbStore) -> None:
+    session = connect(store, scopes=(SCOPE_READ, SCOPE_MODERATE))
+    expect_error(call(session, "edit", rid=1, channel=ROOM, id="1-1", text="x"), E.FORBIDDEN, rid=1)
+    expect_error(call(session, "delete", rid=2, channel=ROOM, id="1-1"), E.FORBIDDEN, rid=2)
+
+
+@pytest.mark.parametrize(("scopes", "moderator"), [(RW, False), (MOD, True)], ids=["rw", "mod"])
+def test_moderator_flag_on_edit_and_delete_ops(
+    store: LmdbStore, scopes: tuple[str, ...], moderator: bool
+) -> None:
+    session = connect(store, scopes=scopes)
+    edit = only_submit(call(session, "edit", rid=1, channel=ROOM, id="1-1", text="new"))
+    assert (edit.kind, edit.channel, edit.user, edit.target, edit.text) == (
+        "edit",
+        ROOM,
+        "alice",
+        "1-1",
+        "new",
+    )
+    assert (edit.moderator, edit.cid, edit.meta, edit.origin, edit.rid) == (
+        moderator,
+        None,
+        None,
+        session,
+        1,
+    )
+    delete = only_submit(call(session, "delete", rid=2, channel=ROOM, id="1-1"))
+    assert (delete.kind, delete.target, delete.text, delete.moderator, delete.rid) == (
+        "delete",
+        "1-1",
+        None,
+        moderator,
+        2,
+    )
+
+
+def test_only_sender_or_moderator_changes_a_message(store: LmdbStore) -> None:
+    alice = connect(store, "alice")
+    ok_frame, _ = send(store, alice, "original", "c1")
+    mid = ok_frame["id"]
+    bob = connect(store, "bob", sid="s-2")
+    actions = done(store, call(bob, "edit", rid=7, channel=ROOM, id=mid, text="hacked"))
+    expect_error(actions, E.FORBIDDEN, rid=7)
+    actions = done(store, call(bob, "delete", rid=8, channel=ROOM, id=mid))
+    expect_error(actions, E.FORBIDDEN, rid=8)
+    assert store.channel(ROOM).head == 1
+    carol = connect(store, "carol", scopes=MOD, sid="s-3")
+    actions = done(store, call(carol, "edit", rid=9, channel=ROOM, id=mid, text="moderated"))
+    assert actions == [
+        ok(9, channel=ROOM, seq=2, id=mid, ts=STORE_TS, dup=False),
+        Publish(
+            ROOM,
+            event(ROOM, seq=2, kind="edit", id=mid, sender="carol", ts=STORE_TS, text="moderated"),
+        ),
+    ]
+
+
+# ------------------------------------------------------------------- send
+
+
+def test_send_submits_then_replies_and_publishes_after_commit(store: LmdbStore) -> None:
+    session = connect(store)
+    meta = {"reply_to": "x", "n": [1, 2]}
+    actions = call(session, "send", rid=7, channel=ROOM, cid="c-1", text="hello", meta=meta)
+    op = only_submit(actions)
+    assert (op.kind, op.channel, op.user, op.cid, op.text, op.meta) == (
+        "message",
+        ROOM,
+        "alice",
+        "c-1",
+        "hello",
+        meta,
+    )
+    assert (op.target, op.moderator, op.result, op.error) == (None, False, None, None)
+    assert op.origin is session and op.rid == 7
+    assert store.channel(ROOM).head == 0  # nothing is stored before the commit
+
+    commit(store, op)
+    assert isinstance(op.result, AppendResult)
+    mid = op.result.id
+    actions = session.write_done(op)
+    published = event(
+        ROOM,
+        seq=1,
+        kind="message",
+        id=mid,
+        sender="alice",
+        ts=STORE_TS,
+        text="hello",
+        meta=meta,
+    )
+    assert actions == [
+        ok(7, channel=ROOM, seq=1, id=mid, ts=STORE_TS, dup=False),
+        Publish(ROOM, published),
+    ]
+    assert isinstance(actions[1], Publish) and actions[1].skip_user is None
+    assert list(published)[:2] == ["t", "channel"]
+    # The pushed event is exactly what a later sync replays.
+    [reply] = call(session, "sync", rid=8, channel=ROOM, since=0)
+    assert isinstance(reply, Reply) and reply.frame["events"] == [published]
+
+
+def test_send_without_rid_publishes_only(store: LmdbStore) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", channel=ROOM, cid="c", text="x", meta={}))
+    assert op.rid is None and op.meta is None
+    actions = session.write_done(commit(store, op))
+    assert isinstance(op.result, AppendResult)
+    pushed = event(ROOM, seq=1, kind="message", id=op.result.id, sender="alice", ts=STORE_TS)
+    assert actions == [Publish(ROOM, {**pushed, "text": "x"})]  # no meta: {} is no meta
+
+
+def test_duplicate_cid_after_commit_is_answered_without_a_write(store: LmdbStore) -> None:
+    session = connect(store)
+    first, _ = send(store, session, "hello", "c-1", rid=1)
+    # The retry may even carry other text: the first result stands.
+    actions = call(session, "send", rid=2, channel=ROOM, cid="c-1", text="changed")
+    assert actions == [ok(2, channel=ROOM, seq=first["seq"], id=first["id"], ts=STORE_TS, dup=True)]
+    assert call(session, "send", channel=ROOM, cid="c-1", text="hello") == []  # no rid, no ok
+    # Also from a new connection of the same user (a reconnect).
+    again = connect(store, sid="s-2")
+    [reply] = call(again, "send", rid=3, channel=ROOM, cid="c-1", text="hello")
+    assert reply == ok(3, channel=ROOM, seq=1, id=first["id"], ts=STORE_TS, dup=True)
+    assert store.channel(ROOM).head == 1
+    # The same cid from another sender is a new message.
+    bob = connect(store, "bob", sid="s-3")
+    assert only_submit(call(bob, "send", rid=4, channel=ROOM, cid="c-1", text="hi")).cid == "c-1"
+
+
+def test_duplicate_cid_in_flight_replies_dup_and_publishes_nothing(store: LmdbStore) -> None:
+    session = connect(store)
+    op1 = only_submit(call(session, "send", rid=1, channel=ROOM, cid="c", text="x"))
+    op2 = only_submit(call(session, "send", rid=2, channel=ROOM, cid="c", text="x"))
+    first = session.write_done(commit(store, op1))
+    assert len(first) == 2 and isinstance(first[1], Publish)
+    assert isinstance(op1.result, AppendResult)
+    second = session.write_done(commit(store, op2))
+    assert second == [ok(2, channel=ROOM, seq=1, id=op1.result.id, ts=STORE_TS, dup=True)]
+    assert store.channel(ROOM).head == 1
+
+
+def test_failed_write_replies_error_only(store: LmdbStore) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", rid=5, channel=ROOM, cid="c", text="x"))
+    op.error = StoreUnavailable("disk full")
+    assert session.write_done(op) == [
+        Reply({"t": "error", "rid": 5, "code": E.STORE_UNAVAILABLE, "message": "disk full"})
+    ]
+    # The client retries with the same cid; nothing was stored.
+    assert only_submit(call(session, "send", rid=6, channel=ROOM, cid="c", text="x")).cid == "c"
+
+
+def test_failed_write_of_a_closed_session_is_dropped(store: LmdbStore) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", rid=5, channel=ROOM, cid="c", text="x"))
+    session.closed("peer closed the connection")
+    op.error = StoreUnavailable("disk full")
+    assert session.write_done(op) == []
+
+
+def test_write_done_after_close_still_publishes(store: LmdbStore) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", rid=5, channel=ROOM, cid="c", text="x"))
+    session.closed("peer closed the connection")
+    commit(store, op)
+    assert isinstance(op.result, AppendResult)
+    assert session.write_done(op) == [
+        Publish(
+            ROOM,
+            event(
+                ROOM, seq=1, kind="message", id=op.result.id, sender="alice", ts=STORE_TS, text="x"
+            ),
+        )
+    ]
+
+
+def test_write_done_after_a_connection_error_still_publishes(store: LmdbStore) -> None:
+    session = connect(store)
+    op = only_submit(call(session, "send", rid=5, channel=ROOM, cid="c", text="x"))
+    expect_error(session.frame_error(InvalidMsgpack("bad")), E.BAD_FRAME, fatal=True)
+    actions = session.write_done(commit(store, op))
+    assert len(actions) == 1 and isinstance(actions[0], Publish)
+
+
+# ------------------------------------------------------------------- edit and delete
+
+
+def test_edit_and_delete_reply_and_publish(store: LmdbStore) -> None:
+    session = connect(store)
+    first, _ = send(store, session, "helo", "c1")
+    mid = first["id"]
+    actions = done(store, call(session, "edit", rid=2, channel=ROOM, id=mid, text="hello"))
+    edit_event = event(ROOM, seq=2, kind="edit", id=mid, sender="alice", ts=STORE_TS, text="hello")
+    assert actions == [
+        ok(2, channel=ROOM, seq=2, id=mid, ts=STORE_TS, dup=False),
+        Publish(ROOM, edit_event),
+    ]
+    [reply] = call(session, "sync", rid=3, channel=ROOM, since=1)
+    assert isinstance(reply, Reply) and reply.frame["events"] == [edit_event]
+
+    actions = done(store, call(session, "delete", rid=4, channel=ROOM, id=mid))
+    delete_event = event(ROOM, seq=3, kind="delete", id=mid, sender="alice", ts=STORE_TS)
+    assert actions == [
+        ok(4, channel=ROOM, seq=3, id=mid, ts=STORE_TS, dup=False),
+        Publish(ROOM, delete_event),
+    ]
+    [reply] = call(session, "sync", rid=5, channel=ROOM, since=2)
+    assert isinstance(reply, Reply) and reply.frame["events"] == [delete_event]
+    # A deleted message is not_found to further changes.
+    actions = done(store, call(session, "edit", rid=6, channel=ROOM, id=mid, text="again"))
+    expect_error(actions, E.NOT_FOUND, rid=6)
+    assert store.channel(ROOM).head == 3
+
+
+@pytest.mark.parametrize("target", ["1-99", "nope", "2-1", ""])
+def test_edit_of_an_unknown_message_is_not_found(store: LmdbStore, target: str) -> None:
+    session = connect(store)
+    send(store, session, "x", "c1")
+    actions = done(store, call(session, "edit", rid=3, channel=ROOM, id=target, text="y"))
+    expect_error(actions, E.NOT_FOUND, rid=3)
+
+
+# ------------------------------------------------------------------- read cursor
+
+
+def test_read_moves_the_cursor_and_publishes_only_changes(store: LmdbStore) -> None:
+    for i in range(3):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    session = connect(store)
+    op = only_submit(call(session, "read", rid=1, channel=ROOM, seq=2))
+    assert (op.kind, op.channel, op.user, op.seq, op.origin, op.rid) == (
+        "read",
+        ROOM,
+        "alice",
+        2,
+        session,
+        1,
+    )
+    read_push = {"t": "read", "channel": ROOM, "user": "alice", "seq": 2}
+    assert session.write_done(commit(store, op)) == [
+        ok(1, channel=ROOM, seq=2),
+        Publish(ROOM, read_push),
+    ]
+    # Backwards changes nothing: the ok names the current cursor, nothing is pushed.
+    assert done(store, call(session, "read", rid=2, channel=ROOM, seq=1)) == [
+        ok(2, channel=ROOM, seq=2)
+    ]
+    assert done(store, call(session, "read", rid=3, channel=ROOM, seq=2)) == [
+        ok(3, channel=ROOM, seq=2)
+    ]
+    # Past the head is clamped to it.
+    assert done(store, call(session, "read", rid=4, channel=ROOM, seq=99)) == [
+        ok(4, channel=ROOM, seq=3),
+        Publish(ROOM, {**read_push, "seq": 3}),
+    ]
+    assert store.read_cursor("alice", ROOM) == 3
+
+
+def test_read_without_rid_and_after_close(store: LmdbStore) -> None:
+    store.append(ROOM, "bob", "c0", "x")
+    store.append(ROOM, "bob", "c1", "x")
+    session = connect(store)
+    read_push = {"t": "read", "channel": ROOM, "user": "alice", "seq": 1}
+    assert done(store, call(session, "read", channel=ROOM, seq=1)) == [Publish(ROOM, read_push)]
+    op = only_submit(call(session, "read", rid=2, channel=ROOM, seq=2))
+    session.closed("gone")
+    assert session.write_done(commit(store, op)) == [Publish(ROOM, {**read_push, "seq": 2})]
+    op = only_submit(
+        connect(store, sid="s-2").receive_frame(
+            {"t": "read", "rid": 3, "channel": ROOM, "seq": 1}, NOW_MS
+        )
+    )
+    origin = op.origin
+    origin.closed("gone")
+    assert origin.write_done(commit(store, op)) == []  # unchanged and nobody to answer
+
+
+# ------------------------------------------------------------------- typing, join, leave
+
+
+def test_typing_publishes_to_the_others(store: LmdbStore) -> None:
+    session = connect(store)
+    push = {"t": "typing", "channel": ROOM, "user": "alice", "on": True}
+    assert call(session, "typing", rid=3, channel=ROOM, on=True) == [
+        Publish(ROOM, push, skip_user="alice"),
+        Reply({"t": "ok", "rid": 3}),
+    ]
+    assert call(session, "typing", channel=ROOM, on=False) == [
+        Publish(ROOM, {**push, "on": False}, skip_user="alice")
+    ]
+    assert store.channels() == []  # never stored
+
+
+def test_join_subscribes_and_reports_the_channel(store: LmdbStore) -> None:
+    for i in range(3):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    store.set_read("alice", ROOM, 2)
+    info = store.channel(ROOM)
+    session = connect(store)
+    assert call(session, "join", rid=1, channel=ROOM) == [
+        Subscribe(ROOM),
+        ok(1, channel=ROOM, head=3, read=2, epoch=info.epoch, horizon=0),
+    ]
+    assert session.joined == {ROOM}
+    # An unknown channel joins empty; a join without rid only subscribes.
+    assert call(session, "join", channel="room-2") == [Subscribe("room-2")]
+    assert session.joined == {ROOM, "room-2"}
+    assert store.channels() == [ROOM]  # joining creates nothing
+
+
+def test_join_limit(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(max_joined=2))
+    assert call(session, "join", rid=1, channel="room-1")[0] == Subscribe("room-1")
+    assert call(session, "join", rid=2, channel="room-2")[0] == Subscribe("room-2")
+    expect_error(call(session, "join", rid=3, channel="room-3"), E.LIMIT_EXCEEDED, rid=3)
+    assert session.joined == {"room-1", "room-2"}
+    # Joining again a channel already joined is fine.
+    assert call(session, "join", rid=4, channel="room-2")[0] == Subscribe("room-2")
+    assert call(session, "leave", rid=5, channel="room-1") == [
+        Unsubscribe("room-1"),
+        ok(5, channel="room-1"),
+    ]
+    assert session.joined == {"room-2"}
+    assert call(session, "join", rid=6, channel="room-3")[0] == Subscribe("room-3")
+    assert session.joined == {"room-2", "room-3"}
+
+
+def test_leave_unsubscribes(store: LmdbStore) -> None:
+    session = connect(store)
+    call(session, "join", rid=1, channel=ROOM)
+    assert call(session, "leave", channel=ROOM) == [Unsubscribe(ROOM)]
+    assert session.joined == set()
+    # Leaving a channel not joined is harmless.
+    assert call(session, "leave", rid=2, channel="room-9") == [
+        Unsubscribe("room-9"),
+        ok(2, channel="room-9"),
+    ]
+
+
+# ------------------------------------------------------------------- sync
+
+
+def test_sync_pages_and_event_shape(store: LmdbStore) -> None:
+    results = [store.append(ROOM, "bob", f"c{i}", f"m{i}") for i in range(5)]
+    epoch = store.channel(ROOM).epoch
+    session = connect(store)
+    events = [
+        event(ROOM, seq=r.seq, kind="message", id=r.id, sender="bob", ts=STORE_TS, text=f"m{i}")
+        for i, r in enumerate(results)
+    ]
+    assert call(session, "sync", rid=1, channel=ROOM, since=0) == [
+        ok(1, channel=ROOM, events=events, more=False, head=5, epoch=epoch)
+    ]
+    [reply] = call(session, "sync", rid=2, channel=ROOM, since=1, limit=2)
+    assert reply == ok(2, channel=ROOM, events=events[1:3], more=True, head=5, epoch=epoch)
+    assert isinstance(reply, Reply)
+    for ev in reply.frame["events"]:
+        assert list(ev)[:2] == ["t", "channel"]
+    assert call(session, "sync", rid=3, channel=ROOM, since=5) == [
+        ok(3, channel=ROOM, events=[], more=False, head=5, epoch=epoch)
+    ]
+    assert call(session, "sync", channel=ROOM, since=0) == []  # no rid: nothing to answer
+
+
+def test_sync_of_an_empty_channel(store: LmdbStore) -> None:
+    session = connect(store)
+    assert call(session, "sync", rid=1, channel=ROOM, since=0) == [
+        ok(1, channel=ROOM, events=[], more=False, head=0, epoch=0)
+    ]
+    assert call(session, "sync", rid=2, channel=ROOM, since=3) == [
+        Reply({"t": "resync", "rid": 2, "channel": ROOM, "head": 0, "epoch": 0})
+    ]
+
+
+def test_sync_past_the_head_is_resync(store: LmdbStore) -> None:
+    for i in range(2):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    epoch = store.channel(ROOM).epoch
+    session = connect(store)
+    resync = {"t": "resync", "channel": ROOM, "head": 2, "epoch": epoch}
+    assert call(session, "sync", rid=4, channel=ROOM, since=3) == [Reply({**resync, "rid": 4})]
+    # Without a rid the resync still goes out: it is the answer the client must act on.
+    assert call(session, "sync", channel=ROOM, since=2**63 - 1) == [Reply(resync)]
+
+
+def test_sync_below_the_compaction_horizon_is_resync(tmp_path: Path) -> None:
+    with open_store(tmp_path / "c", compaction=CompactionPolicy(keep_recent=1)) as store:
+        for i in range(3):
+            store.append(ROOM, "bob", f"c{i}", "x")
+        assert store.compact(ROOM) == 2
+        info = store.channel(ROOM)
+        session = connect(store)
+        assert call(session, "sync", rid=1, channel=ROOM, since=1) == [
+            Reply({"t": "resync", "rid": 1, "channel": ROOM, "head": 3, "epoch": info.epoch})
+        ]
+        [reply] = call(session, "sync", rid=2, channel=ROOM, since=2)
+        assert isinstance(reply, Reply) and [e["seq"] for e in reply.frame["events"]] == [3]
+        [_, joined] = call(session, "join", rid=3, channel=ROOM)
+        assert joined == ok(3, channel=ROOM, head=3, read=0, epoch=info.epoch, horizon=2)
+
+
+def test_cut_stream_and_recovery_by_sync(store: LmdbStore) -> None:
+    for i in range(4):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    info = store.channel(ROOM)
+    session = connect(store)
+    call(session, "join", rid=1, channel=ROOM)
+    push = session.cut_stream(ROOM, info)
+    assert push == {"t": "resync", "channel": ROOM, "head": 4, "epoch": info.epoch}
+    assert session.cut == {ROOM}
+    # A page that stops short of the head keeps the stream cut ...
+    [reply] = call(session, "sync", rid=2, channel=ROOM, since=0, limit=2)
+    assert isinstance(reply, Reply) and reply.frame["more"] is True
+    assert session.cut == {ROOM}
+    # ... so does a resync answer ...
+    [reply] = call(session, "sync", rid=3, channel=ROOM, since=9)
+    assert isinstance(reply, Reply) and reply.frame["t"] == "resync"
+    assert session.cut == {ROOM}
+    # ... and the page that reaches the head resumes it.
+    [reply] = call(session, "sync", rid=4, channel=ROOM, since=2)
+    assert isinstance(reply, Reply) and reply.frame["more"] is False
+    assert session.cut == set()
+    assert session.joined == {ROOM}
+
+
+def test_cut_stream_cleared_by_join_and_leave(store: LmdbStore) -> None:
+    store.append(ROOM, "bob", "c0", "x")
+    session = connect(store)
+    call(session, "join", rid=1, channel=ROOM)
+    call(session, "join", rid=2, channel="room-2")
+    session.cut_stream(ROOM, store.channel(ROOM))
+    session.cut_stream("room-2", store.channel("room-2"))
+    assert session.cut == {ROOM, "room-2"}
+    call(session, "join", rid=3, channel=ROOM)
+    assert session.cut == {"room-2"}
+    call(session, "leave", rid=4, channel="room-2")
+    assert session.cut == set()
+
+
+# ------------------------------------------------------------------- history
+
+
+def test_history_pages_newest_first_page_oldest_first(store: LmdbStore) -> None:
+    results = [store.append(ROOM, "bob", f"c{i}", f"m{i}") for i in range(5)]
+    session = connect(store)
+
+    def msg(i: int) -> dict[str, Any]:
+        r = results[i]
+        return {
+            "seq": r.seq,
+            "kind": "message",
+            "id": r.id,
+            "sender": "bob",
+            "ts": STORE_TS,
+            "text": f"m{i}",
+        }
+
+    assert call(session, "history", rid=1, channel=ROOM, limit=2) == [
+        ok(1, channel=ROOM, messages=[msg(3), msg(4)], more=True)
+    ]
+    assert call(session, "history", rid=2, channel=ROOM, before=4, limit=2) == [
+        ok(2, channel=ROOM, messages=[msg(1), msg(2)], more=True)
+    ]
+    assert call(session, "history", rid=3, channel=ROOM, before=2, limit=2) == [
+        ok(3, channel=ROOM, messages=[msg(0)], more=False)
+    ]
+    assert call(session, "history", rid=4, channel=ROOM) == [
+        ok(4, channel=ROOM, messages=[msg(i) for i in range(5)], more=False)
+    ]
+
+
+def test_history_shows_latest_state(store: LmdbStore) -> None:
+    a = store.append(ROOM, "bob", "c0", "first")
+    b = store.append(ROOM, "bob", "c1", "second", {"k": 1})
+    store.edit(ROOM, "bob", a.id, "first!")
+    store.delete(ROOM, "bob", b.id)
+    session = connect(store)
+    assert call(session, "history", rid=1, channel=ROOM) == [
+        ok(
+            1,
+            channel=ROOM,
+            messages=[
+                {
+                    "seq": 1,
+                    "kind": "message",
+                    "id": a.id,
+                    "sender": "bob",
+                    "ts": STORE_TS,
+                    "text": "first!",
+                    "edited": STORE_TS,
+                },
+                {
+                    "seq": 2,
+                    "kind": "message",
+                    "id": b.id,
+                    "sender": "bob",
+                    "ts": STORE_TS,
+                    "deleted": True,
+                },
+            ],
+            more=False,
+        )
+    ]
+
+
+SMALL_FRAME = 8192
+
+
+@pytest.fixture
+def big_messages(store: LmdbStore) -> list[AppendResult]:
+    """20 messages of about 1 KiB each: far more than one 8 KiB page."""
+    return [store.append(ROOM, "bob", f"c{i}", f"{i:04d}" + "x" * 1020) for i in range(20)]
+
+
+def test_history_pages_fit_in_max_frame(store: LmdbStore, big_messages: list[AppendResult]) -> None:
+    session = connect(store, limits=Limits(max_frame=SMALL_FRAME))
+    seen: list[int] = []
+    before: int | None = None
+    pages = 0
+    while True:
+        fields = {} if before is None else {"before": before}
+        [reply] = call(session, "history", rid=pages, channel=ROOM, **fields)
+        assert isinstance(reply, Reply) and reply.frame["t"] == "ok"
+        assert encoded_size(reply.frame) <= SMALL_FRAME
+        messages = reply.frame["messages"]
+        assert 5 <= len(messages) < 20 or not reply.frame["more"]  # cut early, not tiny
+        seen[:0] = [m["seq"] for m in messages]
+        pages += 1
+        if not reply.frame["more"]:
+            break
+        before = messages[0]["seq"]
+    assert pages >= 3
+    assert seen == list(range(1, 21))
+
+
+def test_sync_pages_fit_in_max_frame(store: LmdbStore, big_messages: list[AppendResult]) -> None:
+    session = connect(store, limits=Limits(max_frame=SMALL_FRAME))
+    seen: list[int] = []
+    since = 0
+    pages = 0
+    while True:
+        [reply] = call(session, "sync", rid=pages, channel=ROOM, since=since)
+        assert isinstance(reply, Reply) and reply.frame["t"] == "ok"
+        assert encoded_size(reply.frame) <= SMALL_FRAME
+        events = reply.frame["events"]
+        assert 5 <= len(events) < 20 or not reply.frame["more"]
+        seen += [e["seq"] for e in events]
+        pages += 1
+        if not reply.frame["more"]:
+            break
+        since = events[-1]["seq"]
+    assert pages >= 3
+    assert seen == list(range(1, 21))
+
+
+# ------------------------------------------------------------------- frame rate
+
+
+def rate_limited(session: Session, rid: int, now_ms: int, retry_after_ms: int) -> None:
+    actions = call(session, "ping", now_ms, rid=rid)
+    expect_error(actions, E.RATE_LIMITED, rid=rid, retry_after_ms=retry_after_ms)
+    assert session.state is State.READY
+
+
+def pong(session: Session, rid: int, now_ms: int) -> None:
+    assert call(session, "ping", now_ms, rid=rid) == [
+        Reply({"t": "pong", "ts": now_ms, "rid": rid})
+    ]
+
+
+def test_frame_rate_limit(store: LmdbStore) -> None:
+    # 10 frames/s, burst 5: the bucket starts full and the hello did not spend from it.
+    session = connect(store, limits=Limits(frame_rate=10, frame_burst=5))
+    for rid in range(5):
+        pong(session, rid, NOW_MS)
+    rate_limited(session, 5, NOW_MS, retry_after_ms=100)  # one token takes 1000/10 ms
+    pong(session, 6, NOW_MS + 100)
+    rate_limited(session, 7, NOW_MS + 100, retry_after_ms=100)
+    rate_limited(session, 8, NOW_MS + 150, retry_after_ms=50)  # half a token has refilled
+    pong(session, 9, NOW_MS + 200)
+    # A long pause refills the bucket to the burst, no more.
+    for rid in range(10, 15):
+        pong(session, rid, NOW_MS + 60_000)
+    rate_limited(session, 15, NOW_MS + 60_000, retry_after_ms=100)
+
+
+def test_rate_limit_counts_every_request_type(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(frame_rate=10, frame_burst=2))
+    expect_error(call(session, "nonsense", rid=1), E.UNKNOWN_TYPE, rid=1)
+    expect_error(call(session, "join", rid=2, channel="lobby"), E.FORBIDDEN, rid=2)
+    expect_error(
+        call(session, "send", rid=3, channel=ROOM, cid="c", text="x"),
+        E.RATE_LIMITED,
+        rid=3,
+        retry_after_ms=100,
+    )
+    assert store.channels() == []
+
+
+def test_hello_is_not_rate_limited(store: LmdbStore) -> None:
+    session = new_session(store, Limits(frame_rate=1, frame_burst=1))
+    actions = session.receive_frame({"t": "hello", "v": 1, "token": token(), "rid": 1}, NOW_MS)
+    assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "welcome"
+    pong(session, 2, NOW_MS)  # the one token of the burst is still there
+    rate_limited(session, 3, NOW_MS, retry_after_ms=1000)
+
+
+def test_frames_with_a_bad_rid_count_against_the_rate(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(frame_rate=10, frame_burst=5))
+    for _ in range(5):
+        expect_error(call(session, "ping", rid="x"), E.BAD_REQUEST)
+    rate_limited(session, 1, NOW_MS, retry_after_ms=100)
+
+
+# ------------------------------------------------------------------- fuzzing
+
+
+REQUEST_TYPES = [
+    "send",
+    "edit",
+    "delete",
+    "read",
+    "sync",
+    "history",
+    "join",
+    "leave",
+    "typing",
+    "ping",
+]
+OTHER_TYPES = ["hello", "presence", "refresh", "event", "ok", "error", "welcome", ""]
+CHANNELS = ["room-1", "room-1", "room-2", "lobby", "dm:alice:bob", "dm:bob:carol", "dm:bob:alice"]
+IDS = ["1-1", "1-2", "1-3", "2-1", "1-999", "x"]
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+# Plausible values per field, so that most frames get past validation some of the time.
+GOOD_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "cid": st.text(min_size=1, max_size=8),
+    "text": st.text(max_size=16),
+    "meta": st.dictionaries(st.text(max_size=4), values, max_size=3),
+    "id": st.sampled_from(IDS),
+    "seq": st.integers(min_value=0, max_value=5),
+    "since": st.integers(min_value=0, max_value=5),
+    "limit": st.integers(min_value=1, max_value=5),
+    "before": st.integers(min_value=1, max_value=5),
+    "on": st.booleans(),
+    "v": st.just(1),
+    "token": st.just("not-a-jwt"),
+}
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly well-typed requests with some fields absent or arbitrary, sometimes wholly
+    arbitrary maps (no ``t``, ``t`` of any type, unknown keys)."""
+    frame: dict[str, Any] = draw(st.dictionaries(st.text(max_size=6), values, max_size=3))
+    for name, good in GOOD_FIELDS.items():
+        how = draw(st.sampled_from(["good", "good", "absent", "any"]))
+        if how != "absent":
+            frame[name] = draw(good if how == "good" else values)
+    kind = draw(st.integers(min_value=0, max_value=9))
+    if kind < 8:
+        frame["t"] = draw(st.sampled_from(REQUEST_TYPES))
+    elif kind == 8:
+        frame["t"] = draw(st.sampled_from(OTHER_TYPES) | st.text(max_size=8))
+    else:
+        frame["t"] = draw(values)  # also a missing `t`: None is dropped below
+    how = draw(st.sampled_from(["good", "good", "absent", "any"]))
+    if how != "absent":
+        frame["channel"] = draw(st.sampled_from(CHANNELS) if how == "good" else values)
+    how = draw(st.sampled_from(["good", "good", "good", "absent", "any"]))
+    if how != "absent":
+        rid = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        frame["rid"] = draw(rid if how == "good" else values)
+    if frame["t"] is None:
+        del frame["t"]
+    return frame
+
+
+def check_actions(actions: object, limits: Limits) -> None:
+    assert isinstance(actions, list)
+    for action in actions:
+        assert isinstance(action, ACTION_TYPES), action
+        if isinstance(action, (Reply, Publish)):
+            encode(action.frame, limits.max_frame)  # encodable, within max_frame
+        if isinstance(action, Reply) and action.frame["t"] == "error":
+            assert action.frame["code"] in ERROR_CODES, action.frame
+            assert isinstance(action.frame["message"], str)
+
+
+def snapshot(store: LmdbStore) -> dict[str, Any]:
+    return {name: store.channel(name) for name in store.channels()}
+
+
+def test_arbitrary_frames_never_raise(tmp_path: Path) -> None:
+    limits = Limits()
+    with open_store(tmp_path / "fuzz") as store:
+        # Some data to aim at: room-1 holds messages 1-1..1-3 (two alice's, one bob's).
+        store.append(ROOM, "alice", "c1", "one")
+        store.append(ROOM, "bob", "c2", "two")
+        store.append(ROOM, "alice", "c3", "three")
+
+        @settings(
+            max_examples=300,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        @given(frame=frames(), moderator=st.booleans())
+        def run(frame: dict[str, Any], moderator: bool) -> None:
+            session = connect(store, scopes=MOD if moderator else RW, limits=limits)
+            before = snapshot(store)
+            actions = session.receive_frame(frame, NOW_MS)
+            check_actions(actions, limits)
+            submits = [a.op for a in actions if isinstance(a, Submit)]
+            if not submits:
+                assert snapshot(store) == before  # bad input touches no stored data
+            for op in submits:
+                assert op.user == "alice" and op.origin is session
+                assert session.claims is not None
+                allowed = session.claims.may_read if op.kind == "read" else session.claims.may_send
+                assert allowed(op.channel), op
+                assert op.moderator == (moderator and op.kind in ("edit", "delete"))
+                check_actions(session.write_done(commit(store, op)), limits)
+
+        run()
