@@ -50,6 +50,7 @@ from tsmsg.store import LmdbStore, StoreConfig, StoreUnavailable, WriteOp
 log = logging.getLogger("tsmsg.server")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
+PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 def now_ms() -> int:
@@ -285,12 +286,16 @@ class Server:
                         conn.close_after_flush("peer closed the connection")
                         await trio.sleep_forever()
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            conn.closing = conn.closing or f"connection lost: {exc!r}"
-        except Exception:
-            # One connection's failure never affects another: log it and close this one.
-            log.exception("internal error on %s (%s)", peer, conn.user)
-            conn.closing = "internal error"
+        except Exception as exc:
+            # The nursery wraps errors in an ExceptionGroup: a lost peer is an ordinary
+            # disconnect; anything else is a bug, which closes this connection only.
+            group = exc if isinstance(exc, ExceptionGroup) else ExceptionGroup("", [exc])
+            lost, bugs = group.split(PEER_GONE)
+            if bugs is not None:
+                log.error("internal error on %s (%s)", peer, conn.user, exc_info=bugs)
+                conn.closing = "internal error"
+            elif lost is not None:
+                conn.closing = conn.closing or f"connection lost: {lost.exceptions[0]!r}"
         finally:
             reason = conn.closing or "closed"
             session.closed(reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import struct
 import threading
 import time
@@ -54,8 +55,10 @@ SEQ_MAX = 2**64 - 1
 # Sizing defaults; each is a field of StoreConfig so an operator can change it.
 DEFAULT_MAP_SIZE = 64 << 20  # the map grows by doubling when full; start small
 DEFAULT_MAX_BATCH = 1024  # writes per transaction: bounds the time one commit holds the lock
-DEFAULT_DEDUP_RING = 65536  # cids answered from memory without queueing a write
-DEFAULT_DEDUP_MAX = 1_000_000  # persistent dedup entries kept, oldest pruned first
+# cids remembered for dedup, oldest dropped first. All of them are answered from memory
+# (about 150 bytes each, so 40 MB at the default) and journaled in LMDB for restarts.
+DEFAULT_DEDUP_MAX = 250_000
+MAX_DEDUP_KEY = 8 + MAX_USER_BYTES + 1 + 4 * MAX_CID_CHARS  # channel id, sender, NUL, cid
 DEFAULT_DEDUP_RETENTION_MS = 7 * 24 * 3600 * 1000  # a client retries within days, not weeks
 DEFAULT_SYNC_INTERVAL_S = 1.0  # `async` durability: at most this much is lost on power loss
 DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
@@ -83,7 +86,6 @@ class StoreConfig:
     durability: str = "fsync"  # "fsync": an ack means on disk; "async": see STORAGE.md
     map_size: int = DEFAULT_MAP_SIZE
     max_batch: int = DEFAULT_MAX_BATCH
-    dedup_ring: int = DEFAULT_DEDUP_RING
     dedup_max: int = DEFAULT_DEDUP_MAX
     dedup_retention_ms: int = DEFAULT_DEDUP_RETENTION_MS
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
@@ -94,11 +96,16 @@ def message_id(chan_id: int, seq: int) -> str:
     return f"{chan_id}-{seq}"
 
 
+_MESSAGE_ID = re.compile(r"([1-9][0-9]{0,19})-([1-9][0-9]{0,19})", re.ASCII)
+
+
 def parse_message_id(mid: str) -> tuple[int, int] | None:
-    chan, _, seq = mid.partition("-")
-    if not (chan.isdigit() and seq.isdigit()) or len(mid) > 41:
+    """The (channel id, seq) of a canonical message id, or None for anything else."""
+    m = _MESSAGE_ID.fullmatch(mid)
+    if m is None:
         return None
-    return int(chan), int(seq)
+    chan, seq = int(m[1]), int(m[2])
+    return (chan, seq) if chan <= SEQ_MAX and seq <= SEQ_MAX else None
 
 
 def _check_name(what: str, value: str, max_bytes: int) -> bytes:
@@ -157,9 +164,9 @@ class LmdbStore(Store):
         self._tombstones = env.open_db(b"tombstones")
         self._cursors = env.open_db(b"cursors")
         self._dedup = env.open_db(b"dedup")
-        self._dedup_age = env.open_db(b"dedup_age")
         self._check_format()
-        self._ring = DedupRing(config.dedup_ring)
+        self._ring = DedupRing(config.dedup_max, MAX_DEDUP_KEY)
+        self._next_order = self._load_dedup()
         self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
         self.batch_sizes: list[int] = []  # the first 100,000 batch sizes, for benchmarks
@@ -190,6 +197,15 @@ class LmdbStore(Store):
                     f"{raw.decode(errors='replace')}, this tsmsg reads version {FORMAT_VERSION}; "
                     "see STORAGE.md for upgrading"
                 )
+
+    def _load_dedup(self) -> int:
+        """Rebuild the in-memory dedup map from the journal; returns the next order."""
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._dedup)
+            for _, value in cur:
+                dkey, seq, _ts = unpackb(value)
+                self._ring.insert(dkey, seq)
+            return U64.unpack(cur.key())[0] + 1 if cur.last() else 0
 
     # ---------------------------------------------------------------- reads
 
@@ -308,13 +324,18 @@ class LmdbStore(Store):
             rec = self._channel_record(txn, channel)
             if rec is None:
                 return None
-            key = self._dedup_key(rec["id"], sender, cid)
-            seq = self._ring.get(key)
+            seq = self._ring.get(self._dedup_key(rec["id"], sender, cid))
             if seq is None:
                 return None
-            raw = txn.get(key, db=self._dedup)
-        ts = unpackb(raw)[1] if raw is not None else 0
-        return AppendResult(channel, seq, message_id(rec["id"], seq), ts, dup=True)
+            return self._dup_result(txn, channel, rec["id"], seq)
+
+    def _dup_result(
+        self, txn: lmdb.Transaction, channel: str, chan_id: int, seq: int
+    ) -> AppendResult:
+        """The first result of a cid: its seq, id and ts (0 once retention dropped it)."""
+        raw = txn.get(U64.pack(chan_id) + U64.pack(seq), db=self._log)
+        ts = unpackb(raw)["ts"] if raw is not None else 0
+        return AppendResult(channel, seq, message_id(chan_id, seq), ts, dup=True)
 
     # ---------------------------------------------------------------- keys
 
@@ -391,15 +412,16 @@ class LmdbStore(Store):
             op.result = op.error = None
             op.changed = False
         try:
-            ring_inserts = self._with_map_growth(lambda: self._write_batch(batch))
+            new_cids = self._with_map_growth(lambda: self._write_batch(batch))
         except Exception as exc:  # a failed batch must never stop the writer thread
             log.error("store commit of %d writes failed: %r", len(batch), exc)
             err = StoreUnavailable(f"store commit failed: {exc}")
             for op in batch:
-                op.result, op.error = None, err
+                op.result, op.error, op.changed = None, err, False
         else:
-            for key, seq in ring_inserts:
+            for key, seq in new_cids.items():
                 self._ring.insert(key, seq)
+            self._next_order += len(new_cids)
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(batch))
         for op in batch:
@@ -411,15 +433,17 @@ class LmdbStore(Store):
             except Exception:  # the hook's bug must not stop the writer thread
                 log.exception("store notify hook failed for a batch of %d", len(batch))
 
-    def _write_batch(self, batch: list[WriteOp]) -> list[tuple[bytes, int]]:
-        ring_inserts: list[tuple[bytes, int]] = []
+    def _write_batch(self, batch: list[WriteOp]) -> dict[bytes, int]:
+        """Apply a batch in one transaction; returns the cids it stored (dedup key → seq),
+        which join the in-memory map only once the commit succeeded."""
+        new_cids: dict[bytes, int] = {}
         txn = self._env.begin(write=True)
         try:
             ts = self._clock()
             records: dict[str, dict[str, int]] = {}  # channel records touched in this batch
             for op in batch:
                 try:
-                    op.result = self._apply(txn, op, ts, records, ring_inserts)
+                    op.result = self._apply(txn, op, ts, records, new_cids)
                 except StoreError as exc:
                     op.error = exc
                 except lmdb.Error:
@@ -434,9 +458,8 @@ class LmdbStore(Store):
             txn.commit()
         except BaseException:
             txn.abort()
-            ring_inserts.clear()
             raise
-        return ring_inserts
+        return new_cids
 
     def _record(
         self, txn: lmdb.Transaction, name: str, records: dict[str, dict[str, int]], create: bool
@@ -460,7 +483,7 @@ class LmdbStore(Store):
         op: WriteOp,
         ts: int,
         records: dict[str, dict[str, int]],
-        ring_inserts: list[tuple[bytes, int]],
+        new_cids: dict[bytes, int],
     ) -> AppendResult | int:
         _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
         _check_name("user", op.user, MAX_USER_BYTES)
@@ -472,22 +495,18 @@ class LmdbStore(Store):
             rec = self._record(txn, op.channel, records, create=True)
             assert rec is not None
             dkey = self._dedup_key(rec["id"], op.user, op.cid)
-            raw = txn.get(dkey, db=self._dedup)
-            if raw is not None:
-                seq, first_ts, _ = unpackb(raw)
-                return AppendResult(op.channel, seq, message_id(rec["id"], seq), first_ts, dup=True)
+            first = new_cids.get(dkey) or self._ring.get(dkey)
+            if first is not None:
+                return self._dup_result(txn, op.channel, rec["id"], first)
             seq = rec["head"] + 1
             entry: Entry = {"seq": seq, "kind": "message", "id": message_id(rec["id"], seq)}
             entry.update(sender=op.user, ts=ts, text=op.text)
             if op.meta:
                 entry["meta"] = op.meta
             self._put_entry(txn, rec, entry)
-            order = txn.get(b"dedup_order", db=self._meta)
-            n = 0 if order is None else U64.unpack(order)[0]
-            txn.put(b"dedup_order", U64.pack(n + 1), db=self._meta)
-            txn.put(dkey, packb([seq, ts, n]), db=self._dedup)
-            txn.put(U64.pack(n), dkey, db=self._dedup_age)
-            ring_inserts.append((dkey, seq))
+            order = U64.pack(self._next_order + len(new_cids))
+            txn.put(order, packb([dkey, seq, ts]), db=self._dedup, append=True)
+            new_cids[dkey] = seq
             return AppendResult(op.channel, seq, entry["id"], ts)
         return self._apply_change(txn, op, ts, records)
 
@@ -560,19 +579,16 @@ class LmdbStore(Store):
         return new
 
     def _prune_dedup(self, txn: lmdb.Transaction, now: int) -> None:
-        """Drop the oldest dedup entries past the size bound or the retention window,
-        a bounded number per commit."""
+        """Drop the oldest journal entries past the size bound or the retention window,
+        a bounded number per commit (the in-memory map evicts by the same FIFO order)."""
         excess = txn.stat(self._dedup)["entries"] - self.config.dedup_max
         cutoff = now - self.config.dedup_retention_ms
-        cur = txn.cursor(db=self._dedup_age)
+        cur = txn.cursor(db=self._dedup)
         pruned = 0
         while pruned < DEDUP_PRUNE_PER_BATCH and cur.first():
-            dkey = cur.value()
-            raw = txn.get(dkey, db=self._dedup)
-            if pruned >= excess and raw is not None and unpackb(raw)[1] >= cutoff:
+            if pruned >= excess and unpackb(cur.value())[2] >= cutoff:
                 break
             cur.delete()
-            txn.delete(dkey, db=self._dedup)
             pruned += 1
 
     # ---------------------------------------------------------------- compaction
