@@ -16,11 +16,9 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from typing import Any
 import msgpack
 import msgspec
 
+from benchlib import machine
 from tsmsg import _native
 
 HEADER = struct.Struct(">I")
@@ -299,19 +298,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['mb_per_s']:,.1f} | {r['bytes'] / r['median_s'] / 1e6:,.1f} | {speedup} |"
         )
     return "\n".join(lines)
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "nproc": nproc, "platform": platform.platform()}
 
 
 def versions() -> dict[str, str]:

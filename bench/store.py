@@ -29,11 +29,9 @@ import datetime
 import io
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +43,7 @@ from typing import Any
 
 import lmdb
 
+from benchlib import machine
 from tsmsg._native import packb, unpackb
 from tsmsg.store import LmdbStore, StoreConfig, WriteOp
 
@@ -447,32 +446,6 @@ def run_profiles(root: Path, seconds: float, top: int) -> dict[str, Any]:
 
 
 # --- report ------------------------------------------------------------------------------------
-
-
-def machine(data_dir: Path) -> dict[str, str]:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in run("lscpu").splitlines()
-            if line.startswith("Model name:")
-        ),
-        "unknown",
-    )
-    df = run("df", "-T", str(data_dir)).splitlines()
-    fs = df[-1].split() if len(df) > 1 else ["?", "?"]
-    return {
-        "cpu": model,
-        "nproc": run("nproc").strip(),
-        "platform": platform.platform(),
-        "data_dir_device": fs[0],
-        "data_dir_fs": fs[1],
-    }
 
 
 def versions() -> dict[str, str]:

@@ -441,7 +441,7 @@ async def test_a_bad_request_leaves_the_connection_open(
 
 
 @pytest.mark.parametrize(
-    "rid", ["1", 1.0, True, None, [1], {"n": 1}, b"\x01", 2**63, 2**64 - 1], ids=repr
+    "rid", ["1", 1.0, True, [1], {"n": 1}, b"\x01", 2**63, 2**64 - 1], ids=repr
 )
 async def test_a_bad_rid_is_a_request_error_without_rid(
     harness: Harness, bystander: Bystander, rid: Any

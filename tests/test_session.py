@@ -384,7 +384,7 @@ def test_frame_without_t_and_without_rid(store: LmdbStore) -> None:
 
 @pytest.mark.parametrize(
     "rid",
-    [None, "1", 1.0, 1.5, True, False, [1], {"r": 1}, b"\x01", 2**63, 2**64 - 1, -(2**63) - 1],
+    ["1", 1.0, 1.5, True, False, [1], {"r": 1}, b"\x01", 2**63, 2**64 - 1, -(2**63) - 1],
     ids=repr,
 )
 def test_bad_rid_is_a_request_error_without_rid(store: LmdbStore, rid: Any) -> None:
@@ -392,6 +392,11 @@ def test_bad_rid_is_a_request_error_without_rid(store: LmdbStore, rid: Any) -> N
     expect_error(call(session, "ping", rid=rid), E.BAD_REQUEST)
     assert session.state is State.READY
     assert call(session, "ping", rid=1) == [Reply({"t": "pong", "ts": NOW_MS, "rid": 1})]
+
+
+def test_nil_rid_is_absent(store: LmdbStore) -> None:
+    session = connect(store)
+    assert call(session, "ping", rid=None) == [Reply({"t": "pong", "ts": NOW_MS})]
 
 
 @pytest.mark.parametrize("rid", [0, -1, 1, 2**31, 2**63 - 1, -(2**63) + 1], ids=repr)
@@ -1135,8 +1140,29 @@ def test_sync_of_an_empty_channel(store: LmdbStore) -> None:
         ok(1, channel=ROOM, events=[], more=False, head=0, epoch=0)
     ]
     assert call(session, "sync", rid=2, channel=ROOM, since=3) == [
-        Reply({"t": "resync", "rid": 2, "channel": ROOM, "head": 0, "epoch": 0})
+        Reply({"t": "resync", "rid": 2, "channel": ROOM, "head": 0, "epoch": 0, "reason": "ahead"})
     ]
+
+
+def test_sync_with_another_epoch_is_resync(store: LmdbStore) -> None:
+    store.append(ROOM, "bob", "c0", "x")
+    epoch = store.channel(ROOM).epoch
+    session = connect(store)
+    [reply] = call(session, "sync", rid=1, channel=ROOM, since=1, epoch=epoch + 1)
+    assert isinstance(reply, Reply)
+    assert reply.frame == {
+        "t": "resync",
+        "rid": 1,
+        "channel": ROOM,
+        "head": 1,
+        "epoch": epoch,
+        "reason": "epoch",
+    }
+    # The right epoch, or a client starting from 0, replays normally.
+    [ok1] = call(session, "sync", rid=2, channel=ROOM, since=0, epoch=epoch + 1)
+    assert isinstance(ok1, Reply) and ok1.frame["t"] == "ok"
+    [ok2] = call(session, "sync", rid=3, channel=ROOM, since=1, epoch=epoch)
+    assert isinstance(ok2, Reply) and ok2.frame["events"] == []
 
 
 def test_sync_past_the_head_is_resync(store: LmdbStore) -> None:
@@ -1144,7 +1170,7 @@ def test_sync_past_the_head_is_resync(store: LmdbStore) -> None:
         store.append(ROOM, "bob", f"c{i}", "x")
     epoch = store.channel(ROOM).epoch
     session = connect(store)
-    resync = {"t": "resync", "channel": ROOM, "head": 2, "epoch": epoch}
+    resync = {"t": "resync", "channel": ROOM, "head": 2, "epoch": epoch, "reason": "ahead"}
     assert call(session, "sync", rid=4, channel=ROOM, since=3) == [Reply({**resync, "rid": 4})]
     # Without a rid the resync still goes out: it is the answer the client must act on.
     assert call(session, "sync", channel=ROOM, since=2**63 - 1) == [Reply(resync)]
@@ -1158,7 +1184,16 @@ def test_sync_below_the_compaction_horizon_is_resync(tmp_path: Path) -> None:
         info = store.channel(ROOM)
         session = connect(store)
         assert call(session, "sync", rid=1, channel=ROOM, since=1) == [
-            Reply({"t": "resync", "rid": 1, "channel": ROOM, "head": 3, "epoch": info.epoch})
+            Reply(
+                {
+                    "t": "resync",
+                    "rid": 1,
+                    "channel": ROOM,
+                    "head": 3,
+                    "epoch": info.epoch,
+                    "reason": "compacted",
+                }
+            )
         ]
         [reply] = call(session, "sync", rid=2, channel=ROOM, since=2)
         assert isinstance(reply, Reply) and [e["seq"] for e in reply.frame["events"]] == [3]
@@ -1173,7 +1208,7 @@ def test_cut_stream_and_recovery_by_sync(store: LmdbStore) -> None:
     session = connect(store)
     call(session, "join", rid=1, channel=ROOM)
     push = session.cut_stream(ROOM, info)
-    assert push == {"t": "resync", "channel": ROOM, "head": 4, "epoch": info.epoch}
+    assert push == {"t": "resync", "channel": ROOM, "head": 4, "epoch": info.epoch, "reason": "cut"}
     assert session.cut == {ROOM}
     # A page that stops short of the head keeps the stream cut ...
     [reply] = call(session, "sync", rid=2, channel=ROOM, since=0, limit=2)
@@ -1280,7 +1315,9 @@ def big_messages(store: LmdbStore) -> list[AppendResult]:
 
 
 def test_history_pages_fit_in_max_frame(store: LmdbStore, big_messages: list[AppendResult]) -> None:
-    session = connect(store, limits=Limits(max_frame=SMALL_FRAME))
+    session = connect(
+        store, limits=Limits(max_frame=SMALL_FRAME, max_text_bytes=4096, max_meta_bytes=1024)
+    )
     seen: list[int] = []
     before: int | None = None
     pages = 0
@@ -1301,7 +1338,9 @@ def test_history_pages_fit_in_max_frame(store: LmdbStore, big_messages: list[App
 
 
 def test_sync_pages_fit_in_max_frame(store: LmdbStore, big_messages: list[AppendResult]) -> None:
-    session = connect(store, limits=Limits(max_frame=SMALL_FRAME))
+    session = connect(
+        store, limits=Limits(max_frame=SMALL_FRAME, max_text_bytes=4096, max_meta_bytes=1024)
+    )
     seen: list[int] = []
     since = 0
     pages = 0

@@ -91,6 +91,16 @@ def event_frame(channel: str, entry: Entry) -> Frame:
     return {"t": "event", "channel": channel, **entry}
 
 
+def resync_frame(channel: str, head: int, epoch: int, reason: str, rid: int | None = None) -> Frame:
+    """``resync``: the client must reload the channel (history) and continue from ``head``.
+    ``reason``: ``compacted`` (its position is below the compaction horizon), ``ahead``
+    (its position is past the head: a log it knew was reset), ``epoch`` (the epoch it
+    holds is not the channel's), ``cut`` (a push: its live stream was cut, see flow control)."""
+    frame: Frame = {"t": "resync"} if rid is None else {"t": "resync", "rid": rid}
+    frame.update(channel=channel, head=head, epoch=epoch, reason=reason)
+    return frame
+
+
 def _field(frame: Frame, key: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = frame.get(key)
     if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -158,7 +168,7 @@ class Session:
         if self.state is State.CLOSED:
             return []
         rid = frame.get("rid")
-        bad_rid = "rid" in frame and (type(rid) is not int or not INT64_MIN <= rid <= INT64_MAX)
+        bad_rid = rid is not None and (type(rid) is not int or not INT64_MIN <= rid <= INT64_MAX)
         if bad_rid or type(rid) is not int:
             rid = None
         t = frame.get("t")
@@ -401,9 +411,12 @@ class Session:
         page = self.store.sync(
             channel, since, limit, max_bytes=self._page_bytes(channel), entry_overhead=overhead
         )
-        if page.resync:
-            resync = {"t": "resync", "channel": channel, "head": page.head, "epoch": page.epoch}
-            return [Reply(resync if rid is None else {**resync, "rid": rid})]
+        epoch = None if frame.get("epoch") is None else _int(frame, "epoch", 0, INT64_MAX)
+        if page.resync or (epoch is not None and epoch != page.epoch and since > 0):
+            reason = "epoch" if epoch not in (None, page.epoch) else "ahead"
+            if since <= page.head and reason != "epoch":
+                reason = "compacted"
+            return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
         if not page.more:
             self.cut.discard(channel)  # caught up: the live stream resumes
         events = [event_frame(channel, e) for e in page.entries]
@@ -415,7 +428,7 @@ class Session:
         """The server dropped live events of ``channel`` for this slow connection: no more
         are sent until a ``sync`` reaches the head (or a new ``join``)."""
         self.cut.add(channel)
-        return {"t": "resync", "channel": channel, "head": info.head, "epoch": info.epoch}
+        return resync_frame(channel, info.head, info.epoch, "cut")
 
     # ------------------------------------------------------------------ signals
 
@@ -428,7 +441,6 @@ class Session:
         return [Publish(channel, push, skip_user=self.user), *self._ok(rid)]
 
     def _ping(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
-        pong: Frame = {"t": "pong", "ts": now_ms}
-        if rid is not None:
-            pong["rid"] = rid
+        pong: Frame = {"t": "pong"} if rid is None else {"t": "pong", "rid": rid}
+        pong["ts"] = now_ms
         return [Reply(pong)]

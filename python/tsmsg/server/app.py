@@ -22,6 +22,7 @@ import collections
 import functools
 import itertools
 import logging
+import math
 import secrets
 import signal
 import time
@@ -74,10 +75,7 @@ class Connection:
         self.inflight_freed = trio.Event()
         self.closing: str | None = None  # set: flush what is queued, then close
         self.cancel = trio.CancelScope()
-
-    @property
-    def limit(self) -> int:
-        return self.server.settings.max_queue_bytes
+        self.limit = server.settings.max_queue_bytes
 
     def send_frame(self, frame: dict[str, Any]) -> None:
         self.send_bytes(encode(frame), None)
@@ -91,9 +89,10 @@ class Connection:
             if self.queued_bytes + len(data) > self.limit:
                 self._cut_streams(channel)
                 return
+        if not self.queue:
+            self.has_data.set()  # else the writer has not taken the queue yet: it is set
         self.queue.append((data, channel))
         self.queued_bytes += len(data)
-        self.has_data.set()
 
     def _cut_streams(self, channel: str) -> None:
         """Slow consumer: drop queued live events and tell the client to sync."""
@@ -124,25 +123,28 @@ class Connection:
             self.has_data.set()
 
     async def writer(self) -> None:
-        """Send queued frames, coalescing whatever is queued into one write."""
-        while True:
-            await self.has_data.wait()
-            self.has_data = trio.Event()
-            if self.queue:
-                chunks = [data for data, _ in self.queue]
-                self.queue.clear()
-                self.queued_bytes = 0
-                self.drained.set()
-                self.drained = trio.Event()
-                with trio.move_on_after(self.server.settings.send_timeout_s) as scope:
-                    await self.stream.send_all(b"".join(chunks))
-                if scope.cancelled_caught:
-                    self.closing = self.closing or "send timeout: the peer is not reading"
+        """Send queued frames, coalescing whatever is queued into one write. One cancel
+        scope for the connection's life: its deadline is armed only while a write waits
+        for the peer (cheaper than a new scope per write)."""
+        timeout = self.server.settings.send_timeout_s
+        with trio.CancelScope() as deadline:
+            while True:
+                await self.has_data.wait()
+                self.has_data = trio.Event()
+                if self.queue:
+                    data = b"".join([chunk for chunk, _ in self.queue])
                     self.queue.clear()
                     self.queued_bytes = 0
-            if self.closing is not None and not self.queue:
-                self.cancel.cancel()
-                return
+                    self.drained.set()
+                    self.drained = trio.Event()
+                    deadline.deadline = trio.current_time() + timeout
+                    await self.stream.send_all(data)
+                    deadline.deadline = math.inf
+                if self.closing is not None and not self.queue:
+                    self.cancel.cancel()
+                    return
+        self.closing = self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
+        self.cancel.cancel()
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
@@ -176,7 +178,7 @@ class Connection:
             for frame in frames:
                 await self.wait_writable()
                 if self.server.draining:
-                    await trio.sleep_forever()  # shutdown() says bye and closes us
+                    break  # read and drop: unread input would make close() send a reset
                 if self.closing is not None:
                     return
                 self.server.stats["frames_in"] += 1
@@ -322,21 +324,26 @@ class Server:
             lambda: LmdbStore(settings.data_dir, config, notify=self._notify)
         )
         try:
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(
-                    functools.partial(
-                        trio.serve_tcp, self.handle, settings.port, host=settings.host
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as listening:
+                    serve = functools.partial(
+                        trio.serve_tcp,
+                        self.handle,
+                        settings.port,
+                        host=settings.host,
+                        handler_nursery=handlers,
                     )
-                )
-                self.port = listeners[0].socket.getsockname()[1]
-                log.info(
-                    "serving on %s:%d, data in %s", settings.host, self.port, settings.data_dir
-                )
-                nursery.start_soon(self._wait_for_signal)
-                task_status.started(self)
-                await self.stopping.wait()
+                    listeners = await listening.start(serve)
+                    self.port = listeners[0].socket.getsockname()[1]
+                    log.info(
+                        "serving on %s:%d, data in %s", settings.host, self.port, settings.data_dir
+                    )
+                    listening.start_soon(self._wait_for_signal)
+                    task_status.started(self)
+                    await self.stopping.wait()
+                    listening.cancel_scope.cancel()  # stop accepting first
                 log.info("shutting down: %d connections", len(self.connections))
-                await self.shutdown(nursery.cancel_scope.cancel)
+                await self.shutdown(handlers.cancel_scope.cancel)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.store.close)

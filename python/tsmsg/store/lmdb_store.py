@@ -55,6 +55,10 @@ SEQ_MAX = 2**64 - 1
 # Sizing defaults; each is a field of StoreConfig so an operator can change it.
 DEFAULT_MAP_SIZE = 64 << 20  # the map grows by doubling when full; start small
 DEFAULT_MAX_BATCH = 1024  # writes per transaction: bounds the time one commit holds the lock
+# Text bytes per transaction: one batch is fanned out at once, so this keeps a batch's
+# events well under a connection's outbound bound (max_queue_bytes, 4 MiB by default).
+DEFAULT_MAX_BATCH_BYTES = 1 << 20
+OP_OVERHEAD = 128  # bytes an op counts besides its text (ids, names, meta's usual size)
 # cids remembered for dedup, oldest dropped first. All of them are answered from memory
 # (about 150 bytes each, so 40 MB at the default) and journaled in LMDB for restarts.
 DEFAULT_DEDUP_MAX = 250_000
@@ -63,6 +67,10 @@ DEFAULT_DEDUP_RETENTION_MS = 7 * 24 * 3600 * 1000  # a client retries within day
 DEFAULT_SYNC_INTERVAL_S = 1.0  # `async` durability: at most this much is lost on power loss
 DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
 COMPACT_CHUNK = 4096  # entries per compaction transaction, so appends interleave
+
+
+def _op_size(op: WriteOp) -> int:
+    return OP_OVERHEAD + (len(op.text) if op.text else 0)
 
 
 def now_ms() -> int:
@@ -86,6 +94,7 @@ class StoreConfig:
     durability: str = "fsync"  # "fsync": an ack means on disk; "async": see STORAGE.md
     map_size: int = DEFAULT_MAP_SIZE
     max_batch: int = DEFAULT_MAX_BATCH
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     dedup_max: int = DEFAULT_DEDUP_MAX
     dedup_retention_ms: int = DEFAULT_DEDUP_RETENTION_MS
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
@@ -166,6 +175,9 @@ class LmdbStore(Store):
         self._dedup = env.open_db(b"dedup")
         self._check_format()
         self._ring = DedupRing(config.dedup_max, MAX_DEDUP_KEY)
+        # channel name -> internal id, filled as channels are read or created; an id
+        # changes only in reset_channel, which updates it.
+        self._chan_ids: dict[str, int] = {}
         self._next_order = self._load_dedup()
         self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
@@ -216,7 +228,11 @@ class LmdbStore(Store):
 
     def _channel_record(self, txn: lmdb.Transaction, name: str) -> dict[str, int] | None:
         raw = txn.get(name.encode(), db=self._channels)
-        return None if raw is None else dict(unpackb(raw))
+        if raw is None:
+            return None
+        rec: dict[str, int] = unpackb(raw)
+        self._chan_ids[name] = rec["id"]
+        return rec
 
     def channel(self, name: str) -> ChannelInfo:
         with self._read() as txn:
@@ -320,14 +336,15 @@ class LmdbStore(Store):
         return count
 
     def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        # The common case (a new cid) is answered from memory alone, with no transaction.
+        chan_id = self._chan_ids.get(channel)
+        if chan_id is None:
+            return None
+        seq = self._ring.get(self._dedup_key(chan_id, sender, cid))
+        if seq is None:
+            return None
         with self._read() as txn:
-            rec = self._channel_record(txn, channel)
-            if rec is None:
-                return None
-            seq = self._ring.get(self._dedup_key(rec["id"], sender, cid))
-            if seq is None:
-                return None
-            return self._dup_result(txn, channel, rec["id"], seq)
+            return self._dup_result(txn, channel, chan_id, seq)
 
     def _dup_result(
         self, txn: lmdb.Transaction, channel: str, chan_id: int, seq: int
@@ -373,7 +390,8 @@ class LmdbStore(Store):
                 self._run_job(item)
                 continue
             batch = [item]
-            while len(batch) < self.config.max_batch:
+            size = _op_size(item)
+            while len(batch) < self.config.max_batch and size < self.config.max_batch_bytes:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -382,6 +400,7 @@ class LmdbStore(Store):
                     self._queue.put(nxt)  # jobs and stop run after this batch
                     break
                 batch.append(nxt)
+                size += _op_size(nxt)
             self._commit_batch(batch)
 
     def _run_job(self, job: _Job) -> None:
@@ -459,6 +478,8 @@ class LmdbStore(Store):
         except BaseException:
             txn.abort()
             raise
+        for name, rec in records.items():
+            self._chan_ids[name] = rec["id"]
         return new_cids
 
     def _record(
@@ -752,6 +773,7 @@ class LmdbStore(Store):
                 new = {"id": new_id, "head": 0, "horizon": 0, "epoch": new_id}
                 txn.put(channel.encode(), packb(new), db=self._channels)
                 result["epoch"] = new_id
+            self._chan_ids[channel] = new_id  # committed: the old id's cids no longer match
             return True
 
         self._submit_job(step)

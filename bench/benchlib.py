@@ -1,0 +1,32 @@
+"""What every benchmark records about the machine it ran on."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+
+def _run(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine(data_dir: Path | None = None) -> dict[str, str]:
+    """CPU model, usable CPUs, platform and, given a data dir, its device and filesystem."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _run("lscpu").splitlines()
+            if line.startswith("Model name:")
+        ),
+        "unknown",
+    )
+    info = {"cpu": model, "nproc": _run("nproc").strip(), "platform": platform.platform()}
+    if data_dir is not None:
+        df = _run("df", "-T", str(data_dir)).splitlines()
+        fs = df[-1].split() if len(df) > 1 else ["?", "?"]
+        info.update(data_dir_device=fs[0], data_dir_fs=fs[1])
+    return info
