@@ -1,0 +1,524 @@
+"""LmdbStore against a plain in-memory model (a hypothesis rule-based state machine).
+
+The model keeps, per channel, the log exactly as the store is specified to keep it: a
+message entry rewritten to its current state on edit and delete (a tombstone keeps
+neither text nor meta), edit entries redacted when their message is deleted, compaction
+by the configured policy (Kafka's rule, tombstone retention, count and age retention) and
+the horizon below which a sync is told to resync. Reads are compared exactly; after every
+step the heads, the horizons, the whole log above the horizon (which must be dense), the
+history, the read cursors and the unread counts must agree.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+from tsmsg.store import (
+    AppendResult,
+    CompactionPolicy,
+    Forbidden,
+    HistoryPage,
+    LmdbStore,
+    NotFound,
+    StoreConfig,
+    StoreError,
+    SyncPage,
+    WriteOp,
+    lmdb_store,
+)
+
+CHANNELS = ["a", "b", "c"]  # messages go to a and b only: c stays an unknown channel
+MESSAGE_CHANNELS = CHANNELS[:2]
+USERS = ["u1", "u2", "u3"]
+KEEP_RECENT = 3
+TOMBSTONE_RETENTION_MS = 1000
+MAX_COUNT = 10
+MAX_AGE_MS = 4000
+POLICY = CompactionPolicy(
+    keep_recent=KEEP_RECENT,
+    tombstone_retention_ms=TOMBSTONE_RETENTION_MS,
+    max_count=MAX_COUNT,
+    max_age_ms=MAX_AGE_MS,
+)
+WAIT_S = 10.0
+JUNK_IDS = ["", "x", "1-", "-1", "0-0", "1-0", "999-1", "1-999", "a-b"]
+CANONICAL_ID = re.compile(r"([1-9][0-9]*)-([1-9][0-9]*)")
+
+texts = st.text(max_size=6)
+metas = st.none() | st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2)
+
+Entry = dict[str, Any]
+
+
+@dataclass
+class MChannel:
+    id: int
+    log: dict[int, Entry] = field(default_factory=dict)  # seq -> stored entry
+    head: int = 0
+    horizon: int = 0
+    tombstones: dict[int, int] = field(default_factory=dict)  # message seq -> delete ts
+    edits: dict[int, list[int]] = field(default_factory=dict)  # message seq -> edit seqs
+
+
+class Model:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+        self.channels: dict[str, MChannel] = {}
+        self.next_id = 1
+        self.dedup: dict[tuple[str, str, str], tuple[int, str, int]] = {}
+        self.cursors: dict[tuple[str, str], int] = {}
+
+    # ---- writes: return an AppendResult / int, or raise NotFound / Forbidden
+
+    def append(
+        self, channel: str, user: str, cid: str, text: str, meta: dict[str, Any] | None
+    ) -> AppendResult:
+        key = (channel, user, cid)
+        if key in self.dedup:
+            return self.dup_result(key)
+        c = self.channels.get(channel)
+        if c is None:
+            c = self.channels[channel] = MChannel(self.next_id)
+            self.next_id += 1
+        c.head += 1
+        mid = f"{c.id}-{c.head}"
+        entry: Entry = {"seq": c.head, "kind": "message", "id": mid, "sender": user}
+        entry.update(ts=self.now, text=text)
+        if meta:
+            entry["meta"] = meta
+        c.log[c.head] = entry
+        self.dedup[key] = (c.head, mid, self.now)
+        return AppendResult(channel, c.head, mid, self.now)
+
+    def change(
+        self,
+        kind: str,
+        channel: str,
+        user: str,
+        target: str,
+        text: str | None,
+        moderator: bool,
+    ) -> AppendResult:
+        c = self.channels.get(channel)
+        m = CANONICAL_ID.fullmatch(target)
+        if c is None or m is None or int(m[1]) != c.id:
+            raise NotFound(target)
+        mseq = int(m[2])
+        msg = c.log.get(mseq)
+        if msg is None or msg["kind"] != "message" or msg.get("deleted"):
+            raise NotFound(target)
+        if msg["sender"] != user and not moderator:
+            raise Forbidden(target)
+        c.head += 1
+        entry: Entry = {"seq": c.head, "kind": kind, "id": target, "sender": user, "ts": self.now}
+        if kind == "edit":
+            entry["text"] = text
+            msg["text"], msg["edited"] = text, self.now
+            c.edits.setdefault(mseq, []).append(c.head)
+        else:
+            for k in ("text", "meta", "edited"):
+                msg.pop(k, None)
+            msg["deleted"] = True
+            for eseq in c.edits.pop(mseq, []):
+                if eseq in c.log:
+                    c.log[eseq].pop("text", None)
+                    c.log[eseq]["deleted"] = True
+            c.tombstones[mseq] = self.now
+        c.log[c.head] = entry
+        return AppendResult(channel, c.head, target, self.now)
+
+    def set_read(self, user: str, channel: str, seq: int) -> int:
+        c = self.channels.get(channel)
+        if c is None:
+            return 0
+        old = self.cursors.get((user, channel), 0)
+        new = min(max(seq, 0), c.head)
+        if new <= old:
+            return old
+        self.cursors[(user, channel)] = new
+        return new
+
+    def compact(self, channel: str) -> int:
+        """Retention first (count and age drop the oldest entries, whatever their kind,
+        and may move the point into the recent window), then Kafka's rule at or below
+        the point: edit and delete entries go, tombstones go when their retention is
+        over."""
+        c = self.channels.get(channel)
+        if c is None:
+            return 0
+        drop_below = max(0, c.head - MAX_COUNT)
+        point = max(0, c.head - KEEP_RECENT, drop_below)
+        cutoff = self.now - MAX_AGE_MS
+        for seq in sorted(c.log):
+            if seq > drop_below and c.log[seq]["ts"] >= cutoff:
+                break
+            self.drop(c, seq)
+            point = max(point, seq)
+        for seq in sorted(c.log):
+            if seq > point:
+                break
+            e = c.log[seq]
+            if e["kind"] != "message":
+                self.drop(c, seq)
+            elif e.get("deleted") and c.tombstones[seq] + TOMBSTONE_RETENTION_MS <= self.now:
+                self.drop(c, seq)
+        c.horizon = max(c.horizon, min(point, c.head))
+        return c.horizon
+
+    @staticmethod
+    def drop(c: MChannel, seq: int) -> None:
+        del c.log[seq]
+        c.tombstones.pop(seq, None)
+        c.edits.pop(seq, None)
+
+    # ---- reads
+
+    def sync(self, channel: str, since: int, limit: int) -> SyncPage:
+        c = self.channels.get(channel)
+        if c is None:
+            return SyncPage([], False, 0, 0, resync=since != 0)
+        if since < c.horizon or since > c.head:
+            return SyncPage([], False, c.head, c.id, resync=True)
+        entries = [c.log[s] for s in sorted(c.log) if s > since][: max(limit, 0)]
+        last = entries[-1]["seq"] if entries else since
+        return SyncPage(entries, last < c.head, c.head, c.id)
+
+    def history(self, channel: str, before: int | None, limit: int) -> HistoryPage:
+        c = self.channels.get(channel)
+        if c is None:
+            return HistoryPage([], False)
+        msgs = [
+            c.log[s]
+            for s in sorted(c.log)
+            if c.log[s]["kind"] == "message" and (before is None or s < before)
+        ]
+        page = msgs[max(0, len(msgs) - limit) :] if limit > 0 else []
+        return HistoryPage(page, len(msgs) > len(page))
+
+    def unread(self, user: str, channel: str) -> int:
+        c = self.channels.get(channel)
+        if c is None:
+            return 0
+        cursor = self.cursors.get((user, channel), 0)
+        return sum(
+            1
+            for s, e in c.log.items()
+            if s > cursor
+            and e["kind"] == "message"
+            and not e.get("deleted")
+            and e["sender"] != user
+        )
+
+    def reset(self, channel: str) -> int:
+        """A new log under a new id (the epoch); positions and cids of the old one are
+        gone with it."""
+        if channel not in self.channels:
+            return 0
+        self.channels[channel] = MChannel(self.next_id)
+        self.next_id += 1
+        for key in [k for k in self.dedup if k[0] == channel]:
+            del self.dedup[key]
+        for key in [k for k in self.cursors if k[1] == channel]:
+            del self.cursors[key]
+        return self.channels[channel].id
+
+    def lookup_dup(self, channel: str, user: str, cid: str) -> AppendResult | None:
+        key = (channel, user, cid)
+        return self.dup_result(key) if key in self.dedup else None
+
+    def dup_result(self, key: tuple[str, str, str]) -> AppendResult:
+        """The first result of a cid; its ts is read from the message entry, so it is 0
+        once retention dropped the message (documented in ``_dup_result``)."""
+        seq, mid, ts = self.dedup[key]
+        if seq not in self.channels[key[0]].log:
+            ts = 0
+        return AppendResult(key[0], seq, mid, ts, dup=True)
+
+
+class Clock:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def __call__(self) -> int:
+        return self.model.now
+
+
+def outcome(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The value or the error class (NotFound / Forbidden) of a call."""
+    try:
+        return fn(*args, **kwargs)
+    except (NotFound, Forbidden) as exc:
+        return type(exc)
+
+
+def describe(result: Any) -> str:
+    if isinstance(result, AppendResult):
+        return "dup" if result.dup else "ok"
+    if isinstance(result, int):
+        return "cursor"
+    return str(result.__name__)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="tsmsg-model-")
+        self.model = Model()
+        self.clock = Clock(self.model)
+        self.config = StoreConfig(compaction=POLICY)
+        self.store: LmdbStore | None = None
+        self.cids: list[str] = []
+        self.ids: list[str] = []
+        self.counter = 0
+        self.read_changed = False
+        self.saved_chunk = lmdb_store.COMPACT_CHUNK
+
+    @initialize(
+        durability=st.sampled_from(["fsync", "async"]),
+        max_batch=st.sampled_from([1, 3, 1024]),
+        chunk=st.sampled_from([1, 2, 4096]),
+    )
+    def open(self, durability: str, max_batch: int, chunk: int) -> None:
+        """Vary what must not change any answer: durability mode, batch bound and the
+        size of compaction steps."""
+        lmdb_store.COMPACT_CHUNK = chunk
+        self.config = StoreConfig(durability=durability, max_batch=max_batch, compaction=POLICY)
+        self.store = LmdbStore(self.dir, self.config, clock=self.clock)
+
+    @property
+    def s(self) -> LmdbStore:
+        assert self.store is not None
+        return self.store
+
+    def teardown(self) -> None:
+        lmdb_store.COMPACT_CHUNK = self.saved_chunk
+        if self.store is not None:
+            self.s.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- drawing ops
+
+    def draw_message(self, data: st.DataObject) -> WriteOp:
+        self.counter += 1
+        fresh = f"k{self.counter}"
+        cid = data.draw(st.sampled_from([fresh, *self.cids[-8:]]) if self.cids else st.just(fresh))
+        if cid == fresh:
+            self.cids.append(cid)
+        return WriteOp(
+            "message",
+            data.draw(st.sampled_from(MESSAGE_CHANNELS)),
+            data.draw(st.sampled_from(USERS)),
+            cid=cid,
+            text=data.draw(texts),
+            meta=data.draw(metas),
+        )
+
+    def draw_target(self, data: st.DataObject, channel: str) -> str:
+        choices = [st.sampled_from(JUNK_IDS)]
+        if self.ids:
+            choices.append(st.sampled_from(self.ids))
+            choices.append(st.sampled_from(self.ids[-4:]))  # recent ones are likelier live
+        c = self.model.channels.get(channel)
+        if c is not None:  # any seq of the channel: edit entries, compacted, past the head
+            choices.append(st.integers(1, c.head + 1).map(lambda s: f"{c.id}-{s}"))
+        return data.draw(st.one_of(*choices))
+
+    def draw_change(self, data: st.DataObject, kind: str) -> WriteOp:
+        channel = data.draw(st.sampled_from(CHANNELS))
+        return WriteOp(
+            kind,
+            channel,
+            data.draw(st.sampled_from(USERS)),
+            text=data.draw(texts) if kind == "edit" else None,
+            target=self.draw_target(data, channel),
+            moderator=data.draw(st.booleans()),
+        )
+
+    def draw_read(self, data: st.DataObject) -> WriteOp:
+        channel = data.draw(st.sampled_from(CHANNELS))
+        c = self.model.channels.get(channel)
+        top = c.head + 2 if c else 2
+        seq = data.draw(st.integers(-1, top))
+        return WriteOp("read", channel, data.draw(st.sampled_from(USERS)), seq=seq)
+
+    def expect(self, op: WriteOp) -> Any:
+        m = self.model
+        if op.kind == "message":
+            assert op.cid is not None and op.text is not None
+            return m.append(op.channel, op.user, op.cid, op.text, op.meta)
+        if op.kind == "read":
+            old = m.cursors.get((op.user, op.channel), 0)
+            cursor = m.set_read(op.user, op.channel, op.seq)
+            self.read_changed = cursor != old
+            return cursor
+        assert op.target is not None
+        return outcome(m.change, op.kind, op.channel, op.user, op.target, op.text, op.moderator)
+
+    def note_result(self, op: WriteOp, result: Any) -> None:
+        if op.kind == "message" and isinstance(result, AppendResult) and not result.dup:
+            self.ids.append(result.id)
+
+    # ---- writes
+
+    def run_one(self, op: WriteOp) -> None:
+        expected = self.expect(op)
+        s = self.s
+        if op.kind == "message":
+            assert op.cid is not None and op.text is not None
+            got = s.append(op.channel, op.user, op.cid, op.text, op.meta)
+        elif op.kind == "read":
+            got = s.set_read(op.user, op.channel, op.seq)
+        elif op.kind == "edit":
+            assert op.target is not None and op.text is not None
+            got = outcome(s.edit, op.channel, op.user, op.target, op.text, moderator=op.moderator)
+        else:
+            assert op.target is not None
+            got = outcome(s.delete, op.channel, op.user, op.target, moderator=op.moderator)
+        assert got == expected, (op, got, expected)
+        self.note_result(op, got)
+        event(f"{op.kind}: {describe(got)}")
+
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def append(self, data: st.DataObject, n: int) -> None:
+        for _ in range(n):
+            self.run_one(self.draw_message(data))
+
+    @rule(data=st.data())
+    def edit(self, data: st.DataObject) -> None:
+        self.run_one(self.draw_change(data, "edit"))
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        self.run_one(self.draw_change(data, "delete"))
+
+    @rule(data=st.data())
+    def set_read(self, data: st.DataObject) -> None:
+        self.run_one(self.draw_read(data))
+
+    @rule(data=st.data(), n=st.integers(2, 5))
+    def burst(self, data: st.DataObject, n: int) -> None:
+        """Several writes queued without waiting: group-committed in some batching, which
+        must not change any result (the clock stands still meanwhile)."""
+        drawers = [
+            self.draw_message,
+            self.draw_message,
+            lambda d: self.draw_change(d, "edit"),
+            lambda d: self.draw_change(d, "delete"),
+            self.draw_read,
+        ]
+        ops = [data.draw(st.sampled_from(drawers))(data) for _ in range(n)]
+        expected = []
+        changed = []
+        for op in ops:
+            self.read_changed = False
+            expected.append(self.expect(op))
+            changed.append(self.read_changed)
+        for op in ops:
+            op.done = threading.Event()
+            self.s.submit(op)
+        for op, exp, moved in zip(ops, expected, changed, strict=True):
+            assert op.done is not None and op.done.wait(WAIT_S)
+            assert op.changed == moved, op
+            got = type(op.error) if op.error is not None else op.result
+            assert not isinstance(op.error, StoreError) or got in (NotFound, Forbidden)
+            assert got == exp, (op, got, exp)
+            self.note_result(op, got)
+            event(f"burst {op.kind}: {describe(got)}")
+
+    @rule(ms=st.integers(0, 2500))
+    def tick(self, ms: int) -> None:
+        self.model.now += ms
+
+    @rule(channel=st.sampled_from(CHANNELS))
+    def compact(self, channel: str) -> None:
+        c = self.model.channels.get(channel)
+        before = len(c.log) if c else 0
+        assert self.s.compact(channel) == self.model.compact(channel)
+        if c is not None and len(c.log) < before:
+            event("compact: dropped entries")
+        if c is not None and any(e["ts"] < self.model.now - MAX_AGE_MS for e in c.log.values()):
+            event("compact: entries past max_age kept (newest keep_recent)")
+
+    @rule()
+    def restart(self) -> None:
+        self.s.close()
+        self.store = LmdbStore(self.dir, self.config, clock=self.clock)
+
+    @rule(channel=st.sampled_from(CHANNELS))
+    def reset_channel(self, channel: str) -> None:
+        assert self.s.reset_channel(channel) == self.model.reset(channel)
+
+    # ---- reads
+
+    @rule(data=st.data(), channel=st.sampled_from(CHANNELS), limit=st.integers(0, 6))
+    def sync(self, data: st.DataObject, channel: str, limit: int) -> None:
+        c = self.model.channels.get(channel)
+        head = c.head if c else 0
+        since = data.draw(st.integers(-1, head + 2))
+        assert self.s.sync(channel, since, limit) == self.model.sync(channel, since, limit)
+
+    @rule(data=st.data(), channel=st.sampled_from(CHANNELS), limit=st.integers(0, 5))
+    def history(self, data: st.DataObject, channel: str, limit: int) -> None:
+        c = self.model.channels.get(channel)
+        head = c.head if c else 0
+        before = data.draw(st.none() | st.integers(-1, head + 2))
+        got = self.s.history(channel, before, limit)
+        assert got == self.model.history(channel, before, limit)
+
+    @rule(data=st.data())
+    def lookup_dup(self, data: st.DataObject) -> None:
+        keys = sorted(self.model.dedup)
+        if keys:
+            key = data.draw(st.sampled_from(keys))
+        else:
+            key = ("a", "u1", "nothing")
+        assert self.s.lookup_dup(*key) == self.model.lookup_dup(*key)
+
+    @rule(user=st.sampled_from(USERS), channel=st.sampled_from(CHANNELS))
+    def unread(self, user: str, channel: str) -> None:
+        assert self.s.unread(user, channel) == self.model.unread(user, channel)
+
+    # ---- invariants
+
+    @invariant()
+    def channels_agree(self) -> None:
+        assert self.s.channels() == sorted(self.model.channels)
+        for name in CHANNELS:
+            info = self.s.channel(name)
+            c = self.model.channels.get(name)
+            expected = (0, 0, 0) if c is None else (c.head, c.horizon, c.id)
+            assert (info.head, info.horizon, info.epoch) == expected, name
+
+    @invariant()
+    def log_dense_above_horizon_and_equal(self) -> None:
+        for name, c in self.model.channels.items():
+            page = self.s.sync(name, c.horizon, 10**6)
+            assert not page.resync and not page.more
+            assert [e["seq"] for e in page.entries] == list(range(c.horizon + 1, c.head + 1))
+            assert page.entries == [c.log[s] for s in sorted(c.log) if s > c.horizon]
+            assert self.s.history(name, None, 10**6) == self.model.history(name, None, 10**6)
+
+    @invariant()
+    def cursors_agree(self) -> None:
+        for name in CHANNELS:
+            for user in USERS:
+                assert self.s.read_cursor(user, name) == self.model.cursors.get((user, name), 0)
+                assert self.s.unread(user, name) == self.model.unread(user, name)
+
+
+StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestStoreModel = StoreMachine.TestCase
