@@ -15,6 +15,7 @@ import trio
 
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
+from tsmsg.protocol.limits import Limits
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
 
@@ -113,10 +114,29 @@ class Harness:
         return client
 
 
+# Tests send far faster than a person: the per-connection and per-user rate limits are
+# lifted unless a test sets them (the rate-limit tests do).
+UNLIMITED = {
+    f"{kind}_{part}": value
+    for kind in ("frame", "send", "channel_send", "typing")
+    for part, value in (("rate", 1e6), ("burst", 10**6))
+}
+
+
+def fast_limits(**overrides: Any) -> Limits:
+    return Limits(**{**UNLIMITED, **overrides})
+
+
+def unlimited_env() -> dict[str, str]:
+    """The same for a server subprocess, as TSMSG_LIMITS_* variables."""
+    return {f"TSMSG_LIMITS_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    limits = overrides.pop("limits", None)
-    settings = replace(Settings(), host="127.0.0.1", port=0, data_dir=str(data_dir), **overrides)
-    return replace(settings, limits=limits) if limits is not None else settings
+    limits = overrides.pop("limits", None) or fast_limits()
+    return replace(
+        Settings(), host="127.0.0.1", port=0, data_dir=str(data_dir), limits=limits, **overrides
+    )
 
 
 @pytest.fixture

@@ -6,14 +6,17 @@ one: ``tsmsg.encode(frame)`` must give exactly those bytes, and ``FrameDecoder``
 frame back, keys in the same order. Then a real :class:`Session` on an ``LmdbStore`` (fixed
 clock, fixed session id) is driven through the documented session and must produce the
 documented server frames: same keys, same order, same values and the same bytes (except an
-error's ``message``, which is prose). Finally the error-code table must list exactly the
-codes in ``tsmsg.protocol.errors`` with the right class.
+error's ``message``, which is prose); the presence frames, which the server's hub makes
+from the session's ``SetPresence``/``QueryPresence`` actions, are checked against a real
+:class:`Server` hub with stand-in connections. Finally the error-code table must list
+exactly the codes in ``tsmsg.protocol.errors`` with the right class.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import types
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +25,23 @@ from typing import Any
 import pytest
 
 from tsmsg import FrameDecoder, encode
-from tsmsg.auth import TokenIssuer, TokenVerifier
+from tsmsg.auth import Claims, TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.limits import Limits
-from tsmsg.protocol.session import Publish, Reply, Session, Submit, Subscribe
-from tsmsg.store import LmdbStore, StoreConfig
+from tsmsg.protocol.session import (
+    Close,
+    Publish,
+    QueryPresence,
+    Reply,
+    Session,
+    SetPresence,
+    Submit,
+    Subscribe,
+    Unsubscribe,
+)
+from tsmsg.server.app import Server
+from tsmsg.server.settings import Settings
+from tsmsg.store import LmdbStore, StoreConfig, WriteOp
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 SECRET = b"protocol-examples-secret-protocol-examples"  # >= 32 bytes for HS256
@@ -34,8 +49,24 @@ WELCOME_TS = 1_767_225_600_000  # the examples' clock: 2026-01-01T00:00:00Z
 STORE_TS = WELCOME_TS + 250  # the store's fixed clock: the ts of every committed entry
 SESSION_ID = "1-5f3a9c2e"
 WAIT_S = 10.0  # a store write commits well within this
-# The examples the brief for PROTOCOL.md requires, at the least.
+TOKEN_TTL_S = 3600  # the hello's token expires an hour after the hello (as documented)
+EXP_MS = (WELCOME_TS // 1000 + TOKEN_TTL_S) * 1000
+# The examples the briefs for PROTOCOL.md require, at the least.
 REQUIRED = {"hello", "welcome", "send", "ok (send)", "event", "ok (sync)", "resync (reply)"}
+REQUIRED |= {
+    "typing (push)",
+    "presence (set)",
+    "ok (presence)",
+    "presence (push)",
+    "presence (query)",
+    "ok (presence query)",
+    "unread",
+    "ok (unread)",
+    "error (token_expired)",
+    "refresh",
+    "left",
+    "ok (refresh)",
+}
 
 HEADING_RE = re.compile(r"^### Example: (.+)$", re.MULTILINE)
 FENCE_RE = re.compile(r"^```(json|hex)\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
@@ -158,7 +189,9 @@ def store(tmp_path: Path) -> Iterator[LmdbStore]:
 def hello_session(store: LmdbStore, limits: Limits | None = None) -> tuple[Session, list[Any]]:
     """A session for alice (``room-*``, chat:read + chat:send) after the documented hello,
     with a real token in place of the placeholder."""
-    token = TokenIssuer(SECRET).issue("alice", ["room-*"], now=WELCOME_TS // 1000)
+    token = TokenIssuer(SECRET).issue(
+        "alice", ["room-*"], ttl_s=TOKEN_TTL_S, now=WELCOME_TS // 1000
+    )
     session = Session(store, TokenVerifier(SECRET), limits or Limits(), SESSION_ID, WELCOME_TS)
     actions = session.receive_frame({**frame("hello"), "token": token}, WELCOME_TS)
     return session, actions
@@ -180,11 +213,22 @@ def commit(session: Session, store: LmdbStore, actions: list[Any]) -> list[Any]:
     return session.write_done(submit.op)
 
 
+def join(session: Session, store: LmdbStore) -> list[Any]:
+    """The documented join; its membership write (``Submit``, no reply) is committed."""
+    actions = session.receive_frame(frame("join"), WELCOME_TS)
+    [submit] = [a for a in actions if isinstance(a, Submit)]
+    assert submit.op.kind == "member" and submit.op.rid is None
+    store.write(submit.op, timeout=WAIT_S)
+    assert session.write_done(submit.op) == []
+    return actions
+
+
 def test_session_produces_the_documented_frames(store: LmdbStore) -> None:
     session, actions = hello_session(store)
     assert_documented(reply(actions), "welcome")
+    assert actions[1:] == [SetPresence(None)]  # a device connected (the hub's business)
 
-    actions = session.receive_frame(frame("join"), WELCOME_TS)
+    actions = join(session, store)
     assert actions[0] == Subscribe("room-1")
     assert_documented(reply(actions), "ok (join)")
 
@@ -225,6 +269,125 @@ def test_session_produces_the_documented_frames(store: LmdbStore) -> None:
     # A nil rid is no rid (PROTOCOL.md section 2).
     pong = reply(session.receive_frame({"t": "ping", "rid": None}, WELCOME_TS))
     assert ordered(pong) == ordered({"t": "pong", "ts": WELCOME_TS})
+
+    # typing: an ok without fields, and a push to the other users' connections.
+    actions = session.receive_frame(frame("typing"), WELCOME_TS)
+    assert ordered(reply(actions)) == ordered({"t": "ok", "rid": 10})
+    [push] = [a for a in actions if isinstance(a, Publish)]
+    assert push.channel == "room-1" and push.skip_user == "alice"
+    assert_documented(push.frame, "typing (push)")
+    # Not renewed, it expires after typing_timeout_ms: the same push with on: false.
+    timeout = Limits().typing_timeout_ms
+    assert session.tick(WELCOME_TS + timeout - 1) == []
+    [expired] = session.tick(WELCOME_TS + timeout)
+    assert isinstance(expired, Publish) and expired.skip_user == "alice"
+    assert ordered(expired.frame) == ordered({**frame("typing (push)"), "on": False})
+    # An off that is not on pushes nothing.
+    assert session.receive_frame({"t": "typing", "channel": "room-1", "on": False}, 0) == []
+
+    # presence: the session answers a set and hands both forms to the hub (next test).
+    actions = session.receive_frame(frame("presence (set)"), WELCOME_TS)
+    assert actions[0] == SetPresence("away")
+    assert_documented(reply(actions), "ok (presence)")
+    actions = session.receive_frame(frame("presence (query)"), WELCOME_TS)
+    assert actions == [QueryPresence(12, ["bob", "carol", "dave"])]
+
+    # unread: bob has written one message in room-1 meanwhile.
+    store.write(WriteOp("message", "room-1", "bob", cid="b-1", text="hello"), timeout=WAIT_S)
+    assert_documented(reply(session.receive_frame(frame("unread"), WELCOME_TS)), "ok (unread)")
+
+    # An hour later (alice pinged all along) the token expires: the notice, not fatal.
+    assert session.claims is not None and session.claims.exp * 1000 == EXP_MS
+    session.receive_frame({"t": "ping"}, EXP_MS - 1)
+    assert session.next_deadline() == EXP_MS
+    [notice] = session.tick(EXP_MS)
+    assert isinstance(notice, Reply)
+    expected = without_message(frame("error (token_expired)"))
+    assert ordered(without_message(notice.frame)) == ordered(expected)
+    assert expected["refresh_within_ms"] == Limits().refresh_grace_ms
+    # Meanwhile requests other than refresh and ping are refused, the connection stays.
+    refused = session.receive_frame(
+        {"t": "sync", "rid": 99, "channel": "room-1", "since": 0}, EXP_MS
+    )
+    assert ordered(without_message(reply(refused))) == ordered(
+        {"t": "error", "rid": 99, "code": "token_expired"}
+    )
+    assert not any(isinstance(a, Close) for a in refused)
+
+    # refresh with a token that allows room-2 only: room-1 is left, then the ok.
+    token = TokenIssuer(SECRET).issue("alice", ["room-2"], ttl_s=TOKEN_TTL_S, now=EXP_MS // 1000)
+    actions = session.receive_frame({**frame("refresh"), "token": token}, EXP_MS + 1000)
+    assert [type(a) for a in actions] == [Unsubscribe, Reply, Reply]
+    assert actions[0] == Unsubscribe("room-1") and "room-1" not in session.joined
+    assert_documented(actions[1].frame, "left")
+    assert_documented(actions[2].frame, "ok (refresh)")
+    assert session.tick(EXP_MS + 1000 + Limits().refresh_grace_ms) == []  # refreshed: no close
+
+
+def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
+    session, _ = hello_session(store)
+    session.receive_frame({"t": "ping"}, EXP_MS - 1)  # not idle
+    [notice] = session.tick(EXP_MS)
+    grace = notice.frame["refresh_within_ms"]
+    assert session.tick(EXP_MS + grace - 1) == []
+    final, close = session.tick(EXP_MS + grace)
+    assert isinstance(final, Reply) and isinstance(close, Close)
+    assert ordered(without_message(final.frame)) == ordered({"t": "error", "code": "token_expired"})
+
+
+class StandInConnection:
+    """What the hub's presence code uses of a connection: its user and its output."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.frames: list[dict[str, Any]] = []
+        # The hub reads the device's claims (which channels it may still read).
+        claims = Claims(user, 2**31, frozenset({"chat:read"}), ("*",))
+        self.session = types.SimpleNamespace(claims=claims)
+
+    def push_signal(self, data: bytes) -> None:
+        self.frames.extend(FrameDecoder().feed(data))
+
+    def send_frame(self, f: dict[str, Any]) -> None:
+        self.frames.append(f)
+
+
+def test_the_hub_produces_the_documented_presence_frames(
+    store: LmdbStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = Server(Settings(), TokenVerifier(SECRET))
+    server.store = store
+    monkeypatch.setattr(server, "now_ms", lambda: STORE_TS)
+    session, hello = hello_session(store)
+    join(session, store)  # alice is a member of room-1
+    for user, channel in (("bob", "room-1"), ("carol", "room-1"), ("dave", "room-9")):
+        store.write(WriteOp("member", channel, user), timeout=WAIT_S)
+    store.write(WriteOp("seen", "", "carol"), timeout=WAIT_S)  # carol left at STORE_TS
+    alice, alice2, bob = (StandInConnection(u) for u in ("alice", "alice", "bob"))
+    server.members["room-1"] = {bob}  # type: ignore[assignment]  # bob is joined to room-1
+
+    def perform(conn: StandInConnection, actions: list[Any]) -> None:
+        server.perform(conn, actions)  # type: ignore[arg-type]
+
+    perform(bob, [SetPresence(None)])  # bob's device connects: online
+    perform(alice, [a for a in hello if isinstance(a, SetPresence)])
+    online = {"t": "presence", "user": "alice", "status": "online", "ts": STORE_TS}
+    assert ordered(bob.frames) == ordered(
+        [{"t": "presence", "user": "bob", "status": "online", "ts": STORE_TS}, online]
+    )
+    bob.frames.clear()
+    perform(alice2, [SetPresence(None)])  # a second device of alice: no change, no push
+    assert bob.frames == []
+
+    perform(alice, session.receive_frame(frame("presence (set)"), WELCOME_TS))
+    assert_documented(alice.frames[-1], "ok (presence)")
+    [push] = bob.frames
+    assert_documented(push, "presence (push)")
+    perform(alice2, [SetPresence("away")])  # the same status again: no push
+    assert bob.frames == [push]
+
+    perform(alice, session.receive_frame(frame("presence (query)"), WELCOME_TS))
+    assert_documented(alice.frames[-1], "ok (presence query)")
 
 
 def test_rate_limited_error_is_the_documented_frame(store: LmdbStore) -> None:

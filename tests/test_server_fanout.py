@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import SECRET, Harness, WireClient, make_settings, mint
+from conftest import SECRET, Harness, WireClient, fast_limits, make_settings, mint
 from tsmsg.auth import TokenVerifier
-from tsmsg.protocol.limits import Limits
 from tsmsg.server.app import Connection, Server
 from tsmsg.server.settings import Settings
 
@@ -293,7 +292,7 @@ def connection_of(server: Server, user: str) -> Connection:
 @pytest.mark.parametrize("resume", ["sync", "join"])
 async def test_slow_consumer_is_cut_then_catches_up(tmp_path: Path, resume: str) -> None:
     # Rate limits raised: this test is about the outbound queue, not the frame rate.
-    limits = Limits(frame_rate=100_000.0, frame_burst=100_000)
+    limits = fast_limits()
     settings = make_settings(tmp_path / "data", max_queue_bytes=QUEUE_LIMIT, limits=limits)
     async with running_server(settings) as h:
         slow = await connect_small_buffer(h, "slow")

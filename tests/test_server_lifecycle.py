@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import SECRET, Harness, WireClient, make_settings, mint
+from conftest import SECRET, Harness, WireClient, fast_limits, make_settings, mint, unlimited_env
 from tsmsg.auth import TokenIssuer
 from tsmsg.protocol.limits import Limits
 from tsmsg.server.settings import Settings, load_settings
@@ -43,6 +43,7 @@ def text_of(cid: str) -> str:
 def server_env(**extra: str) -> dict[str, str]:
     """This process's environment without any TSMSG_* setting, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
+    env.update(unlimited_env())
     env.update(extra)
     return env
 
@@ -402,7 +403,7 @@ async def test_a_connection_made_while_draining_is_not_left_hanging(tmp_path: Pa
 
     # A client that does not read holds the drain open: 1 MiB of events (under the queue
     # limit, over the socket buffers) stands between it and its bye.
-    limits = Limits(frame_rate=100_000.0, frame_burst=100_000)
+    limits = fast_limits()
     settings = make_settings(tmp_path / "data", shutdown_grace_s=3.0, limits=limits)
     async with running_server(settings) as h:
         stuck = await connect_small_buffer(h, "stuck")

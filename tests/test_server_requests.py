@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from conftest import SECRET, Harness, WireClient, mint
+from conftest import SECRET, Harness, WireClient, fast_limits, mint
 from tsmsg.auth import TokenIssuer
-from tsmsg.protocol.limits import Limits
 
-LIMITS = Limits()  # the harness runs with the default limits
+LIMITS = fast_limits()  # the harness's limits
 ROOM = "room-1"
 ALL_SCOPES = ("chat:read", "chat:send", "chat:moderate")
 READ_ONLY = ("chat:read",)

@@ -5,7 +5,9 @@ dir (fixed clock, so every ``ts`` is known), feeds it decoded frames with an exp
 ``now_ms`` and compares the returned actions exactly. Writes the session submits are run
 through the store with the blocking ``store.write`` and handed back with ``write_done``,
 as the server does after a group commit. Error frames are compared field by field except
-for ``message``, which is prose (it must be a non-empty string).
+for ``message``, which is prose (it must be a non-empty string). Timers (idle peers, token
+expiry, typing expiry) are driven the same way: ``tick(now_ms)`` at chosen instants, with
+``next_deadline()`` checked against them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from tsmsg._native import (
 from tsmsg.auth import SCOPE_MODERATE, SCOPE_READ, SCOPE_SEND, TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.ratelimit import UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
     Publish,
+    QueryPresence,
     Reply,
     Session,
+    SetPresence,
     State,
     Submit,
     Subscribe,
@@ -66,7 +71,7 @@ ISSUER = TokenIssuer(SECRET)
 ERROR_CODES = frozenset(
     v for k, v in vars(E).items() if k.isupper() and isinstance(v, str) and v.islower()
 )
-ACTION_TYPES = (Reply, Close, Submit, Subscribe, Unsubscribe, Publish)
+ACTION_TYPES = (Reply, Close, Submit, Subscribe, Unsubscribe, Publish, SetPresence, QueryPresence)
 
 
 # ------------------------------------------------------------------- helpers
@@ -93,8 +98,13 @@ def token(
     return ISSUER.issue(user, channels, scopes, ttl_s, now=NOW_S)
 
 
-def new_session(store: LmdbStore, limits: Limits | None = None, sid: str = "s-1") -> Session:
-    return Session(store, VERIFIER, limits or Limits(), sid, NOW_MS)
+def new_session(
+    store: LmdbStore,
+    limits: Limits | None = None,
+    sid: str = "s-1",
+    user_limits: UserLimits | None = None,
+) -> Session:
+    return Session(store, VERIFIER, limits or Limits(), sid, NOW_MS, user_limits)
 
 
 def connect(
@@ -105,14 +115,17 @@ def connect(
     scopes: tuple[str, ...] = RW,
     limits: Limits | None = None,
     sid: str = "s-1",
+    ttl_s: int = 3600,
+    user_limits: UserLimits | None = None,
 ) -> Session:
     """A session past hello."""
-    session = new_session(store, limits, sid)
+    session = new_session(store, limits, sid, user_limits)
     actions = session.receive_frame(
-        {"t": "hello", "v": 1, "token": token(user, channels, scopes)}, NOW_MS
+        {"t": "hello", "v": 1, "token": token(user, channels, scopes, ttl_s)}, NOW_MS
     )
-    assert len(actions) == 1 and isinstance(actions[0], Reply), actions
+    assert len(actions) == 2 and isinstance(actions[0], Reply), actions
     assert actions[0].frame["t"] == "welcome", actions
+    assert actions[1] == SetPresence(None)  # this device is online
     assert session.state is State.READY
     return session
 
@@ -180,6 +193,13 @@ def ok(rid: int, **fields: Any) -> Reply:
     return Reply({"t": "ok", "rid": rid, **fields})
 
 
+def member(session: Session, channel: str) -> Submit:
+    """The fire-and-forget membership record a ``join`` submits (no rid: nothing answers)."""
+    op = WriteOp("member", channel, session.user)
+    op.origin = session
+    return Submit(op)
+
+
 def event(channel: str, **fields: Any) -> dict[str, Any]:
     return {"t": "event", "channel": channel, **fields}
 
@@ -234,7 +254,8 @@ def test_hello_answers_welcome_with_rid(store: LmdbStore) -> None:
                 "limits": limits.announce(),
                 "ts": NOW_MS + 5,
             }
-        )
+        ),
+        SetPresence(None),  # the server decides whether this is the user's first device
     ]
     assert session.state is State.READY
     assert session.user == "alice"
@@ -242,7 +263,8 @@ def test_hello_answers_welcome_with_rid(store: LmdbStore) -> None:
 
 def test_hello_without_rid_has_no_rid_in_welcome(store: LmdbStore) -> None:
     session = new_session(store)
-    [reply] = session.receive_frame({"t": "hello", "v": 1, "token": token("bob")}, NOW_MS)
+    [reply, presence] = session.receive_frame({"t": "hello", "v": 1, "token": token("bob")}, NOW_MS)
+    assert presence == SetPresence(None)
     assert isinstance(reply, Reply)
     assert reply.frame["t"] == "welcome" and "rid" not in reply.frame
     assert reply.frame["user"] == "bob"
@@ -418,7 +440,7 @@ def test_ping_without_rid(store: LmdbStore) -> None:
 
 def test_unknown_type_is_a_request_error(store: LmdbStore) -> None:
     session = connect(store)
-    expect_error(call(session, "presence", rid=3, status="away"), E.UNKNOWN_TYPE, rid=3)
+    expect_error(call(session, "subscribe", rid=3, channel=ROOM), E.UNKNOWN_TYPE, rid=3)
     frame = expect_error(call(session, "x" * 10_000, rid=4), E.UNKNOWN_TYPE, rid=4)
     assert len(frame["message"]) < 100  # the echoed type is truncated
     expect_error(call(session, "welcome"), E.UNKNOWN_TYPE)
@@ -434,7 +456,7 @@ def test_second_hello_is_a_request_error(store: LmdbStore) -> None:
 
 def test_closed_by_the_server(store: LmdbStore) -> None:
     session = connect(store)
-    session.closed("peer closed the connection")
+    assert session.closed("peer closed the connection") == []  # nothing was typing
     assert session.close_reason == "peer closed the connection"
     expect_closed(session)
     session.closed("later")  # the first reason stays
@@ -474,7 +496,7 @@ def test_frame_error_is_a_connection_error(
 
 def test_hello_timeout_is_a_connection_error(store: LmdbStore) -> None:
     session = new_session(store)
-    expect_error(session.hello_timeout(), E.HELLO_TIMEOUT, fatal=True)
+    expect_error(session.timed_out(E.HELLO_TIMEOUT), E.HELLO_TIMEOUT, fatal=True)
     expect_closed(session)
 
 
@@ -731,6 +753,7 @@ def test_dm_channels(store: LmdbStore) -> None:
     actions = call(alice, "join", rid=1, channel="dm:alice:bob")
     assert actions == [
         Subscribe("dm:alice:bob"),
+        member(alice, "dm:alice:bob"),
         ok(1, channel="dm:alice:bob", head=0, read=0, epoch=0, horizon=0),
     ]
     only_submit(call(alice, "send", rid=2, channel="dm:alice:bob", cid="c", text="hi"))
@@ -1071,13 +1094,17 @@ def test_join_subscribes_and_reports_the_channel(store: LmdbStore) -> None:
     session = connect(store)
     assert call(session, "join", rid=1, channel=ROOM) == [
         Subscribe(ROOM),
+        member(session, ROOM),
         ok(1, channel=ROOM, head=3, read=2, epoch=info.epoch, horizon=0),
     ]
     assert session.joined == {ROOM}
-    # An unknown channel joins empty; a join without rid only subscribes.
-    assert call(session, "join", channel="room-2") == [Subscribe("room-2")]
+    # An unknown channel joins empty; a join without rid subscribes and records only.
+    assert call(session, "join", channel="room-2") == [
+        Subscribe("room-2"),
+        member(session, "room-2"),
+    ]
     assert session.joined == {ROOM, "room-2"}
-    assert store.channels() == [ROOM]  # joining creates nothing
+    assert store.channels() == [ROOM]  # joining creates no channel
 
 
 def test_join_limit(store: LmdbStore) -> None:
@@ -1197,7 +1224,7 @@ def test_sync_below_the_compaction_horizon_is_resync(tmp_path: Path) -> None:
         ]
         [reply] = call(session, "sync", rid=2, channel=ROOM, since=2)
         assert isinstance(reply, Reply) and [e["seq"] for e in reply.frame["events"]] == [3]
-        [_, joined] = call(session, "join", rid=3, channel=ROOM)
+        [_, _, joined] = call(session, "join", rid=3, channel=ROOM)
         assert joined == ok(3, channel=ROOM, head=3, read=0, epoch=info.epoch, horizon=2)
 
 
@@ -1418,6 +1445,906 @@ def test_frames_with_a_bad_rid_count_against_the_rate(store: LmdbStore) -> None:
     rate_limited(session, 1, NOW_MS, retry_after_ms=100)
 
 
+# ------------------------------------------------------------------- membership record
+
+
+def test_join_records_membership_fire_and_forget(store: LmdbStore) -> None:
+    session = connect(store)
+    actions = call(session, "join", rid=1, channel=ROOM)
+    assert actions[1] == member(session, ROOM)
+    op = commit(store, only_submit([actions[1]]))
+    assert op.error is None and op.rid is None
+    assert session.write_done(op) == []  # nothing to answer, nothing to fan out
+    done(store, [call(session, "join", channel="room-2")[1]])
+    assert store.channels_of("alice") == [ROOM, "room-2"]
+    assert store.channels_of("bob") == []
+    assert store.channels() == []  # a membership is no log entry
+
+
+def test_failed_membership_record_is_not_answered(store: LmdbStore) -> None:
+    session = connect(store)
+    op = call(session, "join", rid=1, channel=ROOM)[1]
+    assert isinstance(op, Submit)
+    op.op.error = StoreUnavailable("disk full")
+    # The join's ok went out already; a rid-less error now would answer nothing it asked.
+    assert session.write_done(op.op) == []
+
+
+# ------------------------------------------------------------------- idle peers
+
+HEARTBEAT = 1_000  # idle after 2 intervals: 2 s
+
+
+def test_idle_connection_is_closed_after_two_heartbeats(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT))
+    assert session.next_deadline() == NOW_MS + 2 * HEARTBEAT
+    assert session.tick(NOW_MS + 2 * HEARTBEAT - 1) == []
+    frame = expect_error(session.tick(NOW_MS + 2 * HEARTBEAT), E.IDLE_TIMEOUT, fatal=True)
+    assert "rid" not in frame
+    expect_closed(session)
+    assert session.next_deadline() is None
+    assert session.tick(NOW_MS + 10**6) == []
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "ping"},
+        {"t": "ping", "rid": 1},
+        {"t": "nonsense", "rid": 1},  # refused, but received
+        {"t": "join", "rid": 1, "channel": "lobby"},  # forbidden
+        {"t": "sync", "rid": "x", "channel": ROOM, "since": 0},  # bad rid
+    ],
+    ids=["ping", "ping-rid", "unknown", "forbidden", "bad-rid"],
+)
+def test_any_frame_resets_the_idle_timer(store: LmdbStore, frame: dict[str, Any]) -> None:
+    session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT))
+    session.receive_frame(frame, NOW_MS + 1_500)
+    assert session.state is State.READY
+    assert session.next_deadline() == NOW_MS + 1_500 + 2 * HEARTBEAT
+    assert session.tick(NOW_MS + 2 * HEARTBEAT) == []
+    assert session.tick(NOW_MS + 1_499 + 2 * HEARTBEAT) == []
+    expect_error(session.tick(NOW_MS + 1_500 + 2 * HEARTBEAT), E.IDLE_TIMEOUT, fatal=True)
+
+
+def test_rate_limited_frames_reset_the_idle_timer(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT, frame_rate=1, frame_burst=1))
+    pong(session, 1, NOW_MS)
+    rate_limited(session, 2, NOW_MS + 500, retry_after_ms=500)
+    assert session.next_deadline() == NOW_MS + 500 + 2 * HEARTBEAT
+
+
+def test_idle_timeout_turns_typing_off(store: LmdbStore) -> None:
+    limits = Limits(heartbeat_ms=HEARTBEAT, typing_timeout_ms=60_000)
+    session = connect(store, limits=limits)
+    call(session, "typing", channel=ROOM, on=True)
+    call(session, "typing", channel="room-2", on=True)
+    actions = session.tick(NOW_MS + 2 * HEARTBEAT)
+    assert actions[:2] == [typing_push(ROOM, False), typing_push("room-2", False)]
+    expect_error(actions[2:], E.IDLE_TIMEOUT, fatal=True)
+    assert session.typing == {}
+    assert session.closed("gone") == []  # already turned off: not twice
+
+
+def test_no_timers_before_hello(store: LmdbStore) -> None:
+    # The hello deadline is the server's read deadline (timed_out), not a tick.
+    session = new_session(store, Limits(heartbeat_ms=HEARTBEAT))
+    assert session.next_deadline() is None
+    assert session.tick(NOW_MS + 10**7) == []
+    assert session.state is State.AWAITING_HELLO
+
+
+# ------------------------------------------------------------------- token expiry and refresh
+
+TTL_S = 10
+EXP_MS = NOW_MS + TTL_S * 1000
+GRACE = 5_000
+GRACE_LIMITS = Limits(refresh_grace_ms=GRACE)
+
+
+def expiring(store: LmdbStore, **kw: Any) -> Session:
+    """A session whose token expires at EXP_MS, with a 5 s refresh grace."""
+    return connect(store, ttl_s=TTL_S, limits=kw.pop("limits", GRACE_LIMITS), **kw)
+
+
+def warn_expired(session: Session, now_ms: int = EXP_MS) -> None:
+    expect_error(session.tick(now_ms), E.TOKEN_EXPIRED, refresh_within_ms=GRACE)
+    assert session.state is State.READY
+
+
+def test_token_expiry_warns_once_then_closes_after_the_grace(store: LmdbStore) -> None:
+    session = expiring(store)
+    assert session.next_deadline() == EXP_MS
+    assert session.tick(EXP_MS - 1) == []
+    warn_expired(session)  # non-fatal, no rid, says how long is left
+    assert session.next_deadline() == EXP_MS + GRACE
+    assert session.tick(EXP_MS + 1) == []  # told once
+    assert session.tick(EXP_MS + GRACE - 1) == []
+    pong(session, 1, EXP_MS + GRACE - 1)  # ping still works (and is no refresh)
+    frame = expect_error(session.tick(EXP_MS + GRACE), E.TOKEN_EXPIRED, fatal=True)
+    assert "rid" not in frame and "refresh_within_ms" not in frame
+    expect_closed(session)
+
+
+def test_late_tick_counts_the_grace_from_the_warning(store: LmdbStore) -> None:
+    # The grace runs from when the client was told, not from exp.
+    session = expiring(store)
+    call(session, "ping", EXP_MS + 20_000)  # not idle
+    warn_expired(session, EXP_MS + 30_000)
+    assert session.next_deadline() == EXP_MS + 30_000 + GRACE
+    assert session.tick(EXP_MS + 30_000 + GRACE - 1) == []
+    expect_error(session.tick(EXP_MS + 30_000 + GRACE), E.TOKEN_EXPIRED, fatal=True)
+
+
+def test_token_expiry_grace_end_turns_typing_off(store: LmdbStore) -> None:
+    session = expiring(store, limits=Limits(refresh_grace_ms=GRACE, typing_timeout_ms=60_000))
+    call(session, "typing", channel=ROOM, on=True)
+    warn_expired(session)
+    actions = session.tick(EXP_MS + GRACE)
+    assert actions[0] == typing_push(ROOM, False)
+    expect_error(actions[1:], E.TOKEN_EXPIRED, fatal=True)
+
+
+GRACE_REQUESTS = [
+    {"t": "join", "channel": ROOM},
+    {"t": "leave", "channel": ROOM},
+    {"t": "send", "channel": ROOM, "cid": "c", "text": "x"},
+    {"t": "edit", "channel": ROOM, "id": "1-1", "text": "x"},
+    {"t": "delete", "channel": ROOM, "id": "1-1"},
+    {"t": "history", "channel": ROOM},
+    {"t": "sync", "channel": ROOM, "since": 0},
+    {"t": "read", "channel": ROOM, "seq": 1},
+    {"t": "typing", "channel": ROOM, "on": True},
+    {"t": "presence", "status": "away"},
+    {"t": "presence", "users": ["bob"]},
+    {"t": "unread", "channels": [ROOM]},
+]
+
+
+@pytest.mark.parametrize("warned", [True, False], ids=["after-tick", "before-tick"])
+@pytest.mark.parametrize("frame", GRACE_REQUESTS, ids=lambda f: f["t"] + "-" + "-".join(f)[:20])
+def test_requests_during_the_grace_are_token_expired(
+    store: LmdbStore, frame: dict[str, Any], warned: bool
+) -> None:
+    session = expiring(store)
+    if warned:
+        warn_expired(session)
+    actions = session.receive_frame({**frame, "rid": 7}, EXP_MS + 1)
+    expect_error(actions, E.TOKEN_EXPIRED, rid=7)
+    assert session.state is State.READY
+    assert store.channels() == [] and session.joined == set()
+    expect_error(session.receive_frame(frame, EXP_MS + 2), E.TOKEN_EXPIRED)  # no rid
+
+
+def test_ping_works_during_the_grace(store: LmdbStore) -> None:
+    session = expiring(store)
+    warn_expired(session)
+    pong(session, 1, EXP_MS + 1)
+    assert call(session, "ping", EXP_MS + 2) == [Reply({"t": "pong", "ts": EXP_MS + 2})]
+    # Still an unknown type is unknown, and a bad frame is still fatal.
+    expect_error(call(session, "nonsense", EXP_MS + 3, rid=2), E.UNKNOWN_TYPE, rid=2)
+
+
+def test_refresh_in_the_grace_keeps_the_connection(store: LmdbStore) -> None:
+    session = expiring(store)
+    warn_expired(session)
+    actions = call(session, "refresh", EXP_MS + 1_000, rid=1, token=token(ttl_s=20))
+    assert actions == [ok(1, exp=NOW_S + 20)]
+    assert session.claims is not None and session.claims.exp == NOW_S + 20
+    assert session.next_deadline() == NOW_MS + 20_000  # the new token's exp
+    assert session.tick(EXP_MS + GRACE) == []  # the old grace no longer closes it
+    assert call(session, "join", EXP_MS + GRACE, rid=2, channel=ROOM)[0] == Subscribe(ROOM)
+    only_submit(call(session, "send", EXP_MS + GRACE, rid=3, **SEND))
+    # The new token expires in its turn: warned again, then closed.
+    warn_expired(session, NOW_MS + 20_000)
+    expect_error(session.tick(NOW_MS + 20_000 + GRACE), E.TOKEN_EXPIRED, fatal=True)
+
+
+def test_refresh_before_expiry_moves_the_deadline(store: LmdbStore) -> None:
+    session = expiring(store)
+    assert call(session, "refresh", NOW_MS + 1_000, rid=1, token=token(ttl_s=7200)) == [
+        ok(1, exp=NOW_S + 7200)
+    ]
+    assert session.next_deadline() == NOW_MS + 1_000 + 2 * Limits().heartbeat_ms  # idle first
+    assert session.tick(EXP_MS) == []
+    assert session.tick(EXP_MS + GRACE) == []
+    assert session.state is State.READY
+
+
+@pytest.mark.parametrize(
+    ("tok", "code"),
+    [
+        (token("bob", ttl_s=7200), E.UNAUTHORIZED),  # another user
+        ("not-a-jwt", E.UNAUTHORIZED),
+        (TokenIssuer(OTHER_SECRET).issue("alice", ["*"], RW, 7200, now=NOW_S), E.UNAUTHORIZED),
+        (token(ttl_s=5), E.TOKEN_EXPIRED),  # already expired itself
+        (token(ttl_s=TTL_S), E.TOKEN_EXPIRED),  # the same, expired token
+        (None, E.BAD_REQUEST),
+        (5, E.BAD_REQUEST),
+        (b"a.b.c", E.BAD_REQUEST),
+    ],
+    ids=[
+        "other-user",
+        "garbage",
+        "other-secret",
+        "expired",
+        "same-expired",
+        "none",
+        "int",
+        "bytes",
+    ],
+)
+def test_refused_refresh_keeps_the_connection_and_the_grace(
+    store: LmdbStore, tok: Any, code: str
+) -> None:
+    session = expiring(store)
+    call(session, "join", channel=ROOM)
+    warn_expired(session)
+    claims = session.claims
+    frame: dict[str, Any] = {"t": "refresh", "rid": 4}
+    if tok is not None:
+        frame["token"] = tok
+    expect_error(session.receive_frame(frame, EXP_MS + 1), code, rid=4)  # not fatal
+    assert session.state is State.READY and session.claims is claims
+    assert session.user == "alice" and session.joined == {ROOM}
+    # The grace goes on: a good refresh still saves the connection ...
+    assert call(session, "refresh", EXP_MS + 2, rid=5, token=token(ttl_s=7200)) == [
+        ok(5, exp=NOW_S + 7200)
+    ]
+
+
+def test_refused_refresh_then_the_grace_ends(store: LmdbStore) -> None:
+    session = expiring(store)
+    warn_expired(session)
+    expect_error(
+        call(session, "refresh", EXP_MS + 1, rid=1, token=token("bob")), E.UNAUTHORIZED, rid=1
+    )
+    expect_error(session.tick(EXP_MS + GRACE), E.TOKEN_EXPIRED, fatal=True)
+    expect_closed(session)
+
+
+def test_refresh_leaves_channels_no_longer_allowed(store: LmdbStore) -> None:
+    session = connect(store, channels=("room-*", "lobby", "hall"))
+    for channel in (ROOM, "lobby", "hall"):
+        call(session, "join", channel=channel)
+    session.cut_stream("lobby", store.channel("lobby"))
+    actions = call(
+        session, "refresh", NOW_MS + 1_000, rid=3, token=token(channels=("room-*",), ttl_s=7200)
+    )
+    assert actions == [
+        Unsubscribe("hall"),
+        Reply({"t": "left", "channel": "hall", "reason": "forbidden"}),
+        Unsubscribe("lobby"),
+        Reply({"t": "left", "channel": "lobby", "reason": "forbidden"}),
+        ok(3, exp=NOW_S + 7200),
+    ]
+    assert session.joined == {ROOM} and session.cut == set()
+    expect_error(call(session, "join", rid=4, channel="lobby"), E.FORBIDDEN, rid=4)
+    expect_error(call(session, "history", rid=5, channel="hall"), E.FORBIDDEN, rid=5)
+    # Without a rid the left pushes still go out (they are pushes, not the reply).
+    actions = call(session, "refresh", token=token(channels=("room-2",), ttl_s=7200))
+    assert actions == [
+        Unsubscribe(ROOM),
+        Reply({"t": "left", "channel": ROOM, "reason": "forbidden"}),
+    ]
+    assert session.joined == set()
+
+
+def test_refreshed_scopes_apply_from_then_on(store: LmdbStore) -> None:
+    session = connect(store)
+    call(session, "join", channel=ROOM)
+    read_only = token(scopes=(SCOPE_READ,), ttl_s=7200)
+    assert call(session, "refresh", rid=1, token=read_only) == [ok(1, exp=NOW_S + 7200)]
+    expect_error(call(session, "send", rid=2, **SEND), E.FORBIDDEN, rid=2)
+    assert session.joined == {ROOM}  # still allowed to read it
+    # A send-only token loses read access to every joined channel.
+    actions = call(session, "refresh", rid=3, token=token(scopes=(SCOPE_SEND,), ttl_s=7200))
+    assert actions == [
+        Unsubscribe(ROOM),
+        Reply({"t": "left", "channel": ROOM, "reason": "forbidden"}),
+        ok(3, exp=NOW_S + 7200),
+    ]
+    # Widening applies too.
+    call(session, "refresh", rid=4, token=token(channels=("*",), scopes=MOD, ttl_s=7200))
+    assert call(session, "join", rid=5, channel="lobby")[0] == Subscribe("lobby")
+    assert session.claims is not None and session.claims.may_moderate("lobby")
+
+
+def test_refresh_that_forbids_a_channel_ends_typing_there(store: LmdbStore) -> None:
+    session = connect(store, channels=("room-*", "lobby", "hall"))
+    call(session, "join", channel="lobby")
+    call(session, "typing", channel="lobby", on=True)
+    call(session, "typing", channel="hall", on=True)  # typing needs no join
+    actions = call(session, "refresh", NOW_MS + 1_000, rid=1, token=token(channels=("room-*",)))
+    # The others saw `on`: the joined channel's indicator ends with the leave ...
+    assert actions == [
+        typing_push("lobby", False),
+        Unsubscribe("lobby"),
+        Reply({"t": "left", "channel": "lobby", "reason": "forbidden"}),
+        ok(1, exp=NOW_S + 3600),
+    ]
+    assert session.typing == {"hall": NOW_MS + Limits().typing_timeout_ms}
+    # ... the other one (not joined, so not left) at its expiry, once each.
+    assert session.tick(NOW_MS + Limits().typing_timeout_ms) == [typing_push("hall", False)]
+
+
+# ------------------------------------------------------------------- typing
+
+
+def typing_push(channel: str, on: bool, user: str = "alice") -> Publish:
+    return Publish(channel, {"t": "typing", "channel": channel, "user": user, "on": on}, user)
+
+
+TYPING_TIMEOUT = 6_000
+
+
+def test_typing_on_expires_after_the_timeout(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT))
+    assert call(session, "typing", rid=1, channel=ROOM, on=True) == [
+        typing_push(ROOM, True),
+        Reply({"t": "ok", "rid": 1}),
+    ]
+    assert session.next_deadline() == NOW_MS + TYPING_TIMEOUT
+    assert session.tick(NOW_MS + TYPING_TIMEOUT - 1) == []
+    assert session.tick(NOW_MS + TYPING_TIMEOUT) == [typing_push(ROOM, False)]
+    assert session.tick(NOW_MS + TYPING_TIMEOUT + 1) == []  # once
+    assert session.next_deadline() == NOW_MS + 2 * Limits().heartbeat_ms
+    # It expired: an `off` now has nothing to turn off.
+    assert call(session, "typing", NOW_MS + 7_000, rid=2, channel=ROOM, on=False) == [
+        Reply({"t": "ok", "rid": 2})
+    ]
+    assert store.channels() == []  # never stored
+
+
+def test_typing_off_publishes_and_cancels_the_expiry(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT))
+    call(session, "typing", channel=ROOM, on=True)
+    assert call(session, "typing", NOW_MS + 1_000, rid=2, channel=ROOM, on=False) == [
+        typing_push(ROOM, False),
+        Reply({"t": "ok", "rid": 2}),
+    ]
+    assert session.typing == {}
+    assert session.tick(NOW_MS + TYPING_TIMEOUT) == []
+
+
+def test_typing_off_without_on_publishes_nothing(store: LmdbStore) -> None:
+    session = connect(store)
+    assert call(session, "typing", rid=1, channel=ROOM, on=False) == [Reply({"t": "ok", "rid": 1})]
+    assert call(session, "typing", channel=ROOM, on=False) == []
+    call(session, "typing", channel="room-2", on=True)
+    assert call(session, "typing", channel=ROOM, on=False) == []  # another channel's on
+
+
+def test_typing_renewal_extends_the_deadline(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT))
+    call(session, "typing", channel=ROOM, on=True)
+    # A client repeats `on` while typing; each one is pushed (receivers restart their timers).
+    assert call(session, "typing", NOW_MS + 4_000, channel=ROOM, on=True) == [
+        typing_push(ROOM, True)
+    ]
+    assert session.next_deadline() == NOW_MS + 4_000 + TYPING_TIMEOUT
+    assert session.tick(NOW_MS + TYPING_TIMEOUT) == []
+    assert session.tick(NOW_MS + 4_000 + TYPING_TIMEOUT - 1) == []
+    assert session.tick(NOW_MS + 4_000 + TYPING_TIMEOUT) == [typing_push(ROOM, False)]
+
+
+def test_typing_expiry_per_channel(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT))
+    call(session, "typing", channel=ROOM, on=True)
+    call(session, "typing", NOW_MS + 1_000, channel="room-2", on=True)
+    call(session, "typing", NOW_MS + 2_000, channel="room-3", on=True)
+    assert session.next_deadline() == NOW_MS + TYPING_TIMEOUT
+    assert session.tick(NOW_MS + TYPING_TIMEOUT) == [typing_push(ROOM, False)]
+    assert session.next_deadline() == NOW_MS + 1_000 + TYPING_TIMEOUT
+    # A late tick expires everything due, once each.
+    assert session.tick(NOW_MS + 10_000) == [
+        typing_push("room-2", False),
+        typing_push("room-3", False),
+    ]
+    assert session.tick(NOW_MS + 10_001) == []
+
+
+def test_closed_turns_typing_off(store: LmdbStore) -> None:
+    session = connect(store)
+    call(session, "typing", channel=ROOM, on=True)
+    call(session, "typing", channel="room-2", on=True)
+    call(session, "typing", channel="room-3", on=True)
+    call(session, "typing", channel="room-3", on=False)
+    assert session.closed("peer closed the connection") == [
+        typing_push(ROOM, False),
+        typing_push("room-2", False),
+    ]
+    assert session.closed("again") == []
+    assert session.tick(NOW_MS + 10**6) == []
+    assert connect(store, sid="s-2").closed("idle client") == []
+
+
+def test_devices_of_one_user_type_independently(store: LmdbStore) -> None:
+    phone = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT))
+    laptop = connect(store, limits=Limits(typing_timeout_ms=TYPING_TIMEOUT), sid="s-2")
+    assert call(phone, "typing", channel=ROOM, on=True) == [typing_push(ROOM, True)]
+    assert call(laptop, "typing", channel=ROOM, on=False) == []  # the laptop was not typing
+    assert phone.typing == {ROOM: NOW_MS + TYPING_TIMEOUT}
+    assert laptop.closed("gone") == []
+    assert phone.tick(NOW_MS + TYPING_TIMEOUT) == [typing_push(ROOM, False)]
+
+
+def test_after_a_fatal_frame_closed_turns_typing_off(store: LmdbStore) -> None:
+    session = connect(store)
+    call(session, "typing", channel=ROOM, on=True)
+    expect_error(session.receive_frame({"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
+    assert session.closed("bad_frame") == [typing_push(ROOM, False)]
+
+
+@pytest.mark.parametrize("code", [E.HELLO_TIMEOUT, E.FRAME_TIMEOUT])
+def test_timed_out_is_fatal_with_its_code(store: LmdbStore, code: str) -> None:
+    session = new_session(store) if code == E.HELLO_TIMEOUT else connect(store)
+    frame = expect_error(session.timed_out(code), code, fatal=True)
+    assert "rid" not in frame
+    assert session.close_reason is not None and session.close_reason.startswith(code)
+    expect_closed(session)
+
+
+def test_frame_timeout_turns_typing_off(store: LmdbStore) -> None:
+    session = connect(store)
+    call(session, "typing", channel=ROOM, on=True)
+    actions = session.timed_out(E.FRAME_TIMEOUT)
+    assert actions[0] == typing_push(ROOM, False)
+    expect_error(actions[1:], E.FRAME_TIMEOUT, fatal=True)
+    assert session.closed("frame_timeout") == []
+
+
+def test_timed_out_after_close_does_nothing(store: LmdbStore) -> None:
+    session = connect(store)
+    session.closed("peer closed the connection")
+    assert session.timed_out(E.FRAME_TIMEOUT) == []
+    assert session.close_reason == "peer closed the connection"
+
+
+TYPING_LIMITS = Limits(typing_rate=2, typing_burst=3)  # a token per 500 ms
+
+
+def test_typing_rate_limit(store: LmdbStore) -> None:
+    session = connect(store, limits=TYPING_LIMITS)
+    call(session, "typing", rid=1, channel=ROOM, on=True)
+    call(session, "typing", rid=2, channel=ROOM, on=False)
+    assert call(session, "typing", rid=3, channel=ROOM, on=False) == [Reply({"t": "ok", "rid": 3})]
+    actions = call(session, "typing", rid=4, channel="room-2", on=True)
+    expect_error(actions, E.RATE_LIMITED, rid=4, retry_after_ms=500)
+    assert session.typing == {}  # the refused `on` starts no indicator
+    expect_error(
+        call(session, "typing", NOW_MS + 250, channel=ROOM, on=True),
+        E.RATE_LIMITED,
+        retry_after_ms=250,
+    )
+    # Typing has its own budget: sends and pings go on.
+    only_submit(call(session, "send", rid=5, **SEND))
+    pong(session, 6, NOW_MS + 250)
+    assert call(session, "typing", NOW_MS + 500, rid=7, channel="room-2", on=True) == [
+        typing_push("room-2", True),
+        Reply({"t": "ok", "rid": 7}),
+    ]
+
+
+def test_typing_rate_is_per_user_across_sessions(store: LmdbStore) -> None:
+    shared = UserLimits(TYPING_LIMITS)
+    phone = connect(store, limits=TYPING_LIMITS, user_limits=shared)
+    laptop = connect(store, limits=TYPING_LIMITS, sid="s-2", user_limits=shared)
+    bob = connect(store, "bob", limits=TYPING_LIMITS, sid="s-3", user_limits=shared)
+    call(phone, "typing", channel=ROOM, on=True)
+    call(laptop, "typing", channel=ROOM, on=True)
+    call(phone, "typing", channel="room-2", on=True)
+    expect_error(
+        call(laptop, "typing", rid=1, channel=ROOM, on=True),
+        E.RATE_LIMITED,
+        rid=1,
+        retry_after_ms=500,
+    )
+    assert call(bob, "typing", channel=ROOM, on=True) == [typing_push(ROOM, True, "bob")]
+
+
+# ------------------------------------------------------------------- send rate limits
+
+
+def send_at(
+    session: Session, rid: int | None, now_ms: int = NOW_MS, channel: str = ROOM
+) -> list[Action]:
+    frame: dict[str, Any] = {"t": "send", "channel": channel, "cid": f"c{rid}-{now_ms}"}
+    frame["text"] = "x"
+    if rid is not None:
+        frame["rid"] = rid
+    return session.receive_frame(frame, now_ms)
+
+
+def limited(actions: list[Action], rid: int | None, retry_after_ms: int) -> None:
+    expect_error(actions, E.RATE_LIMITED, rid=rid, retry_after_ms=retry_after_ms)
+
+
+USER_RATE = Limits(send_rate=10, send_burst=3, channel_send_rate=1e6, channel_send_burst=10**6)
+
+
+def test_send_rate_is_per_user_across_sessions(store: LmdbStore) -> None:
+    shared = UserLimits(USER_RATE)  # the server passes one object to every session
+    phone = connect(store, limits=USER_RATE, user_limits=shared)
+    laptop = connect(store, limits=USER_RATE, sid="s-2", user_limits=shared)
+    bob = connect(store, "bob", limits=USER_RATE, sid="s-3", user_limits=shared)
+    only_submit(send_at(phone, 1))
+    only_submit(send_at(laptop, 2, channel="room-2"))
+    only_submit(send_at(phone, 3))
+    limited(send_at(laptop, 4), 4, retry_after_ms=100)  # a token per 100 ms
+    limited(send_at(phone, 5, NOW_MS + 50), 5, retry_after_ms=50)  # half a token is back
+    limited(send_at(phone, None, NOW_MS + 50), None, retry_after_ms=50)  # no rid: still told
+    for rid in range(6, 9):  # another user is unaffected
+        only_submit(send_at(bob, rid))
+    only_submit(send_at(laptop, 9, NOW_MS + 100))
+    limited(send_at(phone, 10, NOW_MS + 100), 10, retry_after_ms=100)
+    # A long pause refills the burst, no more.
+    for rid in range(11, 14):
+        only_submit(send_at(phone, rid, NOW_MS + 60_000))
+    limited(send_at(laptop, 14, NOW_MS + 60_000), 14, retry_after_ms=100)
+    assert store.channels() == []  # a refused send never reaches the store
+
+
+def test_edits_and_deletes_spend_the_send_budget(store: LmdbStore) -> None:
+    limits = Limits(send_rate=10, send_burst=2, channel_send_rate=1e6, channel_send_burst=10**6)
+    session = connect(store, limits=limits)
+    only_submit(call(session, "edit", rid=1, channel=ROOM, id="1-1", text="x"))
+    only_submit(call(session, "delete", rid=2, channel=ROOM, id="1-1"))
+    limited(send_at(session, 3), 3, retry_after_ms=100)
+    limited(call(session, "edit", rid=4, channel=ROOM, id="1-1", text="y"), 4, retry_after_ms=100)
+    limited(call(session, "delete", rid=5, channel=ROOM, id="1-1"), 5, retry_after_ms=100)
+    # Reads, cursors and typing are not sends.
+    only_submit(call(session, "read", rid=6, channel=ROOM, seq=0))
+    assert call(session, "history", rid=7, channel=ROOM) == [
+        ok(7, channel=ROOM, messages=[], more=False)
+    ]
+
+
+CHANNEL_RATE = Limits(send_rate=1e6, send_burst=10**6, channel_send_rate=5, channel_send_burst=2)
+
+
+def test_send_rate_per_user_and_channel(store: LmdbStore) -> None:
+    shared = UserLimits(CHANNEL_RATE)
+    phone = connect(store, limits=CHANNEL_RATE, user_limits=shared)
+    laptop = connect(store, limits=CHANNEL_RATE, sid="s-2", user_limits=shared)
+    bob = connect(store, "bob", limits=CHANNEL_RATE, sid="s-3", user_limits=shared)
+    only_submit(send_at(phone, 1))
+    only_submit(send_at(laptop, 2))
+    limited(send_at(phone, 3), 3, retry_after_ms=200)  # a token per 200 ms
+    only_submit(send_at(phone, 4, channel="room-2"))  # another room has its own budget
+    only_submit(send_at(laptop, 5, channel="room-2"))
+    limited(send_at(laptop, 6, channel="room-2"), 6, retry_after_ms=200)
+    only_submit(send_at(bob, 7))  # so has another user in the same room
+    only_submit(send_at(bob, 8))
+    limited(send_at(laptop, 9, NOW_MS + 100), 9, retry_after_ms=100)
+    only_submit(send_at(laptop, 10, NOW_MS + 200))
+    limited(send_at(phone, 11, NOW_MS + 200), 11, retry_after_ms=200)
+
+
+SLOW = Limits(
+    send_rate=1 / 64,  # a token per 64 s (a power of two: the refill math stays exact)
+    send_burst=1,
+    rate_limited_disconnect_ms=10_000,
+)
+
+
+def test_client_that_keeps_sending_while_limited_is_disconnected(store: LmdbStore) -> None:
+    session = connect(store, limits=SLOW)
+    only_submit(send_at(session, 0))
+    for i in range(10):  # refused from NOW_MS to NOW_MS + 9 s: still connected
+        limited(send_at(session, i + 1, NOW_MS + i * 1000), i + 1, 64_000 - i * 1000)
+    actions = send_at(session, 11, NOW_MS + 10_000)
+    frame = expect_error(actions, E.RATE_LIMITED, rid=11, fatal=True, retry_after_ms=54_000)
+    assert "10000 ms" in frame["message"] and "disconnect" in frame["message"]
+    assert isinstance(actions[1], Close) and "10000 ms" in actions[1].reason
+    expect_closed(session)
+
+
+def test_client_that_pauses_is_not_disconnected(store: LmdbStore) -> None:
+    session = connect(store, limits=SLOW)
+    only_submit(send_at(session, 0))
+    limited(send_at(session, 1), 1, retry_after_ms=64_000)
+    # It waits as told: the next send is accepted and ends the run of refusals.
+    only_submit(send_at(session, 2, NOW_MS + 64_000))
+    for i in range(10):
+        limited(send_at(session, 3, NOW_MS + 64_000 + i * 1000), 3, 64_000 - i * 1000)
+    # The bound counts from the first refusal of the new run.
+    expect_error(
+        send_at(session, 4, NOW_MS + 74_000),
+        E.RATE_LIMITED,
+        rid=4,
+        fatal=True,
+        retry_after_ms=54_000,
+    )
+
+
+def test_an_accepted_frame_ends_the_run_of_refusals(store: LmdbStore) -> None:
+    session = connect(store, limits=SLOW)
+    only_submit(send_at(session, 0))
+    limited(send_at(session, 1), 1, retry_after_ms=64_000)
+    limited(send_at(session, 2, NOW_MS + 500), 2, retry_after_ms=63_500)
+    pong(session, 3, NOW_MS + 1_000)  # processed without error: the run is over
+    for t in range(1_000, 11_000, 500):  # refused every 500 ms: one unbroken run
+        limited(send_at(session, 4, NOW_MS + t), 4, retry_after_ms=64_000 - t)
+    expect_error(
+        send_at(session, 5, NOW_MS + 11_000),
+        E.RATE_LIMITED,
+        rid=5,
+        fatal=True,
+        retry_after_ms=53_000,
+    )
+
+
+def test_frame_rate_refusals_count_toward_the_disconnect(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(frame_rate=1 / 64, frame_burst=1))
+    pong(session, 0, NOW_MS)
+    for t in range(0, 10_000, 500):
+        rate_limited(session, 1, NOW_MS + t, retry_after_ms=64_000 - t)
+    actions = call(session, "ping", NOW_MS + 10_000, rid=3)
+    frame = expect_error(actions, E.RATE_LIMITED, rid=3, fatal=True, retry_after_ms=54_000)
+    assert "10000 ms" in frame["message"]
+
+
+def test_a_device_that_obeys_retry_after_is_not_disconnected(store: LmdbStore) -> None:
+    # The buckets are the user's, the run of refusals the connection's: a device refused
+    # once that waits far longer than it was told is not "sending while limited", even if
+    # another device of the user keeps the shared bucket empty meanwhile.
+    limits = Limits(send_rate=10, send_burst=1, channel_send_rate=1e6, channel_send_burst=10**6)
+    shared = UserLimits(limits)
+    phone = connect(store, limits=limits, user_limits=shared)
+    laptop = connect(store, limits=limits, sid="s-2", user_limits=shared)
+    only_submit(send_at(laptop, 0))
+    limited(send_at(phone, 1), 1, retry_after_ms=100)
+    for t in range(100, 10_001, 100):  # the laptop takes every token as it comes back
+        only_submit(send_at(laptop, t, NOW_MS + t))
+    limited(send_at(phone, 2, NOW_MS + 10_000), 2, retry_after_ms=100)
+    assert phone.state is State.READY
+
+
+def test_the_frame_rate_applies_before_token_expiry(store: LmdbStore) -> None:
+    session = expiring(store, limits=Limits(refresh_grace_ms=GRACE, frame_rate=10, frame_burst=1))
+    warn_expired(session)
+    expect_error(call(session, "history", EXP_MS, rid=1, channel=ROOM), E.TOKEN_EXPIRED, rid=1)
+    expect_error(
+        call(session, "refresh", EXP_MS, rid=2, token=token(ttl_s=7200)),
+        E.RATE_LIMITED,
+        rid=2,
+        retry_after_ms=100,
+    )
+    assert call(session, "refresh", EXP_MS + 100, rid=3, token=token(ttl_s=7200)) == [
+        ok(3, exp=NOW_S + 7200)
+    ]
+
+
+# ------------------------------------------------------------------- presence
+
+
+def test_presence_status(store: LmdbStore) -> None:
+    session = connect(store)
+    for rid, status in enumerate(["online", "away", "busy", "offline", "in a meeting 🙂"]):
+        assert call(session, "presence", rid=rid, status=status) == [
+            SetPresence(status),
+            ok(rid, status=status),
+        ]
+    assert call(session, "presence", status="away") == [SetPresence("away")]  # no rid, no ok
+    longest = "é" * Limits().max_status_chars  # counted in characters
+    assert call(session, "presence", rid=9, status=longest) == [
+        SetPresence(longest),
+        ok(9, status=longest),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        ("", E.LIMIT_EXCEEDED),
+        ("x" * 65, E.LIMIT_EXCEEDED),
+        (None, E.BAD_REQUEST),
+        (5, E.BAD_REQUEST),
+        (True, E.BAD_REQUEST),
+        (b"away", E.BAD_REQUEST),
+        (["away"], E.BAD_REQUEST),
+    ],
+    ids=repr,
+)
+def test_presence_status_validation(store: LmdbStore, status: Any, code: str) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "presence", "rid": 2}
+    if status is not None:
+        frame["status"] = status
+    expect_error(session.receive_frame(frame, NOW_MS), code, rid=2)  # no SetPresence
+
+
+def test_presence_status_limit_is_a_setting(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(max_status_chars=4))
+    assert call(session, "presence", rid=1, status="busy")[0] == SetPresence("busy")
+    expect_error(call(session, "presence", rid=2, status="busy!"), E.LIMIT_EXCEEDED, rid=2)
+
+
+def test_presence_query(store: LmdbStore) -> None:
+    session = connect(store)
+    users = ["bob", "carol", "bob", "alice", "carol", "dave"]
+    assert call(session, "presence", rid=3, users=users) == [
+        QueryPresence(3, ["bob", "carol", "alice", "dave"])  # deduplicated, order kept
+    ]
+    assert call(session, "presence", users=["bob"]) == [QueryPresence(None, ["bob"])]
+    assert call(session, "presence", rid=5, users=[]) == [QueryPresence(5, [])]  # may be empty
+    # `users` wins over `status`: a query sets nothing.
+    assert call(session, "presence", rid=4, users=["bob"], status="away") == [
+        QueryPresence(4, ["bob"])
+    ]
+
+
+@pytest.mark.parametrize(
+    "users",
+    ["bob", 5, {"bob": 1}, [5], ["bob", None], ["bob", ""], ["a b"], [b"bob"], [["bob"]]],
+    ids=repr,
+)
+def test_presence_query_validation(store: LmdbStore, users: Any) -> None:
+    session = connect(store)
+    expect_error(call(session, "presence", rid=5, users=users), E.BAD_REQUEST, rid=5)
+
+
+def test_presence_query_limit(store: LmdbStore) -> None:
+    session = connect(store)
+    most = Limits().max_presence_users
+    users = [f"u{i}" for i in range(most)]
+    assert call(session, "presence", rid=1, users=users) == [QueryPresence(1, users)]
+    expect_error(
+        call(session, "presence", rid=2, users=[*users, "one-more"]), E.LIMIT_EXCEEDED, rid=2
+    )
+    small = connect(store, limits=Limits(max_presence_users=2), sid="s-2")
+    expect_error(call(small, "presence", rid=3, users=["a", "b", "c"]), E.LIMIT_EXCEEDED, rid=3)
+
+
+# ------------------------------------------------------------------- unread counts
+
+
+@pytest.fixture
+def unread_scenario(store: LmdbStore) -> LmdbStore:
+    """room-1: bob 1, alice 2 (own), bob 3 (deleted), bob 4 (edited), carol 7; alice has
+    read up to 1. room-2: two of bob's, never read. room-3 does not exist."""
+    store.append(ROOM, "bob", "c1", "one")
+    store.append(ROOM, "alice", "c2", "mine")
+    gone = store.append(ROOM, "bob", "c3", "gone")
+    kept = store.append(ROOM, "bob", "c4", "kept")
+    store.delete(ROOM, "bob", gone.id)  # seq 5
+    store.edit(ROOM, "bob", kept.id, "kept!")  # seq 6
+    store.append(ROOM, "carol", "c7", "hi")
+    store.set_read("alice", ROOM, 1)
+    store.append("room-2", "bob", "c1", "a")
+    store.append("room-2", "bob", "c2", "b")
+    return store
+
+
+def test_unread_counts(unread_scenario: LmdbStore) -> None:
+    store = unread_scenario
+    session = connect(store)
+    channels = [ROOM, "room-2", "room-3"]
+    assert call(session, "unread", rid=1, channels=channels) == [
+        ok(1, unread={ROOM: 2, "room-2": 2, "room-3": 0}, capped=[])
+    ]
+    assert call(session, "unread", channels=channels) == []  # no rid: nothing to answer
+    assert call(session, "unread", rid=2, channels=[]) == [ok(2, unread={}, capped=[])]
+    # Reading moves the count: up to seq 4 leaves only carol's message.
+    done(store, call(session, "read", rid=3, channel=ROOM, seq=4))
+    assert call(session, "unread", rid=4, channels=[ROOM]) == [ok(4, unread={ROOM: 1}, capped=[])]
+    # Bob's own messages are not unread to him; his cursor is 0.
+    bob = connect(store, "bob", sid="s-2")
+    assert call(bob, "unread", rid=5, channels=[ROOM, "room-2"]) == [
+        ok(5, unread={ROOM: 2, "room-2": 0}, capped=[])
+    ]
+
+
+def test_unread_of_a_forbidden_channel(unread_scenario: LmdbStore) -> None:
+    store = unread_scenario
+    store.append("lobby", "bob", "c1", "x")
+    session = connect(store)
+    expect_error(call(session, "unread", rid=1, channels=[ROOM, "lobby"]), E.FORBIDDEN, rid=1)
+    expect_error(call(session, "unread", rid=2, channels=["dm:bob:carol"]), E.FORBIDDEN, rid=2)
+    send_only = connect(store, scopes=(SCOPE_SEND,), sid="s-2")
+    expect_error(call(send_only, "unread", rid=3, channels=[ROOM]), E.FORBIDDEN, rid=3)
+
+
+@pytest.mark.parametrize(
+    "channels",
+    [None, ROOM, 5, {ROOM: 1}, [5], [ROOM, None], [b"room-1"], [""], ["room 1"]],
+    ids=repr,
+)
+def test_unread_validation(store: LmdbStore, channels: Any) -> None:
+    session = connect(store)
+    frame: dict[str, Any] = {"t": "unread", "rid": 6}
+    if channels is not None:
+        frame["channels"] = channels
+    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=6)
+
+
+def test_unread_channel_count_limit(store: LmdbStore) -> None:
+    session = connect(store, limits=Limits(max_presence_users=2))
+    assert call(session, "unread", rid=1, channels=["room-1", "room-2"]) == [
+        ok(1, unread={"room-1": 0, "room-2": 0}, capped=[])
+    ]
+    expect_error(
+        call(session, "unread", rid=2, channels=["room-1", "room-2", "room-3"]),
+        E.LIMIT_EXCEEDED,
+        rid=2,
+    )
+
+
+def test_unread_scan_is_capped(store: LmdbStore) -> None:
+    for i in range(5):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    for i in range(3):
+        store.append("room-2", "bob", f"c{i}", "x")
+    session = connect(store, limits=Limits(unread_scan_max=3))
+    assert call(session, "unread", rid=1, channels=[ROOM, "room-2"]) == [
+        ok(1, unread={ROOM: 3, "room-2": 3}, capped=[ROOM])  # room-2: exactly 3, exact
+    ]
+    store.set_read("alice", ROOM, 1)  # 4 entries left: still capped
+    assert call(session, "unread", rid=2, channels=[ROOM]) == [
+        ok(2, unread={ROOM: 3}, capped=[ROOM])
+    ]
+    store.set_read("alice", ROOM, 2)  # 3 entries left: exact again
+    assert call(session, "unread", rid=3, channels=[ROOM]) == [ok(3, unread={ROOM: 3}, capped=[])]
+
+
+def test_unread_scan_counts_entries_not_messages(store: LmdbStore) -> None:
+    # The bound is on log entries read: edits and deletes use it up too.
+    first = store.append(ROOM, "bob", "c0", "x")
+    store.edit(ROOM, "bob", first.id, "y")
+    store.edit(ROOM, "bob", first.id, "z")
+    store.append(ROOM, "bob", "c1", "x")
+    session = connect(store, limits=Limits(unread_scan_max=3))
+    assert call(session, "unread", rid=1, channels=[ROOM]) == [
+        ok(1, unread={ROOM: 1}, capped=[ROOM])
+    ]
+
+
+def test_unread_names_each_capped_channel_once(store: LmdbStore) -> None:
+    for i in range(5):
+        store.append(ROOM, "bob", f"c{i}", "x")
+    session = connect(store, limits=Limits(unread_scan_max=3))
+    assert call(session, "unread", rid=1, channels=[ROOM, ROOM]) == [
+        ok(1, unread={ROOM: 3}, capped=[ROOM])
+    ]
+
+
+# ------------------------------------------------------------------- welcome limits
+
+
+def test_welcome_announces_the_signal_limits(store: LmdbStore) -> None:
+    limits = Limits(
+        heartbeat_ms=5_000,
+        send_rate=3.5,
+        typing_timeout_ms=4_000,
+        refresh_grace_ms=7_000,
+        max_status_chars=10,
+        unread_scan_max=99,
+    )
+    session = new_session(store, limits)
+    [welcome, _] = session.receive_frame({"t": "hello", "v": 1, "token": token()}, NOW_MS)
+    assert isinstance(welcome, Reply)
+    announced = welcome.frame["limits"]
+    assert welcome.frame["heartbeat_ms"] == 5_000
+    assert set(announced) >= {
+        "send_rate",
+        "send_burst",
+        "channel_send_rate",
+        "channel_send_burst",
+        "typing_rate",
+        "typing_burst",
+        "typing_timeout_ms",
+        "refresh_grace_ms",
+        "max_status_chars",
+        "max_presence_users",
+        "unread_scan_max",
+    }
+    assert (announced["send_rate"], announced["typing_timeout_ms"]) == (3.5, 4_000)
+    assert (announced["refresh_grace_ms"], announced["max_status_chars"]) == (7_000, 10)
+    assert (announced["unread_scan_max"], announced["send_burst"]) == (99, 50)
+    encode(welcome.frame, limits.max_frame)
+
+
 # ------------------------------------------------------------------- fuzzing
 
 
@@ -1432,8 +2359,11 @@ REQUEST_TYPES = [
     "leave",
     "typing",
     "ping",
+    "presence",
+    "refresh",
+    "unread",
 ]
-OTHER_TYPES = ["hello", "presence", "refresh", "event", "ok", "error", "welcome", ""]
+OTHER_TYPES = ["hello", "event", "ok", "error", "welcome", "left", ""]
 CHANNELS = ["room-1", "room-1", "room-2", "lobby", "dm:alice:bob", "dm:bob:carol", "dm:bob:alice"]
 IDS = ["1-1", "1-2", "1-3", "2-1", "1-999", "x"]
 
@@ -1463,7 +2393,10 @@ GOOD_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "before": st.integers(min_value=1, max_value=5),
     "on": st.booleans(),
     "v": st.just(1),
-    "token": st.just("not-a-jwt"),
+    "token": st.sampled_from(["not-a-jwt", token("alice", ("room-1",)), token("bob")]),
+    "status": st.sampled_from(["online", "away", "", "x" * 65]),
+    "users": st.lists(st.sampled_from(["alice", "bob", "carol", "", "a b"]), max_size=4),
+    "channels": st.lists(st.sampled_from(CHANNELS), max_size=3),
 }
 
 
@@ -1476,10 +2409,10 @@ def frames(draw: st.DrawFn) -> dict[str, Any]:
         how = draw(st.sampled_from(["good", "good", "absent", "any"]))
         if how != "absent":
             frame[name] = draw(good if how == "good" else values)
-    kind = draw(st.integers(min_value=0, max_value=9))
-    if kind < 8:
+    kind = draw(st.integers(min_value=0, max_value=12))
+    if kind < 11:
         frame["t"] = draw(st.sampled_from(REQUEST_TYPES))
-    elif kind == 8:
+    elif kind == 11:
         frame["t"] = draw(st.sampled_from(OTHER_TYPES) | st.text(max_size=8))
     else:
         frame["t"] = draw(values)  # also a missing `t`: None is dropped below

@@ -10,6 +10,8 @@ BAD_FRAME = "bad_frame"  # invalid msgpack, not a map, too deep, no string `t`, 
 FRAME_TOO_LARGE = "frame_too_large"  # declared length over max_frame
 HELLO_REQUIRED = "hello_required"  # the first frame was not `hello`
 HELLO_TIMEOUT = "hello_timeout"  # no `hello` within the server's deadline
+IDLE_TIMEOUT = "idle_timeout"  # nothing received for two heartbeat intervals
+FRAME_TIMEOUT = "frame_timeout"  # a frame started but did not complete within the deadline
 UNSUPPORTED_VERSION = "unsupported_version"  # `hello.v` is not a version this server speaks
 UNAUTHORIZED = "unauthorized"  # bad token at hello
 TOKEN_EXPIRED = "token_expired"  # expired token at hello
@@ -31,6 +33,8 @@ CONNECTION_ERRORS = frozenset(
         FRAME_TOO_LARGE,
         HELLO_REQUIRED,
         HELLO_TIMEOUT,
+        IDLE_TIMEOUT,
+        FRAME_TIMEOUT,
         UNSUPPORTED_VERSION,
         UNAUTHORIZED,
         TOKEN_EXPIRED,

@@ -28,6 +28,20 @@ class Limits:
     heartbeat_ms: int = 30_000  # announced in welcome; clients ping at least this often
     frame_rate: float = 200.0  # frames per second per connection, sustained
     frame_burst: int = 400  # frames a connection may send at once above the rate
+    # A person types a few messages a second at most; bursts cover pastes and outboxes.
+    send_rate: float = 10.0  # sends, edits and deletes per second per user, all devices
+    send_burst: int = 50
+    channel_send_rate: float = 5.0  # the same per (user, channel): no one floods one room
+    channel_send_burst: int = 30
+    typing_rate: float = 2.0  # typing frames per second per user (clients send every ~3 s)
+    typing_burst: int = 10
+    typing_timeout_ms: int = 6_000  # an `on` not renewed or turned off expires after this
+    refresh_grace_ms: int = 30_000  # after the token expires, time to send `refresh`
+    # A client that goes on sending while refused for this long is disconnected.
+    rate_limited_disconnect_ms: int = 10_000
+    max_status_chars: int = 64  # presence status: a word or a short custom text
+    max_presence_users: int = 100  # users (or channels) one presence (unread) query names
+    unread_scan_max: int = 100_000  # log entries one unread count reads; past it, a bound
 
     def __post_init__(self) -> None:
         # Every server frame fits in max_frame: an event or a one-entry page carries at
@@ -38,8 +52,12 @@ class Limits:
                 f"max_frame {self.max_frame} is too small for max_text_bytes + "
                 f"max_meta_bytes + {FRAME_ENVELOPE} bytes of envelope = {need}"
             )
-        if self.frame_rate <= 0 or self.frame_burst < 1:
-            raise ValueError("frame_rate must be > 0 and frame_burst >= 1")
+        for name in ("heartbeat_ms", "typing_timeout_ms", "unread_scan_max", "max_joined"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for kind in ("frame", "send", "channel_send", "typing"):
+            if getattr(self, f"{kind}_rate") <= 0 or getattr(self, f"{kind}_burst") < 1:
+                raise ValueError(f"{kind}_rate must be > 0 and {kind}_burst >= 1")
 
     def announce(self) -> dict[str, int | float]:
         """The limits a client needs to know, sent in ``welcome.limits``."""
@@ -55,4 +73,15 @@ class Limits:
             "max_joined": self.max_joined,
             "frame_rate": self.frame_rate,
             "frame_burst": self.frame_burst,
+            "send_rate": self.send_rate,
+            "send_burst": self.send_burst,
+            "channel_send_rate": self.channel_send_rate,
+            "channel_send_burst": self.channel_send_burst,
+            "typing_rate": self.typing_rate,
+            "typing_burst": self.typing_burst,
+            "typing_timeout_ms": self.typing_timeout_ms,
+            "refresh_grace_ms": self.refresh_grace_ms,
+            "max_status_chars": self.max_status_chars,
+            "max_presence_users": self.max_presence_users,
+            "unread_scan_max": self.unread_scan_max,
         }

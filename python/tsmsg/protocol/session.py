@@ -13,21 +13,22 @@ sends its error frame, then ``Close``, and the session refuses further input.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tsmsg._native import FrameError, FrameTooLarge, packb
-from tsmsg.auth import AuthError, Claims, TokenVerifier, valid_channel
+from tsmsg.auth import AuthError, Claims, TokenVerifier, valid_channel, valid_user
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.limits import PROTOCOL_VERSION, Limits
+from tsmsg.protocol.ratelimit import TokenBucket, UserLimits
 from tsmsg.store.base import AppendResult, ChannelInfo, Entry, Store, WriteOp
 
 Frame = dict[str, Any]
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+RUN_GAP_MS = 1000  # a pause this long ends a run of rate-limited requests
 RID_RULE = "`rid` must be an integer from -2**63 to 2**63-1"
 MAX_ID_CHARS = 64  # message ids are opaque strings of at most this length
 # Bytes of a reply around its list of entries ({"t":"ok","rid":…,"channel":…,"more":…,…});
@@ -77,7 +78,23 @@ class Publish:
     skip_user: str | None = None
 
 
-Action = Reply | Close | Submit | Subscribe | Unsubscribe | Publish
+@dataclass(frozen=True, slots=True)
+class SetPresence:
+    """This user's presence: ``None`` when this device has just connected (the server
+    knows whether it is the user's first), else the status the user set."""
+
+    status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPresence:
+    """Answer ``rid`` with the presence of ``users`` (the server holds live presence)."""
+
+    rid: int | None
+    users: list[str]
+
+
+Action = Reply | Close | Submit | Subscribe | Unsubscribe | Publish | SetPresence | QueryPresence
 
 
 class State(enum.Enum):
@@ -132,6 +149,7 @@ class Session:
         limits: Limits,
         session_id: str,
         now_ms: int,
+        user_limits: UserLimits | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -142,8 +160,14 @@ class Session:
         self.joined: set[str] = set()
         self.cut: set[str] = set()  # joined channels whose live stream was cut (slow consumer)
         self.close_reason: str | None = None
-        self._tokens = float(limits.frame_burst)  # frame-rate token bucket
-        self._last_ms = now_ms
+        self._frames = TokenBucket(limits.frame_rate, limits.frame_burst, now_ms)
+        # Shared with the user's other sessions (the server passes one for all).
+        self.user_limits = user_limits or UserLimits(limits)
+        self.last_rx_ms = now_ms  # anything received counts as a heartbeat
+        self.typing: dict[str, int] = {}  # channel -> when its `on` expires
+        self.expired_at: int | None = None  # when we told the client its token expired
+        self.limited_since: int | None = None  # first of an unbroken run of rate_limited
+        self._last_refused_ms = 0
         self._handlers: dict[str, Callable[[Frame, int | None, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,
@@ -155,6 +179,9 @@ class Session:
             "read": self._read,
             "typing": self._typing,
             "ping": self._ping,
+            "refresh": self._refresh,
+            "presence": self._presence,
+            "unread": self._unread,
         }
 
     @property
@@ -167,6 +194,7 @@ class Session:
     def receive_frame(self, frame: Frame, now_ms: int) -> list[Action]:
         if self.state is State.CLOSED:
             return []
+        self.last_rx_ms = now_ms
         rid = frame.get("rid")
         bad_rid = rid is not None and (type(rid) is not int or not INT64_MIN <= rid <= INT64_MAX)
         if bad_rid or type(rid) is not int:
@@ -183,7 +211,7 @@ class Session:
                 if bad_rid:
                     raise RequestError(E.BAD_REQUEST, RID_RULE, fatal=True)
                 return self._hello(frame, rid, now_ms)
-            self._spend_token(now_ms)
+            self._limit(self._frames.take(now_ms), f"over {self.limits.frame_rate:g} frames/s")
             if bad_rid:
                 raise RequestError(E.BAD_REQUEST, RID_RULE)
             handler = self._handlers.get(t)
@@ -191,8 +219,28 @@ class Session:
                 if t == "hello":
                     raise RequestError(E.BAD_REQUEST, "this connection already said hello")
                 raise RequestError(E.UNKNOWN_TYPE, f"unknown frame type {t[:32]!r}")
-            return handler(frame, rid, now_ms)
+            if self.claims is not None and now_ms >= self.claims.exp * 1000:
+                if t not in ("refresh", "ping"):
+                    raise RequestError(
+                        E.TOKEN_EXPIRED, "the token expired: send refresh", fatal=False
+                    )
+            actions = handler(frame, rid, now_ms)
+            self.limited_since = None
+            return actions
         except RequestError as exc:
+            if exc.code == E.RATE_LIMITED:
+                # An unbroken run of refusals: a pause of a second or a served request ends it.
+                if self.limited_since is None or now_ms - self._last_refused_ms > RUN_GAP_MS:
+                    self.limited_since = now_ms
+                self._last_refused_ms = now_ms
+                if now_ms - self.limited_since >= self.limits.rate_limited_disconnect_ms:
+                    exc = RequestError(
+                        E.RATE_LIMITED,
+                        "kept sending while rate limited for "
+                        f"{self.limits.rate_limited_disconnect_ms} ms: disconnected",
+                        fatal=True,
+                        retry_after_ms=exc.extra.get("retry_after_ms", 1),
+                    )
             return self._refuse(exc, rid)
 
     def frame_error(self, exc: FrameError) -> list[Action]:
@@ -202,9 +250,14 @@ class Session:
         code = E.FRAME_TOO_LARGE if isinstance(exc, FrameTooLarge) else E.BAD_FRAME
         return self._refuse(RequestError(code, str(exc)), None)
 
-    def hello_timeout(self) -> list[Action]:
-        """The connection did not complete hello within the deadline (slowloris)."""
-        return self._refuse(RequestError(E.HELLO_TIMEOUT, "no hello within the deadline"), None)
+    def timed_out(self, code: str) -> list[Action]:
+        """A read deadline passed: ``hello_timeout`` (no hello in time) or
+        ``frame_timeout`` (a frame started and did not complete in time)."""
+        if self.state is State.CLOSED:
+            return []
+        what = "no hello" if code == E.HELLO_TIMEOUT else "a frame did not complete"
+        exc = RequestError(code, f"{what} within the deadline", fatal=True)
+        return self._typing_off_all() + self._refuse(exc, None)
 
     def _refuse(self, exc: RequestError, rid: int | None) -> list[Action]:
         actions: list[Action] = [Reply(exc.frame(rid))]
@@ -214,23 +267,68 @@ class Session:
             actions.append(Close(self.close_reason))
         return actions
 
-    def closed(self, reason: str) -> None:
-        """The connection is gone (peer closed, server shutdown)."""
+    def closed(self, reason: str) -> list[Action]:
+        """The connection is gone (peer closed, server shutdown): typing it had on stops."""
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
             self.close_reason = reason
+        return self._typing_off_all()
 
-    def _spend_token(self, now_ms: int) -> None:
-        rate, burst = self.limits.frame_rate, self.limits.frame_burst
-        elapsed = max(0, now_ms - self._last_ms)
-        self._last_ms = now_ms
-        self._tokens = min(float(burst), self._tokens + elapsed * rate / 1000)
-        if self._tokens < 1:
-            wait = math.ceil((1 - self._tokens) * 1000 / rate)
-            raise RequestError(
-                E.RATE_LIMITED, f"over {rate:g} frames/s", retry_after_ms=max(1, wait)
-            )
-        self._tokens -= 1
+    def _typing_off_all(self) -> list[Action]:
+        actions: list[Action] = [self._typing_push(ch, False) for ch in self.typing]
+        self.typing.clear()
+        return actions
+
+    @staticmethod
+    def _limit(retry_after_ms: int, what: str) -> None:
+        if retry_after_ms:
+            raise RequestError(E.RATE_LIMITED, what, retry_after_ms=retry_after_ms)
+
+    # ------------------------------------------------------------------ time
+
+    def next_deadline(self) -> int | None:
+        """The earliest time (ms) at which ``tick`` has something to do."""
+        if self.state is not State.READY or self.claims is None:
+            return None
+        deadlines = [self.last_rx_ms + 2 * self.limits.heartbeat_ms]
+        if self.expired_at is None:
+            deadlines.append(self.claims.exp * 1000)
+        else:
+            deadlines.append(self.expired_at + self.limits.refresh_grace_ms)
+        deadlines.extend(self.typing.values())
+        return min(deadlines)
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Timers: idle peers, token expiry and its grace period, typing expiry."""
+        if self.state is not State.READY or self.claims is None:
+            return []
+        idle = 2 * self.limits.heartbeat_ms
+        if now_ms - self.last_rx_ms >= idle:
+            exc = RequestError(E.IDLE_TIMEOUT, f"nothing received for {idle} ms")
+            return self._typing_off_all() + self._refuse(exc, None)
+        actions: list[Action] = []
+        if now_ms >= self.claims.exp * 1000:
+            grace = self.limits.refresh_grace_ms
+            if self.expired_at is None:
+                self.expired_at = now_ms
+                exc = RequestError(
+                    E.TOKEN_EXPIRED,
+                    f"the token expired: send refresh within {grace} ms",
+                    fatal=False,
+                )
+                actions.append(Reply(exc.frame(None) | {"refresh_within_ms": grace}))
+            elif now_ms >= self.expired_at + grace:
+                exc = RequestError(
+                    E.TOKEN_EXPIRED,
+                    f"the token expired and was not refreshed within {grace} ms",
+                    fatal=True,
+                )
+                return self._typing_off_all() + self._refuse(exc, None)
+        for channel, until in list(self.typing.items()):
+            if now_ms >= until:
+                del self.typing[channel]
+                actions.append(self._typing_push(channel, False))
+        return actions
 
     def _ok(self, rid: int | None, **fields: Any) -> list[Action]:
         return [] if rid is None else [Reply({"t": "ok", "rid": rid, **fields})]
@@ -264,7 +362,7 @@ class Session:
         }
         if rid is None:
             del welcome["rid"]
-        return [Reply(welcome)]
+        return [Reply(welcome), SetPresence(None)]
 
     # ------------------------------------------------------------------ channels
 
@@ -289,8 +387,10 @@ class Session:
         read = self.store.read_cursor(self.user, channel)
         self.joined.add(channel)
         self.cut.discard(channel)
+        member = WriteOp("member", channel, self.user)  # for presence: who shares a channel
         return [
             Subscribe(channel),
+            self._submit(member, None),
             *self._ok(
                 rid,
                 channel=channel,
@@ -312,6 +412,10 @@ class Session:
 
     # ------------------------------------------------------------------ writes
 
+    def _spend_send(self, channel: str, now_ms: int) -> None:
+        retry = self.user_limits.take_send(self.user, channel, now_ms)
+        self._limit(retry, "sending too fast: over the per-user or per-channel send rate")
+
     def _send(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         channel = self._channel(frame, send=True)
         cid: str = _field(frame, "cid", str, f"a string of 1 to {self.limits.max_cid_chars} chars")
@@ -328,6 +432,7 @@ class Session:
                 raise RequestError(
                     E.LIMIT_EXCEEDED, f"`meta` is over {self.limits.max_meta_bytes} bytes encoded"
                 )
+        self._spend_send(channel, now_ms)
         dup = self.store.lookup_dup(channel, self.user, cid)
         if dup is not None:
             return self._ok(rid, channel=channel, seq=dup.seq, id=dup.id, ts=dup.ts, dup=True)
@@ -346,6 +451,7 @@ class Session:
             op = WriteOp("edit", channel, self.user, text=text, target=target, moderator=moderator)
         else:
             op = WriteOp("delete", channel, self.user, target=target, moderator=moderator)
+        self._spend_send(channel, now_ms)
         return [self._submit(op, rid)]
 
     def _read(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
@@ -362,6 +468,8 @@ class Session:
         fan-out to the channel. The fan-out happens even if this connection is gone."""
         actions: list[Action] = []
         live = self.state is State.READY
+        if op.kind in ("member", "seen"):
+            return actions  # background writes: a failure is logged by the store, not sent
         if op.error is not None:
             if live:
                 actions.append(Reply(RequestError(op.error.code, op.error.message).frame(op.rid)))
@@ -437,8 +545,76 @@ class Session:
         on = frame.get("on")
         if not isinstance(on, bool):
             raise RequestError(E.BAD_REQUEST, "`on` must be a boolean")
+        retry = self.user_limits.typing.take(self.user, now_ms)
+        self._limit(retry, f"over {self.limits.typing_rate:g} typing frames/s")
+        if on:
+            self.typing[channel] = now_ms + self.limits.typing_timeout_ms
+        elif self.typing.pop(channel, None) is None:
+            return self._ok(rid)  # nothing to turn off: no push
+        return [self._typing_push(channel, on), *self._ok(rid)]
+
+    def _presence(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
+        """``{status}`` sets this user's status; ``{users}`` asks for others'."""
+        users = frame.get("users")
+        if users is not None:
+            most = self.limits.max_presence_users
+            if not isinstance(users, list) or not all(valid_user(u) for u in users):
+                raise RequestError(E.BAD_REQUEST, "`users` must be a list of user ids")
+            if len(users) > most:
+                raise RequestError(E.LIMIT_EXCEEDED, f"at most {most} users per presence query")
+            return [QueryPresence(rid, list(dict.fromkeys(users)))]
+        status = _field(frame, "status", str, "a status string or `users`, a list")
+        if not 1 <= len(status) <= self.limits.max_status_chars:
+            raise RequestError(
+                E.LIMIT_EXCEEDED, f"`status` must be 1 to {self.limits.max_status_chars} chars"
+            )
+        return [SetPresence(status), *self._ok(rid, status=status)]
+
+    def _unread(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
+        channels = frame.get("channels")
+        most = self.limits.max_presence_users
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise RequestError(E.BAD_REQUEST, "`channels` must be a list of channel names")
+        if len(channels) > most:
+            raise RequestError(E.LIMIT_EXCEEDED, f"at most {most} channels per unread request")
+        counts: dict[str, int] = {}
+        capped: list[str] = []
+        scan_max = self.limits.unread_scan_max
+        for name in dict.fromkeys(channels):
+            channel = self._channel({"channel": name})
+            counts[channel] = self.store.unread(self.user, channel, scan_max)
+            info = self.store.channel(channel)
+            if info.head - self.store.read_cursor(self.user, channel) > scan_max:
+                capped.append(channel)
+        return self._ok(rid, unread=counts, capped=capped)
+
+    def _typing_push(self, channel: str, on: bool) -> Publish:
         push = {"t": "typing", "channel": channel, "user": self.user, "on": on}
-        return [Publish(channel, push, skip_user=self.user), *self._ok(rid)]
+        return Publish(channel, push, skip_user=self.user)
+
+    def _refresh(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
+        token = frame.get("token")
+        if not isinstance(token, str):
+            raise RequestError(E.BAD_REQUEST, "`token` must be a JWT string")
+        try:
+            claims = self.verifier.verify(token, now_ms // 1000)
+        except AuthError as exc:
+            raise RequestError(exc.code, exc.message, fatal=False) from None
+        if claims.user != self.user:
+            raise RequestError(
+                E.UNAUTHORIZED, "a refresh token must be for the same user", fatal=False
+            )
+        self.claims, self.expired_at = claims, None
+        actions: list[Action] = []
+        for channel in sorted(self.joined):
+            if not claims.may_read(channel):
+                self.joined.discard(channel)
+                self.cut.discard(channel)
+                if self.typing.pop(channel, None) is not None:
+                    actions.append(self._typing_push(channel, False))
+                left = {"t": "left", "channel": channel, "reason": "forbidden"}
+                actions += [Unsubscribe(channel), Reply(left)]
+        return actions + self._ok(rid, exp=claims.exp)
 
     def _ping(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         pong: Frame = {"t": "pong"} if rid is None else {"t": "pong", "rid": rid}

@@ -34,12 +34,16 @@ import trio
 from tsmsg._native import FrameDecoder, FrameError, encode
 from tsmsg.auth import TokenVerifier
 from tsmsg.protocol import errors as E
+from tsmsg.protocol.errors import RequestError
+from tsmsg.protocol.ratelimit import Buckets, UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
     Publish,
+    QueryPresence,
     Reply,
     Session,
+    SetPresence,
     State,
     Submit,
     Subscribe,
@@ -52,10 +56,6 @@ log = logging.getLogger("tsmsg.server")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Connection:
@@ -93,6 +93,13 @@ class Connection:
             self.has_data.set()  # else the writer has not taken the queue yet: it is set
         self.queue.append((data, channel))
         self.queued_bytes += len(data)
+
+    def push_signal(self, data: bytes) -> None:
+        """A best-effort push (presence): dropped, not queued, past the outbound bound."""
+        if self.closing is None and self.queued_bytes + len(data) <= self.limit:
+            self.send_bytes(data, None)
+        else:
+            self.server.stats["signals_dropped"] += 1
 
     def _cut_streams(self, channel: str) -> None:
         """Slow consumer: drop queued live events and tell the client to sync."""
@@ -154,35 +161,45 @@ class Connection:
             await self.inflight_freed.wait()
 
     async def reader(self) -> None:
+        """Decode frames and hand them to the session. Two deadlines guard the reads:
+        hello must arrive within ``hello_timeout_s``, and a frame once started must
+        complete within ``frame_timeout_s`` (slowloris); idle peers are the ticker's."""
+        session, server = self.session, self.server
         decoder = FrameDecoder(
-            max_frame=self.session.limits.max_frame, max_depth=self.session.limits.max_depth
+            max_frame=session.limits.max_frame, max_depth=session.limits.max_depth
         )
-        settings = self.server.settings
-        deadline = trio.current_time() + settings.hello_timeout_s
+        settings = server.settings
+        hello_deadline = trio.current_time() + settings.hello_timeout_s
+        partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
-            if self.session.state is State.AWAITING_HELLO:
-                with trio.move_on_at(deadline) as hello_wait:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK)
-                if hello_wait.cancelled_caught:
-                    self.server.perform(self, self.session.hello_timeout())
-                    return
+            if session.state is State.AWAITING_HELLO:
+                deadline, code = hello_deadline, E.HELLO_TIMEOUT
             else:
+                deadline, code = partial_since + settings.frame_timeout_s, E.FRAME_TIMEOUT
+            with trio.move_on_at(deadline) as wait:
                 data = await self.stream.receive_some(RECEIVE_CHUNK)
+            if wait.cancelled_caught:
+                server.perform(self, session.timed_out(code))
+                return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
             try:
                 frames = decoder.feed(data)
             except FrameError as exc:
-                self.server.perform(self, self.session.frame_error(exc))
+                server.perform(self, session.frame_error(exc))
                 return
+            if not decoder.buffered:
+                partial_since = math.inf
+            elif frames or partial_since == math.inf:
+                partial_since = trio.current_time()  # the deadline is per frame
             for frame in frames:
                 await self.wait_writable()
-                if self.server.draining:
+                if server.draining:
                     break  # read and drop: unread input would make close() send a reset
                 if self.closing is not None:
                     return
-                self.server.stats["frames_in"] += 1
-                self.server.perform(self, self.session.receive_frame(frame, now_ms()))
+                server.stats["frames_in"] += 1
+                server.perform(self, session.receive_frame(frame, server.now_ms()))
 
 
 class Server:
@@ -191,8 +208,15 @@ class Server:
         self.verifier = verifier
         self.members: dict[str, set[Connection]] = collections.defaultdict(set)
         self.connections: dict[Session, Connection] = {}
+        self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
+        self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.stats: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
+        limits = settings.limits
+        self.user_limits = UserLimits(limits)  # shared by all sessions of a user
+        self.ip_connections = Buckets(settings.ip_connect_rate, settings.ip_connect_burst)
+        self.ip_login_failures = Buckets(settings.ip_login_fail_rate, settings.ip_login_fail_burst)
+        self._clock_base = (time.time_ns() // 1_000_000, 0.0)  # wall ms at a trio time
         self._token: trio.lowlevel.TrioToken | None = None
         self.store: LmdbStore  # opened in run()
         self.port = 0
@@ -218,6 +242,77 @@ class Server:
             elif isinstance(action, Close):
                 log.info("closing %s (%s): %s", conn.peer, conn.user, action.reason)
                 conn.close_after_flush(action.reason)
+            elif isinstance(action, SetPresence):
+                self._set_presence(conn, action.status)
+            elif isinstance(action, QueryPresence):
+                self._query_presence(conn, action.rid, action.users)
+
+    # ------------------------------------------------------------------ presence
+
+    def _set_presence(self, conn: Connection, status: str | None) -> None:
+        """A device connected (``None``) or the user set a status. Pushed once per
+        change, not once per device."""
+        user = conn.user
+        assert user is not None
+        devices = self.devices.setdefault(user, set())
+        first = not devices
+        devices.add(conn)
+        if status is None and not first:
+            return
+        status = status or "online"
+        if self.status.get(user) != status:
+            self.status[user] = status
+            self._push_presence(conn, status)
+
+    def _device_gone(self, conn: Connection) -> None:
+        user = conn.user
+        devices = self.devices.get(user or "")
+        if user is None or devices is None or conn not in devices:
+            return
+        devices.discard(conn)
+        if devices:
+            return
+        del self.devices[user]
+        if self.status.pop(user, "offline") != "offline":
+            self._push_presence(conn, "offline")
+        try:
+            self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts
+        except StoreUnavailable:
+            log.warning("store closed: last_seen of %s not recorded", user)
+
+    def _push_presence(self, conn: Connection, status: str) -> None:
+        """To every connection joined to a channel the user is a member of and may still
+        read (by the token of the device that changed it)."""
+        claims = conn.session.claims
+        assert claims is not None
+        data = encode({"t": "presence", "user": claims.user, "status": status, "ts": self.now_ms()})
+        recipients: set[Connection] = set()
+        for channel in self.store.channels_of(claims.user):
+            if claims.may_read(channel):
+                recipients.update(self.members.get(channel, ()))
+        for conn in recipients:
+            conn.push_signal(data)
+
+    def _query_presence(self, conn: Connection, rid: int | None, users: list[str]) -> None:
+        """Presence of the asked users who share a channel with the asker (others are
+        left out, so a query reveals nothing about strangers)."""
+        claims = conn.session.claims
+        assert claims is not None
+        asker = claims.user
+        mine = {c for c in self.store.channels_of(asker) if claims.may_read(c)}
+        found = []
+        for user in users:
+            if user != asker and mine.isdisjoint(self.store.channels_of(user)):
+                continue
+            status = self.status.get(user, "offline")
+            entry: dict[str, Any] = {"user": user, "status": status, "online": status != "offline"}
+            if status == "offline":
+                seen = self.store.last_seen(user) if user not in self.devices else None
+                if seen is not None:
+                    entry["last_seen"] = seen
+            found.append(entry)
+        if rid is not None:
+            conn.send_frame({"t": "ok", "rid": rid, "users": found})
 
     def _unsubscribe(self, conn: Connection, channel: str) -> None:
         members = self.members.get(channel)
@@ -248,7 +343,9 @@ class Server:
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""
         for op in batch:
-            session: Session = op.origin
+            session: Session | None = op.origin
+            if session is None:
+                continue  # the server's own write (last_seen)
             conn = self.connections.get(session)
             if conn is not None:
                 conn.inflight -= 1
@@ -263,14 +360,37 @@ class Server:
 
     # ------------------------------------------------------------------ connections
 
+    def now_ms(self) -> int:
+        """Wall-clock ms that advance with trio's clock (so a test's mock clock drives
+        every timer: heartbeats, typing expiry, token expiry)."""
+        wall, base = self._clock_base
+        return wall + round((trio.current_time() - base) * 1000)
+
+    async def _refuse_connection(self, stream: trio.SocketStream, peer: str, retry: int) -> None:
+        self.stats["connections_refused"] += 1
+        log.warning("refusing connection from %s: rate limited for %d ms", peer, retry)
+        what = "too many connections or failed logins from this address"
+        frame = RequestError(E.RATE_LIMITED, what, retry_after_ms=retry).frame(None)
+        with trio.move_on_after(1):
+            await stream.send_all(encode(frame))
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.aclose()
+
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
-            peer = "?"
+            host, peer = "?", "?"
+        now = self.now_ms()
+        retry = self.ip_login_failures.peek(host, now) or self.ip_connections.take(host, now)
+        if retry:
+            await self._refuse_connection(stream, peer, retry)
+            return
         session_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
-        session = Session(self.store, self.verifier, self.settings.limits, session_id, now_ms())
+        session = Session(
+            self.store, self.verifier, self.settings.limits, session_id, now, self.user_limits
+        )
         conn = Connection(self, stream, session, peer)
         self.connections[session] = conn
         self.stats["connections_opened"] += 1
@@ -300,9 +420,13 @@ class Server:
                 conn.closing = conn.closing or f"connection lost: {lost.exceptions[0]!r}"
         finally:
             reason = conn.closing or "closed"
-            session.closed(reason)
+            self.perform(None, session.closed(reason))
+            if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
+                self.ip_login_failures.take(host, self.now_ms())
+                self.stats["auth_failures"] += 1
             for channel in session.joined:
                 self._unsubscribe(conn, channel)
+            self._device_gone(conn)  # after unsubscribing: its own offline push skips it
             del self.connections[session]
             self.stats["connections_closed"] += 1
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
@@ -318,6 +442,7 @@ class Server:
     ) -> None:
         """Serve until cancelled or SIGTERM/SIGINT, then shut down gracefully."""
         self._token = trio.lowlevel.current_trio_token()
+        self._clock_base = (time.time_ns() // 1_000_000, trio.current_time())
         settings = self.settings
         config = StoreConfig(durability=settings.durability)
         self.store = await trio.to_thread.run_sync(
@@ -339,6 +464,7 @@ class Server:
                         "serving on %s:%d, data in %s", settings.host, self.port, settings.data_dir
                     )
                     listening.start_soon(self._wait_for_signal)
+                    handlers.start_soon(self._tick_sessions)
                     task_status.started(self)
                     await self.stopping.wait()
                     listening.cancel_scope.cancel()  # stop accepting first
@@ -348,6 +474,16 @@ class Server:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.store.close)
             log.info("store closed")
+
+    async def _tick_sessions(self) -> None:
+        """Run each session's timers (idle peers, token expiry, typing expiry) when due."""
+        while True:
+            await trio.sleep(self.settings.tick_ms / 1000)
+            now = self.now_ms()
+            for conn in list(self.connections.values()):
+                due = conn.session.next_deadline()
+                if due is not None and due <= now:
+                    self.perform(conn, conn.session.tick(now))
 
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

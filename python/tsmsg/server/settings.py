@@ -39,6 +39,14 @@ class Settings:
     hello_timeout_s: float = 10.0  # a connection must complete hello within this (slowloris)
     send_timeout_s: float = 30.0  # a write to a peer that takes longer closes the connection
     shutdown_grace_s: float = 5.0  # how long shutdown waits to flush `bye` to clients
+    frame_timeout_s: float = 30.0  # a frame once started must complete within this
+    tick_ms: int = 250  # how often session timers (idle, token and typing expiry) are checked
+    # Per client IP: new connections (loopback tests and load generators need >= 200/s)
+    # and failed logins (a brute-force guard: past the burst, the IP is refused a while).
+    ip_connect_rate: float = 200.0
+    ip_connect_burst: int = 400
+    ip_login_fail_rate: float = 1.0
+    ip_login_fail_burst: int = 20
     limits: Limits = field(default_factory=Limits)
 
 
@@ -108,6 +116,12 @@ def load_settings(
         settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None}, "flags")
     if settings.durability not in ("fsync", "async"):
         raise ValueError(f"durability must be 'fsync' or 'async', not {settings.durability!r}")
+    for name in ("ip_connect_rate", "ip_login_fail_rate", "tick_ms", "frame_timeout_s"):
+        if getattr(settings, name) <= 0:
+            raise ValueError(f"{name} must be > 0")
+    for name in ("ip_connect_burst", "ip_login_fail_burst"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be >= 1")
     if settings.log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
     return settings

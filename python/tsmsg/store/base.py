@@ -105,7 +105,9 @@ class WriteOp:
     """One pending write. The writer fills ``result`` or ``error`` and then calls the
     store's ``notify`` hook once per committed batch."""
 
-    kind: Literal["message", "edit", "delete", "read"]
+    # message, edit, delete: log entries; read: the user's cursor; member: the user is a
+    # member of the channel (recorded at join); seen: the user's last_seen (channel unused)
+    kind: Literal["message", "edit", "delete", "read", "member", "seen"]
     channel: str
     user: str
     cid: str | None = None  # message only: the idempotency key
@@ -212,8 +214,17 @@ class Store(ABC):
     def read_cursor(self, user: str, channel: str) -> int: ...
 
     @abstractmethod
-    def unread(self, user: str, channel: str) -> int:
-        """Messages after the user's cursor that are neither deleted nor the user's own."""
+    def channels_of(self, user: str) -> list[str]:
+        """The channels ``user`` is a member of (has ever joined), sorted."""
+
+    @abstractmethod
+    def last_seen(self, user: str) -> int | None:
+        """When the user's last device disconnected (ms), if ever."""
+
+    @abstractmethod
+    def unread(self, user: str, channel: str, scan_max: int | None = None) -> int:
+        """Messages after the user's cursor that are neither deleted nor the user's own,
+        counted over at most ``scan_max`` log entries after the cursor."""
 
     @abstractmethod
     def compact(self, channel: str) -> int:

@@ -157,7 +157,7 @@ class LmdbStore(Store):
         self._env = lmdb.open(
             os.fspath(path),
             map_size=config.map_size,
-            max_dbs=8,
+            max_dbs=12,
             sync=config.durability == "fsync",
             metasync=False,  # the writer acknowledges a commit after the next sync instead
             readahead=False,
@@ -173,6 +173,8 @@ class LmdbStore(Store):
         self._tombstones = env.open_db(b"tombstones")
         self._cursors = env.open_db(b"cursors")
         self._dedup = env.open_db(b"dedup")
+        self._members = env.open_db(b"members")
+        self._seen = env.open_db(b"last_seen")
         try:
             self._check_format()
         except FormatError:
@@ -315,6 +317,23 @@ class LmdbStore(Store):
         out.reverse()
         return HistoryPage(out, more)
 
+    def channels_of(self, user: str) -> list[str]:
+        prefix = user.encode() + b"\0"
+        out: list[str] = []
+        with self._read() as txn:
+            cur = txn.cursor(db=self._members)
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append(bytes(key[len(prefix) :]).decode())
+        return out
+
+    def last_seen(self, user: str) -> int | None:
+        with self._read() as txn:
+            raw = txn.get(user.encode(), db=self._seen)
+        return None if raw is None else int(U64.unpack(raw)[0])
+
     def read_cursor(self, user: str, channel: str) -> int:
         with self._read() as txn:
             rec = self._channel_record(txn, channel)
@@ -323,7 +342,7 @@ class LmdbStore(Store):
             raw = txn.get(self._cursor_key(user, rec["id"]), db=self._cursors)
         return 0 if raw is None else int(U64.unpack(raw)[0])
 
-    def unread(self, user: str, channel: str) -> int:
+    def unread(self, user: str, channel: str, scan_max: int | None = None) -> int:
         with self._read() as txn:
             rec = self._channel_record(txn, channel)
             if rec is None:
@@ -334,8 +353,8 @@ class LmdbStore(Store):
             count = 0
             cur = txn.cursor(db=self._log)
             if cur.set_range(prefix + U64.pack(since + 1)):
-                for key, value in cur:
-                    if not key.startswith(prefix):
+                for scanned, (key, value) in enumerate(cur):
+                    if not key.startswith(prefix) or scanned == scan_max:
                         break
                     e = unpackb(value)
                     if e["kind"] == "message" and not e.get("deleted") and e["sender"] != user:
@@ -562,8 +581,14 @@ class LmdbStore(Store):
         records: dict[str, dict[str, int]],
         new_cids: dict[bytes, int],
     ) -> AppendResult | int:
-        _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-        _check_name("user", op.user, MAX_USER_BYTES)
+        user = _check_name("user", op.user, MAX_USER_BYTES)
+        if op.kind == "seen":
+            txn.put(user, U64.pack(ts), db=self._seen)
+            return ts
+        channel = _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+        if op.kind == "member":
+            txn.put(user + b"\0" + channel, b"", db=self._members, overwrite=False)
+            return 0
         if op.kind == "read":
             return self._apply_read(txn, op, records)
         if op.kind == "message":
