@@ -1,7 +1,17 @@
-"""The ``tsmsg`` command line.
+"""The ``tsmsg`` command line: ``serve``, ``token``, ``inspect``, ``compact``, ``backup``.
 
-Exit codes: 0 success, 1 runtime failure (bad settings, no secret, the data directory
-cannot be opened), 2 usage error (argparse).
+Exit codes (every subcommand):
+
+- 0: success;
+- 1: runtime failure: a missing or incompatible data directory, no or a too short
+  ``TSMSG_SECRET``, bad settings or arguments the command refused (an invalid user id,
+  an unknown scope, a ttl <= 0, an unknown channel), a backup target that is not empty,
+  an I/O error. One line ``tsmsg: <reason>`` on stderr, no traceback;
+- 2: usage error (unknown option, missing argument), reported by argparse;
+- 130: interrupted (Ctrl-C) while not serving; ``serve`` stops cleanly with 0.
+
+``inspect`` and ``backup`` only read the data directory (LMDB readers never block the
+writer), so they run while a server is serving from it.
 """
 
 from __future__ import annotations
@@ -11,9 +21,13 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
+import lmdb
 import trio
 
 from tsmsg.auth import (
@@ -25,9 +39,20 @@ from tsmsg.auth import (
 )
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings
-from tsmsg.store import FormatError, LmdbStore, StoreConfig
+from tsmsg.store import Entry, FormatError, LmdbStore, StoreConfig
+from tsmsg.store.lmdb_store import EnvStats, LmdbReader
 
+EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2  # argparse's own
+EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    runtime failure: missing or incompatible data directory, no TSMSG_SECRET,
+       bad settings, arguments refused (bad user id, unknown scope, ttl <= 0, ...)
+  2    usage error
+  130  interrupted (serve stops cleanly with 0)"""
+TEXT_WIDTH = 60  # characters of a message's text that `inspect --tail` shows
 log = logging.getLogger("tsmsg")
 
 
@@ -108,18 +133,219 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A runtime failure with a message for the operator (exit code 1)."""
+
+
+def require_data_dir(path: str) -> None:
+    """Refuse, without creating anything, a path that holds no LMDB environment (opening
+    one with LmdbStore would create a fresh, empty data directory there)."""
+    if not os.path.isdir(path):
+        raise CliError(f"no tsmsg data directory at {path}")
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise CliError(f"no tsmsg data directory at {path} (it has no data.mdb)")
+
+
+def fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_ts(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def fmt_text(entry: Entry) -> str:
+    if entry.get("deleted"):
+        return "[deleted]"
+    text = str(entry.get("text", "")).replace("\n", "\\n")
+    if len(text) > TEXT_WIDTH:
+        text = text[: TEXT_WIDTH - 1] + "\u2026"
+    return f"[edited] {text}" if entry.get("edited") else text
+
+
+def print_table(rows: list[list[str]], right: set[int]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+def json_default(obj: object) -> object:
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return bytes(obj).hex()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def stats_json(data_dir: str, stats: EnvStats, file_bytes: int) -> dict[str, Any]:
+    return {
+        "data_dir": data_dir,
+        "format": stats.format,
+        "map_size": stats.map_size,
+        "page_size": stats.page_size,
+        "used_pages": stats.used_pages,
+        "used_bytes": stats.used_bytes,
+        "live_pages": stats.live_pages,
+        "live_bytes": stats.live_bytes,
+        "file_bytes": file_bytes,
+        "cursor_users": stats.cursor_users,
+        "cursors": stats.cursors,
+        "dedup_entries": stats.dedup_entries,
+        "members": stats.members,
+        "channels": [
+            {
+                "name": c.name,
+                "head": c.head,
+                "horizon": c.horizon,
+                "epoch": c.epoch,
+                "entries": c.entries,
+                "bytes": c.bytes,
+            }
+            for c in stats.channels
+        ],
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    require_data_dir(args.data_dir)
+    with LmdbReader(args.data_dir) as reader:
+        if args.channel is not None:
+            return inspect_channel(reader, args)
+        stats = reader.stats()
+    file_bytes = os.path.getsize(os.path.join(args.data_dir, "data.mdb"))
+    if args.json:
+        print(json.dumps(stats_json(args.data_dir, stats, file_bytes)))
+        return 0
+    print(f"data directory  {args.data_dir}")
+    print(f"format version  {'unset (fresh)' if stats.format is None else stats.format}")
+    print(f"map size        {fmt_bytes(stats.map_size)} (data.mdb {fmt_bytes(file_bytes)})")
+    print(
+        f"pages           {stats.used_pages} used ({fmt_bytes(stats.used_bytes)}), "
+        f"{stats.live_pages} live ({fmt_bytes(stats.live_bytes)}), {stats.page_size} B each"
+    )
+    print(f"read cursors    {stats.cursors} ({stats.cursor_users} users)")
+    print(f"dedup journal   {stats.dedup_entries} entries")
+    print(f"memberships     {stats.members}")
+    print()
+    if not stats.channels:
+        print("no channels")
+        return 0
+    rows = [["channel", "head", "horizon", "epoch", "entries", "bytes"]]
+    rows += [
+        [c.name, str(c.head), str(c.horizon), str(c.epoch), str(c.entries), fmt_bytes(c.bytes)]
+        for c in stats.channels
+    ]
+    print_table(rows, right={1, 2, 3, 4, 5})
+    return 0
+
+
+def inspect_channel(reader: LmdbReader, args: argparse.Namespace) -> int:
+    info, entries, cursors = reader.tail(args.channel, args.tail)
+    if info is None:
+        raise CliError(f"no channel {args.channel!r} in {args.data_dir}")
+    if args.json:
+        header = {"channel": info.name, "head": info.head, "horizon": info.horizon}
+        header.update(epoch=info.epoch, cursors=cursors)
+        print(json.dumps(header))
+        for entry in entries:
+            print(json.dumps(entry, default=json_default, ensure_ascii=False))
+        return 0
+    print(f"channel {info.name}: head {info.head}, horizon {info.horizon}, epoch {info.epoch}")
+    if entries:
+        rows = [["seq", "kind", "id", "sender", "ts", "text"]]
+        rows += [
+            [str(e["seq"]), e["kind"], e["id"], e["sender"], fmt_ts(e["ts"]), fmt_text(e)]
+            for e in entries
+        ]
+        print_table(rows, right={0})
+    else:
+        print("no entries")
+    print("read cursors:" if cursors else "read cursors: none")
+    for user, seq in sorted(cursors.items()):
+        print(f"  {user}\t{seq}")
+    return 0
+
+
 def cmd_compact(args: argparse.Namespace) -> int:
+    require_data_dir(args.data_dir)
+    with LmdbReader(args.data_dir):
+        pass  # check the format read-only first: LmdbStore creates its databases on open
     with LmdbStore(args.data_dir, StoreConfig()) as store:
-        for name in [args.channel] if args.channel else store.channels():
+        names = store.channels()
+        if args.channel is not None:
+            if args.channel not in names:
+                raise CliError(f"no channel {args.channel!r} in {args.data_dir}")
+            names = [args.channel]
+        if not names:
+            print("no channels")
+        for name in names:
             print(f"{name}\thorizon={store.compact(name)}")
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    require_data_dir(args.data_dir)
+    out: str = args.out
+    exists = os.path.lexists(out)
+    if exists and not (os.path.isdir(out) and not os.listdir(out)):
+        raise CliError(f"backup target {out} exists and is not an empty directory")
+    target = os.path.join(out, "data.mdb")
+    with LmdbReader(args.data_dir) as reader:  # opened first: a bad source leaves no OUT
+        if not exists:
+            os.makedirs(out)
+        try:
+            stats = reader.backup(out)
+        except BaseException:
+            if os.path.exists(target):
+                os.unlink(target)
+            if not exists:
+                os.rmdir(out)
+            raise
+    with LmdbReader(out, lock=False) as copy:  # the copy must open as a data directory
+        heads = {c.name: c.head for c in copy.stats().channels}
+    if heads != {c.name: c.head for c in stats.channels}:
+        raise CliError(f"backup {out} does not match the snapshot it was copied from")
+    size = os.path.getsize(target)
+    print(
+        f"wrote {target}: {fmt_bytes(size)} ({size} bytes), format {stats.format}, "
+        f"{len(stats.channels)} channels"
+    )
+    for c in stats.channels:
+        print(f"  {c.name}\thead={c.head}\thorizon={c.horizon}\tentries={c.entries}")
+    return 0
+
+
+def nonneg_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsmsg", description="tsmsg chat server")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="tsmsg", description="tsmsg chat server", epilog=EXIT_CODES_HELP, formatter_class=fmt
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve_p = sub.add_parser("serve", help="run the server")
+    def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 79),  # the raw formatter does not wrap
+            epilog=EXIT_CODES_HELP,
+            formatter_class=fmt,
+        )
+
+    serve_p = add("serve", "run the server", "Run the tsmsg server until SIGTERM or Ctrl-C.")
     serve_p.add_argument("--config", help="TOML settings file (see README)")
     serve_p.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve_p.add_argument("--port", type=int, help="listen port (default 7700)")
@@ -136,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_p.set_defaults(func=cmd_serve)
 
-    token_p = sub.add_parser("token", help=f"print a token signed with {SECRET_ENV}")
+    token_p = add(
+        "token",
+        f"print a token signed with {SECRET_ENV}",
+        f"Print a token (JWT) for a user, signed with the secret in {SECRET_ENV}.",
+    )
     token_p.add_argument("--user", required=True, help="the user id (the token's sub)")
     token_p.add_argument(
         "--channels",
@@ -153,22 +383,74 @@ def build_parser() -> argparse.ArgumentParser:
     token_p.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
     token_p.set_defaults(func=cmd_token)
 
-    compact_p = sub.add_parser("compact", help="compact channel logs now (Kafka's rule)")
+    inspect_p = add(
+        "inspect",
+        "show channels, sizes and cursors of a data directory (read-only)",
+        "Without --channel: the environment (map size, pages, format version, users with "
+        "read cursors, dedup journal) and a table of channels (head, horizon, epoch, log "
+        "entries, bytes). With --channel: the channel's last --tail entries and its read "
+        "cursors. Only reads: safe while a server runs on the same data directory.",
+    )
+    inspect_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
+    inspect_p.add_argument("--channel", help="show this channel's entries and read cursors")
+    inspect_p.add_argument(
+        "--tail",
+        type=nonneg_int,
+        default=None,
+        metavar="N",
+        help="with --channel: how many of the last entries (default 20)",
+    )
+    inspect_p.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable: one JSON object; with --channel, JSON lines (a header "
+        "with the channel's head, horizon, epoch and cursors, then one entry per line)",
+    )
+    inspect_p.set_defaults(func=cmd_inspect, parser=inspect_p)
+
+    compact_p = add(
+        "compact",
+        "compact channel logs now (Kafka's rule)",
+        "Compact channel logs now by the default policy (see STORAGE.md) and print each "
+        "channel's new horizon.",
+    )
     compact_p.add_argument("--channel", help="one channel (default: all)")
     compact_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
     compact_p.set_defaults(func=cmd_compact)
+
+    backup_p = add(
+        "backup",
+        "copy a data directory consistently, also while the server runs",
+        "Write a consistent, compacted copy of the data directory (LMDB's copy with "
+        "compaction, from one read snapshot) to OUT/data.mdb; OUT must not exist or be "
+        "an empty directory. The copy is a data directory: serve or inspect it with "
+        "--data-dir OUT.",
+    )
+    backup_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
+    backup_p.add_argument("out", metavar="OUT", help="the new data directory to write")
+    backup_p.set_defaults(func=cmd_backup)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        if args.tail is not None and args.channel is None:
+            args.parser.error("--tail needs --channel")  # exits with 2
+        if args.tail is None:
+            args.tail = 20
     try:
         code: int = args.func(args)
-    except (FormatError, ValueError, OSError) as exc:
+    except BrokenPipeError:
+        # The reader of stdout went away (`tsmsg inspect ... | head`): say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    except (CliError, FormatError, ValueError, OSError, lmdb.Error) as exc:
         print(f"tsmsg: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK if args.command == "serve" else EXIT_INTERRUPTED
     return code
 
 

@@ -69,6 +69,22 @@ DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
 COMPACT_CHUNK = 4096  # entries per compaction transaction, so appends interleave
 
 
+def check_format(path: str, raw: bytes | None, has_data: bool) -> int | None:
+    """The format version of a data directory (None: a fresh one); FormatError if this
+    tsmsg cannot read it."""
+    if raw is None:
+        if has_data:
+            raise FormatError(f"data directory {path!r} has channel data but no format version")
+        return None
+    if bytes(raw) != str(FORMAT_VERSION).encode():
+        raise FormatError(
+            f"data directory {path!r} has on-disk format version "
+            f"{bytes(raw).decode(errors='replace')}, this tsmsg reads version {FORMAT_VERSION}; "
+            "see STORAGE.md for upgrading"
+        )
+    return FORMAT_VERSION
+
+
 def _op_size(op: WriteOp) -> int:
     return OP_OVERHEAD + (len(op.text) if op.text else 0)
 
@@ -209,16 +225,9 @@ class LmdbStore(Store):
     def _check_format(self) -> None:
         with self._env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._meta)
-            if raw is None:
-                if txn.stat(self._log)["entries"] or txn.stat(self._channels)["entries"]:
-                    raise FormatError("data directory has channel data but no format version")
+            has_data = bool(txn.stat(self._log)["entries"] or txn.stat(self._channels)["entries"])
+            if check_format(self._env.path(), raw, has_data) is None:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
-            elif raw != str(FORMAT_VERSION).encode():
-                raise FormatError(
-                    f"data directory {self._env.path()!r} has on-disk format version "
-                    f"{raw.decode(errors='replace')}, this tsmsg reads version {FORMAT_VERSION}; "
-                    "see STORAGE.md for upgrading"
-                )
 
     def _load_dedup(self) -> int:
         """Rebuild the in-memory dedup map from the journal; returns the next order."""
@@ -890,6 +899,238 @@ class LmdbStore(Store):
         self._env.close()
 
     def __enter__(self) -> LmdbStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ======================================================================================
+# Read-only access for operator tools (`tsmsg inspect`, `tsmsg backup`).
+#
+# Nothing below writes: the environment is opened with MDB_RDONLY (only the reader table
+# in lock.mdb is touched, as every LMDB reader does), no format key is written and no
+# writer thread runs, so these run beside a live server in another process. LMDB forbids
+# opening one environment twice in one process: never use a reader on a directory that
+# an LmdbStore of the same process has open.
+
+_NAMED_DBS = (
+    "meta",
+    "channels",
+    "log",
+    "edits",
+    "tombstones",
+    "cursors",
+    "dedup",
+    "members",
+    "last_seen",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    name: str
+    id: int  # the internal id that prefixes the channel's log keys
+    head: int
+    horizon: int
+    epoch: int
+    entries: int  # log entries present (compaction and retention remove some)
+    bytes: int  # their keys plus packed values: roughly the channel's share of the file
+
+
+@dataclass(frozen=True, slots=True)
+class EnvStats:
+    format: int | None  # None: a fresh environment no store has initialized
+    map_size: int
+    page_size: int
+    used_pages: int  # high-water mark (last page + 1): the size the file needs
+    live_pages: int  # pages of the B-trees; the rest of used_pages is free for reuse
+    cursor_users: int  # users with at least one read cursor
+    cursors: int
+    dedup_entries: int  # rows in the dedup journal
+    members: int  # (user, channel) membership rows
+    channels: list[ChannelStats]
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_pages * self.page_size
+
+    @property
+    def live_bytes(self) -> int:
+        return self.live_pages * self.page_size
+
+
+class LmdbReader:
+    """A read-only view of an existing data directory. Raises :class:`FormatError` for
+    a directory that is not a tsmsg environment of this format version."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._env = lmdb.open(
+                self.path,
+                readonly=True,
+                create=False,
+                lock=lock,
+                max_dbs=12,
+                readahead=False,
+                max_readers=256,
+            )
+        except (lmdb.InvalidError, lmdb.VersionMismatchError) as exc:
+            raise FormatError(f"data directory {self.path!r} is not usable: {exc}") from None
+        try:
+            self._env.set_mapsize(0)  # adopt the writer's map size: it may have grown
+            self._dbs: dict[str, Any] = {}
+            for name in _NAMED_DBS:
+                try:
+                    self._dbs[name] = self._env.open_db(name.encode(), create=False)
+                except lmdb.NotFoundError:
+                    pass  # added later within the format (STORAGE.md): empty
+                except lmdb.Error as exc:
+                    raise FormatError(
+                        f"data directory {self.path!r} is not a tsmsg data directory: {exc}"
+                    ) from None
+            if "meta" not in self._dbs:
+                raise FormatError(
+                    f"data directory {self.path!r} is not a tsmsg data directory (no meta database)"
+                )
+            with self.snapshot() as txn:
+                self.format = self._check_format(txn)
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _check_format(self, txn: lmdb.Transaction) -> int | None:
+        raw = txn.get(b"format", db=self._dbs["meta"])
+        has_data = bool(self._count(txn, "log") or self._count(txn, "channels"))
+        return check_format(self.path, None if raw is None else bytes(raw), has_data)
+
+    def _count(self, txn: lmdb.Transaction, name: str) -> int:
+        db = self._dbs.get(name)
+        return 0 if db is None else int(txn.stat(db)["entries"])
+
+    @contextmanager
+    def snapshot(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction (values are memoryviews, valid only inside it)."""
+        for attempt in range(3):
+            try:
+                txn = self._env.begin(buffers=True)
+                break
+            except lmdb.MapResizedError:  # the writer grew the map since we mapped it
+                if attempt == 2:
+                    raise
+                self._env.set_mapsize(0)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def _records(self, txn: lmdb.Transaction) -> dict[str, dict[str, int]]:
+        db = self._dbs.get("channels")
+        if db is None:
+            return {}
+        return {bytes(k).decode(): unpackb(v) for k, v in txn.cursor(db=db)}
+
+    def stats(self, txn: lmdb.Transaction | None = None) -> EnvStats:
+        """Environment and per-channel figures, from one snapshot (``txn`` if given).
+        Counting a channel's entries and bytes scans the whole log once."""
+        if txn is None:
+            with self.snapshot() as own:
+                return self.stats(own)
+        records = self._records(txn)
+        counts: dict[int, list[int]] = {rec["id"]: [0, 0] for rec in records.values()}
+        if "log" in self._dbs:
+            for key, value in txn.cursor(db=self._dbs["log"]):
+                chan_id = U64.unpack(key[:8])[0]
+                acc = counts.setdefault(chan_id, [0, 0])
+                acc[0] += 1
+                acc[1] += len(key) + len(value)
+        users: set[bytes] = set()
+        if "cursors" in self._dbs:
+            for key in txn.cursor(db=self._dbs["cursors"]).iternext(values=False):
+                users.add(bytes(key[: len(key) - 9]))  # user + NUL + u64 channel id
+        info, env_stat = self._env.info(), self._env.stat()
+        live = sum(
+            txn.stat(db)[k]
+            for db in self._dbs.values()
+            for k in ("branch_pages", "leaf_pages", "overflow_pages")
+        )
+        live += env_stat["branch_pages"] + env_stat["leaf_pages"] + env_stat["overflow_pages"]
+        channels = [
+            ChannelStats(
+                name, rec["id"], rec["head"], rec["horizon"], rec["epoch"], *counts[rec["id"]]
+            )
+            for name, rec in records.items()
+        ]
+        return EnvStats(
+            format=self.format,
+            map_size=int(info["map_size"]),
+            page_size=int(env_stat["psize"]),
+            used_pages=int(info["last_pgno"]) + 1,
+            live_pages=int(live),
+            cursor_users=len(users),
+            cursors=self._count(txn, "cursors"),
+            dedup_entries=self._count(txn, "dedup"),
+            members=self._count(txn, "members"),
+            channels=channels,
+        )
+
+    def channel(self, name: str) -> ChannelInfo | None:
+        with self.snapshot() as txn:
+            rec = self._records(txn).get(name)
+        return None if rec is None else ChannelInfo(name, rec["head"], rec["horizon"], rec["epoch"])
+
+    def tail(self, channel: str, n: int) -> tuple[ChannelInfo | None, list[Entry], dict[str, int]]:
+        """The channel's info, its last ``n`` log entries (oldest first) and its read
+        cursors (user → seq), from one snapshot; (None, [], {}) for an unknown channel."""
+        with self.snapshot() as txn:
+            rec = self._records(txn).get(channel)
+            if rec is None:
+                return None, [], {}
+            info = ChannelInfo(channel, rec["head"], rec["horizon"], rec["epoch"])
+            prefix = U64.pack(rec["id"])
+            entries: list[Entry] = []
+            cur = txn.cursor(db=self._dbs["log"]) if "log" in self._dbs else None
+            if cur is not None and n > 0:
+                positioned = cur.prev() if cur.set_range(U64.pack(rec["id"] + 1)) else cur.last()
+                for key, value in cur.iterprev() if positioned else ():
+                    if bytes(key[:8]) != prefix or len(entries) >= n:
+                        break
+                    entries.append(unpackb(value))
+            entries.reverse()
+            cursors: dict[str, int] = {}
+            if "cursors" in self._dbs:
+                suffix = b"\0" + prefix
+                for key, value in txn.cursor(db=self._dbs["cursors"]):
+                    key = bytes(key)
+                    if key.endswith(suffix):
+                        cursors[key[: -len(suffix)].decode()] = U64.unpack(value)[0]
+        return info, entries, cursors
+
+    def backup(self, dest: str | os.PathLike[str]) -> EnvStats:
+        """Copy a consistent snapshot, compacted (free pages omitted, pages renumbered),
+        into the existing empty directory ``dest`` as ``data.mdb``, and fsync it.
+        Returns the figures of exactly the snapshot that was copied."""
+        dest = os.fspath(dest)
+        with self.snapshot() as txn:
+            self._env.copy(dest, compact=True, txn=txn)
+            stats = self.stats(txn)
+        fd = os.open(os.path.join(dest, "data.mdb"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return stats
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> LmdbReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

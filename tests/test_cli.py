@@ -1,0 +1,656 @@
+"""The ``tsmsg`` command line: every subcommand's success and error paths (``chat`` has
+its own tests).
+
+Most tests call :func:`tsmsg.cli.main` in-process and read stdout/stderr with capsys; a
+few run ``python -m tsmsg.cli`` as a child process for the real exit code and ``--help``,
+and for ``inspect`` and ``backup`` beside a writer that is busy in this process. (LMDB
+forbids opening one environment twice in one process, so an in-process command only ever
+runs on a data directory whose store has been closed.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from conftest import SECRET
+from tsmsg.auth import TokenVerifier
+from tsmsg.cli import main
+from tsmsg.store import Entry, LmdbStore, StoreConfig, WriteOp
+from tsmsg.store.lmdb_store import FORMAT_VERSION, LmdbReader
+
+T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z
+T0_ISO = "2023-11-14T22:13:20.000Z"
+FAST = StoreConfig(durability="async")  # populating fixtures need no fsync per commit
+CHILD_TIMEOUT = 60.0
+SUBCOMMANDS = ["serve", "token", "compact", "inspect", "backup"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_child(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tsmsg.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        env=env,
+        check=False,
+    )
+
+
+def assert_failure(code: int, err: str, *fragments: str) -> None:
+    """Exit code 1, one ``tsmsg: ...`` line naming the problem, no traceback."""
+    assert code == 1
+    assert err.startswith("tsmsg: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("TSMSG_"):
+            monkeypatch.delenv(key)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256((path / "data.mdb").read_bytes()).hexdigest()
+
+
+def populate(data_dir: Path) -> None:
+    """room-1: 30 messages, an edit of the last one, a delete of the first; dm: one
+    message; read cursors for alice and bob; all at T0."""
+    with LmdbStore(data_dir, FAST, clock=lambda: T0) as store:
+        for i in range(1, 31):
+            sender = "alice" if i % 2 else "bob"
+            last = store.append("room-1", sender, f"c{i}", f"hello {i} " + "x" * 80)
+        store.edit("room-1", last_sender(30), last.id, "fixed\ntypo")
+        store.delete("room-1", "alice", "1-1")
+        store.append("dm", "bob", "d1", "psst")
+        store.set_read("alice", "room-1", 20)
+        store.set_read("bob", "room-1", 32)
+        store.set_read("bob", "dm", 1)
+
+
+def last_sender(i: int) -> str:
+    return "alice" if i % 2 else "bob"
+
+
+def write_format(data_dir: Path, version: bytes) -> None:
+    """A data directory as another tsmsg version would leave it."""
+    env = lmdb.open(str(data_dir), max_dbs=12)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"format", version, db=meta)
+    env.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    populate(path)
+    return path
+
+
+@pytest.fixture
+def bad_format_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "future"
+    write_format(path, b"99")
+    return path
+
+
+# ------------------------------------------------------------------ help, exit codes
+
+
+@pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
+def test_help_of_every_subcommand_in_a_child_process(sub: str | None) -> None:
+    proc = run_child(*([sub] if sub else []), "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: tsmsg {sub or ''}".rstrip())
+    assert "exit codes:" in proc.stdout and "2    usage error" in proc.stdout
+    if sub is None:
+        for name in SUBCOMMANDS:
+            assert name in proc.stdout
+
+
+def test_exit_codes_of_a_child_process(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    usage = run_child()
+    assert usage.returncode == 2 and "required: command" in usage.stderr
+    assert run_child("inspect", "--tail", "3").returncode == 2
+    assert run_child("backup").returncode == 2  # OUT is required
+    failed = run_child("inspect", "--data-dir", str(missing))
+    assert failed.returncode == 1
+    assert failed.stderr == f"tsmsg: no tsmsg data directory at {missing}\n"
+    assert not missing.exists()
+    ok = run_child("token", "--user", "alice", env={**os.environ, "TSMSG_SECRET": SECRET.decode()})
+    assert ok.returncode == 0 and ok.stdout.count(".") == 2  # a JWT: header.payload.sig
+
+
+def test_usage_errors_exit_2_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        [],
+        ["nope"],
+        ["token"],  # --user is required
+        ["token", "--user", "a", "--ttl", "soon"],
+        ["inspect", "--tail", "5"],  # --tail needs --channel
+        ["inspect", "--channel", "c", "--tail", "-1"],
+        ["compact", "--bogus"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        assert "usage: tsmsg" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ token
+
+
+def test_token_is_signed_with_the_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    code, out, err = run(
+        capsys, "token", "--user", "alice", "--channels", "room-*,dm", "--channels", "ops"
+    )
+    assert (code, err) == (0, "")
+    claims = TokenVerifier(SECRET).verify(out.strip(), now=int(time.time()))
+    assert claims.user == "alice"
+    assert claims.channels == ("room-*", "dm", "ops")
+    assert claims.scopes == {"chat:read", "chat:send"}
+    assert claims.exp - time.time() == pytest.approx(3600, abs=60)
+
+    code, out, _ = run(
+        capsys, "token", "--user", "mod", "--scope", "chat:read,chat:moderate", "--ttl", "60"
+    )
+    claims = TokenVerifier(SECRET).verify(out.strip(), now=int(time.time()))
+    assert code == 0 and claims.scopes == {"chat:read", "chat:moderate"} and not claims.channels
+    assert claims.exp - time.time() == pytest.approx(60, abs=30)
+
+
+def test_token_without_a_usable_secret_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run(capsys, "token", "--user", "alice")
+    assert out == ""
+    assert_failure(code, err, "TSMSG_SECRET is not set")
+    monkeypatch.setenv("TSMSG_SECRET", "short")
+    code, out, err = run(capsys, "token", "--user", "alice")
+    assert out == ""
+    assert_failure(code, err, "TSMSG_SECRET must be at least 32 bytes")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "bad user!"], "invalid user id 'bad user!'"),
+        (["--user", ""], "invalid user id ''"),
+        (["--user", "a", "--scope", "chat:write"], "unknown scopes ['chat:write']"),
+        (["--user", "a", "--channels", "room 1"], "invalid channel pattern 'room 1'"),
+        (["--user", "a", "--ttl", "0"], "ttl_s must be positive, got 0"),
+        (["--user", "a", "--ttl", "-5"], "ttl_s must be positive, got -5"),
+    ],
+)
+def test_token_refuses_bad_arguments(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    code, out, err = run(capsys, "token", *args)
+    assert out == ""
+    assert_failure(code, err, message)
+
+
+# ------------------------------------------------------------------ serve (failures; the
+# running server is tested over TCP in test_server_lifecycle.py)
+
+
+def test_serve_refuses_to_start_without_a_secret(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "serve", "--port", "0", "--data-dir", str(tmp_path / "d"))
+    assert_failure(code, err, "TSMSG_SECRET is not set", "--dev")
+
+
+def test_serve_refuses_bad_settings(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "tsmsg.toml"
+    config.write_text('colour = "blue"\n')
+    code, _, err = run(capsys, "serve", "--dev", "--config", str(config))
+    assert_failure(code, err, "unknown setting 'colour'")
+    code, _, err = run(capsys, "serve", "--dev", "--config", str(tmp_path / "none.toml"))
+    assert_failure(code, err, "none.toml")
+
+
+def test_serve_refuses_an_incompatible_data_dir(
+    capsys: pytest.CaptureFixture[str], bad_format_dir: Path
+) -> None:
+    code, _, err = run(capsys, "serve", "--dev", "--port", "0", "--data-dir", str(bad_format_dir))
+    assert "Traceback" not in err
+    assert code == 1
+    assert err.splitlines()[-1].startswith("tsmsg: ")
+    assert "on-disk format version 99, this tsmsg reads version 1" in err
+
+
+# ------------------------------------------------------------------ missing and incompatible
+# data directories: the same errors for inspect, compact and backup, and nothing created
+
+
+def data_dir_commands(data_dir: Path, tmp_path: Path) -> list[list[str]]:
+    out = str(tmp_path / "backup-out")
+    return [
+        ["inspect", "--data-dir", str(data_dir)],
+        ["inspect", "--data-dir", str(data_dir), "--channel", "room-1", "--json"],
+        ["compact", "--data-dir", str(data_dir)],
+        ["backup", "--data-dir", str(data_dir), out],
+    ]
+
+
+def test_missing_data_dir_fails_and_creates_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing"
+    for argv in data_dir_commands(missing, tmp_path):
+        code, out, err = run(capsys, *argv)
+        assert out == ""
+        assert_failure(code, err, f"no tsmsg data directory at {missing}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv in data_dir_commands(empty, tmp_path):
+        code, out, err = run(capsys, *argv)
+        assert_failure(code, err, f"no tsmsg data directory at {empty} (it has no data.mdb)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list(empty.iterdir()) == []
+
+
+def test_incompatible_data_dir_fails_and_is_left_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bad_format_dir: Path
+) -> None:
+    before = digest(bad_format_dir)
+    for argv in data_dir_commands(bad_format_dir, tmp_path):
+        code, out, err = run(capsys, *argv)
+        assert out == ""
+        assert_failure(
+            code,
+            err,
+            f"data directory {str(bad_format_dir)!r} has on-disk format version 99, "
+            f"this tsmsg reads version {FORMAT_VERSION}; see STORAGE.md",
+        )
+    assert digest(bad_format_dir) == before
+    assert not (tmp_path / "backup-out").exists()
+
+
+def test_not_an_lmdb_file_fails_cleanly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "data.mdb").write_bytes(b"not lmdb at all " * 512)
+    for argv in data_dir_commands(junk, tmp_path):
+        code, _, err = run(capsys, *argv)
+        assert_failure(code, err)
+    assert not (tmp_path / "backup-out").exists()
+
+
+def test_foreign_lmdb_environment_is_not_a_tsmsg_data_dir(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    env = lmdb.open(str(other))
+    with env.begin(write=True) as txn:
+        txn.put(b"some", b"thing")
+    env.close()
+    code, _, err = run(capsys, "inspect", "--data-dir", str(other))
+    assert_failure(code, err, "is not a tsmsg data directory")
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def test_inspect_prints_environment_and_channel_table(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    before = digest(data_dir)
+    code, out, err = run(capsys, "inspect", "--data-dir", str(data_dir))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"data directory  {data_dir}"
+    assert "format version  1" in lines
+    assert any(line.startswith("map size        64.0 MiB") for line in lines)
+    assert any(line.startswith("pages ") and " used (" in line for line in lines)
+    assert "read cursors    3 (2 users)" in lines
+    assert "dedup journal   31 entries" in lines
+    table = lines[lines.index("") + 1 :]
+    assert table[0].split() == ["channel", "head", "horizon", "epoch", "entries", "bytes"]
+    rows = {row.split()[0]: row.split()[1:] for row in table[1:]}
+    assert rows["room-1"][:4] == ["32", "0", "1", "32"]  # 30 messages, an edit, a delete
+    assert rows["dm"][:4] == ["1", "0", "2", "1"]
+    assert digest(data_dir) == before  # inspect wrote nothing
+
+
+def test_inspect_json(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    code, out, _ = run(capsys, "inspect", "--data-dir", str(data_dir), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["format"] == FORMAT_VERSION
+    assert doc["map_size"] == 64 << 20
+    assert doc["used_bytes"] == doc["used_pages"] * doc["page_size"] >= doc["live_bytes"] > 0
+    assert doc["file_bytes"] == (data_dir / "data.mdb").stat().st_size
+    assert (doc["cursor_users"], doc["cursors"], doc["dedup_entries"]) == (2, 3, 31)
+    channels = {c["name"]: c for c in doc["channels"]}
+    assert channels["room-1"]["head"] == 32 and channels["room-1"]["entries"] == 32
+    assert channels["dm"] == {
+        "name": "dm",
+        "head": 1,
+        "horizon": 0,
+        "epoch": 2,
+        "entries": 1,
+        "bytes": channels["dm"]["bytes"],
+    }
+    assert 8000 > channels["room-1"]["bytes"] > 30 * 80 > channels["dm"]["bytes"] > 0
+
+
+def test_inspect_tail_of_a_channel(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    code, out, err = run(
+        capsys, "inspect", "--data-dir", str(data_dir), "--channel", "room-1", "--tail", "4"
+    )
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "channel room-1: head 32, horizon 0, epoch 1"
+    assert lines[1].split() == ["seq", "kind", "id", "sender", "ts", "text"]
+    rows = [line.split(maxsplit=5) for line in lines[2:6]]
+    assert [r[:5] for r in rows] == [
+        ["29", "message", "1-29", "alice", T0_ISO],
+        ["30", "message", "1-30", "bob", T0_ISO],
+        ["31", "edit", "1-30", "bob", T0_ISO],
+        ["32", "delete", "1-1", "alice", T0_ISO],
+    ]
+    assert rows[0][5] == "hello 29 " + "x" * 50 + "\u2026"  # truncated to 60 characters
+    assert rows[1][5] == "[edited] fixed\\ntypo"  # the message entry holds its latest state
+    assert rows[2][5] == "fixed\\ntypo"
+    assert len(rows[3]) == 5  # a delete has no text
+    assert lines[6:] == ["read cursors:", "  alice\t20", "  bob\t32"]
+
+    code, out, _ = run(capsys, "inspect", "--data-dir", str(data_dir), "--channel", "room-1")
+    assert code == 0 and len(out.splitlines()) == 2 + 20 + 3  # --tail defaults to 20
+    code, out, _ = run(
+        capsys, "inspect", "--data-dir", str(data_dir), "--channel", "room-1", "--tail", "100"
+    )
+    first = out.splitlines()[2].split()
+    assert first[:2] == ["1", "message"] and first[-1] == "[deleted]"
+
+
+def test_inspect_tail_json_lines(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    code, out, _ = run(
+        capsys,
+        *["inspect", "--data-dir", str(data_dir), "--channel", "room-1", "--tail", "3", "--json"],
+    )
+    assert code == 0
+    header, *entries = (json.loads(line) for line in out.splitlines())
+    assert header == {
+        "channel": "room-1",
+        "head": 32,
+        "horizon": 0,
+        "epoch": 1,
+        "cursors": {"alice": 20, "bob": 32},
+    }
+    with LmdbStore(data_dir, FAST) as store:
+        expected: list[Entry] = store.sync("room-1", 29, 100).entries
+    assert entries == expected
+    assert entries[0]["text"] == "fixed\ntypo"  # full text, not truncated
+
+
+def test_inspect_empty_and_unknown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    LmdbStore(fresh, FAST).close()
+    code, out, _ = run(capsys, "inspect", "--data-dir", str(fresh))
+    assert code == 0 and out.splitlines()[-1] == "no channels"
+    code, out, err = run(capsys, "inspect", "--data-dir", str(fresh), "--channel", "room-1")
+    assert out == ""
+    assert_failure(code, err, f"no channel 'room-1' in {fresh}")
+
+    # A format-1 directory from before `members` and `last_seen` existed (STORAGE.md).
+    old = tmp_path / "old"
+    write_format(old, str(FORMAT_VERSION).encode())
+    code, out, _ = run(capsys, "inspect", "--data-dir", str(old), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["channels"] == [] and doc["members"] == 0
+
+
+def test_inspect_tail_zero_shows_no_entries(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys, "inspect", "--data-dir", str(data_dir), "--channel", "dm", "--tail", "0"
+    )
+    assert code == 0
+    assert out.splitlines() == [
+        "channel dm: head 1, horizon 0, epoch 2",
+        "no entries",
+        "read cursors:",
+        "  bob\t1",
+    ]
+
+
+# ------------------------------------------------------------------ compact
+
+
+def test_compact_prints_each_channel_horizon(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "data"
+    with LmdbStore(path, FAST) as store:
+        for i in range(1010):  # the default policy keeps the newest 1000 seqs
+            store.append("busy", "alice", f"c{i}", f"m{i}")
+        store.append("quiet", "bob", "q", "hi")
+    code, out, err = run(capsys, "compact", "--data-dir", str(path))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["busy\thorizon=10", "quiet\thorizon=0"]
+    with LmdbReader(path) as reader:
+        busy = reader.channel("busy")
+    assert busy is not None and busy.horizon == 10
+
+    code, out, _ = run(capsys, "compact", "--data-dir", str(path), "--channel", "quiet")
+    assert (code, out) == (0, "quiet\thorizon=0\n")
+    code, out, err = run(capsys, "compact", "--data-dir", str(path), "--channel", "nope")
+    assert out == ""
+    assert_failure(code, err, f"no channel 'nope' in {path}")
+
+
+def test_compact_with_no_channels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    LmdbStore(fresh, FAST).close()
+    assert run(capsys, "compact", "--data-dir", str(fresh)) == (0, "no channels\n", "")
+
+
+# ------------------------------------------------------------------ backup
+
+
+def backup_entries(path: Path, channel: str, upto: int) -> list[Entry]:
+    with LmdbStore(path, FAST) as store:
+        return store.sync(channel, 0, upto + 1).entries[:upto]
+
+
+def test_backup_of_a_quiet_data_dir(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    out_dir = tmp_path / "empty-out"
+    out_dir.mkdir()  # an existing empty directory is fine
+    code, out, err = run(capsys, "backup", "--data-dir", str(data_dir), str(out_dir))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    size = (out_dir / "data.mdb").stat().st_size
+    assert lines[0].startswith(f"wrote {out_dir / 'data.mdb'}: ")
+    assert f"({size} bytes), format 1, 2 channels" in lines[0]
+    assert sorted(lines[1:]) == [
+        "  dm\thead=1\thorizon=0\tentries=1",
+        "  room-1\thead=32\thorizon=0\tentries=32",
+    ]
+    assert size < (data_dir / "data.mdb").stat().st_size  # compacted: no free pages
+    code, copy_out, _ = run(capsys, "inspect", "--data-dir", str(out_dir), "--json")
+    code, src_out, _ = run(capsys, "inspect", "--data-dir", str(data_dir), "--json")
+    copy_doc, src_doc = json.loads(copy_out), json.loads(src_out)
+    assert copy_doc["channels"] == src_doc["channels"]
+    assert copy_doc["dedup_entries"] == src_doc["dedup_entries"]
+    assert copy_doc["cursors"] == src_doc["cursors"]
+    for channel, head in (("room-1", 32), ("dm", 1)):
+        assert backup_entries(out_dir, channel, head) == backup_entries(data_dir, channel, head)
+
+
+def test_backup_refuses_a_used_target(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    code, out, err = run(capsys, "backup", "--data-dir", str(data_dir), str(full))
+    assert out == ""
+    assert_failure(code, err, f"backup target {full} exists and is not an empty directory")
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = run(capsys, "backup", "--data-dir", str(data_dir), str(a_file))
+    assert_failure(code, err, "exists and is not an empty directory")
+    assert a_file.read_text() == "x"
+
+
+class BusyWriter:
+    """Threads appending to two channels (and moving read cursors) until stopped."""
+
+    CHANNELS = ("alpha", "beta")
+
+    def __init__(self, store: LmdbStore) -> None:
+        self.store = store
+        self.acked = {c: 0 for c in self.CHANNELS}  # the highest seq acknowledged
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(c,), daemon=True) for c in self.CHANNELS
+        ]
+
+    def _run(self, channel: str) -> None:
+        try:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                res = self.store.append(channel, "writer", f"{channel}-{i}", f"{channel} {i}")
+                self.acked[channel] = res.seq
+                if i % 50 == 0:
+                    self.store.set_read("reader", channel, res.seq - 10)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while min(self.acked.values()) < count:
+            assert time.monotonic() < deadline and not self.errors, self.errors
+            time.sleep(0.01)
+
+    def __enter__(self) -> BusyWriter:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def busy_store(tmp_path: Path) -> Iterator[tuple[Path, BusyWriter]]:
+    path = tmp_path / "live"
+    with LmdbStore(path) as store, BusyWriter(store) as writer:  # fsync, as a server runs
+        writer.wait_for(100)
+        yield path, writer
+
+
+def test_backup_while_writes_happen(tmp_path: Path) -> None:
+    out_dir = tmp_path / "nested" / "snap"
+    path = tmp_path / "live"
+    with LmdbStore(path) as store, BusyWriter(store) as writer:
+        writer.wait_for(100)
+        acked_before = dict(writer.acked)
+        proc = run_child("backup", "--data-dir", str(path), str(out_dir))
+        acked_during = dict(writer.acked)
+        writer.wait_for(max(acked_during.values()) + 20)  # still writing after the copy
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "format 1, 2 channels" in proc.stdout.splitlines()[0]
+    assert acked_during != acked_before  # the copy ran while commits happened
+
+    with LmdbReader(out_dir, lock=False) as copy:
+        assert copy.format == FORMAT_VERSION
+        copied = {c.name: c for c in copy.stats().channels}
+    with LmdbStore(out_dir, FAST) as copy_store:  # the copy opens as a data directory
+        copy_logs = {c: copy_store.sync(c, 0, 1_000_000).entries for c in BusyWriter.CHANNELS}
+    with LmdbStore(path, FAST) as source:
+        heads = {c: source.channel(c).head for c in BusyWriter.CHANNELS}
+        source_logs = {c: source.sync(c, 0, 1_000_000).entries for c in BusyWriter.CHANNELS}
+    for channel in BusyWriter.CHANNELS:
+        head = copied[channel].head
+        assert acked_before[channel] <= head < heads[channel]
+        assert f"  {channel}\thead={head}\thorizon=0\tentries={head}" in proc.stdout
+        assert len(copy_logs[channel]) == head
+        assert copy_logs[channel] == source_logs[channel][:head]
+
+
+def test_inspect_while_writes_happen(busy_store: tuple[Path, BusyWriter]) -> None:
+    path, writer = busy_store
+    acked = dict(writer.acked)
+    table = run_child("inspect", "--data-dir", str(path), "--json")
+    tail = run_child("inspect", "--data-dir", str(path), "--channel", "alpha", "--tail", "5")
+    assert table.returncode == 0 and tail.returncode == 0, table.stderr + tail.stderr
+    channels = {c["name"]: c for c in json.loads(table.stdout)["channels"]}
+    for name in BusyWriter.CHANNELS:
+        assert channels[name]["head"] >= acked[name]
+        assert channels[name]["entries"] == channels[name]["head"]
+    rows = tail.stdout.splitlines()[2:7]
+    seqs = [int(row.split()[0]) for row in rows]
+    assert seqs == list(range(seqs[0], seqs[0] + 5)) and seqs[0] >= acked["alpha"] - 4
+
+
+def test_backup_of_a_missing_or_bad_source_leaves_no_target(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bad_format_dir: Path
+) -> None:
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "backup", "--data-dir", str(tmp_path / "nope"), str(out_dir))
+    assert_failure(code, err, "no tsmsg data directory at")
+    code, _, err = run(capsys, "backup", "--data-dir", str(bad_format_dir), str(out_dir))
+    assert_failure(code, err, "format version 99")
+    assert not out_dir.exists()
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    with LmdbStore(path, FAST) as store:
+        for i in range(3000):  # ~400 KB of lines: more than a pipe buffer holds
+            store.submit(WriteOp("message", "c", "u", cid=f"c{i}", text="y" * 100))
+        store.append("c", "u", "last", "done")
+    cmd = [sys.executable, "-m", "tsmsg.cli", "inspect", "--data-dir", str(path)]
+    cmd += ["--channel", "c", "--tail", "3001"]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:  # like `tsmsg inspect ... | head -1`
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith("channel c: head 3001")
+        proc.stdout.close()
+        assert proc.wait(CHILD_TIMEOUT) == 1
+        assert proc.stderr.read() == ""
