@@ -1,4 +1,5 @@
-"""The ``tsmsg`` command line: ``serve``, ``token``, ``inspect``, ``compact``, ``backup``.
+"""The ``tsmsg`` command line: ``serve``, ``token``, ``chat``, ``inspect``, ``compact``,
+``backup``.
 
 Exit codes (every subcommand):
 
@@ -6,7 +7,9 @@ Exit codes (every subcommand):
 - 1: runtime failure: a missing or incompatible data directory, no or a too short
   ``TSMSG_SECRET``, bad settings or arguments the command refused (an invalid user id,
   an unknown scope, a ttl <= 0, an unknown channel), a backup target that is not empty,
-  an I/O error. One line ``tsmsg: <reason>`` on stderr, no traceback;
+  an I/O error; for ``chat``: no token (neither ``--token`` nor ``TSMSG_SECRET``), a
+  server that refused the token or the channel, or none reachable. One line
+  ``tsmsg: <reason>`` on stderr, no traceback;
 - 2: usage error (unknown option, missing argument), reported by argparse;
 - 130: interrupted (Ctrl-C) while not serving; ``serve`` stops cleanly with 0.
 
@@ -17,6 +20,7 @@ writer), so they run while a server is serving from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -36,6 +40,7 @@ from tsmsg.auth import (
     TokenVerifier,
     generate_dev_secret,
     secret_from_env,
+    valid_channel,
 )
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings
@@ -52,6 +57,7 @@ EXIT_CODES_HELP = """exit codes:
        bad settings, arguments refused (bad user id, unknown scope, ttl <= 0, ...)
   2    usage error
   130  interrupted (serve stops cleanly with 0)"""
+CHAT_TOKEN_TTL = 3600  # s: `chat` mints a fresh token before each expires
 TEXT_WIDTH = 60  # characters of a message's text that `inspect --tail` shows
 log = logging.getLogger("tsmsg")
 
@@ -135,6 +141,51 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 class CliError(Exception):
     """A runtime failure with a message for the operator (exit code 1)."""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    # Imported here: the client (and anyio) load only for `chat`, not for `serve`.
+    import anyio
+
+    from tsmsg.chat import run_chat
+    from tsmsg.client import ClientError, TokenProvider
+
+    secret = secret_from_env()
+    token: str | None = args.token
+    provider: TokenProvider | None = None
+    if token is None:
+        if secret is None:
+            raise CliError(
+                f"no token: pass --token, or set {SECRET_ENV} to mint a development token"
+            )
+        issuer, user = TokenIssuer(secret), args.user
+
+        def mint() -> str:
+            return issuer.issue(user, ["*"], ttl_s=CHAT_TOKEN_TTL, now=int(time.time()))
+
+        async def mint_async() -> str:
+            return mint()
+
+        mint()  # a bad user id fails here, before connecting
+        provider = mint_async  # refreshed before expiry: a chat may stay open for days
+    chat = functools.partial(
+        run_chat,
+        args.host,
+        args.port,
+        args.channel,
+        token=token,
+        token_provider=provider,
+        user=args.user,
+    )
+    try:
+        return anyio.run(chat, backend="trio")
+    except ClientError as exc:
+        raise CliError(str(exc)) from None
+    except BaseExceptionGroup as group:
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:  # Ctrl-C, delivered inside the chat's task groups
+            raise KeyboardInterrupt from None
+        raise
 
 
 def require_data_dir(path: str) -> None:
@@ -383,6 +434,23 @@ def build_parser() -> argparse.ArgumentParser:
     token_p.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
     token_p.set_defaults(func=cmd_token)
 
+    chat_p = add(
+        "chat",
+        "an interactive terminal chat",
+        "An interactive chat in the terminal: joins --channel and shows its recent "
+        "messages, then every new one with its sender and time, others' typing and read "
+        "receipts. Type a line to send it; /help lists the commands (/join, /dm, /edit, "
+        "/delete, /history, /who, /quit). It reconnects and catches up after a server "
+        f"restart. With {SECRET_ENV} set it mints a token for --user (all channels); "
+        "otherwise pass --token. Exits 0 on /quit or end of input.",
+    )
+    chat_p.add_argument("--user", help="your user id (required unless --token is given)")
+    chat_p.add_argument("--channel", default="room-1", help="channel to join (default room-1)")
+    chat_p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    chat_p.add_argument("--port", type=int, default=7700, help="server port (default 7700)")
+    chat_p.add_argument("--token", help=f"a token (JWT); default: minted with {SECRET_ENV}")
+    chat_p.set_defaults(func=cmd_chat, parser=chat_p)
+
     inspect_p = add(
         "inspect",
         "show channels, sizes and cursors of a data directory (read-only)",
@@ -439,6 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error("--tail needs --channel")  # exits with 2
         if args.tail is None:
             args.tail = 20
+    if args.command == "chat":
+        if args.user is None and args.token is None:
+            args.parser.error("--user is required (unless --token is given)")  # exits with 2
+        if not valid_channel(args.channel):
+            args.parser.error(f"--channel: {args.channel!r} is no channel name")
     try:
         code: int = args.func(args)
     except BrokenPipeError:

@@ -285,6 +285,11 @@ class Client:
         counts: dict[str, int] = await self._request("unread", channels=list(channels))
         return counts
 
+    @property
+    def limits(self) -> dict[str, int | float]:
+        """The server's limits from ``welcome.limits`` (protocol defaults before it)."""
+        return dict(self._proto.limits)
+
     def events(self, channel: str | None = None) -> _EventStream:
         """Async iterator over app events (of ``channel`` only, if given): each channel's
         entries exactly once and in seq order, across reconnects and server restarts.

@@ -333,7 +333,7 @@ class ClientProtocol:
             ch.phase, ch.gen = Phase.IDLE, ch.gen + 1
             ch.pending.clear()
         if was_ready:
-            self._push(ConnectionChanged(False, reason), None, 0, 0)
+            self._push_signal(ConnectionChanged(False, reason))
         return outputs
 
     def data_to_send(self) -> bytes:
@@ -486,8 +486,7 @@ class ClientProtocol:
         item = self._inbox[index]
         del self._inbox[index]
         if item.channel is None:
-            if isinstance(item.event, Presence):
-                self._signals -= 1
+            self._signals -= 1  # presence and connection changes: bounded, see _push_signal
             return item.event
         ch = self.channels.get(item.channel)
         if ch is not None:
@@ -537,10 +536,7 @@ class ClientProtocol:
             if ch is not None:
                 self._signal(ch, ReadReceipt(ch.name, frame["user"], frame["seq"]))
         elif t == "presence":
-            if self._signals < MAX_SIGNALS:
-                self._signals += 1
-                event = Presence(frame["user"], frame["status"], frame["ts"])
-                self._push(event, None, 0, 0)
+            self._push_signal(Presence(frame["user"], frame["status"], frame["ts"]))
         elif t == "left":
             if ch is not None:
                 return self._left(ch, str(frame.get("reason", "")))
@@ -566,7 +562,7 @@ class ClientProtocol:
         if isinstance(limits, dict):
             self.limits = {**DEFAULT_LIMITS.announce(), **limits}
         self._next_ping = now_ms + max(1, self.heartbeat_ms // 2)
-        self._push(ConnectionChanged(True, "connected"), None, 0, 0)
+        self._push_signal(ConnectionChanged(True, "connected"))
         for ch in sorted(self.channels.values(), key=lambda c: c.name):
             self._start_join(ch)
         self._pump(now_ms)
@@ -816,6 +812,13 @@ class ClientProtocol:
 
     def _push(self, event: Event, channel: str | None, seq: int, epoch: int) -> None:
         self._inbox.append(_Queued(event, channel, seq, epoch))
+
+    def _push_signal(self, event: Event) -> None:
+        """A channel-less event (presence, connection changes): at most MAX_SIGNALS wait
+        for the app, so an app reading only channel iterators never grows the inbox."""
+        if self._signals < MAX_SIGNALS:
+            self._signals += 1
+            self._push(event, None, 0, 0)
 
     # ------------------------------------------------------------------ sending
 

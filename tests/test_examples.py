@@ -1,0 +1,114 @@
+"""The scripts in ``examples/`` run as child processes against a real server (the in-process
+``harness``) and do what their docstrings say."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from conftest import SECRET, Harness, mint
+from tsmsg.client import Message, connect
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+RUN_TIMEOUT = 60.0  # s: a child Python process start plus a short conversation
+WAIT_TIMEOUT = 15.0  # s: any single wait for a child's output or a message
+
+
+def example_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
+    env["TSMSG_SECRET"] = SECRET.decode()
+    return env
+
+
+def example(name: str, port: int, channel: str) -> list[str]:
+    return [sys.executable, str(EXAMPLES / name), "--port", str(port), "--channel", channel]
+
+
+async def wait_for_output(proc: trio.Process, path: Path, needle: str) -> None:
+    with trio.fail_after(WAIT_TIMEOUT):
+        while needle not in path.read_text():
+            assert proc.poll() is None, path.read_text()
+            await trio.sleep(0.05)
+
+
+async def test_two_users_prints_the_same_conversation_for_both(harness: Harness) -> None:
+    with trio.fail_after(RUN_TIMEOUT):
+        proc = await trio.run_process(
+            example("two_users.py", harness.server.port, "ex-two"),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=example_env(),
+            check=False,
+        )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    conversation = [
+        "  [1] alice: hi bob",
+        "  [2] bob: hi alice",
+        "  [3] alice: lunch at noon?",
+        "  [4] bob: sure, see yuo there",
+        "  [5] bob edited [4]: sure, see you there",
+        "  [6] alice: great",
+        "  [7] alice deleted [3]",
+    ]
+    assert out.splitlines() == ["alice saw:", *conversation, "bob saw:", *conversation]
+
+
+async def test_two_users_without_a_secret_exits_1(harness: Harness) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
+    with trio.fail_after(RUN_TIMEOUT):
+        proc = await trio.run_process(
+            example("two_users.py", harness.server.port, "ex-two"),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=env,
+            check=False,
+        )
+    assert proc.returncode == 1
+    assert "TSMSG_SECRET" in proc.stderr.decode()
+
+
+async def test_echo_bot_answers_others_and_stops_on_ctrl_c(
+    harness: Harness, tmp_path: Path
+) -> None:
+    channel = "ex-echo"
+    out_path = tmp_path / "echo_bot.out"
+    with open(out_path, "wb") as out:
+        bot = await trio.lowlevel.open_process(
+            example("echo_bot.py", harness.server.port, channel),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=example_env(),
+        )
+    try:
+        await wait_for_output(bot, out_path, "listening")
+        async with connect("127.0.0.1", harness.server.port, token=mint("alice")) as alice:
+            await alice.join(channel)
+            ping = await alice.send(channel, "ping")
+            with trio.fail_after(WAIT_TIMEOUT):
+                async for event in alice.events(channel):
+                    if isinstance(event, Message) and event.sender == "echo-bot":
+                        break
+            assert event.text == "echo: ping" and event.seq == ping.seq + 1
+        await wait_for_output(bot, out_path, "echoed")  # printed once the echo is acked
+        bot.send_signal(signal.SIGINT)
+        with trio.fail_after(WAIT_TIMEOUT):
+            code = await bot.wait()
+        text = out_path.read_text()
+        assert code == 0, text
+        assert text.splitlines() == [
+            f"echo-bot listening in {channel} on 127.0.0.1:{harness.server.port}",
+            f"echoed [{ping.seq}] alice: ping",
+            "echo-bot stopped",
+        ]
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            with trio.move_on_after(WAIT_TIMEOUT):
+                await bot.wait()
