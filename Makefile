@@ -12,7 +12,7 @@ HOST     ?= 127.0.0.1
 PORT     ?= 7700
 DATA_DIR ?= ./data
 
-.PHONY: setup run test test-rust test-python lint bench-codec bench-store bench-e2e clean
+.PHONY: setup run test test-rust test-python test-long lint bench-codec bench-store bench-e2e clean
 
 setup: $(STAMP)
 
@@ -37,11 +37,16 @@ test-rust:
 test-python: $(STAMP)
 	$(VENV)/bin/pytest -q
 
+# The long reliability runs (tests marked slow, at their long sizes): 50 crash-loop rounds
+# over TCP, 20,000 fuzzed inputs over TCP, 100 store SIGKILL rounds. A few minutes.
+test-long: $(STAMP)
+	TSMSG_LONG=1 TSMSG_CRASH_ROUNDS=100 $(VENV)/bin/pytest -q -m slow
+
 lint: $(STAMP)
 	cargo fmt --check
 	cargo clippy --locked -q --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff format --check python tests bench examples
 	$(VENV)/bin/mypy
 	$(VPY) -m mypy.stubtest tsmsg._native
 

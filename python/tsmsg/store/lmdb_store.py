@@ -205,6 +205,7 @@ class LmdbStore(Store):
                 self._chan_ids[bytes(name).decode()] = unpackb(raw)["id"]
         self._next_order = self._load_dedup()
         self._unsynced_cids: dict[bytes, int] = {}  # committed, not yet acknowledged
+        self.failed: str | None = None  # set when a sync failed: no more writes
         self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
         self.batch_sizes: list[int] = []  # the first 100,000 batch sizes, for benchmarks
@@ -407,6 +408,8 @@ class LmdbStore(Store):
     def submit(self, op: WriteOp) -> None:
         if self._closed:
             raise StoreUnavailable("store is closed")
+        if self.failed is not None:
+            raise StoreUnavailable(self.failed)
         self._queue.put(op)
 
     def _run_writer(self) -> None:
@@ -454,6 +457,11 @@ class LmdbStore(Store):
                     break
                 batch.append(nxt)
                 size += _op_size(nxt)
+            if self.failed is not None:  # queued before the failure: refused, not written
+                for op in batch:
+                    op.result, op.error, op.changed = None, StoreUnavailable(self.failed), False
+                self._ack(batch)
+                continue
             committed = self._commit_batch(batch)
             if not fsync:
                 self._ack(batch)
@@ -512,13 +520,20 @@ class LmdbStore(Store):
         try:
             self._env.sync(True)
         except Exception as exc:
-            # Committed but not known to be durable: no ack. The cids stay remembered,
-            # so a retry is answered as a duplicate rather than stored twice.
-            log.error("store sync failed; %d writes are not acknowledged: %r", len(batch), exc)
-            err = StoreUnavailable(f"store sync failed: {exc}")
-            for op in batch:
-                op.result, op.error, op.changed = None, err, False
+            self._fail_stop(batch, exc)
         self._ack(batch)
+
+    def _fail_stop(self, batch: list[WriteOp], exc: Exception) -> None:
+        """A sync failed after a commit: the batch is visible but not known to be durable
+        (after an fsync error the kernel may have dropped the pages: PostgreSQL's
+        "fsyncgate"). Its writers get store_unavailable with an unknown outcome (their
+        cids stay remembered, so a retry is answered as a duplicate if it is there) and
+        the store stops accepting writes until it is reopened; reads keep working."""
+        self.failed = f"store sync failed ({exc!r}); writes stopped until restart"
+        log.critical("%s: %d committed writes have an unknown outcome", self.failed, len(batch))
+        err = StoreUnavailable(f"{self.failed}; outcome unknown, retry with the same cid")
+        for op in batch:
+            op.result, op.error, op.changed = None, err, False
 
     def _ack(self, batch: list[WriteOp]) -> None:
         """The batch is durable (or failed): remember its cids, wake its writers."""

@@ -1,0 +1,533 @@
+"""Store faults, SQLite's way: fail the Nth commit, for N = 1, 2, ... until a run commits
+everything without reaching N, with each kind of failure a disk can produce.
+
+The store's ``fault`` hook is called in the writer thread just before each commit; the
+injector here raises from it on the chosen commits:
+
+- ``enospc``: ``OSError(ENOSPC)``, a full disk;
+- ``eio``: ``lmdb.DiskError`` (what py-lmdb raises for an I/O error);
+- ``map_full``: ``lmdb.MapFullError``, which is not a failure at all: the store must grow
+  the map and commit the same batch again, so nobody sees it.
+
+Each run has writer threads append (with acks), edit and delete their own acked messages
+and move read cursors in two channels, and checks, against a model built only from what
+the calls returned:
+
+- exactly the writes of the failed batch got ``StoreUnavailable`` (and no result), every
+  other write succeeded;
+- no seq was consumed: the acked entries of each channel are exactly seqs 1..head;
+- reads (``channel``, ``sync``, ``history``, dup lookups) work while the fault is in
+  place: they run from another thread inside the failing commit;
+- writes resume: the failed appends retried with the same cid are stored once, at the
+  next seqs, and failed edits and deletes retried succeed;
+- after close and reopen an independent checker (raw LMDB reads and msgpack, not the
+  store's code) finds exactly the acked entries, each message in its replayed latest
+  state, and every acked cid answers dup with its seq.
+
+The last test does the same over TCP: a server whose store fails every commit for a
+while answers ``store_unavailable``, keeps the connection, and stores a retry once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import pytest
+
+from conftest import Harness
+from tsmsg.store import AppendResult, LmdbStore, NotFound, StoreConfig, StoreUnavailable
+
+CHANNELS = ("ch-a", "ch-b")
+THREADS = 3
+OPS_PER_THREAD = 8  # 24 writes: at most 24 commits, so N runs up to 25 at most
+MAX_N = 40  # the loop's hard bound; it must end earlier by itself
+READ_TIMEOUT_S = 10.0  # the reads run inside the failing commit
+
+
+def enospc() -> Exception:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def eio() -> Exception:
+    return lmdb.DiskError(f"mdb_txn_commit: {os.strerror(errno.EIO)}")
+
+
+def map_full() -> Exception:
+    return lmdb.MapFullError("mdb_txn_commit: MDB_MAP_FULL: Environment mapsize limit reached")
+
+
+FAULTS: dict[str, Callable[[], Exception]] = {"enospc": enospc, "eio": eio, "map_full": map_full}
+
+
+class CommitFaults:
+    """The store's fault hook: fails the commits numbered in ``fail_at`` (1-based, counting
+    every commit attempt), or every commit while ``active`` is set. ``during`` runs inside
+    each failing commit, before the error is raised."""
+
+    def __init__(
+        self,
+        make_error: Callable[[], Exception],
+        fail_at: frozenset[int] = frozenset(),
+        during: Callable[[], None] | None = None,
+    ) -> None:
+        self.make_error = make_error
+        self.fail_at = fail_at
+        self.during = during
+        self.active = False
+        self.calls = 0
+        self.fired = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.active or self.calls in self.fail_at:
+            self.fired += 1
+            if self.during is not None:
+                self.during()
+            raise self.make_error()
+
+
+# ---------------------------------------------------------------------- the workload
+
+
+@dataclass
+class Write:
+    """One store call of a writer thread and what it returned."""
+
+    kind: str  # append, edit, delete, read
+    channel: str
+    user: str
+    cid: str = ""  # append
+    target: str = ""  # edit, delete
+    text: str = ""  # append, edit
+    seq: int = 0  # read: the position asked for
+    result: AppendResult | int | None = None
+    error: BaseException | None = None
+
+    def call(self, store: LmdbStore) -> None:
+        try:
+            if self.kind == "append":
+                self.result = store.append(self.channel, self.user, self.cid, self.text)
+            elif self.kind == "edit":
+                self.result = store.edit(self.channel, self.user, self.target, self.text)
+            elif self.kind == "delete":
+                self.result = store.delete(self.channel, self.user, self.target)
+            else:
+                self.result = store.set_read(self.user, self.channel, self.seq)
+        except BaseException as exc:  # checked by the caller: only StoreUnavailable is allowed
+            self.error = exc
+
+
+@dataclass
+class Workload:
+    writes: list[Write] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acked(self) -> list[Write]:
+        with self.lock:
+            return [w for w in self.writes if w.result is not None]
+
+
+def writer_thread(store: LmdbStore, work: Workload, thread: int, seed: int) -> None:
+    """A fixed script per (seed, thread): mostly appends; edits and deletes of the thread's
+    own acked, undeleted messages; read cursor moves."""
+    rng = random.Random(seed * 100 + thread)
+    user = f"u{thread}"
+    live: list[tuple[str, str]] = []  # (channel, message id) acked and not deleted
+    for n in range(OPS_PER_THREAD):
+        roll = rng.random()
+        channel = rng.choice(CHANNELS)
+        if roll < 0.15 and live:
+            channel, target = rng.choice(live)
+            w = Write("edit", channel, user, target=target, text=f"{user}.e{n}")
+        elif roll < 0.25 and live:
+            channel, target = live.pop(rng.randrange(len(live)))
+            w = Write("delete", channel, user, target=target)
+        elif roll < 0.4:
+            w = Write("read", channel, user, seq=rng.randrange(1, 30))
+        else:
+            cid = f"{user}.c{n}"
+            w = Write("append", channel, user, cid=cid, text=f"{cid}|text")
+        w.call(store)
+        with work.lock:
+            work.writes.append(w)
+        if w.kind == "append" and isinstance(w.result, AppendResult):
+            live.append((channel, w.result.id))
+        elif w.kind == "delete" and w.error is not None:
+            live.append((channel, w.target))  # not deleted: it may be retried
+
+
+def run_workload(store: LmdbStore, work: Workload, seed: int) -> None:
+    threads = [
+        threading.Thread(target=writer_thread, args=(store, work, t, seed), daemon=True)
+        for t in range(THREADS)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a writer thread hung"
+
+
+def check_reads(store: LmdbStore, work: Workload) -> None:
+    """What a reader must see at any moment: dense logs, working history, and every acked
+    append answered as a dup with its seq."""
+    for channel in CHANNELS:
+        info = store.channel(channel)
+        page = store.sync(channel, 0, 1000)
+        assert [e["seq"] for e in page.entries] == list(range(1, info.head + 1)), channel
+        history = store.history(channel, None, 1000)
+        assert [m["seq"] for m in history.messages] == [
+            e["seq"] for e in page.entries if e["kind"] == "message"
+        ]
+    for w in work.acked():
+        if w.kind == "append":
+            assert isinstance(w.result, AppendResult)
+            dup = store.lookup_dup(w.channel, w.user, w.cid)
+            assert dup is not None and (dup.seq, dup.id) == (w.result.seq, w.result.id), w
+
+
+def reads_in_another_thread(
+    store: LmdbStore, work: Workload, errors: list[BaseException]
+) -> Callable[[], None]:
+    """A ``during`` hook: run :func:`check_reads` from a fresh thread and wait for it (the
+    writer thread is inside its failing commit meanwhile)."""
+
+    def during() -> None:
+        def reader() -> None:
+            try:
+                check_reads(store, work)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t.join(READ_TIMEOUT_S)
+        if t.is_alive():
+            errors.append(TimeoutError("reads hung while a commit was failing"))
+
+    return during
+
+
+# ---------------------------------------------------------------------- the checker
+
+
+U64 = struct.Struct(">Q")
+
+
+def raw_logs(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[tuple[str, str], int]]:
+    """The log of every channel and every read cursor, read with plain LMDB and msgpack
+    from the on-disk format of STORAGE.md: nothing of the store's code is used."""
+    env = lmdb.open(str(path), readonly=True, max_dbs=12)
+    try:
+        channels_db = env.open_db(b"channels", create=False)
+        log_db = env.open_db(b"log", create=False)
+        cursors_db = env.open_db(b"cursors", create=False)
+        with env.begin() as txn:
+            names = {
+                msgpack.unpackb(v)["id"]: bytes(k).decode() for k, v in txn.cursor(channels_db)
+            }
+            logs: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
+            for k, v in txn.cursor(log_db):
+                chan_id, seq = U64.unpack(k[:8])[0], U64.unpack(k[8:])[0]
+                entry = msgpack.unpackb(v)
+                assert entry["seq"] == seq, (k, entry)
+                logs[names[chan_id]].append(entry)
+            cursors = {}
+            for k, v in txn.cursor(cursors_db):
+                user, chan_id = bytes(k[:-9]).decode(), U64.unpack(k[-8:])[0]
+                cursors[(user, names[chan_id])] = U64.unpack(v)[0]
+    finally:
+        env.close()
+    return logs, cursors
+
+
+def check_log(path: Path, acked: list[Write]) -> None:
+    """The data directory holds exactly the acked writes, each message in its latest state."""
+    logs, cursors = raw_logs(path)
+    by_seq: dict[str, dict[int, Write]] = {ch: {} for ch in CHANNELS}
+    for w in acked:
+        if w.kind != "read":
+            assert isinstance(w.result, AppendResult)
+            assert w.result.seq not in by_seq[w.channel], f"seq acked twice: {w}"
+            by_seq[w.channel][w.result.seq] = w
+    for channel in CHANNELS:
+        log = logs.get(channel, [])
+        assert [e["seq"] for e in log] == sorted(by_seq[channel]), f"{channel}: not the acked"
+        assert [e["seq"] for e in log] == list(range(1, len(log) + 1)), f"{channel}: gap"
+        state: dict[str, dict[str, Any]] = {}  # message id -> latest text / deleted
+        for e in log:
+            w = by_seq[channel][e["seq"]]
+            assert e["sender"] == w.user
+            if w.kind == "append":
+                assert isinstance(w.result, AppendResult)
+                assert e["kind"] == "message" and e["id"] == w.result.id, (e, w)
+                state[e["id"]] = {"text": w.text}
+            else:
+                assert e["kind"] == w.kind and e["id"] == w.target, (e, w)
+                if w.kind == "edit":
+                    state[w.target].update(text=w.text, edited=e["ts"])
+                else:
+                    state[w.target] = {"deleted": True}
+        for e in log:
+            if e["kind"] == "message":
+                body = {k: v for k, v in e.items() if k not in ("seq", "kind", "id", "sender")}
+                body.pop("ts")
+                assert body == state[e["id"]], f"{channel} {e['id']}: not its latest state"
+    expected_cursors: dict[tuple[str, str], int] = {}
+    for w in acked:
+        if w.kind == "read" and isinstance(w.result, int) and w.result:
+            key = (w.user, w.channel)
+            expected_cursors[key] = max(expected_cursors.get(key, 0), w.result)
+    assert cursors == expected_cursors
+
+
+# ---------------------------------------------------------------------- store tests
+
+
+def run_with_fault(path: Path, kind: str, n: int) -> bool:
+    """One run with the nth commit failing by ``kind``; True if the fault fired."""
+    work = Workload()
+    read_errors: list[BaseException] = []
+    store = LmdbStore(path, StoreConfig(durability="fsync"))
+    try:
+        faults = CommitFaults(FAULTS[kind], frozenset({n}), None)
+        faults.during = reads_in_another_thread(store, work, read_errors)
+        map_size = store._env.info()["map_size"]
+        store._fault = faults
+        run_workload(store, work, seed=n)
+        store._fault = None
+        assert not read_errors, f"reads failed during the fault: {read_errors!r}"
+        failed = [w for w in work.writes if w.error is not None]
+        for w in failed:
+            assert isinstance(w.error, StoreUnavailable) and w.result is None, w
+        if kind == "map_full":
+            # Transparent: nobody saw it, the map doubled, the batch went in on the retry.
+            assert not failed, failed
+            assert store._env.info()["map_size"] == (2 * map_size if faults.fired else map_size)
+        elif faults.fired:
+            assert len(failed) == store.batch_sizes[n - 1], "not exactly the failed batch"
+        else:
+            assert not failed
+        check_reads(store, work)
+        # The fault is gone: every failed write goes in when retried, at the next seqs;
+        # but an edit or delete whose target a later write deleted is now not_found.
+        deleted = {w.target for w in work.acked() if w.kind == "delete"}
+        for w in failed:
+            head = store.channel(w.channel).head
+            w.error = None
+            w.call(store)
+            if w.target in deleted:
+                assert isinstance(w.error, NotFound) and w.result is None, w
+                continue
+            assert w.error is None, w
+            if w.kind != "read":
+                assert isinstance(w.result, AppendResult)
+                assert w.result.seq == head + 1 and not w.result.dup, w
+            if w.kind == "delete":
+                deleted.add(w.target)
+        acked = work.acked()
+        assert len(acked) == len(work.writes) - sum(w.error is not None for w in failed)
+    finally:
+        store.close()
+    check_log(path, acked)
+    with LmdbStore(path) as store:
+        heads = {ch: store.channel(ch).head for ch in CHANNELS}
+        for w in acked:
+            if w.kind == "append":
+                again = store.append(w.channel, w.user, w.cid, w.text)
+                assert isinstance(w.result, AppendResult)
+                assert again.dup and (again.seq, again.id) == (w.result.seq, w.result.id)
+        assert {ch: store.channel(ch).head for ch in CHANNELS} == heads
+    return faults.fired > 0
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_failing_the_nth_commit_for_every_n(tmp_path: Path, kind: str) -> None:
+    for n in range(1, MAX_N + 1):
+        if not run_with_fault(tmp_path / f"n{n}", kind, n):
+            break  # the run had fewer than n commits: every position has been failed
+    else:
+        pytest.fail(f"the fault still fired at commit {MAX_N}: the loop did not cover the runs")
+    assert n > 5, "the workload committed too few batches to be a test"
+
+
+def test_a_lasting_fault_fails_writes_serves_reads_and_clears(tmp_path: Path) -> None:
+    """Every commit fails for a while (a full disk): all writes fail fast, reads and dup
+    answers keep working, and the writes retried after the disk is freed go in once."""
+    work = Workload()
+    store = LmdbStore(tmp_path / "data")
+    try:
+        faults = CommitFaults(enospc)
+        store._fault = faults
+        first = store.append("ch-a", "u0", "before", "before|text")
+        faults.active = True
+        failed = [
+            Write("append", "ch-a", "u0", cid=f"during{k}", text=f"during{k}|text")
+            for k in range(5)
+        ]
+        failed += [Write("edit", "ch-a", "u0", target=first.id, text="edited")]
+        failed += [Write("delete", "ch-a", "u0", target=first.id)]
+        failed += [Write("read", "ch-a", "u1", seq=1)]
+        for w in failed:
+            w.call(store)
+            assert isinstance(w.error, StoreUnavailable) and w.result is None, w
+        assert faults.fired == len(failed)
+        assert store.channel("ch-a").head == 1
+        assert store.sync("ch-a", 0, 10).entries[0]["text"] == "before|text"
+        assert store.history("ch-a", None, 10).messages[0]["id"] == first.id
+        assert store.read_cursor("u1", "ch-a") == 0
+        # The server answers a retried cid from lookup_dup, before queueing a write.
+        again = store.lookup_dup("ch-a", "u0", "before")
+        assert again is not None and again.seq == 1
+        faults.active = False
+        for k, w in enumerate(failed):
+            w.error = None
+            w.call(store)
+            assert w.error is None, w
+            if w.kind == "append":
+                assert isinstance(w.result, AppendResult)
+                assert w.result.seq == k + 2 and not w.result.dup
+        assert store.append("ch-a", "u0", "during0", "x").dup
+        work.writes = [Write("append", "ch-a", "u0", cid="before", text="before|text")]
+        work.writes[0].result = first
+        work.writes += failed
+    finally:
+        store.close()
+    check_log(tmp_path / "data", work.acked())
+
+
+def test_a_real_map_full_grows_the_map_and_loses_nothing(tmp_path: Path) -> None:
+    """Not injected: a map of 256 KiB fills up for real and must grow, several times,
+    under concurrent appends, while nothing fails."""
+    config = StoreConfig(map_size=256 << 10)
+    work = Workload()
+    filler = "y" * 2000
+    with LmdbStore(tmp_path / "data", config) as store:
+
+        def appender(t: int) -> None:
+            for k in range(150):
+                w = Write("append", CHANNELS[k % 2], f"u{t}", cid=f"{t}.{k}", text=filler)
+                w.call(store)
+                with work.lock:
+                    work.writes.append(w)
+
+        threads = [threading.Thread(target=appender, args=(t,)) for t in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [w for w in work.writes if w.error is not None] == []
+        assert store._env.info()["map_size"] >= 4 * config.map_size
+        check_reads(store, work)
+    check_log(tmp_path / "data", work.acked())
+
+
+# ---------------------------------------------------------------------- over TCP
+
+
+async def test_store_unavailable_over_tcp_keeps_the_connection(harness: Harness) -> None:
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    for client in (alice, bob):
+        assert (await client.request("join", channel="room"))["t"] == "ok"
+    first = await alice.request("send", channel="room", cid="c1", text="one")
+    assert first["t"] == "ok" and first["seq"] == 1
+
+    faults = CommitFaults(enospc)
+    harness.server.store._fault = faults
+    faults.active = True
+    refused = [
+        await alice.request("send", channel="room", cid="c2", text="two"),
+        await alice.request("edit", channel="room", id=first["id"], text="one, edited"),
+        await alice.request("delete", channel="room", id=first["id"]),
+        await alice.request("read", channel="room", seq=1),
+    ]
+    for reply in refused:
+        assert reply["t"] == "error" and reply["code"] == "store_unavailable", reply
+    assert faults.fired >= len(refused)
+    # The connection stays and reads work while the store cannot write.
+    assert (await alice.request("ping"))["t"] == "pong"
+    page = await alice.request("sync", channel="room", since=0)
+    assert [(e["seq"], e["text"]) for e in page["events"]] == [(1, "one")]
+    history = await alice.request("history", channel="room")
+    assert [m["text"] for m in history["messages"]] == ["one"]
+    dup = await alice.request("send", channel="room", cid="c1", text="one")
+    assert dup["t"] == "ok" and dup["dup"] and dup["seq"] == 1
+
+    faults.active = False
+    retry = await alice.request("send", channel="room", cid="c2", text="two")
+    assert retry["t"] == "ok" and retry["seq"] == 2 and not retry["dup"], retry
+    again = await alice.request("send", channel="room", cid="c2", text="two")
+    assert again["t"] == "ok" and again["seq"] == 2 and again["dup"], again
+    edit = await alice.request("edit", channel="room", id=first["id"], text="one, edited")
+    assert edit["t"] == "ok" and edit["seq"] == 3, edit
+    # Bob saw each stored entry once, and nothing of the refused writes.
+    await bob.expect("event", channel="room", seq=3)
+    seen = [f["seq"] for f in bob.pending if f.get("t") == "event" and f["channel"] == "room"]
+    assert seen == [1, 2], bob.pending
+    page = await bob.request("sync", channel="room", since=0)
+    got = [(e["seq"], e["kind"], e.get("text")) for e in page["events"]]
+    assert got == [(1, "message", "one, edited"), (2, "message", "two"), (3, "edit", "one, edited")]
+
+
+class FailingSync:
+    """Stands in for the store's LMDB environment and fails the next ``failures`` calls of
+    ``sync`` with EIO (an fsync that reports a write-back error); everything else is the
+    real environment's."""
+
+    def __init__(self, env: Any) -> None:
+        self.real = env
+        self.failures = 0
+
+    def sync(self, force: bool = False) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise lmdb.DiskError(f"mdb_env_sync: {os.strerror(errno.EIO)}")
+        self.real.sync(force)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_failed_sync_stops_writes_and_reads_go_on(harness: Harness) -> None:
+    """Fail-stop (PROTOCOL.md 8, store_unavailable): a commit whose sync fails is visible
+    but not known to be durable, and no transaction can be rolled back after commit. The
+    sender is told store_unavailable with an unknown outcome; the store refuses every
+    later write until it is reopened; reads, and dup answers for the cid, keep working."""
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    for client in (alice, bob):
+        assert (await client.request("join", channel="room"))["t"] == "ok"
+    # A write acknowledged after the joins: their background membership writes are
+    # synced, so the next sync is the one of alice's send.
+    assert (await alice.request("read", channel="room", seq=0))["t"] == "ok"
+    store = harness.server.store
+    env = FailingSync(store._env)
+    store._env = env
+    try:
+        env.failures = 1
+        refused = await alice.request("send", channel="room", cid="c1", text="one")
+        assert refused["t"] == "error" and refused["code"] == "store_unavailable", refused
+        assert "outcome unknown" in refused["message"]
+        assert env.failures == 0
+        later = await alice.request("send", channel="room", cid="c2", text="two")
+        assert later["t"] == "error" and later["code"] == "store_unavailable", later
+        assert "writes stopped" in later["message"]
+        # Reads go on, and the retried cid is answered from what the store holds.
+        page = await bob.request("sync", channel="room", since=0)
+        assert page["t"] == "ok" and [e["text"] for e in page["events"]] == ["one"]
+        retry = await alice.request("send", channel="room", cid="c1", text="one")
+        assert retry["t"] == "ok" and retry["dup"] is True and retry["seq"] == 1, retry
+        assert (await bob.request("history", channel="room"))["t"] == "ok"
+    finally:
+        store._env = env.real
