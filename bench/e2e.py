@@ -17,9 +17,9 @@ use is near 100 % of its one core is the bottleneck of that case. After the wind
 senders stop, every ``ok`` is awaited, and the members must have received exactly
 acked x M events (no loss, no ``resync`` cut) or the row says so.
 
-The server's per-connection frame rate limit (200/s by default) is raised through
-``TSMSG_LIMITS_FRAME_RATE`` / ``TSMSG_LIMITS_FRAME_BURST`` for the run; nothing else is
-changed from the defaults. Loopback only.
+The server's rate limits, set for people (200 frames/s per connection, 10 sends/s per
+user, 5/s per user and channel), are lifted through ``TSMSG_LIMITS_*`` for the run;
+nothing else is changed from the defaults. Loopback only.
 
 Run with ``.venv/bin/python bench/e2e.py`` (``make bench-e2e``); ``--help`` for the case
 grid and durations. Prints a Markdown table and writes ``results.json`` and ``results.md``
@@ -59,9 +59,10 @@ from tsmsg.auth import TokenIssuer
 SECRET = b"e2e-bench-secret-e2e-bench-secret!!!"  # >= 32 bytes, as the server requires
 TEXT = ("the quick brown fox jumps over a lazy dog " * 5)[:200]  # 200 bytes of ASCII
 CHANNEL = "bench"
-RATE_LIMIT_ENV = {  # the default 200 frames/s per connection would cap a sender at 200 sends/s
-    "TSMSG_LIMITS_FRAME_RATE": "1000000",
-    "TSMSG_LIMITS_FRAME_BURST": "1000000",
+RATE_LIMIT_ENV = {  # the defaults are for people: they would cap a sender at 5 sends/s
+    f"TSMSG_LIMITS_{kind}_{part}": "1000000"
+    for kind in ("FRAME", "SEND", "CHANNEL_SEND")
+    for part in ("RATE", "BURST")
 }
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read, as the server reads
 SERVER_START_TIMEOUT_S = 20.0  # interpreter start + LMDB open on a loaded machine
@@ -518,8 +519,7 @@ def main() -> None:
         "- server: `tsmsg serve --port 0 --data-dir <fresh tmp dir> --durability <d>`, "
         "default settings except "
         + ", ".join(f"`{k}={val}`" for k, val in RATE_LIMIT_ENV.items())
-        + " (the default frame rate limit, 200 frames/s per connection, would cap each "
-        "sender)\n"
+        + " (the default rate limits are set for people and would cap each sender)\n"
         f"- workload: N senders (not joined) and M members (joined) in one channel, "
         f"{len(TEXT)}-byte texts, `meta: {{t0}}` with the send time; each sender keeps "
         f"`window` sends in flight; {args.warmup:g} s warm-up, then {args.seconds:g} s "
