@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import SECRET, Harness, fast_limits, make_settings, mint, unlimited_env
+from conftest import SECRET, Harness, fast_limits, make_settings, mint
+from server_proc import server_env, server_process
 from tsmsg.auth import TokenVerifier
 from tsmsg.chat import (
     ById,
@@ -65,8 +65,6 @@ from tsmsg.server.app import Server
 CH = "room-1"
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 WAIT = 10.0  # s: any single wait for output, a process or a message
-START_TIMEOUT = 15.0  # s: a server subprocess to log its port
-SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 
 
 def msg(seq: int, sender: str, text: str | None, **kw: Any) -> Message:
@@ -385,66 +383,15 @@ async def test_chat_refused_channel_and_wrong_user(harness: Harness) -> None:
 # ------------------------------------------------------------------------ a server subprocess
 
 
-def server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
-    env.update(unlimited_env(), TSMSG_SECRET=SECRET.decode())
-    return env
-
-
-class ServerProcess:
-    """``tsmsg serve`` as a child process: the first start binds port 0 and learns its
-    port, a restart reuses it (and the data directory)."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.port = 0
-        self.starts = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        self.starts += 1
-        log = self.tmp_path / f"server-{self.starts}.log"
-        cmd = [sys.executable, "-m", "tsmsg.cli", "serve", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.tmp_path / "data")]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=server_env()
-            )
-        with trio.fail_after(START_TIMEOUT):
-            while (match := SERVING.search(log.read_text(errors="replace"))) is None:
-                assert self.proc.poll() is None, log.read_text()
-                await trio.sleep(0.02)
-        self.port = int(match.group(1))
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@asynccontextmanager
-async def server_process(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    server = ServerProcess(tmp_path)
-    try:
-        await server.start()
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
-
-
 async def test_chat_survives_a_server_restart_and_catches_up(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as server:
+    async with server_process(tmp_path / "data", tmp_path / "server.log") as server:
         async with chat_session(server.port, "alice", backoff_max=0.3) as alice:
             await alice.wait_for(f"-- {CH}: no messages")
-            server.stop(signal.SIGKILL)
+            server.kill()
             await alice.wait_for("-- reconnecting\u2026")
             alice.type("typed while the server was down")
             await alice.wait_for("-- offline: the message is sent once the connection is back")
-            await server.start()
+            await server.restart()
             async with connect("127.0.0.1", server.port, token=mint("bob")) as bob:
                 await bob.join(CH)
                 await bob.send(CH, "after the restart")
@@ -462,9 +409,9 @@ async def test_chat_survives_a_server_restart_and_catches_up(tmp_path: Path) -> 
 async def test_chat_quitting_while_offline_waits_briefly_for_unsent_messages(
     tmp_path: Path,
 ) -> None:
-    async with server_process(tmp_path) as server:
+    async with server_process(tmp_path / "data", tmp_path / "server.log") as server:
         async with chat_session(server.port, "alice", quit_grace=0.3) as alice:
-            server.stop(signal.SIGKILL)
+            server.kill()
             await alice.wait_for("-- reconnecting\u2026")
             alice.type("never sent")
         assert alice.text().endswith("-- gave up after 0.3 s: unsent messages are dropped\n")
@@ -551,8 +498,8 @@ def run_cli(*argv: str, env: dict[str, str], stdin: str = "") -> subprocess.Comp
 async def test_cli_chat_in_a_child_process(tmp_path: Path) -> None:
     """--help; a refused token and a refused channel exit 1; piped input is sent and the end
     of input exits 0."""
-    async with server_process(tmp_path) as server:
-        env = {k: v for k, v in server_env().items() if k != "TSMSG_SECRET"}
+    async with server_process(tmp_path / "data", tmp_path / "server.log") as server:
+        env = server_env(secret=False)
         port = str(server.port)
         helped = await trio.to_thread.run_sync(lambda: run_cli("chat", "--help", env=env))
         assert helped.returncode == 0 and helped.stdout.startswith("usage: tsmsg chat")
@@ -638,7 +585,7 @@ def chat_command(user: str, port: int) -> str:
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not on PATH (needed to drive a terminal)")
 async def test_two_chats_in_tmux_round_trip(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as server:
+    async with server_process(tmp_path / "data", tmp_path / "server.log") as server:
         with tmux_server() as tmux:
             for user in ("alice", "bob"):
                 tmux.new(user, chat_command(user, server.port))

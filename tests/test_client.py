@@ -5,11 +5,7 @@ asyncio. Every wait is bounded."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +16,8 @@ import anyio
 import pytest
 import trio
 
-from conftest import SECRET, Harness, make_settings, mint, unlimited_env
+from conftest import SECRET, Harness, make_settings, mint
+from server_proc import server_process
 from tsmsg.auth import TokenVerifier
 from tsmsg.client import (
     Ack,
@@ -48,7 +45,6 @@ from tsmsg.server.settings import Settings
 CH = "room-1"
 HOST = "127.0.0.1"
 STEP = 5.0  # seconds any single wait in these tests may take
-START_TIMEOUT = 15.0  # seconds for a server subprocess to start serving
 
 
 async def next_event(
@@ -257,45 +253,14 @@ def free_port() -> int:
         return port
 
 
-class ServerProcess:
-    """``tsmsg serve`` on a fixed port and data dir; restartable after a SIGKILL."""
-
-    def __init__(self, tmp_path: Path, port: int) -> None:
-        self.tmp_path, self.port = tmp_path, port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        self.starts += 1
-        log = self.tmp_path / f"server-{self.starts}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
-        env.update(unlimited_env(), TSMSG_SECRET=SECRET.decode())
-        cmd = [sys.executable, "-m", "tsmsg.cli", "serve", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.tmp_path / "data")]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
-            )
-        with anyio.fail_after(START_TIMEOUT):
-            while f"serving on {HOST}:{self.port}" not in log.read_text(errors="replace"):
-                assert self.proc.poll() is None, log.read_text()
-                await anyio.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
 async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
     """alice and bob each send ``n`` messages to one channel, up to 16 in flight, while both
     read the channel; the server is SIGKILLed mid-stream and restarted on the same port.
     Checks that each one's event stream is the whole log, gap-free, duplicate-free and in
     order, and that every message is stored exactly once."""
     n = 150
-    server = ServerProcess(tmp_path, free_port())
-    await server.start()
-    try:
+    data, log_path = tmp_path / "data", tmp_path / "server.log"
+    async with server_process(data, log_path, port=free_port()) as server:
         async with (
             connect(HOST, server.port, token=mint("alice"), backoff_max=0.3) as alice,
             connect(HOST, server.port, token=mint("bob"), backoff_max=0.3) as bob,
@@ -337,7 +302,7 @@ async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
                     server.kill()
                     killed_at = (len(acks), len(messages("bob")))
                     await anyio.sleep(0.2)
-                    await server.start()
+                    await server.restart()
                 log = await sync_log(bob)
                 for client in clients.values():  # each one saw the server go and come back
                     changes = [await next_event(client, None, ConnectionChanged) for _ in "123"]
@@ -358,8 +323,6 @@ async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
         assert len(acks) == 2 * n
         assert killed_at[0] < 2 * n and killed_at[1] < 2 * n  # the kill was mid-stream
         return {"dups": sum(a.dup for a in acks.values()), "killed_at": killed_at}
-    finally:
-        server.kill()
 
 
 async def test_sigkill_restart_mid_stream_trio(tmp_path: Path) -> None:
@@ -377,10 +340,9 @@ def run_asyncio(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 async def persistent_state_resumes(tmp_path: Path) -> None:
     """A restarted application (same state file) resumes its channels from where it was,
     and its outbox, filled while the server was down, is stored exactly once."""
-    server = ServerProcess(tmp_path, free_port())
     state = tmp_path / "alice.sqlite"
-    await server.start()
-    try:
+    data, log_path = tmp_path / "data", tmp_path / "server.log"
+    async with server_process(data, log_path, port=free_port()) as server:
         async with connect(HOST, server.port, token=mint("bob")) as bob:
             async with connect(HOST, server.port, token=mint("alice"), state_path=state) as alice:
                 await alice.join(CH)
@@ -397,7 +359,7 @@ async def persistent_state_resumes(tmp_path: Path) -> None:
             with anyio.move_on_after(0.3):
                 await alice.send(CH, "from the outbox", cid="outbox-1")
             assert alice.outbox == ["outbox-1"]
-        await server.start()
+        await server.restart()
         async with connect(HOST, server.port, token=mint("alice"), state_path=state) as alice:
             with anyio.fail_after(STEP):
                 while alice.outbox:
@@ -408,8 +370,6 @@ async def persistent_state_resumes(tmp_path: Path) -> None:
             assert [e.text for e in log].count("from the outbox") == 1
             # Acked already: the same cid again is a dup, not a second message.
             assert (await alice.send(CH, "again", cid="outbox-1")).dup
-    finally:
-        server.kill()
 
 
 async def test_persistent_state_resumes_trio(tmp_path: Path) -> None:

@@ -349,7 +349,7 @@ async def crash_round(
             with trio.fail_after(FIRST_ACK_TIMEOUT_S):
                 await first_ack.wait()
             await trio.sleep(rng.uniform(*KILL_DELAY_S))
-            await server.kill()
+            server.kill()
     return len(ledger.acked) + len(ledger.edits_acked) + len(ledger.deletes_acked) - acked_before
 
 

@@ -475,7 +475,7 @@ async def fuzz(tmp_path: Path, count: int) -> None:
         "TSMSG_IP_LOGIN_FAIL_BURST": "1000000",
     }
     stats = Healthy()
-    async with server_process(tmp_path / "data", tmp_path / "server.log", **env) as server:
+    async with server_process(tmp_path / "data", tmp_path / "server.log", env=env) as server:
         with trio.fail_after(RUN_TIMEOUT_S):
             done = trio.Event()
             peaks: dict[str, int] = {}

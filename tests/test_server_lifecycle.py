@@ -4,25 +4,21 @@ command line (secret, --dev, JSON logs) and settings precedence."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import SECRET, Harness, WireClient, fast_limits, make_settings, mint, unlimited_env
+from conftest import Harness, WireClient, fast_limits, make_settings, mint
+from server_proc import SERVING, server_env, server_process
 from tsmsg.auth import TokenIssuer
 from tsmsg.protocol.limits import Limits
 from tsmsg.server.settings import Settings, load_settings
@@ -30,22 +26,11 @@ from tsmsg.store import LmdbStore
 
 CHANNEL = "room-1"
 START_TIMEOUT = 15.0  # seconds for a server subprocess to log its port
-EXIT_TIMEOUT = 10.0  # seconds for a server subprocess to exit after SIGTERM
 CONNECTION_LOST = (EOFError, trio.BrokenResourceError, trio.ClosedResourceError)
-SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
-_log_names = itertools.count(1)
 
 
 def text_of(cid: str) -> str:
     return f"text of {cid}"
-
-
-def server_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any TSMSG_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
-    env.update(unlimited_env())
-    env.update(extra)
-    return env
 
 
 def stored_log(data_dir: Path, channel: str = CHANNEL) -> list[dict[str, Any]]:
@@ -75,53 +60,6 @@ async def sync_all(client: WireClient, since: int, channel: str = CHANNEL) -> li
             since = page["events"][-1]["seq"]
         if not page["more"]:
             return out
-
-
-# ---------------------------------------------------------------------- subprocess server
-
-
-@dataclass
-class ServerProcess:
-    proc: trio.Process
-    port: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        with trio.fail_after(EXIT_TIMEOUT):
-            return await self.proc.wait()
-
-
-@asynccontextmanager
-async def server_process(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None
-) -> AsyncIterator[ServerProcess]:
-    """``tsmsg serve --port 0`` as a child process; its stderr goes to a file in tmp_path.
-    The process is always killed on the way out."""
-    log_path = tmp_path / f"server-{next(_log_names)}.log"
-    cmd = [sys.executable, "-m", "tsmsg.cli", "serve", "--port", "0", *args]
-    env = server_env(TSMSG_SECRET=SECRET.decode()) if env is None else env
-    with open(log_path, "wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
-        )
-    try:
-        port = None
-        with trio.move_on_after(START_TIMEOUT):
-            while port is None and proc.poll() is None:
-                match = SERVING.search(log_path.read_text(errors="replace"))
-                port = int(match.group(1)) if match else None
-                await trio.sleep(0.02)
-        assert port is not None, f"server did not start:\n{log_path.read_text()}"
-        yield ServerProcess(proc, port, log_path)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.move_on_after(EXIT_TIMEOUT):
-                await proc.wait()
 
 
 async def connect(port: int, user: str) -> WireClient:
@@ -194,12 +132,12 @@ def channel_events(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_sigkill_mid_stream_then_restart_and_catch_up(tmp_path: Path) -> None:
-    data = str(tmp_path / "data")
+    data = tmp_path / "data"
     cids = [f"cid-{k:04d}" for k in range(300)]
     acks: dict[str, dict[str, Any]] = {}
     bob_frames: list[dict[str, Any]] = []
     read_acks, window = 100, 16
-    async with server_process(tmp_path, "--data-dir", data) as server:
+    async with server_process(data, tmp_path / "server-1.log") as server:
         alice = await connect(server.port, "alice")
         bob = await connect(server.port, "bob")
         assert (await bob.request("join", channel=CHANNEL))["head"] == 0
@@ -211,8 +149,7 @@ async def test_sigkill_mid_stream_then_restart_and_catch_up(tmp_path: Path) -> N
                 nursery.start_soon(read_until_lost, bob, bob_frames)
                 while len(channel_events(bob_frames)) < read_acks + window // 2:
                     await trio.sleep(0.001)
-                server.proc.kill()  # SIGKILL
-                assert await server.proc.wait() == -signal.SIGKILL
+                assert server.kill() == -signal.SIGKILL
                 nursery.cancel_scope.cancel()
         await alice.aclose()
         await bob.aclose()
@@ -220,7 +157,7 @@ async def test_sigkill_mid_stream_then_restart_and_catch_up(tmp_path: Path) -> N
     bob_live = channel_events(bob_frames)
     assert_dense(bob_live)
 
-    async with server_process(tmp_path, "--data-dir", data) as server:
+    async with server_process(data, tmp_path / "server-2.log") as server:
         alice = await connect(server.port, "alice")
         bob = await connect(server.port, "bob")
         with trio.fail_after(20):
@@ -267,7 +204,7 @@ async def test_sigkill_mid_stream_then_restart_and_catch_up(tmp_path: Path) -> N
             final = await sync_all(bob, 0)
         await alice.aclose()
         await bob.aclose()
-        assert await server.stop() == 0
+        assert await server.terminate() == 0
     assert_dense(final)
     assert final[:head] == log
     assert sorted(e["text"] for e in final) == sorted(text_of(cid) for cid in cids)
@@ -347,7 +284,7 @@ async def test_graceful_shutdown_in_process(
 
 async def test_sigterm_shuts_down_gracefully(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    async with server_process(tmp_path, "--data-dir", str(data)) as server:
+    async with server_process(data, tmp_path / "server.log") as server:
         users = ["alice", "bob", "carol"]
         clients = {user: await connect(server.port, user) for user in users}
         for client in clients.values():
@@ -355,8 +292,7 @@ async def test_sigterm_shuts_down_gracefully(tmp_path: Path) -> None:
         acks, frames = await flood_and_stop(
             clients, ["alice"], lambda: server.proc.send_signal(signal.SIGTERM)
         )
-        with trio.fail_after(EXIT_TIMEOUT):
-            code = await server.proc.wait()
+        code = await server.wait()
         for user in ["bob", "carol"]:
             assert_bye_then_eof(clients[user], frames[user])
         assert [f["code"] for f in frames["alice"] if f.get("t") == "bye"] == ["shutting_down"]
@@ -480,13 +416,13 @@ async def test_a_crashing_handler_only_closes_its_own_connection(
 async def test_json_log_format(tmp_path: Path) -> None:
     # The flag wins over the environment, which wins over the config file.
     config = write_toml(tmp_path, 'log_format = "text"\nport = 1\n')
-    env = server_env(TSMSG_SECRET=SECRET.decode(), TSMSG_LOG_FORMAT="text")
-    args = ("--config", config, "--data-dir", str(tmp_path / "data"), "--log-format", "json")
-    async with server_process(tmp_path, *args, env=env) as server:
+    env = {"TSMSG_LOG_FORMAT": "text"}
+    args = ("--config", config, "--log-format", "json")
+    async with server_process(tmp_path / "data", tmp_path / "server.log", *args, env=env) as server:
         client = await connect(server.port, "alice")
         await client.request("ping")
         await client.aclose()
-        assert await server.stop() == 0
+        assert await server.terminate() == 0
         lines = server.log().splitlines()
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert len(entries) >= 4
@@ -504,7 +440,7 @@ async def test_serve_without_secret_fails_clearly(tmp_path: Path) -> None:
     cmd += ["--data-dir", str(tmp_path / "data")]
     with trio.fail_after(START_TIMEOUT):
         result = await trio.run_process(
-            cmd, env=server_env(), capture_stdout=True, capture_stderr=True, check=False
+            cmd, env=server_env(secret=False), capture_stdout=True, capture_stderr=True, check=False
         )
     err = result.stderr.decode()
     assert result.returncode == 1, err
@@ -517,7 +453,7 @@ async def test_serve_without_secret_fails_clearly(tmp_path: Path) -> None:
 async def test_serve_with_a_bad_config_fails_clearly(tmp_path: Path) -> None:
     config = write_toml(tmp_path, "max_queue_bytez = 5\n")
     cmd = [sys.executable, "-m", "tsmsg.cli", "serve", "--port", "0", "--config", config]
-    env = server_env(TSMSG_SECRET=SECRET.decode())
+    env = server_env()
     with trio.fail_after(START_TIMEOUT):
         result = await trio.run_process(
             cmd, env=env, capture_stdout=True, capture_stderr=True, check=False
@@ -529,8 +465,8 @@ async def test_serve_with_a_bad_config_fails_clearly(tmp_path: Path) -> None:
 
 
 async def test_serve_dev_prints_how_to_mint_a_token(tmp_path: Path) -> None:
-    args = ("--data-dir", str(tmp_path / "data"), "--dev")
-    async with server_process(tmp_path, *args, env=server_env()) as server:
+    data, log_path = tmp_path / "data", tmp_path / "server.log"
+    async with server_process(data, log_path, "--dev", secret=False) as server:
         log = server.log()
         assert "tsmsg token --user" in log
         match = re.search(r"TSMSG_SECRET=(\S+) tsmsg token", log)
@@ -542,7 +478,7 @@ async def test_serve_dev_prints_how_to_mint_a_token(tmp_path: Path) -> None:
         welcome = await client.request("hello", v=1, token=token)
         assert welcome["t"] == "welcome", welcome
         await client.aclose()
-        assert await server.stop() == 0
+        assert await server.terminate() == 0
 
 
 # ---------------------------------------------------------------------- settings
