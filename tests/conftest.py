@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,33 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def harness(settings: Settings) -> AsyncIterator[Harness]:
+    async with running_server(settings) as h:
+        yield h
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[Harness]:
+    """A server of its own in this process (several per test, or restarts on one dir)."""
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(Server(settings, TokenVerifier(SECRET)).run)
         h = Harness(server, nursery)
-        yield h
-        for client in h.clients:
-            with trio.move_on_after(1):
-                await client.aclose()
-        server.stopping.set()
+        try:
+            yield h
+        finally:
+            for client in h.clients:
+                with trio.move_on_after(1):
+                    await client.aclose()
+            server.stopping.set()
+
+
+async def sync_all(client: WireClient, since: int, channel: str) -> list[dict[str, Any]]:
+    """Every entry after ``since``, following ``more`` across pages."""
+    out: list[dict[str, Any]] = []
+    while True:
+        page = await client.request("sync", channel=channel, since=since)
+        assert page["t"] == "ok", page
+        out += page["events"]
+        if page["events"]:
+            since = page["events"][-1]["seq"]
+        if not page["more"]:
+            return out

@@ -5,18 +5,15 @@ slow-consumer cut (DESIGN.md invariants 1 and 7)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import SECRET, Harness, WireClient, fast_limits, make_settings, mint
-from tsmsg.auth import TokenVerifier
+from conftest import Harness, WireClient, fast_limits, make_settings, mint, running_server
+from conftest import sync_all as conftest_sync_all
 from tsmsg.server.app import Connection, Server
-from tsmsg.server.settings import Settings
 
 CHANNEL = "room-1"
 
@@ -47,16 +44,7 @@ def pending_events(client: WireClient, channel: str = CHANNEL) -> list[dict[str,
 
 
 async def sync_all(client: WireClient, since: int, channel: str = CHANNEL) -> list[dict[str, Any]]:
-    """Every entry after ``since``, following ``more`` across pages."""
-    out: list[dict[str, Any]] = []
-    while True:
-        page = await client.request("sync", channel=channel, since=since)
-        assert page["t"] == "ok", page
-        out += page["events"]
-        if page["events"]:
-            since = page["events"][-1]["seq"]
-        if not page["more"]:
-            return out
+    return await conftest_sync_all(client, since, channel)
 
 
 async def send_pipelined(
@@ -255,20 +243,6 @@ QUEUE_LIMIT = 64 * 1024
 FLOOD_TEXT = 4 * 1024
 FLOOD_COUNT = 512  # 2 MiB of text: far more than the queue limit plus the socket buffers
 SMALL_RCVBUF = 16 * 1024  # the slow client's kernel buffer, so the server's queue fills soon
-
-
-@asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[Harness]:
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(settings, TokenVerifier(SECRET)).run)
-        h = Harness(server, nursery)
-        try:
-            yield h
-        finally:
-            for client in h.clients:
-                with trio.move_on_after(1):
-                    await client.aclose()
-            server.stopping.set()
 
 
 async def connect_small_buffer(h: Harness, user: str) -> WireClient:

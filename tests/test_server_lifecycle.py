@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from conftest import Harness, WireClient, fast_limits, make_settings, mint
+from conftest import sync_all as conftest_sync_all
 from server_proc import SERVING, server_env, server_process
 from tsmsg.auth import TokenIssuer
 from tsmsg.protocol.limits import Limits
@@ -51,15 +52,7 @@ def assert_dense(log: list[dict[str, Any]], start: int = 1) -> None:
 
 
 async def sync_all(client: WireClient, since: int, channel: str = CHANNEL) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while True:
-        page = await client.request("sync", channel=channel, since=since)
-        assert page["t"] == "ok", page
-        out += page["events"]
-        if page["events"]:
-            since = page["events"][-1]["seq"]
-        if not page["more"]:
-            return out
+    return await conftest_sync_all(client, since, channel)
 
 
 async def connect(port: int, user: str) -> WireClient:
@@ -147,7 +140,12 @@ async def test_sigkill_mid_stream_then_restart_and_catch_up(tmp_path: Path) -> N
                 # (bob sees them) or still in flight, but alice does not know which.
                 nursery.start_soon(send_until_lost, alice, cids, acks, window, read_acks)
                 nursery.start_soon(read_until_lost, bob, bob_frames)
-                while len(channel_events(bob_frames)) < read_acks + window // 2:
+                # Both sides must have caught up before the kill: bob's events and
+                # alice's acks leave the server together but are read by separate tasks.
+                while (
+                    len(channel_events(bob_frames)) < read_acks + window // 2
+                    or len(acks) < read_acks
+                ):
                     await trio.sleep(0.001)
                 assert server.kill() == -signal.SIGKILL
                 nursery.cancel_scope.cancel()

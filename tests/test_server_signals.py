@@ -17,18 +17,25 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import SECRET, WIRE_TIMEOUT, Harness, WireClient, fast_limits, make_settings, mint
+from conftest import (
+    SECRET,
+    WIRE_TIMEOUT,
+    Harness,
+    WireClient,
+    fast_limits,
+    make_settings,
+    mint,
+    running_server,
+)
 from tsmsg import encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
-from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
 
 ROOM = "room"
@@ -55,21 +62,6 @@ def mocked(**overrides: Any) -> pytest.MarkDecorator:
     return pytest.mark.parametrize(
         "settings", [{"tick_ms": 250, "durability": "async", **overrides}], indirect=True
     )
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Harness]:
-    """A server of its own (for restarts on the same data dir)."""
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(settings, TokenVerifier(SECRET)).run)
-        h = Harness(server, nursery)
-        try:
-            yield h
-        finally:
-            for client in h.clients:
-                with trio.move_on_after(1):
-                    await client.aclose()
-            server.stopping.set()
 
 
 # ------------------------------------------------------------------ wire helpers
@@ -199,7 +191,7 @@ async def pinger(client: WireClient, every_s: float) -> None:
 async def test_presence_two_devices_pushes_once_per_change_and_last_seen(
     settings: Settings,
 ) -> None:
-    async with serving(settings) as h:
+    async with running_server(settings) as h:
         await become_member(h, "alice")
         carol = await h.connect("carol")
         await join(carol)
@@ -277,7 +269,7 @@ async def test_presence_two_devices_pushes_once_per_change_and_last_seen(
 
     # After a restart on the same data dir: still offline with the same last_seen, for a
     # member who has not even joined in this connection (membership is stored).
-    async with serving(settings) as h:
+    async with running_server(settings) as h:
         carol = await h.connect("carol")
         reply = await carol.request("presence", users=["alice", "dave"])
         assert reply["users"] == [
