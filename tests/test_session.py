@@ -1461,6 +1461,14 @@ def test_join_records_membership_fire_and_forget(store: LmdbStore) -> None:
     assert store.channels() == []  # a membership is no log entry
 
 
+def test_a_member_rejoining_writes_nothing(store: LmdbStore) -> None:
+    session = connect(store)
+    commit(store, only_submit([call(session, "join", rid=1, channel=ROOM)[1]]))
+    again = call(session, "join", rid=2, channel=ROOM)
+    assert not any(isinstance(a, Submit) for a in again), again
+    assert isinstance(again[0], Subscribe) and isinstance(again[-1], Reply)
+
+
 def test_failed_membership_record_is_not_answered(store: LmdbStore) -> None:
     session = connect(store)
     op = call(session, "join", rid=1, channel=ROOM)[1]

@@ -387,10 +387,11 @@ class Session:
         read = self.store.read_cursor(self.user, channel)
         self.joined.add(channel)
         self.cut.discard(channel)
-        member = WriteOp("member", channel, self.user)  # for presence: who shares a channel
+        actions: list[Action] = [Subscribe(channel)]
+        if not self.store.is_member(self.user, channel):  # for presence: who shares a channel
+            actions.append(self._submit(WriteOp("member", channel, self.user), None))
         return [
-            Subscribe(channel),
-            self._submit(member, None),
+            *actions,
             *self._ok(
                 rid,
                 channel=channel,

@@ -214,6 +214,10 @@ class Store(ABC):
     def read_cursor(self, user: str, channel: str) -> int: ...
 
     @abstractmethod
+    def is_member(self, user: str, channel: str) -> bool:
+        """Whether ``user`` is recorded as a member of ``channel``."""
+
+    @abstractmethod
     def channels_of(self, user: str) -> list[str]:
         """The channels ``user`` is a member of (has ever joined), sorted."""
 

@@ -327,6 +327,10 @@ class LmdbStore(Store):
         out.reverse()
         return HistoryPage(out, more)
 
+    def is_member(self, user: str, channel: str) -> bool:
+        with self._read() as txn:
+            return txn.get(user.encode() + b"\0" + channel.encode(), db=self._members) is not None
+
     def channels_of(self, user: str) -> list[str]:
         prefix = user.encode() + b"\0"
         out: list[str] = []
