@@ -30,3 +30,16 @@ def machine(data_dir: Path | None = None) -> dict[str, str]:
         fs = df[-1].split() if len(df) > 1 else ["?", "?"]
         info.update(data_dir_device=fs[0], data_dir_fs=fs[1])
     return info
+
+
+ANALYSIS = "\n## Analysis"  # a hand-written section below the generated report
+
+
+def write_report(out: Path, report: str) -> None:
+    """Write ``out/results.md``, keeping a hand-written ``## Analysis`` section (where
+    the time goes, what to change) across re-runs, then say so."""
+    md = out / "results.md"
+    old = md.read_text() if md.exists() else ""
+    analysis = old[old.index(ANALYSIS) :] if ANALYSIS in old else ""
+    md.write_text(report + analysis)
+    print(f"wrote {out}/results.md and results.json")

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import msgspec
 
-from benchlib import machine
+from benchlib import machine, write_report
 from tsmsg import _native
 
 HEADER = struct.Struct(">I")
@@ -326,7 +326,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**info, "date": date, "rows": rows}, indent=2))
     m, v = info["machine"], info["versions"]
-    (out / "results.md").write_text(
+    write_report(
+        out,
         f"# Frame codec benchmark, {date}\n\n"
         f"- command: `{command}` (from the repository root; `make bench-codec`)\n"
         f"- machine: {m['cpu']}, {m['nproc']} CPUs, {m['platform']}\n"
@@ -335,9 +336,8 @@ def main() -> None:
         f"- timing: time.perf_counter, {args.repeats} repeats of loops of >= "
         f"{args.min_time} s; best and median per call. MB = 10^6 bytes of wire frames "
         "(headers included). Speedup = contender's best time / tsmsg's best time.\n\n"
-        f"{md_table}\n"
+        f"{md_table}\n",
     )
-    print(f"wrote {out}/results.md and results.json")
 
 
 if __name__ == "__main__":

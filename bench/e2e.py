@@ -52,7 +52,7 @@ from typing import Any
 
 import trio
 
-from benchlib import machine
+from benchlib import machine, write_report
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer
 
@@ -70,7 +70,6 @@ SERVER_STOP_TIMEOUT_S = 10.0  # its shutdown grace is 5 s; then it is killed
 CONNECT_TIMEOUT_S = 10.0  # connecting, hello and join for all clients of one case
 DRAIN_TIMEOUT_S = 15.0  # after the window: the last acks, then the last deliveries
 SERVER_CPU, LOADGEN_CPU = 0, 1  # taskset CPUs; only used with >= 2 CPUs and taskset present
-ANALYSIS = "\n## Analysis"
 SERVING = re.compile(r"serving on \S+:(\d+)")
 
 
@@ -535,12 +534,8 @@ def main() -> None:
         f"{args.fdatasync_probe:g} s right before the case (an LMDB fsync commit does two)\n\n"
         f"{table(rows)}\n"
     )
-    md = out / "results.md"
-    old = md.read_text() if md.exists() else ""
-    analysis = old[old.index(ANALYSIS) :] if ANALYSIS in old else ""
-    md.write_text(report + analysis)
     print(report)
-    print(f"wrote {out}/results.md and results.json")
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 
 import lmdb
 
-from benchlib import machine
+from benchlib import machine, write_report
 from tsmsg._native import packb, unpackb
 from tsmsg.store import LmdbStore, StoreConfig, WriteOp
 
@@ -51,7 +51,6 @@ TEXT = ("the quick brown fox jumps over a lazy dog " * 5)[:200]  # 200 bytes of 
 CHANNELS = [f"room-{i}" for i in range(8)]
 SYNC_ENTRIES = 100_000
 SYNC_CHANNEL = "big"
-ANALYSIS = "\n## Analysis"
 
 
 def bytes_written() -> int:
@@ -592,14 +591,8 @@ def main() -> None:
         f"{md_reads}\n\n"
         "## Profiles (cProfile; its overhead inflates Python-level costs)\n" + "".join(md_profiles)
     )
-    # A hand-written "## Analysis" section (where the time goes, what to change) is
-    # kept across re-runs: it is below the generated part.
-    md = out / "results.md"
-    old = md.read_text() if md.exists() else ""
-    analysis = old[old.index(ANALYSIS) :] if ANALYSIS in old else ""
-    md.write_text(report + analysis)
     print(report)
-    print(f"wrote {out}/results.md and results.json")
+    write_report(out, report)
 
 
 if __name__ == "__main__":
