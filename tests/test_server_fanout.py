@@ -360,3 +360,19 @@ async def live_message_arrives(sender: WireClient, member: WireClient, seq: int)
     assert (event["seq"], event["text"]) == (seq, "live again")
     await barrier(member)
     assert pending_events(member) == []
+
+
+async def test_deliveries_count_only_frames_actually_queued(harness: Harness) -> None:
+    members = [await harness.connect(u) for u in ("alice", "bob", "carol")]
+    for client in members:
+        await client.request("join", channel=CHANNEL)
+    stats = harness.server.stats
+    before = stats["deliveries"]
+    await members[0].request("send", channel=CHANNEL, cid="d1", text="hi")
+    for client in members:
+        await client.expect("event", channel=CHANNEL)
+    assert stats["deliveries"] - before == 3  # the sender's own connection too
+    await members[0].request("typing", channel=CHANNEL, on=True)
+    for client in members[1:]:
+        await client.expect("typing", channel=CHANNEL, user="alice")
+    assert stats["deliveries"] - before == 3 + 2  # the typer's connection is skipped

@@ -326,10 +326,12 @@ class Server:
         if not members:
             return
         data = encode(frame)  # once for every member
+        sent = 0
         for conn in members:
             if skip_user is None or conn.user != skip_user:
                 conn.send_bytes(data, channel)
-        self.stats["deliveries"] += len(members)
+                sent += 1
+        self.stats["deliveries"] += sent
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         try:
