@@ -381,7 +381,7 @@ async def test_a_crashing_handler_only_closes_its_own_connection(
     await bob.request("join", channel=CHANNEL)
     mallory = await harness.connect("mallory")
     await mallory.request("join", channel=CHANNEL)
-    opened = harness.server.stats["connections_opened"]
+    opened = harness.server.metrics.value("tsmsg_connections_opened_total")
 
     await mallory.send({"t": "ping", "rid": 1})
     assert await mallory.closed()
@@ -393,7 +393,7 @@ async def test_a_crashing_handler_only_closes_its_own_connection(
     event = await bob.expect("event", channel=CHANNEL)
     assert event["seq"] == sent["seq"]
     assert (await bob.request("ping"))["t"] == "pong"
-    assert harness.server.stats["connections_opened"] == opened
+    assert harness.server.metrics.value("tsmsg_connections_opened_total") == opened
     assert len(harness.server.connections) == 2
     assert all(conn.user != "mallory" for conn in harness.server.connections.values())
     assert CHANNEL in harness.server.members

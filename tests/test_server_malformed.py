@@ -585,4 +585,5 @@ async def test_all_connection_errors_at_once_leave_the_bystander_alone(
         done.set()
     await bystander.check()
     await only_bystander_left(harness)
-    assert harness.server.stats["connections_closed"] >= 2 * len(FATAL) + len(FATAL_BEFORE_HELLO)
+    closed = harness.server.metrics.value("tsmsg_connections_closed_total")
+    assert closed >= 2 * len(FATAL) + len(FATAL_BEFORE_HELLO)

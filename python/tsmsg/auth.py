@@ -49,6 +49,7 @@ __all__ = [
     "MAX_CHANNEL_CHARS",
     "MAX_PATTERNS",
     "MAX_PATTERN_CHARS",
+    "MAX_SECRETS",
     "MAX_TOKEN_CHARS",
     "MAX_USER_CHARS",
     "MIN_SECRET_BYTES",
@@ -56,6 +57,7 @@ __all__ = [
     "SCOPE_READ",
     "SCOPE_SEND",
     "SECRET_ENV",
+    "SECRET_PREVIOUS_ENV",
     "TOKEN_EXPIRED",
     "UNAUTHORIZED",
     "AuthError",
@@ -65,6 +67,8 @@ __all__ = [
     "dm_channel",
     "generate_dev_secret",
     "parse_dm",
+    "parse_secrets",
+    "previous_secret_from_env",
     "secret_from_env",
     "valid_channel",
     "valid_user",
@@ -101,6 +105,9 @@ UNAUTHORIZED: Final = "unauthorized"
 AuthCode = Literal["token_expired", "unauthorized"]
 
 SECRET_ENV: Final = "TSMSG_SECRET"
+# During a secret rotation: the previous secret, still accepted for verification only.
+SECRET_PREVIOUS_ENV: Final = "TSMSG_SECRET_PREVIOUS"
+MAX_SECRETS: Final = 8  # a secret file's lines; each bad-signature token costs one HMAC per secret
 
 # HMAC key minimum per algorithm: the hash output size (RFC 7518 3.2).
 _HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -463,6 +470,48 @@ def secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
             f"{SECRET_ENV} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
         )
     return secret
+
+
+def previous_secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
+    """The previous HMAC secret from ``TSMSG_SECRET_PREVIOUS`` (UTF-8), accepted only to
+    verify during a rotation; ``None`` when it is unset or empty. Raises ``ValueError``
+    for a secret shorter than MIN_SECRET_BYTES."""
+    value = env.get(SECRET_PREVIOUS_ENV)
+    if not value:
+        return None
+    secret = value.encode("utf-8")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{SECRET_PREVIOUS_ENV} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
+        )
+    return secret
+
+
+def parse_secrets(data: bytes, source: str) -> tuple[bytes, ...]:
+    """The secrets of a secret file's contents, the current one first.
+
+    One secret per line: the first is the current secret (``tsmsg token`` signs with it),
+    the others are previous secrets that still verify during a rotation. Whitespace
+    around each line (a trailing ``\\r`` too) is not part of the secret; blank lines and
+    lines starting with ``#`` are skipped. ``ValueError`` names ``source`` and the line
+    number, never a secret: no secret at all, more than MAX_SECRETS, or one shorter than
+    MIN_SECRET_BYTES."""
+    found: list[bytes] = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if len(line) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"{source}, line {n}: a secret must be at least {MIN_SECRET_BYTES} bytes, "
+                f"got {len(line)}"
+            )
+        found.append(line)
+    if not found:
+        raise ValueError(f"{source} holds no secret (one per line, the current one first)")
+    if len(found) > MAX_SECRETS:
+        raise ValueError(f"{source} holds {len(found)} secrets, at most {MAX_SECRETS}")
+    return tuple(found)
 
 
 def generate_dev_secret() -> bytes:

@@ -15,6 +15,7 @@ so the chat sends no typing indicator of its own; it shows other users'.
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -639,12 +640,14 @@ async def run_chat(
     tz: tzinfo | None = None,
     backoff_max: float = BACKOFF_MAX,
     quit_grace: float = QUIT_GRACE,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """Run the chat until /quit or the end of ``stdin`` (then returns 0).
 
     Raises ClientError when the server refuses the token or the channel, cannot be reached
     within CONNECT_TIMEOUT, or later stops accepting the connection for good (a token it
     no longer takes); ValueError when ``user`` is given and the token is another user's.
+    ``ssl_context``: connect over TLS with it (``None``: plaintext).
     """
     source: TextIO = sys.stdin if stdin is None else stdin
     out = sys.stdout if out is None else out
@@ -661,6 +664,7 @@ async def run_chat(
         token_provider=token_provider,
         backoff_max=backoff_max,
         connect_timeout=CONNECT_TIMEOUT,
+        ssl_context=ssl_context,
     ) as client:
         if user is not None and client.user != user:
             raise ValueError(f"the token is for {client.user!r}, not {user!r}")

@@ -1,15 +1,15 @@
 """The ``tsmsg`` command line: ``serve``, ``token``, ``chat``, ``inspect``, ``compact``,
-``backup``.
+``backup``, ``keygen``.
 
 Exit codes (every subcommand):
 
 - 0: success;
 - 1: runtime failure: a missing or incompatible data directory, no or a too short
-  ``TSMSG_SECRET``, bad settings or arguments the command refused (an invalid user id,
-  an unknown scope, a ttl <= 0, an unknown channel), a backup target that is not empty,
-  an I/O error; for ``chat``: no token (neither ``--token`` nor ``TSMSG_SECRET``), a
-  server that refused the token or the channel, or none reachable. One line
-  ``tsmsg: <reason>`` on stderr, no traceback;
+  ``TSMSG_SECRET`` (or a bad secret file), bad settings or arguments the command refused
+  (an invalid user id, an unknown scope, a ttl <= 0, an unknown channel), a backup
+  target that is not empty, an I/O error; for ``chat``: no token (neither ``--token``
+  nor ``TSMSG_SECRET``), a server that refused the token or the channel, or none
+  reachable. One line ``tsmsg: <reason>`` on stderr, no traceback;
 - 2: usage error (unknown option, missing argument), reported by argparse;
 - 130: interrupted (Ctrl-C) while not serving; ``serve`` stops cleanly with 0.
 
@@ -24,10 +24,11 @@ import functools
 import json
 import logging
 import os
+import stat
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,16 +37,21 @@ import trio
 
 from tsmsg.auth import (
     SECRET_ENV,
+    SECRET_PREVIOUS_ENV,
     TokenIssuer,
     TokenVerifier,
     generate_dev_secret,
+    parse_secrets,
+    previous_secret_from_env,
     secret_from_env,
     valid_channel,
 )
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings
 from tsmsg.store import Entry, FormatError, LmdbStore, StoreConfig
+from tsmsg.store.crypto import EncryptionError, add_key, entry_kid, load_keyring, new_key_line
 from tsmsg.store.lmdb_store import EnvStats, LmdbReader
+from tsmsg.tls import client_tls_context
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -86,6 +92,44 @@ def setup_logging(fmt: str, level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+def read_secret_file(path: str) -> tuple[bytes, ...]:
+    """The secrets of a secret file (:func:`tsmsg.auth.parse_secrets`), the current one
+    first. Refused if group or others have any access, like an encryption key file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"secret file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if mode & 0o077:
+            raise CliError(
+                f"secret file {path} is accessible by group or others "
+                f"(mode {stat.filemode(mode)}): chmod 600 {path}"
+            )
+        data = fh.read()
+    return parse_secrets(data, f"secret file {path}")
+
+
+def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple[bytes, ...] | None:
+    """The HS256 secrets, the current one first: the lines of ``secret_file``, or
+    TSMSG_SECRET and then TSMSG_SECRET_PREVIOUS (if set). None when none is configured.
+    Both sources at once is an error: which one is current would be a guess."""
+    previous = previous_secret_from_env(env)
+    if secret_file:
+        if SECRET_ENV in env or previous is not None:
+            raise CliError(
+                f"both secret_file and {SECRET_ENV}/{SECRET_PREVIOUS_ENV} are set: use one "
+                "(a secret file holds the previous secrets on its later lines)"
+            )
+        return read_secret_file(secret_file)
+    secret = secret_from_env(env)
+    if secret is None:
+        if previous is not None:
+            raise CliError(f"{SECRET_PREVIOUS_ENV} is set but {SECRET_ENV} is not")
+        return None
+    return (secret,) if previous is None else (secret, previous)
+
+
 def make_verifier(settings: Settings) -> TokenVerifier:
     audience, issuer = settings.audience or None, settings.issuer or None
     if settings.public_key_file:
@@ -94,12 +138,12 @@ def make_verifier(settings: Settings) -> TokenVerifier:
         return TokenVerifier(
             public_key=key, algorithm=settings.algorithm, audience=audience, issuer=issuer
         )
-    secret = secret_from_env()
-    if secret is None:
+    secrets = load_secrets(settings.secret_file)
+    if secrets is None:
         if not settings.dev:
             raise ValueError(
-                f"{SECRET_ENV} is not set: set it to a secret of at least 32 bytes, "
-                "or pass --dev to run with a generated one"
+                f"{SECRET_ENV} is not set and no secret_file is configured: set one to a "
+                "secret of at least 32 bytes, or pass --dev to run with a generated one"
             )
         secret = generate_dev_secret()
         print(
@@ -107,7 +151,20 @@ def make_verifier(settings: Settings) -> TokenVerifier:
             f"  {SECRET_ENV}={secret.decode()} tsmsg token --user alice --channels '*'",
             file=sys.stderr,
         )
-    return TokenVerifier(secret, algorithm=settings.algorithm, audience=audience, issuer=issuer)
+        secrets = (secret,)
+    if len(secrets) > 1:
+        log.info(
+            "token secrets: the current one and %d previous (rotation: tokens signed with "
+            "any of them are accepted)",
+            len(secrets) - 1,
+        )
+    return TokenVerifier(
+        secrets[0],
+        extra_secrets=secrets[1:],
+        algorithm=settings.algorithm,
+        audience=audience,
+        issuer=issuer,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -116,8 +173,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "data_dir": args.data_dir,
         "durability": args.durability,
+        "encryption_key_file": args.encryption_key_file,
         "log_format": args.log_format,
         "dev": True if args.dev else None,
+        "secret_file": args.secret_file,
+        "metrics": args.metrics,
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
     }
     settings = load_settings(args.config, os.environ, overrides)
     setup_logging(settings.log_format, settings.log_level)
@@ -127,9 +190,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    secret = secret_from_env()
-    if secret is None:
-        raise ValueError(f"{SECRET_ENV} is not set: tokens are signed with the server's secret")
+    secret_file = args.secret_file or os.environ.get("TSMSG_SECRET_FILE", "")
+    secrets = load_secrets(secret_file)
+    if secrets is None:
+        raise ValueError(
+            f"{SECRET_ENV} is not set (nor --secret-file): tokens are signed with the "
+            "server's secret"
+        )
+    secret = secrets[0]  # the current one; previous secrets only verify
     channels = [c for item in args.channels for c in item.split(",") if c]
     scopes = [s for item in args.scope for s in item.split(",") if s]
     token = TokenIssuer(secret).issue(
@@ -168,6 +236,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         mint()  # a bad user id fails here, before connecting
         provider = mint_async  # refreshed before expiry: a chat may stay open for days
+    tls = None
+    if args.tls or args.ca_file or args.cert:
+        tls = client_tls_context(args.ca_file, args.cert, args.key)
     chat = functools.partial(
         run_chat,
         args.host,
@@ -176,6 +247,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         token=token,
         token_provider=provider,
         user=args.user,
+        ssl_context=tls,
     )
     try:
         return anyio.run(chat, backend="trio")
@@ -213,6 +285,9 @@ def fmt_ts(ms: int) -> str:
 def fmt_text(entry: Entry) -> str:
     if entry.get("deleted"):
         return "[deleted]"
+    kid = entry_kid(entry)
+    if kid is not None:  # no key file given: the text stays sealed
+        return f"[encrypted: key {kid!r}]"
     text = str(entry.get("text", "")).replace("\n", "\\n")
     if len(text) > TEXT_WIDTH:
         text = text[: TEXT_WIDTH - 1] + "\u2026"
@@ -250,6 +325,7 @@ def stats_json(data_dir: str, stats: EnvStats, file_bytes: int) -> dict[str, Any
         "cursors": stats.cursors,
         "dedup_entries": stats.dedup_entries,
         "members": stats.members,
+        "encryption": list(stats.encryption),
         "channels": [
             {
                 "name": c.name,
@@ -266,7 +342,8 @@ def stats_json(data_dir: str, stats: EnvStats, file_bytes: int) -> dict[str, Any
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     require_data_dir(args.data_dir)
-    with LmdbReader(args.data_dir) as reader:
+    keyring = load_keyring(args.encryption_key_file)
+    with LmdbReader(args.data_dir, keyring=keyring) as reader:
         if args.channel is not None:
             return inspect_channel(reader, args)
         stats = reader.stats()
@@ -284,6 +361,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"read cursors    {stats.cursors} ({stats.cursor_users} users)")
     print(f"dedup journal   {stats.dedup_entries} entries")
     print(f"memberships     {stats.members}")
+    keys = ", ".join(stats.encryption)
+    print(f"encryption      {f'on (keys {keys})' if keys else 'off'}")
     print()
     if not stats.channels:
         print("no channels")
@@ -328,7 +407,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
     require_data_dir(args.data_dir)
     with LmdbReader(args.data_dir):
         pass  # check the format read-only first: LmdbStore creates its databases on open
-    with LmdbStore(args.data_dir, StoreConfig()) as store:
+    keyring = load_keyring(args.encryption_key_file)
+    if args.rekey and keyring is None:
+        raise CliError("--rekey needs --encryption-key-file")
+    with LmdbStore(args.data_dir, StoreConfig(encryption=keyring)) as store:
         names = store.channels()
         if args.channel is not None:
             if args.channel not in names:
@@ -338,6 +420,26 @@ def cmd_compact(args: argparse.Namespace) -> int:
             print("no channels")
         for name in names:
             print(f"{name}\thorizon={store.compact(name)}")
+        if args.rekey:
+            assert keyring is not None
+            counts = (
+                store.rekey_all() if args.channel is None else {n: store.rekey(n) for n in names}
+            )
+            for name, count in counts.items():
+                print(f"{name}\trekeyed={count}")
+            if args.channel is None:
+                print(f"every entry is now under key {keyring.active!r} (or in no key)")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.encryption_key_file is None:
+        print(new_key_line(args.kid)[1])
+        return 0
+    kid, older = add_key(args.encryption_key_file, args.kid)
+    print(f"added key {kid!r} to {args.encryption_key_file} as the active key")
+    if older:
+        print(f"older keys, kept for reading: {', '.join(older)}")
     return 0
 
 
@@ -407,9 +509,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsync: an ack means on disk (default); async: may lose the last second "
         "on power loss, never on a process crash",
     )
+    serve_p.add_argument(
+        "--encryption-key-file",
+        metavar="PATH",
+        help="encrypt message text at rest with the first key of this file (see STORAGE.md)",
+    )
     serve_p.add_argument("--log-format", choices=["text", "json"])
     serve_p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz over HTTP here (default: off)",
+    )
+    serve_p.add_argument(
         "--dev", action="store_true", help=f"run without {SECRET_ENV}, with a generated secret"
+    )
+    serve_p.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help=f"HS256 secrets instead of {SECRET_ENV}: one per line, the first current, the "
+        "others previous ones still accepted during a rotation (mode 600; see docs/deploy.md)",
+    )
+    serve_p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    serve_p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve_p.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (with --tls-cert)",
     )
     serve_p.set_defaults(func=cmd_serve)
 
@@ -432,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat:read, chat:send, chat:moderate (default: chat:read,chat:send)",
     )
     token_p.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token_p.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help=f"sign with this secret file's first line instead of {SECRET_ENV} "
+        "(default: TSMSG_SECRET_FILE)",
+    )
     token_p.set_defaults(func=cmd_token)
 
     chat_p = add(
@@ -449,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat_p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     chat_p.add_argument("--port", type=int, default=7700, help="server port (default 7700)")
     chat_p.add_argument("--token", help=f"a token (JWT); default: minted with {SECRET_ENV}")
+    chat_p.add_argument(
+        "--tls", action="store_true", help="connect over TLS, verifying the server's certificate"
+    )
+    chat_p.add_argument("--ca-file", metavar="PEM", help="trust this CA only (implies --tls)")
+    chat_p.add_argument("--cert", metavar="PEM", help="a client certificate (implies --tls)")
+    chat_p.add_argument("--key", metavar="PEM", help="the private key of --cert")
     chat_p.set_defaults(func=cmd_chat, parser=chat_p)
 
     inspect_p = add(
@@ -474,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="machine-readable: one JSON object; with --channel, JSON lines (a header "
         "with the channel's head, horizon, epoch and cursors, then one entry per line)",
     )
+    inspect_p.add_argument(
+        "--encryption-key-file",
+        metavar="PATH",
+        help="with --channel: decrypt encrypted text (without it, shown as [encrypted])",
+    )
     inspect_p.set_defaults(func=cmd_inspect, parser=inspect_p)
 
     compact_p = add(
@@ -484,6 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact_p.add_argument("--channel", help="one channel (default: all)")
     compact_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
+    compact_p.add_argument(
+        "--encryption-key-file",
+        metavar="PATH",
+        help="the server's key file (needed when the data directory holds encrypted text)",
+    )
+    compact_p.add_argument(
+        "--rekey",
+        action="store_true",
+        help="also re-encrypt every entry under the key file's active key (plaintext and "
+        "older keys); afterwards older keys may be removed from the key file",
+    )
     compact_p.set_defaults(func=cmd_compact)
 
     backup_p = add(
@@ -497,6 +650,19 @@ def build_parser() -> argparse.ArgumentParser:
     backup_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
     backup_p.add_argument("out", metavar="OUT", help="the new data directory to write")
     backup_p.set_defaults(func=cmd_backup)
+
+    keygen_p = add(
+        "keygen",
+        "make a key for encryption at rest",
+        "Make a random AES-256 key for encryption at rest of message text. Without "
+        "--encryption-key-file: print it as a key file line (KID:BASE64). With it: create "
+        "the file (mode 600) holding the new key, or, if it exists, add the new key as its "
+        "first, active line and keep the older keys after it for reading (key rotation; "
+        "restart the server to use it). See STORAGE.md.",
+    )
+    keygen_p.add_argument("--kid", help="the key id (default: today's date and a random suffix)")
+    keygen_p.add_argument("--encryption-key-file", metavar="PATH", help="the key file to write")
+    keygen_p.set_defaults(func=cmd_keygen)
     return parser
 
 
@@ -512,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error("--user is required (unless --token is given)")  # exits with 2
         if not valid_channel(args.channel):
             args.parser.error(f"--channel: {args.channel!r} is no channel name")
+        if args.key and not args.cert:
+            args.parser.error("--key needs --cert")
     try:
         code: int = args.func(args)
     except BrokenPipeError:
@@ -519,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
-    except (CliError, FormatError, ValueError, OSError, lmdb.Error) as exc:
+    except (CliError, FormatError, EncryptionError, ValueError, OSError, lmdb.Error) as exc:
         print(f"tsmsg: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

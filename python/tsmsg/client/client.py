@@ -24,6 +24,7 @@ import base64
 import json
 import math
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -68,10 +69,11 @@ from tsmsg.client.protocol import (
     Welcomed,
 )
 from tsmsg.client.state import ClientState
+from tsmsg.tls import client_tls_context
 
 TokenProvider = Callable[[], Awaitable[str]]
 
-CONNECT_TIMEOUT = 10.0  # s: TCP connect plus hello (the server's own hello deadline)
+CONNECT_TIMEOUT = 10.0  # s: TCP connect (and TLS handshake), then hello: the server's deadlines
 WRITE_TIMEOUT = 30.0  # s: a write taking longer means a dead peer (the server's send_timeout_s)
 BACKOFF_BASE = 0.1  # s: the first reconnect waits up to this, doubling up to backoff_max
 REFRESH_MARGIN = 30.0  # s: refresh this long before exp (or a fifth of a short token's life)
@@ -147,10 +149,13 @@ class Client:
         reconnect: bool,
         backoff_max: float,
         max_queued: int,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("connect() needs a token or a token_provider")
         self._host, self._port = host, port
+        self._ssl_context = ssl_context  # None: plaintext
+        self._last_error: str | None = None  # why the last connection attempt ended
         self._token, self._token_provider = token, token_provider
         self._token_since = time.time()
         self._reconnect, self._backoff_max = reconnect, backoff_max
@@ -396,6 +401,10 @@ class Client:
                 wait_at_least = 0.0
                 try:
                     session = await self._connection()
+                except ssl.SSLCertVerificationError as exc:  # fatal: retrying cannot help
+                    what = f"TLS: the certificate of {self._host} failed verification"
+                    self._fail(ConnectionClosed(f"{what}: {exc.verify_message}"))
+                    return
                 except OSError as exc:
                     reason = f"connect failed: {exc}"
                 else:
@@ -407,6 +416,7 @@ class Client:
                         return
                     if session.welcomed.is_set():
                         attempt = 0
+                self._last_error = reason
                 if not self._reconnect:
                     self._fail(ConnectionClosed(reason))
                     return
@@ -426,9 +436,21 @@ class Client:
             return False  # an admission refusal: wait retry_after, then reconnect
         return error.code in ("unsupported_version", "bad_request")
 
+    async def _open_stream(self) -> anyio.abc.ByteStream:
+        if self._ssl_context is None:
+            return await anyio.connect_tcp(self._host, self._port)
+        try:
+            # Not standard_compatible: close_notify is neither sent nor required
+            # (PROTOCOL.md section 4): the framing delimits every frame.
+            return await anyio.connect_tcp(
+                self._host, self._port, ssl_context=self._ssl_context, tls_standard_compatible=False
+            )
+        except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            raise OSError(f"TLS handshake: the server closed the connection ({exc!r})") from exc
+
     async def _connection(self) -> _Session:
         with anyio.fail_after(CONNECT_TIMEOUT):
-            stream = await anyio.connect_tcp(self._host, self._port)
+            stream = await self._open_stream()
         session = _Session(stream)
         try:
             try:
@@ -598,6 +620,8 @@ async def connect(
     backoff_max: float = 10.0,
     connect_timeout: float | None = CONNECT_TIMEOUT,
     max_queued: int = MAX_QUEUED,
+    tls: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a tsmsg server; the client stays connected (reconnecting as needed)
     until the block exits. Returns once the first hello succeeded; raises the server's
@@ -608,7 +632,15 @@ async def connect(
     ``state_path``: an sqlite3 file for the followed channels, their positions and the
     outbox, so a restarted application resumes where it left off. Without it, sends still
     pending when the block exits are dropped.
+
+    ``tls``: connect over TLS, verifying the server's certificate and that it is for
+    ``host`` against the system's CAs. ``ssl_context`` (implies TLS): your own, e.g.
+    :func:`tsmsg.tls.client_tls_context` with a private CA or a client certificate. A
+    certificate that fails verification is fatal (raised as ``ConnectionClosed``, never
+    retried); other TLS failures are retried like any lost connection.
     """
+    if tls and ssl_context is None:
+        ssl_context = client_tls_context()
     client = Client(
         host,
         port,
@@ -618,6 +650,7 @@ async def connect(
         reconnect=reconnect,
         backoff_max=backoff_max,
         max_queued=max_queued,
+        ssl_context=ssl_context,
     )
     body_error: BaseException | None = None
     try:
@@ -631,6 +664,7 @@ async def connect(
                 if not client._first.is_set():
                     raise ConnectionClosed(
                         f"could not connect to {host}:{port} within {connect_timeout} s"
+                        f" (last: {client._last_error or 'no attempt ended'})"
                     )
                 yield client
             except BaseException as exc:

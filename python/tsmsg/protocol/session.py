@@ -150,6 +150,7 @@ class Session:
         session_id: str,
         now_ms: int,
         user_limits: UserLimits | None = None,
+        on_rate_limited: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -168,6 +169,8 @@ class Session:
         self.expired_at: int | None = None  # when we told the client its token expired
         self.limited_since: int | None = None  # first of an unbroken run of rate_limited
         self._last_refused_ms = 0
+        # Told the scope of each refusal ("frame", "send", "typing"), e.g. for metrics.
+        self.on_rate_limited = on_rate_limited
         self._handlers: dict[str, Callable[[Frame, int | None, int], list[Action]]] = {
             "join": self._join,
             "leave": self._leave,
@@ -211,7 +214,8 @@ class Session:
                 if bad_rid:
                     raise RequestError(E.BAD_REQUEST, RID_RULE, fatal=True)
                 return self._hello(frame, rid, now_ms)
-            self._limit(self._frames.take(now_ms), f"over {self.limits.frame_rate:g} frames/s")
+            retry = self._frames.take(now_ms)
+            self._limit(retry, "frame", f"over {self.limits.frame_rate:g} frames/s")
             if bad_rid:
                 raise RequestError(E.BAD_REQUEST, RID_RULE)
             handler = self._handlers.get(t)
@@ -279,9 +283,10 @@ class Session:
         self.typing.clear()
         return actions
 
-    @staticmethod
-    def _limit(retry_after_ms: int, what: str) -> None:
+    def _limit(self, retry_after_ms: int, scope: str, what: str) -> None:
         if retry_after_ms:
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(scope)
             raise RequestError(E.RATE_LIMITED, what, retry_after_ms=retry_after_ms)
 
     # ------------------------------------------------------------------ time
@@ -415,7 +420,7 @@ class Session:
 
     def _spend_send(self, channel: str, now_ms: int) -> None:
         retry = self.user_limits.take_send(self.user, channel, now_ms)
-        self._limit(retry, "sending too fast: over the per-user or per-channel send rate")
+        self._limit(retry, "send", "sending too fast: over the per-user or per-channel send rate")
 
     def _send(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         channel = self._channel(frame, send=True)
@@ -547,7 +552,7 @@ class Session:
         if not isinstance(on, bool):
             raise RequestError(E.BAD_REQUEST, "`on` must be a boolean")
         retry = self.user_limits.typing.take(self.user, now_ms)
-        self._limit(retry, f"over {self.limits.typing_rate:g} typing frames/s")
+        self._limit(retry, "typing", f"over {self.limits.typing_rate:g} typing frames/s")
         if on:
             self.typing[channel] = now_ms + self.limits.typing_timeout_ms
         elif self.typing.pop(channel, None) is None:

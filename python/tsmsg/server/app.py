@@ -25,8 +25,9 @@ import logging
 import math
 import secrets
 import signal
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -49,8 +50,13 @@ from tsmsg.protocol.session import (
     Subscribe,
     Unsubscribe,
 )
-from tsmsg.server.settings import Settings
-from tsmsg.store import LmdbStore, StoreConfig, StoreUnavailable, WriteOp
+from tsmsg.server.http import HttpServer, Response, Route, text
+from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
+from tsmsg.server.settings import Settings, parse_address
+from tsmsg.store import AppendResult, LmdbStore, Store, StoreConfig, StoreUnavailable, WriteOp
+from tsmsg.store.base import Notify
+from tsmsg.store.crypto import load_keyring
+from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
 
@@ -61,7 +67,7 @@ PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError
 class Connection:
     """One client connection: its session, its outbound queue and its tasks."""
 
-    def __init__(self, server: Server, stream: trio.SocketStream, session: Session, peer: str):
+    def __init__(self, server: Server, stream: trio.abc.Stream, session: Session, peer: str):
         self.server = server
         self.stream = stream
         self.session = session
@@ -76,30 +82,35 @@ class Connection:
         self.closing: str | None = None  # set: flush what is queued, then close
         self.cancel = trio.CancelScope()
         self.limit = server.settings.max_queue_bytes
+        self.first_sync = True  # no sync seen yet (metrics: a sync from a position resumes)
 
     def send_frame(self, frame: dict[str, Any]) -> None:
-        self.send_bytes(encode(frame), None)
+        if self.send_bytes(encode(frame), None):
+            self.server.metrics.frame_out(frame)
 
-    def send_bytes(self, data: bytes, channel: str | None) -> None:
+    def send_bytes(self, data: bytes, channel: str | None) -> bool:
+        """Queue a frame; False if it was dropped (closing, a cut or full live stream)."""
         if self.closing is not None:
-            return
+            return False
         if channel is not None:
             if channel in self.session.cut:
-                return
+                return False
             if self.queued_bytes + len(data) > self.limit:
                 self._cut_streams(channel)
-                return
+                return False
         if not self.queue:
             self.has_data.set()  # else the writer has not taken the queue yet: it is set
         self.queue.append((data, channel))
         self.queued_bytes += len(data)
+        return True
 
     def push_signal(self, data: bytes) -> None:
         """A best-effort push (presence): dropped, not queued, past the outbound bound."""
         if self.closing is None and self.queued_bytes + len(data) <= self.limit:
             self.send_bytes(data, None)
+            self.server.metrics.frames_out["presence"].inc()
         else:
-            self.server.stats["signals_dropped"] += 1
+            self.server.metrics.signals_dropped.inc()
 
     def _cut_streams(self, channel: str) -> None:
         """Slow consumer: drop queued live events and tell the client to sync."""
@@ -118,7 +129,9 @@ class Connection:
             self.queued_bytes += len(self.queue[-1][0])
         self.has_data.set()
         log.warning("slow consumer %s (%s): cut live streams of %s", self.peer, self.user, cut)
-        self.server.stats["slow_consumer_cuts"] += 1
+        metrics = self.server.metrics
+        metrics.slow_consumer_resyncs.inc(len(cut))
+        metrics.frames_out["resync"].inc(len(cut))
 
     @property
     def user(self) -> str | None:
@@ -169,6 +182,7 @@ class Connection:
             max_frame=session.limits.max_frame, max_depth=session.limits.max_depth
         )
         settings = server.settings
+        metrics = server.metrics
         hello_deadline = trio.current_time() + settings.hello_timeout_s
         partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
@@ -198,30 +212,55 @@ class Connection:
                     break  # read and drop: unread input would make close() send a reset
                 if self.closing is not None:
                     return
-                server.stats["frames_in"] += 1
+                t = frame.get("t")
+                metrics.frame_in(t)
+                if t == "sync" and self.first_sync:
+                    self.first_sync = False
+                    since = frame.get("since")
+                    if type(since) is int and since > 0 and not session.cut:
+                        metrics.resumes.inc()
                 server.perform(self, session.receive_frame(frame, server.now_ms()))
 
 
 class Server:
-    def __init__(self, settings: Settings, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        *,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
         self.settings = settings
         self.verifier = verifier
         self.members: dict[str, set[Connection]] = collections.defaultdict(set)
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
+        metrics.connections.set_function(lambda: len(self.connections))
+        metrics.queued_bytes.set_function(
+            lambda: sum(c.queued_bytes for c in self.connections.values())
+        )
+        metrics.store_lag.set_function(lambda: self._store_health()[1])
+        metrics.store_failed.set_function(lambda: self._store_health()[0] is not None)
+        self.metrics_port: int | None = None  # the HTTP endpoints' port, when serving them
         self._ids = itertools.count(1)
         limits = settings.limits
         self.user_limits = UserLimits(limits)  # shared by all sessions of a user
         self.ip_connections = Buckets(settings.ip_connect_rate, settings.ip_connect_burst)
         self.ip_login_failures = Buckets(settings.ip_login_fail_rate, settings.ip_login_fail_burst)
-        self._clock_base = (time.time_ns() // 1_000_000, 0.0)  # wall ms at a trio time
+        self._wall_ms = wall_ms  # the wall clock (injected by the simulation)
+        self._clock_base = (wall_ms(), 0.0)  # wall ms at a trio time
         self._token: trio.lowlevel.TrioToken | None = None
-        self.store: LmdbStore  # opened in run()
+        self.store: Store  # opened in run()
         self.port = 0
         self.stopping = trio.Event()
         self.draining = False  # shutting down: no new requests are read
+        self.tls: ssl.SSLContext | None = None  # loaded here: a bad file fails at startup
+        if settings.tls_cert_file:
+            self.tls = server_tls_context(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
 
     # ------------------------------------------------------------------ actions
 
@@ -328,10 +367,11 @@ class Server:
         data = encode(frame)  # once for every member
         sent = 0
         for conn in members:
-            if skip_user is None or conn.user != skip_user:
-                conn.send_bytes(data, channel)
+            if (skip_user is None or conn.user != skip_user) and conn.send_bytes(data, channel):
                 sent += 1
-        self.stats["deliveries"] += sent
+        if sent:
+            self.metrics.deliveries.inc(sent)
+            self.metrics.frames_out_of(frame["t"], sent)
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         try:
@@ -344,10 +384,17 @@ class Server:
 
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""
+        metrics, now = self.metrics, time.monotonic()
         for op in batch:
+            if op.error is None and op.kind in metrics.appends:
+                result = op.result
+                if not (isinstance(result, AppendResult) and result.dup):
+                    metrics.appends[op.kind].inc()
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)
+            if op.rid is not None and op.queued_at:  # a client waits for this reply
+                metrics.ack_seconds.observe(now - op.queued_at)
             conn = self.connections.get(session)
             if conn is not None:
                 conn.inflight -= 1
@@ -368,34 +415,74 @@ class Server:
         wall, base = self._clock_base
         return wall + round((trio.current_time() - base) * 1000)
 
-    async def _refuse_connection(self, stream: trio.SocketStream, peer: str, retry: int) -> None:
-        self.stats["connections_refused"] += 1
+    async def _refuse_connection(
+        self, stream: trio.abc.Stream, peer: str, retry: int, scope: str
+    ) -> None:
         log.warning("refusing connection from %s: rate limited for %d ms", peer, retry)
         what = "too many connections or failed logins from this address"
         frame = RequestError(E.RATE_LIMITED, what, retry_after_ms=retry).frame(None)
+        self.metrics.limited(scope)
+        self.metrics.frame_out(frame)
         with trio.move_on_after(1):
-            await stream.send_all(encode(frame))
+            try:
+                await stream.send_all(encode(frame))  # over TLS, after the handshake
+            except PEER_GONE:
+                pass  # the peer is gone, or its TLS handshake failed: close all the same
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await stream.aclose()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def _tls_handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+        """Complete the TLS handshake within its deadline. A failed or slow one is logged
+        and closed, and counts as nothing else (not a connection, not a failed login)."""
+        timeout = self.settings.tls_handshake_timeout_s
         try:
-            host, port = stream.socket.getpeername()[:2]
+            with trio.fail_after(timeout):
+                await stream.do_handshake()
+            return True
+        except trio.TooSlowError:
+            reason = f"no handshake within {timeout:g} s"
+        except trio.BrokenResourceError as exc:
+            reason = str(exc.__cause__ or exc)  # the TLS error, or the peer's reset
+        except BaseException:  # cancelled: the server is stopping
+            await trio.aclose_forcefully(stream)
+            raise
+        self.metrics.tls_handshake_failures.inc()
+        log.info("TLS handshake failed from %s: %s", peer, reason)
+        await trio.aclose_forcefully(stream)
+        return False
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        try:
+            host, port = tcp.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
             host, peer = "?", "?"
+        stream: trio.abc.Stream = tcp
+        if self.tls is not None:
+            # https_compatible: no close_notify is sent or required (PROTOCOL.md section 4).
+            stream = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
         now = self.now_ms()
-        retry = self.ip_login_failures.peek(host, now) or self.ip_connections.take(host, now)
+        locked = self.ip_login_failures.peek(host, now)
+        retry = locked or self.ip_connections.take(host, now)
         if retry:
-            await self._refuse_connection(stream, peer, retry)
+            scope = "ip_login" if locked else "ip_connect"
+            await self._refuse_connection(stream, peer, retry, scope)
+            return
+        if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
             return
         session_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
         session = Session(
-            self.store, self.verifier, self.settings.limits, session_id, now, self.user_limits
+            self.store,
+            self.verifier,
+            self.settings.limits,
+            session_id,
+            now,
+            self.user_limits,
+            on_rate_limited=self.metrics.limited,
         )
         conn = Connection(self, stream, session, peer)
         self.connections[session] = conn
-        self.stats["connections_opened"] += 1
+        self.metrics.opened.inc()
         log.info("connect %s session %s", peer, session_id)
         try:
             with conn.cancel:
@@ -425,12 +512,12 @@ class Server:
             self.perform(None, session.closed(reason))
             if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
                 self.ip_login_failures.take(host, self.now_ms())
-                self.stats["auth_failures"] += 1
+                self.metrics.auth_failures[auth_reason(reason)].inc()
             for channel in session.joined:
                 self._unsubscribe(conn, channel)
             self._device_gone(conn)  # after unsubscribing: its own offline push skips it
             del self.connections[session]
-            self.stats["connections_closed"] += 1
+            self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
@@ -440,33 +527,66 @@ class Server:
     async def run(
         self,
         *,
+        open_store: Callable[[Notify], Store] | None = None,
+        listeners: Sequence[trio.abc.Listener[trio.SocketStream]] | None = None,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled or SIGTERM/SIGINT, then shut down gracefully."""
+        """Serve until cancelled or SIGTERM/SIGINT, then shut down gracefully.
+
+        Injection (the deterministic simulation, ``tests/sim.py``): ``open_store`` builds
+        the store from the notify hook instead of opening LMDB in ``data_dir``; it is
+        opened and closed in the trio thread. ``listeners`` are served instead of TCP
+        (their streams need ``socket.getpeername()``), without signal handling."""
         self._token = trio.lowlevel.current_trio_token()
-        self._clock_base = (time.time_ns() // 1_000_000, trio.current_time())
+        self._clock_base = (self._wall_ms(), trio.current_time())
         settings = self.settings
-        config = StoreConfig(durability=settings.durability)
-        self.store = await trio.to_thread.run_sync(
-            lambda: LmdbStore(settings.data_dir, config, notify=self._notify)
-        )
+        if open_store is not None:
+            self.store = open_store(self._notify)
+        else:
+            keyring = load_keyring(settings.encryption_key_file)  # a bad key file fails here
+            config = StoreConfig(durability=settings.durability, encryption=keyring)
+            self.store = await trio.to_thread.run_sync(
+                lambda: LmdbStore(
+                    settings.data_dir, config, notify=self._notify, observer=self.metrics
+                )
+            )
         try:
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as listening:
-                    serve = functools.partial(
-                        trio.serve_tcp,
-                        self.handle,
-                        settings.port,
-                        host=settings.host,
-                        handler_nursery=handlers,
-                    )
-                    listeners = await listening.start(serve)
-                    self.port = listeners[0].socket.getsockname()[1]
-                    log.info(
-                        "serving on %s:%d, data in %s", settings.host, self.port, settings.data_dir
-                    )
-                    listening.start_soon(self._wait_for_signal)
+                    if listeners is not None:
+                        await listening.start(
+                            functools.partial(
+                                trio.serve_listeners,
+                                self.handle,
+                                list(listeners),
+                                handler_nursery=handlers,
+                            )
+                        )
+                    else:
+                        serve = functools.partial(
+                            trio.serve_tcp,
+                            self.handle,
+                            settings.port,
+                            host=settings.host,
+                            handler_nursery=handlers,
+                        )
+                        sockets = await listening.start(serve)
+                        self.port = sockets[0].socket.getsockname()[1]
+                        if self.tls is None:
+                            log.info("TLS off: plaintext, for loopback and development only")
+                        else:
+                            who = "with" if settings.tls_client_ca_file else "without"
+                            log.info("TLS on (TLS 1.2+), %s client certificates", who)
+                        log.info(
+                            "serving on %s:%d, data in %s",
+                            settings.host,
+                            self.port,
+                            settings.data_dir,
+                        )
+                        listening.start_soon(self._wait_for_signal)
                     handlers.start_soon(self._tick_sessions)
+                    if settings.metrics:  # in `handlers`: /readyz says 503 while draining
+                        await self._serve_http(handlers, settings.metrics)
                     task_status.started(self)
                     await self.stopping.wait()
                     listening.cancel_scope.cancel()  # stop accepting first
@@ -474,8 +594,49 @@ class Server:
                 await self.shutdown(handlers.cancel_scope.cancel)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.store.close)
+                if open_store is None:
+                    await trio.to_thread.run_sync(self.store.close)
+                else:
+                    self.store.close()
             log.info("store closed")
+
+    # ------------------------------------------------------------------ operator HTTP
+
+    def _store_health(self) -> tuple[str | None, float]:
+        store: Store | None = getattr(self, "store", None)
+        return ("store is not open", 0.0) if store is None else store.health()
+
+    def readiness(self) -> str | None:
+        """Why this server should get no new traffic now; None: it should."""
+        if self.draining or self.stopping.is_set():
+            return "shutting down"
+        problem, lag = self._store_health()
+        if problem is not None:
+            return problem
+        most = self.settings.ready_max_write_age_s
+        if lag > most:
+            return f"store writer behind: a write has waited {lag:.1f} s (limit {most:g} s)"
+        return None
+
+    def http_routes(self) -> dict[str, Route]:
+        def metrics() -> Response:
+            return Response(200, self.metrics.exposition(), CONTENT_TYPE)
+
+        def healthz() -> Response:
+            return text(200, "ok")  # the event loop answers: the process is serving
+
+        def readyz() -> Response:
+            problem = self.readiness()
+            return text(200, "ok") if problem is None else text(503, problem)
+
+        return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
+
+    async def _serve_http(self, nursery: trio.Nursery, address: str) -> None:
+        host, port = parse_address(address, "metrics")
+        http = HttpServer(self.http_routes())
+        sockets = await nursery.start(http.serve, host, port)
+        self.metrics_port = sockets[0].socket.getsockname()[1]
+        log.info("metrics and health checks on http://%s:%d/", host, self.metrics_port)
 
     async def _tick_sessions(self) -> None:
         """Run each session's timers (idle peers, token expiry, typing expiry) when due."""

@@ -27,11 +27,17 @@ class Settings:
     port: int = 7700
     data_dir: str = "./data"
     durability: str = "fsync"  # see STORAGE.md: "fsync" or "async"
+    # Encryption at rest of message text (STORAGE.md): a key file, `kid:base64` per line,
+    # the first key active; empty: new messages are stored in plaintext.
+    encryption_key_file: str = ""
     algorithm: str = "HS256"  # the pinned JWT algorithm
     public_key_file: str = ""  # PEM, for RS256/EdDSA instead of the HS256 secret
     audience: str = ""  # checked when set
     issuer: str = ""  # checked when set
     dev: bool = False  # allow starting without TSMSG_SECRET (a random one is generated)
+    # HS256 secrets from a file instead of TSMSG_SECRET (e.g. a systemd credential): one per
+    # line, the first current, the others previous ones still accepted (secret rotation).
+    secret_file: str = ""
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
     max_queue_bytes: int = 4 << 20  # outbound bytes queued per connection before its stream is cut
@@ -47,6 +53,17 @@ class Settings:
     ip_connect_burst: int = 400
     ip_login_fail_rate: float = 1.0
     ip_login_fail_burst: int = 20
+    # TLS (PROTOCOL.md section 4): a PEM certificate chain and its key, both or neither;
+    # with a client CA, clients must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tls_handshake_timeout_s: float = 10.0  # an accepted connection must finish TLS within this
+    # Operator HTTP endpoints (docs/metrics.md): /metrics, /healthz, /readyz on HOST:PORT,
+    # e.g. "127.0.0.1:9700"; empty: no listener. /readyz answers 503 while the oldest
+    # write waiting for the store is older than ready_max_write_age_s (a stalled disk).
+    metrics: str = ""
+    ready_max_write_age_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
 
@@ -116,7 +133,19 @@ def load_settings(
         settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None}, "flags")
     if settings.durability not in ("fsync", "async"):
         raise ValueError(f"durability must be 'fsync' or 'async', not {settings.durability!r}")
-    for name in ("ip_connect_rate", "ip_login_fail_rate", "tick_ms", "frame_timeout_s"):
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+    if settings.secret_file and settings.public_key_file:
+        raise ValueError("secret_file (HS256) and public_key_file exclude each other: set one")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+    for name in (
+        "ip_connect_rate",
+        "ip_login_fail_rate",
+        "tick_ms",
+        "frame_timeout_s",
+        "tls_handshake_timeout_s",
+    ):
         if getattr(settings, name) <= 0:
             raise ValueError(f"{name} must be > 0")
     for name in ("ip_connect_burst", "ip_login_fail_burst"):
@@ -124,4 +153,18 @@ def load_settings(
             raise ValueError(f"{name} must be >= 1")
     if settings.log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
+    if settings.metrics:
+        parse_address(settings.metrics, "metrics")
+    if settings.ready_max_write_age_s <= 0:
+        raise ValueError("ready_max_write_age_s must be > 0")
     return settings
+
+
+def parse_address(value: str, name: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets: ``[::1]:9700``) as (host, port)."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:9700), not {value!r}")
+    return host, int(port)

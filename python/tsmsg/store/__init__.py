@@ -10,25 +10,33 @@ from tsmsg.store.base import (
     NotFound,
     Store,
     StoreError,
+    StoreObserver,
     StoreUnavailable,
     SyncPage,
     WriteOp,
 )
+from tsmsg.store.crypto import EncryptionError, Keyring
 from tsmsg.store.lmdb_store import CompactionPolicy, LmdbStore, StoreConfig, message_id
+from tsmsg.store.memory_store import MemoryData, MemoryStore
 
 __all__ = [
     "AppendResult",
     "ChannelInfo",
     "CompactionPolicy",
+    "EncryptionError",
     "Entry",
     "Forbidden",
     "FormatError",
     "HistoryPage",
+    "Keyring",
     "LmdbStore",
+    "MemoryData",
+    "MemoryStore",
     "NotFound",
     "Store",
     "StoreConfig",
     "StoreError",
+    "StoreObserver",
     "StoreUnavailable",
     "SyncPage",
     "WriteOp",

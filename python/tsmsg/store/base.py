@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Entry = dict[str, Any]
 Kind = Literal["message", "edit", "delete"]
@@ -122,9 +122,21 @@ class WriteOp:
     origin: Any = field(default=None, repr=False)  # the caller's handle, e.g. its session
     rid: int | None = None  # the request id to answer
     done: threading.Event | None = field(default=None, repr=False)
+    queued_at: float = 0.0  # time.monotonic() when submitted; set by the store
 
 
 Notify = Callable[[list[WriteOp]], None]
+
+
+class StoreObserver(Protocol):
+    """Timings a store reports (for metrics), called from its writer thread; the store
+    knows nothing about what the observer does with them. Must be cheap and thread-safe."""
+
+    def committed(self, writes: int, seconds: float) -> None:
+        """A batch of ``writes`` was committed (or failed) in ``seconds``."""
+
+    def synced(self, seconds: float) -> None:
+        """An explicit sync of the environment to disk took ``seconds``."""
 
 
 class Store(ABC):
@@ -236,3 +248,9 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def health(self) -> tuple[str | None, float]:
+        """For readiness checks, from any thread: why the store takes no writes now (closed,
+        failed; None: it does) and how long, in seconds, the oldest write not yet
+        acknowledged has waited (0: none waits)."""
+        return None, 0.0

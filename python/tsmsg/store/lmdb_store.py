@@ -12,6 +12,7 @@ commit.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -41,10 +42,12 @@ from tsmsg.store.base import (
     Notify,
     Store,
     StoreError,
+    StoreObserver,
     StoreUnavailable,
     SyncPage,
     WriteOp,
 )
+from tsmsg.store.crypto import ENCRYPTED_FIELDS, EncryptionError, Keyring, entry_kid, open_entry
 
 log = logging.getLogger("tsmsg.store")
 
@@ -115,6 +118,8 @@ class StoreConfig:
     dedup_retention_ms: int = DEFAULT_DEDUP_RETENTION_MS
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
     compaction: CompactionPolicy = CompactionPolicy()
+    # Encryption at rest of message text (STORAGE.md); None: new entries in plaintext.
+    encryption: Keyring | None = None
 
 
 def message_id(chan_id: int, seq: int) -> str:
@@ -161,6 +166,7 @@ class LmdbStore(Store):
         notify: Notify | None = None,
         clock: Callable[[], int] = now_ms,
         fault: Callable[[], None] | None = None,
+        observer: StoreObserver | None = None,
     ) -> None:
         config = config or StoreConfig()
         if config.durability not in ("fsync", "async"):
@@ -169,6 +175,7 @@ class LmdbStore(Store):
         self._notify = notify
         self._clock = clock
         self._fault = fault  # test hook: called before each commit, may raise lmdb errors
+        self._observer = observer  # commit and sync timings, from the writer thread
         os.makedirs(path, exist_ok=True)
         self._env = lmdb.open(
             os.fspath(path),
@@ -191,9 +198,11 @@ class LmdbStore(Store):
         self._dedup = env.open_db(b"dedup")
         self._members = env.open_db(b"members")
         self._seen = env.open_db(b"last_seen")
+        self._keyring = config.encryption
         try:
             self._check_format()
-        except FormatError:
+            self._check_encryption()
+        except (FormatError, EncryptionError):
             self._env.close()
             raise
         self._ring = DedupRing(config.dedup_max, MAX_DEDUP_KEY)
@@ -206,6 +215,9 @@ class LmdbStore(Store):
         self._next_order = self._load_dedup()
         self._unsynced_cids: dict[bytes, int] = {}  # committed, not yet acknowledged
         self.failed: str | None = None  # set when a sync failed: no more writes
+        # When each write not yet acknowledged was submitted, oldest first (writes are
+        # acknowledged in submission order): the writer's lag, for readiness checks.
+        self._waiting: collections.deque[float] = collections.deque()
         self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
         self.batch_sizes: list[int] = []  # the first 100,000 batch sizes, for benchmarks
@@ -229,6 +241,40 @@ class LmdbStore(Store):
             has_data = bool(txn.stat(self._log)["entries"] or txn.stat(self._channels)["entries"])
             if check_format(self._env.path(), raw, has_data) is None:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+
+    def _check_encryption(self) -> None:
+        """Meta ``encryption`` lists the key ids entries may be encrypted with. Without a
+        key ring such a directory is refused; with one, its active key is recorded."""
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(b"encryption", db=self._meta)
+            kids: list[str] = [] if raw is None else unpackb(raw)
+            if self._keyring is None:
+                if kids:
+                    raise EncryptionError(
+                        f"data directory {self._env.path()!r} holds message text encrypted "
+                        f"with key(s) {', '.join(map(repr, kids))}: pass --encryption-key-file"
+                    )
+                return
+            if self._keyring.active not in kids:
+                txn.put(b"encryption", packb([*kids, self._keyring.active]), db=self._meta)
+        missing = [k for k in kids if k not in self._keyring.kids]
+        if missing:
+            log.warning(
+                "entries may be encrypted with key(s) %s, which the key file lacks: reading "
+                "them fails (rewrite them with `tsmsg compact --rekey` before removing a key)",
+                ", ".join(map(repr, missing)),
+            )
+
+    def _load(self, key: bytes, raw: bytes) -> Entry:
+        """A log entry as stored at ``key``, its body decrypted if it is encrypted."""
+        entry: Entry = unpackb(raw)
+        return open_entry(entry, key, self._keyring) if "enc" in entry else entry
+
+    def _pack(self, key: bytes, entry: Entry) -> bytes:
+        """A log entry to store at ``key``: its body encrypted if a key ring is set."""
+        if self._keyring is not None:
+            entry = self._keyring.seal(entry, key)
+        return packb(entry)
 
     def _load_dedup(self) -> int:
         """Rebuild the in-memory dedup map from the journal; returns the next order."""
@@ -286,7 +332,7 @@ class LmdbStore(Store):
                     size += len(value) + entry_overhead
                     if max_bytes is not None and entries and size > max_bytes:
                         break
-                    entries.append(unpackb(value))
+                    entries.append(self._load(key, value))
         last = entries[-1]["seq"] if entries else since
         return SyncPage(entries, last < head, head, epoch)
 
@@ -323,7 +369,7 @@ class LmdbStore(Store):
                 if len(out) >= limit or (max_bytes is not None and out and size > max_bytes):
                     more = True
                     break
-                out.append(entry)
+                out.append(open_entry(entry, key, self._keyring) if "enc" in entry else entry)
         out.reverse()
         return HistoryPage(out, more)
 
@@ -414,7 +460,18 @@ class LmdbStore(Store):
             raise StoreUnavailable("store is closed")
         if self.failed is not None:
             raise StoreUnavailable(self.failed)
+        op.queued_at = time.monotonic()
+        self._waiting.append(op.queued_at)
         self._queue.put(op)
+
+    def health(self) -> tuple[str | None, float]:
+        if self._closed:
+            return "store is closed", 0.0
+        try:  # a concurrent acknowledgement may make this slightly stale: harmless
+            lag = max(0.0, time.monotonic() - self._waiting[0])
+        except IndexError:
+            lag = 0.0
+        return self.failed, lag
 
     def _run_writer(self) -> None:
         """The writer loop: take every pending write (a batch), commit it, acknowledge.
@@ -440,7 +497,7 @@ class LmdbStore(Store):
                 self._sync_and_ack(unsynced)  # idle, or a job next: make it durable now
                 unsynced = []
             if interval is not None and time.monotonic() - last_sync >= interval:
-                self._env.sync(True)
+                self._timed_sync()
                 last_sync = time.monotonic()
             if item is None:
                 continue
@@ -508,6 +565,7 @@ class LmdbStore(Store):
             op.changed = False
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(batch))
+        start = time.perf_counter()
         try:
             new_cids = self._with_map_growth(lambda: self._write_batch(batch))
         except Exception as exc:  # a failed batch must never stop the writer thread
@@ -516,13 +574,21 @@ class LmdbStore(Store):
             for op in batch:
                 op.result, op.error, op.changed = None, err, False
             return False
+        if self._observer is not None:
+            self._observer.committed(len(batch), time.perf_counter() - start)
         self._next_order += len(new_cids)
         self._unsynced_cids.update(new_cids)
         return True
 
+    def _timed_sync(self) -> None:
+        start = time.perf_counter()
+        self._env.sync(True)
+        if self._observer is not None:
+            self._observer.synced(time.perf_counter() - start)
+
     def _sync_and_ack(self, batch: list[WriteOp]) -> None:
         try:
-            self._env.sync(True)
+            self._timed_sync()
         except Exception as exc:
             self._fail_stop(batch, exc)
         self._ack(batch)
@@ -543,6 +609,9 @@ class LmdbStore(Store):
         """The batch is durable (or failed): remember its cids, wake its writers."""
         if not batch:
             return
+        waiting = self._waiting
+        for _ in range(min(len(batch), len(waiting))):
+            waiting.popleft()
         for key, seq in self._unsynced_cids.items():
             self._ring.insert(key, seq)
         self._unsynced_cids.clear()
@@ -641,7 +710,8 @@ class LmdbStore(Store):
         return self._apply_change(txn, op, ts, records)
 
     def _put_entry(self, txn: lmdb.Transaction, rec: dict[str, int], entry: Entry) -> None:
-        txn.put(U64.pack(rec["id"]) + U64.pack(entry["seq"]), packb(entry), db=self._log)
+        key = U64.pack(rec["id"]) + U64.pack(entry["seq"])
+        txn.put(key, self._pack(key, entry), db=self._log)
         rec["head"] = entry["seq"]
 
     def _apply_change(
@@ -657,7 +727,7 @@ class LmdbStore(Store):
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
         mkey = U64.pack(rec["id"]) + U64.pack(parsed[1])
         raw = txn.get(mkey, db=self._log)
-        msg = None if raw is None else unpackb(raw)
+        msg = None if raw is None else unpackb(raw)  # decrypted below only for an edit
         if msg is None or msg["kind"] != "message" or msg.get("deleted"):
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
         if msg["sender"] != op.user and not op.moderator:
@@ -669,12 +739,13 @@ class LmdbStore(Store):
                 raise ValueError("an edit needs text")
             entry: Entry = {"seq": seq, "kind": "edit", "id": target, "sender": op.user}
             entry.update(ts=ts, text=op.text)
+            msg = open_entry(msg, mkey, self._keyring) if "enc" in msg else msg
             msg["text"], msg["edited"] = op.text, ts
             old = txn.get(ekey, db=self._edits)
             txn.put(ekey, packb([*(unpackb(old) if old else []), seq]), db=self._edits)
         else:
             entry = {"seq": seq, "kind": "delete", "id": target, "sender": op.user, "ts": ts}
-            for key in ("text", "meta", "edited"):
+            for key in ("text", "meta", "edited", "enc"):
                 msg.pop(key, None)
             msg["deleted"] = True
             old = txn.get(ekey, db=self._edits)
@@ -684,11 +755,12 @@ class LmdbStore(Store):
                 if edit_raw is not None:
                     edit = unpackb(edit_raw)
                     edit.pop("text", None)
+                    edit.pop("enc", None)
                     edit["deleted"] = True
                     txn.put(ek, packb(edit), db=self._log)
             txn.delete(ekey, db=self._edits)
             txn.put(ekey, U64.pack(ts), db=self._tombstones)
-        txn.put(mkey, packb(msg), db=self._log)
+        txn.put(mkey, self._pack(mkey, msg), db=self._log)
         self._put_entry(txn, rec, entry)
         return AppendResult(op.channel, seq, target, ts)
 
@@ -850,6 +922,59 @@ class LmdbStore(Store):
         with self._read() as txn:
             return [bytes(k).decode() for k, _ in txn.cursor(db=self._channels)]
 
+    def rekey(self, channel: str) -> int:
+        """Re-encrypt under the active key the body of every entry of ``channel`` that is
+        in plaintext or under an older key, in steps of ``COMPACT_CHUNK`` entries (each its
+        own transaction, like compaction). Returns how many entries were rewritten."""
+        keyring = self._keyring
+        if keyring is None:
+            raise EncryptionError("rekey needs an encryption key file")
+        state = {"next": 1, "count": 0}
+
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                rec = self._channel_record(txn, channel)
+                if rec is None:
+                    return True
+                prefix = U64.pack(rec["id"])
+                cur = txn.cursor(db=self._log)
+                ok = cur.set_range(prefix + U64.pack(state["next"]))
+                budget = COMPACT_CHUNK
+                while ok and cur.key().startswith(prefix):
+                    key = cur.key()
+                    if budget == 0:
+                        state["next"] = U64.unpack(key[8:])[0]
+                        return False
+                    budget -= 1
+                    entry = unpackb(cur.value())
+                    kid = entry_kid(entry)
+                    if kid != keyring.active and (
+                        kid is not None or any(f in entry for f in ENCRYPTED_FIELDS)
+                    ):
+                        entry = open_entry(entry, key, keyring)
+                        cur.put(key, packb(keyring.seal(entry, key)))
+                        state["count"] += 1
+                    ok = cur.next()
+            return True
+
+        self._submit_job(step)
+        return state["count"]
+
+    def rekey_all(self) -> dict[str, int]:
+        """:meth:`rekey` every channel, then record that only the active key is in use
+        (from then on the older keys may be removed from the key file)."""
+        counts = {name: self.rekey(name) for name in self.channels()}
+        assert self._keyring is not None
+        active = self._keyring.active
+
+        def record() -> bool:
+            with self._env.begin(write=True) as txn:
+                txn.put(b"encryption", packb([active]), db=self._meta)
+            return True
+
+        self._submit_job(record)
+        return counts
+
     def compact_all(self) -> dict[str, int]:
         return {name: self.compact(name) for name in self.channels()}
 
@@ -969,6 +1094,7 @@ class EnvStats:
     dedup_entries: int  # rows in the dedup journal
     members: int  # (user, channel) membership rows
     channels: list[ChannelStats]
+    encryption: tuple[str, ...] = ()  # key ids entries may be encrypted with (meta)
 
     @property
     def used_bytes(self) -> int:
@@ -983,8 +1109,11 @@ class LmdbReader:
     """A read-only view of an existing data directory. Raises :class:`FormatError` for
     a directory that is not a tsmsg environment of this format version."""
 
-    def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, lock: bool = True, keyring: Keyring | None = None
+    ) -> None:
         self.path = os.fspath(path)
+        self.keyring = keyring  # decrypts entries in tail(); without it they keep `enc`
         try:
             self._env = lmdb.open(
                 self.path,
@@ -1015,6 +1144,8 @@ class LmdbReader:
                 )
             with self.snapshot() as txn:
                 self.format = self._check_format(txn)
+                raw = txn.get(b"encryption", db=self._dbs["meta"])
+                self.encryption: tuple[str, ...] = () if raw is None else tuple(unpackb(raw))
         except BaseException:
             self._env.close()
             raise
@@ -1092,6 +1223,7 @@ class LmdbReader:
             dedup_entries=self._count(txn, "dedup"),
             members=self._count(txn, "members"),
             channels=channels,
+            encryption=self.encryption,
         )
 
     def channel(self, name: str) -> ChannelInfo | None:
@@ -1115,7 +1247,10 @@ class LmdbReader:
                 for key, value in cur.iterprev() if positioned else ():
                     if bytes(key[:8]) != prefix or len(entries) >= n:
                         break
-                    entries.append(unpackb(value))
+                    entry = unpackb(value)
+                    if "enc" in entry and self.keyring is not None:
+                        entry = open_entry(entry, bytes(key), self.keyring)
+                    entries.append(entry)
             entries.reverse()
             cursors: dict[str, int] = {}
             if "cursors" in self._dbs:

@@ -1,0 +1,322 @@
+"""TLS over real TCP with the real server, certificates from a throwaway CA (trustme): the
+reference client over TLS, server certificate and host name verification, client
+certificates, handshake deadline and garbage before the handshake (the server survives
+both and other connections are undisturbed), settings and startup errors."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import trio
+import trustme
+
+from conftest import SECRET, WIRE_TIMEOUT, make_settings, mint, running_server
+from server_proc import server_env, server_process
+from tsmsg import FrameDecoder, encode
+from tsmsg.cli import main
+from tsmsg.client import Client, ConnectionClosed, connect
+from tsmsg.server.settings import Settings, load_settings
+from tsmsg.tls import client_tls_context, server_tls_context
+
+HOST = "127.0.0.1"
+CH = "room-1"
+SHORT = 0.5  # s: the handshake deadline where a test waits for it
+
+
+@dataclass
+class Pki:
+    """A CA and a server certificate it signed for 127.0.0.1, as PEM files."""
+
+    dir: Path
+    ca: trustme.CA
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def leaf(self, name: str, *identities: str, ca: trustme.CA | None = None) -> tuple[str, str]:
+        """A new certificate (signed by ``ca``, default this CA): its chain and key files."""
+        cert = (ca or self.ca).issue_cert(*identities)
+        cert_file, key_file = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key_file))
+        return str(cert_file), str(key_file)
+
+    def client(self, **kw: Any) -> ssl.SSLContext:
+        return client_tls_context(self.ca_file, **kw)
+
+
+def write_ca(ca: trustme.CA, path: Path) -> str:
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ca = trustme.CA()
+    pki = Pki(tmp_path, ca, write_ca(ca, tmp_path / "ca.pem"), "", "")
+    pki.cert_file, pki.key_file = pki.leaf("server", HOST)
+    return pki
+
+
+def tls_settings(tmp_path: Path, pki: Pki, **overrides: Any) -> Settings:
+    files = {"tls_cert_file": pki.cert_file, "tls_key_file": pki.key_file}
+    return make_settings(tmp_path / "data", **{**files, **overrides})
+
+
+async def send_and_ack(client: Client, text: str) -> int:
+    await client.join(CH)
+    ack = await client.send(CH, text)
+    assert ack.channel == CH and ack.seq >= 1
+    return ack.seq
+
+
+async def works(port: int, pki: Pki, user: str = "alice", **kw: Any) -> int:
+    """hello, join, send, ack over TLS; the ack's seq."""
+    with trio.fail_after(WIRE_TIMEOUT * 2):
+        async with connect(HOST, port, token=mint(user), ssl_context=pki.client(**kw)) as client:
+            assert client.user == user
+            return await send_and_ack(client, f"hello from {user}")
+
+
+async def refused(port: int, ssl_context: ssl.SSLContext) -> ConnectionClosed:
+    with trio.fail_after(WIRE_TIMEOUT * 2), pytest.raises(ConnectionClosed) as info:
+        async with connect(HOST, port, token=mint("eve"), ssl_context=ssl_context, reconnect=False):
+            pass
+    return info.value
+
+
+async def closed_by_server(stream: trio.SocketStream) -> None:
+    """Read until the server closes the connection (EOF or reset); bounded."""
+    with trio.fail_after(WIRE_TIMEOUT):
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass  # a reset: closed all the same
+    await stream.aclose()
+
+
+def handshake_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+
+
+@pytest.fixture(autouse=True)
+def server_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tsmsg.server")
+
+
+# ---------------------------------------------------------------------- happy path
+
+
+async def test_hello_send_ack_over_tls(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        assert h.server.tls is not None
+        assert h.server.tls.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert await works(h.server.port, pki, "alice") == 1
+        assert await works(h.server.port, pki, "bob") == 2
+    assert "TLS on (TLS 1.2+), without client certificates" in caplog.messages
+    assert not handshake_failures(caplog)
+
+
+# ---------------------------------------------------------------------- verification
+
+
+async def test_untrusted_ca_and_wrong_hostname_fail_clearly(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    stranger = client_tls_context(write_ca(trustme.CA(), tmp_path / "other-ca.pem"))
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        port = h.server.port
+        # tls=True trusts the system's CAs only: not this test's CA. Not retried.
+        with trio.fail_after(WIRE_TIMEOUT * 2), pytest.raises(ConnectionClosed) as info:
+            async with connect(HOST, port, token=mint("eve"), tls=True):
+                pass
+        assert f"TLS: the certificate of {HOST} failed verification" in str(info.value)
+        error = await refused(port, stranger)
+        assert f"TLS: the certificate of {HOST} failed verification" in str(error)
+        assert await works(port, pki) == 1  # the server is fine
+    assert len(handshake_failures(caplog)) == 2
+
+    cert, key = pki.leaf("elsewhere", "elsewhere.example")  # our CA, another name
+    other = tls_settings(tmp_path, pki, tls_cert_file=cert, tls_key_file=key)
+    async with running_server(other) as h:
+        error = await refused(h.server.port, pki.client())
+        assert f"mismatch, certificate is not valid for '{HOST}'" in str(error), error
+
+
+# ---------------------------------------------------------------------- client certificates
+
+
+async def test_client_certificate_required(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_ca = trustme.CA()
+    settings = tls_settings(
+        tmp_path, pki, tls_client_ca_file=write_ca(client_ca, tmp_path / "client-ca.pem")
+    )
+    good_cert, good_key = pki.leaf("alice", "alice.client.test", ca=client_ca)
+    wrong_cert, wrong_key = pki.leaf("mallory", "mallory.client.test")  # the server's CA
+    async with running_server(settings) as h:
+        port = h.server.port
+        await refused(port, pki.client())  # none: the server closes, no alert reaches it
+        await refused(port, pki.client(cert_file=wrong_cert, key_file=wrong_key))
+        assert await works(port, pki, cert_file=good_cert, key_file=good_key) == 1
+    reasons = handshake_failures(caplog)
+    assert len(reasons) == 2, reasons
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons[0]
+    assert "CERTIFICATE_VERIFY_FAILED" in reasons[1]
+    assert "TLS on (TLS 1.2+), with client certificates" in caplog.messages
+
+
+# ---------------------------------------------------------------------- misbehaving peers
+
+
+async def test_silent_client_is_closed_after_the_handshake_deadline(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = tls_settings(tmp_path, pki, tls_handshake_timeout_s=SHORT, hello_timeout_s=60.0)
+    async with running_server(settings) as h:
+        port = h.server.port
+        silent = await trio.open_tcp_stream(HOST, port)  # never says ClientHello
+        silent_peer = f"{HOST}:{silent.socket.getsockname()[1]}"
+        token, ctx = mint("alice"), pki.client()
+        with trio.fail_after(WIRE_TIMEOUT * 2):
+            async with connect(HOST, port, token=token, ssl_context=ctx) as client:
+                assert await send_and_ack(client, "one") == 1
+                await closed_by_server(silent)
+                assert (await client.send(CH, "two")).seq == 2  # undisturbed
+    assert handshake_failures(caplog) == [
+        f"TLS handshake failed from {silent_peer}: no handshake within {SHORT:g} s"
+    ]
+    assert h.server.metrics.value("tsmsg_tls_handshake_failures_total") == 1
+    assert h.server.metrics.value("tsmsg_connections_opened_total") == 1  # the TLS client's
+
+
+async def test_plaintext_to_a_tls_port_is_closed(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        for data in (encode({"t": "hello", "v": 1, "token": mint("eve"), "rid": 1}), b"\0" * 64):
+            raw = await trio.open_tcp_stream(HOST, h.server.port)
+            await raw.send_all(data)
+            await closed_by_server(raw)
+        assert await works(h.server.port, pki) == 1
+    assert len(handshake_failures(caplog)) == 2
+    assert h.server.metrics.value("tsmsg_auth_failures_total") == 0
+
+
+async def test_admission_refusal_over_tls(tmp_path: Path, pki: Pki) -> None:
+    """Past the per-IP connection limit the server answers ``rate_limited`` inside TLS; a
+    refused peer that fails the handshake is just closed."""
+    settings = tls_settings(tmp_path, pki, ip_connect_rate=1e-6, ip_connect_burst=1)
+    async with running_server(settings) as h:
+        for _ in range(2):  # admitted, then refused: both fail the handshake
+            raw = await trio.open_tcp_stream(HOST, h.server.port)
+            await raw.send_all(b"\0" * 64)
+            await closed_by_server(raw)
+        tcp = await trio.open_tcp_stream(HOST, h.server.port)
+        stream = trio.SSLStream(tcp, pki.client(), server_hostname=HOST, https_compatible=True)
+        decoder, frames = FrameDecoder(), []
+        with trio.fail_after(WIRE_TIMEOUT):
+            while not frames:
+                frames = decoder.feed(await stream.receive_some(4096))
+        await stream.aclose()
+        assert frames[0]["t"] == "error" and frames[0]["code"] == "rate_limited", frames
+        assert h.server.metrics.value("tsmsg_rate_limited_total", scope="ip_connect") == 2
+
+
+# ---------------------------------------------------------------------- settings, CLI
+
+
+def test_tls_settings_from_env_and_their_checks(tmp_path: Path) -> None:
+    env = {
+        "TSMSG_TLS_CERT_FILE": "c.pem",
+        "TSMSG_TLS_KEY_FILE": "k.pem",
+        "TSMSG_TLS_HANDSHAKE_TIMEOUT_S": "2.5",
+    }
+    s = load_settings(None, env, {"tls_client_ca_file": "ca.pem"})
+    assert (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) == ("c.pem", "k.pem", "ca.pem")
+    assert s.tls_handshake_timeout_s == 2.5
+    with pytest.raises(ValueError, match="set both or neither"):
+        load_settings(None, {"TSMSG_TLS_CERT_FILE": "c.pem"})
+    with pytest.raises(ValueError, match="tls_client_ca_file needs"):
+        load_settings(None, {"TSMSG_TLS_CLIENT_CA_FILE": "ca.pem"})
+    with pytest.raises(ValueError, match="tls_handshake_timeout_s must be > 0"):
+        load_settings(None, {"TSMSG_TLS_HANDSHAKE_TIMEOUT_S": "0"})
+
+
+def test_bad_pem_files_fail_clearly(tmp_path: Path, pki: Pki) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    other_cert, _ = pki.leaf("other", HOST)
+    cases = [
+        ((str(tmp_path / "nope.pem"), pki.key_file), "no such file: "),
+        ((str(junk), pki.key_file), f"cannot load {junk} with key"),
+        ((other_cert, pki.key_file), "KEY_VALUES_MISMATCH"),
+        ((pki.cert_file, pki.key_file, str(junk)), f"tls_client_ca_file: cannot load {junk}"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            server_tls_context(*args)
+    with pytest.raises(ValueError, match="ca_file: no such file"):
+        client_tls_context(str(tmp_path / "nope.pem"))
+
+
+def test_serve_and_chat_with_tls_flags_under_asyncio(tmp_path: Path, pki: Pki) -> None:
+    """``tsmsg serve --tls-*`` and ``tsmsg chat --ca-file`` as child processes; the
+    client checks the result under asyncio."""
+
+    async def run() -> None:
+        args = ("--tls-cert", pki.cert_file, "--tls-key", pki.key_file)
+        async with server_process(tmp_path / "data", tmp_path / "server.log", *args) as server:
+            assert "TLS on (TLS 1.2+)" in server.log()
+            chat = [sys.executable, "-m", "tsmsg.cli", "chat", "--port", str(server.port)]
+            chat += ["--user", "bob", "--channel", CH, "--ca-file", pki.ca_file]
+            with anyio.fail_after(WIRE_TIMEOUT * 3):
+                result = await anyio.run_process(
+                    chat, input=b"hi over TLS\n", env=server_env(), check=False
+                )
+            assert result.returncode == 0, result
+            token, ctx = mint("alice"), pki.client()
+            with anyio.fail_after(WIRE_TIMEOUT * 2):
+                async with connect(HOST, server.port, token=token, ssl_context=ctx) as client:
+                    await client.join(CH)
+                    page = await client.history(CH)
+            assert [(m.sender, m.text) for m in page.messages] == [("bob", "hi over TLS")]
+
+    anyio.run(run, backend="asyncio")
+
+
+def test_chat_tls_flags_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--user", "alice", "--key", "k.pem"])
+    assert exit_info.value.code == 2 and "--key needs --cert" in capsys.readouterr().err
+    missing = tmp_path / "missing.pem"
+    assert main(["chat", "--user", "alice", "--ca-file", str(missing)]) == 1
+    assert capsys.readouterr().err == f"tsmsg: ca_file: no such file: {missing}\n"
+
+
+async def test_serve_with_a_bad_certificate_path_fails_at_startup(tmp_path: Path, pki: Pki) -> None:
+    missing = str(tmp_path / "missing.pem")
+    cmd = [sys.executable, "-m", "tsmsg.cli", "serve", "--port", "0"]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--tls-cert", missing, "--tls-key", pki.key_file]
+    with trio.fail_after(WIRE_TIMEOUT * 3):
+        result = await trio.run_process(
+            cmd, env=server_env(), capture_stdout=True, capture_stderr=True, check=False
+        )
+    err = result.stderr.decode()
+    assert result.returncode == 1, err  # bad settings: like every other (cli.py exit codes)
+    assert err == f"tsmsg: tls_cert_file/tls_key_file: no such file: {missing}\n"
+    assert not (tmp_path / "data").exists()  # failed before opening the store
