@@ -472,6 +472,25 @@ def test_compact_prints_each_channel_horizon(
     assert_failure(code, err, f"no channel 'nope' in {path}")
 
 
+def test_compact_applies_the_servers_retention_policy(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "data"
+    with LmdbStore(path, FAST) as store:
+        for i in range(20):
+            store.append("busy", "alice", f"c{i}", f"m{i}")
+    config = tmp_path / "tsmsg.toml"
+    config.write_text(f'data_dir = "{path}"\nretention_max_count = 5\n')
+    code, out, err = run(capsys, "compact", "--config", str(config))
+    assert (code, err, out) == (0, "", "busy\thorizon=15\n")
+    with LmdbReader(path) as reader:
+        _, entries, _ = reader.tail("busy", 100)
+    assert [e["seq"] for e in entries] == [16, 17, 18, 19, 20]
+    config.write_text(f'data_dir = "{path}"\nretention_max_count = -1\n')
+    code, out, err = run(capsys, "compact", "--config", str(config))
+    assert_failure(code, err, "retention_max_count must be >= 0")
+
+
 def test_compact_with_no_channels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     LmdbStore(fresh, FAST).close()

@@ -22,8 +22,8 @@ from conftest import sync_all as conftest_sync_all
 from server_proc import SERVING, server_env, server_process
 from tsmsg.auth import TokenIssuer
 from tsmsg.protocol.limits import Limits
-from tsmsg.server.settings import Settings, load_settings
-from tsmsg.store import LmdbStore
+from tsmsg.server.settings import Settings, load_settings, store_config
+from tsmsg.store import CompactionPolicy, LmdbStore
 
 CHANNEL = "room-1"
 START_TIMEOUT = 15.0  # seconds for a server subprocess to log its port
@@ -492,6 +492,28 @@ def test_settings_defaults() -> None:
     assert load_settings(None, {}, None) == Settings()
     # Unrelated TSMSG_* variables (the secret) are not settings.
     assert load_settings(None, {"TSMSG_SECRET": "x" * 40}, {}) == Settings()
+
+
+def test_store_config_from_settings() -> None:
+    """Seconds become the store's milliseconds; 0 turns a retention limit or the
+    background compaction off."""
+    policy = store_config(Settings()).compaction
+    assert policy == CompactionPolicy(
+        keep_recent=1000, tombstone_retention_ms=86_400_000, interval_s=3600.0
+    )
+    env = {
+        "TSMSG_COMPACT_INTERVAL_S": "0",
+        "TSMSG_RETENTION_MAX_AGE_S": "2.5",
+        "TSMSG_RETENTION_MAX_COUNT": "7",
+        "TSMSG_TOMBSTONE_RETENTION_S": "60",
+        "TSMSG_COMPACT_KEEP_RECENT": "3",
+        "TSMSG_DURABILITY": "async",
+    }
+    config = store_config(load_settings(None, env, None))
+    assert config.durability == "async" and config.encryption is None
+    assert config.compaction == CompactionPolicy(
+        keep_recent=3, tombstone_retention_ms=60_000, max_age_ms=2500, max_count=7
+    )
 
 
 def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:

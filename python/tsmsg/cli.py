@@ -29,6 +29,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,8 +48,8 @@ from tsmsg.auth import (
     valid_channel,
 )
 from tsmsg.server.app import serve
-from tsmsg.server.settings import Settings, load_settings
-from tsmsg.store import Entry, FormatError, LmdbStore, StoreConfig
+from tsmsg.server.settings import Settings, load_settings, store_config
+from tsmsg.store import Entry, FormatError, LmdbStore
 from tsmsg.store.crypto import EncryptionError, add_key, entry_kid, load_keyring, new_key_line
 from tsmsg.store.lmdb_store import EnvStats, LmdbReader
 from tsmsg.tls import client_tls_context
@@ -404,17 +405,23 @@ def inspect_channel(reader: LmdbReader, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    require_data_dir(args.data_dir)
-    with LmdbReader(args.data_dir):
+    # The server's settings give the policy (retention, tombstones) and the key file.
+    overrides = {"data_dir": args.data_dir, "encryption_key_file": args.encryption_key_file}
+    settings = load_settings(args.config, os.environ, overrides)
+    data_dir = settings.data_dir
+    require_data_dir(data_dir)
+    with LmdbReader(data_dir):
         pass  # check the format read-only first: LmdbStore creates its databases on open
-    keyring = load_keyring(args.encryption_key_file)
+    config = store_config(settings)
+    config = replace(config, compaction=replace(config.compaction, interval_s=None))
+    keyring = config.encryption
     if args.rekey and keyring is None:
         raise CliError("--rekey needs --encryption-key-file")
-    with LmdbStore(args.data_dir, StoreConfig(encryption=keyring)) as store:
+    with LmdbStore(data_dir, config) as store:
         names = store.channels()
         if args.channel is not None:
             if args.channel not in names:
-                raise CliError(f"no channel {args.channel!r} in {args.data_dir}")
+                raise CliError(f"no channel {args.channel!r} in {data_dir}")
             names = [args.channel]
         if not names:
             print("no channels")
@@ -621,11 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     compact_p = add(
         "compact",
         "compact channel logs now (Kafka's rule)",
-        "Compact channel logs now by the default policy (see STORAGE.md) and print each "
-        "channel's new horizon.",
+        "Compact channel logs now by the server's policy (--config, TSMSG_* variables; "
+        "see STORAGE.md) and print each channel's new horizon. Stop the server first.",
     )
+    compact_p.add_argument("--config", help="the server's TOML settings file (its policy)")
     compact_p.add_argument("--channel", help="one channel (default: all)")
-    compact_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
+    compact_p.add_argument("--data-dir", help="LMDB data directory (default ./data)")
     compact_p.add_argument(
         "--encryption-key-file",
         metavar="PATH",

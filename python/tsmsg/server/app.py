@@ -52,10 +52,9 @@ from tsmsg.protocol.session import (
 )
 from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
-from tsmsg.server.settings import Settings, parse_address
-from tsmsg.store import AppendResult, LmdbStore, Store, StoreConfig, StoreUnavailable, WriteOp
+from tsmsg.server.settings import Settings, parse_address, store_config
+from tsmsg.store import AppendResult, LmdbStore, Store, StoreUnavailable, WriteOp
 from tsmsg.store.base import Notify
-from tsmsg.store.crypto import load_keyring
 from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
@@ -543,8 +542,7 @@ class Server:
         if open_store is not None:
             self.store = open_store(self._notify)
         else:
-            keyring = load_keyring(settings.encryption_key_file)  # a bad key file fails here
-            config = StoreConfig(durability=settings.durability, encryption=keyring)
+            config = store_config(settings)  # a bad key file fails here
             self.store = await trio.to_thread.run_sync(
                 lambda: LmdbStore(
                     settings.data_dir, config, notify=self._notify, observer=self.metrics

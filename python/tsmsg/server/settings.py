@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tsmsg.protocol.limits import Limits
+from tsmsg.store import CompactionPolicy, StoreConfig
+from tsmsg.store.crypto import load_keyring
 
 ENV_PREFIX = "TSMSG_"
 
@@ -64,6 +66,17 @@ class Settings:
     # write waiting for the store is older than ready_max_write_age_s (a stalled disk).
     metrics: str = ""
     ready_max_write_age_s: float = 5.0
+    # Compaction and retention, per channel (STORAGE.md "Compaction"): a background pass
+    # every compact_interval_s (0: only when `tsmsg compact` runs). It keeps each message's
+    # latest state, drops superseded entries and, after tombstone_retention_s, tombstones;
+    # the newest compact_keep_recent seqs are never touched. Retention (0: keep all)
+    # drops messages older than retention_max_age_s or beyond the newest
+    # retention_max_count seqs.
+    compact_interval_s: float = 3600.0
+    compact_keep_recent: int = 1000
+    tombstone_retention_s: float = 86400.0
+    retention_max_age_s: float = 0.0
+    retention_max_count: int = 0
     limits: Limits = field(default_factory=Limits)
 
 
@@ -157,7 +170,37 @@ def load_settings(
         parse_address(settings.metrics, "metrics")
     if settings.ready_max_write_age_s <= 0:
         raise ValueError("ready_max_write_age_s must be > 0")
+    for name in (
+        "compact_interval_s",
+        "compact_keep_recent",
+        "tombstone_retention_s",
+        "retention_max_age_s",
+        "retention_max_count",
+    ):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
     return settings
+
+
+def store_config(settings: Settings) -> StoreConfig:
+    """The store's configuration from the settings (``serve`` and ``compact`` alike);
+    reads the encryption key file, so a bad one fails here."""
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    policy = CompactionPolicy(
+        keep_recent=settings.compact_keep_recent,
+        tombstone_retention_ms=ms(settings.tombstone_retention_s),
+        max_age_ms=ms(settings.retention_max_age_s) or None,
+        max_count=settings.retention_max_count or None,
+        interval_s=settings.compact_interval_s or None,
+    )
+    return StoreConfig(
+        durability=settings.durability,
+        compaction=policy,
+        encryption=load_keyring(settings.encryption_key_file),
+    )
 
 
 def parse_address(value: str, name: str) -> tuple[str, int]:
