@@ -12,7 +12,10 @@ HOST     ?= 127.0.0.1
 PORT     ?= 7700
 DATA_DIR ?= ./data
 
-.PHONY: setup run test test-rust test-python test-long lint bench-codec bench-store bench-e2e clean
+.PHONY: setup run test test-rust test-python test-long lint bench-codec bench-store bench-e2e bench-sizing clean
+.PHONY: fuzz fuzz-ci fuzz-cmin
+.PHONY: bench bench-full
+.PHONY: sim
 
 setup: $(STAMP)
 
@@ -42,6 +45,13 @@ test-python: $(STAMP)
 test-long: $(STAMP)
 	TSMSG_LONG=1 TSMSG_CRASH_ROUNDS=100 $(VENV)/bin/pytest -q -m slow
 
+# The deterministic simulation (tests/sim.py): `make sim SEED=123` replays one seed (the
+# whole trace on failure, VERBOSE=1 always); without SEED, SIM_SEEDS random seeds, each
+# printed with the command that replays it.
+SIM_SEEDS ?= 200
+sim: $(STAMP)
+	$(VPY) tests/sim.py $(if $(SEED),--seed $(SEED) $(if $(VERBOSE),--verbose),--seeds $(SIM_SEEDS))
+
 lint: $(STAMP)
 	cargo fmt --check
 	cargo clippy --locked -q --all-targets -- -D warnings
@@ -58,6 +68,71 @@ bench-store: $(STAMP)
 
 bench-e2e: $(STAMP)
 	$(VPY) bench/e2e.py
+
+# tsmsg vs Redis Streams vs NATS JetStream with the native load generator (bench/loadgen,
+# built by bench/run.py with `cargo build --profile loadgen -p loadgen`). `bench`: the
+# short grid, a few minutes; `bench-full`: the whole grid of issue #8. Results, tables and
+# plots go to bench/results/<date>-quick|full/.
+bench: $(STAMP)
+	$(VPY) bench/run.py --quick
+
+bench-full: $(STAMP)
+	$(VPY) bench/run.py --full
+
+# Server RSS per idle connection (plaintext and TLS) and disk per million messages; the
+# figures docs/deploy.md sizes with. A few minutes.
+bench-sizing: $(STAMP)
+	$(VPY) bench/sizing.py
+
+# Coverage-guided fuzzing of the Rust decoder, encoder and dedup ring (fuzz/README.md):
+# FUZZ_SECONDS per target, FUZZ_TARGET to pick one. cargo-fuzz is pinned and installed
+# into .cargo-tools/ on first use. Why `--sanitizer none`: only the stable toolchain
+# exists here, and cargo-fuzz's default AddressSanitizer build passes -Zsanitizer=address,
+# a nightly-only flag (stable rustc rejects -Z flags unless RUSTC_BOOTSTRAP=1, an escape
+# hatch we do not build on). Without a sanitizer every flag cargo-fuzz passes is stable:
+# -Cpasses=sancov-module and -Cllvm-args=-sanitizer-coverage-* (libFuzzer's coverage and
+# compare tracing), -Cdebug-assertions (overflow checks). ASan would add little: the code
+# under test is safe Rust but for one audited `unsafe`, so out-of-bounds access already
+# panics, and the targets count heap bytes themselves (fuzz/src/checks.rs) because
+# libFuzzer's -malloc_limit_mb needs a sanitizer's malloc hooks.
+# New inputs go to target/fuzz-work/; `make fuzz-cmin` merges them into fuzz/corpus/.
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_TOOLS := $(CURDIR)/.cargo-tools
+CARGO_FUZZ := $(CARGO_TOOLS)/bin/cargo-fuzz
+FUZZ_TARGETS := decode_frames roundtrip dedup_ring
+FUZZ_TARGET ?= $(FUZZ_TARGETS)
+FUZZ_SECONDS ?= 60
+FUZZ_WORK := target/fuzz-work
+
+$(CARGO_FUZZ):
+	cargo install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked --root $(CARGO_TOOLS)
+
+fuzz: $(CARGO_FUZZ)
+	@for t in $(FUZZ_TARGET); do \
+	  mkdir -p $(FUZZ_WORK)/$$t fuzz/corpus/$$t fuzz/regressions/$$t || exit 1; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s (log: $(FUZZ_WORK)/$$t.log)"; \
+	  if $(CARGO_FUZZ) fuzz run --sanitizer none $$t $(FUZZ_WORK)/$$t fuzz/corpus/$$t \
+	      fuzz/regressions/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	      -print_final_stats=1 >$(FUZZ_WORK)/$$t.log 2>&1; then \
+	    grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' $(FUZZ_WORK)/$$t.log; \
+	  else \
+	    tail -n 60 $(FUZZ_WORK)/$$t.log; \
+	    echo "fuzz: $$t FAILED; the input is in fuzz/artifacts/$$t/ (fuzz/README.md)"; \
+	    exit 1; \
+	  fi; \
+	done
+
+# Short runs for CI, after `make test`: about 20 s per target plus the build.
+fuzz-ci:
+	$(MAKE) fuzz FUZZ_SECONDS=20
+
+# Merge what `make fuzz` found into the committed corpus, minimized.
+fuzz-cmin: $(CARGO_FUZZ)
+	@for t in $(FUZZ_TARGET); do \
+	  mkdir -p $(FUZZ_WORK)/$$t fuzz/corpus/$$t && \
+	  cp -n $(FUZZ_WORK)/$$t/* fuzz/corpus/$$t/ 2>/dev/null; \
+	  $(CARGO_FUZZ) fuzz cmin --sanitizer none $$t fuzz/corpus/$$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) target

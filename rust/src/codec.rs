@@ -8,8 +8,10 @@
 //! byte what msgpack-python's `packb(obj)` writes.
 //!
 //! Nothing in here trusts a declared length: every str/bin/array/map length is checked
-//! against the bytes left in the frame before it is used, and containers are preallocated
-//! for at most that many elements, so no input allocates more than a small multiple of
+//! against the bytes left in the frame before it is used (for an array or map, the bytes
+//! left besides those its enclosing containers' remaining elements need), and containers
+//! are preallocated for at most that many elements, so all the containers open at once
+//! hold at most one slot per input byte, no input allocates more than a small multiple of
 //! its own size, and recursion is bounded by `max_depth`.
 
 use std::fmt;
@@ -324,12 +326,21 @@ struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
     max_depth: usize,
+    /// Bytes the open containers still need after the current value: at least one per
+    /// array element and two per map entry not yet started.
+    owed: usize,
 }
 
 impl<'a> Reader<'a> {
     #[inline]
     fn remaining(&self) -> usize {
         self.data.len() - self.pos
+    }
+
+    /// The bytes left that the enclosing containers' unstarted elements do not need.
+    #[inline]
+    fn available(&self) -> usize {
+        self.remaining().saturating_sub(self.owed)
     }
 
     /// The next `N` bytes of a fixed-size field.
@@ -494,8 +505,10 @@ impl<'a> Reader<'a> {
         depth: usize,
     ) -> Step<B::Value, B> {
         let depth = self.enter(depth, offset)?;
-        // Every element takes at least one byte.
-        let remaining = self.remaining();
+        // Every element takes at least one byte, besides the bytes the enclosing containers
+        // still need: so the slots preallocated by all open containers together stay below
+        // the frame's size (checked per container alone, nesting multiplied them).
+        let remaining = self.available();
         if len > remaining as u64 {
             return Err(Error::LengthOverrun {
                 offset,
@@ -505,11 +518,15 @@ impl<'a> Reader<'a> {
             }
             .into());
         }
-        let mut array = b.begin_array(len as usize).map_err(Fail::Build)?;
-        for _ in 0..len {
+        let len = len as usize;
+        let mut array = b.begin_array(len).map_err(Fail::Build)?;
+        let owed = self.owed;
+        for i in 0..len {
+            self.owed = owed + (len - 1 - i);
             let v = self.value(b, depth)?;
             b.push(&mut array, v).map_err(Fail::Build)?;
         }
+        self.owed = owed;
         b.end_array(array).map_err(Fail::Build)
     }
 
@@ -521,8 +538,9 @@ impl<'a> Reader<'a> {
         depth: usize,
     ) -> Step<B::Value, B> {
         let depth = self.enter(depth, offset)?;
-        // Every entry takes at least two bytes: a key and a value.
-        let remaining = self.remaining();
+        // Every entry takes at least two bytes, a key and a value, besides the bytes the
+        // enclosing containers still need (as for arrays).
+        let remaining = self.available();
         if len.saturating_mul(2) > remaining as u64 {
             return Err(Error::LengthOverrun {
                 offset,
@@ -532,12 +550,16 @@ impl<'a> Reader<'a> {
             }
             .into());
         }
-        let mut map = b.begin_map(len as usize).map_err(Fail::Build)?;
-        for _ in 0..len {
+        let len = len as usize;
+        let mut map = b.begin_map(len).map_err(Fail::Build)?;
+        let owed = self.owed;
+        for i in 0..len {
             let key = self.key(b)?;
+            self.owed = owed + 2 * (len - 1 - i);
             let v = self.value(b, depth)?;
             b.insert(&mut map, key, v).map_err(Fail::Build)?;
         }
+        self.owed = owed;
         b.end_map(map).map_err(Fail::Build)
     }
 
@@ -588,6 +610,7 @@ fn frame_body<B: Builder>(body: &[u8], max_depth: usize, b: &mut B) -> Step<B::V
             data: body,
             pos: 0,
             max_depth,
+            owed: 0,
         }
         .whole(b),
         Some(0xc1) => Err(reserved(0).into()),
@@ -637,6 +660,7 @@ pub fn unpack<B: Builder>(data: &[u8], max_depth: usize, b: &mut B) -> Result<B:
         data,
         pos: 0,
         max_depth: check_max_depth(max_depth)?,
+        owed: 0,
     };
     if data.is_empty() {
         return Err(Error::InvalidMsgpack {
@@ -1250,6 +1274,118 @@ mod tests {
             decode(&past),
             Err(Error::LengthOverrun { kind: "str", .. })
         ));
+    }
+
+    #[test]
+    fn nested_declared_lengths_share_the_bytes_left() {
+        // {"a": [[[], []], []]}: the inner array's 2 elements fit beside the outer's 1 more.
+        let at = [0x81, 0xa1, b'a', 0x92, 0x92, 0x90, 0x90, 0x90];
+        let empty = || Value::Array(vec![]);
+        assert_eq!(
+            decode(&at).unwrap(),
+            map(&[(
+                "a",
+                Value::Array(vec![Value::Array(vec![empty(), empty()]), empty()])
+            )])
+        );
+        // [[x, x], x, x] with 2 bytes after the inner header, both owed to the outer array:
+        // refused at the inner header, before its slots are allocated.
+        let past = [0x81, 0xa1, b'a', 0x93, 0x92, 0x90, 0x90];
+        assert_eq!(
+            decode(&past),
+            Err(Error::LengthOverrun {
+                offset: 4,
+                kind: "array",
+                declared: 2,
+                remaining: 0
+            })
+        );
+        // Map entries owe 2 bytes each: {"a": {"b": {"c": nil, "d": ...}, ...}} with 5 bytes
+        // after the inner header, 2 of them owed to the outer map's second entry.
+        let past = [
+            0x81, 0xa1, b'a', 0x82, 0xa1, b'b', 0x82, 0xa1, b'c', 0xc0, 0xa1, b'd',
+        ];
+        assert_eq!(
+            decode(&past),
+            Err(Error::LengthOverrun {
+                offset: 6,
+                kind: "map",
+                declared: 2,
+                remaining: 3
+            })
+        );
+
+        /// Counts the slots preallocated by the containers open at once.
+        #[derive(Default)]
+        struct Slots {
+            open: usize,
+            peak: usize,
+        }
+        impl Builder for Slots {
+            type Value = ();
+            type Array = usize;
+            type Map = usize;
+            type Error = Error;
+            fn nil(&mut self) -> Result<(), Error> {
+                Ok(())
+            }
+            fn bool(&mut self, _: bool) -> Result<(), Error> {
+                Ok(())
+            }
+            fn int(&mut self, _: i64) -> Result<(), Error> {
+                Ok(())
+            }
+            fn uint(&mut self, _: u64) -> Result<(), Error> {
+                Ok(())
+            }
+            fn float(&mut self, _: f64) -> Result<(), Error> {
+                Ok(())
+            }
+            fn str(&mut self, _: &str) -> Result<(), Error> {
+                Ok(())
+            }
+            fn bin(&mut self, _: &[u8]) -> Result<(), Error> {
+                Ok(())
+            }
+            fn begin_array(&mut self, len: usize) -> Result<usize, Error> {
+                self.open += len;
+                self.peak = self.peak.max(self.open);
+                Ok(len)
+            }
+            fn push(&mut self, _: &mut usize, _: ()) -> Result<(), Error> {
+                Ok(())
+            }
+            fn end_array(&mut self, len: usize) -> Result<(), Error> {
+                self.open -= len;
+                Ok(())
+            }
+            fn begin_map(&mut self, len: usize) -> Result<usize, Error> {
+                self.begin_array(len)
+            }
+            fn insert(&mut self, _: &mut usize, _: (), _: ()) -> Result<(), Error> {
+                Ok(())
+            }
+            fn end_map(&mut self, len: usize) -> Result<(), Error> {
+                self.end_array(len)
+            }
+        }
+        // 60 nested array32 headers each declaring the bytes left after it, then zeros (the
+        // shape the fuzzer found, fuzz/regressions/decode_frames/): each level used to
+        // preallocate about the whole frame, 60 times over.
+        let mut body = vec![0x81, 0xa1, b'a'];
+        let size = 4096;
+        for _ in 0..60 {
+            let left = (size - body.len() - 5) as u32;
+            body.push(0xdd);
+            body.extend_from_slice(&left.to_be_bytes());
+        }
+        body.resize(size, 0);
+        let mut slots = Slots::default();
+        assert!(matches!(
+            decode_body(&body, 64, &mut slots),
+            Err(Error::LengthOverrun { kind: "array", .. })
+        ));
+        assert!(slots.peak <= body.len(), "{} slots", slots.peak);
     }
 
     #[test]
