@@ -61,6 +61,36 @@ log = logging.getLogger("tsmsg.server")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
+
+
+class AcceptErrorFilter(logging.Filter):
+    """While the process is out of file descriptors (EMFILE), trio's accept loop retries
+    every 100 ms and logs each failure with a traceback: ~90 lines a second. Keep one
+    line per ``ACCEPT_ERROR_LOG_EVERY_S``, without the traceback, saying how many were
+    folded into it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.last = -math.inf
+        self.folded = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now - self.last < ACCEPT_ERROR_LOG_EVERY_S:
+            self.folded += 1
+            return False
+        record.exc_info = record.exc_text = None
+        if self.folded:
+            record.msg = f"{record.getMessage()} (and {self.folded} more in the last "
+            record.msg += f"{now - self.last:.0f} s)"
+            record.args = None
+        self.last, self.folded = now, 0
+        return True
+
+
+logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
 
 
 class Connection:
