@@ -510,3 +510,47 @@ def test_local_checks_use_the_shared_rules() -> None:
     with pytest.raises(BadRequest):
         w.p.join("")
     assert w.p.outbox == []
+
+
+# ------------------------------------------------------------------------ found by tests/sim.py
+
+
+def test_a_first_join_cut_short_before_its_history_reloads_on_rejoin() -> None:
+    """The connection dropped after the join reply, before the history page: the app must
+    still get its Resynced (the reload is redone from the new head), not events after a
+    head it never saw (tests/sim.py seed 19)."""
+    w = Wire()
+    w.connect()
+    w.p.join(CH)
+    [join] = w.sent()
+    join_ok(w, join, head=10)
+    [history] = w.sent()
+    assert history["t"] == "history"
+    w.lose()
+    [rejoin] = w.connect()
+    join_ok(w, rejoin, head=12)
+    [history] = w.sent()
+    assert history == {"t": "history", "rid": history["rid"], "channel": CH, "before": 13}
+    w.reply(history, channel=CH, messages=[], more=False)
+    [sync] = w.sent()
+    sync_ok(w, sync, [13])
+    events = [e for e in w.events() if not isinstance(e, ConnectionChanged)]
+    assert isinstance(events[0], Resynced) and events[0].head == 12
+    assert seqs(events) == [13]
+
+
+def test_next_deadline_ignores_the_backoff_of_requests_in_flight() -> None:
+    """A send resent after its backoff keeps its old ``not_before`` while in flight: that
+    time must not stay the next deadline, or the timer spins until the answer comes
+    (tests/sim.py seed 4: virtual time stood still)."""
+    w = Wire()
+    w.connect()
+    w.p.send(CH, "hi", None, "c1", w.now)
+    [send] = w.sent()
+    w.reply(send, "error", code="store_unavailable", message="disk full")
+    assert w.p.next_deadline() == 500
+    w.now = 500
+    w.p.tick(w.now)
+    [again] = w.sent()
+    assert again["cid"] == "c1"
+    assert w.p.next_deadline() == HEARTBEAT // 2  # only the heartbeat is due, not 500

@@ -11,11 +11,9 @@ history, the read cursors and the unread counts must agree.
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import event, settings
@@ -31,15 +29,14 @@ from tsmsg.store import (
     AppendResult,
     CompactionPolicy,
     Forbidden,
-    HistoryPage,
     LmdbStore,
     NotFound,
     StoreConfig,
     StoreError,
-    SyncPage,
     WriteOp,
     lmdb_store,
 )
+from tsmsg.store.memory_store import MemoryData
 
 CHANNELS = ["a", "b", "c"]  # messages go to a and b only: c stays an unknown channel
 MESSAGE_CHANNELS = CHANNELS[:2]
@@ -56,197 +53,18 @@ POLICY = CompactionPolicy(
 )
 WAIT_S = 10.0
 JUNK_IDS = ["", "x", "1-", "-1", "0-0", "1-0", "999-1", "1-999", "a-b"]
-CANONICAL_ID = re.compile(r"([1-9][0-9]*)-([1-9][0-9]*)")
 
 texts = st.text(max_size=6)
 metas = st.none() | st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2)
 
-Entry = dict[str, Any]
 
+class Model(MemoryData):
+    """The store's rules in plain dicts: :class:`MemoryData`, the state of the in-memory
+    backend (so this test also holds MemoryStore to LmdbStore's answers), with this
+    test's policy and a clock that the ``tick`` rule moves."""
 
-@dataclass
-class MChannel:
-    id: int
-    log: dict[int, Entry] = field(default_factory=dict)  # seq -> stored entry
-    head: int = 0
-    horizon: int = 0
-    tombstones: dict[int, int] = field(default_factory=dict)  # message seq -> delete ts
-    edits: dict[int, list[int]] = field(default_factory=dict)  # message seq -> edit seqs
-
-
-class Model:
     def __init__(self) -> None:
-        self.now = 1_700_000_000_000
-        self.channels: dict[str, MChannel] = {}
-        self.next_id = 1
-        self.dedup: dict[tuple[str, str, str], tuple[int, str, int]] = {}
-        self.cursors: dict[tuple[str, str], int] = {}
-
-    # ---- writes: return an AppendResult / int, or raise NotFound / Forbidden
-
-    def append(
-        self, channel: str, user: str, cid: str, text: str, meta: dict[str, Any] | None
-    ) -> AppendResult:
-        key = (channel, user, cid)
-        if key in self.dedup:
-            return self.dup_result(key)
-        c = self.channels.get(channel)
-        if c is None:
-            c = self.channels[channel] = MChannel(self.next_id)
-            self.next_id += 1
-        c.head += 1
-        mid = f"{c.id}-{c.head}"
-        entry: Entry = {"seq": c.head, "kind": "message", "id": mid, "sender": user}
-        entry.update(ts=self.now, text=text)
-        if meta:
-            entry["meta"] = meta
-        c.log[c.head] = entry
-        self.dedup[key] = (c.head, mid, self.now)
-        return AppendResult(channel, c.head, mid, self.now)
-
-    def change(
-        self,
-        kind: str,
-        channel: str,
-        user: str,
-        target: str,
-        text: str | None,
-        moderator: bool,
-    ) -> AppendResult:
-        c = self.channels.get(channel)
-        m = CANONICAL_ID.fullmatch(target)
-        if c is None or m is None or int(m[1]) != c.id:
-            raise NotFound(target)
-        mseq = int(m[2])
-        msg = c.log.get(mseq)
-        if msg is None or msg["kind"] != "message" or msg.get("deleted"):
-            raise NotFound(target)
-        if msg["sender"] != user and not moderator:
-            raise Forbidden(target)
-        c.head += 1
-        entry: Entry = {"seq": c.head, "kind": kind, "id": target, "sender": user, "ts": self.now}
-        if kind == "edit":
-            entry["text"] = text
-            msg["text"], msg["edited"] = text, self.now
-            c.edits.setdefault(mseq, []).append(c.head)
-        else:
-            for k in ("text", "meta", "edited"):
-                msg.pop(k, None)
-            msg["deleted"] = True
-            for eseq in c.edits.pop(mseq, []):
-                if eseq in c.log:
-                    c.log[eseq].pop("text", None)
-                    c.log[eseq]["deleted"] = True
-            c.tombstones[mseq] = self.now
-        c.log[c.head] = entry
-        return AppendResult(channel, c.head, target, self.now)
-
-    def set_read(self, user: str, channel: str, seq: int) -> int:
-        c = self.channels.get(channel)
-        if c is None:
-            return 0
-        old = self.cursors.get((user, channel), 0)
-        new = min(max(seq, 0), c.head)
-        if new <= old:
-            return old
-        self.cursors[(user, channel)] = new
-        return new
-
-    def compact(self, channel: str) -> int:
-        """Retention first (count and age drop the oldest entries, whatever their kind,
-        and may move the point into the recent window), then Kafka's rule at or below
-        the point: edit and delete entries go, tombstones go when their retention is
-        over."""
-        c = self.channels.get(channel)
-        if c is None:
-            return 0
-        drop_below = max(0, c.head - MAX_COUNT)
-        point = max(0, c.head - KEEP_RECENT, drop_below)
-        cutoff = self.now - MAX_AGE_MS
-        for seq in sorted(c.log):
-            if seq > drop_below and c.log[seq]["ts"] >= cutoff:
-                break
-            self.drop(c, seq)
-            point = max(point, seq)
-        for seq in sorted(c.log):
-            if seq > point:
-                break
-            e = c.log[seq]
-            if e["kind"] != "message":
-                self.drop(c, seq)
-            elif e.get("deleted") and c.tombstones[seq] + TOMBSTONE_RETENTION_MS <= self.now:
-                self.drop(c, seq)
-        c.horizon = max(c.horizon, min(point, c.head))
-        return c.horizon
-
-    @staticmethod
-    def drop(c: MChannel, seq: int) -> None:
-        del c.log[seq]
-        c.tombstones.pop(seq, None)
-        c.edits.pop(seq, None)
-
-    # ---- reads
-
-    def sync(self, channel: str, since: int, limit: int) -> SyncPage:
-        c = self.channels.get(channel)
-        if c is None:
-            return SyncPage([], False, 0, 0, resync=since != 0)
-        if since < c.horizon or since > c.head:
-            return SyncPage([], False, c.head, c.id, resync=True)
-        entries = [c.log[s] for s in sorted(c.log) if s > since][: max(limit, 0)]
-        last = entries[-1]["seq"] if entries else since
-        return SyncPage(entries, last < c.head, c.head, c.id)
-
-    def history(self, channel: str, before: int | None, limit: int) -> HistoryPage:
-        c = self.channels.get(channel)
-        if c is None:
-            return HistoryPage([], False)
-        msgs = [
-            c.log[s]
-            for s in sorted(c.log)
-            if c.log[s]["kind"] == "message" and (before is None or s < before)
-        ]
-        page = msgs[max(0, len(msgs) - limit) :] if limit > 0 else []
-        return HistoryPage(page, len(msgs) > len(page))
-
-    def unread(self, user: str, channel: str) -> int:
-        c = self.channels.get(channel)
-        if c is None:
-            return 0
-        cursor = self.cursors.get((user, channel), 0)
-        return sum(
-            1
-            for s, e in c.log.items()
-            if s > cursor
-            and e["kind"] == "message"
-            and not e.get("deleted")
-            and e["sender"] != user
-        )
-
-    def reset(self, channel: str) -> int:
-        """A new log under a new id (the epoch); positions and cids of the old one are
-        gone with it."""
-        if channel not in self.channels:
-            return 0
-        self.channels[channel] = MChannel(self.next_id)
-        self.next_id += 1
-        for key in [k for k in self.dedup if k[0] == channel]:
-            del self.dedup[key]
-        for key in [k for k in self.cursors if k[1] == channel]:
-            del self.cursors[key]
-        return self.channels[channel].id
-
-    def lookup_dup(self, channel: str, user: str, cid: str) -> AppendResult | None:
-        key = (channel, user, cid)
-        return self.dup_result(key) if key in self.dedup else None
-
-    def dup_result(self, key: tuple[str, str, str]) -> AppendResult:
-        """The first result of a cid; its ts is read from the message entry, so it is 0
-        once retention dropped the message (documented in ``_dup_result``)."""
-        seq, mid, ts = self.dedup[key]
-        if seq not in self.channels[key[0]].log:
-            ts = 0
-        return AppendResult(key[0], seq, mid, ts, dup=True)
+        super().__init__(POLICY, now=1_700_000_000_000)
 
 
 class Clock:

@@ -109,6 +109,7 @@ class ChannelState:
     join_waiters: list[int] = field(default_factory=list)  # app handles awaiting JoinInfo
     queued: int = 0  # events of this channel in the app queue
     delivered: tuple[int, int] = (0, 0)  # (seq, epoch) of the last event the app took
+    reload_pending: bool = False  # a reload's history page has not come: redo it on rejoin
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -350,7 +351,7 @@ class ClientProtocol:
         times = [self._next_ping]
         if self._ping_sent is not None:
             times.append(max(self._ping_sent, self._last_rx) + self.heartbeat_ms)
-        times += [r.not_before for r in self._waiting() if r.not_before]
+        times += self._resend_times()
         return min(times)
 
     def tick(self, now_ms: int) -> list[Output]:
@@ -691,8 +692,8 @@ class ClientProtocol:
                 self._catch_up(ch)
             else:
                 self._reload(ch, info.head, info.epoch)
-        elif _epoch_changed(ch.epoch, info.epoch):
-            self._reload(ch, info.head, info.epoch)
+        elif ch.reload_pending or _epoch_changed(ch.epoch, info.epoch):
+            self._reload(ch, info.head, info.epoch)  # (a reload cut short by a disconnect)
         else:
             self._catch_up(ch)
         return outputs
@@ -742,11 +743,12 @@ class ClientProtocol:
             ch.queued += 1
             self._catch_up(ch)
             return
-        ch.phase = Phase.RELOADING
+        ch.phase, ch.reload_pending = Phase.RELOADING, True
         history = {"t": "history", "channel": ch.name, "before": head + 1}
         self._internal("history", ch, history)
 
     def _reloaded(self, ch: ChannelState, f: Frame) -> None:
+        ch.reload_pending = False
         messages = tuple(message_from(ch.name, m) for m in f["messages"])
         self._push(Resynced(ch.name, ch.last, ch.epoch, messages), ch.name, ch.last, ch.epoch)
         ch.queued += 1
@@ -850,6 +852,23 @@ class ClientProtocol:
 
     def _waiting(self) -> list[_Request]:
         return [*self._calls.values(), *self._outbox.values(), *self._held]
+
+    def _resend_times(self) -> list[int]:
+        """When a request waiting out a rate limit or a backoff may go: the ones `_pump`
+        would send then. Not those in flight (their old ``not_before`` has passed: counting
+        it made the timer spin until the answer came) and, of the outbox, only the first
+        unsent send (the ones behind it wait for it, to keep their order)."""
+        times = [
+            r.not_before
+            for r in (*self._calls.values(), *self._held)
+            if r.rid is None and r.not_before and not r.needs_token
+        ]
+        for r in self._outbox.values():
+            if r.rid is None:
+                if r.not_before and not r.needs_token:
+                    times.append(r.not_before)
+                break
+        return times
 
     def _pump(self, now_ms: int) -> None:
         """Send every waiting request that may go now: app requests, then the outbox in
