@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tsmsg.cli import build_parser
+from tsmsg.cli import build_parser, main
 from tsmsg.server.settings import Settings, load_settings
+from tsmsg.store import LmdbStore
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "tsmsg.service"
@@ -80,10 +81,20 @@ def test_example_config_loads_with_the_units_flags() -> None:
     assert settings.log_format == "json"
     assert settings.durability == "fsync"
     assert settings.metrics.startswith("127.0.0.1:")
-    # Without the unit's flags the example alone is incomplete (TLS needs its key) and
-    # says so: the flags are what makes it whole.
-    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file go together"):
-        load_settings(str(CONFIG), {})
+
+
+def test_maintenance_commands_load_the_example_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/deploy.md runs ``tsmsg compact --config /etc/tsmsg/tsmsg.toml`` (with the
+    server stopped, so without the unit's flags): the example must load on its own. It
+    used to set tls_cert_file without tls_key_file, and compact refused it."""
+    settings = load_settings(str(CONFIG), {})
+    assert settings.tls_key_file == f"{CREDENTIALS}/tls-key.pem"  # what the unit passes too
+    data = tmp_path / "data"
+    LmdbStore(data).close()
+    code = main(["compact", "--config", str(CONFIG), "--data-dir", str(data)])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_example_config_names_every_setting() -> None:

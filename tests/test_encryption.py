@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,7 @@ def test_wire_entries_carry_no_enc_field(open_store: Opener, tmp_path: Path) -> 
 
 
 def test_rotation_old_entries_readable_new_ones_under_new_key(
-    open_store: Opener, tmp_path: Path
+    open_store: Opener, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "db"
     store = open_store(path, keyring(("A", KEY_A)))
@@ -228,8 +229,11 @@ def test_rotation_old_entries_readable_new_ones_under_new_key(
     assert "seq 5 of channel id 1" in str(err.value)
     with pytest.raises(EncryptionError, match="key 'A'"):
         store.history("room", None, 100)
-    with pytest.raises(EncryptionError, match="key 'A'"):
-        store.edit("room", "alice", ids["c"], "needs A to keep the meta")
+    # An edit fails without telling the client key ids; the server's log names the key.
+    with caplog.at_level(logging.ERROR, "tsmsg.store"):
+        with pytest.raises(EncryptionError, match=r"^the message text cannot be decrypted$"):
+            store.edit("room", "alice", ids["c"], "needs A to keep the meta")
+    assert "encrypted with key 'A'" in caplog.text
     assert store.history("room", None, 1).messages[0]["text"] == "under B"  # B's still read
     store.delete("room", "alice", ids["c"])  # a delete needs no key: the body is dropped
     store.close()
@@ -485,3 +489,47 @@ async def test_serve_inspect_compact_backup_with_a_key_file(
         env=server_env(TSMSG_ENCRYPTION_KEY_FILE=str(keys)),
     )
     assert child.returncode == 1 and "chmod 600" in child.stderr, child.stderr
+
+
+def test_a_key_file_path_that_is_no_regular_file_is_refused_clearly(tmp_path: Path) -> None:
+    """A directory used to surface as ``[Errno 21] Is a directory: 3`` (no path), and a
+    FIFO blocked the start until something wrote to it."""
+    folder = tmp_path / "keys.d"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(KeyFileError, match=f"{folder} is not a regular file"):
+        read_key_file(folder)
+    fifo = tmp_path / "keys.fifo"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_key_file(fifo)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(CHILD_TIMEOUT)
+    if reader.is_alive():  # blocked in open(): give it a writer so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(CHILD_TIMEOUT)
+        pytest.fail("read_key_file blocked on a FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], KeyFileError), outcome
+    assert f"{fifo} is not a regular file" in str(outcome[0])
+
+
+def test_a_sealed_body_cannot_override_the_plain_fields() -> None:
+    """Only ``text`` and ``meta`` are sealed; a body holding anything else (crafted by
+    whoever holds the key) is malformed, never merged over ``sender`` or ``deleted``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    ring = keyring(("A", KEY_A))
+    ad, nonce = log_key(1, 5), os.urandom(12)
+    for body in ({"text": "hi", "sender": "mallory"}, {"deleted": True}, {}):
+        sealed = AESGCM(KEY_A).encrypt(nonce, packb(body), ad)
+        entry = {"seq": 5, "kind": "message", "sender": "alice", "enc": ["A", nonce, sealed]}
+        with pytest.raises(EncryptionError, match="seq 5 of channel id 1: malformed"):
+            ring.open(entry, ad)
+    good = ring.seal({"seq": 5, "kind": "message", "sender": "alice", "text": "hi"}, ad)
+    assert ring.open(good, ad) == {"seq": 5, "kind": "message", "sender": "alice", "text": "hi"}

@@ -35,6 +35,7 @@ import os
 import random
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -531,3 +532,26 @@ async def test_a_failed_sync_stops_writes_and_reads_go_on(harness: Harness) -> N
         assert (await bob.request("history", channel="room"))["t"] == "ok"
     finally:
         store._env = env.real
+
+
+def test_a_failed_periodic_sync_in_async_mode_stops_writes(tmp_path: Path) -> None:
+    """``async`` durability acks before the periodic sync; when that sync fails, what
+    was acked may not be on disk: the store stops taking writes (fail-stop, as with
+    fsync) instead of losing its writer thread, and reads go on."""
+    store = LmdbStore(tmp_path / "data", StoreConfig(durability="async", sync_interval_s=0.05))
+    try:
+        assert store.append("room", "alice", "c1", "one").seq == 1
+        env = FailingSync(store._env)
+        env.failures = 1
+        store._env = env
+        deadline = time.monotonic() + 10
+        while store.failed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.failed is not None and "sync failed" in store.failed
+        assert env.failures == 0
+        with pytest.raises(StoreUnavailable, match="writes stopped"):
+            store.append("room", "alice", "c2", "two")
+        assert [e["text"] for e in store.sync("room", 0, 10).entries] == ["one"]
+        store._env = env.real
+    finally:
+        store.close()

@@ -807,6 +807,39 @@ def test_compaction_in_small_steps_interleaved_with_writes(
     assert seqs(history(store, "room", None, 100)) == seqs(hist)
 
 
+def test_a_sync_between_compaction_steps_never_sees_a_gap(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each compaction step commits its own transaction; a reader between two steps
+    sees the horizon already above everything dropped so far: a sync from the horizon
+    is dense, and one from below it is told to resync."""
+    monkeypatch.setattr(lmdb_store, "COMPACT_CHUNK", 1)
+    seen: list[tuple[int, list[int], bool]] = []
+
+    def look() -> None:  # in another thread: the writer's step transaction is open
+        info = store.channel("room")
+        page = store.sync("room", info.horizon, 1000)
+        below = store.sync("room", info.horizon - 1, 1000) if info.horizon else None
+        seen.append((info.horizon, seqs(page.entries), below is None or below.resync))
+
+    def fault() -> None:  # before each step's commit: check what the last one left
+        reader = threading.Thread(target=look)
+        reader.start()
+        reader.join(WAIT_S)
+
+    store = open_store(StoreConfig(compaction=CompactionPolicy(keep_recent=2)), fault=fault)
+    ids = [store.append("room", "u", f"c{i}", f"t{i}").id for i in range(6)]
+    for mid in ids:
+        store.edit("room", "u", mid, "edited")  # seqs 7..12
+    store.delete("room", "u", ids[0])  # seq 13
+    seen.clear()
+    assert store.compact("room") == 11
+    assert len(seen) > 3  # several steps were looked between
+    for horizon, page, resync_below in seen:
+        assert page == list(range(horizon + 1, 14)), (horizon, page)
+        assert resync_below, horizon
+
+
 def test_reset_channel(store: LmdbStore) -> None:
     old = store.append("room", "u", "c1", "x")
     store.append("room", "v", "c2", "y")

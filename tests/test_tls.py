@@ -320,3 +320,26 @@ async def test_serve_with_a_bad_certificate_path_fails_at_startup(tmp_path: Path
     assert result.returncode == 1, err  # bad settings: like every other (cli.py exit codes)
     assert err == f"tsmsg: tls_cert_file/tls_key_file: no such file: {missing}\n"
     assert not (tmp_path / "data").exists()  # failed before opening the store
+
+
+def test_a_key_with_a_passphrase_fails_clearly_without_prompting(tmp_path: Path, pki: Pki) -> None:
+    """OpenSSL's default for an encrypted key is to prompt on the terminal: a server started
+    from a shell would hang there, one under systemd fail with an opaque EINVAL."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(pki.key_file).read_bytes(), None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    combined = tmp_path / "combined.pem"  # the chain and the encrypted key in one file
+    combined.write_bytes(Path(pki.cert_file).read_bytes() + locked.read_bytes())
+    message = "is encrypted with a passphrase"
+    with pytest.raises(ValueError, match=f"tls_cert_file/tls_key_file: .*{locked}.*{message}"):
+        server_tls_context(pki.cert_file, str(locked))
+    with pytest.raises(ValueError, match=f"cert_file/key_file: .*{combined}.*{message}"):
+        client_tls_context(pki.ca_file, str(combined))

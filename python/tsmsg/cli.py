@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import os
-import stat
 import sys
 import textwrap
 import time
@@ -50,7 +49,14 @@ from tsmsg.auth import (
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings, store_config
 from tsmsg.store import Entry, FormatError, LmdbStore
-from tsmsg.store.crypto import EncryptionError, add_key, entry_kid, load_keyring, new_key_line
+from tsmsg.store.crypto import (
+    EncryptionError,
+    add_key,
+    entry_kid,
+    load_keyring,
+    new_key_line,
+    read_private_file,
+)
 from tsmsg.store.lmdb_store import EnvStats, LmdbReader
 from tsmsg.tls import client_tls_context
 
@@ -95,19 +101,9 @@ def setup_logging(fmt: str, level: str) -> None:
 
 def read_secret_file(path: str) -> tuple[bytes, ...]:
     """The secrets of a secret file (:func:`tsmsg.auth.parse_secrets`), the current one
-    first. Refused if group or others have any access, like an encryption key file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CliError(f"secret file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if mode & 0o077:
-            raise CliError(
-                f"secret file {path} is accessible by group or others "
-                f"(mode {stat.filemode(mode)}): chmod 600 {path}"
-            )
-        data = fh.read()
+    first. Refused unless a regular file that group and others cannot access, like an
+    encryption key file."""
+    data = read_private_file(path, "secret file")
     return parse_secrets(data, f"secret file {path}")
 
 

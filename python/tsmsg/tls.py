@@ -15,14 +15,29 @@ def _require_file(what: str, path: str) -> None:
         raise ValueError(f"{what}: no such file: {path}")
 
 
+class _EncryptedKey(Exception):
+    """Raised by the password callback: the private key has a passphrase."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt for the passphrase on the terminal: a server
+    # started from a shell would hang at startup, one under systemd fail with EINVAL.
+    raise _EncryptedKey
+
+
 def _load_cert_chain(ctx: ssl.SSLContext, what: str, cert_file: str, key_file: str) -> None:
     _require_file(what, cert_file)
     if key_file:
         _require_file(what, key_file)
+    key = f" with key {key_file}" if key_file else ""
     try:
-        ctx.load_cert_chain(cert_file, key_file or None)
+        ctx.load_cert_chain(cert_file, key_file or None, password=_no_passphrase)
+    except _EncryptedKey:
+        raise ValueError(
+            f"{what}: the private key in {key_file or cert_file} is encrypted with a "
+            "passphrase, which tsmsg cannot ask for: give it the key without one (mode 600)"
+        ) from None
     except OSError as exc:  # ssl.SSLError included: not PEM, or a key that does not match
-        key = f" with key {key_file}" if key_file else ""
         raise ValueError(f"{what}: cannot load {cert_file}{key}: {exc}") from None
 
 

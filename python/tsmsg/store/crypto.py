@@ -126,7 +126,8 @@ class Keyring:
                 f"{_where(ad)} failed authentication under key {kid!r}: the entry was "
                 "tampered with or moved, or the key file holds another key under that id"
             ) from None
-        if not isinstance(body, dict):
+        # Only the body fields: a sealed body must not override the entry's plain fields.
+        if not isinstance(body, dict) or not body or not body.keys() <= set(ENCRYPTED_FIELDS):
             raise EncryptionError(f"{_where(ad)}: malformed encrypted body")
         return body
 
@@ -156,22 +157,37 @@ def entry_kid(entry: Entry) -> str | None:
 # ---------------------------------------------------------------------- key files
 
 
+def read_private_file(path: str | os.PathLike[str], what: str) -> bytes:
+    """The bytes of a file holding secrets (``what``: "encryption key file", "secret
+    file"), refused unless it is a regular file that group and others cannot access (like
+    ssh's private keys). Errors name ``what`` and the path, never the contents."""
+    path = os.fspath(path)
+    try:
+        # O_NONBLOCK: a FIFO at the path must not hang the start (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KeyFileError(f"{what} {path}: {exc.strerror}") from None
+    try:  # checked on the open file (no race with a rename), before a file object exists:
+        mode = os.fstat(fd).st_mode  # fdopen fails on a directory without naming the path
+        if not stat.S_ISREG(mode):
+            raise KeyFileError(f"{what} {path} is not a regular file")
+        if mode & 0o077:
+            raise KeyFileError(
+                f"{what} {path} is accessible by group or others "
+                f"(mode {stat.filemode(mode)}): chmod 600 {path}"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
 def read_key_file(path: str | os.PathLike[str]) -> list[tuple[str, bytes]]:
     """``kid:base64(32 bytes)`` per line, the active key first; blank lines and lines
     starting with ``#`` are ignored. Refused if group or others have any access."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise KeyFileError(f"encryption key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "r", encoding="ascii", errors="replace") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if mode & 0o077:
-            raise KeyFileError(
-                f"encryption key file {path} is accessible by group or others "
-                f"(mode {stat.filemode(mode)}): chmod 600 {path}"
-            )
-        text = fh.read()
+    text = read_private_file(path, "encryption key file").decode("ascii", errors="replace")
     keys: list[tuple[str, bytes]] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()

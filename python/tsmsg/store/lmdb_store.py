@@ -497,7 +497,11 @@ class LmdbStore(Store):
                 self._sync_and_ack(unsynced)  # idle, or a job next: make it durable now
                 unsynced = []
             if interval is not None and time.monotonic() - last_sync >= interval:
-                self._timed_sync()
+                try:
+                    self._timed_sync()
+                except Exception as exc:  # acked writes may not be on disk: stop writing
+                    if self.failed is None:
+                        self._fail_stop([], exc)
                 last_sync = time.monotonic()
             if item is None:
                 continue
@@ -635,6 +639,9 @@ class LmdbStore(Store):
             for op in batch:
                 try:
                     op.result = self._apply(txn, op, ts, records, new_cids)
+                except EncryptionError as exc:  # logged here; the client learns no key ids
+                    log.error("%s %s in %r failed: %s", op.kind, op.target, op.channel, exc)
+                    op.error = EncryptionError("the message text cannot be decrypted")
                 except StoreError as exc:
                     op.error = exc
                 except lmdb.Error:
@@ -831,14 +838,18 @@ class LmdbStore(Store):
                     plan.update(
                         drop_below=max(0, keep), point=max(0, head - policy.keep_recent, keep)
                     )
+                elif self._stop_compactor.is_set():
+                    return True  # closing: the rest waits for the next pass
                 budget = COMPACT_CHUNK
                 while plan["phase"] < len(phase) and budget > 0:
                     budget = phase[plan["phase"]](txn, U64.pack(rec["id"]), plan, budget)
                 finished = plan["phase"] == len(phase)
-                if finished:
-                    rec["horizon"] = max(rec["horizon"], min(plan["point"], rec["head"]))
-                    txn.put(channel.encode(), packb(rec), db=self._channels)
-                    plan["horizon"] = rec["horizon"]
+                # The horizon covers the point in every step's transaction, so what a step
+                # drops is below it when it commits: a sync between two steps is told to
+                # resync, never shown a gap.
+                rec["horizon"] = max(rec["horizon"], min(plan["point"], rec["head"]))
+                txn.put(channel.encode(), packb(rec), db=self._channels)
+                plan["horizon"] = rec["horizon"]
                 if self._fault is not None:
                     self._fault()
             return finished
@@ -976,7 +987,13 @@ class LmdbStore(Store):
         return counts
 
     def compact_all(self) -> dict[str, int]:
-        return {name: self.compact(name) for name in self.channels()}
+        """Compact every channel; stops between channels (and steps) when closing."""
+        done: dict[str, int] = {}
+        for name in self.channels():
+            if self._stop_compactor.is_set():
+                break
+            done[name] = self.compact(name)
+        return done
 
     def _run_compactor(self) -> None:
         interval = self.config.compaction.interval_s
