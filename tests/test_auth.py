@@ -146,6 +146,27 @@ def test_secret_rotation() -> None:
     assert refused(TokenVerifier(SECRET), old).code == "unauthorized"
 
 
+@pytest.mark.parametrize(
+    "kid", ["unknown-key", "../../../../dev/null", "' OR 1=1 --", "", "x" * 512]
+)
+def test_kid_header_selects_nothing(kid: str) -> None:
+    """tsmsg has no key ids: a ``kid`` header (unknown, a path, an injection) never
+    selects a key. The token verifies against the configured secrets or not at all:
+    signed with an empty key (what a ``kid`` pointing at /dev/null would give a naive
+    verifier) or another secret it is refused; signed with the secret it is accepted."""
+
+    def with_kid(key: bytes) -> str:
+        header = {"alg": "HS256", "typ": "JWT", "kid": kid}
+        body = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload()).encode())
+        return body + "." + b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+
+    verifier = TokenVerifier(SECRET, extra_secrets=[OLD_SECRET])
+    for key in (b"", OTHER_SECRET):
+        assert "signature" in refused(verifier, with_kid(key)).message
+    assert verifier.verify(with_kid(SECRET), NOW).user == "alice"
+    assert verifier.verify(with_kid(OLD_SECRET), NOW).user == "alice"
+
+
 # --- algorithm pinning --------------------------------------------------------------------
 
 
