@@ -34,8 +34,10 @@ run: $(STAMP)
 
 test: lint test-rust test-python
 
+# The extension's tests (with the fuzz corpus replay) and the load generator's (its codec
+# against PROTOCOL.md's example bytes): the whole workspace.
 test-rust:
-	cargo test --locked -q
+	cargo test --locked -q --workspace
 
 test-python: $(STAMP)
 	$(VENV)/bin/pytest -q
@@ -54,7 +56,7 @@ sim: $(STAMP)
 
 lint: $(STAMP)
 	cargo fmt --check
-	cargo clippy --locked -q --all-targets -- -D warnings
+	cargo clippy --locked -q --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
 	$(VENV)/bin/mypy

@@ -1,0 +1,228 @@
+//! `loadgen`: the tsmsg benchmark load generator (issue #8).
+//!
+//! One run = one system, one workload, one mode; the result is one JSON object on stdout
+//! (or in `--json FILE`). `bench/run.py` drives it: it starts the servers, pins them and
+//! this process to their cores, and collects the JSON into tables and plots.
+//!
+//! ```text
+//! loadgen --system tsmsg --addr 127.0.0.1:7700 --opt secret=... \
+//!         --workload fanin --publishers 16 --window 16 --size 100 [--rate 5000]
+//! ```
+
+mod mp;
+mod nats;
+mod redis;
+mod system;
+mod tsmsg;
+mod workloads;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::system::{Config, System};
+use crate::workloads::Params;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SystemKind {
+    Tsmsg,
+    Redis,
+    Nats,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Workload {
+    /// (a) N publishers into one channel, acked.
+    Fanin,
+    /// (b) one channel to N subscribers.
+    Fanout,
+    /// (c) many channels, Zipf traffic, subscribers spread over connections.
+    Channels,
+    /// (d) sync replay of N entries.
+    Replay,
+    /// (e) reconnect storm: clients drop, a backlog is written, all resume.
+    Reconnect,
+    /// (f) idle authenticated connections: server RSS per connection.
+    Idle,
+}
+
+#[derive(Parser, Debug)]
+#[command(version, about = "tsmsg benchmark load generator")]
+struct Args {
+    #[arg(long, value_enum, default_value = "tsmsg")]
+    system: SystemKind,
+    /// host:port of the system under test.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    addr: String,
+    /// Adapter options, `key=value` (tsmsg: secret=...; see each adapter).
+    #[arg(long = "opt", value_parser = parse_kv)]
+    opts: Vec<(String, String)>,
+    /// Prefix of this run's channel names and user ids (default: from the clock).
+    #[arg(long)]
+    run_id: Option<String>,
+    #[arg(long, value_enum)]
+    workload: Workload,
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Publishes in flight per publisher (flat out), or their cap (open loop).
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Open loop: offered messages/s in total. Absent: flat out.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 10_000)]
+    channels: usize,
+    #[arg(long, default_value_t = 1_000)]
+    connections: usize,
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    #[arg(long, default_value_t = 100_000)]
+    entries: u64,
+    #[arg(long, default_value_t = 2_000)]
+    clients: usize,
+    /// Reconnect storm: entries written per channel while the clients are away.
+    #[arg(long, default_value_t = 50)]
+    backlog: u64,
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Idle: seconds to hold the connections while measuring the server's CPU.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    #[arg(long, default_value_t = 100)]
+    connect_concurrency: usize,
+    /// The server's pid, for its CPU time and RSS (/proc).
+    #[arg(long)]
+    server_pid: Option<i32>,
+    /// Seconds to wait after the window for the last acks and deliveries.
+    #[arg(long, default_value_t = 20.0)]
+    drain: f64,
+    /// Worker threads (1: a current-thread runtime, as pinned to one core).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Write the JSON here instead of stdout.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => bail!("expected key=value, got {s:?}"),
+    }
+}
+
+async fn run<S: System>(cfg: Config, a: &Args, p: Params) -> Result<serde_json::Value> {
+    let sys = Arc::new(S::connect(cfg).await?);
+    eprintln!("loadgen: {} {:?}", sys.name(), a.workload);
+    match a.workload {
+        Workload::Fanin => workloads::fanin(sys, &p).await,
+        Workload::Fanout => workloads::fanout(sys, &p).await,
+        Workload::Channels => workloads::channels(sys, &p).await,
+        Workload::Replay => workloads::replay(sys, &p).await,
+        Workload::Reconnect => workloads::reconnect(sys, &p).await,
+        Workload::Idle => workloads::idle(sys, &p).await,
+    }
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    system::epoch();
+    let run_id = a.run_id.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!("b{t}")
+    });
+    let cfg = Config {
+        addr: a.addr.clone(),
+        run_id: run_id.clone(),
+        extra: a.opts.clone(),
+    };
+    let p = Params {
+        run_id,
+        publishers: a.publishers,
+        window: a.window,
+        size: a.size.max(17),
+        warmup_s: a.warmup,
+        duration_s: a.duration,
+        rate: a.rate,
+        subscribers: a.subscribers,
+        channels: a.channels,
+        connections: a.connections,
+        zipf_s: a.zipf,
+        entries: a.entries,
+        clients: a.clients,
+        backlog: a.backlog,
+        idle: a.idle,
+        hold_s: a.hold,
+        connect_concurrency: a.connect_concurrency,
+        server_pid: a.server_pid,
+        drain_s: a.drain,
+    };
+    let rt = if a.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.threads)
+            .enable_all()
+            .build()?
+    };
+    let result = rt.block_on(async {
+        match a.system {
+            SystemKind::Tsmsg => run::<tsmsg::Tsmsg>(cfg, &a, p.clone()).await,
+            SystemKind::Redis => run::<redis::Redis>(cfg, &a, p.clone()).await,
+            SystemKind::Nats => run::<nats::Nats>(cfg, &a, p.clone()).await,
+        }
+    });
+    let mut out = json!({
+        "system": format!("{:?}", a.system).to_lowercase(),
+        "workload": format!("{:?}", a.workload).to_lowercase(),
+        "params": {
+            "publishers": a.publishers, "window": a.window, "size": p.size,
+            "warmup_s": a.warmup, "duration_s": a.duration, "rate": a.rate,
+            "subscribers": a.subscribers, "channels": a.channels,
+            "connections": a.connections, "zipf": a.zipf, "entries": a.entries,
+            "clients": a.clients, "backlog": a.backlog, "idle": a.idle,
+        },
+    });
+    out["mode"] = match a.rate {
+        Some(_) => json!("open_loop"),
+        None => json!("flat_out"),
+    };
+    let ok = match result {
+        Ok(v) => {
+            out["result"] = v;
+            true
+        }
+        Err(e) => {
+            out["error"] = json!(format!("{e:#}"));
+            false
+        }
+    };
+    let text = serde_json::to_string_pretty(&out)?;
+    match &a.json {
+        Some(path) => std::fs::write(path, text + "\n")?,
+        None => println!("{text}"),
+    }
+    // Don't wait for tasks still blocked on sockets.
+    rt.shutdown_background();
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,698 @@
+"""Side-by-side benchmark harness (issue #8): tsmsg, Redis Streams and NATS JetStream under
+the same workloads, driven by the native load generator ``bench/loadgen`` (Rust, tokio).
+
+For every system and durability tier it starts a fresh server on 127.0.0.1 pinned to CPU 0
+(``taskset``), runs each case as one ``loadgen`` process pinned to CPU 1, and collects the
+JSON each run prints. tsmsg is started here (``tsmsg serve`` with ``TSMSG_SECRET`` and the
+per-connection, per-user and per-IP rate limits lifted: they are set for people); Redis and
+NATS by ``bench/peers.py``. Durability tiers, like for like:
+
+=======  ==================  ===========================  ===============================
+tier     tsmsg               Redis (AOF)                  NATS JetStream (file storage)
+=======  ==================  ===========================  ===============================
+fsync    ``--durability      ``appendfsync always``       ``sync_interval: always``
+         fsync``
+async    ``--durability      ``appendfsync everysec``     default
+         async``
+=======  ==================  ===========================  ===============================
+
+Workloads (``loadgen --help`` for every knob; bench/README.md explains each):
+(a) ``fanin`` publishers into one channel, acked; (b) ``fanout`` one channel to N
+subscribers, publish-to-deliver latency from a timestamp in the payload; (c) ``channels``
+Zipf traffic over many channels and connections; (d) ``replay`` of N entries; (e)
+``reconnect`` storm; (f) ``idle`` connections, server RSS per connection. Latency is taken
+flat out (closed loop, ``window`` in flight) and at fixed offered rates (open loop, from
+the scheduled send time: no coordinated omission).
+
+Each run writes ``bench/results/<date>-<name>/``: ``results.json`` (every loadgen result,
+the machine, versions, fdatasync latency measured in the run, load averages),
+``results.md`` (tables; a hand-written ``## Analysis`` section is kept across re-runs) and
+PNG plots. The machine is shared: the load average is recorded before each case.
+
+    .venv/bin/python bench/run.py --quick          # make bench: a few minutes
+    .venv/bin/python bench/run.py --full           # make bench-full
+    .venv/bin/python bench/run.py --quick --systems tsmsg --tiers async --only fanin
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "target" / "loadgen" / "loadgen"
+SECRET = "bench-run-secret-bench-run-secret-0123456789"  # >= 32 bytes
+SERVER_CPU, LOADGEN_CPU = 0, 1
+SERVING = re.compile(r"serving on \S+:(\d+)")
+TSMSG_ENV = {
+    **{
+        f"TSMSG_LIMITS_{kind}_{part}": "1000000"
+        for kind in ("FRAME", "SEND", "CHANNEL_SEND")
+        for part in ("RATE", "BURST")
+    },
+    "TSMSG_IP_CONNECT_RATE": "1000000",  # the idle and reconnect workloads open thousands
+    "TSMSG_IP_CONNECT_BURST": "1000000",
+}
+SYSTEMS = ("tsmsg", "redis", "nats")
+TIERS = ("fsync", "async")
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    label: str
+    args: tuple[str, ...]
+    timeout_s: float = 180.0
+
+
+def fanin(pubs: int, window: int, size: int, rate: int | None = None) -> Case:
+    args = ["--publishers", str(pubs), "--window", str(window), "--size", str(size)]
+    label = f"{pubs}p w{window} {size}B"
+    if rate is not None:
+        args += ["--rate", str(rate)]
+        label += f" @{rate}/s"
+    return Case("fanin", label, tuple(args))
+
+
+def fanout(subs: int, window: int = 16, rate: int | None = None) -> Case:
+    args = ["--subscribers", str(subs), "--publishers", "1", "--window", str(window)]
+    label = f"{subs} subs w{window}"
+    if rate is not None:
+        args += ["--rate", str(rate)]
+        label = f"{subs} subs @{rate}/s"
+    return Case("fanout", label, tuple(args), timeout_s=300.0)
+
+
+def cases(full: bool) -> list[Case]:
+    if full:
+        grid = [fanin(p, w, s) for s in (100, 1024) for p in (1, 16, 64) for w in (1, 16)] + [
+            fanin(16, 16, 100, r) for r in (1000, 5000, 10000)
+        ]
+        grid += [fanout(n) for n in (10, 100, 1000)]
+        grid += [fanout(100, rate=r) for r in (100, 500)] + [fanout(1000, rate=50)]
+        grid += [
+            Case(
+                "channels",
+                "10k ch / 1k conns",
+                (
+                    "--channels",
+                    "10000",
+                    "--connections",
+                    "1000",
+                    "--publishers",
+                    "16",
+                    "--window",
+                    "16",
+                ),
+                300.0,
+            ),
+            Case(
+                "channels",
+                "10k ch / 1k conns @2000/s",
+                (
+                    "--channels",
+                    "10000",
+                    "--connections",
+                    "1000",
+                    "--publishers",
+                    "16",
+                    "--window",
+                    "16",
+                    "--rate",
+                    "2000",
+                ),
+                300.0,
+            ),
+            Case("replay", "100k entries", ("--entries", "100000", "--publishers", "8"), 300.0),
+            Case(
+                "reconnect",
+                "2000 clients",
+                ("--clients", "2000", "--channels", "100", "--backlog", "100"),
+                300.0,
+            ),
+            Case("idle", "10k conns", ("--idle", "10000", "--hold", "5"), 300.0),
+        ]
+        return grid
+    return [
+        fanin(1, 1, 100),
+        fanin(16, 16, 100),
+        fanin(16, 16, 1024),
+        fanin(16, 16, 100, 2000),
+        fanout(100),
+        fanout(100, rate=200),
+        Case(
+            "channels",
+            "1k ch / 100 conns",
+            ("--channels", "1000", "--connections", "100", "--publishers", "8", "--window", "16"),
+        ),
+        Case("replay", "20k entries", ("--entries", "20000", "--publishers", "8")),
+        Case(
+            "reconnect", "500 clients", ("--clients", "500", "--channels", "50", "--backlog", "50")
+        ),
+        Case("idle", "2k conns", ("--idle", "2000", "--hold", "2")),
+    ]
+
+
+# --- servers ----------------------------------------------------------------------------
+
+
+def pin_prefix(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+@dataclass
+class Server:
+    system: str
+    tier: str
+    addr: str
+    pid: int
+    version: str
+    opts: list[str] = field(default_factory=list)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def tsmsg_server(tier: str, scratch: Path) -> Iterator[Server]:
+    data = Path(tempfile.mkdtemp(prefix="tsmsg-", dir=scratch))
+    log_path = data.parent / f"{data.name}.log"
+    exe = Path(sys.executable).parent / "tsmsg"
+    cmd = [*pin_prefix(SERVER_CPU), str(exe), "serve", "--port", "0"]
+    cmd += ["--data-dir", str(data / "data"), "--durability", tier]
+    env = {**os.environ, **TSMSG_ENV, "TSMSG_SECRET": SECRET, "TSMSG_LOG_LEVEL": "INFO"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            port = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                m = SERVING.search(log_path.read_text(errors="replace"))
+                if m:
+                    port = int(m.group(1))
+                    break
+                time.sleep(0.05)
+            if not port:
+                raise RuntimeError(f"tsmsg did not start: {log_path.read_text()[-2000:]}")
+            yield Server(
+                "tsmsg",
+                tier,
+                f"127.0.0.1:{port}",
+                proc.pid,
+                metadata.version("tsmsg"),
+                ["--opt", f"secret={SECRET}"],
+                {"argv": cmd, "env": TSMSG_ENV},
+            )
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            shutil.rmtree(data, ignore_errors=True)
+            log_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def peer_server(system: str, tier: str, scratch: Path) -> Iterator[Server]:
+    import peers  # bench/peers.py (the Redis/NATS side of issue #8)
+
+    peer = peers.start(system, tier, cpu=SERVER_CPU, base_dir=scratch)
+    try:
+        yield Server(
+            system,
+            tier,
+            f"{peer.host}:{peer.port}",
+            peer.pid,
+            peer.version,
+            [],
+            peer.describe(),
+        )
+    finally:
+        peer.stop()
+
+
+def server(system: str, tier: str, scratch: Path) -> Any:
+    if system == "tsmsg":
+        return tsmsg_server(tier, scratch)
+    return peer_server(system, tier, scratch)
+
+
+# --- measurements -----------------------------------------------------------------------
+
+
+def fdatasync_ms(root: Path, seconds: float) -> dict[str, float]:
+    """4 KiB pwrite + fdatasync in place, repeated for ``seconds``: the disk's cost of one
+    durable commit, measured in this run in the servers' scratch dir."""
+    path = root / "fdatasync-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    samples: list[float] = []
+    try:
+        os.pwrite(fd, b"\0" * 4096, 0)
+        os.fdatasync(fd)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            os.pwrite(fd, os.urandom(4096), 0)
+            os.fdatasync(fd)
+            samples.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    samples.sort()
+
+    def q(f: float) -> float:
+        return round(samples[min(len(samples) - 1, int(f * len(samples)))], 4)
+
+    return {"count": len(samples), "p50": q(0.5), "p99": q(0.99), "max": q(1.0)}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "tsmsg": metadata.version("tsmsg")}
+    for name, cmd in (("rustc", ["rustc", "--version"]), ("loadgen", [str(LOADGEN), "-V"])):
+        try:
+            out[name] = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    try:
+        import peers
+
+        out.update(peers.versions())
+    except Exception as e:  # a missing peer binary must not stop a tsmsg-only run
+        out["peers"] = f"unavailable: {e}"
+    return out
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def build_loadgen() -> None:
+    cmd = ["cargo", "build", "--profile", "loadgen", "-p", "loadgen", "-q"]
+    print("building loadgen:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def run_case(srv: Server, case: Case, common: list[str], pyspy: Path | None) -> dict[str, Any]:
+    cmd = [*pin_prefix(LOADGEN_CPU), str(LOADGEN), "--system", srv.system]
+    cmd += ["--addr", srv.addr, *srv.opts, "--server-pid", str(srv.pid)]
+    cmd += ["--workload", case.workload, *common, *case.args]
+    spy = None
+    if pyspy is not None and srv.system == "tsmsg":
+        name = re.sub(r"[^A-Za-z0-9]+", "-", f"{srv.tier}-{case.workload}-{case.label}")
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(srv.pid),
+             "--nonblocking", "--rate", "250", "--format", "raw", "--threads",
+             "--output", str(pyspy / f"{name}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=case.timeout_s)
+        out = p.stdout
+        err = p.stderr
+    except subprocess.TimeoutExpired as e:
+        out, err = "", f"timed out after {case.timeout_s:.0f} s: {e.stderr!r}"
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+    try:
+        rec: dict[str, Any] = json.loads(out)
+    except json.JSONDecodeError:
+        rec = {"error": f"no JSON from loadgen: {err.strip()[-1500:]}"}
+    rec["wall_s"] = round(time.monotonic() - t0, 2)
+    rec["command"] = " ".join(cmd).replace(SECRET, "<secret>")
+    if err.strip() and "error" in rec:
+        rec["stderr"] = err.strip()[-1500:]
+    return rec
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def g(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def num(v: Any, spec: str = ",.0f") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return format(v, spec)
+
+
+def lat(d: Any) -> str:
+    if not isinstance(d, dict) or not d.get("count"):
+        return "-"
+    return f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f} / {d['p999_ms']:.2f}"
+
+
+COLUMNS: dict[str, list[tuple[str, Any]]] = {
+    "fanin": [
+        ("acked msgs/s", lambda r: num(g(r, "throughput_msgs_s"))),
+        ("ack p50 / p99 / p99.9 ms", lambda r: lat(g(r, "ack_latency"))),
+    ],
+    "fanout": [
+        ("msgs/s", lambda r: num(g(r, "throughput_msgs_s"))),
+        ("deliveries/s", lambda r: num(g(r, "deliveries_s"))),
+        ("deliver p50 / p99 / p99.9 ms", lambda r: lat(g(r, "deliver_latency"))),
+        (
+            "server CPU s / M deliveries",
+            lambda r: num(g(r, "cpu", "server_cpu_s_per_million_deliveries"), ",.1f"),
+        ),
+        ("loadgen µs / delivery", lambda r: num(g(r, "cpu", "loadgen_cpu_us_per_delivery"), ".2f")),
+    ],
+    "channels": [
+        ("acked msgs/s", lambda r: num(g(r, "throughput_msgs_s"))),
+        ("ack p50 / p99 / p99.9 ms", lambda r: lat(g(r, "ack_latency"))),
+        ("deliver p50 / p99 / p99.9 ms", lambda r: lat(g(r, "deliver_latency"))),
+    ],
+    "replay": [
+        ("entries/s (median of 3)", lambda r: num(g(r, "entries_s_median"))),
+        ("seconds", lambda r: num(g(r, "seconds_median"), ".3f")),
+        ("fill msgs/s", lambda r: num(g(r, "fill_rate_msgs_s"))),
+    ],
+    "reconnect": [
+        ("all caught up s", lambda r: num(g(r, "all_caught_up_s"), ".2f")),
+        (
+            "catch-up p50 / p99 ms",
+            lambda r: (
+                f"{g(r, 'catch_up_time', 'p50_ms'):.0f} / {g(r, 'catch_up_time', 'p99_ms'):.0f}"
+                if g(r, "catch_up_time", "count")
+                else "-"
+            ),
+        ),
+        ("entries replayed/s", lambda r: num(g(r, "entries_replayed_s"))),
+    ],
+    "idle": [
+        ("connects/s", lambda r: num(g(r, "connects_s"))),
+        (
+            "server RSS / conn KiB",
+            lambda r: num((g(r, "server_rss_per_conn_bytes") or 0) / 1024 or None, ".1f"),
+        ),
+        (
+            "server CPU idle",
+            lambda r: num(100 * (g(r, "server_cpu_share_idle") or 0), ".1f") + " %",
+        ),
+    ],
+}
+COMMON_TAIL: list[tuple[str, Any]] = [
+    ("server CPU s / M msgs", lambda r: num(g(r, "cpu", "server_cpu_s_per_million_msgs"), ",.1f")),
+    ("server CPU", lambda r: num(100 * (g(r, "cpu", "server_cpu_share") or 0), ".0f") + " %"),
+    ("loadgen µs / msg", lambda r: num(g(r, "cpu", "loadgen_cpu_us_per_msg"), ".2f")),
+    ("loadgen CPU", lambda r: num(100 * (g(r, "cpu", "loadgen_cpu_share") or 0), ".0f") + " %"),
+    ("complete", lambda r: "yes" if g(r, "complete") else "**no**"),
+]
+TITLES = {
+    "fanin": "(a) Fan-in with acks: publishers into one channel",
+    "fanout": "(b) Fan-out: one channel to N subscribers",
+    "channels": "(c) Many channels, Zipf traffic",
+    "replay": "(d) Sync replay",
+    "reconnect": "(e) Reconnect storm",
+    "idle": "(f) Idle connections",
+}
+
+
+def tables(runs: list[dict[str, Any]]) -> str:
+    out = []
+    for wl, cols in COLUMNS.items():
+        rows = [r for r in runs if r["workload"] == wl]
+        if not rows:
+            continue
+        tail = COMMON_TAIL if wl not in ("idle",) else COMMON_TAIL[-1:]
+        allcols = cols + tail
+        out.append(f"\n### {TITLES[wl]}\n")
+        out.append("| system | tier | case | " + " | ".join(c for c, _ in allcols) + " | load1 |")
+        out.append("| --- | --- | --- | " + " | ".join("---:" for _ in allcols) + " | ---: |")
+        for r in rows:
+            res = r.get("result")
+            if res is None:
+                err = str(r.get("error", "failed")).replace("|", "/")[:200]
+                out.append(f"| {r['system']} | {r['tier']} | {r['label']} | error: {err} |")
+                continue
+            cells = [f(res) for _, f in allcols]
+            out.append(
+                f"| {r['system']} | {r['tier']} | {r['label']} | "
+                + " | ".join(cells)
+                + f" | {r['load1']:.2f} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    keys = sorted(
+        {(r["system"], r["tier"]) for r in runs},
+        key=lambda k: (SYSTEMS.index(k[0]) if k[0] in SYSTEMS else 9, k[1]),
+    )
+    # One hue per system; the async tier is the lighter shade of its system's.
+    hue = {"tsmsg": "tab:blue", "redis": "tab:red", "nats": "tab:green"}
+    colors = {
+        k: matplotlib.colors.to_rgba(hue.get(k[0], "tab:gray"), 1.0 if k[1] == "fsync" else 0.45)
+        for k in keys
+    }
+
+    def bars(ax: Any, wl: str, metric: Any, title: str, log: bool = False) -> None:
+        rows = [r for r in runs if r["workload"] == wl and r.get("result")]
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        if not labels:
+            ax.set_visible(False)
+            return
+        width = 0.8 / max(1, len(keys))
+        for i, k in enumerate(keys):
+            xs, ys = [], []
+            for j, lab in enumerate(labels):
+                for r in rows:
+                    if (r["system"], r["tier"]) == k and r["label"] == lab:
+                        v = metric(r["result"])
+                        if v:
+                            xs.append(j + i * width)
+                            ys.append(v)
+            ax.bar(xs, ys, width, label=f"{k[0]} {k[1]}", color=colors[k])
+        ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if log:  # linear unless asked: a log-scale bar exaggerates small differences
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+
+    # Throughput per workload and system.
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    bars(axes[0][0], "fanin", lambda r: g(r, "throughput_msgs_s"), "(a) fan-in: acked msgs/s")
+    bars(axes[0][1], "fanout", lambda r: g(r, "deliveries_s"), "(b) fan-out: deliveries/s")
+    bars(axes[0][2], "channels", lambda r: g(r, "throughput_msgs_s"),
+         "(c) many channels: acked msgs/s")  # fmt: skip
+    bars(axes[1][0], "replay", lambda r: g(r, "entries_s_median"), "(d) replay: entries/s")
+    bars(axes[1][1], "reconnect", lambda r: g(r, "all_caught_up_s"),
+         "(e) reconnect storm: s until all caught up (lower is better)")  # fmt: skip
+    bars(axes[1][2], "idle", lambda r: (g(r, "server_rss_per_conn_bytes") or 0) / 1024,
+         "(f) idle: server RSS KiB per connection (lower is better)")  # fmt: skip
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(keys), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out / "throughput.png", dpi=90)
+    plt.close(fig)
+    made.append("throughput.png")
+
+    # Latency percentiles per workload and system.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, wl, key, title in (
+        (axes[0], "fanin", "ack_latency", "(a) fan-in: publish-to-ack"),
+        (axes[1], "fanout", "deliver_latency", "(b) fan-out: publish-to-deliver"),
+        (axes[2], "channels", "deliver_latency", "(c) many channels: publish-to-deliver"),
+    ):
+        rows = [r for r in runs if r["workload"] == wl and g(r, "result", key, "count")]
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        width = 0.8 / max(1, len(keys))
+        for i, k in enumerate(keys):
+            for j, lab in enumerate(labels):
+                for r in rows:
+                    if (r["system"], r["tier"]) == k and r["label"] == lab:
+                        h = r["result"][key]
+                        x = j + i * width
+                        ax.vlines(x, h["p50_ms"], h["p999_ms"], color=colors[k], lw=1)
+                        ax.plot([x], [h["p50_ms"]], "o", color=colors[k], ms=4)
+                        ax.plot([x], [h["p99_ms"]], "_", color=colors[k], ms=9, mew=2)
+                        ax.plot([x], [h["p999_ms"]], "^", color=colors[k], ms=4)
+            ax.plot([], [], "s", color=colors[k], label=f"{k[0]} {k[1]}")
+        ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (o p50, — p99, ^ p99.9)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=90)
+    plt.close(fig)
+    made.append("latency.png")
+    return made
+
+
+def report(meta: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) -> str:
+    m = meta["machine"]
+    lines = [
+        f"# Side-by-side benchmark, {meta['date']} ({meta['name']})\n",
+        f"- command: `{meta['command']}`",
+        f"- machine: {m['cpu']}, {m['nproc']} CPUs, {m['platform']}; scratch dirs on "
+        f"{m.get('data_dir_device', '?')} ({m.get('data_dir_fs', '?')})",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- pinning: servers `taskset -c {SERVER_CPU}`, loadgen `taskset -c {LOADGEN_CPU}`"
+        + ("" if meta["pinned"] else " (**not pinned**: taskset or a second CPU missing)"),
+        "- fdatasync (4 KiB pwrite + fdatasync in the scratch dir, measured before each "
+        "system/tier): "
+        + "; ".join(
+            f"{k}: p50 {v['p50']:.2f} / p99 {v['p99']:.2f} ms"
+            for k, v in meta["fdatasync_ms"].items()
+        ),
+        f"- load average at start: {meta['load_start']}; per case in the `load1` column. "
+        "**The machine has 2 CPUs shared with other jobs: with load1 above ~1 the figures "
+        "are noisy; compare rows of one run only.**",
+        f"- durations: {meta['common']}",
+        "- tsmsg settings: defaults, `TSMSG_SECRET`, and "
+        + ", ".join(f"`{k}={v}`" for k, v in TSMSG_ENV.items())
+        + " (the rate limits are set for people)",
+        "- CPU columns: the server's CPU seconds (all threads, /proc/<pid>/stat) per million "
+        "acked messages over the measured phase, its share of one core, and the load "
+        "generator's own CPU (getrusage) per message: a side near 100 % is the bottleneck",
+        "- latencies: flat out = closed loop (`window` publishes in flight per publisher); "
+        "`@N/s` = open loop at N msgs/s in total, latency from the scheduled send time",
+        "",
+    ]
+    lines += [f"![{i}]({i})" for i in images]
+    lines.append(tables(runs))
+    return "\n".join(lines)
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the short grid (default)")
+    size.add_argument("--full", action="store_true", help="the whole grid of issue #8")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--tiers", default=",".join(TIERS))
+    ap.add_argument("--only", default="", help="comma-separated workloads to run")
+    ap.add_argument("--name", default="", help="results dir suffix (default quick/full)")
+    ap.add_argument("--duration", type=float, help="measured seconds per case")
+    ap.add_argument("--warmup", type=float, help="warm-up seconds per case")
+    ap.add_argument("--no-build", action="store_true", help="use the built loadgen as is")
+    ap.add_argument("--py-spy", action="store_true", help="py-spy record tsmsg per case")
+    ap.add_argument("--out", type=Path, help="results dir (default bench/results/<date>-<name>)")
+    ap.add_argument("--replot", type=Path, help="rewrite the plots and tables of a results dir")
+    a = ap.parse_args()
+    if a.replot:
+        data = json.loads((a.replot / "results.json").read_text())
+        recorded = data.pop("runs")
+        write_report(a.replot, report(data, recorded, plots(recorded, a.replot)))
+        return 0
+
+    name = a.name or ("full" if a.full else "quick")
+    date = datetime.date.today().isoformat()
+    out = a.out or ROOT / "bench" / "results" / f"{date}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.no_build:
+        build_loadgen()
+    if not LOADGEN.exists():
+        print(f"{LOADGEN} is missing: build it (cargo build --profile loadgen -p loadgen)")
+        return 2
+    duration = a.duration or (5.0 if a.full else 3.0)
+    warmup = a.warmup or 1.0
+    common = ["--duration", str(duration), "--warmup", str(warmup)]
+    grid = [c for c in cases(a.full) if not a.only or c.workload in a.only.split(",")]
+    systems = [s for s in a.systems.split(",") if s]
+    tiers = [t for t in a.tiers.split(",") if t]
+    pyspy = out / "py-spy" if a.py_spy else None
+    if pyspy:
+        pyspy.mkdir(exist_ok=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="tsmsg-bench-", dir=os.environ.get("TMPDIR")))
+    meta: dict[str, Any] = {
+        "date": date,
+        "name": name,
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "machine": machine(scratch),
+        "versions": versions(),
+        "pinned": bool(pin_prefix(0)),
+        "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "common": " ".join(common),
+        "fdatasync_ms": {},
+    }
+    runs: list[dict[str, Any]] = []
+    todo = [(s, t, c) for s in systems for t in tiers for c in grid]
+    bar = tqdm(total=len(todo), unit="case", dynamic_ncols=True)
+    try:
+        for system in systems:
+            for tier in tiers:
+                meta["fdatasync_ms"][f"{system}/{tier}"] = fdatasync_ms(scratch, 0.5)
+                for case in grid:
+                    bar.set_description(f"{system} {tier} {case.workload} {case.label}")
+                    rec: dict[str, Any] = {
+                        "system": system,
+                        "tier": tier,
+                        "workload": case.workload,
+                        "label": case.label,
+                        "load1": load1(),
+                    }
+                    try:
+                        with server(system, tier, scratch) as srv:
+                            rec["server"] = {"version": srv.version, "pid": srv.pid}
+                            rec.update(run_case(srv, case, common, pyspy))
+                    except Exception as e:  # a peer that fails to start: record, go on
+                        rec["error"] = f"{type(e).__name__}: {e}"
+                    rec["load1_end"] = load1()
+                    if "error" in rec:
+                        tqdm.write(f"{system} {tier} {case.label}: {rec['error'][:300]}")
+                    runs.append(rec)
+                    bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        meta["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        (out / "results.json").write_text(json.dumps({**meta, "runs": runs}, indent=1) + "\n")
+        images = plots(runs, out) if runs else []
+        write_report(out, report(meta, runs, images))
+    failed = sum("error" in r for r in runs)
+    print(f"{len(runs)} cases, {failed} failed; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
