@@ -167,6 +167,17 @@ def test_kid_header_selects_nothing(kid: str) -> None:
     assert verifier.verify(with_kid(OLD_SECRET), NOW).user == "alice"
 
 
+def test_other_claims_and_header_fields_are_ignored_but_jti_must_be_a_string() -> None:
+    """PROTOCOL.md 5.1: iat and custom claims, typ and kid headers change nothing; the
+    HS256 key is the secret's bytes as is."""
+    verifier = TokenVerifier(SECRET)
+    extra = payload(iat="not even a number", custom={"x": [1, 2]}, jti="a-string")
+    assert verifier.verify(forge(extra), NOW).user == "alice"
+    assert "jti" in refused(verifier, forge(payload(jti=7))).message
+    as_base64 = base64.b64encode(SECRET)  # a verifier must not decode the secret
+    assert "signature" in refused(verifier, forge(payload(), key=as_base64)).message
+
+
 # --- algorithm pinning --------------------------------------------------------------------
 
 

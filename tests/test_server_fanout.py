@@ -380,3 +380,40 @@ async def test_deliveries_count_only_frames_actually_queued(harness: Harness) ->
     for client in members[1:]:
         await client.expect("typing", channel=CHANNEL, user="alice")
     assert deliveries() - before == 3 + 2  # the typer's connection is skipped
+
+
+async def test_join_ok_comes_before_every_push_of_the_channel(harness: Harness) -> None:
+    """PROTOCOL.md 6.2: on a connection that had not joined, the join's ``ok`` precedes
+    every push of the channel, even while the channel is busy. Connections join one by
+    one while another pipelines sends; in each, nothing of the channel comes before ok."""
+    alice = await harness.connect("alice")
+    joiners = [await harness.connect("bob") for _ in range(8)]
+    sent = 0
+
+    async def sender(stop: trio.Event) -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 300:  # within the default send burst
+            for _ in range(5):
+                frame = {"t": "send", "rid": 1000 + sent, "channel": CHANNEL, "cid": f"s{sent}"}
+                await alice.send({**frame, "text": "x"})
+                sent += 1
+            await trio.sleep(0.002)
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender, stop)
+        for bob in joiners:
+            await trio.sleep(0.005)
+            await bob.send({"t": "join", "rid": 1, "channel": CHANNEL})
+        await trio.sleep(0.02)
+        stop.set()
+    pushes_after_ok = 0
+    for bob in joiners:
+        first = await bob.next(lambda f: f.get("rid") == 1 or f.get("channel") == CHANNEL)
+        assert first["t"] == "ok" and first.get("rid") == 1, first
+        await barrier(bob)
+        pushes_after_ok += len([f for f in bob.pending if f.get("t") == "event"])
+    for k in range(sent):
+        reply = await alice.next(lambda f, k=k: f.get("rid") == 1000 + k)
+        assert reply["t"] == "ok", reply
+    assert pushes_after_ok > 0  # the joins did race live traffic
