@@ -61,6 +61,7 @@ log = logging.getLogger("tsmsg.server")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
 
 
@@ -455,6 +456,14 @@ class Server:
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode(frame))  # over TLS, after the handshake
+                if isinstance(stream, trio.SocketStream):
+                    # A close with unread input sends a reset, which can destroy the
+                    # frame before the peer reads it (a client that already sent its
+                    # hello): FIN after the frame, then read what the peer sent, briefly.
+                    await stream.send_eof()
+                    with trio.move_on_after(REFUSE_DRAIN_S):
+                        while await stream.receive_some(RECEIVE_CHUNK):
+                            pass
             except PEER_GONE:
                 pass  # the peer is gone, or its TLS handshake failed: close all the same
         with trio.CancelScope(shield=True), trio.move_on_after(1):
