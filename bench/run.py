@@ -32,6 +32,11 @@ PNG plots. The machine is shared: the load average is recorded before each case.
     .venv/bin/python bench/run.py --quick          # make bench: a few minutes
     .venv/bin/python bench/run.py --full           # make bench-full
     .venv/bin/python bench/run.py --quick --systems tsmsg --tiers async --only fanin
+    .venv/bin/python bench/run.py --quick --systems tsmsg --tls --only fanin,idle
+
+``--tls`` (tsmsg only): a throwaway CA and a server certificate for 127.0.0.1 are made with
+``trustme`` in the scratch dir, the server serves TLS with them and the loadgen connects
+with ``--tls --tls-ca``, verifying the certificate as every client does.
 """
 
 from __future__ import annotations
@@ -194,13 +199,31 @@ class Server:
     describe: dict[str, Any] = field(default_factory=dict)
 
 
+def make_pki(scratch: Path) -> dict[str, str]:
+    """A throwaway CA (``trustme``) and a server certificate it signed for 127.0.0.1, as PEM
+    files in ``scratch``: their paths."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    pki = {k: str(scratch / f"tls-{k}.pem") for k in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(pki["ca"])
+    Path(pki["cert"]).write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(pki["key"])
+    return pki
+
+
 @contextmanager
-def tsmsg_server(tier: str, scratch: Path) -> Iterator[Server]:
+def tsmsg_server(tier: str, scratch: Path, pki: dict[str, str] | None = None) -> Iterator[Server]:
     data = Path(tempfile.mkdtemp(prefix="tsmsg-", dir=scratch))
     log_path = data.parent / f"{data.name}.log"
     exe = Path(sys.executable).parent / "tsmsg"
     cmd = [*pin_prefix(SERVER_CPU), str(exe), "serve", "--port", "0"]
     cmd += ["--data-dir", str(data / "data"), "--durability", tier]
+    tls_opts: list[str] = []
+    if pki is not None:
+        cmd += ["--tls-cert", pki["cert"], "--tls-key", pki["key"]]
+        tls_opts = ["--tls", "--tls-ca", pki["ca"]]
     env = {**os.environ, **TSMSG_ENV, "TSMSG_SECRET": SECRET, "TSMSG_LOG_LEVEL": "INFO"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -221,7 +244,7 @@ def tsmsg_server(tier: str, scratch: Path) -> Iterator[Server]:
                 f"127.0.0.1:{port}",
                 proc.pid,
                 metadata.version("tsmsg"),
-                ["--opt", f"secret={SECRET}"],
+                ["--opt", f"secret={SECRET}", *tls_opts],
                 {"argv": cmd, "env": TSMSG_ENV},
             )
         finally:
@@ -255,9 +278,9 @@ def peer_server(system: str, tier: str, scratch: Path) -> Iterator[Server]:
         peer.stop()
 
 
-def server(system: str, tier: str, scratch: Path) -> Any:
+def server(system: str, tier: str, scratch: Path, pki: dict[str, str] | None = None) -> Any:
     if system == "tsmsg":
-        return tsmsg_server(tier, scratch)
+        return tsmsg_server(tier, scratch, pki)
     return peer_server(system, tier, scratch)
 
 
@@ -584,6 +607,11 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) 
         "**The machine has 2 CPUs shared with other jobs: with load1 above ~1 the figures "
         "are noisy; compare rows of one run only.**",
         f"- durations: {meta['common']}",
+        *(
+            ["- tls: on (tsmsg served TLS with a throwaway trustme CA; the loadgen verified it)"]
+            if meta.get("tls")
+            else []
+        ),
         "- tsmsg settings: defaults, `TSMSG_SECRET`, and "
         + ", ".join(f"`{k}={v}`" for k, v in TSMSG_ENV.items())
         + " (the rate limits are set for people)",
@@ -615,6 +643,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, help="warm-up seconds per case")
     ap.add_argument("--no-build", action="store_true", help="use the built loadgen as is")
     ap.add_argument("--py-spy", action="store_true", help="py-spy record tsmsg per case")
+    ap.add_argument("--tls", action="store_true", help="tsmsg only: serve and connect with TLS")
     ap.add_argument("--out", type=Path, help="results dir (default bench/results/<date>-<name>)")
     ap.add_argument("--replot", type=Path, help="rewrite the plots and tables of a results dir")
     a = ap.parse_args()
@@ -638,6 +667,9 @@ def main() -> int:
     common = ["--duration", str(duration), "--warmup", str(warmup)]
     grid = [c for c in cases(a.full) if not a.only or c.workload in a.only.split(",")]
     systems = [s for s in a.systems.split(",") if s]
+    if a.tls and systems != ["tsmsg"]:
+        print("--tls is for tsmsg only: add --systems tsmsg")
+        return 2
     tiers = [t for t in a.tiers.split(",") if t]
     pyspy = out / "py-spy" if a.py_spy else None
     if pyspy:
@@ -655,6 +687,10 @@ def main() -> int:
         "common": " ".join(common),
         "fdatasync_ms": {},
     }
+    pki = None
+    if a.tls:
+        pki = make_pki(scratch)
+        meta["tls"] = True
     runs: list[dict[str, Any]] = []
     todo = [(s, t, c) for s in systems for t in tiers for c in grid]
     bar = tqdm(total=len(todo), unit="case", dynamic_ncols=True)
@@ -672,7 +708,7 @@ def main() -> int:
                         "load1": load1(),
                     }
                     try:
-                        with server(system, tier, scratch) as srv:
+                        with server(system, tier, scratch, pki) as srv:
                             rec["server"] = {"version": srv.version, "pid": srv.pid}
                             rec.update(run_case(srv, case, common, pyspy))
                     except Exception as e:  # a peer that fails to start: record, go on

@@ -6,13 +6,15 @@
 //!
 //! ```text
 //! loadgen --system tsmsg --addr 127.0.0.1:7700 --opt secret=... \
-//!         --workload fanin --publishers 16 --window 16 --size 100 [--rate 5000]
+//!         --workload fanin --publishers 16 --window 16 --size 100 [--rate 5000] \
+//!         [--tls --tls-ca ca.pem]
 //! ```
 
 mod mp;
 mod nats;
 mod redis;
 mod system;
+mod tls;
 mod tsmsg;
 mod workloads;
 
@@ -56,6 +58,21 @@ struct Args {
     /// host:port of the system under test.
     #[arg(long, default_value = "127.0.0.1:7700")]
     addr: String,
+    /// tsmsg only: connect with TLS, verifying the server's certificate (always).
+    #[arg(long)]
+    tls: bool,
+    /// PEM bundle of the CAs to trust (default: the platform's).
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Name the server's certificate must be valid for (default: the host of --addr).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    tls_server_name: Option<String>,
+    /// A client certificate chain (PEM), for servers that require one.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (default: in the --tls-cert file).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Adapter options, `key=value` (tsmsg: secret=...; see each adapter).
     #[arg(long = "opt", value_parser = parse_kv)]
     opts: Vec<(String, String)>,
@@ -138,6 +155,9 @@ async fn run<S: System>(cfg: Config, a: &Args, p: Params) -> Result<serde_json::
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if a.tls && !matches!(a.system, SystemKind::Tsmsg) {
+        bail!("--tls is implemented for --system tsmsg only");
+    }
     system::epoch();
     let run_id = a.run_id.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
@@ -150,6 +170,12 @@ fn main() -> Result<()> {
         addr: a.addr.clone(),
         run_id: run_id.clone(),
         extra: a.opts.clone(),
+        tls: a.tls.then(|| tls::TlsArgs {
+            ca: a.tls_ca.clone(),
+            server_name: a.tls_server_name.clone(),
+            cert: a.tls_cert.clone(),
+            key: a.tls_key.clone(),
+        }),
     };
     let p = Params {
         run_id,
@@ -200,6 +226,9 @@ fn main() -> Result<()> {
             "clients": a.clients, "backlog": a.backlog, "idle": a.idle,
         },
     });
+    if a.tls {
+        out["tls"] = json!(true);
+    }
     out["mode"] = match a.rate {
         Some(_) => json!("open_loop"),
         None => json!("flat_out"),

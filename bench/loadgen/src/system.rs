@@ -37,6 +37,8 @@ pub struct Config {
     /// A unique prefix for this run's channel/stream names, e.g. `b1732812345`.
     pub run_id: String,
     pub extra: Vec<(String, String)>,
+    /// `--tls`: connect with TLS (tsmsg only; the other adapters refuse it).
+    pub tls: Option<crate::tls::TlsArgs>,
 }
 
 impl Config {

@@ -14,6 +14,9 @@
 //!   gap or a `resync` push with reason `cut` (section 14). A `resync` reply (compacted,
 //!   ahead, epoch) cannot happen to a bench channel and is reported as an error.
 //! * Heartbeat: a `ping` when nothing was sent for half of `welcome.heartbeat_ms`.
+//! * TLS (`--tls`, section 4; `src/tls.rs`): the same code over either kind of connection.
+//!   A refused handshake (certificate not trusted, wrong name) is not retried, and no
+//!   `hello` is sent on it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
@@ -29,19 +32,18 @@ use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, Instant, Sleep};
 
 use crate::mp::{self, Reader, Val};
 use crate::system::{Bytes, Config, Delivery, Publisher, Result, Subscriber, System};
+use crate::tls::{self, HandshakeRefused, Rd, TlsClient, Wr};
 
 const READ_BUF: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 const HELLO_ATTEMPTS: u32 = 100;
 
-type Conn = (BufReader<OwnedReadHalf>, OwnedWriteHalf, Welcome);
+type Conn = (BufReader<Rd>, Wr, Welcome);
 
 /// What the adapter learned from `welcome`.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +55,8 @@ struct Welcome {
 
 pub struct Tsmsg {
     addr: String,
+    /// `--tls`: connect with TLS.
+    tls: Option<TlsClient>,
     secret: Vec<u8>,
     /// Each loadgen process uses its own user ids: `<prefix><id>`.
     user_prefix: String,
@@ -169,7 +173,7 @@ fn hs256_token(secret: &[u8], user: &str) -> String {
     format!("{signing}.{sig}")
 }
 
-async fn read_frame(rd: &mut BufReader<OwnedReadHalf>, max: usize) -> Result<Bytes> {
+async fn read_frame(rd: &mut BufReader<Rd>, max: usize) -> Result<Bytes> {
     let n = rd.read_u32().await.context("connection closed")? as usize;
     if n == 0 || n > max {
         bail!("server sent a frame of {n} bytes (max_frame {max})");
@@ -179,6 +183,12 @@ async fn read_frame(rd: &mut BufReader<OwnedReadHalf>, max: usize) -> Result<Byt
         .await
         .context("connection closed mid-frame")?;
     Ok(body.freeze())
+}
+
+/// Write `buf` and flush it (TLS may hold bytes back until a flush; TCP does not).
+async fn send(wr: &mut Wr, buf: &[u8]) -> std::io::Result<()> {
+    wr.write_all(buf).await?;
+    wr.flush().await
 }
 
 fn frame(build: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
@@ -241,6 +251,7 @@ impl Tsmsg {
             match self.try_hello(&hello).await {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(retry_ms)) => sleep(Duration::from_millis(retry_ms.max(1))).await,
+                Err(e) if e.is::<HandshakeRefused>() => return Err(e),
                 Err(e) => {
                     last_err = e;
                     sleep(backoff).await;
@@ -253,11 +264,9 @@ impl Tsmsg {
 
     /// Ok(Ok(conn)), Ok(Err(retry_after_ms)) on an admission refusal, Err otherwise.
     async fn try_hello(&self, hello: &[u8]) -> Result<std::result::Result<Conn, u64>> {
-        let stream = TcpStream::connect(&self.addr).await?;
-        stream.set_nodelay(true)?;
-        let (rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = tls::connect(&self.addr, self.tls.as_ref()).await?;
         let mut rd = BufReader::with_capacity(READ_BUF, rd);
-        wr.write_all(hello).await?;
+        send(&mut wr, hello).await?;
         let body = read_frame(&mut rd, self.welcome.max_frame).await?;
         let f = parse(&body)?;
         match f.t {
@@ -296,8 +305,13 @@ impl System for Tsmsg {
             .map(str::to_owned)
             .or_else(|| std::env::var("TSMSG_SECRET").ok())
             .context("tsmsg needs the server's HS256 secret: --opt secret=... or TSMSG_SECRET")?;
+        let tls = match &cfg.tls {
+            Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
+            None => None,
+        };
         let mut sys = Tsmsg {
             addr: cfg.addr.clone(),
+            tls,
             secret: secret.into_bytes(),
             user_prefix: format!("{}-u", cfg.run_id),
             welcome: Welcome {
@@ -377,7 +391,7 @@ impl System for Tsmsg {
             sub.catch_up(&name);
         }
         buf.append(&mut sub.wr_buf);
-        wr.write_all(&buf).await?;
+        send(&mut wr, &buf).await?;
         sub.wr_buf = Vec::new();
         let (wtx, wrx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, wrx));
@@ -402,8 +416,7 @@ impl System for Tsmsg {
         let mut epoch = 0;
         while got < count {
             let limit = self.welcome.sync_max.min(count - got);
-            wr.write_all(&sync_frame(rid, channel, since, limit, epoch))
-                .await?;
+            send(&mut wr, &sync_frame(rid, channel, since, limit, epoch)).await?;
             let body = loop {
                 let body = read_frame(&mut rd, self.welcome.max_frame).await?;
                 let f = parse(&body)?;
@@ -449,7 +462,7 @@ impl System for Tsmsg {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if wr.write_all(&ping_frame()).await.is_err() {
+                        if send(&mut wr, &ping_frame()).await.is_err() {
                             break;
                         }
                     }
@@ -467,7 +480,7 @@ impl System for Tsmsg {
 
 /// One batched writer per connection: frames queued by concurrent callers go out in as
 /// few `write` calls as possible.
-async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer(mut wr: Wr, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut buf = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         buf.clear();
@@ -478,7 +491,7 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>
                 Err(_) => break,
             }
         }
-        if wr.write_all(&buf).await.is_err() {
+        if send(&mut wr, &buf).await.is_err() {
             break;
         }
     }
@@ -532,7 +545,7 @@ impl Publisher for TsPublisher {
     }
 }
 
-async fn pub_reader(mut rd: BufReader<OwnedReadHalf>, p: Arc<PubInner>, max: usize) {
+async fn pub_reader(mut rd: BufReader<Rd>, p: Arc<PubInner>, max: usize) {
     let err = loop {
         let body = match read_frame(&mut rd, max).await {
             Ok(b) => b,
@@ -590,7 +603,7 @@ impl Drop for TsSubscriber {
     }
 }
 
-async fn sub_reader(mut rd: BufReader<OwnedReadHalf>, tx: mpsc::Sender<Result<Bytes>>, max: usize) {
+async fn sub_reader(mut rd: BufReader<Rd>, tx: mpsc::Sender<Result<Bytes>>, max: usize) {
     loop {
         let r = read_frame(&mut rd, max).await;
         let end = r.is_err();
@@ -793,6 +806,29 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&claims).unwrap();
         assert_eq!(v["sub"], "u1");
         assert!(v["scope"].is_array());
+    }
+
+    /// A certificate the CA does not vouch for stops `connect` at the first attempt (no
+    /// retries, no hello), with an error that says why.
+    #[tokio::test]
+    async fn untrusted_server_certificate_fails_at_once() {
+        let cfg = Config {
+            addr: crate::tls::tests::echo_server().await,
+            extra: vec![("secret".into(), "s".repeat(32))],
+            tls: Some(crate::tls::TlsArgs {
+                ca: Some(crate::tls::tests::testdata("other-ca.pem")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        let err = Tsmsg::connect(cfg).await.err().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "retried: {err:#}");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("UnknownIssuer") && msg.contains("--tls-ca"),
+            "{msg}"
+        );
     }
 
     #[test]
