@@ -1074,3 +1074,37 @@ async def test_slow_consumer_at_scale_memory_bounded_then_recovers_by_sync(
     # Caught up: the live stream resumes.
     await send(sender, "live")
     assert (await slow.next(of("event")))["seq"] == head + 1
+
+
+@mocked()
+async def test_idle_connections_are_not_reexamined_every_tick(
+    autojump_clock: trio.testing.MockClock,
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ticker remembers each session's next deadline and skips it until then (or
+    until it receives a frame): 30 quiet connections over 40 ticks cost a handful of
+    deadline computations each, not one per tick; the idle timeout still fires on time."""
+    from tsmsg.protocol.session import Session
+
+    calls = 0
+    real_next = Session.next_deadline
+
+    def counting(self: Session) -> int | None:
+        nonlocal calls
+        calls += 1
+        return real_next(self)
+
+    monkeypatch.setattr(Session, "next_deadline", counting)
+    clients = [await harness.connect(f"u{i}") for i in range(30)]
+    connected = trio.current_time()
+    tick_s = harness.server.settings.tick_ms / 1000
+    calls = 0
+    await trio.sleep(40 * tick_s)  # well within the idle timeout
+    assert calls <= 2 * len(clients), calls
+    # The idle timeout still fires on time for every one of them.
+    idle_s = 2 * harness.server.settings.limits.heartbeat_ms / 1000
+    for client in clients:
+        closing = await wait_frame(client, of("error"), timeout=2 * idle_s)
+        assert closing["code"] == "idle_timeout", closing
+    assert idle_s <= trio.current_time() - connected <= idle_s + 2 * tick_s

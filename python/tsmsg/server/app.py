@@ -113,6 +113,10 @@ class Connection:
         self.cancel = trio.CancelScope()
         self.limit = server.settings.max_queue_bytes
         self.first_sync = True  # no sync seen yet (metrics: a sync from a position resumes)
+        # The session's next timer deadline as of the last check (ms; 0: unknown). Only a
+        # received frame can move a deadline earlier (typing, refresh), and it resets
+        # this, so the ticker skips the connection until then: idle ones cost nothing.
+        self.next_check = 0
 
     def send_frame(self, frame: dict[str, Any]) -> None:
         if self.send_bytes(encode(frame), None):
@@ -249,6 +253,7 @@ class Connection:
                     since = frame.get("since")
                     if type(since) is int and since > 0 and not session.cut:
                         metrics.resumes.inc()
+                self.next_check = 0
                 server.perform(self, session.receive_frame(frame, server.now_ms()))
 
 
@@ -681,9 +686,13 @@ class Server:
             await trio.sleep(self.settings.tick_ms / 1000)
             now = self.now_ms()
             for conn in list(self.connections.values()):
+                if conn.next_check > now:
+                    continue
                 due = conn.session.next_deadline()
                 if due is not None and due <= now:
                     self.perform(conn, conn.session.tick(now))
+                    due = None  # the tick may have set new timers: look again next time
+                conn.next_check = due or 0
 
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
