@@ -254,6 +254,17 @@ def test_tls_settings_from_env_and_their_checks(tmp_path: Path) -> None:
         load_settings(None, {"TSMSG_TLS_HANDSHAKE_TIMEOUT_S": "0"})
 
 
+def test_the_server_never_writes_session_keys_to_sslkeylogfile(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's default contexts log TLS secrets to $SSLKEYLOGFILE (a debugging aid); a
+    leftover variable must not make a server write every session's keys to disk. Its
+    clients (the operator's own debugging) may."""
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "keys.log"))
+    assert server_tls_context(pki.cert_file, pki.key_file).keylog_filename is None
+    assert client_tls_context(pki.ca_file).keylog_filename == str(tmp_path / "keys.log")
+
+
 def test_bad_pem_files_fail_clearly(tmp_path: Path, pki: Pki) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")

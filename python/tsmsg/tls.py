@@ -53,6 +53,7 @@ def server_tls_context(cert_file: str, key_file: str, client_ca_file: str = "") 
     """The server's context: its certificate chain and private key (PEM files); with
     ``client_ca_file``, a client must present a certificate signed by that CA."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.keylog_filename = None  # type: ignore[assignment]  # never SSLKEYLOGFILE's
     ctx.minimum_version = MIN_VERSION
     _load_cert_chain(ctx, "tls_cert_file/tls_key_file", cert_file, key_file)
     if client_ca_file:
