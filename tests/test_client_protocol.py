@@ -539,6 +539,31 @@ def test_a_first_join_cut_short_before_its_history_reloads_on_rejoin() -> None:
     assert seqs(events) == [13]
 
 
+def test_a_cut_reload_redone_on_an_empty_channel_is_done() -> None:
+    """The redone reload may find the channel empty (reset meanwhile): that reload is
+    complete, so a later rejoin catches up with a sync instead of reloading again."""
+    w = Wire()
+    w.connect()
+    w.p.join(CH)
+    [join] = w.sent()
+    join_ok(w, join, head=10)
+    assert [f["t"] for f in w.sent()] == ["history"]  # cut short: no page comes
+    w.lose()
+    [rejoin] = w.connect()
+    join_ok(w, rejoin, head=0, epoch=2)  # reset: an empty log with a new epoch
+    [sync] = w.sent()
+    sync_ok(w, sync, [1, 2], epoch=2)
+    w.lose()
+    [rejoin] = w.connect()
+    join_ok(w, rejoin, head=3, epoch=2)
+    [catch_up] = w.sent()
+    assert catch_up["t"] == "sync" and catch_up["since"] == 2, catch_up
+    sync_ok(w, catch_up, [3], epoch=2)
+    events = [e for e in w.events() if not isinstance(e, ConnectionChanged)]
+    assert [type(e).__name__ for e in events if isinstance(e, Resynced)] == ["Resynced"]
+    assert seqs(events) == [1, 2, 3]
+
+
 def test_next_deadline_ignores_the_backoff_of_requests_in_flight() -> None:
     """A send resent after its backoff keeps its old ``not_before`` while in flight: that
     time must not stay the next deadline, or the timer spins until the answer comes

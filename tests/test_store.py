@@ -19,7 +19,7 @@ from typing import Any
 import lmdb
 import pytest
 
-from tsmsg._native import packb
+from tsmsg._native import packb, unpackb
 from tsmsg.store import (
     AppendResult,
     CompactionPolicy,
@@ -838,6 +838,48 @@ def test_a_sync_between_compaction_steps_never_sees_a_gap(
     for horizon, page, resync_below in seen:
         assert page == list(range(horizon + 1, 14)), (horizon, page)
         assert resync_below, horizon
+
+
+def test_an_interrupted_compaction_is_finished_by_the_next_pass(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass cut short between steps (a crash, or close()) has already moved the horizon:
+    the next pass still drops the edit entries below it that the first one did not reach."""
+    monkeypatch.setattr(lmdb_store, "COMPACT_CHUNK", 1)
+    steps: list[int] = []
+
+    def fault() -> None:
+        if steps:
+            steps.append(1)
+            if len(steps) == 3:  # the second step: the first committed the horizon
+                raise RuntimeError("crash between steps")
+
+    store = open_store(StoreConfig(compaction=CompactionPolicy(keep_recent=1)), fault=fault)
+    for i in range(5):
+        store.edit("room", "u", store.append("room", "u", f"c{i}", "x").id, "y")
+    steps.append(0)  # armed
+    with pytest.raises(RuntimeError):
+        store.compact("room")
+    assert store.channel("room").horizon == 9
+    steps.clear()
+    assert store.compact("room") == 9
+    with store._env.begin() as txn:
+        rec = store._channel_record(txn, "room")
+        assert rec is not None
+        prefix = lmdb_store.U64.pack(rec["id"])
+        kinds = [
+            (lmdb_store.U64.unpack(bytes(k)[8:])[0], unpackb(v)["kind"])
+            for k, v in txn.cursor(db=store._log)
+            if bytes(k).startswith(prefix)
+        ]
+    assert kinds == [
+        (1, "message"),
+        (3, "message"),
+        (5, "message"),
+        (7, "message"),
+        (9, "message"),
+        (10, "edit"),
+    ]
 
 
 def test_reset_channel(store: LmdbStore) -> None:

@@ -738,12 +738,13 @@ class ClientProtocol:
         ch.pending.clear()
         self._purge(ch)
         ch.known, ch.epoch, ch.last = True, epoch, head
+        ch.reload_pending = head != 0  # an empty channel needs no history page
         if head == 0:
             self._push(Resynced(ch.name, 0, epoch, ()), ch.name, 0, epoch)
             ch.queued += 1
             self._catch_up(ch)
             return
-        ch.phase, ch.reload_pending = Phase.RELOADING, True
+        ch.phase = Phase.RELOADING
         history = {"t": "history", "channel": ch.name, "before": head + 1}
         self._internal("history", ch, history)
 

@@ -834,7 +834,11 @@ class LmdbStore(Store):
                     keep = head - policy.max_count if policy.max_count is not None else 0
                     now = self._clock()
                     age = now - policy.max_age_ms if policy.max_age_ms is not None else 0
-                    plan.update(phase=0, next=rec["horizon"] + 1, now=now, age_cutoff=age)
+                    # Phase 2 resumes where the last finished pass left off, not at the
+                    # horizon: an interrupted pass (close, crash) has moved the horizon
+                    # already, and its edit and delete entries below it are still there.
+                    done = rec.setdefault("compacted", rec["horizon"])  # an older record
+                    plan.update(phase=0, next=done + 1, now=now, age_cutoff=age)
                     plan.update(
                         drop_below=max(0, keep), point=max(0, head - policy.keep_recent, keep)
                     )
@@ -848,6 +852,8 @@ class LmdbStore(Store):
                 # drops is below it when it commits: a sync between two steps is told to
                 # resync, never shown a gap.
                 rec["horizon"] = max(rec["horizon"], min(plan["point"], rec["head"]))
+                if finished:
+                    rec["compacted"] = max(rec.get("compacted", 0), plan["point"])
                 txn.put(channel.encode(), packb(rec), db=self._channels)
                 plan["horizon"] = rec["horizon"]
                 if self._fault is not None:
