@@ -306,12 +306,13 @@ async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
                 log = await sync_log(bob)
                 for client in clients.values():  # each one saw the server go and come back
                     changes = [await next_event(client, None, ConnectionChanged) for _ in "123"]
-                    assert [c.connected for c in changes] == [True, False, True]
+                    assert [c.connected for c in changes] == [True, False, True], changes
         # The application-level streams: a Resynced at 0, then every seq once, in order.
         for name in clients:
             resynced = [e for e in seen[name] if isinstance(e, Resynced)]
             assert resynced == [Resynced(CH, 0, 0, ())], name
-            assert [m.seq for m in messages(name)] == list(range(1, 2 * n + 1)), name
+            got = [m.seq for m in messages(name)]
+            assert got == list(range(1, 2 * n + 1)), (name, killed_at, got)
             assert [m.id for m in messages(name)] == [e.id for e in log]
         # Every message stored exactly once, where its ack says.
         texts = [e.text for e in log]
@@ -321,7 +322,8 @@ async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
             assert log[ack.seq - 1].text == f"text {cid}"
             assert log[ack.seq - 1].id == ack.id
         assert len(acks) == 2 * n
-        assert killed_at[0] < 2 * n and killed_at[1] < 2 * n  # the kill was mid-stream
+        # The kill was mid-stream (acks sent, bob's messages seen when it came).
+        assert killed_at[0] < 2 * n and killed_at[1] < 2 * n, killed_at
         return {"dups": sum(a.dup for a in acks.values()), "killed_at": killed_at}
 
 
