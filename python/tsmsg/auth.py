@@ -461,29 +461,22 @@ class TokenIssuer:
 def secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
     """The HMAC secret from ``TSMSG_SECRET`` (UTF-8), or ``None`` when it is unset.
     Raises ``ValueError`` for a secret shorter than MIN_SECRET_BYTES."""
-    value = env.get(SECRET_ENV)
-    if value is None:
-        return None
-    secret = value.encode("utf-8")
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"{SECRET_ENV} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
-        )
-    return secret
+    return _env_secret(SECRET_ENV, env.get(SECRET_ENV))
 
 
 def previous_secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
     """The previous HMAC secret from ``TSMSG_SECRET_PREVIOUS`` (UTF-8), accepted only to
     verify during a rotation; ``None`` when it is unset or empty. Raises ``ValueError``
     for a secret shorter than MIN_SECRET_BYTES."""
-    value = env.get(SECRET_PREVIOUS_ENV)
-    if not value:
+    return _env_secret(SECRET_PREVIOUS_ENV, env.get(SECRET_PREVIOUS_ENV) or None)
+
+
+def _env_secret(name: str, value: str | None) -> bytes | None:
+    if value is None:
         return None
     secret = value.encode("utf-8")
     if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"{SECRET_PREVIOUS_ENV} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
-        )
+        raise ValueError(f"{name} must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
     return secret
 
 

@@ -251,6 +251,33 @@ struct PubResult {
 }
 
 /// Run publishers over the window (flat out or open loop) and wait for their last acks.
+/// One publish's outcome: an ack counts (its latency from `sent`, scheduled or actual,
+/// when inside the window); the first error is printed. False on an error.
+fn count_ack<T>(
+    r: Result<T>,
+    sent: u64,
+    w: &Window,
+    st: &Stats,
+    acked: &AtomicU64,
+    errors: &AtomicU64,
+) -> bool {
+    match r {
+        Ok(_) => {
+            acked.fetch_add(1, Ordering::Relaxed);
+            if w.contains(sent) {
+                st.add(now_ns() - sent);
+            }
+            true
+        }
+        Err(e) => {
+            if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!("publish error: {e:#}");
+            }
+            false
+        }
+    }
+}
+
 async fn run_publishers<S: System>(
     pubs: &[S::Publisher],
     chooser: Chooser,
@@ -279,19 +306,9 @@ async fn run_publishers<S: System>(
                             }
                             sent.fetch_add(1, Ordering::Relaxed);
                             let c = ch.pick(&mut rng).to_owned();
-                            match pb.publish(&c, stamp(t, size)).await {
-                                Ok(_) => {
-                                    at.fetch_add(1, Ordering::Relaxed);
-                                    if w.contains(t) {
-                                        st.add(now_ns() - t);
-                                    }
-                                }
-                                Err(e) => {
-                                    if err.fetch_add(1, Ordering::Relaxed) == 0 {
-                                        eprintln!("publish error: {e:#}");
-                                    }
-                                    break;
-                                }
+                            let r = pb.publish(&c, stamp(t, size)).await;
+                            if !count_ack(r, t, &w, &st, &at, &err) {
+                                break;
                             }
                         }
                     }));
@@ -329,19 +346,7 @@ async fn run_publishers<S: System>(
                         inflight.push(tokio::spawn(async move {
                             let r = pb.publish(&c, stamp(sched, size)).await;
                             drop(permit);
-                            match r {
-                                Ok(_) => {
-                                    at.fetch_add(1, Ordering::Relaxed);
-                                    if w.contains(sched) {
-                                        st.add(now_ns() - sched);
-                                    }
-                                }
-                                Err(e) => {
-                                    if err.fetch_add(1, Ordering::Relaxed) == 0 {
-                                        eprintln!("publish error: {e:#}");
-                                    }
-                                }
-                            }
+                            count_ack(r, sched, &w, &st, &at, &err);
                         }));
                         if inflight.len() > 4096 {
                             inflight.retain(|h: &JoinHandle<()>| !h.is_finished());
