@@ -11,7 +11,9 @@ Reported: appends/s, batch sizes (mean/p50/max) and append-to-commit latency (su
 Named alternatives on the same disk: ``os.fdatasync`` after a 4 KiB ``pwrite`` (the cost
 floor of one durable commit; an LMDB commit with sync and metasync does two of them: data
 pages, then the meta page), and raw py-lmdb transactions of 1 and 64 puts of a packed
-entry (what LMDB itself costs without the store's Python).
+entry (what LMDB itself costs without the store's Python): into one key range, and laid
+out as the store lays out a batch of the 64-appender case (8 channels' key ranges, the
+dedup journal, the channel records), which is the ceiling the store can approach.
 
 Sync reads: 100k entries of one channel read with ``store.sync`` pages, against a raw
 py-lmdb cursor scan with and without ``unpackb``.
@@ -245,12 +247,19 @@ def fdatasync_latency(path: Path, seconds: float) -> dict[str, Any]:
     }
 
 
-def raw_lmdb(path: Path, durability: str, puts: int, seconds: float) -> dict[str, Any]:
+def raw_lmdb(
+    path: Path, durability: str, puts: int, seconds: float, layout: bool = False
+) -> dict[str, Any]:
     """Transactions of ``puts`` puts of a packed 200-byte-text entry under a 16-byte key,
-    opened like the store opens its environment."""
+    opened like the store opens its environment. With ``layout``, what the store itself
+    writes per batch and nothing else: the entries spread over the 8 channels' key ranges
+    of one log database, one dedup journal record per entry, and the channel records."""
     fsync = durability == "fsync"
-    env = lmdb.open(str(path), map_size=1 << 30, max_dbs=2, sync=fsync, metasync=fsync)
+    env = lmdb.open(str(path), map_size=1 << 30, max_dbs=4, sync=fsync, metasync=fsync)
     db = env.open_db(b"log")
+    dedup, records = env.open_db(b"dedup"), env.open_db(b"channels")
+    chans = len(CHANNELS) if layout else 1
+    heads = [0] * chans
     seq = 0
     txns = 0
     commits: list[float] = []
@@ -260,19 +269,32 @@ def raw_lmdb(path: Path, durability: str, puts: int, seconds: float) -> dict[str
         while time.perf_counter() < end:
             t = time.perf_counter()
             with env.begin(write=True) as txn:
-                for _ in range(puts):
+                for i in range(puts):
                     seq += 1
-                    entry = {"seq": seq, "kind": "message", "id": f"1-{seq}", "sender": "u1"}
-                    entry.update(ts=1_764_000_000_000, text=TEXT)
-                    txn.put(seq.to_bytes(16, "big"), packb(entry), db=db)
+                    chan = i % chans
+                    heads[chan] += 1
+                    n = heads[chan]
+                    entry = {"seq": n, "kind": "message", "id": f"{chan + 1}-{n}"}
+                    entry.update(sender=f"user-{i}", ts=1_764_000_000_000, text=TEXT)
+                    key = (chan + 1).to_bytes(8, "big") + n.to_bytes(8, "big")
+                    txn.put(key, packb(entry), db=db)
+                    if layout:
+                        dkey = key[:8] + f"user-{i}\0{i}.{n}".encode()
+                        record = packb([dkey, n, 1_764_000_000_000])
+                        txn.put(seq.to_bytes(8, "big"), record, db=dedup, append=True)
+                if layout:
+                    for chan, name in enumerate(CHANNELS):
+                        record = {"id": chan + 1, "head": heads[chan], "horizon": 0}
+                        txn.put(name.encode(), packb(record), db=records)
             commits.append(time.perf_counter() - t)
             txns += 1
         elapsed = sum(commits)
         written = bytes_written() - written
     finally:
         env.close()
+    shape = ", store's layout" if layout else ""
     return {
-        "case": f"raw py-lmdb, {puts} put{'s' * (puts > 1)}/txn",
+        "case": f"raw py-lmdb, {puts} put{'s' * (puts > 1)}/txn{shape}",
         "durability": durability,
         "puts_per_txn": puts,
         "appends_per_s": seq / elapsed,
@@ -394,13 +416,13 @@ def profile_split(prof: cProfile.Profile, ops: int, parts: dict[str, str]) -> di
 
 WRITER_PARTS = {
     "writer total (_commit_batch)": "lmdb_store.py:_commit_batch",
-    "_write_batch (txn, _apply of each op, commit)": "lmdb_store.py:_write_batch",
-    "_apply (per-op Python, incl. its calls below)": "lmdb_store.py:_apply",
-    "_check_name (x2 per op)": "lmdb_store.py:_check_name",
+    "_write_batch (txn, _append of each op, commit)": "lmdb_store.py:_write_batch",
+    "_append (per-op Python, incl. its calls below)": "lmdb_store.py:_append",
+    "_check_name (user per op, channel per batch)": "lmdb_store.py:_check_name",
     "_dedup_key": "lmdb_store.py:_dedup_key",
-    "_put_entry": "lmdb_store.py:_put_entry",
-    "Transaction.put (4 per op)": "<method 'put' of 'Transaction' objects>",
-    "Transaction.get (2 per op)": "<method 'get' of 'Transaction' objects>",
+    "Cursor.put (the log entry, 1 per op)": "<method 'put' of 'Cursor' objects>",
+    "Cursor.putmulti (the journal, 1 per batch)": "<method 'putmulti' of 'Cursor' objects>",
+    "Transaction.put (channel records, per batch)": "<method 'put' of 'Transaction' objects>",
     "packb": "<built-in method tsmsg._native.packb>",
     "DedupRing.insert": "<method 'insert' of 'tsmsg._native.DedupRing' objects>",
     "_prune_dedup (per batch)": "lmdb_store.py:_prune_dedup",
@@ -421,7 +443,7 @@ def run_profiles(root: Path, seconds: float, top: int) -> dict[str, Any]:
         row = run_appends(root / f"profile-{durability}", durability, 64, seconds, 0.3, prof)
         # The profile covers the whole run (warm-up and drain too): divide by all ops.
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-        ops = sum(v[1] for k, v in stats.items() if k[2] == "_apply")
+        ops = sum(v[1] for k, v in stats.items() if k[2] == "_append")
         out[f"writer, 64 appenders, {durability}"] = {
             "appends_per_s_under_profile": row["appends_per_s"],
             "ops_profiled": ops,
@@ -532,8 +554,14 @@ def main() -> None:
                 )
                 print(row, flush=True)
                 appends.append(row)
-            for puts in (1, 64):
-                row = raw_lmdb(root / f"raw-{durability}-{puts}", durability, puts, args.seconds)
+            for puts, layout in ((1, False), (64, False), (64, True)):
+                row = raw_lmdb(
+                    root / f"raw-{durability}-{puts}-{layout}",
+                    durability,
+                    puts,
+                    args.seconds,
+                    layout,
+                )
                 print(row, flush=True)
                 appends.append(row)
         reads = run_sync(root / "sync", args.repeats)

@@ -426,7 +426,7 @@ class LmdbStore(Store):
         chan_id = self._chan_ids.get(channel)
         if chan_id is None:
             return None
-        seq = self._ring.get(self._dedup_key(chan_id, sender, cid))
+        seq = self._ring.get(self._dedup_key(U64.pack(chan_id), sender.encode(), cid))
         if seq is None:
             return None
         with self._read() as txn:
@@ -450,8 +450,9 @@ class LmdbStore(Store):
         return user.encode() + b"\0" + U64.pack(chan_id)
 
     @staticmethod
-    def _dedup_key(chan_id: int, sender: str, cid: str) -> bytes:
-        return U64.pack(chan_id) + sender.encode() + b"\0" + cid.encode()
+    def _dedup_key(prefix: bytes, sender: bytes, cid: str) -> bytes:
+        """The dedup key of a cid: channel prefix (its id), sender, NUL, cid."""
+        return prefix + sender + b"\0" + cid.encode()
 
     # ---------------------------------------------------------------- writes
 
@@ -564,9 +565,6 @@ class LmdbStore(Store):
     def _commit_batch(self, batch: list[WriteOp]) -> bool:
         """Commit a batch (without acknowledging it); False if the commit failed, in
         which case every op of the batch carries the error and nothing was stored."""
-        for op in batch:
-            op.result = op.error = None
-            op.changed = False
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(batch))
         start = time.perf_counter()
@@ -630,24 +628,35 @@ class LmdbStore(Store):
 
     def _write_batch(self, batch: list[WriteOp]) -> dict[bytes, int]:
         """Apply a batch in one transaction; returns the cids it stored (dedup key → seq),
-        which join the in-memory map only once the commit succeeded."""
+        which join the in-memory map only once the commit succeeded. Sets every op's
+        ``result`` and ``error`` (a retried batch overwrites the failed attempt's)."""
         new_cids: dict[bytes, int] = {}
+        journal: list[tuple[bytes, bytes]] = []  # dedup journal records, appended at the end
         txn = self._env.begin(write=True)
         try:
             ts = self._clock()
             records: dict[str, dict[str, int]] = {}  # channel records touched in this batch
+            log_put = txn.cursor(db=self._log).put
             for op in batch:
+                error: StoreError | None = None
+                result: AppendResult | int | None = None
                 try:
-                    op.result = self._apply(txn, op, ts, records, new_cids)
+                    if op.kind == "message":  # the hot path: nothing else on the way
+                        result = self._append(txn, log_put, op, ts, records, new_cids, journal)
+                    else:
+                        result = self._apply(txn, op, ts, records)
                 except EncryptionError as exc:  # logged here; the client learns no key ids
                     log.error("%s %s in %r failed: %s", op.kind, op.target, op.channel, exc)
-                    op.error = EncryptionError("the message text cannot be decrypted")
+                    error = EncryptionError("the message text cannot be decrypted")
                 except StoreError as exc:
-                    op.error = exc
+                    error = exc
                 except lmdb.Error:
                     raise  # fails the whole batch: the transaction is aborted
                 except Exception as exc:  # a malformed op fails alone, never its batch
-                    op.error = StoreError(f"invalid write: {exc}")
+                    error = StoreError(f"invalid write: {exc}")
+                op.result, op.error = result, error
+            if journal:
+                txn.cursor(db=self._dedup).putmulti(journal, append=True)
             for name, rec in records.items():
                 txn.put(name.encode(), packb(rec), db=self._channels)
             self._prune_dedup(txn, ts, DEDUP_PRUNE_PER_BATCH + 2 * len(new_cids))
@@ -664,12 +673,16 @@ class LmdbStore(Store):
     def _record(
         self, txn: lmdb.Transaction, name: str, records: dict[str, dict[str, int]], create: bool
     ) -> dict[str, int] | None:
+        """The channel's record as this batch left it; its name is checked here, once
+        per batch, before it reaches LMDB."""
         rec = records.get(name)
         if rec is None:
-            rec = self._channel_record(txn, name)
-            if rec is None:
-                if not create:
-                    return None
+            raw = txn.get(_check_name("channel", name, MAX_CHANNEL_BYTES), db=self._channels)
+            if raw is not None:
+                rec = unpackb(raw)
+            elif not create:
+                return None
+            else:
                 raw = txn.get(b"next_channel_id", db=self._meta)
                 chan_id = 1 if raw is None else U64.unpack(raw)[0]
                 txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
@@ -677,14 +690,46 @@ class LmdbStore(Store):
             records[name] = rec
         return rec
 
-    def _apply(
+    def _append(
         self,
         txn: lmdb.Transaction,
+        log_put: Callable[[bytes, bytes], bool],
         op: WriteOp,
         ts: int,
         records: dict[str, dict[str, int]],
         new_cids: dict[bytes, int],
+        journal: list[tuple[bytes, bytes]],
+    ) -> AppendResult:
+        """A new message (or the first result of its cid)."""
+        user, cid, text = op.user, op.cid, op.text
+        sender = _check_name("user", user, MAX_USER_BYTES)
+        if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
+            raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
+        rec = self._record(txn, op.channel, records, create=True)
+        assert rec is not None
+        chan_id = rec["id"]
+        prefix = U64.pack(chan_id)
+        dkey = self._dedup_key(prefix, sender, cid)
+        first = new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
+        if first is not None:
+            return self._dup_result(txn, op.channel, chan_id, first)
+        seq = rec["head"] + 1
+        mid = message_id(chan_id, seq)
+        entry: Entry = {"seq": seq, "kind": "message", "id": mid, "sender": user, "ts": ts}
+        entry["text"] = text
+        if op.meta:
+            entry["meta"] = op.meta
+        key = prefix + U64.pack(seq)
+        log_put(key, self._pack(key, entry))
+        rec["head"] = seq  # only now: an op that fails above consumes no seq
+        journal.append((U64.pack(self._next_order + len(new_cids)), packb([dkey, seq, ts])))
+        new_cids[dkey] = seq
+        return AppendResult(op.channel, seq, mid, ts)
+
+    def _apply(
+        self, txn: lmdb.Transaction, op: WriteOp, ts: int, records: dict[str, dict[str, int]]
     ) -> AppendResult | int:
+        """Any write but a message."""
         user = _check_name("user", op.user, MAX_USER_BYTES)
         if op.kind == "seen":
             txn.put(user, U64.pack(ts), db=self._seen)
@@ -695,25 +740,6 @@ class LmdbStore(Store):
             return 0
         if op.kind == "read":
             return self._apply_read(txn, op, records)
-        if op.kind == "message":
-            if op.cid is None or not 1 <= len(op.cid) <= MAX_CID_CHARS or op.text is None:
-                raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
-            rec = self._record(txn, op.channel, records, create=True)
-            assert rec is not None
-            dkey = self._dedup_key(rec["id"], op.user, op.cid)
-            first = new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
-            if first is not None:
-                return self._dup_result(txn, op.channel, rec["id"], first)
-            seq = rec["head"] + 1
-            entry: Entry = {"seq": seq, "kind": "message", "id": message_id(rec["id"], seq)}
-            entry.update(sender=op.user, ts=ts, text=op.text)
-            if op.meta:
-                entry["meta"] = op.meta
-            self._put_entry(txn, rec, entry)
-            order = U64.pack(self._next_order + len(new_cids))
-            txn.put(order, packb([dkey, seq, ts]), db=self._dedup, append=True)
-            new_cids[dkey] = seq
-            return AppendResult(op.channel, seq, entry["id"], ts)
         return self._apply_change(txn, op, ts, records)
 
     def _put_entry(self, txn: lmdb.Transaction, rec: dict[str, int], entry: Entry) -> None:
@@ -774,6 +800,7 @@ class LmdbStore(Store):
     def _apply_read(
         self, txn: lmdb.Transaction, op: WriteOp, records: dict[str, dict[str, int]]
     ) -> int:
+        op.changed = False  # also when a retried batch applies it again
         rec = self._record(txn, op.channel, records, create=False)
         if rec is None:
             return 0
