@@ -334,6 +334,48 @@ async def test_slow_consumer_is_cut_then_catches_up(tmp_path: Path, resume: str)
         }
 
 
+async def test_a_full_socket_hands_over_to_the_writer_and_back(tmp_path: Path) -> None:
+    """The write path (server/app.py): while a member's socket takes everything, the
+    flusher writes it; when the socket is full, the connection's writer task takes over
+    and the flusher leaves it alone; once all is sent the flusher writes again. Across
+    both hand-overs nothing is lost, duplicated or reordered, and nothing is cut (the
+    backlog stays under ``max_queue_bytes``)."""
+    settings = make_settings(tmp_path / "data", limits=fast_limits())
+    async with running_server(settings) as h:
+        slow = await connect_small_buffer(h, "slow")
+        assert (await join(slow))["head"] == 0
+        conn = connection_of(h.server, "slow")
+        assert not conn.blocked  # plain TCP: the flusher writes
+        # The server side's send buffer too, so 200 events of 4 KiB cannot all fit.
+        conn.stream.socket.setsockopt(  # type: ignore[attr-defined]
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        sender = await h.connect("alice")
+        texts = {f"f{k}": f"{k:05d}".ljust(FLOOD_TEXT, "x") for k in range(400)}
+        items = list(texts.items())
+        with trio.fail_after(30):
+            acks = await send_pipelined(sender, items[:200], window=32)
+        assert conn.blocked  # the member read nothing: the writer task waits for it
+        assert conn.pending or conn.queue
+        log: list[dict[str, Any]] = []
+
+        async def read_all() -> None:
+            log.extend(await events(slow, len(texts)))
+
+        with trio.fail_after(30):  # more events keep coming while the member catches up
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                acks |= await send_pipelined(sender, items[200:], window=4)
+        assert_dense(log)
+        assert [e["text"] for e in log] == list(texts.values())
+        assert [e["id"] for e in log] == [acks[cid]["id"] for cid in texts]
+        await barrier(slow)
+        assert pending_events(slow) == []
+        assert not conn.blocked and not conn.pending and not conn.queue  # the flusher's again
+        assert h.server.metrics.value("tsmsg_slow_consumer_resyncs_total") == 0
+        await live_message_arrives(sender, slow, len(texts) + 1)
+
+
 async def sync_pages(client: WireClient, since: int, head: int) -> list[dict[str, Any]]:
     """Sync from ``since`` page by page until more=false or past ``head``; the entries up
     to ``head``. The pages must be several."""

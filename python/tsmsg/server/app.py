@@ -1,6 +1,14 @@
 """The trio TCP server: a listener, a reader and a writer task per connection, and the hub
 that fans committed events out to the connections joined to a channel.
 
+Writes: a plain TCP connection's queued frames are written by the server's one flusher
+task, once per scheduling round for every connection that queued something, with one
+non-blocking ``write`` each: fanning an event out to N members costs N syscalls and one
+task wake-up, not N wake-ups and N trio ``send_all`` calls. A connection whose socket
+buffer is full (or a TLS one) hands its bytes to its own writer task, which waits for the
+peer under ``send_timeout_s``; until that writer has sent everything, the flusher leaves
+the connection alone, so bytes stay in order.
+
 Threads: the store's writer thread commits batches and hands each one to the trio thread
 with ``TrioToken.run_sync_soon``; those callbacks run in commit order, so every member
 receives a channel's events in seq order. All hub and session state lives in the trio
@@ -23,6 +31,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import secrets
 import signal
 import ssl
@@ -105,7 +114,12 @@ class Connection:
         # Outbound frames: (bytes, channel of a live event or None for a reply/push).
         self.queue: collections.deque[tuple[bytes, str | None]] = collections.deque()
         self.queued_bytes = 0
-        self.has_data = trio.Event()
+        # The socket the flusher writes to directly: plain TCP only, and only while the
+        # writer task is not sending (``blocked``); None once the stream is closed.
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self.blocked = self.fd is None  # the writer task sends; the flusher stays out
+        self.pending = b""  # bytes the flusher could not write, for the writer task
+        self.has_data = trio.Event()  # wakes the writer task
         self.drained = trio.Event()
         self.inflight = 0
         self.inflight_freed = trio.Event()
@@ -132,11 +146,40 @@ class Connection:
             if self.queued_bytes + len(data) > self.limit:
                 self._cut_streams(channel)
                 return False
-        if not self.queue:
-            self.has_data.set()  # else the writer has not taken the queue yet: it is set
+        if not self.queue:  # else the flusher or the writer is due already
+            if self.blocked:
+                self.has_data.set()
+            else:
+                self.server.want_flush(self)
         self.queue.append((data, channel))
         self.queued_bytes += len(data)
         return True
+
+    def _take_queue(self) -> bytes:
+        data = b"".join([chunk for chunk, _ in self.queue])
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.drained.set()
+        self.drained = trio.Event()
+        return data
+
+    def flush(self) -> None:
+        """The flusher's part: write the queue with one non-blocking write; what the
+        socket does not take (or an error, which the writer's send then reports) goes to
+        the writer task."""
+        if self.blocked or not self.queue or self.fd is None:
+            return
+        data = self._take_queue()
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the peer is gone: the writer's send_all raises it properly
+            sent = 0
+        if sent < len(data):
+            self.pending = data[sent:]
+            self.blocked = True
+            self.has_data.set()
 
     def push_signal(self, data: bytes) -> None:
         """A best-effort push (presence): dropped, not queued, past the outbound bound."""
@@ -177,23 +220,23 @@ class Connection:
             self.has_data.set()
 
     async def writer(self) -> None:
-        """Send queued frames, coalescing whatever is queued into one write. One cancel
-        scope for the connection's life: its deadline is armed only while a write waits
-        for the peer (cheaper than a new scope per write)."""
+        """Send what the flusher could not (or everything, over TLS), coalescing whatever
+        is queued into one write, until the queue is empty; then hand the socket back to
+        the flusher. One cancel scope for the connection's life: its deadline is armed
+        only while a write waits for the peer (cheaper than a new scope per write)."""
         timeout = self.server.settings.send_timeout_s
         with trio.CancelScope() as deadline:
             while True:
                 await self.has_data.wait()
                 self.has_data = trio.Event()
-                if self.queue:
-                    data = b"".join([chunk for chunk, _ in self.queue])
-                    self.queue.clear()
-                    self.queued_bytes = 0
-                    self.drained.set()
-                    self.drained = trio.Event()
+                self.blocked = True
+                while self.pending or self.queue:
+                    data = self.pending + self._take_queue() if self.queue else self.pending
+                    self.pending = b""
                     deadline.deadline = trio.current_time() + timeout
                     await self.stream.send_all(data)
                     deadline.deadline = math.inf
+                self.blocked = self.fd is None
                 if self.closing is not None and not self.queue:
                     self.cancel.cancel()
                     return
@@ -268,6 +311,8 @@ class Server:
         self.settings = settings
         self.verifier = verifier
         self.members: dict[str, set[Connection]] = collections.defaultdict(set)
+        self._to_flush: list[Connection] = []  # connections with queued frames to write
+        self._flush_due = trio.Event()
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
@@ -296,6 +341,23 @@ class Server:
             self.tls = server_tls_context(
                 settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
             )
+
+    # ------------------------------------------------------------------ writes
+
+    def want_flush(self, conn: Connection) -> None:
+        if not self._to_flush:
+            self._flush_due.set()
+        self._to_flush.append(conn)
+
+    async def _flusher(self) -> None:
+        """Write every connection that queued frames since the last round (see the
+        module docstring); each is listed once per round, at its first queued frame."""
+        while True:
+            await self._flush_due.wait()
+            self._flush_due = trio.Event()
+            conns, self._to_flush = self._to_flush, []
+            for conn in conns:
+                conn.flush()
 
     # ------------------------------------------------------------------ actions
 
@@ -562,6 +624,7 @@ class Server:
             del self.connections[session]
             self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
+            conn.fd = None  # closed below: its number may be reused by the next socket
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
@@ -627,6 +690,7 @@ class Server:
                         )
                         listening.start_soon(self._wait_for_signal)
                     handlers.start_soon(self._tick_sessions)
+                    handlers.start_soon(self._flusher)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
                     task_status.started(self)
