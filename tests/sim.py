@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import hashlib
 import itertools
 import logging
@@ -116,8 +117,8 @@ def seed_trio(seed: int) -> None:
     ``trio._core._run`` and, per batch of runnable tasks, either reverses it at random or,
     with ``_ALLOW_DETERMINISTIC_SCHEDULING`` (set by its Hypothesis plugin), sorts the
     batch by task creation order and shuffles it with ``_r``. Sorting first matters here:
-    the server iterates sets of connections (hashed by address), so the order in which
-    it wakes tasks is not reproducible, but the sorted batch is."""
+    the order in which tasks are woken need not be reproducible (the server's own
+    connection sets are: a connection hashes by its serial), but the sorted batch is."""
     from trio._core import _run
 
     version = tuple(int(p) for p in trio.__version__.split(".")[:2])
@@ -240,6 +241,23 @@ class SimStream(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    def try_send(self, data: bytes) -> int:
+        """The server's non-blocking write (``tsmsg.server.app.try_send_of``): what fits
+        in the peer's window, at random less; BlockingIOError when nothing fits."""
+        if self.closed:
+            raise OSError(errno.EBADF, "stream closed")
+        if self.out.reset or self.out.reader_gone:
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+        room = self.out.window - len(self.out.wire) - len(self.out.ready)
+        if room <= 0:
+            raise BlockingIOError(errno.EAGAIN, "window full")
+        n = min(room, len(data))
+        if n > 1 and self.net.rng.random() < 0.2:
+            n = self.net.rng.randint(1, n)  # a short write
+        self.out.wire += data[:n]
+        self.out.wake()
+        return n
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()

@@ -356,7 +356,6 @@ async def test_a_full_socket_hands_over_to_the_writer_and_back(tmp_path: Path) -
         with trio.fail_after(30):
             acks = await send_pipelined(sender, items[:200], window=32)
         assert conn.blocked  # the member read nothing: the writer task waits for it
-        assert conn.pending or conn.queue
         log: list[dict[str, Any]] = []
 
         async def read_all() -> None:
@@ -374,6 +373,34 @@ async def test_a_full_socket_hands_over_to_the_writer_and_back(tmp_path: Path) -
         assert not conn.blocked and not conn.pending and not conn.queue  # the flusher's again
         assert h.server.metrics.value("tsmsg_slow_consumer_resyncs_total") == 0
         await live_message_arrives(sender, slow, len(texts) + 1)
+
+
+async def test_a_bug_in_one_connections_write_closes_that_connection_only(
+    harness: Harness,
+) -> None:
+    """The flusher writes for every connection: an exception there (a bug) must close the
+    connection it was writing for, not the server."""
+    broken = await harness.connect("broken")
+    alice = await harness.connect("alice")
+    for client in (broken, alice):
+        await join(client)
+    conn = connection_of(harness.server, "broken")
+
+    def boom(data: bytes) -> int:
+        raise RuntimeError("injected write bug")
+
+    conn.try_send = boom
+    sent = await alice.request("send", channel=CHANNEL, cid="c1", text="hi")
+    assert sent["t"] == "ok", sent
+    (event,) = await events(alice, 1)
+    assert event["text"] == "hi"
+    with pytest.raises(EOFError):  # closed by the server, the event never sent
+        await broken.next(is_event())
+    closed = harness.server.metrics.value
+    with trio.fail_after(5):
+        while not closed("tsmsg_connections_closed_total", reason="internal_error"):
+            await trio.sleep(0.01)
+    assert (await alice.request("send", channel=CHANNEL, cid="c2", text="still"))["seq"] == 2
 
 
 async def sync_pages(client: WireClient, since: int, head: int) -> list[dict[str, Any]]:

@@ -103,22 +103,37 @@ class AcceptErrorFilter(logging.Filter):
 logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
 
 
+def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
+    """A stream's non-blocking write: bytes written, BlockingIOError when none fit. Plain
+    TCP: ``write`` on the socket (non-blocking under trio); a stream may bring its own (the
+    simulation's does); None (TLS): the writer task sends everything."""
+    if isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()
+        return lambda data: os.write(fd, data)
+    send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
+    return send
+
+
 class Connection:
     """One client connection: its session, its outbound queue and its tasks."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, session: Session, peer: str):
+    def __init__(
+        self, server: Server, stream: trio.abc.Stream, session: Session, peer: str, serial: int
+    ):
         self.server = server
+        self.serial = serial  # this server's connection number: the hash, see __hash__
         self.stream = stream
         self.session = session
         self.peer = peer
         # Outbound frames: (bytes, channel of a live event or None for a reply/push).
         self.queue: collections.deque[tuple[bytes, str | None]] = collections.deque()
         self.queued_bytes = 0
-        # The socket the flusher writes to directly: plain TCP only, and only while the
-        # writer task is not sending (``blocked``); None once the stream is closed.
-        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
-        self.blocked = self.fd is None  # the writer task sends; the flusher stays out
+        # The flusher's non-blocking write, used only while the writer task is not
+        # sending (``blocked``); None for TLS, and once the stream is closed.
+        self.try_send = try_send_of(stream)
+        self.blocked = self.try_send is None  # the writer task sends; the flusher stays out
         self.pending = b""  # bytes the flusher could not write, for the writer task
+        self.write_error: OSError | None = None  # the flusher's, raised by the writer task
         self.has_data = trio.Event()  # wakes the writer task
         self.drained = trio.Event()
         self.inflight = 0
@@ -131,6 +146,12 @@ class Connection:
         # received frame can move a deadline earlier (typing, refresh), and it resets
         # this, so the ticker skips the connection until then: idle ones cost nothing.
         self.next_check = 0
+
+    def __hash__(self) -> int:
+        # Sets of connections (a channel's members) are iterated to fan out, and the
+        # flusher writes in that order: hashing by a serial, not the object's address,
+        # makes it the same in every run (the simulation replays a seed exactly).
+        return self.serial
 
     def send_frame(self, frame: dict[str, Any]) -> None:
         if self.send_bytes(encode(frame), None):
@@ -167,14 +188,15 @@ class Connection:
         """The flusher's part: write the queue with one non-blocking write; what the
         socket does not take (or an error, which the writer's send then reports) goes to
         the writer task."""
-        if self.blocked or not self.queue or self.fd is None:
+        if self.blocked or not self.queue or self.try_send is None:
             return
         data = self._take_queue()
         try:
-            sent = os.write(self.fd, data)
+            sent = self.try_send(data)
         except BlockingIOError:
             sent = 0
-        except OSError:  # the peer is gone: the writer's send_all raises it properly
+        except OSError as exc:  # the peer is gone: the writer task raises it
+            self.write_error = exc
             sent = 0
         if sent < len(data):
             self.pending = data[sent:]
@@ -230,13 +252,16 @@ class Connection:
                 await self.has_data.wait()
                 self.has_data = trio.Event()
                 self.blocked = True
+                if self.write_error is not None:  # as trio's send_all would have
+                    exc, self.write_error = self.write_error, None
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
                 while self.pending or self.queue:
                     data = self.pending + self._take_queue() if self.queue else self.pending
                     self.pending = b""
                     deadline.deadline = trio.current_time() + timeout
                     await self.stream.send_all(data)
                     deadline.deadline = math.inf
-                self.blocked = self.fd is None
+                self.blocked = self.try_send is None
                 if self.closing is not None and not self.queue:
                     self.cancel.cancel()
                     return
@@ -357,7 +382,12 @@ class Server:
             self._flush_due = trio.Event()
             conns, self._to_flush = self._to_flush, []
             for conn in conns:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception:  # a bug: it closes this connection, not the server
+                    log.exception("internal error writing to %s (%s)", conn.peer, conn.user)
+                    conn.closing = conn.closing or "internal error"
+                    conn.cancel.cancel()
 
     # ------------------------------------------------------------------ actions
 
@@ -575,7 +605,8 @@ class Server:
             return
         if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
             return
-        session_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        serial = next(self._ids)
+        session_id = f"{serial:x}-{secrets.token_hex(4)}"
         session = Session(
             self.store,
             self.verifier,
@@ -585,7 +616,7 @@ class Server:
             self.user_limits,
             on_rate_limited=self.metrics.limited,
         )
-        conn = Connection(self, stream, session, peer)
+        conn = Connection(self, stream, session, peer, serial)
         self.connections[session] = conn
         self.metrics.opened.inc()
         log.info("connect %s session %s", peer, session_id)
@@ -624,7 +655,7 @@ class Server:
             del self.connections[session]
             self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
-            conn.fd = None  # closed below: its number may be reused by the next socket
+            conn.try_send = None  # closed below: its fd may be reused by the next socket
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
