@@ -292,11 +292,14 @@ class Connection:
                 deadline, code = hello_deadline, E.HELLO_TIMEOUT
             else:
                 deadline, code = partial_since + settings.frame_timeout_s, E.FRAME_TIMEOUT
-            with trio.move_on_at(deadline) as wait:
+            if deadline == math.inf:  # no frame begun: idle peers are the ticker's
                 data = await self.stream.receive_some(RECEIVE_CHUNK)
-            if wait.cancelled_caught:
-                server.perform(self, session.timed_out(code))
-                return
+            else:
+                with trio.move_on_at(deadline) as wait:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+                if wait.cancelled_caught:
+                    server.perform(self, session.timed_out(code))
+                    return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
             try:
@@ -512,11 +515,13 @@ class Server:
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""
         metrics, now = self.metrics, time.monotonic()
+        appended = dict.fromkeys(metrics.appends, 0)  # counted per batch, not per write
+        freed: set[Connection] = set()  # their readers may wait for in-flight room
         for op in batch:
-            if op.error is None and op.kind in metrics.appends:
+            if op.error is None and op.kind in appended:
                 result = op.result
                 if not (isinstance(result, AppendResult) and result.dup):
-                    metrics.appends[op.kind].inc()
+                    appended[op.kind] += 1
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)
@@ -525,9 +530,14 @@ class Server:
             conn = self.connections.get(session)
             if conn is not None:
                 conn.inflight -= 1
-                conn.inflight_freed.set()
-                conn.inflight_freed = trio.Event()
+                freed.add(conn)
             self.perform(conn, session.write_done(op))
+        for kind, n in appended.items():
+            if n:
+                metrics.appends[kind].inc(n)
+        for conn in freed:
+            conn.inflight_freed.set()
+            conn.inflight_freed = trio.Event()
 
     def _notify(self, batch: list[WriteOp]) -> None:
         """Called by the store's writer thread."""
