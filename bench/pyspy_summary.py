@@ -63,6 +63,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("store submit: queue.put, wakes the writer thread", ("LmdbStore.submit",)),
     ("recv syscalls (Connection.reader)", ("receive_some",)),
     ("send syscalls (Connection.writer)", ("SocketStream.send_all",)),
+    ("flusher writes (Server._flusher: one write per connection)", ("Server._flusher",)),
     ("commit callback: acks, fan-out into member queues", ("Server.on_batch", "Server.publish")),
     ("frame decode + request handling (Session)", ("Session.receive_frame",)),
     ("writer task, excl. syscalls", ("Connection.writer",)),
