@@ -382,8 +382,8 @@ class SimStore(MemoryStore):
         super().__init__(sim.data, notify=notify, clock=sim.now_ms, autocommit=False)
         self.sim = sim
 
-    def submit(self, op: WriteOp) -> None:
-        super().submit(op)
+    def submit(self, *ops: WriteOp) -> None:
+        super().submit(*ops)
         self.sim.store_lot.unpark_all()
 
 

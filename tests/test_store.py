@@ -1088,6 +1088,71 @@ def test_unencodable_meta_fails_only_its_op(store: LmdbStore) -> None:
     assert store.append("room", "u", "c2", "x").seq == 1
 
 
+def test_a_failed_first_message_creates_no_channel(store: LmdbStore) -> None:
+    with pytest.raises(StoreError):
+        write(store, WriteOp("message", "ghost", "u", cid="c", text="x", meta={"s": {1, 2}}))
+    assert "ghost" not in store.channels()
+    assert store.channel("ghost").head == 0
+    path = store._env.path()
+    store.close()
+    with lmdb_store.LmdbReader(path) as reader:  # nothing of it on disk either
+        assert reader.channel("ghost") is None
+
+
+def test_one_submit_of_many_writes_keeps_order_and_batch_limits(
+    open_store: OpenStore,
+) -> None:
+    gate = Gate()
+    store = open_store(StoreConfig(max_batch=3), notify=gate)
+    ops = [WriteOp("message", "room", "u", cid=f"c{i}", text=f"t{i}") for i in range(8)]
+    for op in ops:
+        op.done = threading.Event()
+    store.submit(*ops)  # one queue item, more writes than a batch holds
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S)
+    assert [len(batch) for batch in gate.batches] == [3, 3, 2]
+    assert [op.result.seq for op in ops if isinstance(op.result, AppendResult)] == [*range(1, 9)]
+    assert [e["text"] for e in log_of(store, "room")] == [f"t{i}" for i in range(8)]
+
+
+def test_a_batch_retried_after_map_full_gives_the_same_results(
+    open_store: OpenStore,
+) -> None:
+    """One batch of every kind of op that depends on earlier ops of the same batch (a new
+    channel, a cid repeated, an edit and a delete of messages appended just before, a
+    read cursor, a bad op), failed once by MDB_MAP_FULL and committed on the retry."""
+    faults = Faults(lambda: lmdb.MapFullError("injected"))
+    gate = Gate()
+    store = open_store(notify=gate, fault=faults)
+    chan = store.append("room", "u", "c0", "m1").id.split("-")[0]  # seq 1
+    faults.fail_on = {faults.calls + 2}  # the next batch after the gate's own
+    batch = [
+        WriteOp("message", "room", "u", cid="c1", text="m2"),  # seq 2, id 1-2
+        WriteOp("edit", "room", "u", target=f"{chan}-2", text="m2 edited"),  # seq 3
+        WriteOp("message", "room", "u", cid="c2", text="m4"),  # seq 4, id 1-4
+        WriteOp("delete", "room", "u", target=f"{chan}-4"),  # seq 5
+        WriteOp("message", "fresh", "u", cid="f1", text="f"),  # a new channel, seq 1
+        WriteOp("message", "fresh", "u", cid="f1", text="again"),  # its cid again
+        WriteOp("message", "ghost", "u", cid="g", text="x", meta={"s": {1, 2}}),  # fails
+        WriteOp("read", "room", "v", seq=4),
+    ]
+    gate.one_batch(store, batch)
+    assert faults.calls >= faults.fail_on.pop()  # the fault did fire, then the retry
+    results = [op.result for op in batch]
+    assert [getattr(r, "seq", r) for r in results] == [2, 3, 4, 5, 1, 1, None, 4]
+    assert [getattr(r, "dup", None) for r in results[4:6]] == [False, True]
+    assert [op.error is None for op in batch] == [True] * 6 + [False, True]
+    assert batch[7].changed
+    room = log_of(store, "room")
+    assert [(e["seq"], e["kind"]) for e in room] == [
+        (1, "message"), (2, "message"), (3, "edit"), (4, "message"), (5, "delete")
+    ]  # fmt: skip
+    assert room[1]["text"] == "m2 edited" and room[3].get("deleted") and "text" not in room[3]
+    assert [e["text"] for e in log_of(store, "fresh")] == ["f"]
+    assert "ghost" not in store.channels()
+    assert store.read_cursor("v", "room") == 4
+
+
 # ------------------------------------------------------------------- regressions
 # Bugs found while writing these tests (each states the behaviour the store must have).
 

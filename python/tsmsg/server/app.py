@@ -105,8 +105,9 @@ logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
 
 def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
     """A stream's non-blocking write: bytes written, BlockingIOError when none fit. Plain
-    TCP: ``write`` on the socket (non-blocking under trio); a stream may bring its own (the
-    simulation's does); None (TLS): the writer task sends everything."""
+    TCP: ``write`` on the socket (non-blocking under trio; POSIX, where Python ignores
+    SIGPIPE, so a gone peer is an EPIPE/ECONNRESET error); a stream may bring its own
+    (the simulation's does); None (TLS): the writer task sends everything."""
     if isinstance(stream, trio.SocketStream):
         fd = stream.socket.fileno()
         return lambda data: os.write(fd, data)
@@ -135,6 +136,7 @@ class Connection:
         self.pending = b""  # bytes the flusher could not write, for the writer task
         self.write_error: OSError | None = None  # the flusher's, raised by the writer task
         self.has_data = trio.Event()  # wakes the writer task
+        # Set when the queue is taken / a write is acknowledged; a waiter arms a new one.
         self.drained = trio.Event()
         self.inflight = 0
         self.inflight_freed = trio.Event()
@@ -181,7 +183,6 @@ class Connection:
         self.queue.clear()
         self.queued_bytes = 0
         self.drained.set()
-        self.drained = trio.Event()
         return data
 
     def flush(self) -> None:
@@ -271,8 +272,10 @@ class Connection:
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
         while self.queued_bytes > self.limit // 2:
+            self.drained = trio.Event()  # armed by the waiter: setting one costs nothing
             await self.drained.wait()
         while self.inflight >= self.server.settings.max_inflight:
+            self.inflight_freed = trio.Event()
             await self.inflight_freed.wait()
 
     async def reader(self) -> None:
@@ -339,8 +342,11 @@ class Server:
         self.settings = settings
         self.verifier = verifier
         self.members: dict[str, set[Connection]] = collections.defaultdict(set)
-        self._to_flush: list[Connection] = []  # connections with queued frames to write
-        self._flush_due = trio.Event()
+        # Work for the end of the scheduling round (the flusher task): connections' writes
+        # for the store, and connections with queued frames to write.
+        self._to_submit: list[WriteOp] = []
+        self._to_flush: list[Connection] = []
+        self._round_due = trio.Event()
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
@@ -373,16 +379,20 @@ class Server:
     # ------------------------------------------------------------------ writes
 
     def want_flush(self, conn: Connection) -> None:
-        if not self._to_flush:
-            self._flush_due.set()
+        if not self._to_flush and not self._to_submit:
+            self._round_due.set()
         self._to_flush.append(conn)
 
     async def _flusher(self) -> None:
-        """Write every connection that queued frames since the last round (see the
-        module docstring); each is listed once per round, at its first queued frame."""
+        """Once per scheduling round in which there is work: submit the round's writes,
+        then write every connection that queued frames (see the module docstring). A
+        connection is listed at its first queued frame, or again if its writer task
+        emptied the queue since (flushing it twice is harmless)."""
         while True:
-            await self._flush_due.wait()
-            self._flush_due = trio.Event()
+            await self._round_due.wait()
+            self._round_due = trio.Event()
+            if self._to_submit:
+                self._submit_round()
             conns, self._to_flush = self._to_flush, []
             for conn in conns:
                 try:
@@ -504,13 +514,22 @@ class Server:
             self.metrics.frames_out_of(frame["t"], sent)
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
-        try:
-            self.store.submit(op)
-        except StoreUnavailable as exc:
-            op.error = exc
-            self.perform(conn, conn.session.write_done(op))
-            return
+        """A connection's write, handed to the store with the round's others (below)."""
+        if not self._to_submit and not self._to_flush:
+            self._round_due.set()
+        self._to_submit.append(op)
         conn.inflight += 1
+
+    def _submit_round(self) -> None:
+        """The writes of this round, to the store in one call: one wake-up of its writer
+        thread, not one per write. If the store refuses them, each fails alone."""
+        ops, self._to_submit = self._to_submit, []
+        try:
+            self.store.submit(*ops)
+        except StoreUnavailable as exc:
+            for op in ops:
+                op.error = exc
+            self.on_batch(ops)
 
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""
@@ -537,7 +556,6 @@ class Server:
                 metrics.appends[kind].inc(n)
         for conn in freed:
             conn.inflight_freed.set()
-            conn.inflight_freed = trio.Event()
 
     def _notify(self, batch: list[WriteOp]) -> None:
         """Called by the store's writer thread."""
@@ -639,6 +657,7 @@ class Server:
                     # writer flush, then close; all within a deadline.
                     with trio.move_on_after(self.settings.shutdown_grace_s):
                         while conn.inflight and conn.closing is None:
+                            conn.inflight_freed = trio.Event()
                             await conn.inflight_freed.wait()
                         conn.close_after_flush("peer closed the connection")
                         await trio.sleep_forever()

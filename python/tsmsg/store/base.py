@@ -146,10 +146,11 @@ class Store(ABC):
     may be called from any thread."""
 
     @abstractmethod
-    def submit(self, op: WriteOp) -> None:
-        """Queue a write. When its batch is committed (or failed), the op's ``result``
-        or ``error`` is set and the ``notify`` hook given at open is called with the
-        batch, from the writer thread. ``ok`` may be sent only after that."""
+    def submit(self, *ops: WriteOp) -> None:
+        """Queue writes, in order (several at once cost one hand-off to the writer).
+        When an op's batch is committed (or failed), its ``result`` or ``error`` is set
+        and the ``notify`` hook given at open is called with the batch, from the writer
+        thread. ``ok`` may be sent only after that."""
 
     def write(self, op: WriteOp, timeout: float | None = 30.0) -> WriteOp:
         """Blocking convenience for tools and tests: submit and wait for the commit."""

@@ -13,6 +13,7 @@ commit.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
@@ -86,10 +87,6 @@ def check_format(path: str, raw: bytes | None, has_data: bool) -> int | None:
             "see STORAGE.md for upgrading"
         )
     return FORMAT_VERSION
-
-
-def _op_size(op: WriteOp) -> int:
-    return OP_OVERHEAD + (len(op.text) if op.text else 0)
 
 
 def now_ms() -> int:
@@ -158,6 +155,19 @@ class _Stop:
     pass
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One batch's transaction and what its ops have done so far (writer thread only)."""
+
+    txn: lmdb.Transaction
+    ts: int  # every entry of the batch has this time
+    log_put: Callable[[bytes, bytes], Any]  # a cursor's put into the log
+    records: dict[str, dict[str, int]] = field(default_factory=dict)  # channels touched
+    heads: dict[str, int] = field(default_factory=dict)  # their heads before this batch
+    new_cids: dict[bytes, int] = field(default_factory=dict)  # dedup key -> seq, stored now
+    journal: list[tuple[bytes, bytes]] = field(default_factory=list)  # to append
+
+
 class LmdbStore(Store):
     def __init__(
         self,
@@ -218,7 +228,8 @@ class LmdbStore(Store):
         # When each write not yet acknowledged was submitted, oldest first (writes are
         # acknowledged in submission order): the writer's lag, for readiness checks.
         self._waiting: collections.deque[float] = collections.deque()
-        self._queue: queue.SimpleQueue[WriteOp | _Job | _Stop] = queue.SimpleQueue()
+        # Writes arrive as the tuples given to one submit() call.
+        self._queue: queue.SimpleQueue[tuple[WriteOp, ...] | _Job | _Stop] = queue.SimpleQueue()
         self._closed = False
         self.batch_sizes: list[int] = []  # the first 100,000 batch sizes, for benchmarks
         self._writer = threading.Thread(
@@ -456,14 +467,18 @@ class LmdbStore(Store):
 
     # ---------------------------------------------------------------- writes
 
-    def submit(self, op: WriteOp) -> None:
+    def submit(self, *ops: WriteOp) -> None:
         if self._closed:
             raise StoreUnavailable("store is closed")
         if self.failed is not None:
             raise StoreUnavailable(self.failed)
-        op.queued_at = time.monotonic()
-        self._waiting.append(op.queued_at)
-        self._queue.put(op)
+        if not ops:
+            return
+        now = time.monotonic()
+        for op in ops:
+            op.queued_at = now
+        self._waiting.extend(itertools.repeat(now, len(ops)))
+        self._queue.put(ops)  # one item, one wake-up of the writer, however many
 
     def health(self) -> tuple[str | None, float]:
         if self._closed:
@@ -486,7 +501,7 @@ class LmdbStore(Store):
         interval = None if fsync else self.config.sync_interval_s
         last_sync = time.monotonic()
         unsynced: list[WriteOp] = []  # committed; durable at the next sync
-        held: WriteOp | _Job | _Stop | None = None  # taken, to run after the batch
+        held: tuple[WriteOp, ...] | _Job | _Stop | None = None  # taken, for after the batch
         while True:
             item, held = held, None
             if item is None:
@@ -494,7 +509,7 @@ class LmdbStore(Store):
                     item = self._queue.get(block=not unsynced, timeout=interval)
                 except queue.Empty:
                     item = None
-            if unsynced and not isinstance(item, WriteOp):
+            if unsynced and not isinstance(item, tuple):
                 self._sync_and_ack(unsynced)  # idle, or a job next: make it durable now
                 unsynced = []
             if interval is not None and time.monotonic() - last_sync >= interval:
@@ -511,18 +526,7 @@ class LmdbStore(Store):
             if isinstance(item, _Job):
                 self._run_job(item)
                 continue
-            batch = [item]
-            size = _op_size(item)
-            while len(batch) < self.config.max_batch and size < self.config.max_batch_bytes:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if not isinstance(nxt, WriteOp):
-                    held = nxt
-                    break
-                batch.append(nxt)
-                size += _op_size(nxt)
+            batch, held = self._take_batch(item)
             if self.failed is not None:  # queued before the failure: refused, not written
                 for op in batch:
                     op.result, op.error, op.changed = None, StoreUnavailable(self.failed), False
@@ -538,6 +542,29 @@ class LmdbStore(Store):
                 self._sync_and_ack(unsynced)
                 unsynced = []
                 self._ack(batch)  # they carry their errors
+
+    def _take_batch(
+        self, ops: tuple[WriteOp, ...]
+    ) -> tuple[list[WriteOp], tuple[WriteOp, ...] | _Job | _Stop | None]:
+        """The next batch: ``ops`` and the writes queued after them, in order, until
+        ``max_batch`` writes or ``max_batch_bytes`` of text (exceeded by one write at
+        most); and what was taken but is left for later (the rest of a tuple, a job)."""
+        most, most_bytes = self.config.max_batch, self.config.max_batch_bytes
+        batch: list[WriteOp] = []
+        size = 0
+        while True:
+            for i, op in enumerate(ops):
+                if len(batch) >= most or size >= most_bytes:
+                    return batch, ops[i:]
+                batch.append(op)
+                size += OP_OVERHEAD + (len(op.text) if op.text else 0)
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+            if not isinstance(nxt, tuple):
+                return batch, nxt
+            ops = nxt
 
     def _run_job(self, job: _Job) -> None:
         try:
@@ -630,21 +657,17 @@ class LmdbStore(Store):
         """Apply a batch in one transaction; returns the cids it stored (dedup key → seq),
         which join the in-memory map only once the commit succeeded. Sets every op's
         ``result`` and ``error`` (a retried batch overwrites the failed attempt's)."""
-        new_cids: dict[bytes, int] = {}
-        journal: list[tuple[bytes, bytes]] = []  # dedup journal records, appended at the end
         txn = self._env.begin(write=True)
         try:
-            ts = self._clock()
-            records: dict[str, dict[str, int]] = {}  # channel records touched in this batch
-            log_put = txn.cursor(db=self._log).put
+            b = _Batch(txn, self._clock(), txn.cursor(db=self._log).put)
             for op in batch:
                 error: StoreError | None = None
                 result: AppendResult | int | None = None
                 try:
                     if op.kind == "message":  # the hot path: nothing else on the way
-                        result = self._append(txn, log_put, op, ts, records, new_cids, journal)
+                        result = self._append(b, op)
                     else:
-                        result = self._apply(txn, op, ts, records)
+                        result = self._apply(b, op)
                 except EncryptionError as exc:  # logged here; the client learns no key ids
                     log.error("%s %s in %r failed: %s", op.kind, op.target, op.channel, exc)
                     error = EncryptionError("the message text cannot be decrypted")
@@ -655,106 +678,99 @@ class LmdbStore(Store):
                 except Exception as exc:  # a malformed op fails alone, never its batch
                     error = StoreError(f"invalid write: {exc}")
                 op.result, op.error = result, error
-            if journal:
-                txn.cursor(db=self._dedup).putmulti(journal, append=True)
-            for name, rec in records.items():
+            if b.journal:
+                added = txn.cursor(db=self._dedup).putmulti(b.journal, append=True)[1]
+                if added != len(b.journal):  # order keys out of step: never lose cids
+                    raise RuntimeError(f"dedup journal took {added} of {len(b.journal)}")
+            # Only records whose head moved: a channel that a failed message would have
+            # created is never stored, and reads rewrite nothing.
+            changed = {n: rec for n, rec in b.records.items() if rec["head"] != b.heads[n]}
+            for name, rec in changed.items():
                 txn.put(name.encode(), packb(rec), db=self._channels)
-            self._prune_dedup(txn, ts, DEDUP_PRUNE_PER_BATCH + 2 * len(new_cids))
+            self._prune_dedup(txn, b.ts, DEDUP_PRUNE_PER_BATCH + 2 * len(b.new_cids))
             if self._fault is not None:
                 self._fault()
             txn.commit()
         except BaseException:
             txn.abort()
             raise
-        for name, rec in records.items():
+        for name, rec in changed.items():
             self._chan_ids[name] = rec["id"]
-        return new_cids
+        return b.new_cids
 
-    def _record(
-        self, txn: lmdb.Transaction, name: str, records: dict[str, dict[str, int]], create: bool
-    ) -> dict[str, int] | None:
+    def _record(self, b: _Batch, name: str, create: bool) -> dict[str, int] | None:
         """The channel's record as this batch left it; its name is checked here, once
         per batch, before it reaches LMDB."""
-        rec = records.get(name)
+        rec = b.records.get(name)
         if rec is None:
-            raw = txn.get(_check_name("channel", name, MAX_CHANNEL_BYTES), db=self._channels)
+            raw = b.txn.get(_check_name("channel", name, MAX_CHANNEL_BYTES), db=self._channels)
             if raw is not None:
                 rec = unpackb(raw)
             elif not create:
                 return None
-            else:
-                raw = txn.get(b"next_channel_id", db=self._meta)
+            else:  # stored only once a message is appended (an unused id is harmless)
+                raw = b.txn.get(b"next_channel_id", db=self._meta)
                 chan_id = 1 if raw is None else U64.unpack(raw)[0]
-                txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
+                b.txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
                 rec = {"id": chan_id, "head": 0, "horizon": 0, "epoch": chan_id}
-            records[name] = rec
+            b.records[name] = rec
+            b.heads[name] = rec["head"]
         return rec
 
-    def _append(
-        self,
-        txn: lmdb.Transaction,
-        log_put: Callable[[bytes, bytes], bool],
-        op: WriteOp,
-        ts: int,
-        records: dict[str, dict[str, int]],
-        new_cids: dict[bytes, int],
-        journal: list[tuple[bytes, bytes]],
-    ) -> AppendResult:
+    def _append(self, b: _Batch, op: WriteOp) -> AppendResult:
         """A new message (or the first result of its cid)."""
         user, cid, text = op.user, op.cid, op.text
         sender = _check_name("user", user, MAX_USER_BYTES)
         if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
             raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
-        rec = self._record(txn, op.channel, records, create=True)
+        rec = self._record(b, op.channel, create=True)
         assert rec is not None
         chan_id = rec["id"]
-        prefix = U64.pack(chan_id)
-        dkey = self._dedup_key(prefix, sender, cid)
-        first = new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
+        dkey = self._dedup_key(U64.pack(chan_id), sender, cid)
+        first = b.new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
         if first is not None:
-            return self._dup_result(txn, op.channel, chan_id, first)
+            return self._dup_result(b.txn, op.channel, chan_id, first)
         seq = rec["head"] + 1
         mid = message_id(chan_id, seq)
-        entry: Entry = {"seq": seq, "kind": "message", "id": mid, "sender": user, "ts": ts}
-        entry["text"] = text
+        entry: Entry = {
+            "seq": seq, "kind": "message", "id": mid, "sender": user, "ts": b.ts, "text": text
+        }  # fmt: skip
         if op.meta:
             entry["meta"] = op.meta
-        key = prefix + U64.pack(seq)
-        log_put(key, self._pack(key, entry))
-        rec["head"] = seq  # only now: an op that fails above consumes no seq
-        journal.append((U64.pack(self._next_order + len(new_cids)), packb([dkey, seq, ts])))
-        new_cids[dkey] = seq
-        return AppendResult(op.channel, seq, mid, ts)
+        self._put_entry(b.log_put, rec, entry)  # the head moves only if this succeeds
+        order = U64.pack(self._next_order + len(b.new_cids))
+        b.journal.append((order, packb([dkey, seq, b.ts])))
+        b.new_cids[dkey] = seq
+        return AppendResult(op.channel, seq, mid, b.ts)
 
-    def _apply(
-        self, txn: lmdb.Transaction, op: WriteOp, ts: int, records: dict[str, dict[str, int]]
-    ) -> AppendResult | int:
+    def _apply(self, b: _Batch, op: WriteOp) -> AppendResult | int:
         """Any write but a message."""
         user = _check_name("user", op.user, MAX_USER_BYTES)
         if op.kind == "seen":
-            txn.put(user, U64.pack(ts), db=self._seen)
-            return ts
-        channel = _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+            b.txn.put(user, U64.pack(b.ts), db=self._seen)
+            return b.ts
         if op.kind == "member":
-            txn.put(user + b"\0" + channel, b"", db=self._members, overwrite=False)
+            channel = _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+            b.txn.put(user + b"\0" + channel, b"", db=self._members, overwrite=False)
             return 0
         if op.kind == "read":
-            return self._apply_read(txn, op, records)
-        return self._apply_change(txn, op, ts, records)
+            return self._apply_read(b, op)
+        return self._apply_change(b, op)
 
-    def _put_entry(self, txn: lmdb.Transaction, rec: dict[str, int], entry: Entry) -> None:
+    def _put_entry(
+        self, put: Callable[[bytes, bytes], Any], rec: dict[str, int], entry: Entry
+    ) -> None:
         key = U64.pack(rec["id"]) + U64.pack(entry["seq"])
-        txn.put(key, self._pack(key, entry), db=self._log)
+        put(key, self._pack(key, entry))
         rec["head"] = entry["seq"]
 
-    def _apply_change(
-        self, txn: lmdb.Transaction, op: WriteOp, ts: int, records: dict[str, dict[str, int]]
-    ) -> AppendResult:
+    def _apply_change(self, b: _Batch, op: WriteOp) -> AppendResult:
         """An edit or a delete: a new entry naming its target, and the target's message
         entry rewritten to the message's current state (a delete redacts its text and
         meta, and the text of its earlier edits)."""
+        txn, ts = b.txn, b.ts
         target = op.target or ""
-        rec = self._record(txn, op.channel, records, create=False)
+        rec = self._record(b, op.channel, create=False)
         parsed = parse_message_id(target)
         if rec is None or parsed is None or parsed[0] != rec["id"]:
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
@@ -793,15 +809,14 @@ class LmdbStore(Store):
                     txn.put(ek, packb(edit), db=self._log)
             txn.delete(ekey, db=self._edits)
             txn.put(ekey, U64.pack(ts), db=self._tombstones)
-        txn.put(mkey, self._pack(mkey, msg), db=self._log)
-        self._put_entry(txn, rec, entry)
+        b.log_put(mkey, self._pack(mkey, msg))
+        self._put_entry(b.log_put, rec, entry)
         return AppendResult(op.channel, seq, target, ts)
 
-    def _apply_read(
-        self, txn: lmdb.Transaction, op: WriteOp, records: dict[str, dict[str, int]]
-    ) -> int:
+    def _apply_read(self, b: _Batch, op: WriteOp) -> int:
         op.changed = False  # also when a retried batch applies it again
-        rec = self._record(txn, op.channel, records, create=False)
+        txn = b.txn
+        rec = self._record(b, op.channel, create=False)
         if rec is None:
             return 0
         key = self._cursor_key(op.user, rec["id"])
@@ -1083,9 +1098,10 @@ class LmdbStore(Store):
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, WriteOp):
-                item.error = closed
-                self._ack([item])
+            if isinstance(item, tuple):
+                for op in item:
+                    op.error = closed
+                self._ack(list(item))
             elif isinstance(item, _Job):
                 item.error = closed
                 item.done.set()

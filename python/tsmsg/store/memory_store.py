@@ -336,10 +336,10 @@ class MemoryStore(Store):
 
     # ---- writes
 
-    def submit(self, op: WriteOp) -> None:
+    def submit(self, *ops: WriteOp) -> None:
         if self.closed:
             raise StoreUnavailable("store is closed")
-        self.pending.append(op)
+        self.pending.extend(ops)
         if self.autocommit:
             while self.pending:
                 self.commit()
