@@ -136,6 +136,10 @@ class Connection:
         self.pending = b""  # bytes the flusher could not write, for the writer task
         self.write_error: OSError | None = None  # the flusher's, raised by the writer task
         self.has_data = trio.Event()  # wakes the writer task
+        # The writer task exists only while needed (TLS: always): handle() sets the
+        # nursery it is started in, for the connection's life.
+        self.nursery: trio.Nursery | None = None
+        self.writing = False  # a writer task is running
         # Set when the queue is taken / a write is acknowledged; a waiter arms a new one.
         self.drained = trio.Event()
         self.inflight = 0
@@ -171,7 +175,7 @@ class Connection:
                 return False
         if not self.queue:  # else the flusher or the writer is due already
             if self.blocked:
-                self.has_data.set()
+                self.wake_writer()
             else:
                 self.server.want_flush(self)
         self.queue.append((data, channel))
@@ -202,7 +206,7 @@ class Connection:
         if sent < len(data):
             self.pending = data[sent:]
             self.blocked = True
-            self.has_data.set()
+            self.wake_writer()
 
     def push_signal(self, data: bytes) -> None:
         """A best-effort push (presence): dropped, not queued, past the outbound bound."""
@@ -227,7 +231,7 @@ class Connection:
             frame = self.session.cut_stream(ch, self.server.store.channel(ch))
             self.queue.append((encode(frame), None))
             self.queued_bytes += len(self.queue[-1][0])
-        self.has_data.set()
+        self.wake_writer()
         log.warning("slow consumer %s (%s): cut live streams of %s", self.peer, self.user, cut)
         metrics = self.server.metrics
         metrics.slow_consumer_resyncs.inc(len(cut))
@@ -240,34 +244,48 @@ class Connection:
     def close_after_flush(self, reason: str) -> None:
         if self.closing is None:
             self.closing = reason
-            self.has_data.set()
+            self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """Wake the writer task, starting it if none runs."""
+        self.has_data.set()
+        if not self.writing and self.nursery is not None:
+            self.writing = True
+            self.nursery.start_soon(self.writer)
 
     async def writer(self) -> None:
         """Send what the flusher could not (or everything, over TLS), coalescing whatever
         is queued into one write, until the queue is empty; then hand the socket back to
-        the flusher. One cancel scope for the connection's life: its deadline is armed
-        only while a write waits for the peer (cheaper than a new scope per write)."""
+        the flusher and end (an idle plain TCP connection has no writer task), or close
+        the connection if it is closing. One cancel scope for the task's life: its
+        deadline is armed only while a write waits for the peer."""
         timeout = self.server.settings.send_timeout_s
-        with trio.CancelScope() as deadline:
-            while True:
-                await self.has_data.wait()
-                self.has_data = trio.Event()
-                self.blocked = True
-                if self.write_error is not None:  # as trio's send_all would have
-                    exc, self.write_error = self.write_error, None
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-                while self.pending or self.queue:
-                    data = self.pending + self._take_queue() if self.queue else self.pending
-                    self.pending = b""
-                    deadline.deadline = trio.current_time() + timeout
-                    await self.stream.send_all(data)
-                    deadline.deadline = math.inf
-                self.blocked = self.try_send is None
-                if self.closing is not None and not self.queue:
-                    self.cancel.cancel()
-                    return
-        self.closing = self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
-        self.cancel.cancel()
+        try:
+            with trio.CancelScope() as deadline:
+                while True:
+                    await self.has_data.wait()
+                    self.has_data = trio.Event()
+                    self.blocked = True
+                    if self.write_error is not None:  # as trio's send_all would have
+                        exc, self.write_error = self.write_error, None
+                        msg = f"socket connection broken: {exc}"
+                        raise trio.BrokenResourceError(msg) from exc
+                    while self.pending or self.queue:
+                        data = self.pending + self._take_queue() if self.queue else self.pending
+                        self.pending = b""
+                        deadline.deadline = trio.current_time() + timeout
+                        await self.stream.send_all(data)
+                        deadline.deadline = math.inf
+                    self.blocked = self.try_send is None
+                    if self.closing is not None and not self.queue:
+                        self.cancel.cancel()
+                        return
+                    if not self.blocked:
+                        return  # the flusher's again
+            self.closing = self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
+            self.cancel.cancel()
+        finally:
+            self.writing = False
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
@@ -651,17 +669,22 @@ class Server:
         try:
             with conn.cancel:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(conn.writer)
-                    await conn.reader()
-                    # The reader is done: acknowledge the writes still in flight, let the
-                    # writer flush, then close; all within a deadline.
-                    with trio.move_on_after(self.settings.shutdown_grace_s):
-                        while conn.inflight and conn.closing is None:
-                            conn.inflight_freed = trio.Event()
-                            await conn.inflight_freed.wait()
-                        conn.close_after_flush("peer closed the connection")
-                        await trio.sleep_forever()
-                    nursery.cancel_scope.cancel()
+                    conn.nursery = nursery
+                    try:
+                        if conn.try_send is None:  # TLS: every write goes through the task
+                            conn.wake_writer()
+                        await conn.reader()
+                        # The reader is done: acknowledge the writes still in flight, let
+                        # the writer flush, then close; all within a deadline.
+                        with trio.move_on_after(self.settings.shutdown_grace_s):
+                            while conn.inflight and conn.closing is None:
+                                conn.inflight_freed = trio.Event()
+                                await conn.inflight_freed.wait()
+                            conn.close_after_flush("peer closed the connection")
+                            await trio.sleep_forever()
+                        nursery.cancel_scope.cancel()
+                    finally:
+                        conn.nursery = None  # closing: no writer is started any more
         except Exception as exc:
             # The nursery wraps errors in an ExceptionGroup: a lost peer is an ordinary
             # disconnect; anything else is a bug, which closes this connection only.
