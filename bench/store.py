@@ -92,6 +92,7 @@ class ClosedLoop:
         self.running = True
         self.outstanding = 0
         self.drained = threading.Event()
+        self.error: BaseException | None = None  # a failed write ends the run (in stop)
 
     def next_op(self, appender: int) -> WriteOp:
         n = self.next_cid[appender]
@@ -114,8 +115,9 @@ class ClosedLoop:
         again: list[WriteOp] = []
         for op in batch:
             appender, sent = self.inflight.pop(id(op))
-            if op.error is not None:
-                raise op.error
+            if op.error is not None and self.error is None:
+                self.error = op.error  # raised by stop(): an exception here is only logged
+                self.running = False
             self.latencies.append(now - sent)
             self.completed += 1
             if self.running:
@@ -140,6 +142,8 @@ class ClosedLoop:
         self.running = False
         if not self.drained.wait(30):
             raise RuntimeError("writes did not drain")
+        if self.error is not None:
+            raise RuntimeError("a write failed during the run") from self.error
 
 
 class TimedStore(LmdbStore):

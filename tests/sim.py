@@ -99,8 +99,8 @@ from tsmsg.store.memory_store import MemoryData, MemoryStore
 SECRET = b"simulation-secret-simulation-secret!"
 BASE_MS = 1_800_000_000_000  # the simulated wall clock at virtual time 0
 TRIO_VERIFIED = ((0, 25), (0, 32))  # trio versions whose scheduler internals were checked
-# After the faults the clients must catch up: each must keep moving (no stream of any
-# client advanced for QUIESCE_STALL_S: stuck), within QUIESCE_LIMIT_S in all (a config
+# After the faults the clients must catch up: each must keep moving (a client none of
+# whose streams advanced for QUIESCE_STALL_S is stuck), within QUIESCE_LIMIT_S in all (a config
 # with 2-entry sync pages and a slow network takes minutes of virtual time to replay).
 QUIESCE_STALL_S = 120.0
 QUIESCE_LIMIT_S = 3600.0
@@ -988,19 +988,24 @@ class Sim:
             if self.server is None:
                 await nursery.start(self.server_life)
             now = trio.current_time()
-            deadline, moved_at, progress = now + QUIESCE_LIMIT_S, now, None
+            deadline = now + QUIESCE_LIMIT_S
+            moved: dict[str, tuple[Any, float]] = {}  # client -> (its positions, since when)
             while True:
-                waiting = [(c.name, why) for c in self.clients if (why := c.settled())]
+                waiting = [(c, why) for c in self.clients if (why := c.settled())]
                 if not waiting:
                     break
                 now = trio.current_time()
-                mark = [sorted((n, s.last) for n, s in c.streams.items()) for c in self.clients]
-                if mark != progress:
-                    progress, moved_at = mark, now
-                elif now - moved_at > QUIESCE_STALL_S:
-                    self.fail(f"clients stopped catching up for {QUIESCE_STALL_S} s: {waiting}")
+                for client, why in waiting:
+                    mark = sorted((n, s.last) for n, s in client.streams.items())
+                    if moved.get(client.name, (None,))[0] != mark:
+                        moved[client.name] = (mark, now)
+                    elif now - moved[client.name][1] > QUIESCE_STALL_S:
+                        self.fail(
+                            f"{client.name} stopped catching up for {QUIESCE_STALL_S} s: {why}"
+                        )
                 if now > deadline:
-                    self.fail(f"clients did not catch up in {QUIESCE_LIMIT_S} s: {waiting}")
+                    names = [(c.name, why) for c, why in waiting]
+                    self.fail(f"clients did not catch up in {QUIESCE_LIMIT_S} s: {names}")
                 await trio.sleep(0.25)
             self.check_final()
             nursery.cancel_scope.cancel()

@@ -524,6 +524,10 @@ async def test_a_failed_sync_stops_writes_and_reads_go_on(harness: Harness) -> N
         later = await alice.request("send", channel="room", cid="c2", text="two")
         assert later["t"] == "error" and later["code"] == "store_unavailable", later
         assert "writes stopped" in later["message"]
+        # Refused at submit (the server's round hand-off), not at commit: nothing of it
+        # is left in flight for the connection.
+        (conn,) = [c for c in harness.server.connections.values() if c.user == "alice"]
+        assert conn.inflight == 0
         # Reads go on, and the retried cid is answered from what the store holds.
         page = await bob.request("sync", channel="room", since=0)
         assert page["t"] == "ok" and [e["text"] for e in page["events"]] == ["one"]

@@ -371,6 +371,7 @@ async def test_a_full_socket_hands_over_to_the_writer_and_back(tmp_path: Path) -
         await barrier(slow)
         assert pending_events(slow) == []
         assert not conn.blocked and not conn.pending and not conn.queue  # the flusher's again
+        assert not conn.writing  # and the writer task is gone until needed
         assert h.server.metrics.value("tsmsg_slow_consumer_resyncs_total") == 0
         await live_message_arrives(sender, slow, len(texts) + 1)
 

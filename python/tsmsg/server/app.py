@@ -1,13 +1,15 @@
-"""The trio TCP server: a listener, a reader and a writer task per connection, and the hub
-that fans committed events out to the connections joined to a channel.
+"""The trio TCP server: a listener, a reader task per connection, one flusher task, and the
+hub that fans committed events out to the connections joined to a channel.
 
-Writes: a plain TCP connection's queued frames are written by the server's one flusher
-task, once per scheduling round for every connection that queued something, with one
-non-blocking ``write`` each: fanning an event out to N members costs N syscalls and one
-task wake-up, not N wake-ups and N trio ``send_all`` calls. A connection whose socket
-buffer is full (or a TLS one) hands its bytes to its own writer task, which waits for the
-peer under ``send_timeout_s``; until that writer has sent everything, the flusher leaves
-the connection alone, so bytes stay in order.
+The flusher runs once per scheduling round in which there is work. First it hands the
+round's writes (from every connection) to the store in one call: one wake-up of the
+store's writer thread. Then it writes every plain TCP connection that queued frames,
+with one non-blocking ``write`` each: fanning an event out to N members costs N syscalls
+and one task wake-up, not N wake-ups and N trio ``send_all`` calls. A connection whose
+socket buffer is full hands its bytes to a writer task of its own, started then, which
+waits for the peer under ``send_timeout_s`` and ends once everything is sent; until
+then the flusher leaves the connection alone, so bytes stay in order. A TLS connection
+has its writer task for its whole life and writes only through it.
 
 Threads: the store's writer thread commits batches and hands each one to the trio thread
 with ``TrioToken.run_sync_soon``; those callbacks run in commit order, so every member
@@ -136,8 +138,8 @@ class Connection:
         self.pending = b""  # bytes the flusher could not write, for the writer task
         self.write_error: OSError | None = None  # the flusher's, raised by the writer task
         self.has_data = trio.Event()  # wakes the writer task
-        # The writer task exists only while needed (TLS: always): handle() sets the
-        # nursery it is started in, for the connection's life.
+        # The writer task exists only while needed (TLS: always). handle() sets the
+        # nursery it is started in, and clears it when the connection is closing.
         self.nursery: trio.Nursery | None = None
         self.writing = False  # a writer task is running
         # Set when the queue is taken / a write is acknowledged; a waiter arms a new one.
@@ -397,8 +399,7 @@ class Server:
     # ------------------------------------------------------------------ writes
 
     def want_flush(self, conn: Connection) -> None:
-        if not self._to_flush and not self._to_submit:
-            self._round_due.set()
+        self._round_due.set()
         self._to_flush.append(conn)
 
     async def _flusher(self) -> None:
@@ -533,8 +534,7 @@ class Server:
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         """A connection's write, handed to the store with the round's others (below)."""
-        if not self._to_submit and not self._to_flush:
-            self._round_due.set()
+        self._round_due.set()
         self._to_submit.append(op)
         conn.inflight += 1
 
@@ -543,11 +543,16 @@ class Server:
         thread, not one per write. If the store refuses them, each fails alone."""
         ops, self._to_submit = self._to_submit, []
         try:
-            self.store.submit(*ops)
+            self.store.submit(*ops)  # all or nothing
+            return
         except StoreUnavailable as exc:
-            for op in ops:
-                op.error = exc
-            self.on_batch(ops)
+            error = exc
+        except Exception as exc:  # a bug: these writes fail, the server goes on
+            log.exception("submitting %d writes to the store failed", len(ops))
+            error = StoreUnavailable(f"internal error: {exc!r}")
+        for op in ops:
+            op.error = error
+        self.on_batch(ops)
 
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""

@@ -150,7 +150,8 @@ class Store(ABC):
         """Queue writes, in order (several at once cost one hand-off to the writer).
         When an op's batch is committed (or failed), its ``result`` or ``error`` is set
         and the ``notify`` hook given at open is called with the batch, from the writer
-        thread. ``ok`` may be sent only after that."""
+        thread. ``ok`` may be sent only after that. All or nothing: a submit that raises
+        (StoreUnavailable) has queued none of ``ops``."""
 
     def write(self, op: WriteOp, timeout: float | None = 30.0) -> WriteOp:
         """Blocking convenience for tools and tests: submit and wait for the commit."""
