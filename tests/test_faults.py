@@ -500,6 +500,31 @@ class FailingSync:
         return getattr(self.real, name)
 
 
+async def test_a_bug_in_the_store_hand_off_fails_those_writes_only(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server hands a round's writes to the store in one call; if that call fails
+    with anything but StoreUnavailable (a bug), the writes are refused with
+    store_unavailable, nothing is left in flight, and the server goes on."""
+    alice = await harness.connect("alice")
+    assert (await alice.request("join", channel="room"))["t"] == "ok"
+    store = harness.server.store
+    real = store.submit
+
+    def broken(*ops: object) -> None:
+        monkeypatch.setattr(store, "submit", real)  # once
+        raise RuntimeError("injected hand-off bug")
+
+    monkeypatch.setattr(store, "submit", broken)
+    refused = await alice.request("send", channel="room", cid="c1", text="one")
+    assert refused["t"] == "error" and refused["code"] == "store_unavailable", refused
+    assert "internal error" in refused["message"]
+    (conn,) = [c for c in harness.server.connections.values() if c.user == "alice"]
+    assert conn.inflight == 0
+    ok = await alice.request("send", channel="room", cid="c1", text="one")
+    assert ok["t"] == "ok" and ok["seq"] == 1 and not ok["dup"], ok
+
+
 async def test_a_failed_sync_stops_writes_and_reads_go_on(harness: Harness) -> None:
     """Fail-stop (PROTOCOL.md 8, store_unavailable): a commit whose sync fails is visible
     but not known to be durable, and no transaction can be rolled back after commit. The

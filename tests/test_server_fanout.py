@@ -376,11 +376,18 @@ async def test_a_full_socket_hands_over_to_the_writer_and_back(tmp_path: Path) -
         await live_message_arrives(sender, slow, len(texts) + 1)
 
 
-async def test_a_bug_in_one_connections_write_closes_that_connection_only(
-    harness: Harness,
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(RuntimeError("injected write bug"), "internal_error"), (ConnectionResetError(), "lost")],
+    ids=["bug", "reset"],
+)
+async def test_a_failed_write_closes_that_connection_only(
+    harness: Harness, error: Exception, reason: str
 ) -> None:
-    """The flusher writes for every connection: an exception there (a bug) must close the
-    connection it was writing for, not the server."""
+    """The flusher writes for every connection: an exception there must close the
+    connection it was writing for, not the server. A bug is an internal error; an OSError
+    (the peer reset) reaches the connection's writer task, which reports a lost peer as
+    trio's own send would."""
     broken = await harness.connect("broken")
     alice = await harness.connect("alice")
     for client in (broken, alice):
@@ -388,7 +395,7 @@ async def test_a_bug_in_one_connections_write_closes_that_connection_only(
     conn = connection_of(harness.server, "broken")
 
     def boom(data: bytes) -> int:
-        raise RuntimeError("injected write bug")
+        raise error
 
     conn.try_send = boom
     sent = await alice.request("send", channel=CHANNEL, cid="c1", text="hi")
@@ -399,7 +406,7 @@ async def test_a_bug_in_one_connections_write_closes_that_connection_only(
         await broken.next(is_event())
     closed = harness.server.metrics.value
     with trio.fail_after(5):
-        while not closed("tsmsg_connections_closed_total", reason="internal_error"):
+        while not closed("tsmsg_connections_closed_total", reason=reason):
             await trio.sleep(0.01)
     assert (await alice.request("send", channel=CHANNEL, cid="c2", text="still"))["seq"] == 2
 
