@@ -508,6 +508,9 @@ async def test_a_bug_in_the_store_hand_off_fails_those_writes_only(
     store_unavailable, nothing is left in flight, and the server goes on."""
     alice = await harness.connect("alice")
     assert (await alice.request("join", channel="room"))["t"] == "ok"
+    # Acknowledged after the join's background membership write, so that one is no
+    # longer in flight when the hand-off fails.
+    assert (await alice.request("read", channel="room", seq=0))["t"] == "ok"
     store = harness.server.store
     real = store.submit
 
