@@ -390,6 +390,14 @@ class SimStore(MemoryStore):
         super().submit(*ops)
         self.sim.store_lot.unpark_all()
 
+    def commit(self, most: int | None = None, *, fail: str | None = None) -> list[WriteOp]:
+        """Every commit is recorded, the committer's and those of close() (a graceful
+        stop commits what is pending: its writes are stored, their acks may be lost)."""
+        batch = super().commit(most, fail=fail)
+        for op in batch:
+            self.sim.observe(op)
+        return batch
+
 
 # ----------------------------------------------------------------------------- clients
 
@@ -901,8 +909,6 @@ class Sim:
             self.stats["commits"] += 1
             self.stats["failed_commits"] += fail
             self.log(f"commit {len(batch)}{' FAILED' if fail else ''}")
-            for op in batch:
-                self.observe(op)
 
     def observe(self, op: WriteOp) -> None:
         if op.error is not None:
