@@ -277,21 +277,20 @@ async def test_slow_consumer_is_cut_then_catches_up(tmp_path: Path, resume: str)
         # The queue is checked after every enqueue (sampling on a timer misses the peak:
         # the cut empties the queue within the same scheduler tick that filled it).
         peak = 0
-        enqueue = conn.send_bytes
+        enqueue = Connection.send_bytes
 
-        def send_bytes_sampled(data: bytes, channel: str | None) -> bool:
+        def send_bytes_sampled(self: Connection, data: bytes, channel: str | None) -> bool:
             nonlocal peak
-            queued = enqueue(data, channel)
-            peak = max(peak, conn.queued_bytes)
+            queued = enqueue(self, data, channel)
+            if self is conn:
+                peak = max(peak, conn.queued_bytes)
             return queued
-
-        conn.send_bytes = send_bytes_sampled  # type: ignore[method-assign]
 
         # The slow member does not read at all while the flood runs; the sender's acks
         # keep flowing regardless.
-        with trio.fail_after(30):
+        with pytest.MonkeyPatch.context() as patch, trio.fail_after(30):
+            patch.setattr(Connection, "send_bytes", send_bytes_sampled)
             acks = await send_pipelined(sender, list(texts.items()), window=32)
-        conn.send_bytes = enqueue  # type: ignore[method-assign]  # sync pages are replies
         assert len(acks) == FLOOD_COUNT
         assert h.server.metrics.value("tsmsg_slow_consumer_resyncs_total") >= 1
         assert slow.pending == []  # it really has not read anything yet

@@ -375,7 +375,7 @@ async def test_a_crashing_handler_only_closes_its_own_connection(
             raise RuntimeError("injected handler crash")
         return ping(self, frame, rid, now_ms)
 
-    monkeypatch.setattr(Session, "_ping", exploding_ping)
+    monkeypatch.setitem(Session.HANDLERS, "ping", exploding_ping)
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
     await bob.request("join", channel=CHANNEL)

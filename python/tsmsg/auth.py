@@ -99,6 +99,8 @@ SCOPE_READ: Final = "chat:read"
 SCOPE_SEND: Final = "chat:send"
 SCOPE_MODERATE: Final = "chat:moderate"  # change other users' messages; implies nothing else
 KNOWN_SCOPES: Final = frozenset({SCOPE_READ, SCOPE_SEND, SCOPE_MODERATE})
+# Each subset of KNOWN_SCOPES once: a session's Claims share it (at most 8 entries).
+_SCOPE_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 TOKEN_EXPIRED: Final = "token_expired"
 UNAUTHORIZED: Final = "unauthorized"
@@ -316,7 +318,7 @@ class TokenVerifier:
         return Claims(
             user=user,
             exp=exp,
-            scopes=frozenset(scopes) & KNOWN_SCOPES,
+            scopes=_SCOPE_SETS.setdefault(known := frozenset(scopes) & KNOWN_SCOPES, known),
             channels=tuple(patterns),
         )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tsmsg._native import FrameError, FrameTooLarge, packb
 from tsmsg.auth import AuthError, Claims, TokenVerifier, valid_channel, valid_user
@@ -142,6 +142,26 @@ def _text(frame: Frame, key: str, max_bytes: int) -> str:
 
 
 class Session:
+    __slots__ = (  # one per connection: no per-instance dict (memory per idle connection)
+        "_frames",
+        "_last_refused_ms",
+        "claims",
+        "close_reason",
+        "cut",
+        "expired_at",
+        "joined",
+        "last_rx_ms",
+        "limited_since",
+        "limits",
+        "on_rate_limited",
+        "session_id",
+        "state",
+        "store",
+        "typing",
+        "user_limits",
+        "verifier",
+    )
+
     def __init__(
         self,
         store: Store,
@@ -159,7 +179,9 @@ class Session:
         self.state = State.AWAITING_HELLO
         self.claims: Claims | None = None
         self.joined: set[str] = set()
-        self.cut: set[str] = set()  # joined channels whose live stream was cut (slow consumer)
+        # Joined channels whose live stream was cut (slow consumer). Rare: a frozenset, so
+        # the many sessions that never have one share the empty one.
+        self.cut: frozenset[str] = frozenset()
         self.close_reason: str | None = None
         self._frames = TokenBucket(limits.frame_rate, limits.frame_burst, now_ms)
         # Shared with the user's other sessions (the server passes one for all).
@@ -171,21 +193,6 @@ class Session:
         self._last_refused_ms = 0
         # Told the scope of each refusal ("frame", "send", "typing"), e.g. for metrics.
         self.on_rate_limited = on_rate_limited
-        self._handlers: dict[str, Callable[[Frame, int | None, int], list[Action]]] = {
-            "join": self._join,
-            "leave": self._leave,
-            "send": self._send,
-            "edit": self._change,
-            "delete": self._change,
-            "history": self._history,
-            "sync": self._sync,
-            "read": self._read,
-            "typing": self._typing,
-            "ping": self._ping,
-            "refresh": self._refresh,
-            "presence": self._presence,
-            "unread": self._unread,
-        }
 
     @property
     def user(self) -> str:
@@ -218,7 +225,7 @@ class Session:
             self._limit(retry, "frame", f"over {self.limits.frame_rate:g} frames/s")
             if bad_rid:
                 raise RequestError(E.BAD_REQUEST, RID_RULE)
-            handler = self._handlers.get(t)
+            handler = self.HANDLERS.get(t)
             if handler is None:
                 if t == "hello":
                     raise RequestError(E.BAD_REQUEST, "this connection already said hello")
@@ -228,7 +235,7 @@ class Session:
                     raise RequestError(
                         E.TOKEN_EXPIRED, "the token expired: send refresh", fatal=False
                     )
-            actions = handler(frame, rid, now_ms)
+            actions = handler(self, frame, rid, now_ms)
             self.limited_since = None
             return actions
         except RequestError as exc:
@@ -391,7 +398,7 @@ class Session:
         info = self.store.channel(channel)
         read = self.store.read_cursor(self.user, channel)
         self.joined.add(channel)
-        self.cut.discard(channel)
+        self.cut -= {channel}
         actions: list[Action] = [Subscribe(channel)]
         if not self.store.is_member(self.user, channel):  # for presence: who shares a channel
             actions.append(self._submit(WriteOp("member", channel, self.user), None))
@@ -413,7 +420,7 @@ class Session:
         if not valid_channel(channel):
             raise RequestError(E.BAD_REQUEST, "`channel` is not a valid channel name")
         self.joined.discard(channel)
-        self.cut.discard(channel)
+        self.cut -= {channel}
         return [Unsubscribe(channel), *self._ok(rid, channel=channel)]
 
     # ------------------------------------------------------------------ writes
@@ -532,7 +539,7 @@ class Session:
                 reason = "compacted"
             return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
         if not page.more:
-            self.cut.discard(channel)  # caught up: the live stream resumes
+            self.cut -= {channel}  # caught up: the live stream resumes
         events = [event_frame(channel, e) for e in page.entries]
         return self._ok(
             rid, channel=channel, events=events, more=page.more, head=page.head, epoch=page.epoch
@@ -541,7 +548,7 @@ class Session:
     def cut_stream(self, channel: str, info: ChannelInfo) -> Frame:
         """The server dropped live events of ``channel`` for this slow connection: no more
         are sent until a ``sync`` reaches the head (or a new ``join``)."""
-        self.cut.add(channel)
+        self.cut |= {channel}
         return resync_frame(channel, info.head, info.epoch, "cut")
 
     # ------------------------------------------------------------------ signals
@@ -615,7 +622,7 @@ class Session:
         for channel in sorted(self.joined):
             if not claims.may_read(channel):
                 self.joined.discard(channel)
-                self.cut.discard(channel)
+                self.cut -= {channel}
                 if self.typing.pop(channel, None) is not None:
                     actions.append(self._typing_push(channel, False))
                 left = {"t": "left", "channel": channel, "reason": "forbidden"}
@@ -626,3 +633,21 @@ class Session:
         pong: Frame = {"t": "pong"} if rid is None else {"t": "pong", "rid": rid}
         pong["ts"] = now_ms
         return [Reply(pong)]
+
+    # The frame types a session takes after hello. One table for every session (a
+    # per-session table of bound methods cost 1.3 KiB per connection).
+    HANDLERS: ClassVar[dict[str, Callable[[Session, Frame, int | None, int], list[Action]]]] = {
+        "join": _join,
+        "leave": _leave,
+        "send": _send,
+        "edit": _change,
+        "delete": _change,
+        "history": _history,
+        "sync": _sync,
+        "read": _read,
+        "typing": _typing,
+        "ping": _ping,
+        "refresh": _refresh,
+        "presence": _presence,
+        "unread": _unread,
+    }

@@ -11,6 +11,12 @@ waits for the peer under ``send_timeout_s`` and ends once everything is sent; un
 then the flusher leaves the connection alone, so bytes stay in order. A TLS connection
 has its writer task for its whole life and writes only through it.
 
+An idle plain TCP connection is its reader task waiting for the socket to be readable
+and a few small objects (no nursery, writer task, Event or cancel scope of its own
+beyond the one around its reader): about 7 KiB of server memory (bench workload (f)).
+Writer tasks run in the server's task nursery; the connection cancels and awaits its
+own when it closes.
+
 Threads: the store's writer thread commits batches and hands each one to the trio thread
 with ``TrioToken.run_sync_soon``; those callbacks run in commit order, so every member
 receives a channel's events in seq order. All hub and session state lives in the trio
@@ -38,7 +44,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -74,6 +80,12 @@ RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
+
+# An event that is already set: what a Connection holds while nobody waits. Setting it
+# again does nothing; a waiter arms a fresh one, and puts this back once woken. An idle
+# connection then holds no Event of its own (memory per idle connection, bench (f)).
+SET = trio.Event()
+SET.set()
 
 
 class AcceptErrorFilter(logging.Filter):
@@ -111,14 +123,81 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
     SIGPIPE, so a gone peer is an EPIPE/ECONNRESET error); a stream may bring its own
     (the simulation's does); None (TLS): the writer task sends everything."""
     if isinstance(stream, trio.SocketStream):
-        fd = stream.socket.fileno()
-        return lambda data: os.write(fd, data)
+        return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
     return send
 
 
+Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
+
+
+def receive_of(stream: trio.abc.Stream) -> Receive:
+    """The reader's receive: up to RECEIVE_CHUNK bytes, b"" at the peer's EOF. Plain TCP:
+    ``read`` on the socket, waiting with ``wait_readable`` on its fd when there is
+    nothing, the way trio's own socket calls do, minus their layers: an idle connection
+    is suspended in one small frame (memory per idle connection, bench (f)). Any other
+    stream (TLS, the simulation's): its ``receive_some``."""
+    if not isinstance(stream, trio.SocketStream):
+        return functools.partial(stream.receive_some, RECEIVE_CHUNK)
+    return functools.partial(_receive_fd, stream.socket.fileno())
+
+
+async def receive_before(receive: Receive, deadline: float) -> bytes | bytearray | None:
+    """``receive()``, or None if ``deadline`` passes first."""
+    with trio.move_on_at(deadline):
+        return await receive()
+    return None
+
+
+async def _receive_fd(fd: int) -> bytes:
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
+    while True:
+        try:
+            data: bytes | None = os.read(fd, RECEIVE_CHUNK)
+        except BlockingIOError:
+            data = None  # waited for below, not in this handler: it would keep the
+            # exception (and its traceback) alive for as long as the connection idles
+        except OSError as exc:  # reported as trio's SocketStream reports it
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if data is None:
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+            continue
+        if not waited:  # a checkpoint either way: a busy peer cannot starve the rest
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+
 class Connection:
     """One client connection: its session, its outbound queue and its tasks."""
+
+    __slots__ = (  # no per-instance dict (memory per idle connection)
+        "blocked",
+        "cancel",
+        "closing",
+        "drained",
+        "first_sync",
+        "has_data",
+        "inflight",
+        "inflight_freed",
+        "limit",
+        "next_check",
+        "nursery",
+        "peer",
+        "pending",
+        "queue",
+        "queued_bytes",
+        "serial",
+        "server",
+        "session",
+        "stream",
+        "try_send",
+        "write_error",
+        "writer_done",
+        "writer_scope",
+        "writing",
+    )
 
     def __init__(
         self, server: Server, stream: trio.abc.Stream, session: Session, peer: str, serial: int
@@ -129,7 +208,7 @@ class Connection:
         self.session = session
         self.peer = peer
         # Outbound frames: (bytes, channel of a live event or None for a reply/push).
-        self.queue: collections.deque[tuple[bytes, str | None]] = collections.deque()
+        self.queue: list[tuple[bytes, str | None]] = []
         self.queued_bytes = 0
         # The flusher's non-blocking write, used only while the writer task is not
         # sending (``blocked``); None for TLS, and once the stream is closed.
@@ -137,17 +216,19 @@ class Connection:
         self.blocked = self.try_send is None  # the writer task sends; the flusher stays out
         self.pending = b""  # bytes the flusher could not write, for the writer task
         self.write_error: OSError | None = None  # the flusher's, raised by the writer task
-        self.has_data = trio.Event()  # wakes the writer task
-        # The writer task exists only while needed (TLS: always). handle() sets the
-        # nursery it is started in, and clears it when the connection is closing.
+        self.has_data = SET  # wakes the writer task
+        # The writer task exists only while needed (TLS: always). It runs in the server's
+        # task nursery, which handle() sets here and clears when the connection closes.
         self.nursery: trio.Nursery | None = None
+        self.writer_scope: trio.CancelScope | None = None  # the running writer's
+        self.writer_done = SET  # set when the running writer has ended
         self.writing = False  # a writer task is running
         # Set when the queue is taken / a write is acknowledged; a waiter arms a new one.
-        self.drained = trio.Event()
+        self.drained = SET
         self.inflight = 0
-        self.inflight_freed = trio.Event()
+        self.inflight_freed = SET
         self.closing: str | None = None  # set: flush what is queued, then close
-        self.cancel = trio.CancelScope()
+        self.cancel = trio.CancelScope()  # around the reader, in handle(): see abort()
         self.limit = server.settings.max_queue_bytes
         self.first_sync = True  # no sync seen yet (metrics: a sync from a position resumes)
         # The session's next timer deadline as of the last check (ms; 0: unknown). Only a
@@ -221,7 +302,7 @@ class Connection:
     def _cut_streams(self, channel: str) -> None:
         """Slow consumer: drop queued live events and tell the client to sync."""
         cut = {channel}
-        kept: collections.deque[tuple[bytes, str | None]] = collections.deque()
+        kept: list[tuple[bytes, str | None]] = []
         for data, ch in self.queue:
             if ch is None:
                 kept.append((data, ch))
@@ -248,22 +329,51 @@ class Connection:
             self.closing = reason
             self.wake_writer()
 
+    def abort(self) -> None:
+        """Close the connection now: cancel its reader and its writer task; handle() then
+        cleans up."""
+        self.cancel.cancel()
+        if self.writer_scope is not None:
+            self.writer_scope.cancel()
+
+    def failed(self, exc: Exception) -> None:
+        """An exception ended the reader or the writer, or came from the flusher: a lost
+        peer is an ordinary disconnect; anything else is a bug, which closes this
+        connection only."""
+        if isinstance(exc, PEER_GONE):
+            self.closing = self.closing or f"connection lost: {exc!r}"
+        else:
+            log.error("internal error on %s (%s)", self.peer, self.user, exc_info=exc)
+            self.closing = "internal error"
+        self.abort()
+
     def wake_writer(self) -> None:
         """Wake the writer task, starting it if none runs."""
         self.has_data.set()
         if not self.writing and self.nursery is not None:
             self.writing = True
-            self.nursery.start_soon(self.writer)
+            self.writer_scope = trio.CancelScope()
+            self.writer_done = trio.Event()
+            self.nursery.start_soon(self.writer, self.writer_scope)
 
-    async def writer(self) -> None:
+    async def stop_writer(self) -> None:
+        """The connection is closing: start no more writer tasks, and end a running one
+        (cancelled) before the socket is closed."""
+        self.nursery = None
+        if self.writing:
+            assert self.writer_scope is not None
+            self.writer_scope.cancel()
+            await self.writer_done.wait()
+
+    async def writer(self, scope: trio.CancelScope) -> None:
         """Send what the flusher could not (or everything, over TLS), coalescing whatever
         is queued into one write, until the queue is empty; then hand the socket back to
         the flusher and end (an idle plain TCP connection has no writer task), or close
-        the connection if it is closing. One cancel scope for the task's life: its
-        deadline is armed only while a write waits for the peer."""
+        the connection if it is closing. ``scope`` is for the task's life: abort()
+        cancels it, and its deadline is armed only while a write waits for the peer."""
         timeout = self.server.settings.send_timeout_s
         try:
-            with trio.CancelScope() as deadline:
+            with scope:
                 while True:
                     await self.has_data.wait()
                     self.has_data = trio.Event()
@@ -275,28 +385,38 @@ class Connection:
                     while self.pending or self.queue:
                         data = self.pending + self._take_queue() if self.queue else self.pending
                         self.pending = b""
-                        deadline.deadline = trio.current_time() + timeout
+                        scope.deadline = trio.current_time() + timeout
                         await self.stream.send_all(data)
-                        deadline.deadline = math.inf
+                        scope.deadline = math.inf
                     self.blocked = self.try_send is None
                     if self.closing is not None and not self.queue:
-                        self.cancel.cancel()
+                        self.abort()
                         return
                     if not self.blocked:
                         return  # the flusher's again
-            self.closing = self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
-            self.cancel.cancel()
+            if trio.current_time() >= scope.deadline:  # not cancelled: timed out
+                self.closing = (
+                    self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
+                )
+                self.abort()
+        except Exception as exc:  # never into the server's nursery: it would stop the server
+            self.failed(exc)
         finally:
             self.writing = False
+            self.writer_scope = None
+            self.has_data = SET  # the next writer task starts with data to send
+            self.writer_done.set()
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
         while self.queued_bytes > self.limit // 2:
             self.drained = trio.Event()  # armed by the waiter: setting one costs nothing
             await self.drained.wait()
+            self.drained = SET
         while self.inflight >= self.server.settings.max_inflight:
             self.inflight_freed = trio.Event()
             await self.inflight_freed.wait()
+            self.inflight_freed = SET
 
     async def reader(self) -> None:
         """Decode frames and hand them to the session. Two deadlines guard the reads:
@@ -307,7 +427,7 @@ class Connection:
             max_frame=session.limits.max_frame, max_depth=session.limits.max_depth
         )
         settings = server.settings
-        metrics = server.metrics
+        receive = receive_of(self.stream)
         hello_deadline = trio.current_time() + settings.hello_timeout_s
         partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
@@ -316,13 +436,12 @@ class Connection:
             else:
                 deadline, code = partial_since + settings.frame_timeout_s, E.FRAME_TIMEOUT
             if deadline == math.inf:  # no frame begun: idle peers are the ticker's
-                data = await self.stream.receive_some(RECEIVE_CHUNK)
+                data: bytes | bytearray | None = await receive()
             else:
-                with trio.move_on_at(deadline) as wait:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK)
-                if wait.cancelled_caught:
-                    server.perform(self, session.timed_out(code))
-                    return
+                data = await receive_before(receive, deadline)
+            if data is None:
+                server.perform(self, session.timed_out(code))
+                return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
             try:
@@ -334,21 +453,30 @@ class Connection:
                 partial_since = math.inf
             elif frames or partial_since == math.inf:
                 partial_since = trio.current_time()  # the deadline is per frame
-            for frame in frames:
-                await self.wait_writable()
-                if server.draining:
-                    break  # read and drop: unread input would make close() send a reset
-                if self.closing is not None:
-                    return
-                t = frame.get("t")
-                metrics.frame_in(t)
-                if t == "sync" and self.first_sync:
-                    self.first_sync = False
-                    since = frame.get("since")
-                    if type(since) is int and since > 0 and not session.cut:
-                        metrics.resumes.inc()
-                self.next_check = 0
-                server.perform(self, session.receive_frame(frame, server.now_ms()))
+            if not await self._dispatch(frames):
+                return
+            data, frames = b"", []  # while it waits, an idle connection keeps no input
+
+    async def _dispatch(self, frames: list[dict[str, Any]]) -> bool:
+        """Hand decoded frames to the session, one at a time, under backpressure; False
+        once the connection is closing."""
+        session, server = self.session, self.server
+        for frame in frames:
+            await self.wait_writable()
+            if server.draining:
+                break  # read and drop: unread input would make close() send a reset
+            if self.closing is not None:
+                return False
+            t = frame.get("t")
+            server.metrics.frame_in(t)
+            if t == "sync" and self.first_sync:
+                self.first_sync = False
+                since = frame.get("since")
+                if type(since) is int and since > 0 and not session.cut:
+                    server.metrics.resumes.inc()
+            self.next_check = 0
+            server.perform(self, session.receive_frame(frame, server.now_ms()))
+        return True
 
 
 class Server:
@@ -371,6 +499,8 @@ class Server:
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
+        self._limited = metrics.limited  # one bound method for every session
+        self._tasks: trio.Nursery | None = None  # run()'s handler nursery
         metrics.connections.set_function(lambda: len(self.connections))
         metrics.queued_bytes.set_function(
             lambda: sum(c.queued_bytes for c in self.connections.values())
@@ -416,10 +546,8 @@ class Server:
             for conn in conns:
                 try:
                     conn.flush()
-                except Exception:  # a bug: it closes this connection, not the server
-                    log.exception("internal error writing to %s (%s)", conn.peer, conn.user)
-                    conn.closing = conn.closing or "internal error"
-                    conn.cancel.cancel()
+                except Exception as exc:  # a bug: it closes this connection, not the server
+                    conn.failed(exc)
 
     # ------------------------------------------------------------------ actions
 
@@ -665,7 +793,7 @@ class Server:
             session_id,
             now,
             self.user_limits,
-            on_rate_limited=self.metrics.limited,
+            on_rate_limited=self._limited,
         )
         conn = Connection(self, stream, session, peer, serial)
         self.connections[session] = conn
@@ -673,34 +801,23 @@ class Server:
         log.info("connect %s session %s", peer, session_id)
         try:
             with conn.cancel:
-                async with trio.open_nursery() as nursery:
-                    conn.nursery = nursery
-                    try:
-                        if conn.try_send is None:  # TLS: every write goes through the task
-                            conn.wake_writer()
-                        await conn.reader()
-                        # The reader is done: acknowledge the writes still in flight, let
-                        # the writer flush, then close; all within a deadline.
-                        with trio.move_on_after(self.settings.shutdown_grace_s):
-                            while conn.inflight and conn.closing is None:
-                                conn.inflight_freed = trio.Event()
-                                await conn.inflight_freed.wait()
-                            conn.close_after_flush("peer closed the connection")
-                            await trio.sleep_forever()
-                        nursery.cancel_scope.cancel()
-                    finally:
-                        conn.nursery = None  # closing: no writer is started any more
+                conn.nursery = self._tasks
+                if conn.try_send is None:  # TLS: every write goes through the task
+                    conn.wake_writer()
+                await conn.reader()
+                # The reader is done: acknowledge the writes still in flight, let the
+                # writer flush, then close; all within a deadline.
+                with trio.move_on_after(self.settings.shutdown_grace_s):
+                    while conn.inflight and conn.closing is None:
+                        conn.inflight_freed = trio.Event()
+                        await conn.inflight_freed.wait()
+                    conn.close_after_flush("peer closed the connection")
+                    await trio.sleep_forever()
         except Exception as exc:
-            # The nursery wraps errors in an ExceptionGroup: a lost peer is an ordinary
-            # disconnect; anything else is a bug, which closes this connection only.
-            group = exc if isinstance(exc, ExceptionGroup) else ExceptionGroup("", [exc])
-            lost, bugs = group.split(PEER_GONE)
-            if bugs is not None:
-                log.error("internal error on %s (%s)", peer, conn.user, exc_info=bugs)
-                conn.closing = "internal error"
-            elif lost is not None:
-                conn.closing = conn.closing or f"connection lost: {lost.exceptions[0]!r}"
+            conn.failed(exc)
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.stop_writer()
             reason = conn.closing or "closed"
             self.perform(None, session.closed(reason))
             if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
@@ -745,6 +862,7 @@ class Server:
             )
         try:
             async with trio.open_nursery() as handlers:
+                self._tasks = handlers  # the connections' writer tasks run here too
                 async with trio.open_nursery() as listening:
                     if listeners is not None:
                         await listening.start(
