@@ -432,6 +432,8 @@ def report(meta: dict[str, Any], memory: list[dict[str, Any]], disk: list[dict[s
             f"| {'TLS' if run['tls'] else 'plaintext'} | {run['bytes_per_connection_rss']:,} | "
             f"{run['bytes_per_connection_anon']:,} |"
         )
+    if not disk:  # --skip-disk
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "## Disk per million messages",
