@@ -493,3 +493,85 @@ async def test_join_ok_comes_before_every_push_of_the_channel(harness: Harness) 
         reply = await alice.next(lambda f, k=k: f.get("rid") == 1000 + k)
         assert reply["t"] == "ok", reply
     assert pushes_after_ok > 0  # the joins did race live traffic
+
+
+async def test_a_peer_that_reads_nothing_is_closed_after_the_send_timeout(tmp_path: Path) -> None:
+    """A member that stops reading: once its socket is full, the writer task waits for it
+    at most ``send_timeout_s``, then the server closes the connection (reason
+    ``send_timeout``). The queue bound is raised so that the cut does not come first.
+    The sender and the channel go on."""
+    settings = make_settings(tmp_path / "data", send_timeout_s=0.5, max_queue_bytes=64 << 20)
+    async with running_server(settings) as h:
+        stuck = await connect_small_buffer(h, "stuck")
+        await join(stuck)
+        alice = await h.connect("alice")
+        closed = h.server.metrics.value
+        n = 0
+        with trio.fail_after(30):
+            while not closed("tsmsg_connections_closed_total", reason="send_timeout"):
+                n += 1
+                ack = await alice.request("send", channel=CHANNEL, cid=f"c{n}", text="x" * 4096)
+                assert ack["t"] == "ok", ack
+        assert all(c.user != "stuck" for c in h.server.connections.values())
+        assert h.server.metrics.value("tsmsg_slow_consumer_resyncs_total") == 0
+        after = await alice.request("send", channel=CHANNEL, cid="after", text="still")
+        assert after["seq"] == n + 1
+        # What the stuck client had buffered is a dense prefix of the channel; then EOF.
+        seqs: list[int] = []
+        with pytest.raises((EOFError, trio.BrokenResourceError)):
+            while True:
+                seqs.append((await stuck.next(is_event()))["seq"])
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < n
+
+
+class LateStream(trio.abc.Stream):
+    """A stream whose first ``send_all`` completes only after the send deadline passed
+    (the peer read, just late): shielded, so the deadline cannot interrupt it."""
+
+    def __init__(self, late_s: float) -> None:
+        self.late_s = late_s
+        self.got: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.got:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(self.late_s)
+        else:
+            await trio.lowlevel.checkpoint()
+        self.got.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def try_send(self, data: bytes) -> int:
+        raise BlockingIOError  # the socket is full: everything goes to the writer task
+
+
+async def test_a_write_that_completes_after_the_deadline_loses_nothing(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The writer's deadline expires while a write is completing: that write counts as
+    sent, the frames queued meanwhile follow it in order, and the connection stays open.
+    (A writer that kept one cancel scope for its life dropped the next write's bytes
+    silently here: a scope whose deadline passed stays cancelled.)"""
+    timeout = 1.0
+    async with running_server(make_settings(tmp_path / "data", send_timeout_s=timeout)) as h:
+        await h.connect("late")
+        conn = connection_of(h.server, "late")
+        stream = LateStream(late_s=timeout * 2)
+        conn.stream, conn.try_send = stream, stream.try_send
+        conn.send_bytes(b"first", None)  # the flusher cannot write it: the writer sends it
+        await trio.sleep(timeout / 2)
+        conn.send_bytes(b"second", None)  # queued while the first write waits
+        await trio.sleep(timeout * 3)
+        conn.send_bytes(b"third", None)
+        await trio.sleep(timeout)
+        assert stream.got == [b"first", b"second", b"third"]
+        assert conn.closing is None and not conn.writing

@@ -141,6 +141,9 @@ def _text(frame: Frame, key: str, max_bytes: int) -> str:
     return value
 
 
+NO_CUTS: frozenset[str] = frozenset()  # what a session's ``cut`` is while empty
+
+
 class Session:
     __slots__ = (  # one per connection: no per-instance dict (memory per idle connection)
         "_frames",
@@ -181,7 +184,7 @@ class Session:
         self.joined: set[str] = set()
         # Joined channels whose live stream was cut (slow consumer). Rare: a frozenset, so
         # the many sessions that never have one share the empty one.
-        self.cut: frozenset[str] = frozenset()
+        self.cut = NO_CUTS
         self.close_reason: str | None = None
         self._frames = TokenBucket(limits.frame_rate, limits.frame_burst, now_ms)
         # Shared with the user's other sessions (the server passes one for all).
@@ -398,7 +401,7 @@ class Session:
         info = self.store.channel(channel)
         read = self.store.read_cursor(self.user, channel)
         self.joined.add(channel)
-        self.cut -= {channel}
+        self._uncut(channel)
         actions: list[Action] = [Subscribe(channel)]
         if not self.store.is_member(self.user, channel):  # for presence: who shares a channel
             actions.append(self._submit(WriteOp("member", channel, self.user), None))
@@ -420,7 +423,7 @@ class Session:
         if not valid_channel(channel):
             raise RequestError(E.BAD_REQUEST, "`channel` is not a valid channel name")
         self.joined.discard(channel)
-        self.cut -= {channel}
+        self._uncut(channel)
         return [Unsubscribe(channel), *self._ok(rid, channel=channel)]
 
     # ------------------------------------------------------------------ writes
@@ -539,11 +542,15 @@ class Session:
                 reason = "compacted"
             return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
         if not page.more:
-            self.cut -= {channel}  # caught up: the live stream resumes
+            self._uncut(channel)  # caught up: the live stream resumes
         events = [event_frame(channel, e) for e in page.entries]
         return self._ok(
             rid, channel=channel, events=events, more=page.more, head=page.head, epoch=page.epoch
         )
+
+    def _uncut(self, channel: str) -> None:
+        if channel in self.cut:
+            self.cut = self.cut - {channel} or NO_CUTS
 
     def cut_stream(self, channel: str, info: ChannelInfo) -> Frame:
         """The server dropped live events of ``channel`` for this slow connection: no more
@@ -622,7 +629,7 @@ class Session:
         for channel in sorted(self.joined):
             if not claims.may_read(channel):
                 self.joined.discard(channel)
-                self.cut -= {channel}
+                self._uncut(channel)
                 if self.typing.pop(channel, None) is not None:
                     actions.append(self._typing_push(channel, False))
                 left = {"t": "left", "channel": channel, "reason": "forbidden"}

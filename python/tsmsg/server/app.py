@@ -369,8 +369,10 @@ class Connection:
         """Send what the flusher could not (or everything, over TLS), coalescing whatever
         is queued into one write, until the queue is empty; then hand the socket back to
         the flusher and end (an idle plain TCP connection has no writer task), or close
-        the connection if it is closing. ``scope`` is for the task's life: abort()
-        cancels it, and its deadline is armed only while a write waits for the peer."""
+        the connection if it is closing. ``scope`` is for the task's life: abort() and
+        stop_writer() cancel it. Each write waits for the peer for at most
+        ``send_timeout_s``, under a deadline of its own: a write that completes is sent,
+        however late."""
         timeout = self.server.settings.send_timeout_s
         try:
             with scope:
@@ -385,38 +387,39 @@ class Connection:
                     while self.pending or self.queue:
                         data = self.pending + self._take_queue() if self.queue else self.pending
                         self.pending = b""
-                        scope.deadline = trio.current_time() + timeout
-                        await self.stream.send_all(data)
-                        scope.deadline = math.inf
+                        with trio.move_on_after(timeout) as sending:
+                            await self.stream.send_all(data)
+                        if sending.cancelled_caught:
+                            reason = f"send timeout: the peer read nothing for {timeout:g} s"
+                            self.closing = self.closing or reason
+                            self.abort()
+                            return
                     self.blocked = self.try_send is None
                     if self.closing is not None and not self.queue:
                         self.abort()
                         return
                     if not self.blocked:
                         return  # the flusher's again
-            if trio.current_time() >= scope.deadline:  # not cancelled: timed out
-                self.closing = (
-                    self.closing or f"send timeout: the peer read nothing for {timeout:g} s"
-                )
-                self.abort()
         except Exception as exc:  # never into the server's nursery: it would stop the server
             self.failed(exc)
         finally:
             self.writing = False
             self.writer_scope = None
             self.has_data = SET  # the next writer task starts with data to send
-            self.writer_done.set()
+            self.writer_done.set()  # stop_writer() holds it if it waits
+            self.writer_done = SET
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
-        while self.queued_bytes > self.limit // 2:
-            self.drained = trio.Event()  # armed by the waiter: setting one costs nothing
-            await self.drained.wait()
-            self.drained = SET
-        while self.inflight >= self.server.settings.max_inflight:
-            self.inflight_freed = trio.Event()
-            await self.inflight_freed.wait()
-            self.inflight_freed = SET
+        try:
+            while self.queued_bytes > self.limit // 2:
+                self.drained = trio.Event()  # armed by the waiter: setting one costs nothing
+                await self.drained.wait()
+            while self.inflight >= self.server.settings.max_inflight:
+                self.inflight_freed = trio.Event()
+                await self.inflight_freed.wait()
+        finally:
+            self.drained = self.inflight_freed = SET
 
     async def reader(self) -> None:
         """Decode frames and hand them to the session. Two deadlines guard the reads:
@@ -801,6 +804,7 @@ class Server:
         log.info("connect %s session %s", peer, session_id)
         try:
             with conn.cancel:
+                assert self._tasks is not None, "handle() runs under run()"
                 conn.nursery = self._tasks
                 if conn.try_send is None:  # TLS: every write goes through the task
                     conn.wake_writer()
@@ -818,6 +822,8 @@ class Server:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await conn.stop_writer()
+            if conn.writing:  # closed under it: it ends as a lost peer
+                log.warning("writer of %s (%s) still running at close", peer, conn.user)
             reason = conn.closing or "closed"
             self.perform(None, session.closed(reason))
             if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
