@@ -173,3 +173,17 @@ def test_typing_has_its_own_bucket() -> None:
 def test_limits_refuse_empty_buckets(kind: str, rate: float, burst: int) -> None:
     with pytest.raises(ValueError, match=kind):
         Limits(**{f"{kind}_rate": rate, f"{kind}_burst": burst})
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"max_cid_chars": 65}, "max_cid_chars"),  # the store's dedup keys hold 64
+        ({"max_cid_chars": 0}, "max_cid_chars"),
+        ({"history_default": 101, "history_max": 100}, "history_default"),
+        ({"sync_default": 0}, "sync_default"),
+    ],
+)
+def test_limits_refuse_values_the_server_cannot_serve(fields: dict[str, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Limits(**fields)

@@ -329,6 +329,30 @@ async def test_idle_device_is_disconnected_mock_clock(
     await _idle_device_goes_offline(harness, 30.0, slack_s=0.26)
 
 
+@real(limits=fast_limits(heartbeat_ms=100), max_inflight=1)
+async def test_a_connection_held_back_by_flow_control_is_not_idle(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops reading a connection whose one write waits for a stalled store
+    (max_inflight 1); its pings stay unread for 2.5 x the idle timeout. The server, not
+    the peer, is holding back: no idle_timeout (PROTOCOL.md section 4). Once the store
+    moves, the write is acknowledged and every ping answered, in order."""
+    client = await harness.connect("alice")
+    store = harness.server.store
+    held: list[Any] = []
+    monkeypatch.setattr(store, "submit", lambda *ops: held.extend(ops))
+    await client.send({"t": "send", "rid": 100, "channel": ROOM, "cid": "c1", "text": "x"})
+    for i in range(10):  # 0.5 s; the idle timeout is 0.2 s
+        await client.send({"t": "ping", "rid": 200 + i})
+        await trio.sleep(0.05)
+    monkeypatch.undo()
+    store.submit(*held)
+    assert (await client.next(of_rid(100)))["t"] == "ok"
+    pongs = [await client.next(of_rid(200 + i)) for i in range(10)]
+    assert [p["t"] for p in pongs] == ["pong"] * 10
+    assert not [f for f in client.pending if f.get("t") == "error"]
+
+
 # ====================================================================== typing
 
 

@@ -55,6 +55,7 @@ from tsmsg.store import (
     StoreUnavailable,
     WriteOp,
 )
+from tsmsg.store.crypto import EncryptionError
 
 SECRET = b"session-test-secret-session-test-secret"  # >= 32 bytes: pyjwt warns on short keys
 OTHER_SECRET = b"another-secret-another-secret-another!!"
@@ -1192,6 +1193,32 @@ def test_sync_with_another_epoch_is_resync(store: LmdbStore) -> None:
     assert isinstance(ok2, Reply) and ok2.frame["events"] == []
 
 
+def test_a_read_the_store_fails_is_a_request_error(
+    store: LmdbStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored entry the server cannot read (here: it cannot decrypt it) answers the
+    request with `internal` and leaves the connection open; the detail, which may name
+    key ids, goes to the log only."""
+    store.append(ROOM, "bob", "c1", "x")
+    session = connect(store)
+
+    def undecryptable(*args: Any, **kwargs: Any) -> Any:
+        raise EncryptionError("entry sealed with key 'k7', which is not configured")
+
+    monkeypatch.setattr(store, "sync", undecryptable)
+    [reply] = call(session, "sync", rid=9, channel=ROOM, since=0)
+    assert reply == Reply(
+        {
+            "t": "error",
+            "rid": 9,
+            "code": "internal",
+            "message": "the server could not read the stored data",
+        }
+    )
+    assert "k7" in caplog.text
+    assert call(session, "ping", rid=10) == [Reply({"t": "pong", "rid": 10, "ts": NOW_MS})]
+
+
 def test_sync_past_the_head_is_resync(store: LmdbStore) -> None:
     for i in range(2):
         store.append(ROOM, "bob", f"c{i}", "x")
@@ -1222,6 +1249,10 @@ def test_sync_below_the_compaction_horizon_is_resync(tmp_path: Path) -> None:
                 }
             )
         ]
+        # From 0 the epoch is not checked (PROTOCOL.md section 11): compacted, even with
+        # a stale one.
+        [stale] = call(session, "sync", rid=5, channel=ROOM, since=0, epoch=info.epoch + 1)
+        assert isinstance(stale, Reply) and stale.frame["reason"] == "compacted"
         [reply] = call(session, "sync", rid=2, channel=ROOM, since=2)
         assert isinstance(reply, Reply) and [e["seq"] for e in reply.frame["events"]] == [3]
         [_, _, joined] = call(session, "join", rid=3, channel=ROOM)

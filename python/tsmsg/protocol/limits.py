@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsmsg._native import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
+from tsmsg.store.base import MAX_CID_CHARS
 
 PROTOCOL_VERSION = 1
 # Bytes a reply or event needs besides its text and meta (keys, ids, names, a page's
@@ -58,6 +59,13 @@ class Limits:
         for kind in ("frame", "send", "channel_send", "typing"):
             if getattr(self, f"{kind}_rate") <= 0 or getattr(self, f"{kind}_burst") < 1:
                 raise ValueError(f"{kind}_rate must be > 0 and {kind}_burst >= 1")
+        # The store's dedup keys hold at most MAX_CID_CHARS: a longer cid would pass the
+        # protocol's check and then fail in the store.
+        if not 1 <= self.max_cid_chars <= MAX_CID_CHARS:
+            raise ValueError(f"max_cid_chars must be 1 to {MAX_CID_CHARS}")
+        for page in ("history", "sync"):
+            if not 1 <= getattr(self, f"{page}_default") <= getattr(self, f"{page}_max"):
+                raise ValueError(f"{page}_default must be 1 to {page}_max")
 
     def announce(self) -> dict[str, int | float]:
         """The limits a client needs to know, sent in ``welcome.limits``."""

@@ -13,6 +13,7 @@ sends its error frame, then ``Close``, and the session refuses further input.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,7 +24,9 @@ from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.limits import PROTOCOL_VERSION, Limits
 from tsmsg.protocol.ratelimit import TokenBucket, UserLimits
-from tsmsg.store.base import AppendResult, ChannelInfo, Entry, Store, WriteOp
+from tsmsg.store.base import AppendResult, ChannelInfo, Entry, Store, StoreError, WriteOp
+
+log = logging.getLogger("tsmsg.session")
 
 Frame = dict[str, Any]
 INT64_MAX = 2**63 - 1
@@ -256,6 +259,11 @@ class Session:
                         retry_after_ms=exc.extra.get("retry_after_ms", 1),
                     )
             return self._refuse(exc, rid)
+        except StoreError as exc:  # a read the store failed (an entry it cannot decrypt)
+            log.error("%s of session %s failed in the store: %r", t, self.session_id, exc)
+            internal = exc.code == E.INTERNAL  # its detail (key ids...) stays in the log
+            message = "the server could not read the stored data" if internal else exc.message
+            return self._refuse(RequestError(exc.code, message), rid)
 
     def frame_error(self, exc: FrameError) -> list[Action]:
         """The decoder failed: a connection error."""
@@ -536,10 +544,9 @@ class Session:
             channel, since, limit, max_bytes=self._page_bytes(channel), entry_overhead=overhead
         )
         epoch = None if frame.get("epoch") is None else _int(frame, "epoch", 0, INT64_MAX)
-        if page.resync or (epoch is not None and epoch != page.epoch and since > 0):
-            reason = "epoch" if epoch not in (None, page.epoch) else "ahead"
-            if since <= page.head and reason != "epoch":
-                reason = "compacted"
+        stale = epoch is not None and epoch != page.epoch and since > 0  # section 11
+        if page.resync or stale:
+            reason = "epoch" if stale else "compacted" if since <= page.head else "ahead"
             return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
         if not page.more:
             self._uncut(channel)  # caught up: the live stream resumes

@@ -179,6 +179,7 @@ class Connection:
         "drained",
         "first_sync",
         "has_data",
+        "held",
         "inflight",
         "inflight_freed",
         "limit",
@@ -227,6 +228,7 @@ class Connection:
         self.drained = SET
         self.inflight = 0
         self.inflight_freed = SET
+        self.held = False  # the reader waits in wait_writable: the peer is not idle
         self.closing: str | None = None  # set: flush what is queued, then close
         self.cancel = trio.CancelScope()  # around the reader, in handle(): see abort()
         self.limit = server.settings.max_queue_bytes
@@ -413,12 +415,15 @@ class Connection:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
         try:
             while self.queued_bytes > self.limit // 2:
+                self.held = True
                 self.drained = trio.Event()  # armed by the waiter: setting one costs nothing
                 await self.drained.wait()
             while self.inflight >= self.server.settings.max_inflight:
+                self.held = True
                 self.inflight_freed = trio.Event()
                 await self.inflight_freed.wait()
         finally:
+            self.held = False
             self.drained = self.inflight_freed = SET
 
     async def reader(self) -> None:
@@ -962,6 +967,8 @@ class Server:
             await trio.sleep(self.settings.tick_ms / 1000)
             now = self.now_ms()
             for conn in list(self.connections.values()):
+                if conn.held:  # the server, not the peer, holds back its frames: not idle
+                    conn.session.last_rx_ms = now
                 if conn.next_check > now:
                     continue
                 due = conn.session.next_deadline()

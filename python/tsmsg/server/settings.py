@@ -69,9 +69,9 @@ class Settings:
     # Compaction and retention, per channel (STORAGE.md "Compaction"): a background pass
     # every compact_interval_s (0: only when `tsmsg compact` runs). It keeps each message's
     # latest state, drops superseded entries and, after tombstone_retention_s, tombstones;
-    # the newest compact_keep_recent seqs are never touched. Retention (0: keep all)
-    # drops messages older than retention_max_age_s or beyond the newest
-    # retention_max_count seqs.
+    # it leaves the newest compact_keep_recent seqs alone. Retention (0: keep all) drops
+    # messages older than retention_max_age_s or beyond the newest retention_max_count
+    # seqs, even among the newest compact_keep_recent.
     compact_interval_s: float = 3600.0
     compact_keep_recent: int = 1000
     tombstone_retention_s: float = 86400.0

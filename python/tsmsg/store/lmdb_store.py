@@ -96,7 +96,8 @@ def now_ms() -> int:
 @dataclass(frozen=True, slots=True)
 class CompactionPolicy:
     """Kafka's log-compaction rule, per channel. Entries in the newest ``keep_recent``
-    seqs are never compacted (clients that are only briefly behind replay them raw)."""
+    seqs are never compacted (clients that are only briefly behind replay them raw);
+    retention (``max_age_ms``, ``max_count``) may still drop them."""
 
     keep_recent: int = 1000
     tombstone_retention_ms: int = 24 * 3600 * 1000  # a deleted message's tombstone lives this long
