@@ -67,6 +67,9 @@ REQUIRED |= {
     "left",
     "ok (refresh)",
 }
+REQUIRED |= {"edit", "ok (edit)", "event (edit)", "history", "ok (history)", "delete"}
+REQUIRED |= {"ok (delete)", "event (delete)", "ok (sync after the delete)", "read"}
+REQUIRED |= {"ok (read)", "read (push)", "leave", "ok (leave)"}
 
 HEADING_RE = re.compile(r"^### Example: (.+)$", re.MULTILINE)
 FENCE_RE = re.compile(r"^```(json|hex)\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
@@ -322,6 +325,37 @@ def test_session_produces_the_documented_frames(store: LmdbStore) -> None:
     assert_documented(actions[1].frame, "left")
     assert_documented(actions[2].frame, "ok (refresh)")
     assert session.tick(EXP_MS + 1000 + Limits().refresh_grace_ms) == []  # refreshed: no close
+
+
+def test_edits_deletes_history_and_reads_produce_the_documented_frames(store: LmdbStore) -> None:
+    """The second session of examples: edit, history, delete, a sync after the delete,
+    read and leave, on a fresh store where alice has sent "hi" (seq 1)."""
+    session, _ = hello_session(store)
+    join(session, store)
+    commit(session, store, session.receive_frame(frame("send"), WELCOME_TS))
+
+    def write(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The documented request committed: its ok, and the push to the channel."""
+        actions = commit(session, store, session.receive_frame(frame(name), WELCOME_TS))
+        assert [type(a) for a in actions] == [Reply, Publish]
+        assert actions[1].channel == "room-1" and actions[1].skip_user is None
+        return actions[0].frame, actions[1].frame
+
+    ok, event = write("edit")
+    assert_documented(ok, "ok (edit)")
+    assert_documented(event, "event (edit)")
+    assert_documented(reply(session.receive_frame(frame("history"), WELCOME_TS)), "ok (history)")
+    ok, event = write("delete")
+    assert_documented(ok, "ok (delete)")
+    assert_documented(event, "event (delete)")
+    actions = session.receive_frame(frame("sync (after the delete)"), WELCOME_TS)
+    assert_documented(reply(actions), "ok (sync after the delete)")
+    ok, push = write("read")
+    assert_documented(ok, "ok (read)")
+    assert_documented(push, "read (push)")
+    actions = session.receive_frame(frame("leave"), WELCOME_TS)
+    assert actions[0] == Unsubscribe("room-1") and "room-1" not in session.joined
+    assert_documented(reply(actions), "ok (leave)")
 
 
 def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
