@@ -353,6 +353,25 @@ async def test_a_connection_held_back_by_flow_control_is_not_idle(
     assert not [f for f in client.pending if f.get("t") == "error"]
 
 
+@real(limits=fast_limits(heartbeat_ms=100), max_inflight=1, ready_max_write_age_s=0.05)
+async def test_a_connection_held_back_by_a_stalled_store_times_out(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same hold, but the store reports its oldest write waiting longer than
+    ready_max_write_age_s (stalled): its writes may never complete, so the held
+    connection is not kept alive; the idle timeout applies as to any other."""
+    client = await harness.connect("alice")
+    store = harness.server.store
+    monkeypatch.setattr(store, "submit", lambda *ops: None)
+    monkeypatch.setattr(store, "health", lambda: (None, 1.0))
+    await client.send({"t": "send", "rid": 100, "channel": ROOM, "cid": "c1", "text": "x"})
+    closed = harness.server.metrics.value
+    with trio.fail_after(5):
+        while not closed("tsmsg_connections_closed_total", reason="idle_timeout"):
+            await client.send({"t": "ping"})
+            await trio.sleep(0.05)
+
+
 # ====================================================================== typing
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsmsg._native import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
-from tsmsg.store.base import MAX_CID_CHARS
 
 PROTOCOL_VERSION = 1
+# The longest cid any server of this version stores (the store's dedup keys are sized
+# for it); the max_cid_chars setting may only lower it.
+MAX_CID_CHARS = 64
 # Bytes a reply or event needs besides its text and meta (keys, ids, names, a page's
 # wrapping); a max_frame that cannot hold one maximal message is refused at start.
 FRAME_ENVELOPE = 2048
@@ -20,7 +22,7 @@ class Limits:
     max_depth: int = DEFAULT_MAX_DEPTH  # 32: chat frames nest 3 deep; bounds decoder recursion
     max_text_bytes: int = 16 * 1024  # 16 KiB of UTF-8: a long message, not a file transfer
     max_meta_bytes: int = 4 * 1024  # 4 KiB encoded: attachments' references, not contents
-    max_cid_chars: int = 64  # a UUID is 36; room for client prefixes
+    max_cid_chars: int = MAX_CID_CHARS  # a UUID is 36; room for client prefixes
     history_default: int = 50  # a screenful of messages
     history_max: int = 500  # bounds one read transaction and one reply
     sync_default: int = 500  # catch-up pages are larger: they are replayed, not shown

@@ -408,10 +408,11 @@ class Session:
             )
         info = self.store.channel(channel)
         read = self.store.read_cursor(self.user, channel)
+        member = self.store.is_member(self.user, channel)  # every read before any change
         self.joined.add(channel)
         self._uncut(channel)
         actions: list[Action] = [Subscribe(channel)]
-        if not self.store.is_member(self.user, channel):  # for presence: who shares a channel
+        if not member:  # for presence: who shares a channel
             actions.append(self._submit(WriteOp("member", channel, self.user), None))
         return [
             *actions,

@@ -966,8 +966,12 @@ class Server:
         while True:
             await trio.sleep(self.settings.tick_ms / 1000)
             now = self.now_ms()
+            # A connection the server holds back (flow control) is not idle: the server,
+            # not the peer, is not reading. Unless the store has stalled: then its writes
+            # may never complete, and the idle timeout applies as to any other.
+            stalled = self.store.health()[1] >= self.settings.ready_max_write_age_s
             for conn in list(self.connections.values()):
-                if conn.held:  # the server, not the peer, holds back its frames: not idle
+                if conn.held and not stalled:
                     conn.session.last_rx_ms = now
                 if conn.next_check > now:
                     continue

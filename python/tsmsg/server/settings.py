@@ -156,7 +156,9 @@ def load_settings(
         "ip_connect_rate",
         "ip_login_fail_rate",
         "tick_ms",
+        "hello_timeout_s",
         "frame_timeout_s",
+        "send_timeout_s",
         "tls_handshake_timeout_s",
     ):
         if getattr(settings, name) <= 0:

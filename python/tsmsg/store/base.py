@@ -27,7 +27,6 @@ Kind = Literal["message", "edit", "delete"]
 # error frames; these guard the on-disk format against any other caller).
 MAX_CHANNEL_BYTES = 128  # channel names are short identifiers, not content
 MAX_USER_BYTES = 128  # user ids come from the token's `sub`
-MAX_CID_CHARS = 64  # the idempotency key: a UUID by habit
 
 
 class StoreError(Exception):

@@ -29,9 +29,9 @@ from typing import Any
 import lmdb
 
 from tsmsg._native import DedupRing, packb, unpackb
+from tsmsg.protocol.limits import MAX_CID_CHARS
 from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
-    MAX_CID_CHARS,
     MAX_USER_BYTES,
     AppendResult,
     ChannelInfo,

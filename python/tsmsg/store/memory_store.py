@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tsmsg._native import packb
+from tsmsg.protocol.limits import MAX_CID_CHARS
 from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
-    MAX_CID_CHARS,
     MAX_USER_BYTES,
     AppendResult,
     ChannelInfo,
