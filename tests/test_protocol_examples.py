@@ -41,7 +41,7 @@ from tsmsg.protocol.session import (
 )
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
-from tsmsg.store import LmdbStore, StoreConfig, WriteOp
+from tsmsg.store import CompactionPolicy, LmdbStore, StoreConfig, WriteOp
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 SECRET = b"protocol-examples-secret-protocol-examples"  # >= 32 bytes for HS256
@@ -70,6 +70,7 @@ REQUIRED |= {
 REQUIRED |= {"edit", "ok (edit)", "event (edit)", "history", "ok (history)", "delete"}
 REQUIRED |= {"ok (delete)", "event (delete)", "ok (sync after the delete)", "read"}
 REQUIRED |= {"ok (read)", "read (push)", "leave", "ok (leave)"}
+REQUIRED |= {"sync (below the horizon)", "resync (compacted)", "bye"}
 
 HEADING_RE = re.compile(r"^### Example: (.+)$", re.MULTILINE)
 FENCE_RE = re.compile(r"^```(json|hex)\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
@@ -356,6 +357,42 @@ def test_edits_deletes_history_and_reads_produce_the_documented_frames(store: Lm
     actions = session.receive_frame(frame("leave"), WELCOME_TS)
     assert actions[0] == Unsubscribe("room-1") and "room-1" not in session.joined
     assert_documented(reply(actions), "ok (leave)")
+
+
+def test_a_sync_below_the_horizon_is_the_documented_resync(tmp_path: Path) -> None:
+    policy = CompactionPolicy(keep_recent=1)
+    config = StoreConfig(durability="async", compaction=policy)
+    store = LmdbStore(tmp_path / "db", config, clock=lambda: STORE_TS)
+    try:
+        for i in range(3):
+            store.write(WriteOp("message", "room-1", "bob", cid=f"b-{i}", text="x"), timeout=WAIT_S)
+        store.compact("room-1")
+        assert store.channel("room-1").horizon == 2
+        session, _ = hello_session(store)
+        actions = session.receive_frame(frame("sync (below the horizon)"), WELCOME_TS)
+        assert_documented(reply(actions), "resync (compacted)")
+    finally:
+        store.close()
+
+
+async def test_the_server_says_the_documented_bye() -> None:
+    """At a stop, once no write is in flight: bye on every connection, then the close."""
+    server = Server(Settings(), TokenVerifier(SECRET))
+    alice = StandInConnection("alice")
+    closed: list[str] = []
+
+    def close_after_flush(reason: str) -> None:
+        closed.append(reason)
+        server.connections.clear()
+
+    alice.inflight = 0  # type: ignore[attr-defined]
+    alice.close_after_flush = close_after_flush  # type: ignore[attr-defined]
+    server.connections = {"a session": alice}  # type: ignore[dict-item]
+    stopped: list[bool] = []
+    await server.shutdown(lambda: stopped.append(True))
+    [bye] = alice.frames
+    assert_documented(bye, "bye")
+    assert closed == ["server shutdown"] and stopped == [True]
 
 
 def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
