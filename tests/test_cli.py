@@ -10,9 +10,11 @@ runs on a data directory whose store has been closed.)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -237,6 +239,51 @@ def test_serve_refuses_bad_settings(capsys: pytest.CaptureFixture[str], tmp_path
     assert_failure(code, err, "unknown setting 'colour'")
     code, _, err = run(capsys, "serve", "--dev", "--config", str(tmp_path / "none.toml"))
     assert_failure(code, err, "none.toml")
+
+
+def test_serve_refuses_out_of_range_settings(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Values that would break a running server are refused at start, NaN included."""
+    for line, message in [
+        ("port = 70000", "port must be from 0 to 65535"),
+        ("max_inflight = 0", "max_inflight must be >= 1"),
+        ("send_timeout_s = nan", "send_timeout_s must be > 0"),
+        ("shutdown_grace_s = -1.0", "shutdown_grace_s must be >= 0"),
+        ("retention_max_age_s = 0.0004", "retention_max_age_s must be 0 (keep all) or"),
+        ("[limits]\nmax_depth = 0", "max_depth must be >= 1"),
+        ("[limits]\nframe_rate = nan", "frame_rate must be > 0"),
+    ]:
+        config = tmp_path / "tsmsg.toml"
+        config.write_text(line + "\n")
+        code, _, err = run(capsys, "serve", "--dev", "--config", str(config))
+        assert_failure(code, err, message)
+
+
+def test_serve_refuses_a_public_key_and_a_secret(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not read: refused before")
+    monkeypatch.setenv("TSMSG_SECRET", "x" * 32)
+    config = tmp_path / "c.toml"
+    config.write_text(f'public_key_file = "{key}"\nalgorithm = "RS256"\n')
+    code, _, err = run(capsys, "serve", "--config", str(config), "--data-dir", str(tmp_path))
+    assert_failure(code, err, "both public_key_file and TSMSG_SECRET")
+
+
+def test_serve_on_a_busy_port_fails_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        code, _, err = run(capsys, "serve", "--dev", "--port", port, "--data-dir", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    reason = f"[Errno {errno.EADDRINUSE}] cannot listen on 127.0.0.1:{port}"
+    assert last == f"tsmsg: {reason}: {os.strerror(errno.EADDRINUSE)}"
 
 
 def test_serve_refuses_an_incompatible_data_dir(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tsmsg.cli import build_parser, main
+from tsmsg.protocol.limits import Limits
 from tsmsg.server.settings import Settings, load_settings
 from tsmsg.store import LmdbStore
 
@@ -108,7 +109,10 @@ def test_example_config_names_every_setting() -> None:
         and not re.search(rf"^#? ?{f.name} = ", text, re.MULTILINE)
     ]
     assert not missing, f"settings missing from deploy/tsmsg.toml (set or commented): {missing}"
-    assert "limits" in loaded
+    limits = loaded["limits"]
+    missing = [f.name for f in fields(Limits) if f.name not in limits]
+    assert not missing, f"limits missing from deploy/tsmsg.toml's [limits]: {missing}"
+    assert Limits(**limits) == Limits()  # the example states the defaults
 
 
 def test_exec_start_flags_exist() -> None:

@@ -329,7 +329,7 @@ async def test_idle_device_is_disconnected_mock_clock(
     await _idle_device_goes_offline(harness, 30.0, slack_s=0.26)
 
 
-@real(limits=fast_limits(heartbeat_ms=100), max_inflight=1)
+@real(limits=fast_limits(heartbeat_ms=300), max_inflight=1)
 async def test_a_connection_held_back_by_flow_control_is_not_idle(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,9 +342,9 @@ async def test_a_connection_held_back_by_flow_control_is_not_idle(
     held: list[Any] = []
     monkeypatch.setattr(store, "submit", lambda *ops: held.extend(ops))
     await client.send({"t": "send", "rid": 100, "channel": ROOM, "cid": "c1", "text": "x"})
-    for i in range(10):  # 0.5 s; the idle timeout is 0.2 s
+    for i in range(10):  # 1.5 s; the idle timeout is 0.6 s
         await client.send({"t": "ping", "rid": 200 + i})
-        await trio.sleep(0.05)
+        await trio.sleep(0.15)
     monkeypatch.undo()
     store.submit(*held)
     assert (await client.next(of_rid(100)))["t"] == "ok"

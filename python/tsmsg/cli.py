@@ -130,6 +130,11 @@ def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple
 def make_verifier(settings: Settings) -> TokenVerifier:
     audience, issuer = settings.audience or None, settings.issuer or None
     if settings.public_key_file:
+        if SECRET_ENV in os.environ or SECRET_PREVIOUS_ENV in os.environ:
+            raise CliError(
+                f"both public_key_file and {SECRET_ENV}/{SECRET_PREVIOUS_ENV} are set: use "
+                "one (a public key verifies RS256/EdDSA tokens, a secret HS256 ones)"
+            )
         with open(settings.public_key_file, "rb") as fh:
             key = fh.read()
         return TokenVerifier(
@@ -182,8 +187,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, os.environ, overrides)
     setup_logging(settings.log_format, settings.log_level)
     verifier = make_verifier(settings)
-    trio.run(serve, settings, verifier)
+    try:
+        trio.run(serve, settings, verifier)
+    except BaseExceptionGroup as group:  # trio's nurseries wrap startup errors
+        raise lone_error(group) from None
     return 0
+
+
+def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside nested exception groups (a busy port fails the listener's
+    nursery, then the server's), so main() reports it in one line; else the group."""
+    while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group.exceptions[0] if len(group.exceptions) == 1 else group
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -16,6 +16,9 @@ MAX_CID_CHARS = 64
 FRAME_ENVELOPE = 2048
 
 
+MAX_FRAME_LIMIT = 2**32 - 1  # the 4-byte length prefix (PROTOCOL.md section 2)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_frame: int = DEFAULT_MAX_FRAME  # 1 MiB: a page of history fits; a frame is buffered whole
@@ -55,12 +58,12 @@ class Limits:
                 f"max_frame {self.max_frame} is too small for max_text_bytes + "
                 f"max_meta_bytes + {FRAME_ENVELOPE} bytes of envelope = {need}"
             )
-        for name in ("heartbeat_ms", "typing_timeout_ms", "unread_scan_max", "max_joined"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        for kind in ("frame", "send", "channel_send", "typing"):
-            if getattr(self, f"{kind}_rate") <= 0 or getattr(self, f"{kind}_burst") < 1:
-                raise ValueError(f"{kind}_rate must be > 0 and {kind}_burst >= 1")
+        for name, low, strict in MINIMUMS:
+            value = getattr(self, name)
+            if not (value > low if strict else value >= low):  # NaN fails both
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, not {value!r}")
+        if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is a u32
+            raise ValueError(f"max_frame must be <= {MAX_FRAME_LIMIT}")
         # The store's dedup keys hold at most MAX_CID_CHARS: a longer cid would pass the
         # protocol's check and then fail in the store.
         if not 1 <= self.max_cid_chars <= MAX_CID_CHARS:
@@ -95,3 +98,22 @@ class Limits:
             "max_presence_users": self.max_presence_users,
             "unread_scan_max": self.unread_scan_max,
         }
+
+
+# The lowest valid value of each limit checked here, and whether it is excluded (a rate
+# must be > 0): checked at start, NaN included, so that no value breaks a running server.
+MINIMUMS: tuple[tuple[str, float, bool], ...] = (
+    ("max_depth", 1, False),
+    ("max_text_bytes", 0, False),
+    ("max_meta_bytes", 0, False),
+    ("max_joined", 1, False),
+    ("heartbeat_ms", 1, False),
+    ("typing_timeout_ms", 1, False),
+    ("refresh_grace_ms", 0, False),
+    ("rate_limited_disconnect_ms", 1, False),
+    ("max_status_chars", 1, False),
+    ("max_presence_users", 1, False),
+    ("unread_scan_max", 1, False),
+    *((f"{kind}_rate", 0, True) for kind in ("frame", "send", "channel_send", "typing")),
+    *((f"{kind}_burst", 1, False) for kind in ("frame", "send", "channel_send", "typing")),
+)

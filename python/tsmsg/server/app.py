@@ -35,6 +35,7 @@ Backpressure (PROTOCOL.md, "Flow control"):
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -44,7 +45,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -115,6 +116,15 @@ class AcceptErrorFilter(logging.Filter):
 
 
 logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
+
+
+@contextlib.contextmanager
+def listen_error(host: str, port: int) -> Iterator[None]:
+    """A listener that cannot start says where (the port in use, the address not ours)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
@@ -892,7 +902,8 @@ class Server:
                             host=settings.host,
                             handler_nursery=handlers,
                         )
-                        sockets = await listening.start(serve)
+                        with listen_error(settings.host, settings.port):
+                            sockets = await listening.start(serve)
                         self.port = sockets[0].socket.getsockname()[1]
                         if self.tls is None:
                             log.info("TLS off: plaintext, for loopback and development only")
@@ -957,7 +968,8 @@ class Server:
     async def _serve_http(self, nursery: trio.Nursery, address: str) -> None:
         host, port = parse_address(address, "metrics")
         http = HttpServer(self.http_routes())
-        sockets = await nursery.start(http.serve, host, port)
+        with listen_error(host, port):
+            sockets = await nursery.start(http.serve, host, port)
         self.metrics_port = sockets[0].socket.getsockname()[1]
         log.info("metrics and health checks on http://%s:%d/", host, self.metrics_port)
 

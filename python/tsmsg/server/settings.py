@@ -152,36 +152,44 @@ def load_settings(
         raise ValueError("secret_file (HS256) and public_key_file exclude each other: set one")
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
-    for name in (
-        "ip_connect_rate",
-        "ip_login_fail_rate",
-        "tick_ms",
-        "hello_timeout_s",
-        "frame_timeout_s",
-        "send_timeout_s",
-        "tls_handshake_timeout_s",
-    ):
-        if getattr(settings, name) <= 0:
-            raise ValueError(f"{name} must be > 0")
-    for name in ("ip_connect_burst", "ip_login_fail_burst"):
-        if getattr(settings, name) < 1:
-            raise ValueError(f"{name} must be >= 1")
+    for name, (low, strict) in MINIMUMS.items():
+        value = getattr(settings, name)
+        if not (value > low if strict else value >= low):  # NaN fails both
+            raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
+    if not 0 <= settings.port <= 65535:
+        raise ValueError(f"port must be from 0 to 65535, not {settings.port!r}")
+    if 0 < settings.retention_max_age_s < 0.001:  # stored in whole ms: it would mean 0
+        raise ValueError("retention_max_age_s must be 0 (keep all) or >= 0.001")
     if settings.log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
     if settings.metrics:
         parse_address(settings.metrics, "metrics")
-    if settings.ready_max_write_age_s <= 0:
-        raise ValueError("ready_max_write_age_s must be > 0")
-    for name in (
-        "compact_interval_s",
-        "compact_keep_recent",
-        "tombstone_retention_s",
-        "retention_max_age_s",
-        "retention_max_count",
-    ):
-        if getattr(settings, name) < 0:
-            raise ValueError(f"{name} must be >= 0")
     return settings
+
+
+# The lowest valid value of each numeric setting, and whether it is excluded (a timeout or
+# a rate must be > 0). Checked at start, NaN included, so that no value can break a
+# running server (a max_inflight of 0, for one, would hang every connection).
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "max_queue_bytes": (1, False),
+    "max_inflight": (1, False),
+    "hello_timeout_s": (0, True),
+    "send_timeout_s": (0, True),
+    "shutdown_grace_s": (0, False),
+    "frame_timeout_s": (0, True),
+    "tick_ms": (1, False),
+    "ip_connect_rate": (0, True),
+    "ip_connect_burst": (1, False),
+    "ip_login_fail_rate": (0, True),
+    "ip_login_fail_burst": (1, False),
+    "tls_handshake_timeout_s": (0, True),
+    "ready_max_write_age_s": (0, True),
+    "compact_interval_s": (0, False),
+    "compact_keep_recent": (0, False),
+    "tombstone_retention_s": (0, False),
+    "retention_max_age_s": (0, False),
+    "retention_max_count": (0, False),
+}
 
 
 def store_config(settings: Settings) -> StoreConfig:
