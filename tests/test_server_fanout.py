@@ -575,3 +575,29 @@ async def test_a_write_that_completes_after_the_deadline_loses_nothing(
         await trio.sleep(timeout)
         assert stream.got == [b"first", b"second", b"third"]
         assert conn.closing is None and not conn.writing
+
+
+class BrokenStream(LateStream):
+    """A stream whose send_all has a bug: the writer task meets an unexpected error."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("injected writer bug")
+
+
+async def test_a_writer_task_bug_closes_that_connection_only(harness: Harness) -> None:
+    """Writer tasks run in the server's own nursery: an exception in one must close its
+    connection as an internal error, never reach the nursery (which would stop the
+    server)."""
+    broken = await harness.connect("broken")
+    alice = await harness.connect("alice")
+    for client in (broken, alice):
+        await join(client)
+    conn = connection_of(harness.server, "broken")
+    stream = BrokenStream(late_s=0)
+    conn.stream, conn.try_send = stream, stream.try_send
+    assert (await alice.request("send", channel=CHANNEL, cid="c1", text="hi"))["t"] == "ok"
+    closed = harness.server.metrics.value
+    with trio.fail_after(5):
+        while not closed("tsmsg_connections_closed_total", reason="internal_error"):
+            await trio.sleep(0.01)
+    assert (await alice.request("send", channel=CHANNEL, cid="c2", text="still"))["seq"] == 2

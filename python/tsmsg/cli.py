@@ -107,13 +107,18 @@ def read_secret_file(path: str) -> tuple[bytes, ...]:
     return parse_secrets(data, f"secret file {path}")
 
 
+def env_secret_set(env: Mapping[str, str]) -> bool:
+    """TSMSG_SECRET or TSMSG_SECRET_PREVIOUS is configured (another key source excludes it)."""
+    return SECRET_ENV in env or previous_secret_from_env(env) is not None
+
+
 def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple[bytes, ...] | None:
     """The HS256 secrets, the current one first: the lines of ``secret_file``, or
     TSMSG_SECRET and then TSMSG_SECRET_PREVIOUS (if set). None when none is configured.
     Both sources at once is an error: which one is current would be a guess."""
     previous = previous_secret_from_env(env)
     if secret_file:
-        if SECRET_ENV in env or previous is not None:
+        if env_secret_set(env):
             raise CliError(
                 f"both secret_file and {SECRET_ENV}/{SECRET_PREVIOUS_ENV} are set: use one "
                 "(a secret file holds the previous secrets on its later lines)"
@@ -130,7 +135,7 @@ def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple
 def make_verifier(settings: Settings) -> TokenVerifier:
     audience, issuer = settings.audience or None, settings.issuer or None
     if settings.public_key_file:
-        if SECRET_ENV in os.environ or SECRET_PREVIOUS_ENV in os.environ:
+        if env_secret_set(os.environ):
             raise CliError(
                 f"both public_key_file and {SECRET_ENV}/{SECRET_PREVIOUS_ENV} are set: use "
                 "one (a public key verifies RS256/EdDSA tokens, a secret HS256 ones)"

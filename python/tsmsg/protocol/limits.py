@@ -3,9 +3,10 @@ They are settings (see tsmsg.server.settings); clients learn them from ``welcome
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tsmsg._native import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
+from tsmsg._native import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME, FrameDecoder
 
 PROTOCOL_VERSION = 1
 # The longest cid any server of this version stores (the store's dedup keys are sized
@@ -58,12 +59,10 @@ class Limits:
                 f"max_frame {self.max_frame} is too small for max_text_bytes + "
                 f"max_meta_bytes + {FRAME_ENVELOPE} bytes of envelope = {need}"
             )
-        for name, low, strict in MINIMUMS:
-            value = getattr(self, name)
-            if not (value > low if strict else value >= low):  # NaN fails both
-                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, not {value!r}")
+        check_minimums(self, MINIMUMS)
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is a u32
             raise ValueError(f"max_frame must be <= {MAX_FRAME_LIMIT}")
+        FrameDecoder(max_frame=self.max_frame, max_depth=self.max_depth)  # its own bounds
         # The store's dedup keys hold at most MAX_CID_CHARS: a longer cid would pass the
         # protocol's check and then fail in the store.
         if not 1 <= self.max_cid_chars <= MAX_CID_CHARS:
@@ -100,20 +99,29 @@ class Limits:
         }
 
 
+def check_minimums(obj: object, minimums: Mapping[str, tuple[float, bool]]) -> None:
+    """Each named field at or above its lowest valid value (above it, when excluded: a
+    timeout or a rate must be > 0); NaN fails too. For the settings and the limits."""
+    for name, (low, strict) in minimums.items():
+        value = getattr(obj, name)
+        if not (value > low if strict else value >= low):
+            raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
+
+
 # The lowest valid value of each limit checked here, and whether it is excluded (a rate
 # must be > 0): checked at start, NaN included, so that no value breaks a running server.
-MINIMUMS: tuple[tuple[str, float, bool], ...] = (
-    ("max_depth", 1, False),
-    ("max_text_bytes", 0, False),
-    ("max_meta_bytes", 0, False),
-    ("max_joined", 1, False),
-    ("heartbeat_ms", 1, False),
-    ("typing_timeout_ms", 1, False),
-    ("refresh_grace_ms", 0, False),
-    ("rate_limited_disconnect_ms", 1, False),
-    ("max_status_chars", 1, False),
-    ("max_presence_users", 1, False),
-    ("unread_scan_max", 1, False),
-    *((f"{kind}_rate", 0, True) for kind in ("frame", "send", "channel_send", "typing")),
-    *((f"{kind}_burst", 1, False) for kind in ("frame", "send", "channel_send", "typing")),
-)
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "max_depth": (1, False),
+    "max_text_bytes": (0, False),
+    "max_meta_bytes": (0, False),
+    "max_joined": (1, False),
+    "heartbeat_ms": (1, False),
+    "typing_timeout_ms": (1, False),
+    "refresh_grace_ms": (0, False),
+    "rate_limited_disconnect_ms": (1, False),
+    "max_status_chars": (1, False),
+    "max_presence_users": (1, False),
+    "unread_scan_max": (1, False),
+    **{f"{kind}_rate": (0, True) for kind in ("frame", "send", "channel_send", "typing")},
+    **{f"{kind}_burst": (1, False) for kind in ("frame", "send", "channel_send", "typing")},
+}

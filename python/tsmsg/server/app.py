@@ -207,7 +207,6 @@ class Connection:
         "write_error",
         "writer_done",
         "writer_scope",
-        "writing",
     )
 
     def __init__(
@@ -233,7 +232,6 @@ class Connection:
         self.nursery: trio.Nursery | None = None
         self.writer_scope: trio.CancelScope | None = None  # the running writer's
         self.writer_done = SET  # set when the running writer has ended
-        self.writing = False  # a writer task is running
         # Set when the queue is taken / a write is acknowledged; a waiter arms a new one.
         self.drained = SET
         self.inflight = 0
@@ -341,6 +339,11 @@ class Connection:
             self.closing = reason
             self.wake_writer()
 
+    @property
+    def writing(self) -> bool:
+        """A writer task runs (its scope is set while it does)."""
+        return self.writer_scope is not None
+
     def abort(self) -> None:
         """Close the connection now: cancel its reader and its writer task; handle() then
         cleans up."""
@@ -362,8 +365,7 @@ class Connection:
     def wake_writer(self) -> None:
         """Wake the writer task, starting it if none runs."""
         self.has_data.set()
-        if not self.writing and self.nursery is not None:
-            self.writing = True
+        if self.writer_scope is None and self.nursery is not None:
             self.writer_scope = trio.CancelScope()
             self.writer_done = trio.Event()
             self.nursery.start_soon(self.writer, self.writer_scope)
@@ -372,8 +374,7 @@ class Connection:
         """The connection is closing: start no more writer tasks, and end a running one
         (cancelled) before the socket is closed."""
         self.nursery = None
-        if self.writing:
-            assert self.writer_scope is not None
+        if self.writer_scope is not None:
             self.writer_scope.cancel()
             await self.writer_done.wait()
 
@@ -415,7 +416,6 @@ class Connection:
         except Exception as exc:  # never into the server's nursery: it would stop the server
             self.failed(exc)
         finally:
-            self.writing = False
             self.writer_scope = None
             self.has_data = SET  # the next writer task starts with data to send
             self.writer_done.set()  # stop_writer() holds it if it waits
@@ -423,6 +423,11 @@ class Connection:
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
+        if (
+            self.queued_bytes <= self.limit // 2
+            and self.inflight < self.server.settings.max_inflight
+        ):
+            return  # the common case, per frame: nothing to wait for
         try:
             while self.queued_bytes > self.limit // 2:
                 self.held = True
@@ -940,17 +945,20 @@ class Server:
         store: Store | None = getattr(self, "store", None)
         return ("store is not open", 0.0) if store is None else store.health()
 
+    def store_problem(self) -> str | None:
+        """Why the store cannot be counted on to complete writes now (failed, closed, or
+        a write waiting longer than ready_max_write_age_s); None: it can."""
+        problem, lag = self._store_health()
+        most = self.settings.ready_max_write_age_s
+        if problem is None and lag > most:
+            problem = f"store writer behind: a write has waited {lag:.1f} s (limit {most:g} s)"
+        return problem
+
     def readiness(self) -> str | None:
         """Why this server should get no new traffic now; None: it should."""
         if self.draining or self.stopping.is_set():
             return "shutting down"
-        problem, lag = self._store_health()
-        if problem is not None:
-            return problem
-        most = self.settings.ready_max_write_age_s
-        if lag > most:
-            return f"store writer behind: a write has waited {lag:.1f} s (limit {most:g} s)"
-        return None
+        return self.store_problem()
 
     def http_routes(self) -> dict[str, Route]:
         def metrics() -> Response:
@@ -979,9 +987,9 @@ class Server:
             await trio.sleep(self.settings.tick_ms / 1000)
             now = self.now_ms()
             # A connection the server holds back (flow control) is not idle: the server,
-            # not the peer, is not reading. Unless the store has stalled: then its writes
-            # may never complete, and the idle timeout applies as to any other.
-            stalled = self.store.health()[1] >= self.settings.ready_max_write_age_s
+            # not the peer, is not reading. Unless the store has stalled (or failed): then
+            # its writes may never complete, and the idle timeout applies as to any other.
+            stalled = self.store_problem() is not None
             for conn in list(self.connections.values()):
                 if conn.held and not stalled:
                     conn.session.last_rx_ms = now

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.limits import Limits, check_minimums
 from tsmsg.store import CompactionPolicy, StoreConfig
 from tsmsg.store.crypto import load_keyring
 
@@ -152,10 +152,7 @@ def load_settings(
         raise ValueError("secret_file (HS256) and public_key_file exclude each other: set one")
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
-    for name, (low, strict) in MINIMUMS.items():
-        value = getattr(settings, name)
-        if not (value > low if strict else value >= low):  # NaN fails both
-            raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
+    check_minimums(settings, MINIMUMS)
     if not 0 <= settings.port <= 65535:
         raise ValueError(f"port must be from 0 to 65535, not {settings.port!r}")
     if 0 < settings.retention_max_age_s < 0.001:  # stored in whole ms: it would mean 0
