@@ -297,7 +297,9 @@ async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
                     for name in clients:
                         tg.start_soon(consume, name)
                         tg.start_soon(produce, name)
-                    while len(messages("bob")) < n // 2:
+                    # Half of all the sends acknowledged: the rest is still to come (up to
+                    # 16 a client in flight), however far behind the readers are.
+                    while len(acks) < n:
                         await anyio.sleep(0.002)
                     server.kill()
                     killed_at = (len(acks), len(messages("bob")))
@@ -407,3 +409,44 @@ async def test_slow_application_bounded_queue_loses_nothing(harness: Harness) ->
             got = [await next_event(alice, want=Message) for _ in range(100)]
             assert [m.seq for m in got] == list(range(1, 101))
             assert [m.text for m in got] == [f"m{k}" for k in range(100)]
+
+
+class StuckStream(anyio.abc.ByteStream):
+    """A connection whose writes never complete (a peer gone without a reset)."""
+
+    async def send(self, item: bytes) -> None:
+        await anyio.sleep_forever()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_ended_connection_does_not_hold_the_send_lock() -> None:
+    """A caller's flush stuck writing to a connection that then ends (the reader saw it
+    go) gives up at once: it must not hold the send lock for WRITE_TIMEOUT, or the next
+    connection's hello waits behind it until the server's hello deadline closes that
+    connection too (seen as a 40 s hang in the SIGKILL test above)."""
+    from tsmsg.client.client import Client, _Session
+
+    client = Client(
+        HOST, 1, token=mint("alice"), token_provider=None, state_path=None, reconnect=False,
+        backoff_max=1.0, max_queued=10, ssl_context=None,
+    )  # fmt: skip
+    session = client._session = _Session(StuckStream())
+    client._proto.connection_made(mint("alice"), client._now())  # a hello to write
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client._flush)
+        await anyio.wait_all_tasks_blocked()
+        assert client._send_lock.locked()
+        session.end("connection lost")
+        with anyio.fail_after(1):
+            async with client._send_lock:  # free again, long before WRITE_TIMEOUT
+                pass
+    assert session.sending is None

@@ -117,6 +117,7 @@ class _Session:
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.scope = anyio.CancelScope()
+        self.sending: anyio.CancelScope | None = None  # a write in progress, in any task
         self.tg: anyio.abc.TaskGroup | None = None
         self.reason: str | None = None
         self.hello_error: ClientError | None = None
@@ -127,6 +128,8 @@ class _Session:
         if self.reason is None:
             self.reason = reason
         self.scope.cancel()
+        if self.sending is not None:  # a caller's flush must not hold the send lock on
+            self.sending.cancel()  # a connection that is gone (the next one's hello waits)
 
 
 class Client:
@@ -379,12 +382,15 @@ class Client:
             if not data:
                 return
             try:
-                with anyio.fail_after(WRITE_TIMEOUT):
-                    await session.stream.send(data)
+                with anyio.fail_after(WRITE_TIMEOUT) as session.sending:
+                    if session.reason is None:  # not ended meanwhile
+                        await session.stream.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 session.end(f"write failed: {exc!r}")
             except TimeoutError:
                 session.end(f"a write took over {WRITE_TIMEOUT} s")
+            finally:
+                session.sending = None
         self._notify()  # wakes the timer too: deadlines may have changed
 
     @staticmethod
