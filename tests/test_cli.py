@@ -286,6 +286,21 @@ def test_serve_on_a_busy_port_fails_in_one_line(
     assert last == f"tsmsg: {reason}: {os.strerror(errno.EADDRINUSE)}"
 
 
+def test_serve_with_a_busy_metrics_port_fails_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        metrics = f"127.0.0.1:{busy.getsockname()[1]}"
+        argv = ["serve", "--dev", "--port", "0", "--metrics", metrics, "--data-dir", str(tmp_path)]
+        code, _, err = run(capsys, *argv)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        f"tsmsg: [Errno {errno.EADDRINUSE}] cannot listen on {metrics}"
+    )
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

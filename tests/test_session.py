@@ -1219,6 +1219,24 @@ def test_a_read_the_store_fails_is_a_request_error(
     assert call(session, "ping", rid=10) == [Reply({"t": "pong", "rid": 10, "ts": NOW_MS})]
 
 
+def test_a_read_the_store_refuses_keeps_its_code_and_message(
+    store: LmdbStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store error other than `internal` on a read is answered with its own code and
+    message (nothing secret in them), and the connection stays open."""
+    session = connect(store)
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("store is closed")
+
+    monkeypatch.setattr(store, "history", unavailable)
+    [reply] = call(session, "history", rid=7, channel=ROOM)
+    assert reply == Reply(
+        {"t": "error", "rid": 7, "code": "store_unavailable", "message": "store is closed"}
+    )
+    assert call(session, "ping", rid=8) == [Reply({"t": "pong", "rid": 8, "ts": NOW_MS})]
+
+
 def test_sync_past_the_head_is_resync(store: LmdbStore) -> None:
     for i in range(2):
         store.append(ROOM, "bob", f"c{i}", "x")
