@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.session import Action, Read, Session
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
 
@@ -155,7 +157,9 @@ async def harness(settings: Settings) -> AsyncIterator[Harness]:
 async def running_server(settings: Settings) -> AsyncIterator[Harness]:
     """A server of its own in this process (several per test, or restarts on one dir)."""
     async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(settings, TokenVerifier(SECRET)).run)
+        mocked = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+        new = Server(settings, TokenVerifier(SECRET), inline_reads=mocked)
+        server: Server = await nursery.start(new.run)
         h = Harness(server, nursery)
         try:
             yield h
@@ -177,3 +181,24 @@ async def sync_all(client: WireClient, since: int, channel: str) -> list[dict[st
             since = page["events"][-1]["seq"]
         if not page["more"]:
             return out
+
+
+def resolve(session: Session, actions: list[Action]) -> list[Action]:
+    """Run each ``Read`` in ``actions`` inline, as the server does in a thread, and put
+    what its reply brings in its place."""
+    out: list[Action] = []
+    for action in actions:
+        if not isinstance(action, Read):
+            out.append(action)
+            continue
+        try:
+            result, error = action.query(), None
+        except Exception as exc:
+            result, error = None, exc
+        out += resolve(session, session.read_done(action, result, error))
+    return out
+
+
+def receive(session: Session, frame: dict[str, Any], now_ms: int) -> list[Action]:
+    """``Session.receive_frame`` with its reads run inline (``resolve``)."""
+    return resolve(session, session.receive_frame(frame, now_ms))

@@ -851,7 +851,7 @@ class Sim:
         self.server_done = trio.Event()
         listener = SimListener()
         self.net.listener = listener
-        server = Server(self.settings, self.verifier, wall_ms=self.now_ms)
+        server = Server(self.settings, self.verifier, wall_ms=self.now_ms, inline_reads=True)
         self.server = server
 
         def open_store(notify: Any) -> SimStore:

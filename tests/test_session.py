@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import receive
 from tsmsg import encode
 from tsmsg._native import (
     FrameError,
@@ -121,8 +122,8 @@ def connect(
 ) -> Session:
     """A session past hello."""
     session = new_session(store, limits, sid, user_limits)
-    actions = session.receive_frame(
-        {"t": "hello", "v": 1, "token": token(user, channels, scopes, ttl_s)}, NOW_MS
+    actions = receive(
+        session, {"t": "hello", "v": 1, "token": token(user, channels, scopes, ttl_s)}, NOW_MS
     )
     assert len(actions) == 2 and isinstance(actions[0], Reply), actions
     assert actions[0].frame["t"] == "welcome", actions
@@ -132,7 +133,7 @@ def connect(
 
 
 def call(session: Session, t: str, now_ms: int = NOW_MS, **fields: Any) -> list[Action]:
-    return session.receive_frame({"t": t, **fields}, now_ms)
+    return receive(session, {"t": t, **fields}, now_ms)
 
 
 def expect_error(
@@ -162,8 +163,8 @@ def expect_error(
 def expect_closed(session: Session) -> None:
     """A closed session refuses every further frame, even a perfect hello."""
     assert session.state is State.CLOSED
-    assert session.receive_frame({"t": "ping", "rid": 1}, NOW_MS) == []
-    assert session.receive_frame({"t": "hello", "v": 1, "token": token()}, NOW_MS) == []
+    assert receive(session, {"t": "ping", "rid": 1}, NOW_MS) == []
+    assert receive(session, {"t": "hello", "v": 1, "token": token()}, NOW_MS) == []
     assert session.state is State.CLOSED
 
 
@@ -239,8 +240,8 @@ def test_new_session_awaits_hello(store: LmdbStore) -> None:
 def test_hello_answers_welcome_with_rid(store: LmdbStore) -> None:
     limits = Limits(heartbeat_ms=15_000, max_frame=65_536)
     session = new_session(store, limits, sid="abc-7")
-    actions = session.receive_frame(
-        {"t": "hello", "v": 1, "token": token("alice"), "rid": 42}, NOW_MS + 5
+    actions = receive(
+        session, {"t": "hello", "v": 1, "token": token("alice"), "rid": 42}, NOW_MS + 5
     )
     assert actions == [
         Reply(
@@ -264,7 +265,7 @@ def test_hello_answers_welcome_with_rid(store: LmdbStore) -> None:
 
 def test_hello_without_rid_has_no_rid_in_welcome(store: LmdbStore) -> None:
     session = new_session(store)
-    [reply, presence] = session.receive_frame({"t": "hello", "v": 1, "token": token("bob")}, NOW_MS)
+    [reply, presence] = receive(session, {"t": "hello", "v": 1, "token": token("bob")}, NOW_MS)
     assert presence == SetPresence(None)
     assert isinstance(reply, Reply)
     assert reply.frame["t"] == "welcome" and "rid" not in reply.frame
@@ -278,7 +279,7 @@ def test_hello_wrong_version_is_a_connection_error(store: LmdbStore, v: Any) -> 
     hello = {"t": "hello", "token": token(), "rid": 3}
     if v is not None:
         hello["v"] = v
-    expect_error(session.receive_frame(hello, NOW_MS), E.UNSUPPORTED_VERSION, rid=3, fatal=True)
+    expect_error(receive(session, hello, NOW_MS), E.UNSUPPORTED_VERSION, rid=3, fatal=True)
     expect_closed(session)
 
 
@@ -288,7 +289,7 @@ def test_hello_missing_or_non_string_token(store: LmdbStore, tok: Any) -> None:
     hello: dict[str, Any] = {"t": "hello", "v": 1, "rid": 1}
     if tok is not None:
         hello["token"] = tok
-    expect_error(session.receive_frame(hello, NOW_MS), E.UNAUTHORIZED, rid=1, fatal=True)
+    expect_error(receive(session, hello, NOW_MS), E.UNAUTHORIZED, rid=1, fatal=True)
     expect_closed(session)
 
 
@@ -306,7 +307,7 @@ def test_hello_missing_or_non_string_token(store: LmdbStore, tok: Any) -> None:
 def test_hello_bad_token(store: LmdbStore, tok: str) -> None:
     session = new_session(store)
     hello = {"t": "hello", "v": 1, "token": tok, "rid": 9}
-    expect_error(session.receive_frame(hello, NOW_MS), E.UNAUTHORIZED, rid=9, fatal=True)
+    expect_error(receive(session, hello, NOW_MS), E.UNAUTHORIZED, rid=9, fatal=True)
     expect_closed(session)
     assert session.claims is None
 
@@ -325,7 +326,7 @@ def test_hello_token_expiry_uses_the_passed_in_time(
 ) -> None:
     session = Session(store, VERIFIER, Limits(), "s", now_ms)
     hello = {"t": "hello", "v": 1, "token": token(ttl_s=10), "rid": 1}
-    actions = session.receive_frame(hello, now_ms)
+    actions = receive(session, hello, now_ms)
     if accepted:
         assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "welcome"
         assert session.state is State.READY
@@ -346,13 +347,13 @@ def test_hello_token_expiry_uses_the_passed_in_time(
 )
 def test_first_frame_not_hello(store: LmdbStore, frame: dict[str, Any]) -> None:
     session = new_session(store)
-    expect_error(session.receive_frame(frame, NOW_MS), E.HELLO_REQUIRED, rid=4, fatal=True)
+    expect_error(receive(session, frame, NOW_MS), E.HELLO_REQUIRED, rid=4, fatal=True)
     expect_closed(session)
 
 
 def test_first_frame_not_hello_without_rid(store: LmdbStore) -> None:
     session = new_session(store)
-    expect_error(session.receive_frame({"t": "ping"}, NOW_MS), E.HELLO_REQUIRED, fatal=True)
+    expect_error(receive(session, {"t": "ping"}, NOW_MS), E.HELLO_REQUIRED, fatal=True)
     expect_closed(session)
 
 
@@ -368,7 +369,7 @@ def test_first_frame_with_bad_rid_is_still_a_connection_error(
     store: LmdbStore, frame: dict[str, Any]
 ) -> None:
     session = new_session(store)
-    actions = session.receive_frame(frame, NOW_MS)
+    actions = receive(session, frame, NOW_MS)
     assert len(actions) == 2 and isinstance(actions[1], Close), actions
     assert session.state is State.CLOSED
     if frame["t"] != "hello":
@@ -378,7 +379,7 @@ def test_first_frame_with_bad_rid_is_still_a_connection_error(
 def test_hello_with_bad_rid_and_good_token_does_not_authenticate(store: LmdbStore) -> None:
     # Whatever else happens, a hello that was refused never makes the session READY.
     session = new_session(store)
-    actions = session.receive_frame({"t": "hello", "v": 1, "token": token(), "rid": "1"}, NOW_MS)
+    actions = receive(session, {"t": "hello", "v": 1, "token": token(), "rid": "1"}, NOW_MS)
     assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "error"
     assert actions[0].frame["code"] == E.BAD_REQUEST
     assert "rid" not in actions[0].frame
@@ -395,13 +396,13 @@ def test_frame_without_string_t_is_bad_frame(
     store: LmdbStore, ready: bool, frame: dict[str, Any]
 ) -> None:
     session = connect(store) if ready else new_session(store)
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_FRAME, rid=5, fatal=True)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_FRAME, rid=5, fatal=True)
     expect_closed(session)
 
 
 def test_frame_without_t_and_without_rid(store: LmdbStore) -> None:
     session = connect(store)
-    expect_error(session.receive_frame({"channel": ROOM}, NOW_MS), E.BAD_FRAME, fatal=True)
+    expect_error(receive(session, {"channel": ROOM}, NOW_MS), E.BAD_FRAME, fatal=True)
     expect_closed(session)
 
 
@@ -466,7 +467,7 @@ def test_closed_by_the_server(store: LmdbStore) -> None:
 
 def test_closed_after_a_connection_error_keeps_its_reason(store: LmdbStore) -> None:
     session = connect(store)
-    expect_error(session.receive_frame({"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
+    expect_error(receive(session, {"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
     reason = session.close_reason
     assert reason is not None and reason.startswith(E.BAD_FRAME)
     session.closed("peer closed the connection")
@@ -525,7 +526,7 @@ def test_invalid_channel_is_bad_request(store: LmdbStore, t: str, channel: Any) 
     }
     if channel is not None:
         frame["channel"] = channel
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=8)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_REQUEST, rid=8)
     assert session.state is State.READY and store.channels() == []
 
 
@@ -535,7 +536,7 @@ def test_leave_needs_a_channel_string(store: LmdbStore, channel: Any) -> None:
     frame: dict[str, Any] = {"t": "leave", "rid": 2}
     if channel is not None:
         frame["channel"] = channel
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=2)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_REQUEST, rid=2)
 
 
 SEND = {"channel": ROOM, "cid": "c-1", "text": "hi"}
@@ -567,7 +568,7 @@ def test_send_field_validation(store: LmdbStore, change: dict[str, Any], code: s
     session = connect(store)
     frame = {"t": "send", "rid": 5, **SEND, **change}
     frame = {k: v for k, v in frame.items() if v is not None}
-    expect_error(session.receive_frame(frame, NOW_MS), code, rid=5)
+    expect_error(receive(session, frame, NOW_MS), code, rid=5)
     assert store.channels() == []
 
 
@@ -613,7 +614,7 @@ def test_edit_delete_id_validation(
     session = connect(store)
     frame = {"t": t, "rid": 6, "channel": ROOM, "id": "1-1", "text": "new", **change}
     frame = {k: v for k, v in frame.items() if v is not None}
-    expect_error(session.receive_frame(frame, NOW_MS), code, rid=6)
+    expect_error(receive(session, frame, NOW_MS), code, rid=6)
 
 
 @pytest.mark.parametrize(
@@ -631,7 +632,7 @@ def test_edit_text_validation(store: LmdbStore, text: Any, code: str) -> None:
     frame: dict[str, Any] = {"t": "edit", "rid": 6, "channel": ROOM, "id": "1-1"}
     if text is not None:
         frame["text"] = text
-    expect_error(session.receive_frame(frame, NOW_MS), code, rid=6)
+    expect_error(receive(session, frame, NOW_MS), code, rid=6)
 
 
 def test_edit_and_delete_id_at_64_chars_is_submitted(store: LmdbStore) -> None:
@@ -694,7 +695,7 @@ def test_read_field_validation(store: LmdbStore, seq: Any) -> None:
     frame: dict[str, Any] = {"t": "read", "rid": 3, "channel": ROOM}
     if seq is not None:
         frame["seq"] = seq
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=3)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_REQUEST, rid=3)
 
 
 @pytest.mark.parametrize("on", [None, 1, 0, "true", [True]], ids=repr)
@@ -703,7 +704,7 @@ def test_typing_field_validation(store: LmdbStore, on: Any) -> None:
     frame: dict[str, Any] = {"t": "typing", "rid": 3, "channel": ROOM}
     if on is not None:
         frame["on"] = on
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=3)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_REQUEST, rid=3)
 
 
 def test_field_limits_at_their_maximum_are_accepted(store: LmdbStore) -> None:
@@ -743,7 +744,7 @@ def test_channels_outside_the_token_are_forbidden(
 ) -> None:
     store.append(channel, "bob", "c0", "secret")
     session = connect(store, channels=("room-*",), scopes=MOD)
-    actions = session.receive_frame({**frame, "rid": 4, "channel": channel}, NOW_MS)
+    actions = receive(session, {**frame, "rid": 4, "channel": channel}, NOW_MS)
     expect_error(actions, E.FORBIDDEN, rid=4)
     assert session.joined == set()
     assert store.channel(channel).head == 1
@@ -1481,7 +1482,7 @@ def test_rate_limit_counts_every_request_type(store: LmdbStore) -> None:
 
 def test_hello_is_not_rate_limited(store: LmdbStore) -> None:
     session = new_session(store, Limits(frame_rate=1, frame_burst=1))
-    actions = session.receive_frame({"t": "hello", "v": 1, "token": token(), "rid": 1}, NOW_MS)
+    actions = receive(session, {"t": "hello", "v": 1, "token": token(), "rid": 1}, NOW_MS)
     assert isinstance(actions[0], Reply) and actions[0].frame["t"] == "welcome"
     pong(session, 2, NOW_MS)  # the one token of the burst is still there
     rate_limited(session, 3, NOW_MS, retry_after_ms=1000)
@@ -1556,7 +1557,7 @@ def test_idle_connection_is_closed_after_two_heartbeats(store: LmdbStore) -> Non
 )
 def test_any_frame_resets_the_idle_timer(store: LmdbStore, frame: dict[str, Any]) -> None:
     session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT))
-    session.receive_frame(frame, NOW_MS + 1_500)
+    receive(session, frame, NOW_MS + 1_500)
     assert session.state is State.READY
     assert session.next_deadline() == NOW_MS + 1_500 + 2 * HEARTBEAT
     assert session.tick(NOW_MS + 2 * HEARTBEAT) == []
@@ -1666,11 +1667,11 @@ def test_requests_during_the_grace_are_token_expired(
     session = expiring(store)
     if warned:
         warn_expired(session)
-    actions = session.receive_frame({**frame, "rid": 7}, EXP_MS + 1)
+    actions = receive(session, {**frame, "rid": 7}, EXP_MS + 1)
     expect_error(actions, E.TOKEN_EXPIRED, rid=7)
     assert session.state is State.READY
     assert store.channels() == [] and session.joined == set()
-    expect_error(session.receive_frame(frame, EXP_MS + 2), E.TOKEN_EXPIRED)  # no rid
+    expect_error(receive(session, frame, EXP_MS + 2), E.TOKEN_EXPIRED)  # no rid
 
 
 def test_ping_works_during_the_grace(store: LmdbStore) -> None:
@@ -1741,7 +1742,7 @@ def test_refused_refresh_keeps_the_connection_and_the_grace(
     frame: dict[str, Any] = {"t": "refresh", "rid": 4}
     if tok is not None:
         frame["token"] = tok
-    expect_error(session.receive_frame(frame, EXP_MS + 1), code, rid=4)  # not fatal
+    expect_error(receive(session, frame, EXP_MS + 1), code, rid=4)  # not fatal
     assert session.state is State.READY and session.claims is claims
     assert session.user == "alice" and session.joined == {ROOM}
     # The grace goes on: a good refresh still saves the connection ...
@@ -1929,7 +1930,7 @@ def test_devices_of_one_user_type_independently(store: LmdbStore) -> None:
 def test_after_a_fatal_frame_closed_turns_typing_off(store: LmdbStore) -> None:
     session = connect(store)
     call(session, "typing", channel=ROOM, on=True)
-    expect_error(session.receive_frame({"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
+    expect_error(receive(session, {"rid": 1}, NOW_MS), E.BAD_FRAME, rid=1, fatal=True)
     assert session.closed("bad_frame") == [typing_push(ROOM, False)]
 
 
@@ -2010,7 +2011,7 @@ def send_at(
     frame["text"] = "x"
     if rid is not None:
         frame["rid"] = rid
-    return session.receive_frame(frame, now_ms)
+    return receive(session, frame, now_ms)
 
 
 def limited(actions: list[Action], rid: int | None, retry_after_ms: int) -> None:
@@ -2209,7 +2210,7 @@ def test_presence_status_validation(store: LmdbStore, status: Any, code: str) ->
     frame: dict[str, Any] = {"t": "presence", "rid": 2}
     if status is not None:
         frame["status"] = status
-    expect_error(session.receive_frame(frame, NOW_MS), code, rid=2)  # no SetPresence
+    expect_error(receive(session, frame, NOW_MS), code, rid=2)  # no SetPresence
 
 
 def test_presence_status_limit_is_a_setting(store: LmdbStore) -> None:
@@ -2313,7 +2314,7 @@ def test_unread_validation(store: LmdbStore, channels: Any) -> None:
     frame: dict[str, Any] = {"t": "unread", "rid": 6}
     if channels is not None:
         frame["channels"] = channels
-    expect_error(session.receive_frame(frame, NOW_MS), E.BAD_REQUEST, rid=6)
+    expect_error(receive(session, frame, NOW_MS), E.BAD_REQUEST, rid=6)
 
 
 def test_unread_channel_count_limit(store: LmdbStore) -> None:
@@ -2379,7 +2380,7 @@ def test_welcome_announces_the_signal_limits(store: LmdbStore) -> None:
         unread_scan_max=99,
     )
     session = new_session(store, limits)
-    [welcome, _] = session.receive_frame({"t": "hello", "v": 1, "token": token()}, NOW_MS)
+    [welcome, _] = receive(session, {"t": "hello", "v": 1, "token": token()}, NOW_MS)
     assert isinstance(welcome, Reply)
     announced = welcome.frame["limits"]
     assert welcome.frame["heartbeat_ms"] == 5_000
@@ -2517,7 +2518,7 @@ def test_arbitrary_frames_never_raise(tmp_path: Path) -> None:
         def run(frame: dict[str, Any], moderator: bool) -> None:
             session = connect(store, scopes=MOD if moderator else RW, limits=limits)
             before = snapshot(store)
-            actions = session.receive_frame(frame, NOW_MS)
+            actions = receive(session, frame, NOW_MS)
             check_actions(actions, limits)
             submits = [a.op for a in actions if isinstance(a, Submit)]
             if not submits:

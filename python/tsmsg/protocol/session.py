@@ -4,7 +4,10 @@ A :class:`Session` takes decoded frames (``receive_frame``) and store completion
 (``write_done``) and returns :data:`Action` values for the server to carry out: frames to
 send, writes to submit, channel subscriptions, fan-out, closing. It imports no trio and no
 socket and keeps no clock (``now_ms`` is passed in), so it is tested with plain calls.
-Reads (join, history, sync) are plain synchronous store calls.
+A request that reads the store (join, history, sync, unread) returns a :class:`Read`: the
+server runs its ``query`` off the event loop (a store read may scan a long log, or cross
+the network) and hands the result back with ``read_done``; the session handles no other
+frame of its connection meanwhile.
 
 States: ``AWAITING_HELLO`` → ``READY`` → ``CLOSED``. A connection error (PROTOCOL.md)
 sends its error frame, then ``Close``, and the session refuses further input.
@@ -24,7 +27,16 @@ from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.limits import PROTOCOL_VERSION, Limits
 from tsmsg.protocol.ratelimit import TokenBucket, UserLimits
-from tsmsg.store.base import AppendResult, ChannelInfo, Entry, Store, StoreError, WriteOp
+from tsmsg.store.base import (
+    AppendResult,
+    ChannelInfo,
+    Entry,
+    HistoryPage,
+    Store,
+    StoreError,
+    SyncPage,
+    WriteOp,
+)
 
 log = logging.getLogger("tsmsg.session")
 
@@ -97,7 +109,24 @@ class QueryPresence:
     users: list[str]
 
 
-Action = Reply | Close | Submit | Subscribe | Unsubscribe | Publish | SetPresence | QueryPresence
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Run ``query`` (store reads only: it touches no session state) off the event loop,
+    then give its result to :meth:`Session.read_done`, which calls ``then`` with it.
+    ``hold``: a channel whose live pushes the connection keeps back until then, so that
+    the reply comes before them and none committed during the read is lost (join, and
+    the sync that resumes a cut stream)."""
+
+    query: Callable[[], Any]
+    then: Callable[[Any], list[Action]]
+    rid: int | None
+    what: str  # the request type, for logs
+    hold: str | None = None
+
+
+Action = (
+    Reply | Close | Submit | Subscribe | Unsubscribe | Publish | SetPresence | QueryPresence | Read
+)
 
 
 class State(enum.Enum):
@@ -159,6 +188,7 @@ class Session:
         "last_rx_ms",
         "limited_since",
         "limits",
+        "memberships",
         "on_rate_limited",
         "session_id",
         "state",
@@ -189,6 +219,9 @@ class Session:
         # the many sessions that never have one share the empty one.
         self.cut = NO_CUTS
         self.close_reason: str | None = None
+        # The user's memberships, when the server keeps them in memory (it sets this
+        # after hello: one set for all the user's sessions); None: ask the store.
+        self.memberships: set[str] | None = None
         self._frames = TokenBucket(limits.frame_rate, limits.frame_burst, now_ms)
         # Shared with the user's other sessions (the server passes one for all).
         self.user_limits = user_limits or UserLimits(limits)
@@ -259,11 +292,31 @@ class Session:
                         retry_after_ms=exc.extra.get("retry_after_ms", 1),
                     )
             return self._refuse(exc, rid)
-        except StoreError as exc:  # a read the store failed (an entry it cannot decrypt)
-            log.error("%s of session %s failed in the store: %r", t, self.session_id, exc)
-            internal = exc.code == E.INTERNAL  # its detail (key ids...) stays in the log
-            message = "the server could not read the stored data" if internal else exc.message
-            return self._refuse(RequestError(exc.code, message), rid)
+        except StoreError as exc:
+            return self._store_failed(exc, t, rid)
+
+    def read_done(
+        self, read: Read, result: Any = None, error: Exception | None = None
+    ) -> list[Action]:
+        """The ``query`` of ``read`` returned ``result`` (or raised ``error``)."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            if error is not None:
+                raise error
+            return read.then(result)
+        except RequestError as exc:
+            return self._refuse(exc, read.rid)
+        except StoreError as exc:
+            return self._store_failed(exc, read.what, read.rid)
+
+    def _store_failed(self, exc: StoreError, what: object, rid: int | None) -> list[Action]:
+        """A read the store failed (an entry it cannot decode or decrypt, the store is
+        unreachable): a request error; the detail (key ids...) stays in the log."""
+        log.error("%s of session %s failed in the store: %r", what, self.session_id, exc)
+        internal = exc.code == E.INTERNAL
+        message = "the server could not read the stored data" if internal else exc.message
+        return self._refuse(RequestError(exc.code, message), rid)
 
     def frame_error(self, exc: FrameError) -> list[Action]:
         """The decoder failed: a connection error."""
@@ -406,34 +459,56 @@ class Session:
             raise RequestError(
                 E.LIMIT_EXCEEDED, f"a connection may join at most {self.limits.max_joined} channels"
             )
-        info = self.store.channel(channel)
-        read = self.store.read_cursor(self.user, channel)
-        member = self.store.is_member(self.user, channel)  # every read before any change
-        self.joined.add(channel)
-        self._uncut(channel)
-        actions: list[Action] = [Subscribe(channel)]
-        if not member:  # for presence: who shares a channel
-            actions.append(self._submit(WriteOp("member", channel, self.user), None))
-        return [
-            *actions,
-            *self._ok(
-                rid,
-                channel=channel,
-                head=info.head,
-                read=read,
-                epoch=info.epoch,
-                horizon=info.horizon,
-            ),
-        ]
+        store, user, most, mine = (
+            self.store,
+            self.user,
+            self.limits.max_memberships,
+            self.memberships,
+        )
+
+        def query() -> tuple[ChannelInfo, int, bool, int]:
+            member, count = False, 0
+            if mine is None:  # counted up to the bound only: a join's cost never grows past it
+                member = store.is_member(user, channel)
+                count = 0 if member else len(store.channels_of(user, limit=most))
+            return store.channel(channel), store.read_cursor(user, channel), member, count
+
+        def then(result: tuple[ChannelInfo, int, bool, int]) -> list[Action]:
+            info, read, member, count = result
+            if mine is not None:  # exact, with the joins whose writes are not committed yet
+                member, count = channel in mine, len(mine)
+            if not member and count >= most:
+                raise RequestError(
+                    E.LIMIT_EXCEEDED,
+                    f"a user may be a member of at most {most} channels: "
+                    "leave one with `forget` first",
+                )
+            self.joined.add(channel)
+            self._uncut(channel)
+            actions: list[Action] = []
+            if not member:  # for presence: who shares a channel
+                actions.append(self._submit(WriteOp("member", channel, user), None))
+            fields = {"head": info.head, "read": read, "epoch": info.epoch}
+            return actions + self._ok(rid, channel=channel, **fields, horizon=info.horizon)
+
+        # Subscribed now, its pushes held until the reply: none committed during the read
+        # is lost, and none comes before the `ok` (section 6.2).
+        return [Subscribe(channel), Read(query, then, rid, "join", hold=channel)]
 
     def _leave(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         # No authorization: leaving is always allowed (also after a token lost access).
         channel: str = _field(frame, "channel", str, "a channel name")
         if not valid_channel(channel):
             raise RequestError(E.BAD_REQUEST, "`channel` is not a valid channel name")
+        forget = frame.get("forget", False)
+        if not isinstance(forget, bool):
+            raise RequestError(E.BAD_REQUEST, "`forget` must be a boolean")
         self.joined.discard(channel)
         self._uncut(channel)
-        return [Unsubscribe(channel), *self._ok(rid, channel=channel)]
+        actions: list[Action] = [Unsubscribe(channel)]
+        if forget:  # the membership ends too, durably: the ok waits for it
+            return [*actions, self._submit(WriteOp("unmember", channel, self.user), rid)]
+        return [*actions, *self._ok(rid, channel=channel)]
 
     # ------------------------------------------------------------------ writes
 
@@ -499,6 +574,8 @@ class Session:
             if live:
                 actions.append(Reply(RequestError(op.error.code, op.error.message).frame(op.rid)))
             return actions
+        if op.kind == "unmember":
+            return self._ok(op.rid, channel=op.channel, forgotten=True) if live else actions
         if op.kind == "read":
             cursor = op.result
             if live:
@@ -533,28 +610,41 @@ class Session:
         channel = self._channel(frame)
         before = None if frame.get("before") is None else _int(frame, "before", 1, INT64_MAX)
         limit = _int(frame, "limit", 1, self.limits.history_max, self.limits.history_default)
-        page = self.store.history(channel, before, limit, max_bytes=self._page_bytes(channel))
-        return self._ok(rid, channel=channel, messages=page.messages, more=page.more)
+        store, max_bytes = self.store, self._page_bytes(channel)
+
+        def then(page: HistoryPage) -> list[Action]:
+            return self._ok(rid, channel=channel, messages=page.messages, more=page.more)
+
+        return [
+            Read(lambda: store.history(channel, before, limit, max_bytes), then, rid, "history")
+        ]
 
     def _sync(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         channel = self._channel(frame)
         since = _int(frame, "since", 0, INT64_MAX)
         limit = _int(frame, "limit", 1, self.limits.sync_max, self.limits.sync_default)
-        overhead = EVENT_OVERHEAD + len(channel.encode())
-        page = self.store.sync(
-            channel, since, limit, max_bytes=self._page_bytes(channel), entry_overhead=overhead
-        )
         epoch = None if frame.get("epoch") is None else _int(frame, "epoch", 0, INT64_MAX)
-        stale = epoch is not None and epoch != page.epoch and since > 0  # section 11
-        if page.resync or stale:
-            reason = "epoch" if stale else "compacted" if since <= page.head else "ahead"
-            return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
-        if not page.more:
-            self._uncut(channel)  # caught up: the live stream resumes
-        events = [event_frame(channel, e) for e in page.entries]
-        return self._ok(
-            rid, channel=channel, events=events, more=page.more, head=page.head, epoch=page.epoch
-        )
+        overhead = EVENT_OVERHEAD + len(channel.encode())
+        store, max_bytes = self.store, self._page_bytes(channel)
+
+        def query() -> SyncPage:
+            return store.sync(channel, since, limit, max_bytes=max_bytes, entry_overhead=overhead)
+
+        def then(page: SyncPage) -> list[Action]:
+            stale = epoch is not None and epoch != page.epoch and since > 0  # section 11
+            if page.resync or stale:
+                reason = "epoch" if stale else "compacted" if since <= page.head else "ahead"
+                return [Reply(resync_frame(channel, page.head, page.epoch, reason, rid))]
+            if not page.more:
+                self._uncut(channel)  # caught up: the live stream resumes
+            events = [event_frame(channel, e) for e in page.entries]
+            fields = {"more": page.more, "head": page.head, "epoch": page.epoch}
+            return self._ok(rid, channel=channel, events=events, **fields)
+
+        # A cut stream resumes at this sync's reply if it reaches the head: its pushes are
+        # held meanwhile, so an entry committed after the read is pushed, not lost.
+        hold = channel if channel in self.cut else None
+        return [Read(query, then, rid, "sync", hold=hold)]
 
     def _uncut(self, channel: str) -> None:
         if channel in self.cut:
@@ -605,16 +695,22 @@ class Session:
             raise RequestError(E.BAD_REQUEST, "`channels` must be a list of channel names")
         if len(channels) > most:
             raise RequestError(E.LIMIT_EXCEEDED, f"at most {most} channels per unread request")
-        counts: dict[str, int] = {}
-        capped: list[str] = []
-        scan_max = self.limits.unread_scan_max
-        for name in dict.fromkeys(channels):
-            channel = self._channel({"channel": name})
-            counts[channel] = self.store.unread(self.user, channel, scan_max)
-            info = self.store.channel(channel)
-            if info.head - self.store.read_cursor(self.user, channel) > scan_max:
-                capped.append(channel)
-        return self._ok(rid, unread=counts, capped=capped)
+        names = [self._channel({"channel": name}) for name in dict.fromkeys(channels)]
+        store, user, scan_max = self.store, self.user, self.limits.unread_scan_max
+
+        def query() -> tuple[dict[str, int], list[str]]:
+            counts: dict[str, int] = {}
+            capped: list[str] = []
+            for channel in names:
+                counts[channel] = store.unread(user, channel, scan_max)
+                if store.channel(channel).head - store.read_cursor(user, channel) > scan_max:
+                    capped.append(channel)
+            return counts, capped
+
+        def then(result: tuple[dict[str, int], list[str]]) -> list[Action]:
+            return self._ok(rid, unread=result[0], capped=result[1])
+
+        return [Read(query, then, rid, "unread")]
 
     def _typing_push(self, channel: str, on: bool) -> Publish:
         push = {"t": "typing", "channel": channel, "user": self.user, "on": on}

@@ -46,7 +46,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -60,6 +60,7 @@ from tsmsg.protocol.session import (
     Close,
     Publish,
     QueryPresence,
+    Read,
     Reply,
     Session,
     SetPresence,
@@ -76,11 +77,18 @@ from tsmsg.store.base import Notify
 from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
+T = TypeVar("T")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
+# A connection handling a pipelined batch of frames lets the others run after this long:
+# one client's burst delays another's ping by about this much, not by the whole batch.
+YIELD_EVERY_S = 0.002
+# A scheduler round this much later than the tick asked for means the event loop was
+# stalled (by the server itself): that time is not held against idle peers.
+LOOP_STALL_S = 1.0
 
 # An event that is already set: what a Connection holds while nobody waits. Setting it
 # again does nothing; a waiter arms a fresh one, and puts this back once woken. An idle
@@ -190,6 +198,7 @@ class Connection:
         "first_sync",
         "has_data",
         "held",
+        "holding",
         "inflight",
         "inflight_freed",
         "limit",
@@ -236,7 +245,10 @@ class Connection:
         self.drained = SET
         self.inflight = 0
         self.inflight_freed = SET
-        self.held = False  # the reader waits in wait_writable: the peer is not idle
+        self.held = False  # the reader waits in wait_writable or for a read: not idle
+        # Channels whose live pushes wait for a read's reply (Read.hold): rare, so None
+        # while there is none (memory per idle connection).
+        self.holding: dict[str, list[bytes] | None] | None = None
         self.closing: str | None = None  # set: flush what is queued, then close
         self.cancel = trio.CancelScope()  # around the reader, in handle(): see abort()
         self.limit = server.settings.max_queue_bytes
@@ -261,6 +273,8 @@ class Connection:
         if self.closing is not None:
             return False
         if channel is not None:
+            if self.holding is not None and channel in self.holding:
+                return self._hold(data, channel)
             if channel in self.session.cut:
                 return False
             if self.queued_bytes + len(data) > self.limit:
@@ -274,6 +288,59 @@ class Connection:
         self.queue.append((data, channel))
         self.queued_bytes += len(data)
         return True
+
+    def _hold(self, data: bytes, channel: str) -> bool:
+        """Keep a live push of a held channel for after the read's reply. It counts
+        against the outbound bound like a queued one; past it, the stream is cut."""
+        assert self.holding is not None
+        held = self.holding[channel]
+        if held is None:
+            return False  # cut while held
+        if self.queued_bytes + len(data) > self.limit:
+            self._cut_streams(channel)
+            return False
+        held.append(data)
+        self.queued_bytes += len(data)
+        return True
+
+    def _release(self, channel: str) -> None:
+        """The read that held ``channel`` is answered: its held pushes follow the reply,
+        unless the stream is (still) cut or the join failed."""
+        assert self.holding is not None
+        held = self.holding.pop(channel)
+        if not self.holding:
+            self.holding = None
+        if held is not None:
+            self.queued_bytes -= sum(map(len, held))
+        if channel not in self.session.joined:
+            self.server.unsubscribe(self, channel)  # a join that failed
+        elif held is None:  # cut while held: after the reply, the stream is cut
+            self._queue_resync(channel)
+        elif channel not in self.session.cut:  # else the sync did not reach the head
+            for data in held:
+                self.send_bytes(data, channel)
+
+    async def read(self, read: Read) -> None:
+        """Run a request's store reads off the event loop (the server's read threads),
+        then its reply and what follows; this connection handles no other frame
+        meanwhile, and counts as busy, not idle."""
+        server, hold = self.server, read.hold
+        if hold is not None:
+            if self.holding is None:
+                self.holding = {}
+            self.holding[hold] = []
+        self.held = True
+        try:
+            result, error = await server.run_read(read.query), None
+        except Exception as exc:  # the session answers it (a StoreError: its code)
+            result, error = None, exc
+        finally:
+            self.held = False
+        follow = server.perform(self, self.session.read_done(read, result, error))
+        if hold is not None:
+            self._release(hold)
+        if follow is not None:
+            await self.read(follow)
 
     def _take_queue(self) -> bytes:
         data = b"".join([chunk for chunk, _ in self.queue])
@@ -310,7 +377,8 @@ class Connection:
             self.server.metrics.signals_dropped.inc()
 
     def _cut_streams(self, channel: str) -> None:
-        """Slow consumer: drop queued live events and tell the client to sync."""
+        """Slow consumer: drop queued live events and tell the client to sync. A held
+        channel's pushes are dropped too; its resync follows the read's reply."""
         cut = {channel}
         kept: list[tuple[bytes, str | None]] = []
         for data, ch in self.queue:
@@ -320,15 +388,22 @@ class Connection:
                 cut.add(ch)
         self.queue = kept
         self.queued_bytes = sum(len(d) for d, _ in kept)
+        if self.holding is not None:
+            for ch in self.holding:
+                self.holding[ch] = None
+            cut |= self.holding.keys()
         for ch in sorted(cut):
-            frame = self.session.cut_stream(ch, self.server.store.channel(ch))
-            self.queue.append((encode(frame), None))
-            self.queued_bytes += len(self.queue[-1][0])
+            if self.holding is None or ch not in self.holding:
+                self._queue_resync(ch)
         self.wake_writer()
         log.warning("slow consumer %s (%s): cut live streams of %s", self.peer, self.user, cut)
         metrics = self.server.metrics
         metrics.slow_consumer_resyncs.inc(len(cut))
         metrics.frames_out["resync"].inc(len(cut))
+
+    def _queue_resync(self, channel: str) -> None:
+        frame = self.session.cut_stream(channel, self.server.store.channel(channel))
+        self.send_bytes(encode(frame), None)
 
     @property
     def user(self) -> str | None:
@@ -482,9 +557,16 @@ class Connection:
 
     async def _dispatch(self, frames: list[dict[str, Any]]) -> bool:
         """Hand decoded frames to the session, one at a time, under backpressure; False
-        once the connection is closing."""
+        once the connection is closing. Every frame counts as received when it was read
+        (the frame rate limit charges a pipelined burst at once, however long handling
+        it takes), and the connection yields to others every ``YIELD_EVERY_S``."""
         session, server = self.session, self.server
+        arrived = server.now_ms()
+        ran_since = time.perf_counter()
         for frame in frames:
+            if time.perf_counter() - ran_since > YIELD_EVERY_S:
+                await trio.lowlevel.checkpoint()
+                ran_since = time.perf_counter()
             await self.wait_writable()
             if server.draining:
                 break  # read and drop: unread input would make close() send a reset
@@ -498,7 +580,10 @@ class Connection:
                 if type(since) is int and since > 0 and not session.cut:
                     server.metrics.resumes.inc()
             self.next_check = 0
-            server.perform(self, session.receive_frame(frame, server.now_ms()))
+            read = server.perform(self, session.receive_frame(frame, arrived))
+            if read is not None:
+                await self.read(read)
+                ran_since = time.perf_counter()
         return True
 
 
@@ -509,8 +594,12 @@ class Server:
         verifier: TokenVerifier,
         *,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        inline_reads: bool = False,
     ) -> None:
         self.settings = settings
+        # Reads in the trio thread: only for a deterministic simulation or a test on
+        # trio's mock clock (which jumps ahead while the loop waits for a thread).
+        self.inline_reads = inline_reads
         self.verifier = verifier
         self.members: dict[str, set[Connection]] = collections.defaultdict(set)
         # Work for the end of the scheduling round (the flusher task): connections' writes
@@ -521,6 +610,9 @@ class Server:
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
+        self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
+        # Store reads of requests run in threads (run_read), at most this many at once.
+        self.read_limiter = trio.CapacityLimiter(settings.read_threads)
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
         self._limited = metrics.limited  # one bound method for every session
         self._tasks: trio.Nursery | None = None  # run()'s handler nursery
@@ -574,7 +666,10 @@ class Server:
 
     # ------------------------------------------------------------------ actions
 
-    def perform(self, conn: Connection | None, actions: list[Action]) -> None:
+    def perform(self, conn: Connection | None, actions: list[Action]) -> Read | None:
+        """Carry out a session's actions; a read among them (at most one, the last) is
+        returned for the connection's reader to run (:meth:`Connection.read`)."""
+        read: Read | None = None
         for action in actions:
             if isinstance(action, Publish):
                 self.publish(action.channel, action.frame, action.skip_user)
@@ -587,20 +682,52 @@ class Server:
             elif isinstance(action, Subscribe):
                 self.members[action.channel].add(conn)
             elif isinstance(action, Unsubscribe):
-                self._unsubscribe(conn, action.channel)
+                self.unsubscribe(conn, action.channel)
             elif isinstance(action, Close):
                 log.info("closing %s (%s): %s", conn.peer, conn.user, action.reason)
                 conn.close_after_flush(action.reason)
+            elif isinstance(action, Read):
+                read = action
             elif isinstance(action, SetPresence):
-                self._set_presence(conn, action.status)
+                read = self._set_presence(conn, action.status)
             elif isinstance(action, QueryPresence):
-                self._query_presence(conn, action.rid, action.users)
+                read = self._query_presence(conn, action.rid, action.users)
+        return read
+
+    async def run_read(self, query: Callable[[], T]) -> T:
+        """A request's store reads, in one of the server's read threads: a long scan or a
+        network store's round trip never stalls the event loop."""
+        if self.inline_reads:
+            await trio.lowlevel.checkpoint()
+            return query()
+        return await trio.to_thread.run_sync(query, limiter=self.read_limiter)
 
     # ------------------------------------------------------------------ presence
+    #
+    # Who shares a channel with whom: the durable memberships (at most max_memberships a
+    # user). Those of connected users are kept here, loaded when their first device
+    # connects, so a presence change or query walks a bounded set in memory.
 
-    def _set_presence(self, conn: Connection, status: str | None) -> None:
+    def _set_presence(self, conn: Connection, status: str | None) -> Read | None:
         """A device connected (``None``) or the user set a status. Pushed once per
         change, not once per device."""
+        user = conn.user
+        assert user is not None
+        if user not in self.memberships:  # its first device: load them first
+            store, most = self.store, self.settings.limits.max_memberships
+
+            def then(channels: list[str]) -> list[Action]:
+                conn.session.memberships = self.memberships.setdefault(user, set(channels))
+                self._presence_changed(conn, status)
+                return []
+
+            query = functools.partial(store.channels_of, user, limit=most)
+            return Read(query, then, None, "presence")
+        conn.session.memberships = self.memberships[user]
+        self._presence_changed(conn, status)
+        return None
+
+    def _presence_changed(self, conn: Connection, status: str | None) -> None:
         user = conn.user
         assert user is not None
         devices = self.devices.setdefault(user, set())
@@ -624,6 +751,7 @@ class Server:
         del self.devices[user]
         if self.status.pop(user, "offline") != "offline":
             self._push_presence(conn, "offline")
+        self.memberships.pop(user, None)
         try:
             self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts
         except StoreUnavailable:
@@ -636,34 +764,48 @@ class Server:
         assert claims is not None
         data = encode({"t": "presence", "user": claims.user, "status": status, "ts": self.now_ms()})
         recipients: set[Connection] = set()
-        for channel in self.store.channels_of(claims.user):
-            if claims.may_read(channel):
-                recipients.update(self.members.get(channel, ()))
+        for channel in self.memberships.get(claims.user, ()):
+            members = self.members.get(channel)
+            if members and claims.may_read(channel):
+                recipients.update(members)
         for conn in recipients:
             conn.push_signal(data)
 
-    def _query_presence(self, conn: Connection, rid: int | None, users: list[str]) -> None:
+    def _query_presence(self, conn: Connection, rid: int | None, users: list[str]) -> Read:
         """Presence of the asked users who share a channel with the asker (others are
-        left out, so a query reveals nothing about strangers)."""
+        left out, so a query reveals nothing about strangers). The memberships and
+        last_seen of users not connected here are read off the loop."""
         claims = conn.session.claims
         assert claims is not None
         asker = claims.user
-        mine = {c for c in self.store.channels_of(asker) if claims.may_read(c)}
-        found = []
-        for user in users:
-            if user != asker and mine.isdisjoint(self.store.channels_of(user)):
-                continue
-            status = self.status.get(user, "offline")
-            entry: dict[str, Any] = {"user": user, "status": status, "online": status != "offline"}
-            if status == "offline":
-                seen = self.store.last_seen(user) if user not in self.devices else None
-                if seen is not None:
-                    entry["last_seen"] = seen
-            found.append(entry)
-        if rid is not None:
-            conn.send_frame({"t": "ok", "rid": rid, "users": found})
+        store, most = self.store, self.settings.limits.max_memberships
+        known = {u: self.memberships[u] for u in (asker, *users) if u in self.memberships}
+        absent = [u for u in dict.fromkeys((asker, *users)) if u not in known]
 
-    def _unsubscribe(self, conn: Connection, channel: str) -> None:
+        def query() -> dict[str, tuple[set[str], int | None]]:
+            return {u: (set(store.channels_of(u, limit=most)), store.last_seen(u)) for u in absent}
+
+        def then(loaded: dict[str, tuple[set[str], int | None]]) -> list[Action]:
+            def channels(user: str) -> set[str]:
+                return known[user] if user in known else loaded[user][0]
+
+            mine = {c for c in channels(asker) if claims.may_read(c)}
+            found = []
+            for user in users:
+                if user != asker and mine.isdisjoint(channels(user)):
+                    continue
+                status = self.status.get(user, "offline")
+                entry: dict[str, Any] = {"user": user, "status": status}
+                entry["online"] = status != "offline"
+                seen = loaded[user][1] if user in loaded and user not in self.devices else None
+                if status == "offline" and seen is not None:
+                    entry["last_seen"] = seen
+                found.append(entry)
+            return [] if rid is None else [Reply({"t": "ok", "rid": rid, "users": found})]
+
+        return Read(query, then, rid, "presence")
+
+    def unsubscribe(self, conn: Connection, channel: str) -> None:
         members = self.members.get(channel)
         if members is not None:
             members.discard(conn)
@@ -685,6 +827,10 @@ class Server:
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         """A connection's write, handed to the store with the round's others (below)."""
+        if op.kind in ("member", "unmember"):  # the connected user's memberships, here
+            mine = self.memberships.get(op.user)
+            if mine is not None:
+                (mine.add if op.kind == "member" else mine.discard)(op.channel)
         self._round_due.set()
         self._to_submit.append(op)
         conn.inflight += 1
@@ -849,8 +995,8 @@ class Server:
             if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
                 self.ip_login_failures.take(host, self.now_ms())
                 self.metrics.auth_failures[auth_reason(reason)].inc()
-            for channel in session.joined:
-                self._unsubscribe(conn, channel)
+            for channel in session.joined | (conn.holding or {}).keys():
+                self.unsubscribe(conn, channel)
             self._device_gone(conn)  # after unsubscribing: its own offline push skips it
             del self.connections[session]
             self.metrics.closed[close_reason(reason)].inc()
@@ -983,8 +1129,16 @@ class Server:
 
     async def _tick_sessions(self) -> None:
         """Run each session's timers (idle peers, token expiry, typing expiry) when due."""
+        tick_s = self.settings.tick_ms / 1000
         while True:
-            await trio.sleep(self.settings.tick_ms / 1000)
+            asked = trio.current_time() + tick_s
+            await trio.sleep(tick_s)
+            stall_ms = round((trio.current_time() - asked) * 1000)
+            if stall_ms > LOOP_STALL_S * 1000:
+                # The loop was stalled: peers' frames waited unread in their sockets.
+                log.warning("event loop stalled for %d ms: idle timers extended", stall_ms)
+                for conn in self.connections.values():
+                    conn.session.last_rx_ms += stall_ms
             now = self.now_ms()
             # A connection the server holds back (flow control) is not idle: the server,
             # not the peer, is not reading. Unless the store has stalled (or failed): then

@@ -49,6 +49,9 @@ class Settings:
     shutdown_grace_s: float = 5.0  # how long shutdown waits to flush `bye` to clients
     frame_timeout_s: float = 30.0  # a frame once started must complete within this
     tick_ms: int = 250  # how often session timers (idle, token and typing expiry) are checked
+    # Threads that run requests' store reads (join, sync, history, unread, presence) off
+    # the event loop; more of them overlap a network store's round trips.
+    read_threads: int = 8
     # Per client IP: new connections (loopback tests and load generators need >= 200/s)
     # and failed logins (a brute-force guard: past the burst, the IP is refused a while).
     ip_connect_rate: float = 200.0
@@ -175,6 +178,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "shutdown_grace_s": (0, False),
     "frame_timeout_s": (0, True),
     "tick_ms": (1, False),
+    "read_threads": (1, False),
     "ip_connect_rate": (0, True),
     "ip_connect_burst": (1, False),
     "ip_login_fail_rate": (0, True),

@@ -107,8 +107,9 @@ class WriteOp:
     store's ``notify`` hook once per committed batch."""
 
     # message, edit, delete: log entries; read: the user's cursor; member: the user is a
-    # member of the channel (recorded at join); seen: the user's last_seen (channel unused)
-    kind: Literal["message", "edit", "delete", "read", "member", "seen"]
+    # member of the channel (recorded at join); unmember: no longer (leave with forget);
+    # seen: the user's last_seen (channel unused)
+    kind: Literal["message", "edit", "delete", "read", "member", "unmember", "seen"]
     channel: str
     user: str
     cid: str | None = None  # message only: the idempotency key
@@ -233,8 +234,9 @@ class Store(ABC):
         """Whether ``user`` is recorded as a member of ``channel``."""
 
     @abstractmethod
-    def channels_of(self, user: str) -> list[str]:
-        """The channels ``user`` is a member of (has ever joined), sorted."""
+    def channels_of(self, user: str, limit: int | None = None) -> list[str]:
+        """The channels ``user`` is a member of (joined and not forgotten), sorted; the
+        first ``limit`` of them when given (the cost is bounded by it)."""
 
     @abstractmethod
     def last_seen(self, user: str) -> int | None:

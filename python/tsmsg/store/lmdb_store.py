@@ -89,6 +89,45 @@ def check_format(path: str, raw: bytes | None, has_data: bool) -> int | None:
     return FORMAT_VERSION
 
 
+class SharedLock:
+    """Held by any number of readers at once, or by one exclusive holder (who waits for
+    the readers to leave and keeps new ones out). threading has no such lock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True  # new readers wait from now on
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -197,8 +236,9 @@ class LmdbStore(Store):
             readahead=False,
             max_readers=256,
         )
-        # Resizing the map needs no transaction open in this process: readers hold this lock.
-        self._resize_lock = threading.Lock()
+        # Resizing the map needs no transaction open in this process: readers share this
+        # lock (the server's read threads read at once), the resize takes it alone.
+        self._resize_lock = SharedLock()
         env = self._env
         self._meta = env.open_db(b"meta")
         self._channels = env.open_db(b"channels")
@@ -301,7 +341,7 @@ class LmdbStore(Store):
 
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
-        with self._resize_lock, self._env.begin(buffers=False) as txn:
+        with self._resize_lock.shared(), self._env.begin(buffers=False) as txn:
             yield txn
 
     def _channel_record(self, txn: lmdb.Transaction, name: str) -> dict[str, int] | None:
@@ -389,14 +429,14 @@ class LmdbStore(Store):
         with self._read() as txn:
             return txn.get(user.encode() + b"\0" + channel.encode(), db=self._members) is not None
 
-    def channels_of(self, user: str) -> list[str]:
+    def channels_of(self, user: str, limit: int | None = None) -> list[str]:
         prefix = user.encode() + b"\0"
         out: list[str] = []
         with self._read() as txn:
             cur = txn.cursor(db=self._members)
             if cur.set_range(prefix):
                 for key in cur.iternext(values=False):
-                    if not key.startswith(prefix):
+                    if not key.startswith(prefix) or len(out) == limit:
                         break
                     out.append(bytes(key[len(prefix) :]).decode())
         return out
@@ -585,7 +625,7 @@ class LmdbStore(Store):
             try:
                 return fn()
             except lmdb.MapFullError:
-                with self._resize_lock:
+                with self._resize_lock.exclusive():
                     size = self._env.info()["map_size"] * 2
                     self._env.set_mapsize(size)
                 log.info("store map full: grew LMDB map to %d MiB", size >> 20)
@@ -750,9 +790,12 @@ class LmdbStore(Store):
         if op.kind == "seen":
             b.txn.put(user, U64.pack(b.ts), db=self._seen)
             return b.ts
-        if op.kind == "member":
-            channel = _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-            b.txn.put(user + b"\0" + channel, b"", db=self._members, overwrite=False)
+        if op.kind in ("member", "unmember"):
+            key = user + b"\0" + _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+            if op.kind == "member":
+                b.txn.put(key, b"", db=self._members, overwrite=False)
+            else:
+                b.txn.delete(key, db=self._members)
             return 0
         if op.kind == "read":
             return self._apply_read(b, op)

@@ -101,6 +101,9 @@ class MemoryData:
         if op.kind == "member":
             self.members.add((op.user, op.channel))
             return 0
+        if op.kind == "unmember":
+            self.members.discard((op.user, op.channel))
+            return 0
         if op.kind == "read":
             old = self.cursors.get((op.user, op.channel), 0)
             cursor = self.set_read(op.user, op.channel, op.seq)
@@ -423,8 +426,8 @@ class MemoryStore(Store):
     def is_member(self, user: str, channel: str) -> bool:
         return (user, channel) in self.data.members
 
-    def channels_of(self, user: str) -> list[str]:
-        return sorted(ch for u, ch in self.data.members if u == user)
+    def channels_of(self, user: str, limit: int | None = None) -> list[str]:
+        return sorted(ch for u, ch in self.data.members if u == user)[:limit]
 
     def last_seen(self, user: str) -> int | None:
         return self.data.seen.get(user)
