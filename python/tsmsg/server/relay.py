@@ -1,0 +1,177 @@
+"""Per-channel delivery order on one node, whatever order events reach it in (sans-IO).
+
+On one node with LMDB, committed events reach the hub in seq order. In a cluster, a
+channel's events come from every node that writes to it: this node's own commits, and
+the others' through Redis pub/sub, which is at-most-once and may reorder them against
+this node's own commits. The :class:`Relay` restores the rules of PROTOCOL.md section 9
+for this node's members: each event of a followed channel is delivered once, in seq order,
+with no gap. Per channel it keeps the last seq delivered here (``last``):
+
+- the next seq (``last + 1``) is delivered at once, and any held ones that follow it;
+- a seq at or below ``last`` is a repeat and dropped;
+- a seq past ``last + 1`` is held while the missing ones are probably in flight; after
+  ``gap_wait_ms`` (or once ``max_held`` are held) the server is asked to read the gap from
+  the log (:meth:`Relay.due`, then :meth:`Relay.filled`);
+- an event of another epoch, a log that can no longer replay the gap (compacted), or a
+  position lost with pub/sub (:meth:`Relay.lost`) resets the channel: the server cuts
+  the live stream of its members (a ``resync`` push: they catch up with ``sync``) and the
+  relay continues from the head the log reports.
+
+A channel is followed from the first local subscription (:meth:`Relay.follow`): events
+that arrive before its position is known (:meth:`Relay.position`, the head read after
+subscribing) are held, then those at or below that head dropped (the subscriber reads
+them with ``sync``). No clock, no I/O: time is passed in, tested with plain calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+E = TypeVar("E")  # an event as the server delivers it (a frame)
+
+# A missing seq is usually another node's publish still on its way: wait this long before
+# reading the log for it (a read costs more than a short wait).
+GAP_WAIT_MS = 100
+# Events held behind a gap, per channel: past this, the gap is read from the log at once
+# (memory stays bounded whatever pub/sub delivers).
+MAX_HELD = 1024
+
+
+@dataclass(slots=True)
+class Stream(Generic[E]):
+    epoch: int | None = None  # None: not known yet (the first event or position tells)
+    last: int | None = None  # the last seq delivered; None: position not known yet
+    held: dict[int, E] = field(default_factory=dict)  # seq -> event, waiting for a gap
+    gap_since: int | None = None  # ms: when the oldest unfilled gap was seen
+    filling: bool = False  # a log read for the gap is under way
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The channel's members must resync (their live stream is cut); the relay continues
+    from ``head`` of ``epoch``."""
+
+    channel: str
+    head: int
+    epoch: int
+
+
+class Relay(Generic[E]):
+    def __init__(self, gap_wait_ms: int = GAP_WAIT_MS, max_held: int = MAX_HELD) -> None:
+        self.gap_wait_ms = gap_wait_ms
+        self.max_held = max_held
+        self.streams: dict[str, Stream[E]] = {}
+
+    # ------------------------------------------------------------------ following
+
+    def follow(self, channel: str) -> None:
+        """This node subscribed to ``channel`` (its first local member): hold its events
+        until :meth:`position` says where the subscriber starts."""
+        self.streams.setdefault(channel, Stream())
+
+    def unfollow(self, channel: str) -> None:
+        self.streams.pop(channel, None)
+
+    def position(self, channel: str, epoch: int, head: int, now_ms: int) -> list[E]:
+        """The head of ``channel`` as read after :meth:`follow`: what was held past it is
+        delivered now (in order, up to a gap). A position already known stays: the
+        members that follow from it get every later event (a later subscriber's read
+        covers the ones before its own head, and a repeat does no harm: rule 7)."""
+        s = self.streams.get(channel)
+        if s is None:
+            return []
+        if s.last is None:
+            s.epoch, s.last = epoch, head
+        return self._drain(s, now_ms)
+
+    # ------------------------------------------------------------------ events
+
+    def offer(
+        self, channel: str, epoch: int | None, seq: int, event: E, now_ms: int
+    ) -> list[E] | Reset:
+        """An event of ``channel`` reached this node (``epoch`` None: this node's own
+        commit, of the epoch already known). Returns the events to deliver now, in order,
+        or a reset: the event belongs to another epoch (the log was lost and restarted)."""
+        s = self.streams.get(channel)
+        if s is None:
+            return []  # nobody here follows the channel
+        if epoch is not None and s.epoch is not None and epoch != s.epoch:
+            return self._reset(channel, s, epoch, seq)  # the members' sync covers it
+        if s.epoch is None:
+            s.epoch = epoch
+        if s.last is not None and seq <= s.last:
+            return []  # a repeat
+        if len(s.held) < self.max_held or seq in s.held:
+            s.held[seq] = event
+        elif s.gap_since is not None:
+            s.gap_since = -(2**62)  # too many held: read the gap from the log at once
+        return self._drain(s, now_ms)
+
+    def _drain(self, s: Stream[E], now_ms: int) -> list[E]:
+        if s.last is None:
+            return []  # position unknown: keep holding
+        out: list[E] = []
+        for seq in [q for q in s.held if q <= s.last]:
+            del s.held[seq]
+        while (nxt := s.held.pop(s.last + 1, None)) is not None:
+            out.append(nxt)
+            s.last += 1
+        if not s.held:
+            s.gap_since = None
+        elif s.gap_since is None:
+            s.gap_since = now_ms
+        return out
+
+    # ------------------------------------------------------------------ gaps
+
+    def due(self, now_ms: int) -> list[tuple[str, int]]:
+        """Gaps waited on long enough: ``(channel, since)`` for the server to read from
+        the log (entries after ``since``), then hand to :meth:`filled`."""
+        out = []
+        for channel, s in self.streams.items():
+            if s.gap_since is None or s.filling or s.last is None:
+                continue
+            if now_ms - s.gap_since >= self.gap_wait_ms:
+                s.filling = True
+                out.append((channel, s.last))
+        return out
+
+    def filled(
+        self,
+        channel: str,
+        epoch: int,
+        head: int,
+        entries: Iterable[tuple[int, E]],
+        now_ms: int,
+        *,
+        resync: bool = False,
+    ) -> list[E] | Reset:
+        """A log read after :meth:`due`: ``entries`` (seq, event) in seq order after the
+        position asked for, and the log's ``head``/``epoch``; ``resync`` when the log
+        could not replay them (compacted, or a position past the head of a reset log)."""
+        s = self.streams.get(channel)
+        if s is None:
+            return []
+        s.filling = False
+        if resync or (s.epoch is not None and epoch != s.epoch):
+            return self._reset(channel, s, epoch, head)
+        for seq, event in entries:
+            if s.last is not None and seq > s.last:
+                s.held.setdefault(seq, event)
+        out = self._drain(s, now_ms)
+        if s.held and s.gap_since is not None and s.gap_since < 0:
+            s.gap_since = now_ms  # what overflowed is now read: wait again as usual
+        return out
+
+    def lost(self, channel: str, epoch: int, head: int) -> Reset:
+        """Events of ``channel`` may have been lost without a trace (pub/sub was cut, or
+        the store reports another epoch): its members resync from ``head``."""
+        s = self.streams.setdefault(channel, Stream())
+        return self._reset(channel, s, epoch, head)
+
+    def _reset(self, channel: str, s: Stream[E], epoch: int, head: int) -> Reset:
+        s.epoch, s.last, s.gap_since, s.filling = epoch, head, None, False
+        s.held = {q: e for q, e in s.held.items() if q > head}
+        return Reset(channel, head, epoch)
