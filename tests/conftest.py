@@ -16,7 +16,7 @@ import trio
 
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
-from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.limits import RATE_KINDS, Limits
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
 
@@ -119,7 +119,7 @@ class Harness:
 # lifted unless a test sets them (the rate-limit tests do).
 UNLIMITED = {
     f"{kind}_{part}": value
-    for kind in ("frame", "send", "channel_send", "typing")
+    for kind in RATE_KINDS
     for part, value in (("rate", 1e6), ("burst", 10**6))
 }
 

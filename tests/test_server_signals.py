@@ -287,6 +287,35 @@ async def test_presence_limits(harness: Harness) -> None:
     assert (await alice.request("presence", status="busy"))["t"] == "ok"  # still open
 
 
+@real(limits=fast_limits(presence_rate=1.0, presence_burst=5))
+async def test_presence_flood_is_rate_limited_per_user(harness: Harness) -> None:
+    """Status changes reach everyone who shares a channel, so a flood of them is limited
+    per user like typing (PROTOCOL.md 16.2): past the burst each is refused with
+    ``rate_limited`` and pushes nothing; the user's other device shares the bucket."""
+    await become_member(harness, "alice")
+    carol = await harness.connect("carol")
+    await join(carol)
+    phone, laptop = await harness.connect("alice"), await harness.connect("alice")
+    await barrier(carol)
+    taken(carol, of("presence"))
+    rids: list[int] = []
+    for k in range(30):
+        rid = next(phone.rids)
+        rids.append(rid)
+        await phone.send({"t": "presence", "rid": rid, "status": ("away", "busy")[k % 2]})
+    replies = [await wait_frame(phone, of_rid(rid)) for rid in rids]
+    accepted = [r for r in replies if r["t"] == "ok"]
+    assert 5 <= len(accepted) <= 6, replies  # the burst (plus at most one refilled)
+    assert replies[:5] == accepted[:5]
+    for r in replies[len(accepted) :]:
+        assert r["code"] == "rate_limited" and r["retry_after_ms"] > 0, r
+    refused = await laptop.request("presence", status="online")  # the same user's bucket
+    assert refused["code"] == "rate_limited", refused
+    assert (await carol.request("presence", status="away"))["t"] == "ok"  # others unaffected
+    await barrier(carol)
+    assert len(taken(carol, presence_of("alice"))) == len(accepted)  # one push per change
+
+
 async def _idle_device_goes_offline(h: Harness, heartbeat_s: float, slack_s: float) -> None:
     """alice's only device says nothing and is closed after two heartbeats with
     ``idle_timeout``; carol sees alice go offline; bob, who pings, stays."""

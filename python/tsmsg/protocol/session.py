@@ -596,6 +596,8 @@ class Session:
             raise RequestError(
                 E.LIMIT_EXCEEDED, f"`status` must be 1 to {self.limits.max_status_chars} chars"
             )
+        retry = self.user_limits.presence.take(self.user, now_ms)
+        self._limit(retry, "presence", f"over {self.limits.presence_rate:g} status changes/s")
         return [SetPresence(status), *self._ok(rid, status=status)]
 
     def _unread(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
