@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
@@ -844,6 +845,28 @@ async def test_failed_refreshes_are_not_failed_logins(harness: Harness) -> None:
     assert (await alice.request("refresh", token="junk"))["code"] == "unauthorized"
     await harness.connect("alice")  # the IP is not locked out
     assert harness.server.metrics.value("tsmsg_auth_failures_total") == 0
+
+
+def far_token(user: str, exp: int) -> str:
+    """A token signed with the tests' secret whose exp is ``exp``, however large."""
+    body = {"sub": user, "exp": exp, "scope": ["chat:read", "chat:send"], "channels": ["*"]}
+    return jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("exp", [2**64, 10**30, int(time.time()) + 31 * 86_400])
+async def test_a_token_beyond_the_maximum_lifetime_is_refused(harness: Harness, exp: int) -> None:
+    """At hello (a connection error) and at refresh (a request error: the connection goes
+    on with its old token). An exp of 2**64 once passed hello and then crashed refresh,
+    whose ok echoes exp, with an EncodeError; 10**30 never expired."""
+    client = await harness.raw()
+    refused = await client.request("hello", v=1, token=far_token("alice", exp))
+    assert refused["code"] == "unauthorized" and "too far ahead" in refused["message"], refused
+    assert await client.closed()
+    alice = await harness.connect("alice")
+    refused = await alice.request("refresh", token=far_token("alice", exp))
+    assert refused["code"] == "unauthorized" and "too far ahead" in refused["message"], refused
+    assert (await alice.request("ping"))["t"] == "pong"  # still open, its old token kept
+    assert harness.server.metrics.value("tsmsg_connections_closed_total") == 1  # the hello's
 
 
 # ====================================================================== token expiry

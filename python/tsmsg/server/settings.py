@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from tsmsg.auth import DEFAULT_MAX_LIFETIME_S
 from tsmsg.protocol.limits import Limits, check_minimums
 from tsmsg.store import CompactionPolicy, StoreConfig
 from tsmsg.store.crypto import load_keyring
@@ -55,6 +56,9 @@ class Settings:
     ip_connect_burst: int = 400
     ip_login_fail_rate: float = 1.0
     ip_login_fail_burst: int = 20
+    # The furthest a token's exp may lie ahead (30 days): a longer-lived token is refused,
+    # and `tsmsg token --ttl` issues none (PROTOCOL.md 5.1).
+    token_max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S
     # TLS (PROTOCOL.md section 4): a PEM certificate chain and its key, both or neither;
     # with a client CA, clients must present a certificate it signed.
     tls_cert_file: str = ""
@@ -179,6 +183,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "ip_connect_burst": (1, False),
     "ip_login_fail_rate": (0, True),
     "ip_login_fail_burst": (1, False),
+    "token_max_lifetime_s": (1, False),
     "tls_handshake_timeout_s": (0, True),
     "ready_max_write_age_s": (0, True),
     "compact_interval_s": (0, False),
