@@ -122,6 +122,9 @@ UNLIMITED = {
     for kind in RATE_KINDS
     for part, value in (("rate", 1e6), ("burst", 10**6))
 }
+# And they open many connections from one address, some as one user: the caps on
+# connections per IP and per user are lifted too (the tests of those caps set them).
+UNCAPPED = {"ip_max_connections": 10**6, "user_max_connections": 10**6}
 
 
 def fast_limits(**overrides: Any) -> Limits:
@@ -130,11 +133,13 @@ def fast_limits(**overrides: Any) -> Limits:
 
 def unlimited_env() -> dict[str, str]:
     """The same for a server subprocess, as TSMSG_LIMITS_* variables."""
-    return {f"TSMSG_LIMITS_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+    env = {f"TSMSG_LIMITS_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+    return env | {f"TSMSG_{k.upper()}": str(v) for k, v in UNCAPPED.items()}
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     limits = overrides.pop("limits", None) or fast_limits()
+    overrides = {**UNCAPPED, **overrides}
     return replace(
         Settings(), host="127.0.0.1", port=0, data_dir=str(data_dir), limits=limits, **overrides
     )

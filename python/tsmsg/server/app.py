@@ -41,12 +41,14 @@ import itertools
 import logging
 import math
 import os
+import resource
 import secrets
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -80,6 +82,13 @@ log = logging.getLogger("tsmsg.server")
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
+REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
+# Descriptors a derived max_connections leaves free: the store's files, log files, the
+# listeners, trio's wake-up pipe, worker threads, /metrics scrapes (baseline ~20).
+FD_RESERVE = 64
+# The retry_after_ms of a refusal at a connection cap: unlike a bucket's, no clock says
+# when a slot frees (when some connection closes); a second is a polite reconnect pace.
+CAP_RETRY_AFTER_MS = 1_000
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
 
 # An event that is already set: what a Connection holds while nobody waits. Setting it
@@ -118,6 +127,24 @@ class AcceptErrorFilter(logging.Filter):
 logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
 
 
+def connection_cap(configured: int, nofile: int) -> int:
+    """The most client connections a process holds at once: ``configured`` (0: no such
+    setting), never more than the fd limit ``nofile`` minus FD_RESERVE, and at least 1."""
+    cap = configured or sys.maxsize
+    if nofile != resource.RLIM_INFINITY:
+        cap = min(cap, nofile - FD_RESERVE)
+    return max(1, cap)
+
+
+class Refusal(NamedTuple):
+    """Why a new connection is refused (with ``rate_limited``), before it gets a session."""
+
+    retry_after_ms: int
+    scope: str  # of the tsmsg_rate_limited_total metric
+    message: str
+    now: bool  # at a cap: closed at once, without waiting for the peer
+
+
 @contextlib.contextmanager
 def listen_error(host: str, port: int) -> Iterator[None]:
     """A listener that cannot start says where (the port in use, the address not ours)."""
@@ -136,6 +163,25 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
     return send
+
+
+def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
+    """Best effort without waiting, before the close: on plain TCP the frame in one
+    non-blocking write (a fresh socket's buffer takes it), FIN, then the input already
+    received (a pipelined hello), so the close sends no reset that could destroy the
+    frame. Over TLS nothing: no handshake is spent on a refused connection."""
+    send = try_send_of(stream)
+    if send is None or not isinstance(stream, trio.SocketStream):
+        return
+    sock = stream.socket
+    try:
+        send(frame)
+        sock.shutdown(trio.socket.SHUT_WR)
+        for _ in range(REFUSE_NOW_READS):
+            if not os.read(sock.fileno(), RECEIVE_CHUNK):
+                break
+    except OSError:  # BlockingIOError: nothing more to read; or the peer is gone
+        pass
 
 
 Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
@@ -536,6 +582,11 @@ class Server:
         self.user_limits = UserLimits(limits)  # shared by all sessions of a user
         self.ip_connections = Buckets(settings.ip_connect_rate, settings.ip_connect_burst)
         self.ip_login_failures = Buckets(settings.ip_login_fail_rate, settings.ip_login_fail_burst)
+        # Open sockets (refused ones until closed, too) in all and per IP, and sessions
+        # past hello per user: the connection caps (PROTOCOL.md 16.3).
+        self.open_sockets = 0
+        self.open_by_ip: collections.Counter[str] = collections.Counter()
+        self.open_by_user: collections.Counter[str] = collections.Counter()
         self._wall_ms = wall_ms  # the wall clock (injected by the simulation)
         self._clock_base = (wall_ms(), 0.0)  # wall ms at a trio time
         self._token: trio.lowlevel.TrioToken | None = None
@@ -744,14 +795,55 @@ class Server:
         wall, base = self._clock_base
         return wall + round((trio.current_time() - base) * 1000)
 
+    def max_connections(self) -> int:
+        """The cap on open client connections: the setting, never above RLIMIT_NOFILE
+        (read now: an operator's prlimit counts at once) minus FD_RESERVE."""
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return connection_cap(self.settings.max_connections, nofile)
+
+    def _admission(self, host: str) -> Refusal | None:
+        """Whether a new connection from ``host`` may go on to its session (section 4,
+        "Admission"): the caps first (they spend no token), then the per-IP buckets."""
+        cap = self.max_connections()
+        if self.open_sockets >= cap:
+            message = f"the server is at its connection limit ({cap} connections)"
+            return Refusal(CAP_RETRY_AFTER_MS, "max_connections", message, True)
+        most = self.settings.ip_max_connections
+        if self.open_by_ip[host] >= most:
+            message = f"too many connections from this address (ip_max_connections {most})"
+            return Refusal(CAP_RETRY_AFTER_MS, "ip_connections", message, True)
+        now = self.now_ms()
+        locked = self.ip_login_failures.peek(host, now)
+        retry = locked or self.ip_connections.take(host, now)
+        if not retry:
+            return None
+        message = "too many connections or failed logins from this address"
+        return Refusal(retry, "ip_login" if locked else "ip_connect", message, False)
+
+    def _admit_user(self, user: str) -> None:
+        """At hello: a user with ``user_max_connections`` sessions open is refused (a
+        ``rate_limited`` connection error); else the session counts from now on."""
+        most = self.settings.user_max_connections
+        if self.open_by_user[user] >= most:
+            self.metrics.limited("user_connections")
+            message = f"too many connections for this user (user_max_connections {most})"
+            raise RequestError(
+                E.RATE_LIMITED, message, fatal=True, retry_after_ms=CAP_RETRY_AFTER_MS
+            )
+        self.open_by_user[user] += 1
+
     async def _refuse_connection(
-        self, stream: trio.abc.Stream, peer: str, retry: int, scope: str
+        self, stream: trio.abc.Stream, peer: str, refusal: Refusal
     ) -> None:
-        log.warning("refusing connection from %s: rate limited for %d ms", peer, retry)
-        what = "too many connections or failed logins from this address"
+        retry, scope, what, now = refusal
+        log.warning("refusing connection from %s: %s (retry in %d ms)", peer, what, retry)
         frame = RequestError(E.RATE_LIMITED, what, retry_after_ms=retry).frame(None)
         self.metrics.limited(scope)
         self.metrics.frame_out(frame)
+        if now:  # at a cap: no TLS handshake, no waiting; its fd is freed at once
+            refuse_now(stream, encode(frame))
+            await trio.aclose_forcefully(stream)
+            return
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode(frame))  # over TLS, after the handshake
@@ -798,13 +890,24 @@ class Server:
         if self.tls is not None:
             # https_compatible: no close_notify is sent or required (PROTOCOL.md section 4).
             stream = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
+        refusal = self._admission(host)
+        # Every accepted socket counts until it is closed, a refused one too: a flood of
+        # refusals holds at most the IP's share of descriptors.
+        self.open_sockets += 1
+        self.open_by_ip[host] += 1
+        try:
+            if refusal is not None:
+                await self._refuse_connection(stream, peer, refusal)
+            else:
+                await self._serve_connection(stream, host, peer)
+        finally:
+            self.open_sockets -= 1
+            self.open_by_ip[host] -= 1
+            if not self.open_by_ip[host]:
+                del self.open_by_ip[host]
+
+    async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
         now = self.now_ms()
-        locked = self.ip_login_failures.peek(host, now)
-        retry = locked or self.ip_connections.take(host, now)
-        if retry:
-            scope = "ip_login" if locked else "ip_connect"
-            await self._refuse_connection(stream, peer, retry, scope)
-            return
         if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
             return
         serial = next(self._ids)
@@ -817,6 +920,7 @@ class Server:
             now,
             self.user_limits,
             on_rate_limited=self._limited,
+            admit_user=self._admit_user,
         )
         conn = Connection(self, stream, session, peer, serial)
         self.connections[session] = conn
@@ -853,6 +957,10 @@ class Server:
                 self._unsubscribe(conn, channel)
             self._device_gone(conn)  # after unsubscribing: its own offline push skips it
             del self.connections[session]
+            if session.claims is not None:  # admitted at hello (_admit_user)
+                self.open_by_user[session.claims.user] -= 1
+                if not self.open_by_user[session.claims.user]:
+                    del self.open_by_user[session.claims.user]
             self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
             conn.try_send = None  # closed below: its fd may be reused by the next socket
