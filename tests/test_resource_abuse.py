@@ -29,7 +29,11 @@ import trio
 from conftest import WireClient, mint
 from server_proc import ServerProcess, server_process
 from tsmsg import FrameDecoder, encode
-from tsmsg.server.app import ACCEPT_ERROR_LOG_EVERY_S, FD_RESERVE, AcceptErrorFilter
+from tsmsg.server.app import (
+    ACCEPT_ERROR_LOG_EVERY_S,
+    FD_RESERVE,
+    accept_error_filter,
+)
 
 FLOOD = 2_000
 FLOOD_HELLO_TIMEOUT_S = 4.0
@@ -252,7 +256,7 @@ async def test_fd_limit_caps_connections_and_keeps_serving_open_ones(tmp_path: P
 
 def test_accept_error_filter_folds_repeats_into_one_line_per_period() -> None:
     now = [100.0]
-    folder = AcceptErrorFilter(clock=lambda: now[0])
+    folder = accept_error_filter(clock=lambda: now[0])
 
     def record() -> logging.LogRecord:
         try:
@@ -281,4 +285,4 @@ def test_accept_error_filter_folds_repeats_into_one_line_per_period() -> None:
     now[0] = 100.0 + ACCEPT_ERROR_LOG_EVERY_S
     later = record()
     assert folder.filter(later)
-    assert later.getMessage().endswith("seconds (and 5 more in the last 10 s)")
+    assert later.getMessage().endswith("seconds (5 similar messages suppressed in the last 10 s)")

@@ -90,6 +90,12 @@ FD_RESERVE = 64
 # when a slot frees (when some connection closes); a second is a polite reconnect pace.
 CAP_RETRY_AFTER_MS = 1_000
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
+# Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
+# per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
+LOG_BURST = 10
+LOG_INTERVAL_S = 10.0
+LOG_FILTER_MIN_LEVEL = logging.WARNING  # INFO lines are one per accepted connection: kept
+LOG_MAX_KINDS = 1024  # kinds remembered: templates are few; bounds memory all the same
 
 # An event that is already set: what a Connection holds while nobody waits. Setting it
 # again does nothing; a waiter arms a fresh one, and puts this back once woken. An idle
@@ -98,33 +104,80 @@ SET = trio.Event()
 SET.set()
 
 
-class AcceptErrorFilter(logging.Filter):
-    """While the process is out of file descriptors (EMFILE), trio's accept loop retries
-    every 100 ms and logs each failure with a traceback: ~90 lines a second. Keep one
-    line per ``ACCEPT_ERROR_LOG_EVERY_S``, without the traceback, saying how many were
-    folded into it."""
+class RepeatFilter(logging.Filter):
+    """Lets the first ``burst`` records of a kind (logger, level, message template) through
+    per ``interval_s``, drops the rest, and says how many it dropped: the next record of
+    that kind let through ends with "(N similar messages suppressed in the last S s)", and
+    so does a summary line that :meth:`flush` logs for a kind gone quiet. Kinds are
+    templates, not formatted messages: a flood from many peers is one kind."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        burst: int = LOG_BURST,
+        interval_s: float = LOG_INTERVAL_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = LOG_FILTER_MIN_LEVEL,
+        keep_traceback: bool = True,
+    ) -> None:
         super().__init__()
-        self.clock = clock
-        self.last = -math.inf
-        self.folded = 0
+        self.burst, self.interval_s, self.clock = burst, interval_s, clock
+        self.min_level, self.keep_traceback = min_level, keep_traceback
+        # kind -> [window start, records let through in it, records suppressed in it]
+        self.windows: dict[tuple[str, int, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level or getattr(record, "suppressed_summary", False):
+            return True
+        if not self.keep_traceback:
+            record.exc_info = record.exc_text = None
         now = self.clock()
-        if now - self.last < ACCEPT_ERROR_LOG_EVERY_S:
-            self.folded += 1
-            return False
-        record.exc_info = record.exc_text = None
-        if self.folded:
-            record.msg = f"{record.getMessage()} (and {self.folded} more in the last "
-            record.msg += f"{now - self.last:.0f} s)"
-            record.args = None
-        self.last, self.folded = now, 0
-        return True
+        kind = (record.name, record.levelno, str(record.msg))
+        window = self.windows.get(kind)
+        if window is None or now - window[0] >= self.interval_s:
+            if window is not None and window[2]:
+                record.msg = f"{record.getMessage()} ({_suppressed(window, now)})"
+                record.args = None
+            if window is None and len(self.windows) >= LOG_MAX_KINDS:
+                self.windows.pop(next(iter(self.windows)))
+            self.windows[kind] = [now, 1, 0]
+            return True
+        if window[1] < self.burst:
+            window[1] += 1
+            return True
+        window[2] += 1
+        return False
+
+    def flush(self) -> None:
+        """One summary line for each kind whose window has ended with records suppressed
+        and which has been quiet since (the server's ticker calls this)."""
+        now = self.clock()
+        for (name, level, msg), window in list(self.windows.items()):
+            if window[2] and now - window[0] >= self.interval_s:
+                note = _suppressed(window, now)
+                del self.windows[(name, level, msg)]
+                extra = {"suppressed_summary": True}
+                logging.getLogger(name).log(level, "%s: %s", note, msg, extra=extra)
 
 
-logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
+def _suppressed(window: list[float], now: float) -> str:
+    return f"{window[2]:.0f} similar messages suppressed in the last {now - window[0]:.0f} s"
+
+
+def accept_error_filter(clock: Callable[[], float] = time.monotonic) -> RepeatFilter:
+    """While the process is out of file descriptors (EMFILE), trio's accept loop retries
+    every 100 ms and logs each failure with a traceback: ~90 lines a second. Keep one
+    line per ``ACCEPT_ERROR_LOG_EVERY_S``, without the traceback."""
+    return RepeatFilter(
+        1, ACCEPT_ERROR_LOG_EVERY_S, clock=clock, min_level=logging.DEBUG, keep_traceback=False
+    )
+
+
+# The server's own repeated lines (refused connections, slow consumers...), and trio's.
+LOG_FILTER = RepeatFilter()
+logging.getLogger("tsmsg.server").addFilter(LOG_FILTER)
+ACCEPT_FILTER = accept_error_filter()
+logging.getLogger("trio.serve_listeners").addFilter(ACCEPT_FILTER)
 
 
 def connection_cap(configured: int, nofile: int) -> int:
@@ -1093,6 +1146,8 @@ class Server:
         """Run each session's timers (idle peers, token expiry, typing expiry) when due."""
         while True:
             await trio.sleep(self.settings.tick_ms / 1000)
+            LOG_FILTER.flush()
+            ACCEPT_FILTER.flush()
             now = self.now_ms()
             # A connection the server holds back (flow control) is not idle: the server,
             # not the peer, is not reading. Unless the store has stalled (or failed): then
