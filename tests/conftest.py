@@ -17,7 +17,7 @@ import trio.testing
 
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
-from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.limits import RATE_KINDS, Limits
 from tsmsg.protocol.session import Action, Read, Session
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
@@ -121,9 +121,12 @@ class Harness:
 # lifted unless a test sets them (the rate-limit tests do).
 UNLIMITED = {
     f"{kind}_{part}": value
-    for kind in ("frame", "send", "channel_send", "typing")
+    for kind in RATE_KINDS
     for part, value in (("rate", 1e6), ("burst", 10**6))
 }
+# And they open many connections from one address, some as one user: the caps on
+# connections per IP and per user are lifted too (the tests of those caps set them).
+UNCAPPED = {"ip_max_connections": 10**6, "user_max_connections": 10**6}
 
 
 def fast_limits(**overrides: Any) -> Limits:
@@ -132,11 +135,13 @@ def fast_limits(**overrides: Any) -> Limits:
 
 def unlimited_env() -> dict[str, str]:
     """The same for a server subprocess, as TSMSG_LIMITS_* variables."""
-    return {f"TSMSG_LIMITS_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+    env = {f"TSMSG_LIMITS_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+    return env | {f"TSMSG_{k.upper()}": str(v) for k, v in UNCAPPED.items()}
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     limits = overrides.pop("limits", None) or fast_limits()
+    overrides = {**UNCAPPED, **overrides}
     return replace(
         Settings(), host="127.0.0.1", port=0, data_dir=str(data_dir), limits=limits, **overrides
     )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tsmsg import auth
 from tsmsg.auth import (
+    DEFAULT_MAX_LIFETIME_S,
     MAX_PATTERNS,
     MAX_TOKEN_CHARS,
     MAX_USER_CHARS,
@@ -121,6 +122,39 @@ def test_leeway() -> None:
     verifier = TokenVerifier(SECRET, leeway_s=10)
     assert verifier.verify(token, NOW + 69).user == "alice"
     assert refused(verifier, token, NOW + 70).code == "token_expired"
+
+
+@pytest.mark.parametrize("exp", [NOW + 31 * 86_400, 2**64, 2**64 + 5, 10**30, 2**1000])
+def test_an_exp_beyond_the_maximum_lifetime_is_refused(exp: int) -> None:
+    """A token that (nearly) never expires is refused, however large its exp: it would
+    outlive any revocation, and 2**64 and up do not fit the wire's integers."""
+    err = refused(TokenVerifier(SECRET), forge(payload(exp=exp)))
+    assert err.code == "unauthorized"
+    assert "too far ahead" in err.message and "2592000 s" in err.message
+    assert str(exp) not in err.message
+
+
+def test_max_lifetime_is_a_bound_inclusive_with_leeway() -> None:
+    most = DEFAULT_MAX_LIFETIME_S
+    assert TokenVerifier(SECRET).verify(forge(payload(exp=NOW + most)), NOW).exp == NOW + most
+    refused(TokenVerifier(SECRET), forge(payload(exp=NOW + most + 1)))
+    # An issuer's clock a little ahead: the leeway covers it, as it does for exp and nbf.
+    assert TokenVerifier(SECRET, leeway_s=5).verify(forge(payload(exp=NOW + most + 5)), NOW)
+    short = TokenVerifier(SECRET, max_lifetime_s=60)
+    assert short.verify(forge(payload(exp=NOW + 60)), NOW).exp == NOW + 60
+    assert "more than 60 s" in refused(short, forge(payload(exp=NOW + 61))).message
+    with pytest.raises(ValueError, match="max_lifetime_s"):
+        TokenVerifier(SECRET, max_lifetime_s=0)
+
+
+def test_issue_refuses_a_ttl_over_the_maximum_lifetime() -> None:
+    issuer = TokenIssuer(SECRET)
+    token = issuer.issue("alice", ttl_s=DEFAULT_MAX_LIFETIME_S, now=NOW)
+    assert TokenVerifier(SECRET).verify(token, NOW).exp == NOW + DEFAULT_MAX_LIFETIME_S
+    with pytest.raises(ValueError, match="token_max_lifetime_s"):
+        issuer.issue("alice", ttl_s=DEFAULT_MAX_LIFETIME_S + 1, now=NOW)
+    with pytest.raises(ValueError, match=r"token_max_lifetime_s \(60 s\)"):
+        issuer.issue("alice", ttl_s=61, now=NOW, max_ttl_s=60)
 
 
 def test_not_before() -> None:

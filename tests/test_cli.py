@@ -207,6 +207,8 @@ def test_token_without_a_usable_secret_fails(
         (["--user", "a", "--channels", "room 1"], "invalid channel pattern 'room 1'"),
         (["--user", "a", "--ttl", "0"], "ttl_s must be positive, got 0"),
         (["--user", "a", "--ttl", "-5"], "ttl_s must be positive, got -5"),
+        (["--user", "a", "--ttl", str(10**30)], "token_max_lifetime_s (2592000 s)"),
+        (["--user", "a", "--ttl", "2592001"], "over the servers' token_max_lifetime_s"),
     ],
 )
 def test_token_refuses_bad_arguments(
@@ -219,6 +221,17 @@ def test_token_refuses_bad_arguments(
     code, out, err = run(capsys, "token", *args)
     assert out == ""
     assert_failure(code, err, message)
+
+
+def test_token_ttl_bound_is_the_servers_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    monkeypatch.setenv("TSMSG_TOKEN_MAX_LIFETIME_S", "60")
+    code, _, err = run(capsys, "token", "--user", "a", "--ttl", "61")
+    assert_failure(code, err, "token_max_lifetime_s (60 s)")
+    code, out, _ = run(capsys, "token", "--user", "a", "--ttl", "60")
+    assert code == 0 and out.count(".") == 2
 
 
 # ------------------------------------------------------------------ serve (failures; the

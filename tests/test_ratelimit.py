@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsmsg.protocol.limits import Limits
+from tsmsg.protocol.limits import RATE_KINDS, Limits
 from tsmsg.protocol.ratelimit import DEFAULT_MAX_KEYS, Buckets, TokenBucket, UserLimits
 
 T0 = 1_700_000_000_000
@@ -120,7 +120,7 @@ def test_buckets_memory_is_bounded_whatever_the_keys() -> None:
 def test_default_max_keys() -> None:
     assert Buckets(rate=1, burst=1).max_keys == DEFAULT_MAX_KEYS
     limits = UserLimits(Limits())
-    for buckets in (limits.sends, limits.channel_sends, limits.typing):
+    for buckets in (limits.sends, limits.channel_sends, limits.typing, limits.presence):
         assert buckets.max_keys == DEFAULT_MAX_KEYS
 
 
@@ -160,6 +160,16 @@ def test_take_send_retry_is_that_of_the_bucket_that_refused() -> None:
     assert user.take_send("alice", "room-1", T0 + 250) == 0
 
 
+def test_presence_has_its_own_bucket() -> None:
+    user = UserLimits(Limits(typing_rate=1, typing_burst=1, presence_rate=4, presence_burst=2))
+    assert (user.presence.rate, user.presence.burst) == (4, 2)
+    assert user.typing.take("alice", T0) == 0
+    assert user.presence.take("alice", T0) == 0  # typing did not spend it
+    assert user.presence.take("alice", T0) == 0
+    assert user.presence.take("alice", T0) == 250
+    assert user.presence.take("bob", T0) == 0  # per user
+
+
 def test_typing_has_its_own_bucket() -> None:
     user = UserLimits(Limits(send_rate=1, send_burst=1, typing_rate=2, typing_burst=1))
     assert user.take_send("alice", "room-1", T0) == 0
@@ -168,7 +178,7 @@ def test_typing_has_its_own_bucket() -> None:
     assert user.take_send("alice", "room-1", T0 + 1_000) == 0  # nor typing the sends'
 
 
-@pytest.mark.parametrize("kind", ["frame", "send", "channel_send", "typing"])
+@pytest.mark.parametrize("kind", RATE_KINDS)
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0), (1, -5)])
 def test_limits_refuse_empty_buckets(kind: str, rate: float, burst: int) -> None:
     with pytest.raises(ValueError, match=kind):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
@@ -285,6 +286,35 @@ async def test_presence_limits(harness: Harness) -> None:
     assert (await alice.request("presence", users=many))["code"] == "limit_exceeded"
     assert (await alice.request("presence", users="alice"))["code"] == "bad_request"
     assert (await alice.request("presence", status="busy"))["t"] == "ok"  # still open
+
+
+@real(limits=fast_limits(presence_rate=1.0, presence_burst=5))
+async def test_presence_flood_is_rate_limited_per_user(harness: Harness) -> None:
+    """Status changes reach everyone who shares a channel, so a flood of them is limited
+    per user like typing (PROTOCOL.md 16.2): past the burst each is refused with
+    ``rate_limited`` and pushes nothing; the user's other device shares the bucket."""
+    await become_member(harness, "alice")
+    carol = await harness.connect("carol")
+    await join(carol)
+    phone, laptop = await harness.connect("alice"), await harness.connect("alice")
+    await barrier(carol)
+    taken(carol, of("presence"))
+    rids: list[int] = []
+    for k in range(30):
+        rid = next(phone.rids)
+        rids.append(rid)
+        await phone.send({"t": "presence", "rid": rid, "status": ("away", "busy")[k % 2]})
+    replies = [await wait_frame(phone, of_rid(rid)) for rid in rids]
+    accepted = [r for r in replies if r["t"] == "ok"]
+    assert 5 <= len(accepted) <= 6, replies  # the burst (plus at most one refilled)
+    assert replies[:5] == accepted[:5]
+    for r in replies[len(accepted) :]:
+        assert r["code"] == "rate_limited" and r["retry_after_ms"] > 0, r
+    refused = await laptop.request("presence", status="online")  # the same user's bucket
+    assert refused["code"] == "rate_limited", refused
+    assert (await carol.request("presence", status="away"))["t"] == "ok"  # others unaffected
+    await barrier(carol)
+    assert len(taken(carol, presence_of("alice"))) == len(accepted)  # one push per change
 
 
 async def _idle_device_goes_offline(h: Harness, heartbeat_s: float, slack_s: float) -> None:
@@ -815,6 +845,28 @@ async def test_failed_refreshes_are_not_failed_logins(harness: Harness) -> None:
     assert (await alice.request("refresh", token="junk"))["code"] == "unauthorized"
     await harness.connect("alice")  # the IP is not locked out
     assert harness.server.metrics.value("tsmsg_auth_failures_total") == 0
+
+
+def far_token(user: str, exp: int) -> str:
+    """A token signed with the tests' secret whose exp is ``exp``, however large."""
+    body = {"sub": user, "exp": exp, "scope": ["chat:read", "chat:send"], "channels": ["*"]}
+    return jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("exp", [2**64, 10**30, int(time.time()) + 31 * 86_400])
+async def test_a_token_beyond_the_maximum_lifetime_is_refused(harness: Harness, exp: int) -> None:
+    """At hello (a connection error) and at refresh (a request error: the connection goes
+    on with its old token). An exp of 2**64 once passed hello and then crashed refresh,
+    whose ok echoes exp, with an EncodeError; 10**30 never expired."""
+    client = await harness.raw()
+    refused = await client.request("hello", v=1, token=far_token("alice", exp))
+    assert refused["code"] == "unauthorized" and "too far ahead" in refused["message"], refused
+    assert await client.closed()
+    alice = await harness.connect("alice")
+    refused = await alice.request("refresh", token=far_token("alice", exp))
+    assert refused["code"] == "unauthorized" and "too far ahead" in refused["message"], refused
+    assert (await alice.request("ping"))["t"] == "pong"  # still open, its old token kept
+    assert harness.server.metrics.value("tsmsg_connections_closed_total") == 1  # the hello's
 
 
 # ====================================================================== token expiry

@@ -44,6 +44,7 @@ import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 __all__ = [
+    "DEFAULT_MAX_LIFETIME_S",
     "DM_PREFIX",
     "KNOWN_SCOPES",
     "MAX_CHANNEL_CHARS",
@@ -84,6 +85,10 @@ MAX_PATTERNS: Final = 64  # bounds per-request matching work and the claims kept
 MAX_PATTERN_CHARS: Final = 256  # a bracket class spends several characters per channel char
 MAX_TOKEN_CHARS: Final = 8 * 1024  # checked before decoding: no parsing of huge inputs
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 3.2: an HS256 key at least as long as its hash
+# The furthest ahead a token's exp may lie (the server's token_max_lifetime_s): a token
+# that never expires cannot be revoked by waiting, and an exp beyond 2**63 would not even
+# fit the wire's integers when echoed (refresh's ok).
+DEFAULT_MAX_LIFETIME_S: Final = 30 * 86_400
 
 # No ':' in user ids, so a DM name splits unambiguously into its two users.
 _USER_RE: Final = re.compile(rf"[A-Za-z0-9_.@-]{{1,{MAX_USER_CHARS}}}")
@@ -270,6 +275,7 @@ class TokenVerifier:
         issuer: str | None = None,
         leeway_s: int = 0,
         extra_secrets: Sequence[bytes] = (),
+        max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
     ) -> None:
         if _is_hmac(algorithm):
             if secret is None or public_key is not None:
@@ -281,6 +287,9 @@ class TokenVerifier:
             keys = [_prepare_key(algorithm, public_key, private=False)]
         if leeway_s < 0:
             raise ValueError(f"leeway_s must be >= 0, got {leeway_s}")
+        if max_lifetime_s < 1:
+            raise ValueError(f"max_lifetime_s must be >= 1, got {max_lifetime_s}")
+        self.max_lifetime_s = max_lifetime_s
         self._keys: tuple[Any, ...] = tuple(keys)
         self.algorithm = algorithm
         self.audience = audience
@@ -295,6 +304,12 @@ class TokenVerifier:
         # pyjwt's own time checks read the wall clock; ours use the ``now`` passed in.
         if exp <= now - self.leeway_s:
             raise AuthError(TOKEN_EXPIRED, "token has expired")
+        if exp > now + self.max_lifetime_s + self.leeway_s:
+            raise AuthError(
+                UNAUTHORIZED,
+                f"token expires too far ahead: 'exp' is more than {self.max_lifetime_s} s "
+                "from now (the server's token_max_lifetime_s)",
+            )
         if nbf is not None and nbf > now + self.leeway_s:
             raise AuthError(UNAUTHORIZED, "token is not valid yet (nbf)")
         user = payload["sub"]
@@ -413,8 +428,10 @@ class TokenIssuer:
         now: int,
         audience: str | None = None,
         issuer: str | None = None,
+        max_ttl_s: int = DEFAULT_MAX_LIFETIME_S,
     ) -> str:
-        """A token for ``user`` valid from ``now`` for ``ttl_s`` seconds.
+        """A token for ``user`` valid from ``now`` for ``ttl_s`` seconds, at most
+        ``max_ttl_s`` (the verifying server's token_max_lifetime_s).
 
         ``channels`` defaults to none, so a token grants only the user's DMs unless
         channels are named (the CLI's ``--channels``); ``("*",)`` grants every non-DM
@@ -440,6 +457,11 @@ class TokenIssuer:
             )
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if ttl_s > max_ttl_s:
+            raise ValueError(
+                f"ttl_s {ttl_s} is over the servers' token_max_lifetime_s ({max_ttl_s} s): "
+                "they would refuse the token"
+            )
         payload: dict[str, Any] = {
             "sub": user,
             "iat": now,

@@ -143,7 +143,11 @@ def make_verifier(settings: Settings) -> TokenVerifier:
         with open(settings.public_key_file, "rb") as fh:
             key = fh.read()
         return TokenVerifier(
-            public_key=key, algorithm=settings.algorithm, audience=audience, issuer=issuer
+            public_key=key,
+            algorithm=settings.algorithm,
+            audience=audience,
+            issuer=issuer,
+            max_lifetime_s=settings.token_max_lifetime_s,
         )
     secrets = load_secrets(settings.secret_file)
     if secrets is None:
@@ -171,6 +175,7 @@ def make_verifier(settings: Settings) -> TokenVerifier:
         algorithm=settings.algorithm,
         audience=audience,
         issuer=issuer,
+        max_lifetime_s=settings.token_max_lifetime_s,
     )
 
 
@@ -218,8 +223,14 @@ def cmd_token(args: argparse.Namespace) -> int:
     secret = secrets[0]  # the current one; previous secrets only verify
     channels = [c for item in args.channels for c in item.split(",") if c]
     scopes = [s for item in args.scope for s in item.split(",") if s]
+    most = load_settings(args.config, os.environ).token_max_lifetime_s  # the server's bound
     token = TokenIssuer(secret).issue(
-        args.user, channels, scopes or ("chat:read", "chat:send"), args.ttl, now=int(time.time())
+        args.user,
+        channels,
+        scopes or ("chat:read", "chat:send"),
+        args.ttl,
+        now=int(time.time()),
+        max_ttl_s=most,
     )
     print(token)
     return 0
@@ -580,7 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="chat:read, chat:send, chat:moderate (default: chat:read,chat:send)",
     )
-    token_p.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token_p.add_argument(
+        "--ttl",
+        type=int,
+        default=3600,
+        help="seconds (default 3600; at most the server's token_max_lifetime_s, 30 days)",
+    )
+    token_p.add_argument(
+        "--config", help="the server's TOML settings file (its token_max_lifetime_s)"
+    )
     token_p.add_argument(
         "--secret-file",
         metavar="PATH",

@@ -42,6 +42,10 @@ class Limits:
     channel_send_burst: int = 30
     typing_rate: float = 2.0  # typing frames per second per user (clients send every ~3 s)
     typing_burst: int = 10
+    # Status changes are pushed to everyone who shares a channel: a person sets one now
+    # and then, a client maybe on each focus change; a flood would multiply by the audience.
+    presence_rate: float = 1.0  # presence status changes per second per user, all devices
+    presence_burst: int = 10
     typing_timeout_ms: int = 6_000  # an `on` not renewed or turned off expires after this
     refresh_grace_ms: int = 30_000  # after the token expires, time to send `refresh`
     # A client that goes on sending while refused for this long is disconnected.
@@ -102,6 +106,8 @@ class Limits:
             "max_presence_users": self.max_presence_users,
             "unread_scan_max": self.unread_scan_max,
             "max_memberships": self.max_memberships,
+            "presence_rate": self.presence_rate,
+            "presence_burst": self.presence_burst,
         }
 
 
@@ -113,6 +119,9 @@ def check_minimums(obj: object, minimums: Mapping[str, tuple[float, bool]]) -> N
         if not (value > low if strict else value >= low):
             raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
 
+
+# The token buckets among the limits: each has a `_rate` (> 0) and a `_burst` (>= 1).
+RATE_KINDS = ("frame", "send", "channel_send", "typing", "presence")
 
 # The lowest valid value of each limit checked here, and whether it is excluded (a rate
 # must be > 0): checked at start, NaN included, so that no value breaks a running server.
@@ -129,6 +138,6 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_presence_users": (1, False),
     "unread_scan_max": (1, False),
     "max_memberships": (1, False),
-    **{f"{kind}_rate": (0, True) for kind in ("frame", "send", "channel_send", "typing")},
-    **{f"{kind}_burst": (1, False) for kind in ("frame", "send", "channel_send", "typing")},
+    **{f"{kind}_rate": (0, True) for kind in RATE_KINDS},
+    **{f"{kind}_burst": (1, False) for kind in RATE_KINDS},
 }

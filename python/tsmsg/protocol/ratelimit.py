@@ -74,12 +74,13 @@ class Buckets:
 
 class UserLimits:
     """The buckets a session shares with the user's other sessions: sends (and edits and
-    deletes) per user and per (user, channel), and typing per user."""
+    deletes) per user and per (user, channel), typing and presence status changes per user."""
 
     def __init__(self, limits: Limits) -> None:
         self.sends = Buckets(limits.send_rate, limits.send_burst)
         self.channel_sends = Buckets(limits.channel_send_rate, limits.channel_send_burst)
         self.typing = Buckets(limits.typing_rate, limits.typing_burst)
+        self.presence = Buckets(limits.presence_rate, limits.presence_burst)
 
     def take_send(self, user: str, channel: str, now_ms: int) -> int:
         """A token from both buckets, or from neither (a refused send costs nothing)."""

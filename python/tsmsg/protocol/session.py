@@ -180,6 +180,7 @@ class Session:
     __slots__ = (  # one per connection: no per-instance dict (memory per idle connection)
         "_frames",
         "_last_refused_ms",
+        "admit_user",
         "claims",
         "close_reason",
         "cut",
@@ -207,6 +208,7 @@ class Session:
         now_ms: int,
         user_limits: UserLimits | None = None,
         on_rate_limited: Callable[[str], None] | None = None,
+        admit_user: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -232,6 +234,9 @@ class Session:
         self._last_refused_ms = 0
         # Told the scope of each refusal ("frame", "send", "typing"), e.g. for metrics.
         self.on_rate_limited = on_rate_limited
+        # Called at hello with the verified user; raises RequestError to refuse the
+        # connection (the server's cap on a user's connections).
+        self.admit_user = admit_user
 
     @property
     def user(self) -> str:
@@ -421,9 +426,12 @@ class Session:
         if not isinstance(token, str):
             raise RequestError(E.UNAUTHORIZED, "`token` must be a JWT string")
         try:
-            self.claims = self.verifier.verify(token, now_ms // 1000)
+            claims = self.verifier.verify(token, now_ms // 1000)
         except AuthError as exc:
             raise RequestError(exc.code, exc.message) from None
+        if self.admit_user is not None:
+            self.admit_user(claims.user)
+        self.claims = claims
         self.state = State.READY
         welcome = {
             "t": "welcome",
@@ -686,6 +694,8 @@ class Session:
             raise RequestError(
                 E.LIMIT_EXCEEDED, f"`status` must be 1 to {self.limits.max_status_chars} chars"
             )
+        retry = self.user_limits.presence.take(self.user, now_ms)
+        self._limit(retry, "presence", f"over {self.limits.presence_rate:g} status changes/s")
         return [SetPresence(status), *self._ok(rid, status=status)]
 
     def _unread(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:

@@ -41,12 +41,14 @@ import itertools
 import logging
 import math
 import os
+import resource
 import secrets
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -82,6 +84,13 @@ T = TypeVar("T")
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
+REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
+# Descriptors a derived max_connections leaves free: the store's files, log files, the
+# listeners, trio's wake-up pipe, worker threads, /metrics scrapes (baseline ~20).
+FD_RESERVE = 64
+# The retry_after_ms of a refusal at a connection cap: unlike a bucket's, no clock says
+# when a slot frees (when some connection closes); a second is a polite reconnect pace.
+CAP_RETRY_AFTER_MS = 1_000
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
 # A connection handling a pipelined batch of frames lets the others run after this long:
 # one client's burst delays another's ping by about this much, not by the whole batch.
@@ -89,6 +98,12 @@ YIELD_EVERY_S = 0.002
 # A scheduler round this much later than the tick asked for means the event loop was
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
+# Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
+# per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
+LOG_BURST = 10
+LOG_INTERVAL_S = 10.0
+LOG_FILTER_MIN_LEVEL = logging.WARNING  # INFO lines are one per accepted connection: kept
+LOG_MAX_KINDS = 1024  # kinds remembered: templates are few; bounds memory all the same
 
 # An event that is already set: what a Connection holds while nobody waits. Setting it
 # again does nothing; a waiter arms a fresh one, and puts this back once woken. An idle
@@ -97,33 +112,98 @@ SET = trio.Event()
 SET.set()
 
 
-class AcceptErrorFilter(logging.Filter):
-    """While the process is out of file descriptors (EMFILE), trio's accept loop retries
-    every 100 ms and logs each failure with a traceback: ~90 lines a second. Keep one
-    line per ``ACCEPT_ERROR_LOG_EVERY_S``, without the traceback, saying how many were
-    folded into it."""
+class RepeatFilter(logging.Filter):
+    """Lets the first ``burst`` records of a kind (logger, level, message template) through
+    per ``interval_s``, drops the rest, and says how many it dropped: the next record of
+    that kind let through ends with "(N similar messages suppressed in the last S s)", and
+    so does a summary line that :meth:`flush` logs for a kind gone quiet. Kinds are
+    templates, not formatted messages: a flood from many peers is one kind."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        burst: int = LOG_BURST,
+        interval_s: float = LOG_INTERVAL_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = LOG_FILTER_MIN_LEVEL,
+        keep_traceback: bool = True,
+    ) -> None:
         super().__init__()
-        self.clock = clock
-        self.last = -math.inf
-        self.folded = 0
+        self.burst, self.interval_s, self.clock = burst, interval_s, clock
+        self.min_level, self.keep_traceback = min_level, keep_traceback
+        # kind -> [window start, records let through in it, records suppressed in it]
+        self.windows: dict[tuple[str, int, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level or getattr(record, "suppressed_summary", False):
+            return True
+        if not self.keep_traceback:
+            record.exc_info = record.exc_text = None
         now = self.clock()
-        if now - self.last < ACCEPT_ERROR_LOG_EVERY_S:
-            self.folded += 1
-            return False
-        record.exc_info = record.exc_text = None
-        if self.folded:
-            record.msg = f"{record.getMessage()} (and {self.folded} more in the last "
-            record.msg += f"{now - self.last:.0f} s)"
-            record.args = None
-        self.last, self.folded = now, 0
-        return True
+        kind = (record.name, record.levelno, str(record.msg))
+        window = self.windows.get(kind)
+        if window is None or now - window[0] >= self.interval_s:
+            if window is not None and window[2]:
+                record.msg = f"{record.getMessage()} ({_suppressed(window, now)})"
+                record.args = None
+            if window is None and len(self.windows) >= LOG_MAX_KINDS:
+                self.windows.pop(next(iter(self.windows)))
+            self.windows[kind] = [now, 1, 0]
+            return True
+        if window[1] < self.burst:
+            window[1] += 1
+            return True
+        window[2] += 1
+        return False
+
+    def flush(self) -> None:
+        """One summary line for each kind whose window has ended with records suppressed
+        and which has been quiet since (the server's ticker calls this)."""
+        now = self.clock()
+        for (name, level, msg), window in list(self.windows.items()):
+            if window[2] and now - window[0] >= self.interval_s:
+                note = _suppressed(window, now)
+                del self.windows[(name, level, msg)]
+                extra = {"suppressed_summary": True}
+                logging.getLogger(name).log(level, "%s: %s", note, msg, extra=extra)
 
 
-logging.getLogger("trio.serve_listeners").addFilter(AcceptErrorFilter())
+def _suppressed(window: list[float], now: float) -> str:
+    return f"{window[2]:.0f} similar messages suppressed in the last {now - window[0]:.0f} s"
+
+
+def accept_error_filter(clock: Callable[[], float] = time.monotonic) -> RepeatFilter:
+    """While the process is out of file descriptors (EMFILE), trio's accept loop retries
+    every 100 ms and logs each failure with a traceback: ~90 lines a second. Keep one
+    line per ``ACCEPT_ERROR_LOG_EVERY_S``, without the traceback."""
+    return RepeatFilter(
+        1, ACCEPT_ERROR_LOG_EVERY_S, clock=clock, min_level=logging.DEBUG, keep_traceback=False
+    )
+
+
+# The server's own repeated lines (refused connections, slow consumers...), and trio's.
+LOG_FILTER = RepeatFilter()
+logging.getLogger("tsmsg.server").addFilter(LOG_FILTER)
+ACCEPT_FILTER = accept_error_filter()
+logging.getLogger("trio.serve_listeners").addFilter(ACCEPT_FILTER)
+
+
+def connection_cap(configured: int, nofile: int) -> int:
+    """The most client connections a process holds at once: ``configured`` (0: no such
+    setting), never more than the fd limit ``nofile`` minus FD_RESERVE, and at least 1."""
+    cap = configured or sys.maxsize
+    if nofile != resource.RLIM_INFINITY:
+        cap = min(cap, nofile - FD_RESERVE)
+    return max(1, cap)
+
+
+class Refusal(NamedTuple):
+    """Why a new connection is refused (with ``rate_limited``), before it gets a session."""
+
+    retry_after_ms: int
+    scope: str  # of the tsmsg_rate_limited_total metric
+    message: str
+    now: bool  # at a cap: closed at once, without waiting for the peer
 
 
 @contextlib.contextmanager
@@ -144,6 +224,25 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
     return send
+
+
+def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
+    """Best effort without waiting, before the close: on plain TCP the frame in one
+    non-blocking write (a fresh socket's buffer takes it), FIN, then the input already
+    received (a pipelined hello), so the close sends no reset that could destroy the
+    frame. Over TLS nothing: no handshake is spent on a refused connection."""
+    send = try_send_of(stream)
+    if send is None or not isinstance(stream, trio.SocketStream):
+        return
+    sock = stream.socket
+    try:
+        send(frame)
+        sock.shutdown(trio.socket.SHUT_WR)
+        for _ in range(REFUSE_NOW_READS):
+            if not os.read(sock.fileno(), RECEIVE_CHUNK):
+                break
+    except OSError:  # BlockingIOError: nothing more to read; or the peer is gone
+        pass
 
 
 Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
@@ -628,6 +727,11 @@ class Server:
         self.user_limits = UserLimits(limits)  # shared by all sessions of a user
         self.ip_connections = Buckets(settings.ip_connect_rate, settings.ip_connect_burst)
         self.ip_login_failures = Buckets(settings.ip_login_fail_rate, settings.ip_login_fail_burst)
+        # Open sockets (refused ones until closed, too) in all and per IP, and sessions
+        # past hello per user: the connection caps (PROTOCOL.md 16.3).
+        self.open_sockets = 0
+        self.open_by_ip: collections.Counter[str] = collections.Counter()
+        self.open_by_user: collections.Counter[str] = collections.Counter()
         self._wall_ms = wall_ms  # the wall clock (injected by the simulation)
         self._clock_base = (wall_ms(), 0.0)  # wall ms at a trio time
         self._token: trio.lowlevel.TrioToken | None = None
@@ -890,14 +994,55 @@ class Server:
         wall, base = self._clock_base
         return wall + round((trio.current_time() - base) * 1000)
 
+    def max_connections(self) -> int:
+        """The cap on open client connections: the setting, never above RLIMIT_NOFILE
+        (read now: an operator's prlimit counts at once) minus FD_RESERVE."""
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return connection_cap(self.settings.max_connections, nofile)
+
+    def _admission(self, host: str) -> Refusal | None:
+        """Whether a new connection from ``host`` may go on to its session (section 4,
+        "Admission"): the caps first (they spend no token), then the per-IP buckets."""
+        cap = self.max_connections()
+        if self.open_sockets >= cap:
+            message = f"the server is at its connection limit ({cap} connections)"
+            return Refusal(CAP_RETRY_AFTER_MS, "max_connections", message, True)
+        most = self.settings.ip_max_connections
+        if self.open_by_ip[host] >= most:
+            message = f"too many connections from this address (ip_max_connections {most})"
+            return Refusal(CAP_RETRY_AFTER_MS, "ip_connections", message, True)
+        now = self.now_ms()
+        locked = self.ip_login_failures.peek(host, now)
+        retry = locked or self.ip_connections.take(host, now)
+        if not retry:
+            return None
+        message = "too many connections or failed logins from this address"
+        return Refusal(retry, "ip_login" if locked else "ip_connect", message, False)
+
+    def _admit_user(self, user: str) -> None:
+        """At hello: a user with ``user_max_connections`` sessions open is refused (a
+        ``rate_limited`` connection error); else the session counts from now on."""
+        most = self.settings.user_max_connections
+        if self.open_by_user[user] >= most:
+            self.metrics.limited("user_connections")
+            message = f"too many connections for this user (user_max_connections {most})"
+            raise RequestError(
+                E.RATE_LIMITED, message, fatal=True, retry_after_ms=CAP_RETRY_AFTER_MS
+            )
+        self.open_by_user[user] += 1
+
     async def _refuse_connection(
-        self, stream: trio.abc.Stream, peer: str, retry: int, scope: str
+        self, stream: trio.abc.Stream, peer: str, refusal: Refusal
     ) -> None:
-        log.warning("refusing connection from %s: rate limited for %d ms", peer, retry)
-        what = "too many connections or failed logins from this address"
+        retry, scope, what, now = refusal
+        log.warning("refusing connection from %s: %s (retry in %d ms)", peer, what, retry)
         frame = RequestError(E.RATE_LIMITED, what, retry_after_ms=retry).frame(None)
         self.metrics.limited(scope)
         self.metrics.frame_out(frame)
+        if now:  # at a cap: no TLS handshake, no waiting; its fd is freed at once
+            refuse_now(stream, encode(frame))
+            await trio.aclose_forcefully(stream)
+            return
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode(frame))  # over TLS, after the handshake
@@ -944,13 +1089,24 @@ class Server:
         if self.tls is not None:
             # https_compatible: no close_notify is sent or required (PROTOCOL.md section 4).
             stream = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
+        refusal = self._admission(host)
+        # Every accepted socket counts until it is closed, a refused one too: a flood of
+        # refusals holds at most the IP's share of descriptors.
+        self.open_sockets += 1
+        self.open_by_ip[host] += 1
+        try:
+            if refusal is not None:
+                await self._refuse_connection(stream, peer, refusal)
+            else:
+                await self._serve_connection(stream, host, peer)
+        finally:
+            self.open_sockets -= 1
+            self.open_by_ip[host] -= 1
+            if not self.open_by_ip[host]:
+                del self.open_by_ip[host]
+
+    async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
         now = self.now_ms()
-        locked = self.ip_login_failures.peek(host, now)
-        retry = locked or self.ip_connections.take(host, now)
-        if retry:
-            scope = "ip_login" if locked else "ip_connect"
-            await self._refuse_connection(stream, peer, retry, scope)
-            return
         if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
             return
         serial = next(self._ids)
@@ -963,6 +1119,7 @@ class Server:
             now,
             self.user_limits,
             on_rate_limited=self._limited,
+            admit_user=self._admit_user,
         )
         conn = Connection(self, stream, session, peer, serial)
         self.connections[session] = conn
@@ -999,6 +1156,10 @@ class Server:
                 self.unsubscribe(conn, channel)
             self._device_gone(conn)  # after unsubscribing: its own offline push skips it
             del self.connections[session]
+            if session.claims is not None:  # admitted at hello (_admit_user)
+                self.open_by_user[session.claims.user] -= 1
+                if not self.open_by_user[session.claims.user]:
+                    del self.open_by_user[session.claims.user]
             self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
             conn.try_send = None  # closed below: its fd may be reused by the next socket
@@ -1139,6 +1300,8 @@ class Server:
                 log.warning("event loop stalled for %d ms: idle timers extended", stall_ms)
                 for conn in self.connections.values():
                     conn.session.last_rx_ms += stall_ms
+            LOG_FILTER.flush()
+            ACCEPT_FILTER.flush()
             now = self.now_ms()
             # A connection the server holds back (flow control) is not idle: the server,
             # not the peer, is not reading. Unless the store has stalled (or failed): then

@@ -62,8 +62,12 @@ RATE_LIMIT_SCOPES = (
     "frame",  # per connection: frames/s (PROTOCOL.md 16.1)
     "send",  # per user and per (user, channel): sends, edits, deletes (16.2)
     "typing",  # per user: typing frames (16.2)
+    "presence",  # per user: presence status changes (16.2)
     "ip_connect",  # per IP: new connections (16.3)
     "ip_login",  # per IP: locked out after failed logins (16.3)
+    "ip_connections",  # per IP: connections open at once (16.3)
+    "user_connections",  # per user: connections open at once (16.3)
+    "max_connections",  # the server's connections in all, at its cap (16.3)
 )
 
 # Why a connection closed. The server's own reasons are fixed strings (below); a

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from tsmsg.auth import DEFAULT_MAX_LIFETIME_S
 from tsmsg.protocol.limits import Limits, check_minimums
 from tsmsg.store import CompactionPolicy, StoreConfig
 from tsmsg.store.crypto import load_keyring
@@ -58,6 +59,17 @@ class Settings:
     ip_connect_burst: int = 400
     ip_login_fail_rate: float = 1.0
     ip_login_fail_burst: int = 20
+    # Connections open at once (PROTOCOL.md 16.3). Per IP: a NAT's worth of people, far
+    # below the process's fds (raise it behind a proxy, whose address every client has).
+    # Per user: a person's devices and tabs. In all: 0 derives it from RLIMIT_NOFILE minus
+    # the fds kept for the store, logs and HTTP (tsmsg.server.app.FD_RESERVE); a value
+    # above that is lowered to it.
+    ip_max_connections: int = 256
+    user_max_connections: int = 32
+    max_connections: int = 0
+    # The furthest a token's exp may lie ahead (30 days): a longer-lived token is refused,
+    # and `tsmsg token --ttl` issues none (PROTOCOL.md 5.1).
+    token_max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S
     # TLS (PROTOCOL.md section 4): a PEM certificate chain and its key, both or neither;
     # with a client CA, clients must present a certificate it signed.
     tls_cert_file: str = ""
@@ -183,6 +195,10 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "ip_connect_burst": (1, False),
     "ip_login_fail_rate": (0, True),
     "ip_login_fail_burst": (1, False),
+    "ip_max_connections": (1, False),
+    "user_max_connections": (1, False),
+    "max_connections": (0, False),
+    "token_max_lifetime_s": (1, False),
     "tls_handshake_timeout_s": (0, True),
     "ready_max_write_age_s": (0, True),
     "compact_interval_s": (0, False),
