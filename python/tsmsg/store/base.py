@@ -48,6 +48,12 @@ class Forbidden(StoreError):
     code = "forbidden"
 
 
+class LimitExceeded(StoreError):
+    """A write over a bound the store keeps (e.g. edits per message)."""
+
+    code = "limit_exceeded"
+
+
 class StoreUnavailable(StoreError):
     """A commit failed (disk full, I/O error): nothing of the batch was stored, no seq
     was consumed, reads keep working."""
