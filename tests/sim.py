@@ -801,7 +801,7 @@ class Sim:
         self.errors: list[str] = []
         self.warnings: collections.Counter[str] = collections.Counter()
         self.failure: str | None = None
-        self.data = MemoryData(now=BASE_MS)
+        self.data = MemoryData(now=BASE_MS, store_id=f"sim-{seed}")
         self.store: SimStore | None = None
         self.store_lot = trio.lowlevel.ParkingLot()
         self.committed: dict[tuple[str, str, str], int] = {}  # (channel, user, cid) -> seq

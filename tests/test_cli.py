@@ -79,15 +79,24 @@ def populate(data_dir: Path) -> None:
     """room-1: 30 messages, an edit of the last one, a delete of the first; dm: one
     message; read cursors for alice and bob; all at T0."""
     with LmdbStore(data_dir, FAST, clock=lambda: T0) as store:
-        for i in range(1, 31):
+        first = last = store.append("room-1", "alice", "c1", "hello 1 " + "x" * 80)
+        for i in range(2, 31):
             sender = "alice" if i % 2 else "bob"
             last = store.append("room-1", sender, f"c{i}", f"hello {i} " + "x" * 80)
         store.edit("room-1", last_sender(30), last.id, "fixed\ntypo")
-        store.delete("room-1", "alice", "1-1")
+        store.delete("room-1", "alice", first.id)
         store.append("dm", "bob", "d1", "psst")
         store.set_read("alice", "room-1", 20)
         store.set_read("bob", "room-1", 32)
         store.set_read("bob", "dm", 1)
+
+
+def channel_info(data_dir: Path, channel: str) -> tuple[int, str]:
+    """A channel's epoch and message id prefix (both derived from the random store id)."""
+    with LmdbReader(data_dir) as reader:
+        info, entries, _ = reader.tail(channel, 1)
+    assert info is not None
+    return info.epoch, entries[0]["id"].rsplit("-", 1)[0]
 
 
 def last_sender(i: int) -> str:
@@ -321,7 +330,7 @@ def test_serve_refuses_an_incompatible_data_dir(
     assert "Traceback" not in err
     assert code == 1
     assert err.splitlines()[-1].startswith("tsmsg: ")
-    assert "on-disk format version 99, this tsmsg reads version 1" in err
+    assert "on-disk format version 99, this tsmsg reads version 2" in err
 
 
 # ------------------------------------------------------------------ missing and incompatible
@@ -366,7 +375,7 @@ def test_incompatible_data_dir_fails_and_is_left_alone(
             code,
             err,
             f"data directory {str(bad_format_dir)!r} has on-disk format version 99, "
-            f"this tsmsg reads version {FORMAT_VERSION}; see STORAGE.md",
+            f"this tsmsg reads version {FORMAT_VERSION} (and migrates 1); see STORAGE.md",
         )
     assert digest(bad_format_dir) == before
     assert not (tmp_path / "backup-out").exists()
@@ -405,7 +414,7 @@ def test_inspect_prints_environment_and_channel_table(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0] == f"data directory  {data_dir}"
-    assert "format version  1" in lines
+    assert f"format version  {FORMAT_VERSION}" in lines
     assert any(line.startswith("map size        64.0 MiB") for line in lines)
     assert any(line.startswith("pages ") and " used (" in line for line in lines)
     assert "read cursors    3 (2 users)" in lines
@@ -413,8 +422,9 @@ def test_inspect_prints_environment_and_channel_table(
     table = lines[lines.index("") + 1 :]
     assert table[0].split() == ["channel", "head", "horizon", "epoch", "entries", "bytes"]
     rows = {row.split()[0]: row.split()[1:] for row in table[1:]}
-    assert rows["room-1"][:4] == ["32", "0", "1", "32"]  # 30 messages, an edit, a delete
-    assert rows["dm"][:4] == ["1", "0", "2", "1"]
+    room_epoch, dm_epoch = channel_info(data_dir, "room-1")[0], channel_info(data_dir, "dm")[0]
+    assert rows["room-1"][:4] == ["32", "0", str(room_epoch), "32"]  # 30 messages, edit, delete
+    assert rows["dm"][:4] == ["1", "0", str(dm_epoch), "1"]
     assert digest(data_dir) == before  # inspect wrote nothing
 
 
@@ -433,7 +443,7 @@ def test_inspect_json(capsys: pytest.CaptureFixture[str], data_dir: Path) -> Non
         "name": "dm",
         "head": 1,
         "horizon": 0,
-        "epoch": 2,
+        "epoch": channel_info(data_dir, "dm")[0],
         "entries": 1,
         "bytes": channels["dm"]["bytes"],
     }
@@ -446,14 +456,15 @@ def test_inspect_tail_of_a_channel(capsys: pytest.CaptureFixture[str], data_dir:
     )
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == "channel room-1: head 32, horizon 0, epoch 1"
+    epoch, p = channel_info(data_dir, "room-1")
+    assert lines[0] == f"channel room-1: head 32, horizon 0, epoch {epoch}"
     assert lines[1].split() == ["seq", "kind", "id", "sender", "ts", "text"]
     rows = [line.split(maxsplit=5) for line in lines[2:6]]
     assert [r[:5] for r in rows] == [
-        ["29", "message", "1-29", "alice", T0_ISO],
-        ["30", "message", "1-30", "bob", T0_ISO],
-        ["31", "edit", "1-30", "bob", T0_ISO],
-        ["32", "delete", "1-1", "alice", T0_ISO],
+        ["29", "message", f"{p}-29", "alice", T0_ISO],
+        ["30", "message", f"{p}-30", "bob", T0_ISO],
+        ["31", "edit", f"{p}-30", "bob", T0_ISO],
+        ["32", "delete", f"{p}-1", "alice", T0_ISO],
     ]
     assert rows[0][5] == "hello 29 " + "x" * 50 + "\u2026"  # truncated to 60 characters
     assert rows[1][5] == "[edited] fixed\\ntypo"  # the message entry holds its latest state
@@ -481,7 +492,7 @@ def test_inspect_tail_json_lines(capsys: pytest.CaptureFixture[str], data_dir: P
         "channel": "room-1",
         "head": 32,
         "horizon": 0,
-        "epoch": 1,
+        "epoch": channel_info(data_dir, "room-1")[0],
         "cursors": {"alice": 20, "bob": 32},
     }
     with LmdbStore(data_dir, FAST) as store:
@@ -515,7 +526,7 @@ def test_inspect_tail_zero_shows_no_entries(
     )
     assert code == 0
     assert out.splitlines() == [
-        "channel dm: head 1, horizon 0, epoch 2",
+        f"channel dm: head 1, horizon 0, epoch {channel_info(data_dir, 'dm')[0]}",
         "no entries",
         "read cursors:",
         "  bob\t1",
@@ -590,7 +601,7 @@ def test_backup_of_a_quiet_data_dir(
     lines = out.splitlines()
     size = (out_dir / "data.mdb").stat().st_size
     assert lines[0].startswith(f"wrote {out_dir / 'data.mdb'}: ")
-    assert f"({size} bytes), format 1, 2 channels" in lines[0]
+    assert f"({size} bytes), format {FORMAT_VERSION}, 2 channels" in lines[0]
     assert sorted(lines[1:]) == [
         "  dm\thead=1\thorizon=0\tentries=1",
         "  room-1\thead=32\thorizon=0\tentries=32",
@@ -687,7 +698,7 @@ def test_backup_while_writes_happen(tmp_path: Path) -> None:
         writer.wait_for(max(acked_during.values()) + 20)  # still writing after the copy
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert "format 1, 2 channels" in proc.stdout.splitlines()[0]
+    assert f"format {FORMAT_VERSION}, 2 channels" in proc.stdout.splitlines()[0]
     assert acked_during != acked_before  # the copy ran while commits happened
 
     with LmdbReader(out_dir, lock=False) as copy:

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -146,6 +147,9 @@ def write_key_file(path: Path, *keys: tuple[str, bytes], mode: int = 0o600) -> P
 def test_encrypted_store_reads_exactly_like_a_plaintext_one(
     open_store: Opener, tmp_path: Path
 ) -> None:
+    # One store id for both (an empty store copied), so ids and epochs are the same.
+    LmdbStore(tmp_path / "plain").close()
+    shutil.copytree(tmp_path / "plain", tmp_path / "sealed")
     plain = open_store(tmp_path / "plain", None, keep_recent=0, tombstone_retention_ms=0)
     sealed = open_store(
         tmp_path / "sealed", keyring(("A", KEY_A)), keep_recent=0, tombstone_retention_ms=0

@@ -16,7 +16,7 @@ def test_autocommit_and_blocking_helpers() -> None:
     batches: list[list[WriteOp]] = []
     store = MemoryStore(notify=batches.append, clock=lambda: 1000)
     first = store.append("room", "alice", "c1", "hello")
-    assert first == AppendResult("room", 1, "1-1", 1000)
+    assert first == AppendResult("room", 1, first.id, 1000) and first.id.endswith("-1")
     assert store.append("room", "alice", "c1", "again").dup
     assert store.set_read("bob", "room", 5) == 1
     assert len(batches) == 3

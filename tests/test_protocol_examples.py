@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 from conftest import receive
@@ -43,6 +44,7 @@ from tsmsg.protocol.session import (
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
 from tsmsg.store import CompactionPolicy, LmdbStore, StoreConfig, WriteOp
+from tsmsg.store.lmdb_store import FORMAT_VERSION
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 SECRET = b"protocol-examples-secret-protocol-examples"  # >= 32 bytes for HS256
@@ -50,6 +52,7 @@ WELCOME_TS = 1_767_225_600_000  # the examples' clock: 2026-01-01T00:00:00Z
 STORE_TS = WELCOME_TS + 250  # the store's fixed clock: the ts of every committed entry
 SESSION_ID = "1-5f3a9c2e"
 WAIT_S = 10.0  # a store write commits well within this
+EXAMPLE_STORE_ID = "5f3a9c2e" * 4  # the examples' store: fixes their message ids and epochs
 TOKEN_TTL_S = 3600  # the hello's token expires an hour after the hello (as documented)
 EXP_MS = (WELCOME_TS // 1000 + TOKEN_TTL_S) * 1000
 # The examples the briefs for PROTOCOL.md require, at the least.
@@ -182,9 +185,25 @@ def test_error_code_table_matches_errors_py() -> None:
 # ------------------------------------------------------------------- the real session
 
 
+def example_dir(path: Path) -> Path:
+    """A new data directory with the examples' store id, so that ids and epochs (keyed
+    hashes of it, STORAGE.md) are the documented ones."""
+    env = lmdb.open(str(path), max_dbs=16)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(b"format", str(FORMAT_VERSION).encode(), db=meta)
+            txn.put(b"store_id", EXAMPLE_STORE_ID.encode(), db=meta)
+    finally:
+        env.close()
+    return path
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LmdbStore]:
-    s = LmdbStore(tmp_path / "db", StoreConfig(durability="async"), clock=lambda: STORE_TS)
+    s = LmdbStore(
+        example_dir(tmp_path / "db"), StoreConfig(durability="async"), clock=lambda: STORE_TS
+    )
     try:
         yield s
     finally:
@@ -361,7 +380,7 @@ def test_edits_deletes_history_and_reads_produce_the_documented_frames(store: Lm
 def test_a_sync_below_the_horizon_is_the_documented_resync(tmp_path: Path) -> None:
     policy = CompactionPolicy(keep_recent=1)
     config = StoreConfig(durability="async", compaction=policy)
-    store = LmdbStore(tmp_path / "db", config, clock=lambda: STORE_TS)
+    store = LmdbStore(example_dir(tmp_path / "db"), config, clock=lambda: STORE_TS)
     try:
         for i in range(3):
             store.write(WriteOp("message", "room-1", "bob", cid=f"b-{i}", text="x"), timeout=WAIT_S)

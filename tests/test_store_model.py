@@ -36,6 +36,7 @@ from tsmsg.store import (
     WriteOp,
     lmdb_store,
 )
+from tsmsg.store.lmdb_store import id_prefix
 from tsmsg.store.memory_store import MemoryData
 
 CHANNELS = ["a", "b", "c"]  # messages go to a and b only: c stays an unknown channel
@@ -116,6 +117,7 @@ class StoreMachine(RuleBasedStateMachine):
         lmdb_store.COMPACT_CHUNK = chunk
         self.config = StoreConfig(durability=durability, max_batch=max_batch, compaction=POLICY)
         self.store = LmdbStore(self.dir, self.config, clock=self.clock)
+        self.model.store_id = self.store.store_id  # the same epochs and message ids
 
     @property
     def s(self) -> LmdbStore:
@@ -152,7 +154,8 @@ class StoreMachine(RuleBasedStateMachine):
             choices.append(st.sampled_from(self.ids[-4:]))  # recent ones are likelier live
         c = self.model.channels.get(channel)
         if c is not None:  # any seq of the channel: edit entries, compacted, past the head
-            choices.append(st.integers(1, c.head + 1).map(lambda s: f"{c.id}-{s}"))
+            prefix = id_prefix(c.id, c.salt)
+            choices.append(st.integers(1, c.head + 1).map(lambda s: f"{prefix}-{s}"))
         return data.draw(st.one_of(*choices))
 
     def draw_change(self, data: st.DataObject, kind: str) -> WriteOp:
@@ -318,7 +321,7 @@ class StoreMachine(RuleBasedStateMachine):
         for name in CHANNELS:
             info = self.s.channel(name)
             c = self.model.channels.get(name)
-            expected = (0, 0, 0) if c is None else (c.head, c.horizon, c.id)
+            expected = (0, 0, 0) if c is None else (c.head, c.horizon, c.epoch)
             assert (info.head, info.horizon, info.epoch) == expected, name
 
     @invariant()

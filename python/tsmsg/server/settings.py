@@ -20,6 +20,7 @@ from tsmsg.auth import DEFAULT_MAX_LIFETIME_S
 from tsmsg.protocol.limits import Limits, check_minimums
 from tsmsg.store import CompactionPolicy, StoreConfig
 from tsmsg.store.crypto import load_keyring
+from tsmsg.store.lmdb_store import DEFAULT_MAX_EDITS
 
 ENV_PREFIX = "TSMSG_"
 
@@ -92,6 +93,9 @@ class Settings:
     tombstone_retention_s: float = 86400.0
     retention_max_age_s: float = 0.0
     retention_max_count: int = 0
+    # Edits one message may have (STORAGE.md "Edits"); one more is refused with
+    # limit_exceeded. Deleting a message rewrites each of its edits still in the log.
+    max_edits_per_message: int = DEFAULT_MAX_EDITS
     limits: Limits = field(default_factory=Limits)
 
 
@@ -206,6 +210,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "tombstone_retention_s": (0, False),
     "retention_max_age_s": (0, False),
     "retention_max_count": (0, False),
+    "max_edits_per_message": (1, False),
 }
 
 
@@ -226,6 +231,7 @@ def store_config(settings: Settings) -> StoreConfig:
     return StoreConfig(
         durability=settings.durability,
         compaction=policy,
+        max_edits=settings.max_edits_per_message,
         encryption=load_keyring(settings.encryption_key_file),
     )
 

@@ -7,6 +7,7 @@ from tsmsg.store.base import (
     Forbidden,
     FormatError,
     HistoryPage,
+    LimitExceeded,
     NotFound,
     Store,
     StoreError,
@@ -16,19 +17,27 @@ from tsmsg.store.base import (
     WriteOp,
 )
 from tsmsg.store.crypto import EncryptionError, Keyring
-from tsmsg.store.lmdb_store import CompactionPolicy, LmdbStore, StoreConfig, message_id
+from tsmsg.store.lmdb_store import (
+    CompactionPolicy,
+    DataDirError,
+    LmdbStore,
+    StoreConfig,
+    message_id,
+)
 from tsmsg.store.memory_store import MemoryData, MemoryStore
 
 __all__ = [
     "AppendResult",
     "ChannelInfo",
     "CompactionPolicy",
+    "DataDirError",
     "EncryptionError",
     "Entry",
     "Forbidden",
     "FormatError",
     "HistoryPage",
     "Keyring",
+    "LimitExceeded",
     "LmdbStore",
     "MemoryData",
     "MemoryStore",

@@ -48,6 +48,12 @@ class Forbidden(StoreError):
     code = "forbidden"
 
 
+class LimitExceeded(StoreError):
+    """A write over a bound the store keeps (e.g. edits per message)."""
+
+    code = "limit_exceeded"
+
+
 class StoreUnavailable(StoreError):
     """A commit failed (disk full, I/O error): nothing of the batch was stored, no seq
     was consumed, reads keep working."""
@@ -128,6 +134,32 @@ class WriteOp:
 
 
 Notify = Callable[[list[WriteOp]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEntry:
+    """An entry another node committed, as a shared engine tells this one (fan-out
+    between nodes): shaped like a stored entry (``seq``, ``kind``, ``id``, ...)."""
+
+    channel: str
+    epoch: int
+    entry: Entry
+
+
+class Remote(Protocol):
+    """What a shared engine tells a node about other nodes' writes, from the engine's
+    own thread (the node hands it to its event loop). Must be cheap and thread-safe."""
+
+    def entries(self, entries: list[RemoteEntry]) -> None:
+        """Committed (and, as configured, replicated) entries of followed channels, in
+        the order the engine delivered them: possibly late, repeated or with gaps."""
+
+    def signal(self, channel: str, frame: dict[str, Any]) -> None:
+        """A live signal (``typing``, ``read``) another node pushed to ``channel``."""
+
+    def lost(self, channels: list[str]) -> None:
+        """Entries of these followed channels may have been lost on the way (the
+        engine's connection was cut): the node reads them from the log."""
 
 
 class StoreObserver(Protocol):
@@ -259,3 +291,18 @@ class Store(ABC):
         failed; None: it does) and how long, in seconds, the oldest write not yet
         acknowledged has waited (0: none waits)."""
         return None, 0.0
+
+    # Fan-out between nodes. A store that several nodes share delivers the entries other
+    # nodes commit in followed channels to the ``remote`` hook given at open, only after
+    # they are acknowledged (durable, replicated as configured), and carries signals. A
+    # store of one node (LMDB) has no other nodes: these do nothing.
+
+    def follow(self, channel: str) -> None:
+        """This node has members in ``channel``: deliver other nodes' entries of it."""
+
+    def unfollow(self, channel: str) -> None:
+        """No member of ``channel`` is left on this node."""
+
+    def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
+        """Push a live signal (``typing``, ``read``) to the other nodes' members of
+        ``channel``; best effort, never blocks."""

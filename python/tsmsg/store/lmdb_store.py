@@ -13,11 +13,14 @@ commit.
 from __future__ import annotations
 
 import collections
+import fcntl
+import hashlib
 import itertools
 import logging
 import os
 import queue
 import re
+import secrets
 import struct
 import threading
 import time
@@ -39,6 +42,7 @@ from tsmsg.store.base import (
     Forbidden,
     FormatError,
     HistoryPage,
+    LimitExceeded,
     NotFound,
     Notify,
     Store,
@@ -52,9 +56,24 @@ from tsmsg.store.crypto import ENCRYPTED_FIELDS, EncryptionError, Keyring, entry
 
 log = logging.getLogger("tsmsg.store")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (no message index, edit lists, counter epochs) is migrated on open (STORAGE.md).
+MIGRATED_FORMATS = (1,)
 U64 = struct.Struct(">Q")
+LATEST_EDIT = struct.Struct(">QQ")  # edit_links row of a message: latest edit seq, edit count
 SEQ_MAX = 2**64 - 1
+EPOCH_BITS = 63  # epochs are positive and fit the wire's int64 (0 means "no log yet")
+SALT_BITS = 64  # a channel's random message id prefix: ids cannot be guessed across channels
+
+# Files tsmsg keeps beside LMDB's data.mdb and lock.mdb in a data directory.
+LOCK_FILE = "LOCK"  # flock()ed by the one process that writes; holds its pid
+STORE_FILE = "STORE_ID"  # written when the store is created: its random id (STORAGE.md)
+LMDB_MAGIC = 0xBEEFC0DE  # LMDB's meta page magic (mdb.c MDB_MAGIC)
+# A new store's first commits need room; a full filesystem would otherwise surface as a
+# SIGBUS when LMDB touches a page it could not write.
+NEW_STORE_MIN_FREE = 16 << 20
+DEFAULT_MAX_EDITS = 1000  # edits per message: deleting it rewrites each one still in the log
+MIGRATE_CHUNK = 65536  # rows per transaction while migrating format 1, to bound dirty pages
 
 # Sizing defaults; each is a field of StoreConfig so an operator can change it.
 DEFAULT_MAP_SIZE = 64 << 20  # the map grows by doubling when full; start small
@@ -71,22 +90,178 @@ DEFAULT_DEDUP_RETENTION_MS = 7 * 24 * 3600 * 1000  # a client retries within day
 DEFAULT_SYNC_INTERVAL_S = 1.0  # `async` durability: at most this much is lost on power loss
 DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
 COMPACT_CHUNK = 4096  # entries per compaction transaction, so appends interleave
+ENTRY_KINDS = frozenset(("message", "edit", "delete"))
 
 
 def check_format(path: str, raw: bytes | None, has_data: bool) -> int | None:
-    """The format version of a data directory (None: a fresh one); FormatError if this
-    tsmsg cannot read it."""
+    """The format version of a data directory (None: a fresh one): this one or one that
+    :class:`LmdbStore` migrates on open; FormatError if this tsmsg cannot read it."""
     if raw is None:
         if has_data:
             raise FormatError(f"data directory {path!r} has channel data but no format version")
         return None
-    if bytes(raw) != str(FORMAT_VERSION).encode():
+    text = bytes(raw).decode(errors="replace")
+    version = int(text) if text.isascii() and text.isdigit() else None
+    if version != FORMAT_VERSION and version not in MIGRATED_FORMATS:
         raise FormatError(
-            f"data directory {path!r} has on-disk format version "
-            f"{bytes(raw).decode(errors='replace')}, this tsmsg reads version {FORMAT_VERSION}; "
+            f"data directory {path!r} has on-disk format version {text}, this tsmsg reads "
+            f"version {FORMAT_VERSION} (and migrates {', '.join(map(str, MIGRATED_FORMATS))}); "
             "see STORAGE.md for upgrading"
         )
-    return FORMAT_VERSION
+    return version
+
+
+class DataDirError(FormatError):
+    """The data directory cannot be used as it is: another process holds it, or its data
+    file is missing, empty or cut short. The message is one line naming the file."""
+
+
+def check_data_file(path: str) -> int:
+    """Check ``data.mdb`` against LMDB's own expectations before it is mapped (a page
+    past the end of the file is a SIGBUS, not an error): both meta pages present with
+    LMDB's magic, and the file long enough for the last page the newer one uses.
+    Returns the file's size (0: no file or an empty one, which LMDB would initialize)."""
+    data = os.path.join(path, "data.mdb")
+    try:
+        size = os.path.getsize(data)
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(data, "rb") as f:
+        head = f.read(META_PROBE)
+    if len(head) < META_OFFSETS["txnid"] + 8:
+        raise DataDirError(f"{data} is {size} bytes, too short for an LMDB meta page")
+    page_size = int.from_bytes(head[META_OFFSETS["psize"] :][:4], "little")
+    if page_size < 512 or page_size & (page_size - 1) or size < 2 * page_size:
+        raise DataDirError(
+            f"{data} is {size} bytes, shorter than LMDB's two meta pages "
+            f"(page size {page_size}): the file was cut short"
+        )
+    with open(data, "rb") as f:
+        pages = f.read(2 * page_size)
+    metas = []
+    for n in (0, 1):
+        base = n * page_size
+
+        def field(name: str, width: int, base: int = base) -> int:
+            start = base + META_OFFSETS[name]
+            return int.from_bytes(pages[start : start + width], "little")
+
+        if field("magic", 4) != LMDB_MAGIC:
+            raise DataDirError(f"{data}: meta page {n} has no LMDB magic: not an LMDB file")
+        metas.append((field("txnid", 8), field("last_pg", 8)))
+    last_pg = max(metas)[1]  # the newer meta page is the one LMDB opens
+    need = (last_pg + 1) * page_size
+    if need > size:
+        raise DataDirError(
+            f"{data} is {size} bytes but its LMDB meta page says it holds {need} "
+            f"({last_pg + 1} pages of {page_size}): the file was cut short; restore it from "
+            "a backup"
+        )
+    return size
+
+
+# Offsets in an LMDB meta page on a 64-bit build (mdb.c: a 16-byte page header, then
+# MDB_meta: magic, version, address, mapsize, two MDB_db of 48 bytes, last_pg, txnid).
+# The page size is stored in the free-space MDB_db's md_pad.
+META_OFFSETS = {"magic": 16, "psize": 40, "last_pg": 136, "txnid": 144}
+META_PROBE = 4096  # enough for page 0's meta fields whatever the page size
+
+
+def lock_data_dir(path: str) -> int:
+    """Take the data directory's exclusive lock (``flock`` on ``LOCK``, which then holds
+    this pid) and return its descriptor; the lock dies with the process, so a kill never
+    leaves a stale one. DataDirError, naming the holder's pid, if another process has it."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirError(
+            f"data directory {path!r} is in use by another tsmsg process (pid {holder}, "
+            f"lock {lock_path}): one process per data directory"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds without the pid in it
+        pass
+    return fd
+
+
+def read_store_id(path: str) -> str | None:
+    """The store id in the directory's ``STORE_ID`` file, if it has one."""
+    try:
+        with open(os.path.join(path, STORE_FILE), encoding="ascii") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def write_store_id(path: str, store_id: str) -> None:
+    """Write ``STORE_ID`` durably (a new file renamed into place, both synced)."""
+    target = os.path.join(path, STORE_FILE)
+    tmp = target + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{store_id}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_new_store_room(path: str) -> None:
+    """Refuse to create a store on a filesystem without room for its first commits."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < NEW_STORE_MIN_FREE:
+        raise DataDirError(
+            f"cannot create a store in {path!r}: {free} bytes free on its filesystem, a new "
+            f"store needs at least {NEW_STORE_MIN_FREE}"
+        )
+
+
+def derive_bits(store_id: str, what: bytes, chan_id: int, bits: int) -> int:
+    """``bits`` bits of a keyed hash of (``what``, internal channel id) under the store's
+    random id: unpredictable without it, stable for the store's lifetime (restarts,
+    compaction, backups) and different in every new store."""
+    digest = hashlib.blake2b(
+        what + U64.pack(chan_id), key=store_id.encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") >> (64 - bits)
+
+
+def new_channel_record(store_id: str, chan_id: int) -> dict[str, int]:
+    """A new log's record: its internal id, its epoch and its message id salt, both
+    derived from the random store id. Epochs are never 0 and never a counter, so a
+    reset, or a store that lost its data and started anew, shows as a new epoch to every
+    client that holds the old one."""
+    return {
+        "id": chan_id, "head": 0, "horizon": 0,
+        "epoch": derive_bits(store_id, b"epoch", chan_id, EPOCH_BITS) or 1,
+        "salt": derive_bits(store_id, b"salt", chan_id, SALT_BITS),
+    }  # fmt: skip
+
+
+def check_edits(target: str, count: int, most: int) -> None:
+    """Refuse an edit past the per-message bound (``StoreConfig.max_edits``)."""
+    if count >= most:
+        raise LimitExceeded(
+            f"message {target!r} was edited {count} times, the most a message may be "
+            f"(max_edits_per_message {most})"
+        )
 
 
 class SharedLock:
@@ -155,24 +330,36 @@ class StoreConfig:
     dedup_retention_ms: int = DEFAULT_DEDUP_RETENTION_MS
     sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S
     compaction: CompactionPolicy = CompactionPolicy()
+    max_edits: int = DEFAULT_MAX_EDITS  # edits per message; one more is limit_exceeded
     # Encryption at rest of message text (STORAGE.md); None: new entries in plaintext.
     encryption: Keyring | None = None
 
 
-def message_id(chan_id: int, seq: int) -> str:
-    return f"{chan_id}-{seq}"
+def id_prefix(chan_id: int, salt: int | None) -> str:
+    """The message id prefix of a channel's log: its random salt in hex, so ids say
+    nothing about other channels. A log created by format 1 has no salt and keeps its
+    internal id as the prefix, so ids that clients hold stay valid."""
+    return str(chan_id) if salt is None else f"{salt:016x}"
 
 
-_MESSAGE_ID = re.compile(r"([1-9][0-9]{0,19})-([1-9][0-9]{0,19})", re.ASCII)
+def record_prefix(rec: dict[str, int]) -> str:
+    return id_prefix(rec["id"], rec.get("salt"))
 
 
-def parse_message_id(mid: str) -> tuple[int, int] | None:
-    """The (channel id, seq) of a canonical message id, or None for anything else."""
+def message_id(prefix: str, seq: int) -> str:
+    return f"{prefix}-{seq}"
+
+
+_MESSAGE_ID = re.compile(r"([0-9a-f]{16}|[1-9][0-9]{0,19})-([1-9][0-9]{0,19})", re.ASCII)
+
+
+def parse_message_id(mid: str) -> tuple[str, int] | None:
+    """The (id prefix, seq) of a canonical message id, or None for anything else."""
     m = _MESSAGE_ID.fullmatch(mid)
     if m is None:
         return None
-    chan, seq = int(m[1]), int(m[2])
-    return (chan, seq) if chan <= SEQ_MAX and seq <= SEQ_MAX else None
+    seq = int(m[2])
+    return (m[1], seq) if seq <= SEQ_MAX else None
 
 
 def _check_name(what: str, value: str, max_bytes: int) -> bytes:
@@ -202,6 +389,7 @@ class _Batch:
     txn: lmdb.Transaction
     ts: int  # every entry of the batch has this time
     log_put: Callable[[bytes, bytes], Any]  # a cursor's put into the log
+    index_put: Callable[[bytes, bytes], Any]  # a cursor's put into the message index
     records: dict[str, dict[str, int]] = field(default_factory=dict)  # channels touched
     heads: dict[str, int] = field(default_factory=dict)  # their heads before this batch
     new_cids: dict[bytes, int] = field(default_factory=dict)  # dedup key -> seq, stored now
@@ -226,35 +414,16 @@ class LmdbStore(Store):
         self._clock = clock
         self._fault = fault  # test hook: called before each commit, may raise lmdb errors
         self._observer = observer  # commit and sync timings, from the writer thread
-        os.makedirs(path, exist_ok=True)
-        self._env = lmdb.open(
-            os.fspath(path),
-            map_size=config.map_size,
-            max_dbs=12,
-            sync=config.durability == "fsync",
-            metasync=False,  # the writer acknowledges a commit after the next sync instead
-            readahead=False,
-            max_readers=256,
-        )
-        # Resizing the map needs no transaction open in this process: readers share this
-        # lock (the server's read threads read at once), the resize takes it alone.
-        self._resize_lock = SharedLock()
-        env = self._env
-        self._meta = env.open_db(b"meta")
-        self._channels = env.open_db(b"channels")
-        self._log = env.open_db(b"log")
-        self._edits = env.open_db(b"edits")
-        self._tombstones = env.open_db(b"tombstones")
-        self._cursors = env.open_db(b"cursors")
-        self._dedup = env.open_db(b"dedup")
-        self._members = env.open_db(b"members")
-        self._seen = env.open_db(b"last_seen")
         self._keyring = config.encryption
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        # Every opener that writes takes the directory's lock first, before looking at
+        # any file: a second server (or `tsmsg compact` beside one) is refused here.
+        self._lock_fd: int | None = lock_data_dir(path)
         try:
-            self._check_format()
-            self._check_encryption()
-        except (FormatError, EncryptionError):
-            self._env.close()
+            self._open_env(path)
+        except BaseException:
+            os.close(self._lock_fd)
             raise
         self._ring = DedupRing(config.dedup_max, MAX_DEDUP_KEY)
         # channel name -> internal id, filled by the writer after each commit (only the
@@ -287,12 +456,144 @@ class LmdbStore(Store):
 
     # ---------------------------------------------------------------- format
 
-    def _check_format(self) -> None:
+    def _open_env(self, path: str) -> None:
+        """Open the LMDB environment of a locked data directory, after checking that its
+        data file is whole (a cut-short file would SIGBUS), that a store that existed
+        still has its data, and that a new one has room; migrate format 1; record the
+        store id in ``STORE_ID``."""
+        known_id = read_store_id(path)
+        if check_data_file(path) == 0:
+            if known_id is not None:
+                raise DataDirError(
+                    f"data directory {path!r} held store {known_id} ({STORE_FILE}) but its "
+                    "data.mdb is missing or empty: restore data.mdb from a backup (or, to "
+                    f"start an empty store and have every client resync, remove {STORE_FILE})"
+                )
+            check_new_store_room(path)
+        self._env = lmdb.open(
+            path,
+            map_size=self.config.map_size,
+            max_dbs=12,
+            sync=self.config.durability == "fsync",
+            metasync=False,  # the writer acknowledges a commit after the next sync instead
+            readahead=False,
+            max_readers=256,
+        )
+        # Resizing the map needs no transaction open in this process: readers share this
+        # lock (the server's read threads read at once), the resize takes it alone.
+        self._resize_lock = SharedLock()
+        env = self._env
+        self._meta = env.open_db(b"meta")
+        self._channels = env.open_db(b"channels")
+        self._log = env.open_db(b"log")
+        self._messages = env.open_db(b"messages")
+        self._edit_links = env.open_db(b"edit_links")
+        self._tombstones = env.open_db(b"tombstones")
+        self._cursors = env.open_db(b"cursors")
+        self._dedup = env.open_db(b"dedup")
+        self._members = env.open_db(b"members")
+        self._seen = env.open_db(b"last_seen")
+        try:
+            self.store_id = self._check_format()
+            if known_id != self.store_id:
+                if known_id is not None:  # another store's data.mdb was put here
+                    log.warning(
+                        "%s named store %s, data.mdb is store %s: recording the latter",
+                        STORE_FILE, known_id, self.store_id,
+                    )  # fmt: skip
+                write_store_id(path, self.store_id)
+            self._check_encryption()
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _check_format(self) -> str:
+        """Initialize a new store (format, random store id) or migrate an older format;
+        returns the store id."""
         with self._env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._meta)
             has_data = bool(txn.stat(self._log)["entries"] or txn.stat(self._channels)["entries"])
-            if check_format(self._env.path(), raw, has_data) is None:
+            version = check_format(self._env.path(), raw, has_data)
+            if version is None:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+            store_id = txn.get(b"store_id", db=self._meta)
+            if store_id is None:
+                store_id = secrets.token_hex(16).encode()
+                txn.put(b"store_id", store_id, db=self._meta)
+        if version is not None and version != FORMAT_VERSION:
+            self._migrate_v1()
+        return bytes(store_id).decode()
+
+    def _migrate_v1(self) -> None:
+        """Format 1 to 2, in transactions of ``MIGRATE_CHUNK`` rows, restartable (every
+        step is idempotent; the format key changes last): index the message entries
+        (``messages``) and turn each message's list of edit seqs (``edits``) into its
+        ``edit_links`` rows. Channel records keep their epochs and id prefixes."""
+        log.warning("migrating data directory %r to format %d", self._env.path(), FORMAT_VERSION)
+        step = {"db": "log", "after": b""}
+        while True:
+            with self._env.begin(write=True) as txn:
+                if step["db"] == "log":
+                    db = self._log
+                else:
+                    db = self._env.open_db(b"edits", txn=txn)
+                cur = txn.cursor(db=db)
+                ok = cur.set_range(step["after"]) if step["after"] else cur.first()
+                if ok and step["after"] and cur.key() == step["after"]:
+                    ok = cur.next()
+                rows = 0
+                while ok and rows < MIGRATE_CHUNK:
+                    key, value = cur.key(), cur.value()
+                    if step["db"] == "log":
+                        if unpackb(value)["kind"] == "message":
+                            txn.put(key, b"", db=self._messages)
+                    else:  # a message's key -> msgpack array of its edit seqs
+                        for edit_seq in unpackb(value):
+                            self._link_edit(txn, key, edit_seq)
+                    step["after"] = key
+                    rows += 1
+                    ok = cur.next()
+                if not ok and step["db"] == "log":
+                    step.update(db="edits", after=b"")
+                elif not ok:
+                    txn.drop(db, delete=True)
+                    txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._meta)
+                    return
+
+    # ---------------------------------------------------------------- edit links
+    #
+    # edit_links holds, under a message's log key, its latest edit seq and edit count
+    # (LATEST_EDIT), and under each edit's log key the seq of the message's previous edit
+    # (0: none). An edit writes two small rows, whatever the message's history; a delete
+    # walks the chain to redact the edits still in the log. Compaction drops an edit's
+    # row with the edit, which ends the chain there: every older edit is below it too.
+
+    def _edit_count(self, txn: lmdb.Transaction, mkey: bytes) -> tuple[int, int]:
+        raw = txn.get(mkey, db=self._edit_links)
+        return (0, 0) if raw is None else LATEST_EDIT.unpack(raw)
+
+    def _link_edit(self, txn: lmdb.Transaction, mkey: bytes, edit_seq: int) -> None:
+        """Record edit ``edit_seq`` as message ``mkey``'s latest."""
+        latest, count = self._edit_count(txn, mkey)
+        txn.put(mkey, LATEST_EDIT.pack(edit_seq, count + 1), db=self._edit_links)
+        txn.put(mkey[:8] + U64.pack(edit_seq), U64.pack(latest), db=self._edit_links)
+
+    def _redact_edits(self, txn: lmdb.Transaction, mkey: bytes) -> None:
+        """A deleted message's edits lose their text, newest first, and its links go."""
+        latest = self._edit_count(txn, mkey)[0]
+        txn.delete(mkey, db=self._edit_links)
+        while latest:
+            ek = mkey[:8] + U64.pack(latest)
+            link = txn.get(ek, db=self._edit_links)
+            edit_raw = txn.get(ek, db=self._log)
+            if edit_raw is not None:
+                edit = self._decode(ek, edit_raw)
+                edit.pop("text", None)
+                edit.pop("enc", None)
+                edit["deleted"] = True
+                txn.put(ek, packb(edit), db=self._log)
+            txn.delete(ek, db=self._edit_links)
+            latest = 0 if link is None else U64.unpack(link)[0]
 
     def _check_encryption(self) -> None:
         """Meta ``encryption`` lists the key ids entries may be encrypted with. Without a
@@ -317,9 +618,32 @@ class LmdbStore(Store):
                 ", ".join(map(repr, missing)),
             )
 
+    @staticmethod
+    def _decode(key: bytes, raw: bytes) -> Entry:
+        """A log entry as stored at ``key``, still sealed if it is encrypted. An entry
+        that is no msgpack map of the entry's shape is a StoreError (``internal``): the
+        request fails with an error frame, the connection stays open."""
+        try:
+            entry = unpackb(raw)
+            if not (
+                isinstance(entry, dict)
+                and type(entry.get("seq")) is int
+                and entry.get("kind") in ENTRY_KINDS
+                and isinstance(entry.get("id"), str)
+                and isinstance(entry.get("sender"), str)
+                and type(entry.get("ts")) is int
+            ):
+                raise ValueError("not a log entry")
+        except Exception as exc:
+            raise StoreError(
+                f"log entry {U64.unpack(key[8:16])[0]} of channel id {U64.unpack(key[:8])[0]} "
+                f"is corrupt: {exc}"
+            ) from None
+        return entry
+
     def _load(self, key: bytes, raw: bytes) -> Entry:
         """A log entry as stored at ``key``, its body decrypted if it is encrypted."""
-        entry: Entry = unpackb(raw)
+        entry = self._decode(key, raw)
         return open_entry(entry, key, self._keyring) if "enc" in entry else entry
 
     def _pack(self, key: bytes, entry: Entry) -> bytes:
@@ -348,7 +672,12 @@ class LmdbStore(Store):
         raw = txn.get(name.encode(), db=self._channels)
         if raw is None:
             return None
-        rec: dict[str, int] = unpackb(raw)
+        try:
+            rec: dict[str, int] = unpackb(raw)
+            if not all(type(rec.get(k)) is int for k in ("id", "head", "horizon", "epoch")):
+                raise ValueError("not a channel record")
+        except Exception as exc:
+            raise StoreError(f"the record of channel {name!r} is corrupt: {exc}") from None
         return rec
 
     def channel(self, name: str) -> ChannelInfo:
@@ -404,24 +733,26 @@ class LmdbStore(Store):
             )
             if rec is None or top < 1:
                 return HistoryPage(out, False)
+            # Walk the index of message seqs, not the log: a page costs its own size,
+            # however many edit and delete entries lie between its messages.
             prefix = U64.pack(rec["id"])
-            cur = txn.cursor(db=self._log)
+            cur = txn.cursor(db=self._messages)
             if cur.set_range(prefix + U64.pack(top + 1)):
                 positioned = cur.prev()
             else:
                 positioned = cur.last()
             size = 0
-            for key, value in cur.iterprev() if positioned else ():
+            for key in cur.iterprev(values=False) if positioned else ():
                 if not key.startswith(prefix):
                     break
-                entry = unpackb(value)
-                if entry["kind"] != "message":
+                value = txn.get(key, db=self._log)
+                if value is None:  # never: the index follows the log in every transaction
                     continue
                 size += len(value)
                 if len(out) >= limit or (max_bytes is not None and out and size > max_bytes):
                     more = True
                     break
-                out.append(open_entry(entry, key, self._keyring) if "enc" in entry else entry)
+                out.append(self._load(key, value))
         out.reverse()
         return HistoryPage(out, more)
 
@@ -468,7 +799,7 @@ class LmdbStore(Store):
                 for scanned, (key, value) in enumerate(cur):
                     if not key.startswith(prefix) or scanned == scan_max:
                         break
-                    e = unpackb(value)
+                    e = self._decode(key, value)
                     if e["kind"] == "message" and not e.get("deleted") and e["sender"] != user:
                         count += 1
         return count
@@ -485,15 +816,16 @@ class LmdbStore(Store):
             rec = self._channel_record(txn, channel)
             if rec is None or rec["id"] != chan_id:
                 return None  # reset since: the writer answers from the current log
-            return self._dup_result(txn, channel, chan_id, seq)
+            return self._dup_result(txn, channel, rec, seq)
 
     def _dup_result(
-        self, txn: lmdb.Transaction, channel: str, chan_id: int, seq: int
+        self, txn: lmdb.Transaction, channel: str, rec: dict[str, int], seq: int
     ) -> AppendResult:
         """The first result of a cid: its seq, id and ts (0 once retention dropped it)."""
-        raw = txn.get(U64.pack(chan_id) + U64.pack(seq), db=self._log)
-        ts = unpackb(raw)["ts"] if raw is not None else 0
-        return AppendResult(channel, seq, message_id(chan_id, seq), ts, dup=True)
+        key = U64.pack(rec["id"]) + U64.pack(seq)
+        raw = txn.get(key, db=self._log)
+        ts = self._decode(key, raw)["ts"] if raw is not None else 0
+        return AppendResult(channel, seq, message_id(record_prefix(rec), seq), ts, dup=True)
 
     # ---------------------------------------------------------------- keys
 
@@ -700,7 +1032,9 @@ class LmdbStore(Store):
         ``result`` and ``error`` (a retried batch overwrites the failed attempt's)."""
         txn = self._env.begin(write=True)
         try:
-            b = _Batch(txn, self._clock(), txn.cursor(db=self._log).put)
+            b = _Batch(
+                txn, self._clock(), txn.cursor(db=self._log).put, txn.cursor(self._messages).put
+            )
             for op in batch:
                 error: StoreError | None = None
                 result: AppendResult | int | None = None
@@ -753,7 +1087,7 @@ class LmdbStore(Store):
                 raw = b.txn.get(b"next_channel_id", db=self._meta)
                 chan_id = 1 if raw is None else U64.unpack(raw)[0]
                 b.txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
-                rec = {"id": chan_id, "head": 0, "horizon": 0, "epoch": chan_id}
+                rec = new_channel_record(self.store_id, chan_id)
             b.records[name] = rec
             b.heads[name] = rec["head"]
         return rec
@@ -770,15 +1104,16 @@ class LmdbStore(Store):
         dkey = self._dedup_key(U64.pack(chan_id), sender, cid)
         first = b.new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
         if first is not None:
-            return self._dup_result(b.txn, op.channel, chan_id, first)
+            return self._dup_result(b.txn, op.channel, rec, first)
         seq = rec["head"] + 1
-        mid = message_id(chan_id, seq)
+        mid = message_id(record_prefix(rec), seq)
         entry: Entry = {
             "seq": seq, "kind": "message", "id": mid, "sender": user, "ts": b.ts, "text": text
         }  # fmt: skip
         if op.meta:
             entry["meta"] = op.meta
         self._put_entry(b.log_put, rec, entry)  # the head moves only if this succeeds
+        b.index_put(U64.pack(chan_id) + U64.pack(seq), b"")
         order = U64.pack(self._next_order + len(b.new_cids))
         b.journal.append((order, packb([dkey, seq, b.ts])))
         b.new_cids[dkey] = seq
@@ -816,43 +1151,32 @@ class LmdbStore(Store):
         target = op.target or ""
         rec = self._record(b, op.channel, create=False)
         parsed = parse_message_id(target)
-        if rec is None or parsed is None or parsed[0] != rec["id"]:
+        if rec is None or parsed is None or parsed[0] != record_prefix(rec):
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
         mkey = U64.pack(rec["id"]) + U64.pack(parsed[1])
         raw = txn.get(mkey, db=self._log)
-        msg = None if raw is None else unpackb(raw)  # decrypted below only for an edit
+        msg = None if raw is None else self._decode(mkey, raw)  # decrypted only for an edit
         if msg is None or msg["kind"] != "message" or msg.get("deleted"):
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
         if msg["sender"] != op.user and not op.moderator:
             raise Forbidden(f"only the sender or a moderator may change message {target!r}")
         seq = rec["head"] + 1
-        ekey = mkey  # the edits index shares the log key of the message
         if op.kind == "edit":
             if op.text is None:
                 raise ValueError("an edit needs text")
+            check_edits(target, self._edit_count(txn, mkey)[1], self.config.max_edits)
             entry: Entry = {"seq": seq, "kind": "edit", "id": target, "sender": op.user}
             entry.update(ts=ts, text=op.text)
             msg = open_entry(msg, mkey, self._keyring) if "enc" in msg else msg
             msg["text"], msg["edited"] = op.text, ts
-            old = txn.get(ekey, db=self._edits)
-            txn.put(ekey, packb([*(unpackb(old) if old else []), seq]), db=self._edits)
+            self._link_edit(txn, mkey, seq)
         else:
             entry = {"seq": seq, "kind": "delete", "id": target, "sender": op.user, "ts": ts}
             for key in ("text", "meta", "edited", "enc"):
                 msg.pop(key, None)
             msg["deleted"] = True
-            old = txn.get(ekey, db=self._edits)
-            for edit_seq in unpackb(old) if old else []:
-                ek = U64.pack(rec["id"]) + U64.pack(edit_seq)
-                edit_raw = txn.get(ek, db=self._log)
-                if edit_raw is not None:
-                    edit = unpackb(edit_raw)
-                    edit.pop("text", None)
-                    edit.pop("enc", None)
-                    edit["deleted"] = True
-                    txn.put(ek, packb(edit), db=self._log)
-            txn.delete(ekey, db=self._edits)
-            txn.put(ekey, U64.pack(ts), db=self._tombstones)
+            self._redact_edits(txn, mkey)
+            txn.put(mkey, U64.pack(ts), db=self._tombstones)
         b.log_put(mkey, self._pack(mkey, msg))
         self._put_entry(b.log_put, rec, entry)
         return AppendResult(op.channel, seq, target, ts)
@@ -949,10 +1273,14 @@ class LmdbStore(Store):
         self._submit_job(step)
         return plan.get("horizon", 0)
 
+    def _drop_side_rows(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """The rows other databases keep under a log key that is being dropped."""
+        for db in (self._messages, self._edit_links, self._tombstones):
+            txn.delete(key, db=db)
+
     def _drop(self, txn: lmdb.Transaction, cur: lmdb.Cursor, key: bytes) -> bool:
         """Delete the log entry under ``cur`` (and its side rows); the cursor moves on."""
-        txn.delete(key, db=self._edits)
-        txn.delete(key, db=self._tombstones)
+        self._drop_side_rows(txn, key)
         return bool(cur.delete())
 
     def _compact_retention(
@@ -1016,7 +1344,8 @@ class LmdbStore(Store):
                 return 0
             budget -= 1
             txn.delete(key, db=self._log)
-            txn.delete(key, db=self._edits)
+            txn.delete(key, db=self._messages)
+            txn.delete(key, db=self._edit_links)
             ok = cur.delete()
         plan["phase"] += 1
         return budget
@@ -1107,7 +1436,9 @@ class LmdbStore(Store):
                 if rec is None:
                     return True
                 prefix = U64.pack(rec["id"])
-                for db in (self._log, self._edits, self._tombstones):
+                for db in (
+                    self._log, self._messages, self._edit_links, self._tombstones
+                ):  # fmt: skip
                     cur = txn.cursor(db=db)
                     if cur.set_range(prefix):
                         while cur.key().startswith(prefix) and cur.delete():
@@ -1115,9 +1446,9 @@ class LmdbStore(Store):
                 raw = txn.get(b"next_channel_id", db=self._meta)
                 new_id = 1 if raw is None else U64.unpack(raw)[0]
                 txn.put(b"next_channel_id", U64.pack(new_id + 1), db=self._meta)
-                new = {"id": new_id, "head": 0, "horizon": 0, "epoch": new_id}
+                new = new_channel_record(self.store_id, new_id)
                 txn.put(channel.encode(), packb(new), db=self._channels)
-                result["epoch"] = new_id
+                result["epoch"] = new["epoch"]
             self._chan_ids[channel] = new_id  # committed: the old id's cids no longer match
             return True
 
@@ -1151,6 +1482,9 @@ class LmdbStore(Store):
                 item.done.set()
         self._env.sync(True)
         self._env.close()
+        if self._lock_fd is not None:  # the directory is free for the next opener
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> LmdbStore:
         return self
@@ -1172,7 +1506,9 @@ _NAMED_DBS = (
     "meta",
     "channels",
     "log",
-    "edits",
+    "messages",
+    "edit_links",
+    "edits",  # format 1
     "tombstones",
     "cursors",
     "dedup",
@@ -1224,6 +1560,7 @@ class LmdbReader:
     ) -> None:
         self.path = os.fspath(path)
         self.keyring = keyring  # decrypts entries in tail(); without it they keep `enc`
+        check_data_file(self.path)  # a cut-short file would SIGBUS when mapped
         try:
             self._env = lmdb.open(
                 self.path,

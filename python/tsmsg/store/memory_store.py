@@ -24,8 +24,10 @@ thread (the trio thread of a server, or a test).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +52,12 @@ from tsmsg.store.base import (
 )
 from tsmsg.store.lmdb_store import (
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_EDITS,
     CompactionPolicy,
+    check_edits,
+    id_prefix,
     message_id,
+    new_channel_record,
     now_ms,
     parse_message_id,
 )
@@ -67,21 +73,34 @@ def _check_name(what: str, value: str, max_bytes: int) -> None:
 
 @dataclass
 class MemChannel:
-    id: int  # the internal id, also the epoch: a reset gives the channel a new one
+    id: int  # the internal id: a reset gives the channel a new one
+    epoch: int  # derived from the store id, as LmdbStore's: a reset is a new epoch
+    salt: int  # the message id prefix, derived likewise
     log: dict[int, Entry] = field(default_factory=dict)  # seq -> stored entry, seq order
     head: int = 0
     horizon: int = 0
     tombstones: dict[int, int] = field(default_factory=dict)  # message seq -> delete ts
     edits: dict[int, list[int]] = field(default_factory=dict)  # message seq -> edit seqs
+    messages: list[int] = field(default_factory=list)  # the message seqs, ascending
 
 
 class MemoryData:
     """The stored state and the rules that change it. Writes use ``now`` as their ts
     (the store sets it once per batch); reads return copies of the stored entries."""
 
-    def __init__(self, policy: CompactionPolicy | None = None, now: int = 0) -> None:
+    def __init__(
+        self,
+        policy: CompactionPolicy | None = None,
+        now: int = 0,
+        *,
+        store_id: str | None = None,
+        max_edits: int = DEFAULT_MAX_EDITS,
+    ) -> None:
         self.policy = policy or CompactionPolicy()
         self.now = now
+        # Epochs and id salts derive from it (random; given in the simulation and tests)
+        self.store_id = store_id or secrets.token_hex(16)
+        self.max_edits = max_edits
         self.channels: dict[str, MemChannel] = {}
         self.next_id = 1
         self.dedup: dict[tuple[str, str, str], tuple[int, str, int]] = {}
@@ -125,15 +144,15 @@ class MemoryData:
             return self.dup_result(key)
         c = self.channels.get(channel)
         if c is None:
-            c = self.channels[channel] = MemChannel(self.next_id)
-            self.next_id += 1
+            c = self.channels[channel] = self._new_channel()
         c.head += 1
-        mid = message_id(c.id, c.head)
+        mid = message_id(id_prefix(c.id, c.salt), c.head)
         entry: Entry = {"seq": c.head, "kind": "message", "id": mid, "sender": user}
         entry.update(ts=self.now, text=text)
         if meta:
             entry["meta"] = meta
         c.log[c.head] = entry
+        c.messages.append(c.head)
         self.dedup[key] = (c.head, mid, self.now)
         return AppendResult(channel, c.head, mid, self.now)
 
@@ -151,7 +170,7 @@ class MemoryData:
         the text of its earlier edits)."""
         c = self.channels.get(channel)
         parsed = parse_message_id(target)
-        if c is None or parsed is None or parsed[0] != c.id:
+        if c is None or parsed is None or parsed[0] != id_prefix(c.id, c.salt):
             raise NotFound(f"no message {target!r} in channel {channel!r}")
         mseq = parsed[1]
         msg = c.log.get(mseq)
@@ -159,6 +178,8 @@ class MemoryData:
             raise NotFound(f"no message {target!r} in channel {channel!r}")
         if msg["sender"] != user and not moderator:
             raise Forbidden(f"only the sender or a moderator may change message {target!r}")
+        if kind == "edit":
+            check_edits(target, len(c.edits.get(mseq, ())), self.max_edits)
         c.head += 1
         entry: Entry = {"seq": c.head, "kind": kind, "id": target, "sender": user, "ts": self.now}
         if kind == "edit":
@@ -218,22 +239,28 @@ class MemoryData:
 
     @staticmethod
     def _drop(c: MemChannel, seq: int) -> None:
-        del c.log[seq]
+        if c.log.pop(seq)["kind"] == "message":
+            del c.messages[bisect.bisect_left(c.messages, seq)]
         c.tombstones.pop(seq, None)
         c.edits.pop(seq, None)
+
+    def _new_channel(self) -> MemChannel:
+        """A new log: the next internal id, its epoch and id salt (as LmdbStore's)."""
+        rec = new_channel_record(self.store_id, self.next_id)
+        self.next_id += 1
+        return MemChannel(rec["id"], rec["epoch"], rec["salt"])
 
     def reset(self, channel: str) -> int:
         """A new log under a new id (the epoch); positions and cids of the old one are
         gone with it."""
         if channel not in self.channels:
             return 0
-        self.channels[channel] = MemChannel(self.next_id)
-        self.next_id += 1
+        self.channels[channel] = self._new_channel()
         for key in [k for k in self.dedup if k[0] == channel]:
             del self.dedup[key]
         for ckey in [k for k in self.cursors if k[1] == channel]:
             del self.cursors[ckey]
-        return self.channels[channel].id
+        return self.channels[channel].epoch
 
     # ---- reads
 
@@ -249,7 +276,7 @@ class MemoryData:
         if c is None:
             return SyncPage([], False, 0, 0, resync=since != 0)
         if since < c.horizon or since > c.head:
-            return SyncPage([], False, c.head, c.id, resync=True)
+            return SyncPage([], False, c.head, c.epoch, resync=True)
         entries: list[Entry] = []
         size = 0
         for seq in range(since + 1, c.head + 1):
@@ -263,7 +290,7 @@ class MemoryData:
                 break
             entries.append(dict(e))
         last = entries[-1]["seq"] if entries else since
-        return SyncPage(entries, last < c.head, c.head, c.id)
+        return SyncPage(entries, last < c.head, c.head, c.epoch)
 
     def history(
         self, channel: str, before: int | None, limit: int, max_bytes: int | None = None
@@ -275,10 +302,8 @@ class MemoryData:
         out: list[Entry] = []
         more = False
         size = 0
-        for seq in range(top, 0, -1):
-            e = c.log.get(seq)
-            if e is None or e["kind"] != "message":
-                continue
+        for i in range(bisect.bisect_right(c.messages, top) - 1, -1, -1):
+            e = c.log[c.messages[i]]
             size += len(packb(e))
             if len(out) >= limit or (max_bytes is not None and out and size > max_bytes):
                 more = True
@@ -403,7 +428,7 @@ class MemoryStore(Store):
         c = self.data.channels.get(name)
         if c is None:
             return ChannelInfo(name, 0, 0, 0)
-        return ChannelInfo(name, c.head, c.horizon, c.id)
+        return ChannelInfo(name, c.head, c.horizon, c.epoch)
 
     def sync(
         self,
