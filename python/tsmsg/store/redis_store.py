@@ -36,7 +36,9 @@ from typing import Any
 
 import redis
 import redis.cluster
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
 
 from tsmsg._native import packb, unpackb
 from tsmsg.protocol.limits import MAX_CID_CHARS
@@ -205,12 +207,14 @@ class RedisStore(Store):
             with open(password_file, encoding="utf-8") as f:
                 password = f.read().strip()
         self._closed = False
-        self._client = self._connect(password)
+        self._client = self._connect(password)  # reads, compaction, scripts
+        self._wclient = self._connect(password, retry=False)  # the writer's pipelines
         try:
             self._client.ping()
             self._load_scripts()
         except RedisError as exc:
             self._client.close()
+            self._wclient.close()
             raise StoreUnavailable(
                 f"cannot reach Redis at {self.target.where}: {exc or type(exc).__name__}"
             ) from None
@@ -234,12 +238,18 @@ class RedisStore(Store):
 
     # ---------------------------------------------------------------- connection
 
-    def _connect(self, password: str | None) -> Any:
+    def _connect(self, password: str | None, *, retry: bool = True) -> Any:
+        """A client with its own connection pool. Without ``retry`` a command that lost
+        its connection is never sent again by redis-py: the writer's pipelines, where
+        a resent edit or delete would be applied twice (the writer fails the batch
+        instead, and the sender retries knowingly)."""
         t = self.target
         common: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "socket_timeout": SOCKET_TIMEOUT_S,
         }
+        if not retry:
+            common["retry"] = Retry(NoBackoff(), 0)
         if password is not None:
             common["password"] = password
         if t.username is not None:
@@ -496,7 +506,7 @@ class RedisStore(Store):
     def _probe(self) -> None:
         """While Redis is down: does it answer again?"""
         try:
-            self._client.ping()
+            self._wclient.ping()
         except RedisError as exc:
             self.down = f"Redis at {self.target.where} is unreachable: {exc}"
             return
@@ -560,7 +570,7 @@ class RedisStore(Store):
                 c.op.result, c.op.error, c.op.changed = None, exc, False
         if created:  # the registry of names is in another slot: a second, idempotent step
             try:
-                self._client.sadd(self._registry, *created)
+                self._wclient.sadd(self._registry, *created)
             except RedisError as exc:  # only compact_all() and tools read it
                 log.error("could not record new channels %s: %s", created, exc)
 
@@ -578,7 +588,7 @@ class RedisStore(Store):
         return replies
 
     def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._wclient.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args)
         replicas, timeout_ms = self._wait
@@ -752,6 +762,7 @@ class RedisStore(Store):
         with self._inflight_changed:  # reads and compaction steps still under way
             self._inflight_changed.wait_for(lambda: self._inflight == 0, SOCKET_TIMEOUT_S)
         self._client.close()
+        self._wclient.close()
 
     def __enter__(self) -> RedisStore:
         return self
