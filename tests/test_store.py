@@ -581,6 +581,7 @@ def test_history_more_and_max_bytes(store: AnyStore) -> None:
     page = store.history("room", 3, 1)
     assert seqs(page.messages) == [2] and page.more
     assert store.history("room", None, 0) == HistoryPage([], True)
+    assert store.history("room", None, -3) == HistoryPage([], True)
     assert store.history("room", 1, 5) == HistoryPage([], False)
     assert store.history("nowhere", None, 5) == HistoryPage([], False)
     one = len(packb(history(store, "room", None, 1)[0]))

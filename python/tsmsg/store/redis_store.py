@@ -37,7 +37,7 @@ from typing import Any
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from tsmsg._native import packb, unpackb
@@ -292,7 +292,7 @@ class RedisStore(Store):
                 for key in ("appendonly", "appendfsync", "maxmemory-policy"):
                     for k, v in node.config_get(key).items():
                         conf[_text(k)] = _text(v)
-            except ResponseError as exc:  # CONFIG renamed or not permitted
+            except RedisError as exc:  # CONFIG renamed or not permitted
                 log.info("cannot check Redis configuration of %s:%s: %s", *where, exc)
                 continue
             if conf.get("appendonly") != "yes" or conf.get("appendfsync") != "always":
@@ -414,7 +414,9 @@ class RedisStore(Store):
         out: list[Entry] = []
         size = 0
         while True:
-            want = min(limit - len(out) + 1, HISTORY_CHUNK)
+            # One more than the page holds tells whether there is more; never a count
+            # below 1, which ZREVRANGEBYSCORE would read as "all".
+            want = max(1, min(limit - len(out) + 1, HISTORY_CHUNK))
             reply = self._eval("history", keys, top, want)
             for i in range(0, len(reply), 2):
                 raw = reply[i + 1]
