@@ -1,11 +1,12 @@
 """Shared fixtures: a real server on 127.0.0.1 port 0 with its LMDB store in a tmp dir,
-token minting, and a small raw wire client (frames in, frames out) for the TCP tests."""
+token minting, a small raw wire client (frames in, frames out) for the TCP tests, and the
+store engines (LMDB, one Redis, a Redis Cluster) that the store's own tests run on."""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +16,15 @@ import pytest
 import trio
 import trio.testing
 
+import redis_servers
 from tsmsg import FrameDecoder, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.protocol.limits import RATE_KINDS, Limits
 from tsmsg.protocol.session import Action, Read, Session
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
+from tsmsg.store import LmdbStore, StoreConfig
+from tsmsg.store.redis_store import RedisStore
 
 SECRET = b"test-secret-test-secret-test-secret!!"  # >= 32 bytes: pyjwt warns on short keys
 WIRE_TIMEOUT = 5.0  # seconds any single wait for a frame may take in a test
@@ -186,6 +190,71 @@ async def sync_all(client: WireClient, since: int, channel: str) -> list[dict[st
             since = page["events"][-1]["seq"]
         if not page["more"]:
             return out
+
+
+# ------------------------------------------------------------------- store engines
+# Redis servers are started once per session, only when a test asks for them, and killed
+# at its end. Tests isolate themselves by key prefix (a fresh one per test), so nothing is
+# flushed between tests.
+
+ENGINES = ["lmdb", "redis", "redis-cluster"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_servers.RedisServer]:
+    if not redis_servers.available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = redis_servers.RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[redis_servers.RedisCluster]:
+    if not redis_servers.available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cluster = redis_servers.RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_prefixes = itertools.count(1)
+
+
+class StoreEngine:
+    """One engine the store tests run on. ``place`` gives a fresh place for a store's
+    data (a directory for LMDB, a key prefix for Redis); ``open`` opens a store there,
+    again and again (a restart finds the data)."""
+
+    def __init__(self, name: str, url: str | None) -> None:
+        self.name = name
+        self.url = url  # None: LMDB
+
+    def place(self, path: Path) -> str:
+        return str(path) if self.url is None else f"t{next(_prefixes)}:"
+
+    def open(self, place: str, config: StoreConfig | None = None, **kwargs: Any) -> Any:
+        if self.url is None:
+            return LmdbStore(place, config or StoreConfig(), **kwargs)
+        return RedisStore(self.url, config, key_prefix=place, **kwargs)
+
+
+@pytest.fixture(params=ENGINES)
+def store_engine(request: pytest.FixtureRequest) -> StoreEngine:
+    """Each engine in turn; a test marked ``lmdb_only`` (it is about LMDB's files) runs
+    on LMDB alone."""
+    name: str = request.param
+    if name == "lmdb":
+        return StoreEngine(name, None)
+    if request.node.get_closest_marker("lmdb_only") is not None:
+        pytest.skip("about LMDB's files")
+    server = request.getfixturevalue("redis_server" if name == "redis" else "redis_cluster")
+    return StoreEngine(name, server.url)
 
 
 def resolve(session: Session, actions: list[Action]) -> list[Action]:

@@ -1,4 +1,5 @@
-"""LmdbStore against a plain in-memory model (a hypothesis rule-based state machine).
+"""The store against a plain in-memory model (a hypothesis rule-based state machine), on
+every engine (LMDB, one Redis, a Redis Cluster: the ``store_engine`` fixture).
 
 The model keeps, per channel, the log exactly as the store is specified to keep it: a
 message entry rewritten to its current state on edit and delete (a tombstone keeps
@@ -7,13 +8,19 @@ by the configured policy (Kafka's rule, tombstone retention, count and age reten
 the horizon below which a sync is told to resync. Reads are compared exactly; after every
 step the heads, the horizons, the whole log above the horizon (which must be dense), the
 history, the read cursors and the unread counts must agree.
+
+Message ids and epochs are the one place where engines differ on purpose: the model (and
+LMDB) number channels 1, 2, 3..., Redis gives each channel log a random epoch. The machine
+learns which store epoch is which model id and compares through that mapping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from hypothesis import event, settings
@@ -23,18 +30,22 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     rule,
+    run_state_machine_as_test,
 )
 
+from conftest import StoreEngine
 from tsmsg.store import (
     AppendResult,
     CompactionPolicy,
     Forbidden,
-    LmdbStore,
+    HistoryPage,
     NotFound,
     StoreConfig,
     StoreError,
+    SyncPage,
     WriteOp,
     lmdb_store,
+    redis_store,
 )
 from tsmsg.store.lmdb_store import id_prefix
 from tsmsg.store.memory_store import MemoryData
@@ -54,6 +65,7 @@ POLICY = CompactionPolicy(
 )
 WAIT_S = 10.0
 JUNK_IDS = ["", "x", "1-", "-1", "0-0", "1-0", "999-1", "1-999", "a-b"]
+MAX_EXAMPLES = {"lmdb": 100, "redis": 40, "redis-cluster": 25}  # a round trip per call
 
 texts = st.text(max_size=6)
 metas = st.none() | st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2)
@@ -93,18 +105,25 @@ def describe(result: Any) -> str:
 
 
 class StoreMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, engine: StoreEngine) -> None:
         super().__init__()
+        self.engine = engine
         self.dir = tempfile.mkdtemp(prefix="tsmsg-model-")
+        self.place = engine.place(Path(self.dir))
         self.model = Model()
         self.clock = Clock(self.model)
         self.config = StoreConfig(compaction=POLICY)
-        self.store: LmdbStore | None = None
+        self.store: Any = None
         self.cids: list[str] = []
         self.ids: list[str] = []
         self.counter = 0
         self.read_changed = False
-        self.saved_chunk = lmdb_store.COMPACT_CHUNK
+        self.saved_chunk = (lmdb_store.COMPACT_CHUNK, redis_store.COMPACT_CHUNK)
+        # The store's epochs and message id prefixes are its own (random on Redis): each is
+        # paired with the model's at first sight, and must stay a one-to-one pairing.
+        self.model_epoch: dict[int, int] = {0: 0}  # store epoch -> model epoch
+        self.model_prefix: dict[str, str] = {}  # store id prefix -> model id prefix
+        self.store_prefix: dict[str, str] = {}  # and back
 
     @initialize(
         durability=st.sampled_from(["fsync", "async"]),
@@ -114,21 +133,63 @@ class StoreMachine(RuleBasedStateMachine):
     def open(self, durability: str, max_batch: int, chunk: int) -> None:
         """Vary what must not change any answer: durability mode, batch bound and the
         size of compaction steps."""
-        lmdb_store.COMPACT_CHUNK = chunk
+        lmdb_store.COMPACT_CHUNK = redis_store.COMPACT_CHUNK = chunk
         self.config = StoreConfig(durability=durability, max_batch=max_batch, compaction=POLICY)
-        self.store = LmdbStore(self.dir, self.config, clock=self.clock)
-        self.model.store_id = self.store.store_id  # the same epochs and message ids
+        self.store = self.engine.open(self.place, self.config, clock=self.clock)
 
     @property
-    def s(self) -> LmdbStore:
+    def s(self) -> Any:
         assert self.store is not None
         return self.store
 
     def teardown(self) -> None:
-        lmdb_store.COMPACT_CHUNK = self.saved_chunk
+        lmdb_store.COMPACT_CHUNK, redis_store.COMPACT_CHUNK = self.saved_chunk
         if self.store is not None:
             self.s.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- store epochs and ids <-> the model's
+
+    def learn(self) -> None:
+        """Pair each channel's store epoch with the model's (after a write)."""
+        for name, c in self.model.channels.items():
+            epoch = self.s.channel(name).epoch
+            if epoch:
+                assert self.model_epoch.setdefault(epoch, c.epoch) == c.epoch, name
+
+    def pair(self, got: Any, expected: Any) -> None:
+        """Pair the id prefixes of a store's and the model's result of one append."""
+        if isinstance(got, AppendResult) and isinstance(expected, AppendResult):
+            mine, theirs = got.id.partition("-")[0], expected.id.partition("-")[0]
+            assert self.model_prefix.setdefault(mine, theirs) == theirs, (got, expected)
+            assert self.store_prefix.setdefault(theirs, mine) == mine, (got, expected)
+
+    def model_id(self, mid: str, table: dict[str, str] | None = None) -> str:
+        """A message id with its channel part mapped (unknown ones stay as they are)."""
+        head, dash, tail = mid.partition("-")
+        table = self.model_prefix if table is None else table
+        if dash and head in table:
+            return f"{table[head]}-{tail}"
+        return mid
+
+    def as_model(self, value: Any) -> Any:
+        """A store answer as the model gives it: epochs and message ids mapped."""
+        if isinstance(value, AppendResult):
+            return value._replace(id=self.model_id(value.id))
+        if isinstance(value, SyncPage):
+            entries = [self.as_model(e) for e in value.entries]
+            epoch = self.model_epoch.get(value.epoch, -1)
+            return dataclasses.replace(value, entries=entries, epoch=epoch)
+        if isinstance(value, HistoryPage):
+            return dataclasses.replace(value, messages=[self.as_model(e) for e in value.messages])
+        if isinstance(value, dict) and "id" in value:
+            return {**value, "id": self.model_id(value["id"])}
+        return value
+
+    def to_store(self, op: WriteOp) -> WriteOp:
+        if op.target is not None:
+            op.target = self.model_id(op.target, self.store_prefix)
+        return op
 
     # ---- drawing ops
 
@@ -198,6 +259,7 @@ class StoreMachine(RuleBasedStateMachine):
     def run_one(self, op: WriteOp) -> None:
         expected = self.expect(op)
         s = self.s
+        self.to_store(op)
         if op.kind == "message":
             assert op.cid is not None and op.text is not None
             got = s.append(op.channel, op.user, op.cid, op.text, op.meta)
@@ -209,6 +271,9 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             assert op.target is not None
             got = outcome(s.delete, op.channel, op.user, op.target, moderator=op.moderator)
+        self.learn()
+        self.pair(got, expected)
+        got = self.as_model(got)
         assert got == expected, (op, got, expected)
         self.note_result(op, got)
         event(f"{op.kind}: {describe(got)}")
@@ -250,11 +315,14 @@ class StoreMachine(RuleBasedStateMachine):
             changed.append(self.read_changed)
         for op in ops:
             op.done = threading.Event()
-            self.s.submit(op)
-        for op, exp, moved in zip(ops, expected, changed, strict=True):
+            self.s.submit(self.to_store(op))
+        for op in ops:
             assert op.done is not None and op.done.wait(WAIT_S)
+        self.learn()
+        for op, exp, moved in zip(ops, expected, changed, strict=True):
             assert op.changed == moved, op
-            got = type(op.error) if op.error is not None else op.result
+            self.pair(op.result, exp)
+            got = type(op.error) if op.error is not None else self.as_model(op.result)
             assert not isinstance(op.error, StoreError) or got in (NotFound, Forbidden)
             assert got == exp, (op, got, exp)
             self.note_result(op, got)
@@ -277,11 +345,14 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.s.close()
-        self.store = LmdbStore(self.dir, self.config, clock=self.clock)
+        self.store = self.engine.open(self.place, self.config, clock=self.clock)
 
     @rule(channel=st.sampled_from(CHANNELS))
     def reset_channel(self, channel: str) -> None:
-        assert self.s.reset_channel(channel) == self.model.reset(channel)
+        got = self.s.reset_channel(channel)
+        expected = self.model.reset(channel)
+        self.learn()
+        assert self.model_epoch.get(got, -1) == expected
 
     # ---- reads
 
@@ -290,14 +361,15 @@ class StoreMachine(RuleBasedStateMachine):
         c = self.model.channels.get(channel)
         head = c.head if c else 0
         since = data.draw(st.integers(-1, head + 2))
-        assert self.s.sync(channel, since, limit) == self.model.sync(channel, since, limit)
+        got = self.as_model(self.s.sync(channel, since, limit))
+        assert got == self.model.sync(channel, since, limit)
 
     @rule(data=st.data(), channel=st.sampled_from(CHANNELS), limit=st.integers(0, 5))
     def history(self, data: st.DataObject, channel: str, limit: int) -> None:
         c = self.model.channels.get(channel)
         head = c.head if c else 0
         before = data.draw(st.none() | st.integers(-1, head + 2))
-        got = self.s.history(channel, before, limit)
+        got = self.as_model(self.s.history(channel, before, limit))
         assert got == self.model.history(channel, before, limit)
 
     @rule(data=st.data())
@@ -307,7 +379,7 @@ class StoreMachine(RuleBasedStateMachine):
             key = data.draw(st.sampled_from(keys))
         else:
             key = ("a", "u1", "nothing")
-        assert self.s.lookup_dup(*key) == self.model.lookup_dup(*key)
+        assert self.as_model(self.s.lookup_dup(*key)) == self.model.lookup_dup(*key)
 
     @rule(user=st.sampled_from(USERS), channel=st.sampled_from(CHANNELS))
     def unread(self, user: str, channel: str) -> None:
@@ -322,7 +394,8 @@ class StoreMachine(RuleBasedStateMachine):
             info = self.s.channel(name)
             c = self.model.channels.get(name)
             expected = (0, 0, 0) if c is None else (c.head, c.horizon, c.epoch)
-            assert (info.head, info.horizon, info.epoch) == expected, name
+            epoch = self.model_epoch.get(info.epoch, -1)
+            assert (info.head, info.horizon, epoch) == expected, name
 
     @invariant()
     def log_dense_above_horizon_and_equal(self) -> None:
@@ -330,8 +403,10 @@ class StoreMachine(RuleBasedStateMachine):
             page = self.s.sync(name, c.horizon, 10**6)
             assert not page.resync and not page.more
             assert [e["seq"] for e in page.entries] == list(range(c.horizon + 1, c.head + 1))
-            assert page.entries == [c.log[s] for s in sorted(c.log) if s > c.horizon]
-            assert self.s.history(name, None, 10**6) == self.model.history(name, None, 10**6)
+            got = self.as_model(page).entries
+            assert got == [c.log[s] for s in sorted(c.log) if s > c.horizon]
+            history = self.as_model(self.s.history(name, None, 10**6))
+            assert history == self.model.history(name, None, 10**6)
 
     @invariant()
     def cursors_agree(self) -> None:
@@ -341,5 +416,10 @@ class StoreMachine(RuleBasedStateMachine):
                 assert self.s.unread(user, name) == self.model.unread(user, name)
 
 
-StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
-TestStoreModel = StoreMachine.TestCase
+def test_store_model(store_engine: StoreEngine) -> None:
+    run_state_machine_as_test(
+        lambda: StoreMachine(store_engine),
+        settings=settings(
+            max_examples=MAX_EXAMPLES[store_engine.name], stateful_step_count=50, deadline=None
+        ),
+    )

@@ -1,4 +1,10 @@
-"""Durable storage: the :class:`Store` interface and its LMDB backend."""
+"""Durable storage: the :class:`Store` interface, its LMDB and Redis backends, and
+:func:`open_store`, which picks one by the ``engine`` setting."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from tsmsg.store.base import (
     AppendResult,
@@ -25,6 +31,42 @@ from tsmsg.store.lmdb_store import (
     message_id,
 )
 from tsmsg.store.memory_store import MemoryData, MemoryStore
+from tsmsg.store.redis_store import RedisStore, is_redis_url
+
+
+def open_store(
+    engine: str,
+    data_dir: str | os.PathLike[str],
+    config: StoreConfig | None = None,
+    *,
+    notify: Callable[[list[WriteOp]], None] | None = None,
+    observer: StoreObserver | None = None,
+    password_file: str | None = None,
+    wait_replicas: int = 0,
+) -> Store:
+    """The store of an ``engine`` setting: ``lmdb`` (in ``data_dir``) or a Redis URL
+    (``redis://``, ``rediss://``, ``redis-cluster://``; ``data_dir`` unused). The Redis
+    options (``password_file``, ``wait_replicas``) are refused with LMDB. Blocking (it
+    connects, or opens files): call it from a thread. Fails with one line: ValueError for
+    a bad setting, StoreUnavailable for a Redis that cannot be reached."""
+    if engine == "lmdb":
+        if password_file is not None or wait_replicas:
+            raise ValueError("engine_password_file and engine_wait_replicas need a Redis engine")
+        return LmdbStore(data_dir, config, notify=notify, observer=observer)
+    if not is_redis_url(engine):
+        raise ValueError(
+            f"engine must be lmdb or a Redis URL (redis://HOST:PORT[/DB], rediss://..., "
+            f"redis-cluster://HOST:PORT[,HOST:PORT...]), not {engine!r}"
+        )
+    return RedisStore(
+        engine,
+        config,
+        notify=notify,
+        observer=observer,
+        password_file=password_file,
+        wait_replicas=wait_replicas,
+    )
+
 
 __all__ = [
     "AppendResult",
@@ -42,6 +84,7 @@ __all__ = [
     "MemoryData",
     "MemoryStore",
     "NotFound",
+    "RedisStore",
     "Store",
     "StoreConfig",
     "StoreError",
@@ -50,4 +93,5 @@ __all__ = [
     "SyncPage",
     "WriteOp",
     "message_id",
+    "open_store",
 ]

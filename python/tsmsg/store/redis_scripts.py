@@ -1,0 +1,313 @@
+"""The Lua scripts of the Redis engine (STORAGE.md, "Redis engine").
+
+Every script gets the same KEYS, the keys of one channel, which share one hash tag and so
+one cluster slot: 1 meta, 2 log, 3 msgs, 4 chg, 5 tomb, 6 idx, 7 dd, 8 dq, 9 rc. A write
+script is one atomic step of one channel; a read script reads one consistent state.
+
+Scripts never decode what a user wrote: Lua's msgpack would turn big integers into doubles
+and binary into text. Entries are built by concatenating msgpack pieces that Python packed
+(the ``ts``, ``sender``, ``text`` and ``meta`` pairs) with the pieces only the script knows
+(``seq`` and the message id), in a fixed order: ``seq``, ``kind``, ``ts`` first, so that
+compaction can read an entry's ts at a known position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# Shared by every script: msgpack encoders producing what tsmsg's packb produces for the
+# same values (the smallest form), so a stored entry's size is its size on the wire.
+_LIB = r"""
+local function u(n)
+  if n < 128 then return string.char(n) end
+  if n < 256 then return '\204' .. string.char(n) end
+  if n < 65536 then return '\205' .. string.char(math.floor(n / 256), n % 256) end
+  local function be4(x)
+    return string.char(math.floor(x / 16777216), math.floor(x / 65536) % 256,
+      math.floor(x / 256) % 256, x % 256)
+  end
+  if n < 4294967296 then return '\206' .. be4(n) end
+  return '\207' .. be4(math.floor(n / 4294967296)) .. be4(n % 4294967296)
+end
+local function s(str)
+  local n = #str
+  if n < 32 then return string.char(160 + n) .. str end
+  if n < 256 then return '\217' .. string.char(n) .. str end
+  return '\218' .. string.char(math.floor(n / 256), n % 256) .. str
+end
+local function map(n) return string.char(128 + n) end
+local function du(v, p)
+  local b = string.byte(v, p)
+  if b < 128 then return b, p + 1 end
+  local len = ({[204] = 1, [205] = 2, [206] = 4, [207] = 8})[b]
+  local x = 0
+  for i = 1, len do x = x * 256 + string.byte(v, p + i) end
+  return x, p + 1 + len
+end
+local function entry_ts(v)
+  local _, p = du(v, 6)
+  p = p + 5
+  p = p + 1 + string.byte(v, p) - 160
+  return (du(v, p + 3))
+end
+local function dec(n) return string.format('%d', n) end
+local DELETED = '\167deleted\195'
+local function fresh(epoch)
+  redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'horizon', 0)
+end
+"""
+
+# A new message, or the first result of its cid. ARGV: 1 candidate epoch (used if the
+# channel's meta is missing: new, or lost), 2 dedup key, 3 ts pair, 4 sender pair, 5 body
+# pairs (text, meta), 6 number of body pairs, 7 meta pair or '', 8 sender, 9 ts,
+# 10 dedup_max, 11 dedup cutoff ts, 12 most dedup entries to prune.
+# Reply: {1, epoch, seq, created} or {0, epoch, seq, entry or nil} for a known cid.
+APPEND = r"""
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local created = 0
+if not epoch then
+  epoch = ARGV[1]
+  created = 1
+  fresh(epoch)
+else
+  local first = redis.call('HGET', KEYS[7], ARGV[2])
+  if first then
+    local seq = string.match(first, '^(%d+)')
+    return {0, epoch, seq, redis.call('HGET', KEYS[2], seq)}
+  end
+end
+local seq = dec(redis.call('HINCRBY', KEYS[1], 'head', 1))
+local base = '\163seq' .. u(tonumber(seq)) .. '\164kind\167message' .. ARGV[3]
+  .. '\162id' .. s(epoch .. '-' .. seq) .. ARGV[4]
+redis.call('HSET', KEYS[2], seq, map(5 + tonumber(ARGV[6])) .. base .. ARGV[5])
+redis.call('HSET', KEYS[6], 'b' .. seq, base, 's' .. seq, ARGV[8])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[6], 'm' .. seq, ARGV[7]) end
+redis.call('ZADD', KEYS[3], seq, seq)
+redis.call('HSET', KEYS[7], ARGV[2], seq .. ':' .. ARGV[9])
+redis.call('ZADD', KEYS[8], seq, ARGV[2])
+local budget = tonumber(ARGV[12])
+local excess = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[10])
+while budget > 0 do
+  local oldest = redis.call('ZRANGE', KEYS[8], 0, 0)[1]
+  if not oldest then break end
+  if excess <= 0 then
+    local v = redis.call('HGET', KEYS[7], oldest)
+    if v and tonumber(string.match(v, ':(%d+)$')) >= tonumber(ARGV[11]) then break end
+  end
+  redis.call('ZREM', KEYS[8], oldest)
+  redis.call('HDEL', KEYS[7], oldest)
+  excess = excess - 1
+  budget = budget - 1
+end
+return {1, epoch, seq, created}
+"""
+
+# An edit ('e') or a delete ('d') of message seq ARGV[3] of epoch ARGV[2]. ARGV: 4 user,
+# 5 moderator '1'/'0', 6 ts, 7 ts pair, 8 id and sender pairs, 9 text pair, 10 edited pair.
+# Reply: {'ok', seq}, {'nf'} (no such live message) or {'fb'} (not the sender's).
+CHANGE = r"""
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local mseq = ARGV[3]
+if epoch ~= ARGV[2] then return {'nf'} end
+local sender = redis.call('HGET', KEYS[6], 's' .. mseq)
+if not sender then return {'nf'} end
+if sender ~= ARGV[4] and ARGV[5] ~= '1' then return {'fb'} end
+local seq = dec(redis.call('HINCRBY', KEYS[1], 'head', 1))
+local mbase = redis.call('HGET', KEYS[6], 'b' .. mseq)
+local edits = redis.call('HGET', KEYS[6], 'e' .. mseq)
+if ARGV[1] == 'e' then
+  local ebase = '\163seq' .. u(tonumber(seq)) .. '\164kind\164edit' .. ARGV[7] .. ARGV[8]
+  redis.call('HSET', KEYS[2], seq, map(6) .. ebase .. ARGV[9])
+  local list = seq
+  if edits then list = edits .. ',' .. seq end
+  redis.call('HSET', KEYS[6], 'b' .. seq, ebase, 'e' .. mseq, list)
+  local mm = redis.call('HGET', KEYS[6], 'm' .. mseq)
+  local n = 7
+  if mm then n = 8 else mm = '' end
+  redis.call('HSET', KEYS[2], mseq, map(n) .. mbase .. ARGV[9] .. mm .. ARGV[10])
+else
+  redis.call('HSET', KEYS[2], seq,
+    map(5) .. '\163seq' .. u(tonumber(seq)) .. '\164kind\166delete' .. ARGV[7] .. ARGV[8])
+  redis.call('HSET', KEYS[2], mseq, map(6) .. mbase .. DELETED)
+  if edits then
+    for e in string.gmatch(edits, '%d+') do
+      local eb = redis.call('HGET', KEYS[6], 'b' .. e)
+      if eb then
+        redis.call('HSET', KEYS[2], e, map(6) .. eb .. DELETED)
+        redis.call('HDEL', KEYS[6], 'b' .. e)
+      end
+    end
+  end
+  redis.call('HDEL', KEYS[6], 'b' .. mseq, 'm' .. mseq, 's' .. mseq, 'e' .. mseq)
+  redis.call('HSET', KEYS[6], 't' .. mseq, ARGV[6])
+  redis.call('ZADD', KEYS[5], mseq, mseq)
+end
+redis.call('ZADD', KEYS[4], seq, seq)
+return {'ok', seq}
+"""
+
+# Move user ARGV[1]'s read cursor forward to ARGV[2], clamped to the head.
+# Reply: {cursor, 1 if it moved else 0}.
+READ = r"""
+local head = redis.call('HGET', KEYS[1], 'head')
+if not head then return {0, 0} end
+local new = math.min(math.max(tonumber(ARGV[2]), 0), tonumber(head))
+local old = tonumber(redis.call('HGET', KEYS[9], ARGV[1]) or '0')
+if new <= old then return {old, 0} end
+redis.call('HSET', KEYS[9], ARGV[1], dec(new))
+return {new, 1}
+"""
+
+# One bounded step of a compaction pass: at most ARGV[6] entries dropped or looked at.
+# ARGV: 1 the channel's epoch ('' on the first step: plan the pass), 2 keep_recent,
+# 3 max_count (-1: none), 4 age cutoff ts, 5 tombstone cutoff ts, 6 chunk, then the plan
+# as the previous step returned it: 7 phase, 8 point, 9 drop_below, 10 next tombstone.
+# Reply: {finished, horizon, epoch, phase, point, drop_below, next tombstone}.
+COMPACT = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'horizon')
+if not meta[1] then return {1, 0, '', 0, 0, 0, 0} end
+local head, horizon = tonumber(meta[2]), tonumber(meta[3])
+if ARGV[1] ~= '' and ARGV[1] ~= meta[1] then return {1, horizon, meta[1], 0, 0, 0, 0} end
+local phase, point, drop_below, tnext
+if ARGV[1] == '' then
+  local keep = 0
+  if tonumber(ARGV[3]) >= 0 then keep = head - tonumber(ARGV[3]) end
+  drop_below = math.max(0, keep)
+  point = math.max(0, head - tonumber(ARGV[2]), keep)
+  phase, tnext = 1, 0
+else
+  phase, point = tonumber(ARGV[7]), tonumber(ARGV[8])
+  drop_below, tnext = tonumber(ARGV[9]), tonumber(ARGV[10])
+end
+local budget = tonumber(ARGV[6])
+local function drop(q)
+  redis.call('HDEL', KEYS[2], q)
+  redis.call('ZREM', KEYS[3], q)
+  redis.call('ZREM', KEYS[4], q)
+  redis.call('ZREM', KEYS[5], q)
+  redis.call('HDEL', KEYS[6], 'b' .. q, 'm' .. q, 's' .. q, 't' .. q, 'e' .. q)
+end
+if phase == 1 then
+  while true do
+    local a = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    local b = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
+    local q = a
+    if b and (not a or tonumber(b) < tonumber(a)) then q = b end
+    if not q then phase = 2 break end
+    if tonumber(q) > drop_below
+      and entry_ts(redis.call('HGET', KEYS[2], q)) >= tonumber(ARGV[4]) then
+      phase = 2
+      break
+    end
+    if budget == 0 then break end
+    budget = budget - 1
+    point = math.max(point, tonumber(q))
+    drop(q)
+  end
+end
+if phase == 2 and budget > 0 then
+  local qs = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', point, 'LIMIT', 0, budget)
+  for _, q in ipairs(qs) do drop(q) end
+  budget = budget - #qs
+  if budget > 0 then phase = 3 end
+end
+if phase == 3 and budget > 0 then
+  local qs = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. dec(tnext), point, 'LIMIT', 0, budget)
+  for _, q in ipairs(qs) do
+    if tonumber(redis.call('HGET', KEYS[6], 't' .. q)) <= tonumber(ARGV[5]) then drop(q) end
+    tnext = tonumber(q)
+  end
+  if #qs < budget then phase = 4 end
+end
+horizon = math.max(horizon, math.min(point, head))
+redis.call('HSET', KEYS[1], 'horizon', dec(horizon))
+local finished = 0
+if phase == 4 then finished = 1 end
+return {finished, horizon, meta[1], phase, point, drop_below, tnext}
+"""
+
+# Drop the channel's log and start a new one under epoch ARGV[1] (0 for an unknown channel).
+RESET = r"""
+if not redis.call('HGET', KEYS[1], 'epoch') then return 0 end
+fresh(ARGV[1])
+return 1
+"""
+
+# Entries ARGV[1]+1 .. ARGV[1]+ARGV[2] (at most up to the head) if ARGV[1] is within
+# [horizon, head]. Reply: {epoch or '', head, horizon, entries...} (an entry may be nil).
+SYNC = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'horizon')
+if not meta[1] then return {'', 0, 0} end
+local since, head = tonumber(ARGV[1]), tonumber(meta[2])
+local out = {meta[1], head, tonumber(meta[3])}
+if since < tonumber(meta[3]) or since > head then return out end
+local n = math.min(tonumber(ARGV[2]), head - since)
+if n <= 0 then return out end
+local fields = {}
+for i = 1, n do fields[i] = dec(since + i) end
+local vals = redis.call('HMGET', KEYS[2], unpack(fields))
+for i = 1, n do out[3 + i] = vals[i] end
+return out
+"""
+
+# The newest ARGV[2] messages with seq <= ARGV[1] ('' : the head), newest first.
+# Reply: {seq, entry, seq, entry, ...}.
+HISTORY = r"""
+local head = redis.call('HGET', KEYS[1], 'head')
+if not head then return {} end
+local top = tonumber(head)
+if ARGV[1] ~= '' then top = math.min(top, tonumber(ARGV[1])) end
+if top < 1 then return {} end
+local qs = redis.call('ZREVRANGEBYSCORE', KEYS[3], top, '-inf', 'LIMIT', 0, tonumber(ARGV[2]))
+if #qs == 0 then return {} end
+local vals = redis.call('HMGET', KEYS[2], unpack(qs))
+local out = {}
+for i, q in ipairs(qs) do
+  out[2 * i - 1] = q
+  out[2 * i] = vals[i] or ''
+end
+return out
+"""
+
+# Live messages of others among the next ARGV[3] messages after ARGV[2] ('' : the user
+# ARGV[1]'s read cursor). Reply: {count, messages looked at, the last one's seq}.
+UNREAD = r"""
+local from = ARGV[2]
+if from == '' then from = redis.call('HGET', KEYS[9], ARGV[1]) or '0' end
+local qs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. from, '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
+local count = 0
+for _, q in ipairs(qs) do
+  local sender = redis.call('HGET', KEYS[6], 's' .. q)
+  if sender and sender ~= ARGV[1] then count = count + 1 end
+end
+return {count, #qs, qs[#qs] or from}
+"""
+
+# The first result of dedup key ARGV[1]. Reply: {} or {epoch, seq, entry or nil}.
+DUP = r"""
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {} end
+local first = redis.call('HGET', KEYS[7], ARGV[1])
+if not first then return {} end
+local seq = string.match(first, '^(%d+)')
+return {epoch, seq, redis.call('HGET', KEYS[2], seq)}
+"""
+
+SCRIPTS: dict[str, str] = {
+    name: _LIB + body
+    for name, body in {
+        "append": APPEND,
+        "change": CHANGE,
+        "read": READ,
+        "compact": COMPACT,
+        "reset": RESET,
+        "sync": SYNC,
+        "history": HISTORY,
+        "unread": UNREAD,
+        "dup": DUP,
+    }.items()
+}
+SHAS: dict[str, str] = {
+    name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()
+}

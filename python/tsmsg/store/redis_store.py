@@ -1,0 +1,791 @@
+"""The Redis backend of :class:`~tsmsg.store.base.Store` (redis-py with hiredis).
+
+The same answers as :class:`~tsmsg.store.lmdb_store.LmdbStore` (the contract tests and
+the model test run on both), kept in Redis so that several tsmsg nodes can share them.
+The key layout and the promises of each Redis configuration are in STORAGE.md, "Redis
+engine"; the Lua scripts are in :mod:`tsmsg.store.redis_scripts`.
+
+Writes: one writer thread with group commit, as LMDB's. It takes every pending write (up
+to ``max_batch``), sends one pipeline of script calls (one script per write: each is
+atomic on its channel's slot), and only when Redis answered all of them (and, with
+``wait_replicas``, WAIT confirmed the replicas) sets the results and calls ``notify``.
+A lost connection fails the whole batch with ``store_unavailable`` (nothing is
+acknowledged; a script that ran although its reply was lost is harmless: a retried send is
+answered by its cid). The writer probes Redis until it answers again, so writes recover by
+themselves; :meth:`RedisStore.health` reports the outage meanwhile.
+
+Reads are plain blocking calls, safe from any thread (a connection pool); the server runs
+them in worker threads, never on the trio thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import queue
+import re
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from tsmsg._native import packb, unpackb
+from tsmsg.protocol.limits import MAX_CID_CHARS
+from tsmsg.store.base import (
+    MAX_CHANNEL_BYTES,
+    MAX_USER_BYTES,
+    AppendResult,
+    ChannelInfo,
+    Entry,
+    Forbidden,
+    HistoryPage,
+    NotFound,
+    Notify,
+    Store,
+    StoreError,
+    StoreObserver,
+    StoreUnavailable,
+    SyncPage,
+    WriteOp,
+)
+from tsmsg.store.lmdb_store import (
+    OP_OVERHEAD,
+    StoreConfig,
+    _check_name,
+    now_ms,
+    parse_message_id,
+)
+from tsmsg.store.redis_scripts import SCRIPTS, SHAS
+
+log = logging.getLogger("tsmsg.store")
+
+# Bounds of the work one script call does, so that no call blocks a Redis shard for long
+# (a script runs alone on its shard).
+COMPACT_CHUNK = 1024  # entries one compaction step drops or looks at
+SYNC_CHUNK = 256  # entries one sync call fetches; a page of more takes several calls
+HISTORY_CHUNK = 256  # messages one history call fetches
+UNREAD_CHUNK = 1024  # messages one unread-count call looks at
+DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one it adds
+
+# Connections.
+CONNECT_TIMEOUT_S = 5.0  # a TCP connect to Redis that takes longer has failed
+SOCKET_TIMEOUT_S = 10.0  # a reply later than this is a dead connection (scripts are short)
+RECONNECT_INTERVAL_S = 0.5  # while Redis is down, the writer probes it this often
+MAX_CONNECTIONS = 64  # per store: the writer, the compactor, and the server's read threads
+POOL_WAIT_S = 10.0  # a read waits this long for a free connection before failing
+DEFAULT_WAIT_TIMEOUT_MS = 1000  # WAIT for replicas: longer means a replica is not keeping up
+KEY_CACHE_SIZE = 4096  # channels whose key names are kept built (a dict, cleared when full)
+EPOCH_BITS = 62  # epochs are random positive ints below 2**62: never reused in practice
+KEY_PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.:-]{0,64}")  # no hash tag braces, no globs
+
+# The keys of one channel, all under one hash tag; their order is the scripts' KEYS.
+CHANNEL_SUFFIXES = (b"meta", b"log", b"msgs", b"chg", b"tomb", b"idx", b"dd", b"dq", b"rc")
+_P_TS = packb("ts")
+_P_SENDER = packb("sender")
+_P_TEXT = packb("text")
+_P_META = packb("meta")
+_P_ID = packb("id")
+_P_EDITED = packb("edited")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where the engine URL points: one Redis (``redis://``, ``rediss://``) or a cluster."""
+
+    url: str  # for redis-py (one Redis); the seed list for a cluster
+    cluster: bool
+    nodes: tuple[tuple[str, int], ...]  # (host, port): the server, or the cluster's seeds
+    password: str | None
+    username: str | None
+
+    @property
+    def where(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.nodes)
+
+
+def is_redis_url(engine: str) -> bool:
+    return engine.split("://", 1)[0] in ("redis", "rediss", "redis-cluster")
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """``redis://[[user]:password@]HOST:PORT[/DB]``, ``rediss://...`` (TLS), or
+    ``redis-cluster://[[user]:password@]HOST:PORT[,HOST:PORT...]`` (seed nodes)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "redis-cluster"):
+        raise ValueError(
+            f"engine must be lmdb, redis://HOST:PORT[/DB], rediss://... or "
+            f"redis-cluster://HOST:PORT[,HOST:PORT...], not {url!r}"
+        )
+    creds, at, hosts = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = creds.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(pw) if colon else None
+    hosts, _, db = hosts.partition("?")[0].partition("/")
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, colon, port = part.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad Redis address {part!r} in engine URL: HOST:PORT expected")
+        nodes.append((host.strip("[]"), int(port)))
+    cluster = scheme == "redis-cluster"
+    if not cluster and len(nodes) != 1:
+        raise ValueError(f"{scheme}:// takes one HOST:PORT (a cluster: redis-cluster://)")
+    if db and (cluster or not db.isdigit()):
+        raise ValueError(f"bad database {db!r} in engine URL (a number, one Redis only)")
+    return RedisTarget(url, cluster, tuple(nodes), password, username)
+
+
+def new_epoch() -> int:
+    return secrets.randbits(EPOCH_BITS) or 1
+
+
+class _Stop:
+    pass
+
+
+@dataclass(slots=True)
+class _Call:
+    """One write of a batch as sent: the command and how to read its reply."""
+
+    op: WriteOp
+    args: tuple[Any, ...]
+
+
+class RedisStore(Store):
+    def __init__(
+        self,
+        url: str,
+        config: StoreConfig | None = None,
+        notify: Notify | None = None,
+        clock: Callable[[], int] = now_ms,
+        fault: Callable[[], None] | None = None,
+        observer: StoreObserver | None = None,
+        *,
+        password_file: str | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+        key_prefix: str = "tsmsg:",
+        epochs: Callable[[], int] = new_epoch,
+    ) -> None:
+        config = config or StoreConfig()
+        if config.encryption is not None:
+            raise ValueError("encryption at rest is not supported by the Redis engine yet")
+        if not KEY_PREFIX_CHARS.fullmatch(key_prefix):
+            raise ValueError(
+                f"key prefix must be up to 64 of A-Z a-z 0-9 _ . : -, not {key_prefix!r}"
+            )
+        if wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be 0 or more, not {wait_replicas}")
+        self.config = config
+        self.target = parse_redis_url(url)
+        if wait_replicas and self.target.cluster:
+            raise ValueError("wait_replicas is not supported with redis-cluster:// yet")
+        self._wait = (wait_replicas, wait_timeout_ms)
+        self._notify = notify
+        self._clock = clock
+        self._fault = fault  # test hook: called before each batch and compaction step
+        self._observer = observer
+        self._epochs = epochs
+        self._prefix = key_prefix.encode()
+        self._registry = self._prefix + b"channels"  # names of channels (one slot of its own)
+        self._key_cache: dict[str, tuple[bytes, ...]] = {}
+        password = self.target.password
+        if password_file is not None:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().strip()
+        self._closed = False
+        self._client = self._connect(password)  # reads, compaction, scripts
+        self._wclient = self._connect(password, retry=False)  # the writer's pipelines
+        try:
+            self._client.ping()
+            self._load_scripts()
+        except RedisError as exc:
+            self._client.close()
+            self._wclient.close()
+            raise StoreUnavailable(
+                f"cannot reach Redis at {self.target.where}: {exc or type(exc).__name__}"
+            ) from None
+        self._check_config()
+        self.down: str | None = None  # why writes fail now (Redis unreachable), if they do
+        self._inflight = 0  # calls from callers' threads now using a connection
+        self._inflight_changed = threading.Condition()
+        self._waiting: collections.deque[float] = collections.deque()
+        self._queue: queue.SimpleQueue[tuple[WriteOp, ...] | _Stop] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._run_writer, name="tsmsg-redis-writer", daemon=True
+        )
+        self._writer.start()
+        self._compactor: threading.Thread | None = None
+        self._stop_compactor = threading.Event()
+        if config.compaction.interval_s:
+            self._compactor = threading.Thread(
+                target=self._run_compactor, name="tsmsg-compactor", daemon=True
+            )
+            self._compactor.start()
+
+    # ---------------------------------------------------------------- connection
+
+    def _connect(self, password: str | None, *, retry: bool = True) -> Any:
+        """A client with its own connection pool. Without ``retry`` a command that lost
+        its connection is never sent again by redis-py: the writer's pipelines, where
+        a resent edit or delete would be applied twice (the writer fails the batch
+        instead, and the sender retries knowingly)."""
+        t = self.target
+        common: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": SOCKET_TIMEOUT_S,
+        }
+        if not retry:
+            common["retry"] = Retry(NoBackoff(), 0)
+        if password is not None:
+            common["password"] = password
+        if t.username is not None:
+            common["username"] = t.username
+        if t.cluster:
+            return redis.cluster.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                    for h, p in t.nodes
+                ],
+                max_connections=MAX_CONNECTIONS,
+                **common,
+            )
+        pool = redis.BlockingConnectionPool.from_url(
+            t.url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, **common
+        )
+        return redis.Redis(connection_pool=pool)
+
+    def _load_scripts(self) -> None:
+        for name, src in SCRIPTS.items():
+            sha = self._client.script_load(src)
+            if sha != SHAS[name]:
+                raise RuntimeError(f"Redis gave script {name} the sha {sha}, not {SHAS[name]}")
+
+    def _primaries(self) -> list[Any]:
+        """One client per primary (one Redis: itself)."""
+        if not self.target.cluster:
+            return [self._client]
+        return [self._client.get_redis_connection(n) for n in self._client.get_primaries()]
+
+    def _check_config(self) -> None:
+        """Warn when Redis is configured so that it may lose acknowledged writes."""
+        for node in self._primaries():
+            where = (
+                node.get_connection_kwargs().get("host"),
+                node.get_connection_kwargs().get("port"),
+            )
+            try:
+                conf: dict[str, str] = {}
+                for key in ("appendonly", "appendfsync", "maxmemory-policy"):
+                    for k, v in node.config_get(key).items():
+                        conf[_text(k)] = _text(v)
+            except RedisError as exc:  # CONFIG renamed or not permitted
+                log.info("cannot check Redis configuration of %s:%s: %s", *where, exc)
+                continue
+            if conf.get("appendonly") != "yes" or conf.get("appendfsync") != "always":
+                log.warning(
+                    "Redis %s:%s has appendonly %s, appendfsync %s: a crash of Redis can lose "
+                    "acknowledged writes (set appendonly yes and appendfsync always; STORAGE.md)",
+                    *where,
+                    conf.get("appendonly"),
+                    conf.get("appendfsync"),
+                )
+            if conf.get("maxmemory-policy", "noeviction").startswith("allkeys"):
+                log.warning(
+                    "Redis %s:%s has maxmemory-policy %s: evicted keys lose channel data "
+                    "(set noeviction; STORAGE.md)",
+                    *where,
+                    conf.get("maxmemory-policy"),
+                )
+
+    def _keys(self, channel: str) -> tuple[bytes, ...]:
+        keys = self._key_cache.get(channel)
+        if keys is None:
+            if len(self._key_cache) >= KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            base = self._prefix + b"{c:" + channel.encode() + b"}:"
+            keys = self._key_cache[channel] = tuple(base + suffix for suffix in CHANNEL_SUFFIXES)
+        return keys
+
+    def _user_key(self, user: str, what: bytes) -> bytes:
+        return self._prefix + b"{u:" + user.encode() + b"}:" + what
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """A call from a caller's thread: refused once closed; close() waits for it, so
+        no connection is in use when the client is closed. Redis errors become
+        StoreUnavailable."""
+        with self._inflight_changed:
+            if self._closed:
+                raise StoreUnavailable("store is closed")
+            self._inflight += 1
+        try:
+            yield
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis at {self.target.where} failed: {exc}") from None
+        finally:
+            with self._inflight_changed:
+                self._inflight -= 1
+                self._inflight_changed.notify_all()
+
+    def _eval(self, name: str, keys: Sequence[bytes], *args: Any) -> Any:
+        """One script call from the caller's thread."""
+        with self._using():
+            try:
+                return self._client.evalsha(SHAS[name], len(keys), *keys, *args)
+            except NoScriptError:  # Redis restarted (its script cache is empty)
+                self._load_scripts()
+                return self._client.evalsha(SHAS[name], len(keys), *keys, *args)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._using():
+            return fn(*args)
+
+    # ---------------------------------------------------------------- reads
+
+    def channel(self, name: str) -> ChannelInfo:
+        epoch, head, horizon = self._call(
+            self._client.hmget, self._keys(name)[0], "epoch", "head", "horizon"
+        )
+        if epoch is None:
+            return ChannelInfo(name, 0, 0, 0)
+        return ChannelInfo(name, int(head), int(horizon), int(epoch))
+
+    def channels(self) -> list[str]:
+        names = self._call(self._client.smembers, self._registry)
+        return sorted(n.decode() for n in names)
+
+    def sync(
+        self,
+        channel: str,
+        since: int,
+        limit: int,
+        max_bytes: int | None = None,
+        entry_overhead: int = 0,
+    ) -> SyncPage:
+        keys = self._keys(channel)
+        reply = self._eval("sync", keys, since, min(limit, SYNC_CHUNK))
+        if not reply[0]:
+            return SyncPage([], False, 0, 0, resync=since != 0)
+        first_epoch = reply[0]
+        epoch, head, horizon = int(reply[0]), int(reply[1]), int(reply[2])
+        if since < horizon or since > head:
+            return SyncPage([], False, head, epoch, resync=True)
+        entries: list[Entry] = []
+        size = 0
+        last = since
+        while True:
+            # A later call that finds the channel reset, or `last` compacted away, gets
+            # no entries (or a nil one): the page ends there, and the next sync resyncs.
+            if reply[0] != first_epoch:
+                break
+            for raw in reply[3:]:
+                if raw is None:
+                    return SyncPage(entries, last < head, head, epoch)
+                size += len(raw) + entry_overhead
+                if max_bytes is not None and entries and size > max_bytes:
+                    return SyncPage(entries, True, head, epoch)
+                entries.append(unpackb(raw))
+                last += 1
+            want = min(limit - len(entries), head - last, SYNC_CHUNK)
+            if want <= 0 or len(reply) <= 3:
+                break
+            reply = self._eval("sync", keys, last, want)
+        return SyncPage(entries, last < head, head, epoch)
+
+    def history(
+        self, channel: str, before: int | None, limit: int, max_bytes: int | None = None
+    ) -> HistoryPage:
+        keys = self._keys(channel)
+        top = "" if before is None else before - 1
+        out: list[Entry] = []
+        size = 0
+        while True:
+            # One more than the page holds tells whether there is more; never a count
+            # below 1, which ZREVRANGEBYSCORE would read as "all".
+            want = max(1, min(limit - len(out) + 1, HISTORY_CHUNK))
+            reply = self._eval("history", keys, top, want)
+            for i in range(0, len(reply), 2):
+                raw = reply[i + 1]
+                size += len(raw)
+                if len(out) >= limit or (max_bytes is not None and out and size > max_bytes):
+                    out.reverse()
+                    return HistoryPage(out, True)
+                out.append(unpackb(raw))
+            if len(reply) < 2 * want:
+                out.reverse()
+                return HistoryPage(out, False)
+            top = int(reply[-2]) - 1
+
+    def read_cursor(self, user: str, channel: str) -> int:
+        raw = self._call(self._client.hget, self._keys(channel)[8], user)
+        return 0 if raw is None else int(raw)
+
+    def unread(self, user: str, channel: str, scan_max: int | None = None) -> int:
+        keys = self._keys(channel)
+        count = scanned = 0
+        start: Any = ""
+        while scan_max is None or scanned < scan_max:
+            want = UNREAD_CHUNK if scan_max is None else min(UNREAD_CHUNK, scan_max - scanned)
+            n, looked, start = self._eval("unread", keys, user, start, want)
+            count += n
+            scanned += looked
+            if looked < want:
+                break
+        return count
+
+    def is_member(self, user: str, channel: str) -> bool:
+        return bool(self._call(self._client.sismember, self._user_key(user, b"ch"), channel))
+
+    def channels_of(self, user: str) -> list[str]:
+        names = self._call(self._client.smembers, self._user_key(user, b"ch"))
+        return sorted(n.decode() for n in names)
+
+    def last_seen(self, user: str) -> int | None:
+        raw = self._call(self._client.get, self._user_key(user, b"seen"))
+        return None if raw is None else int(raw)
+
+    def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        reply = self._eval("dup", self._keys(channel), _dedup_key(sender, cid))
+        if not reply:
+            return None
+        return _dup_result(channel, reply[0], int(reply[1]), reply[2])
+
+    # ---------------------------------------------------------------- writes
+
+    def submit(self, *ops: WriteOp) -> None:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        if not ops:
+            return
+        now = time.monotonic()
+        for op in ops:
+            op.queued_at = now
+        self._waiting.extend(itertools.repeat(now, len(ops)))
+        self._queue.put(ops)
+
+    def health(self) -> tuple[str | None, float]:
+        if self._closed:
+            return "store is closed", 0.0
+        try:
+            lag = max(0.0, time.monotonic() - self._waiting[0])
+        except IndexError:
+            lag = 0.0
+        return self.down, lag
+
+    def _run_writer(self) -> None:
+        held: tuple[WriteOp, ...] | _Stop | None = None
+        while True:
+            item, held = held, None
+            if item is None:
+                try:
+                    item = self._queue.get(timeout=RECONNECT_INTERVAL_S if self.down else None)
+                except queue.Empty:
+                    self._probe()
+                    continue
+            if isinstance(item, _Stop):
+                return
+            batch, held = self._next_batch(item)
+            start = time.perf_counter()
+            self._commit(batch)
+            if self._observer is not None:
+                self._observer.committed(len(batch), time.perf_counter() - start)
+            self._ack(batch)
+
+    def _probe(self) -> None:
+        """While Redis is down: does it answer again?"""
+        try:
+            self._wclient.ping()
+        except RedisError as exc:
+            self.down = f"Redis at {self.target.where} is unreachable: {exc}"
+            return
+        log.warning("Redis at %s answers again: writes resume", self.target.where)
+        self.down = None
+
+    def _next_batch(
+        self, ops: tuple[WriteOp, ...]
+    ) -> tuple[list[WriteOp], tuple[WriteOp, ...] | _Stop | None]:
+        """``ops`` and what is queued after them, up to ``max_batch`` writes or
+        ``max_batch_bytes`` of text; and what was taken but is left for the next batch."""
+        most, most_bytes = self.config.max_batch, self.config.max_batch_bytes
+        batch: list[WriteOp] = []
+        size = 0
+        while True:
+            for i, op in enumerate(ops):
+                if len(batch) >= most or size >= most_bytes:
+                    return batch, ops[i:]
+                batch.append(op)
+                size += OP_OVERHEAD + len(op.text or "")
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+            if isinstance(nxt, _Stop):
+                return batch, nxt
+            ops = nxt
+
+    def _commit(self, batch: list[WriteOp]) -> None:
+        """Send the batch as one pipeline; set every op's result or error."""
+        ts = self._clock()
+        calls: list[_Call] = []
+        for op in batch:
+            op.result, op.error, op.changed = None, None, False
+            try:
+                calls.append(_Call(op, self._command(op, ts)))
+            except StoreError as exc:
+                op.error = exc
+            except Exception as exc:  # a malformed op fails alone, never its batch
+                op.error = StoreError(f"invalid write: {exc}")
+        if not calls:
+            return
+        try:
+            if self._fault is not None:
+                self._fault()
+            replies = self._execute([c.args for c in calls])
+        except Exception as exc:  # connection lost, timeout, cluster down, injected fault
+            if isinstance(exc, RedisError):
+                self.down = f"Redis at {self.target.where} is unreachable: {exc}"
+            log.error("store commit of %d writes failed: %r", len(calls), exc)
+            err = StoreUnavailable(f"store commit failed: {exc}")
+            for c in calls:
+                c.op.result, c.op.error, c.op.changed = None, err, False
+            return
+        self.down = None
+        created: list[str] = []
+        for c, reply in zip(calls, replies, strict=True):
+            try:
+                self._finish(c.op, reply, ts, created)
+            except StoreError as exc:
+                c.op.result, c.op.error, c.op.changed = None, exc, False
+        if created:  # the registry of names is in another slot: a second, idempotent step
+            try:
+                self._wclient.sadd(self._registry, *created)
+            except RedisError as exc:  # only compact_all() and tools read it
+                log.error("could not record new channels %s: %s", created, exc)
+
+    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline; WAIT at its end when replicas must confirm. Commands Redis did not
+        know the script of (it restarted) are sent again once the scripts are loaded."""
+        replies = self._pipeline(commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            self._load_scripts()
+            for i, reply in zip(
+                missing, self._pipeline([commands[i] for i in missing]), strict=True
+            ):
+                replies[i] = reply
+        return replies
+
+    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self._wclient.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command(*args)
+        replicas, timeout_ms = self._wait
+        if replicas:
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        if replicas:
+            acked = replies.pop()
+            if not isinstance(acked, int) or acked < replicas:
+                raise StoreUnavailable(
+                    f"only {acked} of {replicas} replicas confirmed the batch within "
+                    f"{timeout_ms} ms; outcome unknown, retry with the same cid"
+                )
+        return replies
+
+    def _command(self, op: WriteOp, ts: int) -> tuple[Any, ...]:
+        """The command of one write (validated here, as LMDB's writer does)."""
+        _check_name("user", op.user, MAX_USER_BYTES)
+        if op.kind == "seen":
+            return ("SET", self._user_key(op.user, b"seen"), ts)
+        _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+        if op.kind == "member":
+            return ("SADD", self._user_key(op.user, b"ch"), op.channel)
+        keys = self._keys(op.channel)
+        if op.kind == "read":
+            return _evalsha("read", keys, op.user, op.seq)
+        ts_pair = _P_TS + packb(ts)
+        if op.kind == "message":
+            cid, text = op.cid, op.text
+            if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
+                raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
+            body = _P_TEXT + packb(text)
+            meta = _P_META + packb(op.meta) if op.meta else b""
+            policy = self.config
+            return _evalsha(
+                "append", keys,
+                self._epochs(), _dedup_key(op.user, cid), ts_pair, _P_SENDER + packb(op.user),
+                body + meta, 2 if meta else 1, meta, op.user, ts,
+                policy.dedup_max, ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE,
+            )  # fmt: skip
+        if op.kind not in ("edit", "delete"):
+            raise ValueError(f"unknown write kind {op.kind!r}")
+        if op.kind == "edit" and op.text is None:
+            raise ValueError("an edit needs text")
+        target = op.target or ""
+        parsed = parse_message_id(target)
+        if parsed is None:
+            raise NotFound(f"no message {target!r} in channel {op.channel!r}")
+        return _evalsha(
+            "change", keys,
+            op.kind[0], parsed[0], parsed[1], op.user, int(op.moderator), ts, ts_pair,
+            _P_ID + packb(target) + _P_SENDER + packb(op.user),
+            _P_TEXT + packb(op.text) if op.text is not None else b"", _P_EDITED + packb(ts),
+        )  # fmt: skip
+
+    def _finish(self, op: WriteOp, reply: Any, ts: int, created: list[str]) -> None:
+        """Read one write's reply into its op."""
+        if isinstance(reply, Exception):  # OOM, READONLY after a failover, a script error
+            log.error("Redis refused a %s in %r: %s", op.kind, op.channel, reply)
+            raise StoreUnavailable(f"Redis refused the write: {reply}")
+        if op.kind == "seen":
+            op.result = ts
+        elif op.kind == "member":
+            op.result = 0
+        elif op.kind == "read":
+            op.result, op.changed = int(reply[0]), bool(reply[1])
+        elif op.kind == "message":
+            flag, epoch, seq = reply[0], reply[1], int(reply[2])
+            if flag:
+                op.result = AppendResult(op.channel, seq, f"{epoch.decode()}-{seq}", ts)
+                if reply[3]:
+                    created.append(op.channel)
+            else:
+                op.result = _dup_result(op.channel, epoch, seq, reply[3])
+        elif reply[0] == b"ok":
+            op.result = AppendResult(op.channel, int(reply[1]), op.target or "", ts)
+        elif reply[0] == b"fb":
+            raise Forbidden(f"only the sender or a moderator may change message {op.target!r}")
+        else:
+            raise NotFound(f"no message {op.target!r} in channel {op.channel!r}")
+
+    def _ack(self, batch: list[WriteOp]) -> None:
+        waiting = self._waiting
+        for _ in range(min(len(batch), len(waiting))):
+            waiting.popleft()
+        for op in batch:
+            if op.done is not None:
+                op.done.set()
+        if self._notify is not None:
+            try:
+                self._notify(batch)
+            except Exception:  # the hook's bug must not stop the writer thread
+                log.exception("store notify hook failed for a batch of %d", len(batch))
+
+    # ---------------------------------------------------------------- compaction
+
+    def compact(self, channel: str) -> int:
+        """LMDB's rule (:meth:`LmdbStore.compact`), in script calls of at most
+        ``COMPACT_CHUNK`` entries each, from the caller's thread: writes interleave with
+        the steps, each step is atomic and moves the horizon over what it dropped."""
+        policy = self.config.compaction
+        now = self._clock()
+        keys = self._keys(channel)
+        fixed = (
+            policy.keep_recent,
+            -1 if policy.max_count is None else policy.max_count,
+            0 if policy.max_age_ms is None else now - policy.max_age_ms,
+            now - policy.tombstone_retention_ms,
+        )
+        plan: list[Any] = [b"", 0, 0, 0, 0]  # epoch, phase, point, drop_below, next tomb
+        while True:
+            if self._closed:
+                raise StoreUnavailable("store is closed")
+            if self._fault is not None:
+                try:
+                    self._fault()
+                except Exception as exc:
+                    raise StoreUnavailable(f"compaction of {channel!r} failed: {exc}") from exc
+            reply = self._eval("compact", keys, plan[0], *fixed, COMPACT_CHUNK, *plan[1:])
+            if reply[0]:
+                return int(reply[1])
+            plan = [reply[2], *reply[3:]]
+
+    def compact_all(self) -> dict[str, int]:
+        """Compact every channel; stops between channels when closing."""
+        done: dict[str, int] = {}
+        for name in self.channels():
+            if self._stop_compactor.is_set():
+                break
+            done[name] = self.compact(name)
+        return done
+
+    def _run_compactor(self) -> None:
+        interval = self.config.compaction.interval_s
+        assert interval
+        while not self._stop_compactor.wait(interval):
+            try:
+                self.compact_all()
+            except Exception:
+                log.exception("background compaction failed; will retry in %.0f s", interval)
+
+    def reset_channel(self, channel: str) -> int:
+        """Drop a channel's log and give it a new epoch (see LmdbStore.reset_channel)."""
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        epoch = self._epochs()
+        return epoch if self._eval("reset", self._keys(channel), epoch) else 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        with self._inflight_changed:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop_compactor.set()
+        if self._compactor is not None:
+            self._compactor.join()
+        self._queue.put(_Stop())
+        self._writer.join()
+        closed = StoreUnavailable("store is closed")
+        while True:  # whatever raced close() into the queue is failed, never left waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                for op in item:
+                    op.result, op.error = None, closed
+                self._ack(list(item))
+        with self._inflight_changed:  # reads and compaction steps still under way
+            self._inflight_changed.wait_for(lambda: self._inflight == 0, SOCKET_TIMEOUT_S)
+        self._client.close()
+        self._wclient.close()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
+    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+
+
+def _dedup_key(sender: str, cid: str) -> bytes:
+    return sender.encode() + b"\0" + cid.encode()
+
+
+def _dup_result(channel: str, epoch: bytes, seq: int, raw: bytes | None) -> AppendResult:
+    """The first result of a cid: its seq, id and ts (0 once retention dropped it)."""
+    ts = unpackb(raw)["ts"] if raw else 0
+    return AppendResult(channel, seq, f"{epoch.decode()}-{seq}", ts, dup=True)

@@ -1,0 +1,299 @@
+"""What only the Redis engine has: lost keys (a new epoch), Redis killed and restarted
+(no acked write lost, nothing acked in the outage, recovery by itself), the bound on a
+compaction step, the slot of a channel's keys, WAIT, the engine URL and the checks at open.
+
+The shared contract is tested on every engine by test_store.py and test_store_model.py;
+the tests here that kill or flush a Redis start one of their own (``own_redis``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import redis_servers
+from tsmsg.store import (
+    AppendResult,
+    CompactionPolicy,
+    LmdbStore,
+    RedisStore,
+    StoreConfig,
+    StoreUnavailable,
+    WriteOp,
+    open_store,
+    redis_store,
+)
+from tsmsg.store.redis_store import CHANNEL_SUFFIXES, parse_redis_url
+
+WAIT_S = 10.0  # a write or a recovery settles well within this
+OUTAGE_WRITES = 20  # writes submitted while Redis is down
+RECOVERY_TRIES = 200  # attempts (WAIT_S / RECOVERY_TRIES apart) at a write after restart
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[redis_servers.RedisServer]:
+    """A Redis of this test's own, to flush or kill."""
+    if not redis_servers.available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = redis_servers.RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def stores() -> Iterator[list[RedisStore]]:
+    opened: list[RedisStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def test_lost_keys_give_a_new_epoch_and_resync(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    store = RedisStore(own_redis.url)
+    stores.append(store)
+    old = [store.append("room", "u", f"c{i}", f"old {i}") for i in range(5)]
+    epoch = store.channel("room").epoch
+    assert epoch > 0 and all(r.id == f"{epoch}-{r.seq}" for r in old)
+    with own_redis.client() as admin:
+        admin.flushall()  # what a failover to an empty replica or a lost disk looks like
+    assert store.channel("room").head == 0
+    assert store.sync("room", 5, 10).resync  # a client's old position
+    new = store.append("room", "u", "c0", "new 0")  # the cid is forgotten with the log
+    assert (new.seq, new.dup) == (1, False)
+    info = store.channel("room")
+    assert info.epoch not in (0, epoch) and new.id == f"{info.epoch}-1"
+    for since in (2, 5):  # a position of the old log is past the new head
+        page = store.sync("room", since, 10)
+        assert page.resync and page.epoch == info.epoch
+    # Never two messages under one (epoch, seq): seq 1 exists in both logs, epochs differ.
+    page = store.sync("room", 0, 10)
+    assert [(page.epoch, e["seq"], e["text"]) for e in page.entries] == [(info.epoch, 1, "new 0")]
+
+
+def test_redis_killed_and_restarted_loses_no_acked_write(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """SIGKILL with AOF ``always``: every acked write is there after the restart; writes in
+    the outage fail with store_unavailable and never get a result; writes then recover
+    without anyone reopening the store."""
+    store = RedisStore(own_redis.url)
+    stores.append(store)
+    acked: dict[str, AppendResult] = {}
+    failed: list[WriteOp] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            op = WriteOp("message", "room", "u", cid=f"c{i}", text=f"t{i}")
+            try:
+                store.write(op, timeout=WAIT_S)
+            except StoreUnavailable:
+                assert op.result is None
+                failed.append(op)
+                continue
+            assert isinstance(op.result, AppendResult)
+            acked[f"c{i}"] = op.result
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    wait_until(lambda: len(acked) >= 50)
+    own_redis.kill()  # mid-stream
+    outage = [
+        WriteOp("message", "room", "u", cid=f"out{i}", text="x") for i in range(OUTAGE_WRITES)
+    ]
+    for op in outage:
+        op.done = threading.Event()
+    store.submit(*outage)
+    for op in outage:
+        assert op.done is not None and op.done.wait(WAIT_S)
+        assert isinstance(op.error, StoreUnavailable) and op.result is None
+    reason, _lag = store.health()
+    assert reason is not None and str(own_redis.port) in reason
+    stop.set()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    own_redis.start()  # same port, same directory: replays the AOF
+    wait_until(lambda: store.health()[0] is None)
+    again = store.append("room", "u", "after", "after")
+    entries = store.sync("room", 0, 10**6).entries
+    assert [e["seq"] for e in entries] == list(range(1, again.seq + 1))  # dense
+    by_seq = {e["seq"]: e for e in entries}
+    for cid, res in acked.items():  # every acked write, as acked
+        assert by_seq[res.seq]["text"] == f"t{cid[1:]}" and by_seq[res.seq]["id"] == res.id
+    # A write whose reply was lost may or may not be stored: a retry says which, and
+    # never stores it twice.
+    for op in failed:
+        assert op.cid is not None and op.text is not None
+        retry = store.append("room", "u", op.cid, op.text)
+        assert retry.dup == (retry.seq < again.seq + 1)
+    assert not [e for e in store.sync("room", 0, 10**6).entries if e["text"] == "x"]
+
+
+def wait_until(condition: Any, tries: int = RECOVERY_TRIES) -> None:
+    event = threading.Event()
+    for _ in range(tries):
+        if condition():
+            return
+        event.wait(WAIT_S / tries)
+    raise AssertionError("condition not reached")
+
+
+def test_compaction_steps_are_bounded(
+    redis_server: redis_servers.RedisServer,
+    stores: list[RedisStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No compaction script call drops more than COMPACT_CHUNK entries: the log shrinks
+    by at most that much between two steps (the fault hook runs before each step)."""
+    monkeypatch.setattr(redis_store, "COMPACT_CHUNK", 5)
+    sizes: list[int] = []
+    compacting = threading.Event()
+    admin = redis_server.client()
+
+    def before_step() -> None:  # also called before each write batch: those are skipped
+        if compacting.is_set():
+            sizes.append(admin.hlen(store._keys("room")[1]))
+
+    store = RedisStore(
+        redis_server.url,
+        StoreConfig(compaction=CompactionPolicy(keep_recent=1)),
+        key_prefix="bounded:",
+        fault=before_step,
+    )
+    stores.append(store)
+    for i in range(30):
+        store.edit("room", "u", store.append("room", "u", f"c{i}", "x").id, "y")
+    compacting.set()
+    assert store.compact("room") == 59
+    sizes.append(admin.hlen(store._keys("room")[1]))
+    admin.close()
+    assert sizes[0] == 60 and sizes[-1] == 31  # 30 messages and the newest edit remain
+    assert len(sizes) >= 7
+    assert all(0 <= a - b <= 5 for a, b in itertools.pairwise(sizes))
+
+
+def test_a_channels_keys_share_one_cluster_slot(
+    redis_cluster: redis_servers.RedisCluster, stores: list[RedisStore]
+) -> None:
+    store = RedisStore(redis_cluster.url, key_prefix="slots:")
+    stores.append(store)
+    for channel in ("room", "a}b", "{x}", "dm:alice:bob"):
+        store.append(channel, "u", "c", "x")
+        slots = {redis.cluster.key_slot(k) for k in store._keys(channel)}
+        assert len(slots) == 1, channel
+    assert store.channels() == sorted(["room", "a}b", "{x}", "dm:alice:bob"])
+    assert {redis.cluster.key_slot(k) for c in ("a", "b", "c", "d") for k in store._keys(c)}
+
+
+def test_wait_for_missing_replicas_acks_nothing(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    store = RedisStore(redis_server.url, key_prefix="wait:", wait_replicas=1, wait_timeout_ms=50)
+    stores.append(store)
+    with pytest.raises(StoreUnavailable, match="only 0 of 1 replicas"):
+        store.append("room", "u", "c", "x")
+
+
+def test_unreachable_redis_fails_at_open_in_one_line() -> None:
+    port = redis_servers.free_port()
+    with pytest.raises(StoreUnavailable) as exc:
+        RedisStore(f"redis://127.0.0.1:{port}")
+    assert f"127.0.0.1:{port}" in exc.value.message and "\n" not in exc.value.message
+
+
+def test_a_configuration_that_can_lose_acks_is_warned_about(
+    own_redis: redis_servers.RedisServer,
+    stores: list[RedisStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="tsmsg.store"):
+        stores.append(RedisStore(own_redis.url))
+    assert not caplog.records  # the fixtures' Redis runs as STORAGE.md asks
+    with own_redis.client() as admin:
+        admin.config_set("appendfsync", "everysec")
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+    with caplog.at_level(logging.WARNING, logger="tsmsg.store"):
+        stores.append(RedisStore(own_redis.url))
+    text = caplog.text
+    assert "appendfsync everysec" in text and "allkeys-lru" in text
+
+
+def test_password_file(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore], tmp_path: Path
+) -> None:
+    with own_redis.client() as admin:
+        admin.config_set("requirepass", "s3cret")
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1"):
+        RedisStore(own_redis.url)
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret\n")
+    store = RedisStore(own_redis.url, password_file=str(secret))
+    stores.append(store)
+    assert store.append("room", "u", "c", "x").seq == 1
+    stores.append(RedisStore(f"redis://:s3cret@127.0.0.1:{own_redis.port}"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://host",
+        "redis://host:0",
+        "redis://host:port",
+        "redis://a:1,b:2",
+        "redis://host:1/x",
+        "redis-cluster://a:1/0",
+        "http://host:1",
+        "lmdb",
+    ],
+)
+def test_bad_engine_urls(url: str) -> None:
+    with pytest.raises(ValueError, match=r"engine|Redis address|database|one HOST:PORT"):
+        parse_redis_url(url)
+
+
+def test_engine_urls() -> None:
+    one = parse_redis_url("rediss://user:p%40ss@cache.example:6380/2")
+    assert (one.cluster, one.nodes, one.username, one.password) == (
+        False,
+        (("cache.example", 6380),),
+        "user",
+        "p@ss",
+    )
+    many = parse_redis_url("redis-cluster://10.0.0.1:7000,10.0.0.2:7001")
+    assert many.cluster and many.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
+    assert many.where == "10.0.0.1:7000,10.0.0.2:7001"
+
+
+def test_open_store_chooses_the_engine(
+    redis_server: redis_servers.RedisServer, tmp_path: Path
+) -> None:
+    for engine, kind in (("lmdb", LmdbStore), (redis_server.url, RedisStore)):
+        store = open_store(engine, tmp_path / "data")
+        try:
+            assert isinstance(store, kind)
+        finally:
+            store.close()
+    with pytest.raises(ValueError, match="engine must be lmdb or a Redis URL"):
+        open_store("postgres://x", tmp_path)
+    with pytest.raises(ValueError, match="need a Redis engine"):
+        open_store("lmdb", tmp_path / "data", wait_replicas=1)
+
+
+def test_key_layout_matches_storage_md() -> None:
+    doc = (Path(__file__).parent.parent / "STORAGE.md").read_text()
+    for suffix in CHANNEL_SUFFIXES:
+        assert f"`{{c:<channel>}}:{suffix.decode()}`" in doc, suffix
