@@ -1316,3 +1316,16 @@ def test_close_during_a_multi_step_compaction(
     worker.join(2.0)
     assert not worker.is_alive(), "compact() never returns once close() stopped the writer"
     assert out and (out[0] == 79 or isinstance(out[0], StoreUnavailable))
+
+
+def test_memberships_are_added_forgotten_and_listed_up_to_a_limit(store: AnyStore) -> None:
+    for channel in ("b", "a", "c"):
+        store.write(WriteOp("member", channel, "u"))
+    store.write(WriteOp("member", "a", "u"))  # again: still one
+    assert store.channels_of("u") == ["a", "b", "c"]
+    assert store.channels_of("u", limit=2) == ["a", "b"]
+    store.write(WriteOp("unmember", "b", "u"))
+    store.write(WriteOp("unmember", "zz", "u"))  # not a member: nothing to end
+    assert store.channels_of("u") == ["a", "c"]
+    assert not store.is_member("u", "b") and store.is_member("u", "c")
+    assert store.channels_of("v") == []

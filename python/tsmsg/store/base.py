@@ -299,10 +299,13 @@ class Store(ABC):
 
     def follow(self, channel: str) -> None:
         """This node has members in ``channel``: deliver other nodes' entries of it."""
+        return None
 
     def unfollow(self, channel: str) -> None:
         """No member of ``channel`` is left on this node."""
+        return None
 
     def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
         """Push a live signal (``typing``, ``read``) to the other nodes' members of
         ``channel``; best effort, never blocks."""
+        return None

@@ -450,9 +450,10 @@ class RedisStore(Store):
     def is_member(self, user: str, channel: str) -> bool:
         return bool(self._call(self._client.sismember, self._user_key(user, b"ch"), channel))
 
-    def channels_of(self, user: str) -> list[str]:
+    def channels_of(self, user: str, limit: int | None = None) -> list[str]:
+        # A set of at most max_memberships names (the server's bound): read whole.
         names = self._call(self._client.smembers, self._user_key(user, b"ch"))
-        return sorted(n.decode() for n in names)
+        return sorted(n.decode() for n in names)[:limit]
 
     def last_seen(self, user: str) -> int | None:
         raw = self._call(self._client.get, self._user_key(user, b"seen"))
@@ -612,8 +613,9 @@ class RedisStore(Store):
         if op.kind == "seen":
             return ("SET", self._user_key(op.user, b"seen"), ts)
         _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-        if op.kind == "member":
-            return ("SADD", self._user_key(op.user, b"ch"), op.channel)
+        if op.kind in ("member", "unmember"):
+            verb = "SADD" if op.kind == "member" else "SREM"
+            return (verb, self._user_key(op.user, b"ch"), op.channel)
         keys = self._keys(op.channel)
         if op.kind == "read":
             return _evalsha("read", keys, op.user, op.seq)
@@ -653,7 +655,7 @@ class RedisStore(Store):
             raise StoreUnavailable(f"Redis refused the write: {reply}")
         if op.kind == "seen":
             op.result = ts
-        elif op.kind == "member":
+        elif op.kind in ("member", "unmember"):
             op.result = 0
         elif op.kind == "read":
             op.result, op.changed = int(reply[0]), bool(reply[1])
