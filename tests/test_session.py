@@ -37,6 +37,7 @@ from tsmsg.protocol.ratelimit import UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
+    Position,
     Publish,
     QueryPresence,
     Reply,
@@ -73,7 +74,17 @@ ISSUER = TokenIssuer(SECRET)
 ERROR_CODES = frozenset(
     v for k, v in vars(E).items() if k.isupper() and isinstance(v, str) and v.islower()
 )
-ACTION_TYPES = (Reply, Close, Submit, Subscribe, Unsubscribe, Publish, SetPresence, QueryPresence)
+ACTION_TYPES = (
+    Reply,
+    Close,
+    Submit,
+    Subscribe,
+    Unsubscribe,
+    Position,
+    Publish,
+    SetPresence,
+    QueryPresence,
+)
 
 
 # ------------------------------------------------------------------- helpers
@@ -755,6 +766,7 @@ def test_dm_channels(store: LmdbStore) -> None:
     actions = call(alice, "join", rid=1, channel="dm:alice:bob")
     assert actions == [
         Subscribe("dm:alice:bob"),
+        Position("dm:alice:bob", 0, 0),
         member(alice, "dm:alice:bob"),
         ok(1, channel="dm:alice:bob", head=0, read=0, epoch=0, horizon=0),
     ]
@@ -1096,6 +1108,7 @@ def test_join_subscribes_and_reports_the_channel(store: LmdbStore) -> None:
     session = connect(store)
     assert call(session, "join", rid=1, channel=ROOM) == [
         Subscribe(ROOM),
+        Position(ROOM, info.epoch, 3),  # the hub delivers what comes after the head
         member(session, ROOM),
         ok(1, channel=ROOM, head=3, read=2, epoch=info.epoch, horizon=0),
     ]
@@ -1103,6 +1116,7 @@ def test_join_subscribes_and_reports_the_channel(store: LmdbStore) -> None:
     # An unknown channel joins empty; a join without rid subscribes and records only.
     assert call(session, "join", channel="room-2") == [
         Subscribe("room-2"),
+        Position("room-2", 0, 0),
         member(session, "room-2"),
     ]
     assert session.joined == {ROOM, "room-2"}
@@ -1274,7 +1288,7 @@ def test_sync_below_the_compaction_horizon_is_resync(tmp_path: Path) -> None:
         assert isinstance(stale, Reply) and stale.frame["reason"] == "compacted"
         [reply] = call(session, "sync", rid=2, channel=ROOM, since=2)
         assert isinstance(reply, Reply) and [e["seq"] for e in reply.frame["events"]] == [3]
-        [_, _, joined] = call(session, "join", rid=3, channel=ROOM)
+        [_, _, _, joined] = call(session, "join", rid=3, channel=ROOM)
         assert joined == ok(3, channel=ROOM, head=3, read=0, epoch=info.epoch, horizon=2)
 
 
@@ -1501,11 +1515,11 @@ def test_frames_with_a_bad_rid_count_against_the_rate(store: LmdbStore) -> None:
 def test_join_records_membership_fire_and_forget(store: LmdbStore) -> None:
     session = connect(store)
     actions = call(session, "join", rid=1, channel=ROOM)
-    assert actions[1] == member(session, ROOM)
-    op = commit(store, only_submit([actions[1]]))
+    assert actions[2] == member(session, ROOM)
+    op = commit(store, only_submit([actions[2]]))
     assert op.error is None and op.rid is None
     assert session.write_done(op) == []  # nothing to answer, nothing to fan out
-    done(store, [call(session, "join", channel="room-2")[1]])
+    done(store, [call(session, "join", channel="room-2")[2]])
     assert store.channels_of("alice") == [ROOM, "room-2"]
     assert store.channels_of("bob") == []
     assert store.channels() == []  # a membership is no log entry
@@ -1513,7 +1527,7 @@ def test_join_records_membership_fire_and_forget(store: LmdbStore) -> None:
 
 def test_a_member_rejoining_writes_nothing(store: LmdbStore) -> None:
     session = connect(store)
-    commit(store, only_submit([call(session, "join", rid=1, channel=ROOM)[1]]))
+    commit(store, only_submit([call(session, "join", rid=1, channel=ROOM)[2]]))
     again = call(session, "join", rid=2, channel=ROOM)
     assert not any(isinstance(a, Submit) for a in again), again
     assert isinstance(again[0], Subscribe) and isinstance(again[-1], Reply)
@@ -1521,7 +1535,7 @@ def test_a_member_rejoining_writes_nothing(store: LmdbStore) -> None:
 
 def test_failed_membership_record_is_not_answered(store: LmdbStore) -> None:
     session = connect(store)
-    op = call(session, "join", rid=1, channel=ROOM)[1]
+    op = call(session, "join", rid=1, channel=ROOM)[2]
     assert isinstance(op, Submit)
     op.op.error = StoreUnavailable("disk full")
     # The join's ok went out already; a rid-less error now would answer nothing it asked.

@@ -184,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "data_dir": args.data_dir,
+        "engine": args.engine,
+        "reuse_port": True if args.reuse_port else None,
         "durability": args.durability,
         "encryption_key_file": args.encryption_key_file,
         "log_format": args.log_format,
@@ -538,6 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve_p.add_argument("--port", type=int, help="listen port (default 7700)")
     serve_p.add_argument("--data-dir", help="LMDB data directory (default ./data)")
+    serve_p.add_argument(
+        "--engine",
+        metavar="ENGINE",
+        help="lmdb (default: one node, in --data-dir) or a Redis URL shared by the nodes of "
+        "a cluster: redis://HOST:PORT[/DB], rediss://..., redis-cluster://HOST:PORT[,...]",
+    )
+    serve_p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let several nodes on this machine listen on the same port (SO_REUSEPORT)",
+    )
     serve_p.add_argument(
         "--durability",
         choices=["fsync", "async"],

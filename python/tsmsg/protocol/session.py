@@ -84,6 +84,16 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where a join found ``channel`` (read after its ``Subscribe``): the hub delivers
+    the channel's events after ``head`` live, those up to it are the client's to sync."""
+
+    channel: str
+    epoch: int
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Send this frame to every connection joined to ``channel`` (except those of
     ``skip_user``). The server encodes it once for all of them."""
@@ -125,7 +135,16 @@ class Read:
 
 
 Action = (
-    Reply | Close | Submit | Subscribe | Unsubscribe | Publish | SetPresence | QueryPresence | Read
+    Reply
+    | Close
+    | Submit
+    | Subscribe
+    | Unsubscribe
+    | Position
+    | Publish
+    | SetPresence
+    | QueryPresence
+    | Read
 )
 
 
@@ -493,7 +512,7 @@ class Session:
                 )
             self.joined.add(channel)
             self._uncut(channel)
-            actions: list[Action] = []
+            actions: list[Action] = [Position(channel, info.epoch, info.head)]
             if not member:  # for presence: who shares a channel
                 actions.append(self._submit(WriteOp("member", channel, user), None))
             fields = {"head": info.head, "read": read, "epoch": info.epoch}

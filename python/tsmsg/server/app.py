@@ -60,6 +60,7 @@ from tsmsg.protocol.ratelimit import Buckets, UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
+    Position,
     Publish,
     QueryPresence,
     Read,
@@ -70,12 +71,15 @@ from tsmsg.protocol.session import (
     Submit,
     Subscribe,
     Unsubscribe,
+    event_frame,
 )
 from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
+from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
-from tsmsg.store import AppendResult, LmdbStore, Store, StoreUnavailable, WriteOp
-from tsmsg.store.base import Notify
+from tsmsg.store import AppendResult, Store, StoreUnavailable, WriteOp
+from tsmsg.store import open_store as open_engine
+from tsmsg.store.base import ChannelInfo, Notify, RemoteEntry
 from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
@@ -83,6 +87,7 @@ T = TypeVar("T")
 
 RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+LISTEN_BACKLOG = 4096  # pending connections the kernel queues (it caps it at somaxconn)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
 # Descriptors a derived max_connections leaves free: the store's files, log files, the
@@ -98,6 +103,7 @@ YIELD_EVERY_S = 0.002
 # A scheduler round this much later than the tick asked for means the event loop was
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
+GAP_CHECK_S = 0.05  # how often the relay's gaps are looked at (it waits GAP_WAIT_MS on each)
 # Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
 # per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
 LOG_BURST = 10
@@ -213,6 +219,28 @@ def listen_error(host: str, port: int) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+async def tcp_listeners(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
+    """Listening sockets on HOST:PORT; with ``reuse_port`` (SO_REUSEPORT), other
+    processes may listen on the same port (nodes on one machine, one per core)."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    ):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            await sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
 
 
 def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
@@ -501,8 +529,19 @@ class Connection:
         metrics.frames_out["resync"].inc(len(cut))
 
     def _queue_resync(self, channel: str) -> None:
-        frame = self.session.cut_stream(channel, self.server.store.channel(channel))
-        self.send_bytes(encode(frame), None)
+        self.resync(channel, self.server.store.channel(channel))
+
+    def resync(self, channel: str, info: ChannelInfo) -> None:
+        """Cut the channel's live stream (a ``resync`` push: the client syncs), after the
+        reply of a read that holds the channel."""
+        if self.holding is not None and channel in self.holding:
+            held = self.holding[channel]
+            if held is not None:
+                self.queued_bytes -= sum(map(len, held))
+                self.holding[channel] = None  # _release resyncs after the reply
+            return
+        if channel not in self.session.cut:
+            self.send_bytes(encode(self.session.cut_stream(channel, info)), None)
 
     @property
     def user(self) -> str | None:
@@ -710,6 +749,7 @@ class Server:
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
+        self.relay: Relay[dict[str, Any]] = Relay()
         # Store reads of requests run in threads (run_read), at most this many at once.
         self.read_limiter = trio.CapacityLimiter(settings.read_threads)
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
@@ -776,7 +816,7 @@ class Server:
         read: Read | None = None
         for action in actions:
             if isinstance(action, Publish):
-                self.publish(action.channel, action.frame, action.skip_user)
+                self.publish_action(action)
             elif conn is None:
                 continue
             elif isinstance(action, Reply):
@@ -784,9 +824,12 @@ class Server:
             elif isinstance(action, Submit):
                 self.submit(conn, action.op)
             elif isinstance(action, Subscribe):
-                self.members[action.channel].add(conn)
+                self.subscribe(conn, action.channel)
             elif isinstance(action, Unsubscribe):
                 self.unsubscribe(conn, action.channel)
+            elif isinstance(action, Position):
+                out = self.relay.position(action.channel, action.epoch, action.head, self.now_ms())
+                self.deliver(action.channel, out)
             elif isinstance(action, Close):
                 log.info("closing %s (%s): %s", conn.peer, conn.user, action.reason)
                 conn.close_after_flush(action.reason)
@@ -909,12 +952,89 @@ class Server:
 
         return Read(query, then, rid, "presence")
 
+    # ------------------------------------------------------------------ fan-out
+    #
+    # A channel with members here is followed: its events, this node's commits and (on a
+    # shared engine) other nodes', reach the members through the relay, which delivers
+    # each seq once, in order, filling gaps from the log (server/relay.py).
+
+    def subscribe(self, conn: Connection, channel: str) -> None:
+        members = self.members[channel]
+        if not members:
+            self.relay.follow(channel)
+            self.store.follow(channel)
+        members.add(conn)
+
     def unsubscribe(self, conn: Connection, channel: str) -> None:
         members = self.members.get(channel)
         if members is not None:
             members.discard(conn)
             if not members:
                 del self.members[channel]
+                self.relay.unfollow(channel)
+                self.store.unfollow(channel)
+
+    def deliver(self, channel: str, out: list[dict[str, Any]] | Reset) -> None:
+        """What the relay let through: events in order, or a reset (every member here
+        resyncs: its live stream is cut, the client syncs)."""
+        if isinstance(out, Reset):
+            log.warning("channel %s: events lost on the way, members resync", channel)
+            info = ChannelInfo(channel, out.head, 0, out.epoch)
+            for conn in list(self.members.get(channel, ())):
+                conn.resync(channel, info)
+            return
+        for frame in out:
+            self.publish(channel, frame, None)
+
+    def _remote_entries(self, entries: list[RemoteEntry]) -> None:
+        """Other nodes' commits (the engine's thread hands them over in order)."""
+        now = self.now_ms()
+        for r in entries:
+            frame = event_frame(r.channel, r.entry)
+            self.deliver(
+                r.channel, self.relay.offer(r.channel, r.epoch, r.entry["seq"], frame, now)
+            )
+
+    def _remote_signal(self, channel: str, frame: dict[str, Any]) -> None:
+        self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
+
+    def _remote_lost(self, channels: list[str]) -> None:
+        now = self.now_ms()
+        for channel in channels:
+            self.relay.check(channel, now)
+        self._round_due.set()
+
+    async def _fill_gaps(self) -> None:
+        """Read from the log the gaps the relay has waited on long enough."""
+        limits = self.settings.limits
+        while True:
+            await trio.sleep(GAP_CHECK_S)
+            for channel, since in self.relay.due(self.now_ms()):
+                try:
+                    page = await self.run_read(
+                        functools.partial(self.store.sync, channel, since, limits.sync_max)
+                    )
+                except Exception as exc:  # the store is unreachable: try again later
+                    log.warning("filling a gap of %s from the log failed: %r", channel, exc)
+                    self.relay.filled(channel, 0, since, [], self.now_ms(), retry=True)
+                    continue
+                entries = [(e["seq"], event_frame(channel, e)) for e in page.entries]
+                out = self.relay.filled(
+                    channel, page.epoch, page.head, entries, self.now_ms(), resync=page.resync
+                )
+                self.deliver(channel, out)
+
+    def publish_action(self, action: Publish) -> None:
+        """A session's push: events go through the relay (in order, once); signals
+        reach this node's members, and the other nodes' through the engine."""
+        frame, channel = action.frame, action.channel
+        if frame["t"] == "event":
+            out = self.relay.offer(channel, None, frame["seq"], frame, self.now_ms())
+            self.deliver(channel, out)
+            return
+        if frame["t"] == "typing":  # read pushes: the engine publishes them with the cursor
+            self.store.publish_signal(channel, frame)
+        self.publish(channel, frame, action.skip_user)
 
     def publish(self, channel: str, frame: dict[str, Any], skip_user: str | None) -> None:
         members = self.members.get(channel)
@@ -1189,8 +1309,14 @@ class Server:
         else:
             config = store_config(settings)  # a bad key file fails here
             self.store = await trio.to_thread.run_sync(
-                lambda: LmdbStore(
-                    settings.data_dir, config, notify=self._notify, observer=self.metrics
+                lambda: open_engine(
+                    settings.engine,
+                    settings.data_dir,
+                    config,
+                    notify=self._notify,
+                    observer=self.metrics,
+                    password_file=settings.engine_password_file or None,
+                    wait_replicas=settings.engine_wait_replicas,
                 )
             )
         try:
@@ -1207,14 +1333,13 @@ class Server:
                             )
                         )
                     else:
-                        serve = functools.partial(
-                            trio.serve_tcp,
-                            self.handle,
-                            settings.port,
-                            host=settings.host,
-                            handler_nursery=handlers,
-                        )
                         with listen_error(settings.host, settings.port):
+                            own = await tcp_listeners(
+                                settings.host, settings.port, settings.reuse_port
+                            )
+                            serve = functools.partial(
+                                trio.serve_listeners, self.handle, own, handler_nursery=handlers
+                            )
                             sockets = await listening.start(serve)
                         self.port = sockets[0].socket.getsockname()[1]
                         if self.tls is None:
@@ -1226,11 +1351,12 @@ class Server:
                             "serving on %s:%d, data in %s",
                             settings.host,
                             self.port,
-                            settings.data_dir,
+                            self.store,
                         )
                         listening.start_soon(self._wait_for_signal)
                     handlers.start_soon(self._tick_sessions)
                     handlers.start_soon(self._flusher)
+                    handlers.start_soon(self._fill_gaps)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
                     task_status.started(self)

@@ -147,14 +147,19 @@ class Relay(Generic[E]):
         now_ms: int,
         *,
         resync: bool = False,
+        retry: bool = False,
     ) -> list[E] | Reset:
         """A log read after :meth:`due`: ``entries`` (seq, event) in seq order after the
         position asked for, and the log's ``head``/``epoch``; ``resync`` when the log
-        could not replay them (compacted, or a position past the head of a reset log)."""
+        could not replay them (compacted, or a position past the head of a reset log);
+        ``retry`` when the read failed: the gap is read again after ``gap_wait_ms``."""
         s = self.streams.get(channel)
         if s is None:
             return []
         s.filling = False
+        if retry:
+            s.gap_since = now_ms
+            return []
         if resync or (s.epoch is not None and epoch != s.epoch):
             return self._reset(channel, s, epoch, head)
         for seq, event in entries:
@@ -164,6 +169,14 @@ class Relay(Generic[E]):
         if s.held and s.gap_since is not None and s.gap_since < 0:
             s.gap_since = now_ms  # what overflowed is now read: wait again as usual
         return out
+
+    def check(self, channel: str, now_ms: int) -> None:
+        """Events of ``channel`` may be missing without a later one showing the gap (the
+        engine's subscription was cut, or has just begun): read the log after ``last``
+        at the next :meth:`due`."""
+        s = self.streams.get(channel)
+        if s is not None and s.last is not None:
+            s.gap_since = -(2**62)
 
     def lost(self, channel: str, epoch: int, head: int) -> Reset:
         """Events of ``channel`` may have been lost without a trace (pub/sub was cut, or

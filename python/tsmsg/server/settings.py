@@ -30,6 +30,16 @@ class Settings:
     host: str = "127.0.0.1"  # plaintext is for loopback and development
     port: int = 7700
     data_dir: str = "./data"
+    # Where channel logs live (STORAGE.md): "lmdb" (in data_dir; one node), or a Redis URL
+    # shared by every node of a cluster (docs/cluster.md): redis://HOST:PORT[/DB],
+    # rediss://... (TLS), redis-cluster://HOST:PORT[,HOST:PORT...] (seed nodes).
+    engine: str = "lmdb"
+    engine_password_file: str = ""  # the Redis password, from a file (mode 600)
+    # Redis: an ack also waits for this many replicas to confirm the write (WAIT N).
+    engine_wait_replicas: int = 0
+    # Several nodes on one machine may listen on the same port (SO_REUSEPORT): the kernel
+    # spreads connections over them, so a machine's cores are all used.
+    reuse_port: bool = False
     durability: str = "fsync"  # see STORAGE.md: "fsync" or "async"
     # Encryption at rest of message text (STORAGE.md): a key file, `kid:base64` per line,
     # the first key active; empty: new messages are stored in plaintext.
@@ -195,6 +205,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "frame_timeout_s": (0, True),
     "tick_ms": (1, False),
     "read_threads": (1, False),
+    "engine_wait_replicas": (0, False),
     "ip_connect_rate": (0, True),
     "ip_connect_burst": (1, False),
     "ip_login_fail_rate": (0, True),

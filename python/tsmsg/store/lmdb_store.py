@@ -415,7 +415,7 @@ class LmdbStore(Store):
         self._fault = fault  # test hook: called before each commit, may raise lmdb errors
         self._observer = observer  # commit and sync timings, from the writer thread
         self._keyring = config.encryption
-        path = os.fspath(path)
+        path = self.path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         # Every opener that writes takes the directory's lock first, before looking at
         # any file: a second server (or `tsmsg compact` beside one) is refused here.
@@ -453,6 +453,9 @@ class LmdbStore(Store):
                 target=self._run_compactor, name="tsmsg-compactor", daemon=True
             )
             self._compactor.start()
+
+    def __str__(self) -> str:
+        return self.path
 
     # ---------------------------------------------------------------- format
 

@@ -236,6 +236,9 @@ class RedisStore(Store):
             )
             self._compactor.start()
 
+    def __str__(self) -> str:
+        return f"redis {self.target.where}"
+
     # ---------------------------------------------------------------- connection
 
     def _connect(self, password: str | None, *, retry: bool = True) -> Any:
