@@ -276,3 +276,27 @@ def resolve(session: Session, actions: list[Action]) -> list[Action]:
 def receive(session: Session, frame: dict[str, Any], now_ms: int) -> list[Action]:
     """``Session.receive_frame`` with its reads run inline (``resolve``)."""
     return resolve(session, session.receive_frame(frame, now_ms))
+
+
+_redis_dbs = itertools.count()
+REDIS_DBS = 16  # a default redis-server's databases
+
+
+def fresh_redis_url(server: redis_servers.RedisServer) -> str:
+    """A URL of an emptied database of the shared test Redis, for one test's server
+    (a single-node server on the Redis engine; tests run one after the other)."""
+    db = next(_redis_dbs) % REDIS_DBS
+    with server.client() as client:
+        client.execute_command("SELECT", db)
+        client.flushdb()
+    return f"{server.url}/{db}"
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def engine_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings on each engine in turn: for the over-TCP suites about behavior (the
+    same tests, whatever holds the logs)."""
+    if request.param == "lmdb":
+        return make_settings(tmp_path / "data")
+    url = fresh_redis_url(request.getfixturevalue("redis_server"))
+    return make_settings(tmp_path / "data", engine=url)

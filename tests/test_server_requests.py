@@ -18,6 +18,7 @@ import pytest
 
 from conftest import SECRET, Harness, WireClient, fast_limits, mint
 from tsmsg.auth import TokenIssuer
+from tsmsg.server.settings import Settings
 
 LIMITS = fast_limits()  # the harness's limits
 ROOM = "room-1"
@@ -88,6 +89,12 @@ def events(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --- hello -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(engine_settings: Settings) -> Settings:
+    """Every test here runs on LMDB and on Redis."""
+    return engine_settings
 
 
 async def test_welcome_carries_the_session_parameters(harness: Harness) -> None:

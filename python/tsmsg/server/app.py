@@ -725,6 +725,29 @@ class Connection:
         return True
 
 
+class RemoteHop:
+    """What a shared engine reports from its own thread (other nodes' entries, signals,
+    losses; the store's ``Remote`` hook), handed to the server on the event loop."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        token = self.server._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # the server has stopped
+                token.run_sync_soon(fn, *args)
+
+    def entries(self, entries: list[RemoteEntry]) -> None:
+        self._soon(self.server._remote_entries, entries)
+
+    def signal(self, channel: str, frame: dict[str, Any]) -> None:
+        self._soon(self.server._remote_signal, channel, frame)
+
+    def lost(self, channels: list[str]) -> None:
+        self._soon(self.server._remote_lost, channels)
+
+
 class Server:
     def __init__(
         self,
