@@ -30,7 +30,7 @@ from tsmsg.store import (
     open_store,
     redis_store,
 )
-from tsmsg.store.redis_store import CHANNEL_SUFFIXES, parse_redis_url
+from tsmsg.store.redis_store import CHANNEL_SUFFIXES, TOPIC_SUFFIX, parse_redis_url
 
 WAIT_S = 10.0  # a write or a recovery settles well within this
 OUTAGE_WRITES = 20  # writes submitted while Redis is down
@@ -295,5 +295,5 @@ def test_open_store_chooses_the_engine(
 
 def test_key_layout_matches_storage_md() -> None:
     doc = (Path(__file__).parent.parent / "STORAGE.md").read_text()
-    for suffix in CHANNEL_SUFFIXES:
+    for suffix in (*CHANNEL_SUFFIXES, TOPIC_SUFFIX):
         assert f"`{{c:<channel>}}:{suffix.decode()}`" in doc, suffix

@@ -15,6 +15,8 @@ from tsmsg.store.base import (
     HistoryPage,
     LimitExceeded,
     NotFound,
+    Remote,
+    RemoteEntry,
     Store,
     StoreError,
     StoreObserver,
@@ -43,12 +45,14 @@ def open_store(
     observer: StoreObserver | None = None,
     password_file: str | None = None,
     wait_replicas: int = 0,
+    remote: Remote | None = None,
 ) -> Store:
     """The store of an ``engine`` setting: ``lmdb`` (in ``data_dir``) or a Redis URL
     (``redis://``, ``rediss://``, ``redis-cluster://``; ``data_dir`` unused). The Redis
-    options (``password_file``, ``wait_replicas``) are refused with LMDB. Blocking (it
-    connects, or opens files): call it from a thread. Fails with one line: ValueError for
-    a bad setting, StoreUnavailable for a Redis that cannot be reached."""
+    options (``password_file``, ``wait_replicas``) are refused with LMDB; ``remote`` (what
+    other nodes commit, see :class:`Remote`) is unused by LMDB, a store of one node.
+    Blocking (it connects, or opens files): call it from a thread. Fails with one line:
+    ValueError for a bad setting, StoreUnavailable for a Redis that cannot be reached."""
     if engine == "lmdb":
         if password_file is not None or wait_replicas:
             raise ValueError("engine_password_file and engine_wait_replicas need a Redis engine")
@@ -65,6 +69,7 @@ def open_store(
         observer=observer,
         password_file=password_file,
         wait_replicas=wait_replicas,
+        remote=remote,
     )
 
 
@@ -85,6 +90,8 @@ __all__ = [
     "MemoryStore",
     "NotFound",
     "RedisStore",
+    "Remote",
+    "RemoteEntry",
     "Store",
     "StoreConfig",
     "StoreError",

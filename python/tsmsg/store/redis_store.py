@@ -14,6 +14,11 @@ acknowledged; a script that ran although its reply was lost is harmless: a retri
 answered by its cid). The writer probes Redis until it answers again, so writes recover by
 themselves; :meth:`RedisStore.health` reports the outage meanwhile.
 
+Fan-out between nodes (:mod:`tsmsg.store.redis_fanout`): after acknowledging a batch the
+writer publishes its new entries (and moved read cursors, as ``read`` signals) in one more
+pipeline; a pub/sub thread follows the channels this node has members in and hands what
+other nodes published to the ``remote`` hook.
+
 Reads are plain blocking calls, safe from any thread (a connection pool); the server runs
 them in worker threads, never on the trio thread.
 """
@@ -52,6 +57,7 @@ from tsmsg.store.base import (
     HistoryPage,
     NotFound,
     Notify,
+    Remote,
     Store,
     StoreError,
     StoreObserver,
@@ -65,6 +71,13 @@ from tsmsg.store.lmdb_store import (
     _check_name,
     now_ms,
     parse_message_id,
+)
+from tsmsg.store.redis_fanout import (
+    FanoutStats,
+    Subscriber,
+    entry_message,
+    publish_all,
+    signal_message,
 )
 from tsmsg.store.redis_scripts import SCRIPTS, SHAS
 
@@ -89,6 +102,7 @@ KEY_CACHE_SIZE = 4096  # channels whose key names are kept built (a dict, cleare
 EPOCH_BITS = 62  # epochs are random positive ints below 2**62: never reused in practice
 KEY_PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.:-]{0,64}")  # no hash tag braces, no globs
 
+TOPIC_SUFFIX = b"fan"  # a channel's pub/sub topic: {c:<channel>}:fan, in the channel's slot
 # The keys of one channel, all under one hash tag; their order is the scripts' KEYS.
 CHANNEL_SUFFIXES = (b"meta", b"log", b"msgs", b"chg", b"tomb", b"idx", b"dd", b"dq", b"rc")
 _P_TS = packb("ts")
@@ -179,6 +193,7 @@ class RedisStore(Store):
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         key_prefix: str = "tsmsg:",
         epochs: Callable[[], int] = new_epoch,
+        remote: Remote | None = None,
     ) -> None:
         config = config or StoreConfig()
         if config.encryption is not None:
@@ -219,6 +234,15 @@ class RedisStore(Store):
                 f"cannot reach Redis at {self.target.where}: {exc or type(exc).__name__}"
             ) from None
         self._check_config()
+        self.fanout = FanoutStats()
+        self._subscriber = Subscriber(
+            self._connect(password, retry=False),
+            self.target.cluster,
+            self._topic,
+            remote,
+            self.fanout,
+        )
+        self._publish_command = self._subscriber.publish_command
         self.down: str | None = None  # why writes fail now (Redis unreachable), if they do
         self._inflight = 0  # calls from callers' threads now using a connection
         self._inflight_changed = threading.Condition()
@@ -322,6 +346,10 @@ class RedisStore(Store):
             base = self._prefix + b"{c:" + channel.encode() + b"}:"
             keys = self._key_cache[channel] = tuple(base + suffix for suffix in CHANNEL_SUFFIXES)
         return keys
+
+    def _topic(self, channel: str) -> bytes:
+        """The channel's pub/sub topic: its hash tag, so a sharded one is on its slot."""
+        return self._prefix + b"{c:" + channel.encode() + b"}:" + TOPIC_SUFFIX
 
     def _user_key(self, user: str, what: bytes) -> bytes:
         return self._prefix + b"{u:" + user.encode() + b"}:" + what
@@ -507,7 +535,10 @@ class RedisStore(Store):
             self._commit(batch)
             if self._observer is not None:
                 self._observer.committed(len(batch), time.perf_counter() - start)
+            messages = self._fanout_messages(batch)
             self._ack(batch)
+            # After the ack: a node never delivers what this one has not acknowledged.
+            publish_all(self._wclient, self._publish_command, messages, self.fanout)
 
     def _probe(self) -> None:
         """While Redis is down: does it answer again?"""
@@ -677,6 +708,31 @@ class RedisStore(Store):
         else:
             raise NotFound(f"no message {op.target!r} in channel {op.channel!r}")
 
+    def _fanout_messages(self, batch: list[WriteOp]) -> list[tuple[bytes, bytes]]:
+        """What to publish for a committed batch: each new entry as ``sync`` returns it
+        (not dups, not failed writes), and each moved read cursor as a ``read`` signal."""
+        out: list[tuple[bytes, bytes]] = []
+        for op in batch:
+            result = op.result
+            if op.error is not None or result is None:
+                continue
+            if op.kind == "read":
+                if op.changed:
+                    frame = {"t": "read", "channel": op.channel, "user": op.user, "seq": result}
+                    out.append((self._topic(op.channel), signal_message(op.channel, frame)))
+                continue
+            if not isinstance(result, AppendResult) or result.dup:
+                continue
+            entry: Entry = {"seq": result.seq, "kind": op.kind, "ts": result.ts, "id": result.id}
+            entry["sender"] = op.user
+            if op.kind != "delete":
+                entry["text"] = op.text
+            if op.kind == "message" and op.meta:
+                entry["meta"] = op.meta
+            epoch = int(result.id.partition("-")[0])
+            out.append((self._topic(op.channel), entry_message(op.channel, epoch, entry)))
+        return out
+
     def _ack(self, batch: list[WriteOp]) -> None:
         waiting = self._waiting
         for _ in range(min(len(batch), len(waiting))):
@@ -689,6 +745,18 @@ class RedisStore(Store):
                 self._notify(batch)
             except Exception:  # the hook's bug must not stop the writer thread
                 log.exception("store notify hook failed for a batch of %d", len(batch))
+
+    # ---------------------------------------------------------------- fan-out
+
+    def follow(self, channel: str) -> None:
+        self._subscriber.follow(channel)
+
+    def unfollow(self, channel: str) -> None:
+        self._subscriber.unfollow(channel)
+
+    def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
+        if not self._closed:
+            self._subscriber.signal(channel, frame)
 
     # ---------------------------------------------------------------- compaction
 
@@ -768,6 +836,7 @@ class RedisStore(Store):
                 self._ack(list(item))
         with self._inflight_changed:  # reads and compaction steps still under way
             self._inflight_changed.wait_for(lambda: self._inflight == 0, SOCKET_TIMEOUT_S)
+        self._subscriber.close()
         self._client.close()
         self._wclient.close()
 

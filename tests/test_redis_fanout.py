@@ -1,0 +1,257 @@
+"""Fan-out between nodes on the Redis engine: two RedisStores on one Redis (or one Redis
+Cluster) play two nodes. What node A commits reaches node B's ``Remote`` hook exactly as
+``sync`` returns it, only after A acknowledged it; dups are not published; unfollow stops
+delivery; a killed pub/sub connection is reported with ``lost`` and delivery resumes;
+signals reach B; a channel B does not follow delivers nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import redis_servers
+from tsmsg.store import RedisStore, RemoteEntry, WriteOp, open_store
+
+WAIT_S = 10.0  # anything these tests wait for arrives well within this
+QUIET_S = 0.3  # how long "nothing arrives" is watched for
+
+_prefixes = itertools.count(1)
+
+
+def eventually(what: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not what():
+        assert time.monotonic() < deadline, "not true in time"
+        time.sleep(0.01)
+
+
+class Recorder:
+    """A Remote that records what it is told. ``acked``: when given, every entry must
+    already be acknowledged to its writer when it arrives here."""
+
+    def __init__(self, acked: Callable[[str, int], bool] | None = None) -> None:
+        self.changed = threading.Condition()
+        self.received: list[RemoteEntry] = []
+        self.signals: list[tuple[str, dict[str, Any]]] = []
+        self.losses: list[str] = []
+        self.unacked: list[RemoteEntry] = []
+        self.acked = acked
+
+    def entries(self, entries: list[RemoteEntry]) -> None:
+        with self.changed:
+            if self.acked is not None:
+                self.unacked += [e for e in entries if not self.acked(e.channel, e.entry["seq"])]
+            self.received += entries
+            self.changed.notify_all()
+
+    def signal(self, channel: str, frame: dict[str, Any]) -> None:
+        with self.changed:
+            self.signals.append((channel, frame))
+            self.changed.notify_all()
+
+    def lost(self, channels: list[str]) -> None:
+        with self.changed:
+            self.losses += channels
+            self.changed.notify_all()
+
+    def wait(self, what: Callable[[], bool]) -> None:
+        with self.changed:
+            assert self.changed.wait_for(what, WAIT_S), "not delivered in time"
+
+    def seqs(self, channel: str) -> list[int]:
+        with self.changed:
+            return [e.entry["seq"] for e in self.received if e.channel == channel]
+
+
+class Engine:
+    def __init__(self, url: str, servers: list[redis_servers.RedisServer]) -> None:
+        self.url = url
+        self.servers = servers
+
+    def subscribers(self, topic: bytes) -> int:
+        """How many connections Redis has subscribed to ``topic`` (all nodes)."""
+        total = 0
+        for server in self.servers:
+            with server.client() as c:
+                if len(self.servers) == 1:
+                    total += c.pubsub_numsub(topic)[0][1]
+                else:
+                    total += c.execute_command("PUBSUB", "SHARDNUMSUB", topic)[1]
+        return total
+
+    def kill_pubsub_clients(self) -> None:
+        for server in self.servers:
+            with server.client() as c:
+                c.client_kill_filter(_type="pubsub")
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    if request.param == "redis":
+        server: redis_servers.RedisServer = request.getfixturevalue("redis_server")
+        return Engine(server.url, [server])
+    cluster: redis_servers.RedisCluster = request.getfixturevalue("redis_cluster")
+    return Engine(cluster.url, cluster.nodes)
+
+
+class Nodes:
+    """Node A (writes, records what it acknowledged) and node B (follows, records)."""
+
+    def __init__(self, engine: Engine) -> None:
+        prefix = f"fan{next(_prefixes)}:"
+        self.acked: set[tuple[str, int]] = set()
+        self.lock = threading.Lock()
+        self.a = RedisStore(engine.url, key_prefix=prefix, notify=self._notify)
+        self.rec = Recorder(self._was_acked)
+        self.b = RedisStore(engine.url, key_prefix=prefix, remote=self.rec)
+
+    def _notify(self, batch: list[WriteOp]) -> None:
+        with self.lock:
+            for op in batch:
+                result = op.result
+                if op.error is None and result is not None and hasattr(result, "seq"):
+                    self.acked.add((op.channel, result.seq))
+
+    def _was_acked(self, channel: str, seq: int) -> bool:
+        with self.lock:
+            return (channel, seq) in self.acked
+
+    def follow(self, channel: str) -> None:
+        """B follows ``channel`` and waits until Redis confirmed the subscription."""
+        start = len(self.rec.losses)
+        self.b.follow(channel)
+        self.rec.wait(lambda: channel in self.rec.losses[start:])
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+@pytest.fixture
+def nodes(engine: Engine) -> Iterator[Nodes]:
+    n = Nodes(engine)
+    yield n
+    n.close()
+    assert not n.b._subscriber._thread.is_alive()
+
+
+def test_entries_arrive_as_sync_returns_them_after_the_ack(nodes: Nodes) -> None:
+    a, rec = nodes.a, nodes.rec
+    nodes.follow("room")
+    writes: list[Callable[[], Any]] = [
+        lambda: a.append("room", "u1", "c1", "hello"),
+        lambda: a.append("room", "u2", "c2", "with meta", {"k": [1, "x"], "n": 2**40}),
+        lambda: a.edit("room", "u1", first.id, "hello, edited"),
+        lambda: a.append("room", "u1", "c3", "to delete"),
+        lambda: a.delete("room", "u1", f"{first.id.partition('-')[0]}-5"),
+    ]
+    first = a.append("room", "u1", "c0", "first")
+    rec.wait(lambda: rec.seqs("room") == [1])
+    for i, write in enumerate(writes, start=2):
+        result = write()
+        assert result.seq == i
+        rec.wait(lambda i=i: len(rec.seqs("room")) == i)
+        got = rec.received[-1]
+        assert got.channel == "room"
+        assert got.epoch == a.channel("room").epoch
+        assert got.entry == a.sync("room", i - 1, 1).entries[0]  # before later changes
+    assert [e.entry["kind"] for e in rec.received] == [
+        "message", "message", "message", "edit", "message", "delete",
+    ]  # fmt: skip
+    assert rec.seqs("room") == [1, 2, 3, 4, 5, 6]
+    assert rec.unacked == []
+    assert nodes.b.fanout.bad_messages == 0 and nodes.a.fanout.publish_failures == 0
+
+
+def test_a_dup_is_not_published_and_a_moved_read_cursor_is(nodes: Nodes) -> None:
+    a, rec = nodes.a, nodes.rec
+    nodes.follow("room")
+    a.append("room", "u1", "same", "once")
+    dup = a.append("room", "u1", "same", "once")
+    assert dup.dup
+    a.append("room", "u1", "other", "twice")
+    rec.wait(lambda: len(rec.seqs("room")) >= 2)
+    time.sleep(QUIET_S)
+    assert rec.seqs("room") == [1, 2]
+    assert a.set_read("u2", "room", 2) == 2
+    assert a.set_read("u2", "room", 1) == 2  # did not move: nothing published
+    a.publish_signal("room", {"t": "typing", "channel": "room", "user": "u9", "on": True})
+    rec.wait(lambda: len(rec.signals) >= 2)
+    time.sleep(QUIET_S)
+    assert rec.signals == [
+        ("room", {"t": "read", "channel": "room", "user": "u2", "seq": 2}),
+        ("room", {"t": "typing", "channel": "room", "user": "u9", "on": True}),
+    ]
+
+
+def test_only_followed_channels_deliver_and_unfollow_stops(nodes: Nodes, engine: Engine) -> None:
+    a, b, rec = nodes.a, nodes.b, nodes.rec
+    nodes.follow("here")
+    a.append("elsewhere", "u", "c1", "not followed")
+    a.publish_signal("elsewhere", {"t": "typing", "channel": "elsewhere", "user": "u"})
+    a.append("here", "u", "c1", "followed")
+    rec.wait(lambda: rec.seqs("here") == [1])
+    b.unfollow("here")
+    eventually(lambda: engine.subscribers(b._topic("here")) == 0)
+    a.append("here", "u", "c2", "after unfollow")
+    time.sleep(QUIET_S)
+    assert [e.channel for e in rec.received] == ["here"] and rec.signals == []
+    nodes.follow("here")  # following again: confirmed, and delivered again
+    a.append("here", "u", "c3", "followed again")
+    rec.wait(lambda: rec.seqs("here") == [1, 3])
+
+
+def test_a_killed_pubsub_connection_is_reported_lost_and_delivery_resumes(
+    nodes: Nodes, engine: Engine
+) -> None:
+    a, b, rec = nodes.a, nodes.b, nodes.rec
+    for channel in ("one", "two", "three"):
+        nodes.follow(channel)
+    assert b.fanout.reconnects == 0
+    start = len(rec.losses)
+    engine.kill_pubsub_clients()
+    rec.wait(lambda: {"one", "two", "three"} <= set(rec.losses[start:]))
+    assert b.fanout.reconnects >= 1
+    for channel in ("one", "two", "three"):
+        a.append(channel, "u", "c", f"after the kill in {channel}")
+    rec.wait(lambda: len(rec.received) == 3)
+    assert sorted(e.channel for e in rec.received) == ["one", "three", "two"]
+
+
+def test_a_publish_that_fails_never_fails_the_acked_write(engine: Engine) -> None:
+    store = RedisStore(engine.url, key_prefix=f"fan{next(_prefixes)}:")
+    try:
+        store._publish_command = "NO-SUCH-COMMAND"  # Redis refuses every publish
+        result = store.append("room", "u", "c", "acked anyway")
+        assert (result.seq, result.dup) == (1, False)
+        eventually(lambda: store.fanout.publish_failures == 1)  # published after the ack
+        assert store.fanout.published == 0
+        assert store.sync("room", 0, 10).entries[0]["text"] == "acked anyway"
+    finally:
+        store.close()
+
+
+def test_a_cluster_topic_lives_on_its_channels_slot(engine: Engine) -> None:
+    store = RedisStore(engine.url, key_prefix="slots:")
+    try:
+        for channel in ("a", "b", "room-42"):
+            keys = store._keys(channel)
+            assert redis.cluster.key_slot(store._topic(channel)) == redis.cluster.key_slot(keys[0])
+    finally:
+        store.close()
+
+
+def test_open_store_passes_the_remote_hook(engine: Engine) -> None:
+    rec = Recorder()
+    store = open_store(engine.url, "", remote=rec)
+    try:
+        assert isinstance(store, RedisStore) and store._subscriber._remote is rec
+    finally:
+        store.close()
