@@ -255,3 +255,22 @@ def test_open_store_passes_the_remote_hook(engine: Engine) -> None:
         assert isinstance(store, RedisStore) and store._subscriber._remote is rec
     finally:
         store.close()
+
+
+def test_a_node_skips_what_it_published_itself(engine: Engine) -> None:
+    """A node's own entries and signals reached its members before they were published:
+    delivered again through pub/sub they would be pushed twice (a typing or read push)."""
+    own = Recorder()
+    store = RedisStore(engine.url, key_prefix=f"self{next(_prefixes)}:", remote=own)
+    try:
+        start = len(own.losses)
+        store.follow("room")
+        own.wait(lambda: "room" in own.losses[start:])
+        store.append("room", "u1", "c1", "mine")
+        store.set_read("u2", "room", 1)
+        store.publish_signal("room", {"t": "typing", "channel": "room", "user": "u1"})
+        time.sleep(QUIET_S)
+        assert own.received == [] and own.signals == []
+        assert store.fanout.published == 3 and store.fanout.bad_messages == 0
+    finally:
+        store.close()

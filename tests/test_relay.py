@@ -56,6 +56,13 @@ def test_events_before_the_position_are_held_and_those_it_covers_dropped() -> No
     assert relay.position(CH, 7, 5, 0) == [6]  # 5 is in what the subscriber reads
 
 
+def test_a_channel_without_a_log_takes_the_epoch_of_its_first_event() -> None:
+    relay = relay_at(0, epoch=0)  # joined before anything was written
+    assert relay.offer(CH, None, 1, 1, 0) == [1]  # this node's own first commit
+    assert relay.offer(CH, 9, 2, 2, 0) == [2]  # another node's, in the epoch it created
+    assert isinstance(relay.offer(CH, 10, 3, 3, 0), Reset)  # and later another epoch
+
+
 def test_a_full_hold_is_read_from_the_log_at_once() -> None:
     relay = relay_at(0, max_held=3)
     for seq in (2, 3, 4, 5):

@@ -1340,6 +1340,7 @@ class Server:
                     observer=self.metrics,
                     password_file=settings.engine_password_file or None,
                     wait_replicas=settings.engine_wait_replicas,
+                    remote=RemoteHop(self),
                 )
             )
         try:

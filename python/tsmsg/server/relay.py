@@ -78,12 +78,13 @@ class Relay(Generic[E]):
         """The head of ``channel`` as read after :meth:`follow`: what was held past it is
         delivered now (in order, up to a gap). A position already known stays: the
         members that follow from it get every later event (a later subscriber's read
-        covers the ones before its own head, and a repeat does no harm: rule 7)."""
+        covers the ones before its own head, and a repeat does no harm: rule 7). Epoch 0:
+        the channel has no log yet; its first event tells the epoch."""
         s = self.streams.get(channel)
         if s is None:
             return []
         if s.last is None:
-            s.epoch, s.last = epoch, head
+            s.epoch, s.last = epoch or s.epoch, head
         return self._drain(s, now_ms)
 
     # ------------------------------------------------------------------ events

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import queue
 import select
 import socket
@@ -57,14 +58,15 @@ class FanoutStats:
     reconnects: int = 0  # pub/sub connections lost (each is followed by ``lost``)
 
 
-def entry_message(channel: str, epoch: int, entry: dict[str, Any]) -> bytes:
-    """What is published for a committed entry (the entry as ``sync`` returns it)."""
-    return packb({"channel": channel, "epoch": epoch, "entry": entry})
+def entry_message(node: bytes, channel: str, epoch: int, entry: dict[str, Any]) -> bytes:
+    """What is published for a committed entry (the entry as ``sync`` returns it), by the
+    node ``node`` (a node ignores its own: they reached its members already)."""
+    return packb({"node": node, "channel": channel, "epoch": epoch, "entry": entry})
 
 
-def signal_message(channel: str, frame: dict[str, Any]) -> bytes:
+def signal_message(node: bytes, channel: str, frame: dict[str, Any]) -> bytes:
     """What is published for a live signal (a ``typing`` or ``read`` push)."""
-    return packb({"channel": channel, "signal": frame})
+    return packb({"node": node, "channel": channel, "signal": frame})
 
 
 def publish_all(
@@ -127,6 +129,7 @@ class Subscriber:
         self._topic = topic
         self._remote = remote
         self.stats = stats
+        self.node = os.urandom(8)  # this node's mark on what it publishes
         if cluster:
             self.publish_command, self._sub, self._unsub = "SPUBLISH", "SSUBSCRIBE", "SUNSUBSCRIBE"
         else:
@@ -319,6 +322,8 @@ class Subscriber:
             msg = unpackb(data)
             if not isinstance(msg, dict) or msg.get("channel") != channel:
                 raise ValueError("not a message of this channel")
+            if msg.get("node") == self.node:
+                return  # this node's own: its members had it before it was published
             if "entry" in msg:
                 epoch, entry = msg["epoch"], msg["entry"]
                 if not isinstance(epoch, int) or not isinstance(entry, dict):
@@ -362,7 +367,7 @@ class Subscriber:
                 channel, frame = self._signals.get_nowait()
             except queue.Empty:
                 break
-            messages.append((self._topic(channel), signal_message(channel, frame)))
+            messages.append((self._topic(channel), signal_message(self.node, channel, frame)))
         publish_all(self._client, self.publish_command, messages, self.stats)
 
     def _check_alive(self, now: float) -> None:

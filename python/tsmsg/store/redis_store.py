@@ -719,7 +719,12 @@ class RedisStore(Store):
             if op.kind == "read":
                 if op.changed:
                     frame = {"t": "read", "channel": op.channel, "user": op.user, "seq": result}
-                    out.append((self._topic(op.channel), signal_message(op.channel, frame)))
+                    out.append(
+                        (
+                            self._topic(op.channel),
+                            signal_message(self._subscriber.node, op.channel, frame),
+                        )
+                    )
                 continue
             if not isinstance(result, AppendResult) or result.dup:
                 continue
@@ -730,7 +735,12 @@ class RedisStore(Store):
             if op.kind == "message" and op.meta:
                 entry["meta"] = op.meta
             epoch = int(result.id.partition("-")[0])
-            out.append((self._topic(op.channel), entry_message(op.channel, epoch, entry)))
+            out.append(
+                (
+                    self._topic(op.channel),
+                    entry_message(self._subscriber.node, op.channel, epoch, entry),
+                )
+            )
         return out
 
     def _ack(self, batch: list[WriteOp]) -> None:

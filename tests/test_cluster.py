@@ -1,0 +1,203 @@
+"""Cluster mode over real TCP: several tsmsg nodes on one shared Redis engine (issue 15).
+
+Each test starts its own ``redis-server`` (AOF always, loopback, a temporary dir) or the
+3-master Redis Cluster, and its tsmsg nodes in this process, each with its own listener:
+
+- clients on different nodes join one channel and send concurrently: every member on
+  every node receives every event exactly once, in seq order, seqs dense, and the sender's
+  ``ok`` comes before its own event;
+- one cid retried through two nodes is stored once;
+- typing and read receipts reach members on other nodes;
+- ``CLIENT KILL TYPE pubsub`` on Redis mid-stream: no member misses or doubles an event.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import trio
+
+import redis_servers
+from conftest import Harness, WireClient, make_settings, running_server
+from tsmsg.server.settings import Settings
+
+CHANNEL = "room-1"
+SENDS = 40  # per sender
+DELIVERY_TIMEOUT_S = 20.0
+
+pytestmark = pytest.mark.skipif(not redis_servers.available(), reason="needs redis-server")
+
+
+@pytest.fixture
+def redis_engine(tmp_path: Path) -> Iterator[str]:
+    """A fresh Redis of this test's own (no state shared with any other test)."""
+    server = redis_servers.RedisServer(tmp_path / "redis").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_cluster_engine(redis_cluster: redis_servers.RedisCluster) -> Iterator[str]:
+    yield redis_cluster.url
+
+
+@asynccontextmanager
+async def nodes(tmp_path: Path, engine: str, n: int) -> AsyncIterator[list[Harness]]:
+    """``n`` tsmsg nodes on ``engine``, each with its own port."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for i in range(n):
+            settings: Settings = make_settings(tmp_path / f"node{i}", engine=engine)
+            out.append(await stack.enter_async_context(running_server(settings)))
+        yield out
+
+
+async def join(client: WireClient, channel: str = CHANNEL) -> dict[str, Any]:
+    reply = await client.request("join", channel=channel)
+    assert reply["t"] == "ok", reply
+    return reply
+
+
+async def collect(client: WireClient, count: int, channel: str = CHANNEL) -> list[dict[str, Any]]:
+    """The next ``count`` events of ``channel`` this client receives."""
+    out = []
+    with trio.fail_after(DELIVERY_TIMEOUT_S):
+        while len(out) < count:
+            out.append(await client.next(lambda f: f["t"] == "event" and f["channel"] == channel))
+    return out
+
+
+def check_stream(events: list[dict[str, Any]], first: int, last: int) -> None:
+    """Exactly seqs first..last, in order, once each."""
+    assert [e["seq"] for e in events] == list(range(first, last + 1))
+
+
+async def chat_across(harnesses: list[Harness], per_node: int = 1) -> None:
+    """A member and a sender on every node; all send at once; every member gets all."""
+    members = [
+        await h.connect(f"m{i}-{j}") for i, h in enumerate(harnesses) for j in range(per_node)
+    ]
+    heads = [(await join(m))["head"] for m in members]
+    senders = [await h.connect(f"s{i}") for i, h in enumerate(harnesses)]
+    total = SENDS * len(senders)
+    ids = itertools.count()
+
+    async def send_all(sender: WireClient) -> None:
+        for _ in range(SENDS):
+            reply = await sender.request("send", channel=CHANNEL, cid=f"c{next(ids)}", text="x")
+            assert reply["t"] == "ok", reply
+
+    streams: list[list[dict[str, Any]]] = []
+
+    async def receive(member: WireClient) -> None:
+        streams.append(await collect(member, total))
+
+    async with trio.open_nursery() as nursery:
+        for member in members:
+            nursery.start_soon(receive, member)
+        for sender in senders:
+            nursery.start_soon(send_all, sender)
+    for head, events in zip(heads, (s for s in streams), strict=True):
+        assert events[0]["seq"] >= head + 1
+    for events in streams:
+        first = events[0]["seq"]
+        check_stream(events, first, first + total - 1)
+    # Every member saw the same entries under the same seqs.
+    by_seq = [{e["seq"]: (e["id"], e["sender"]) for e in events} for events in streams]
+    assert all(m == by_seq[0] for m in by_seq)
+
+
+async def test_members_on_every_node_get_every_event_once_in_order(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    async with nodes(tmp_path, redis_engine, 3) as harnesses:
+        await chat_across(harnesses)
+
+
+async def test_three_nodes_on_a_redis_cluster(tmp_path: Path, redis_cluster_engine: str) -> None:
+    async with nodes(tmp_path, redis_cluster_engine, 3) as harnesses:
+        await chat_across(harnesses)
+
+
+async def test_the_senders_ok_precedes_its_event_on_its_own_node(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        alice = await a.connect("alice")
+        await join(alice)
+        bob = await b.connect("bob")
+        await join(bob)
+        await alice.send({"t": "send", "rid": 7, "channel": CHANNEL, "cid": "k", "text": "hi"})
+        first = await alice.next(lambda f: f.get("rid") == 7 or f["t"] == "event")
+        assert first["t"] == "ok", first
+        [event] = await collect(alice, 1)
+        assert event["seq"] == first["seq"]
+        [remote] = await collect(bob, 1)
+        assert remote == event
+
+
+async def test_a_cid_retried_through_another_node_is_stored_once(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        on_a, on_b = await a.connect("alice"), await b.connect("alice")
+        first = await on_a.request("send", channel=CHANNEL, cid="retry-1", text="once")
+        again = await on_b.request("send", channel=CHANNEL, cid="retry-1", text="once")
+        assert again["dup"] is True
+        assert (again["seq"], again["id"]) == (first["seq"], first["id"])
+        page = await on_b.request("sync", channel=CHANNEL, since=0)
+        assert [e["seq"] for e in page["events"]] == [first["seq"]]
+
+
+async def test_typing_and_read_receipts_cross_nodes(tmp_path: Path, redis_engine: str) -> None:
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        alice, bob = await a.connect("alice"), await b.connect("bob")
+        await join(alice)
+        await join(bob)
+        sent = await alice.request("send", channel=CHANNEL, cid="c", text="hello")
+        await collect(bob, 1)
+        assert (await alice.request("typing", channel=CHANNEL, on=True))["t"] == "ok"
+        typing = await bob.expect("typing", channel=CHANNEL, user="alice")
+        assert typing["on"] is True
+        assert (await bob.request("read", channel=CHANNEL, seq=sent["seq"]))["t"] == "ok"
+        receipt = await alice.expect("read", channel=CHANNEL, user="bob")
+        assert receipt["seq"] == sent["seq"]
+
+
+async def test_a_killed_pubsub_connection_loses_and_doubles_nothing(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        sender, member = await a.connect("alice"), await b.connect("bob")
+        await join(member)
+        admin = redis.Redis.from_url(redis_engine)
+        ids = itertools.count()
+
+        async def send(n: int) -> None:
+            for _ in range(n):
+                cid = f"c{next(ids)}"
+                reply = await sender.request("send", channel=CHANNEL, cid=cid, text="x")
+                assert reply["t"] == "ok", reply
+
+        async with trio.open_nursery() as nursery:
+            received: list[dict[str, Any]] = []
+
+            async def receive() -> None:
+                received.extend(await collect(member, 3 * SENDS))
+
+            nursery.start_soon(receive)
+            await send(SENDS)
+            killed = await trio.to_thread.run_sync(
+                lambda: admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            )
+            assert killed >= 1
+            await send(2 * SENDS)
+        check_stream(received, 1, 3 * SENDS)
