@@ -16,8 +16,9 @@ import anyio
 import pytest
 import trio
 
-from conftest import SECRET, Harness, make_settings, mint
-from server_proc import server_process
+import redis_servers
+from conftest import SECRET, Harness, fresh_redis_url, make_settings, mint
+from server_proc import ServerProcess, server_process
 from tsmsg.auth import TokenVerifier
 from tsmsg.client import (
     Ack,
@@ -254,79 +255,100 @@ def free_port() -> int:
 
 
 async def kill_and_restart_mid_stream(tmp_path: Path) -> dict[str, Any]:
-    """alice and bob each send ``n`` messages to one channel, up to 16 in flight, while both
-    read the channel; the server is SIGKILLed mid-stream and restarted on the same port.
-    Checks that each one's event stream is the whole log, gap-free, duplicate-free and in
-    order, and that every message is stored exactly once."""
-    n = 150
+    """The one node is SIGKILLed mid-stream and restarted on the same port."""
     data, log_path = tmp_path / "data", tmp_path / "server.log"
     async with server_process(data, log_path, port=free_port()) as server:
-        async with (
-            connect(HOST, server.port, token=mint("alice"), backoff_max=0.3) as alice,
-            connect(HOST, server.port, token=mint("bob"), backoff_max=0.3) as bob,
-        ):
-            clients = {"alice": alice, "bob": bob}
-            for client in clients.values():
-                await client.join(CH)
-            seen: dict[str, list[Event]] = {name: [] for name in clients}
-            acks: dict[str, Ack] = {}
+        return await kill_mid_stream(server, None)
 
-            def messages(name: str) -> list[Message]:
-                return [e for e in seen[name] if isinstance(e, Message)]
 
-            async def consume(name: str) -> None:
-                async for event in clients[name].events(CH):
-                    seen[name].append(event)
-                    if len(messages(name)) == 2 * n:
-                        return
+async def kill_a_node_mid_stream(tmp_path: Path, engine: str) -> dict[str, Any]:
+    """Node A of two on one Redis engine is SIGKILLed mid-stream for good: the clients,
+    given both addresses, go on through node B."""
+    async with (
+        server_process(tmp_path / "a", tmp_path / "a.log", "--engine", engine) as a,
+        server_process(tmp_path / "b", tmp_path / "b.log", "--engine", engine) as b,
+    ):
+        return await kill_mid_stream(a, b)
 
-            async def produce(name: str) -> None:
-                window = anyio.Semaphore(16)
 
-                async def one(cid: str) -> None:
-                    acks[cid] = await clients[name].send(CH, f"text {cid}", cid=cid)
-                    window.release()
+async def kill_mid_stream(server: ServerProcess, other: ServerProcess | None) -> dict[str, Any]:
+    """alice and bob each send ``n`` messages to one channel, up to 16 in flight, while both
+    read the channel; ``server`` is SIGKILLed mid-stream, then restarted (``other`` None)
+    or left dead (the clients fail over to ``other``). Checks that each one's event stream
+    is the whole log, gap-free, duplicate-free and in order, and that every message is
+    stored exactly once."""
+    n = 150
+    more = [] if other is None else [(HOST, other.port)]
 
-                async with anyio.create_task_group() as tg:
-                    for k in range(n):
-                        await window.acquire()
-                        tg.start_soon(one, f"{name}-{k}")
+    def client(user: str) -> Any:
+        return connect(
+            HOST, server.port, token=mint(user), backoff_max=0.3, fallback_addresses=more
+        )
 
-            with anyio.fail_after(40):
-                async with anyio.create_task_group() as tg:
-                    for name in clients:
-                        tg.start_soon(consume, name)
-                        tg.start_soon(produce, name)
-                    # Half of all the sends acknowledged: the rest is still to come (up to
-                    # 16 a client in flight), however far behind the readers are.
-                    while len(acks) < n:
-                        await anyio.sleep(0.002)
-                    server.kill()
-                    killed_at = (len(acks), len(messages("bob")))
+    async with client("alice") as alice, client("bob") as bob:
+        clients = {"alice": alice, "bob": bob}
+        for c in clients.values():
+            await c.join(CH)
+        seen: dict[str, list[Event]] = {name: [] for name in clients}
+        acks: dict[str, Ack] = {}
+
+        def messages(name: str) -> list[Message]:
+            return [e for e in seen[name] if isinstance(e, Message)]
+
+        async def consume(name: str) -> None:
+            async for event in clients[name].events(CH):
+                seen[name].append(event)
+                if len(messages(name)) == 2 * n:
+                    return
+
+        async def produce(name: str) -> None:
+            window = anyio.Semaphore(16)
+
+            async def one(cid: str) -> None:
+                acks[cid] = await clients[name].send(CH, f"text {cid}", cid=cid)
+                window.release()
+
+            async with anyio.create_task_group() as tg:
+                for k in range(n):
+                    await window.acquire()
+                    tg.start_soon(one, f"{name}-{k}")
+
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                for name in clients:
+                    tg.start_soon(consume, name)
+                    tg.start_soon(produce, name)
+                # Half of all the sends acknowledged: the rest is still to come (up to
+                # 16 a client in flight), however far behind the readers are.
+                while len(acks) < n:
+                    await anyio.sleep(0.002)
+                server.kill()
+                killed_at = (len(acks), len(messages("bob")))
+                if other is None:
                     await anyio.sleep(0.2)
                     await server.restart()
-                log = await sync_log(bob)
-                for client in clients.values():  # each one saw the server go and come back
-                    changes = [await next_event(client, None, ConnectionChanged) for _ in "123"]
-                    assert [c.connected for c in changes] == [True, False, True], changes
-        # The application-level streams: a Resynced at 0, then every seq once, in order.
-        for name in clients:
-            resynced = [e for e in seen[name] if isinstance(e, Resynced)]
-            assert resynced == [Resynced(CH, 0, 0, ())], name
-            got = [m.seq for m in messages(name)]
-            assert got == list(range(1, 2 * n + 1)), (name, killed_at, got)
-            assert [m.id for m in messages(name)] == [e.id for e in log]
-        # Every message stored exactly once, where its ack says.
-        texts = [e.text for e in log]
-        cids = [f"{name}-{k}" for name in clients for k in range(n)]
-        assert sorted(texts) == sorted(f"text {cid}" for cid in cids)
-        for cid, ack in acks.items():
-            assert log[ack.seq - 1].text == f"text {cid}"
-            assert log[ack.seq - 1].id == ack.id
-        assert len(acks) == 2 * n
-        # The kill was mid-stream (acks sent, bob's messages seen when it came).
-        assert killed_at[0] < 2 * n and killed_at[1] < 2 * n, killed_at
-        return {"dups": sum(a.dup for a in acks.values()), "killed_at": killed_at}
+            log = await sync_log(bob)
+            for c in clients.values():  # each one saw its node go and a node come back
+                changes = [await next_event(c, None, ConnectionChanged) for _ in "123"]
+                assert [c.connected for c in changes] == [True, False, True], changes
+    # The application-level streams: a Resynced at 0, then every seq once, in order.
+    for name in clients:
+        resynced = [e for e in seen[name] if isinstance(e, Resynced)]
+        assert resynced == [Resynced(CH, 0, 0, ())], name
+        got = [m.seq for m in messages(name)]
+        assert got == list(range(1, 2 * n + 1)), (name, killed_at, got)
+        assert [m.id for m in messages(name)] == [e.id for e in log]
+    # Every message stored exactly once, where its ack says.
+    texts = [e.text for e in log]
+    cids = [f"{name}-{k}" for name in clients for k in range(n)]
+    assert sorted(texts) == sorted(f"text {cid}" for cid in cids)
+    for cid, ack in acks.items():
+        assert log[ack.seq - 1].text == f"text {cid}"
+        assert log[ack.seq - 1].id == ack.id
+    assert len(acks) == 2 * n
+    # The kill was mid-stream (acks sent, bob's messages seen when it came).
+    assert killed_at[0] < 2 * n and killed_at[1] < 2 * n, killed_at
+    return {"dups": sum(a.dup for a in acks.values()), "killed_at": killed_at}
 
 
 async def test_sigkill_restart_mid_stream_trio(tmp_path: Path) -> None:
@@ -335,6 +357,15 @@ async def test_sigkill_restart_mid_stream_trio(tmp_path: Path) -> None:
 
 def test_sigkill_restart_mid_stream_asyncio(tmp_path: Path) -> None:
     anyio.run(kill_and_restart_mid_stream, tmp_path, backend="asyncio")
+
+
+@pytest.mark.skipif(not redis_servers.available(), reason="needs redis-server")
+async def test_sigkill_a_cluster_node_the_clients_fail_over(
+    tmp_path: Path, redis_server: redis_servers.RedisServer
+) -> None:
+    """Cluster mode (docs/cluster.md): a node dies for good, its clients resume on another
+    node exactly once, in order, their unacknowledged sends delivered once."""
+    await kill_a_node_mid_stream(tmp_path, fresh_redis_url(redis_server))
 
 
 def run_asyncio(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -436,7 +467,7 @@ async def test_an_ended_connection_does_not_hold_the_send_lock() -> None:
     from tsmsg.client.client import Client, _Session
 
     client = Client(
-        HOST, 1, token=mint("alice"), token_provider=None, state_path=None, reconnect=False,
+        [(HOST, 1)], token=mint("alice"), token_provider=None, state_path=None, reconnect=False,
         backoff_max=1.0, max_queued=10, ssl_context=None,
     )  # fmt: skip
     session = client._session = _Session(StuckStream())

@@ -201,3 +201,105 @@ async def test_a_killed_pubsub_connection_loses_and_doubles_nothing(
             assert killed >= 1
             await send(2 * SENDS)
         check_stream(received, 1, 3 * SENDS)
+
+
+async def send_each(client: WireClient, cids: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Send one message per cid, one at a time: the ``ok`` replies by cid, and the cids
+    refused with ``store_unavailable`` (any other answer fails the test)."""
+    acked: dict[str, Any] = {}
+    refused: list[str] = []
+    for cid in cids:
+        reply = await client.request("send", channel=CHANNEL, cid=cid, text=f"text {cid}")
+        if reply["t"] == "ok":
+            acked[cid] = reply
+        else:
+            assert reply.get("code") == "store_unavailable", reply
+            refused.append(cid)
+    return acked, refused
+
+
+async def full_log(client: WireClient) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    more = True
+    while more:
+        page = await client.request("sync", channel=CHANNEL, since=len(out))
+        assert page["t"] == "ok", page
+        out += page["events"]
+        more = page["more"]
+    return out
+
+
+async def until(what: Any, timeout: float = DELIVERY_TIMEOUT_S) -> None:
+    with trio.fail_after(timeout):
+        while not what():
+            await trio.sleep(0.05)
+
+
+async def test_redis_killed_and_restarted_mid_stream_loses_no_acked_message(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the one Redis (AOF always) while a node writes: every write in the
+    outage is refused with store_unavailable (never an ok), /readyz says why, the nodes
+    keep their connections and recover by themselves; nothing acknowledged is lost and
+    the member on the other node gets every event once, in order."""
+    redis_server = redis_servers.RedisServer(tmp_path / "redis").start()
+    try:
+        async with nodes(tmp_path, redis_server.url, 2) as (a, b):
+            sender, member = await a.connect("alice"), await b.connect("bob")
+            await join(member)
+            acked, refused = await send_each(sender, [f"before-{i}" for i in range(SENDS)])
+            assert not refused
+            await trio.to_thread.run_sync(redis_server.kill)
+            during, refused = await send_each(sender, [f"during-{i}" for i in range(5)])
+            assert during == {} and len(refused) == 5
+            assert a.server.readiness() is not None  # a failed write tells at once
+            await until(lambda: b.server.readiness() is not None)  # an idle node's probe
+            assert (await member.request("ping"))["t"] == "pong"  # still connected
+            await trio.to_thread.run_sync(redis_server.start)
+            await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
+            # The refused ones again (same cids), and more.
+            later = refused + [f"after-{i}" for i in range(SENDS)]
+            more, still = await send_each(sender, later)
+            assert not still
+            acked.update(more)
+            events = await collect(member, len(acked))
+            log = await full_log(member)
+        assert [e["seq"] for e in log] == list(range(1, len(acked) + 1))
+        by_cid = {cid: reply["seq"] for cid, reply in acked.items()}
+        assert sorted(by_cid.values()) == [e["seq"] for e in log]  # each cid stored once
+        for cid, seq in by_cid.items():
+            assert log[seq - 1]["text"] == f"text {cid}"
+        check_stream(events, 1, len(acked))
+    finally:
+        redis_server.stop()
+
+
+async def test_redis_data_lost_under_live_clients_shows_as_a_new_epoch(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """FLUSHALL while members on two nodes follow a channel: the next write starts a new
+    log; every member's live stream is cut, its sync answers ``resync`` (epoch), and no
+    client sees two different messages under one (epoch, seq)."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        alice, bob = await a.connect("alice"), await b.connect("bob")
+        joined = [await join(c) for c in (alice, bob)]
+        old = await alice.request("send", channel=CHANNEL, cid="old", text="old 1")
+        for c in (alice, bob):
+            await collect(c, 1)
+        epoch = (await alice.request("sync", channel=CHANNEL, since=0))["epoch"]
+        assert epoch != 0 and all(j["epoch"] == 0 for j in joined)
+        admin = redis.Redis.from_url(redis_engine)
+        await trio.to_thread.run_sync(admin.flushall)
+        new = await alice.request("send", channel=CHANNEL, cid="new", text="new 1")
+        assert new["seq"] == old["seq"] == 1 and new["id"] != old["id"]
+        for c in (alice, bob):
+            cut = await c.expect("resync", channel=CHANNEL)
+            assert cut["epoch"] != epoch
+            page = await c.request("sync", channel=CHANNEL, since=1, epoch=epoch)
+            assert (page["t"], page["reason"]) == ("resync", "epoch")
+            fresh = await c.request("sync", channel=CHANNEL, since=0)
+            assert fresh["epoch"] == cut["epoch"]
+            assert [(e["seq"], e["text"]) for e in fresh["events"]] == [(1, "new 1")]
+        # Neither saw "new 1" as a live event of the old epoch.
+        for c in (alice, bob):
+            assert not [f for f in c.pending if f.get("t") == "event"]

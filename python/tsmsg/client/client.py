@@ -27,7 +27,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -143,8 +143,7 @@ class Client:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        addresses: list[tuple[str, int]],
         *,
         token: str | None,
         token_provider: TokenProvider | None,
@@ -156,7 +155,10 @@ class Client:
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("connect() needs a token or a token_provider")
-        self._host, self._port = host, port
+        # Nodes of one deployment, tried in turn: the next one after a connection that
+        # failed or ended before its welcome (a node that died refuses at once).
+        self._addresses = addresses
+        self._at = 0  # index of the address in use
         self._ssl_context = ssl_context  # None: plaintext
         self._last_error: str | None = None  # why the last connection attempt ended
         self._token, self._token_provider = token, token_provider
@@ -412,7 +414,8 @@ class Client:
                     self._fail(ConnectionClosed(f"{what}: {exc.verify_message}"))
                     return
                 except OSError as exc:
-                    reason = f"connect failed: {exc}"
+                    reason = f"connect to {self._where} failed: {exc}"
+                    self._at = (self._at + 1) % len(self._addresses)
                 else:
                     reason = session.reason or "closed"
                     wait_at_least = session.retry_after
@@ -422,6 +425,8 @@ class Client:
                         return
                     if session.welcomed.is_set():
                         attempt = 0
+                    else:
+                        self._at = (self._at + 1) % len(self._addresses)
                 self._last_error = reason
                 if not self._reconnect:
                     self._fail(ConnectionClosed(reason))
@@ -442,14 +447,24 @@ class Client:
             return False  # an admission refusal: wait retry_after, then reconnect
         return error.code in ("unsupported_version", "bad_request")
 
+    @property
+    def _host(self) -> str:
+        return self._addresses[self._at][0]
+
+    @property
+    def _where(self) -> str:
+        host, port = self._addresses[self._at]
+        return f"{host}:{port}"
+
     async def _open_stream(self) -> anyio.abc.ByteStream:
+        host, port = self._addresses[self._at]
         if self._ssl_context is None:
-            return await anyio.connect_tcp(self._host, self._port)
+            return await anyio.connect_tcp(host, port)
         try:
             # Not standard_compatible: close_notify is neither sent nor required
             # (PROTOCOL.md section 4): the framing delimits every frame.
             return await anyio.connect_tcp(
-                self._host, self._port, ssl_context=self._ssl_context, tls_standard_compatible=False
+                host, port, ssl_context=self._ssl_context, tls_standard_compatible=False
             )
         except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             raise OSError(f"TLS handshake: the server closed the connection ({exc!r})") from exc
@@ -628,6 +643,7 @@ async def connect(
     max_queued: int = MAX_QUEUED,
     tls: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    fallback_addresses: Sequence[tuple[str, int]] = (),
 ) -> AsyncIterator[Client]:
     """Connect to a tsmsg server; the client stays connected (reconnecting as needed)
     until the block exits. Returns once the first hello succeeded; raises the server's
@@ -644,12 +660,16 @@ async def connect(
     :func:`tsmsg.tls.client_tls_context` with a private CA or a client certificate. A
     certificate that fails verification is fatal (raised as ``ConnectionClosed``, never
     retried); other TLS failures are retried like any lost connection.
+
+    ``fallback_addresses``: more ``(host, port)`` nodes of the same deployment (a cluster
+    on one engine, docs/cluster.md). After a connection attempt that fails, or ends
+    before its welcome, the client tries the next address in turn; it resumes there as
+    on any reconnect (sync from its positions, the outbox resent with the same cids).
     """
     if tls and ssl_context is None:
         ssl_context = client_tls_context()
     client = Client(
-        host,
-        port,
+        [(host, port), *fallback_addresses],
         token=token,
         token_provider=token_provider,
         state_path=state_path,
@@ -669,7 +689,7 @@ async def connect(
                     raise client._fatal
                 if not client._first.is_set():
                     raise ConnectionClosed(
-                        f"could not connect to {host}:{port} within {connect_timeout} s"
+                        f"could not connect to {client._where} within {connect_timeout} s"
                         f" (last: {client._last_error or 'no attempt ended'})"
                     )
                 yield client

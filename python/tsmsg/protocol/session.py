@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tsmsg._native import FrameError, FrameTooLarge, packb
@@ -101,6 +101,9 @@ class Publish:
     channel: str
     frame: Frame
     skip_user: str | None = None
+    # An event: its log's epoch, for the relay to tell a reset log from a repeat (routing
+    # only: not compared, not sent).
+    epoch: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,7 +628,7 @@ class Session:
             entry["text"] = op.text
         if op.meta:
             entry["meta"] = op.meta
-        actions.append(Publish(op.channel, event_frame(op.channel, entry)))
+        actions.append(Publish(op.channel, event_frame(op.channel, entry), epoch=op.epoch))
         return actions
 
     # ------------------------------------------------------------------ reads

@@ -1052,7 +1052,9 @@ class Server:
         reach this node's members, and the other nodes' through the engine."""
         frame, channel = action.frame, action.channel
         if frame["t"] == "event":
-            out = self.relay.offer(channel, None, frame["seq"], frame, self.now_ms())
+            out = self.relay.offer(
+                channel, action.epoch or None, frame["seq"], frame, self.now_ms()
+            )
             self.deliver(channel, out)
             return
         if frame["t"] == "typing":  # read pushes: the engine publishes them with the cursor

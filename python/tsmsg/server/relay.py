@@ -92,8 +92,8 @@ class Relay(Generic[E]):
     def offer(
         self, channel: str, epoch: int | None, seq: int, event: E, now_ms: int
     ) -> list[E] | Reset:
-        """An event of ``channel`` reached this node (``epoch`` None: this node's own
-        commit, of the epoch already known). Returns the events to deliver now, in order,
+        """An event of ``channel`` reached this node (``epoch`` None: of the epoch already
+        known). Returns the events to deliver now, in order,
         or a reset: the event belongs to another epoch (the log was lost and restarted)."""
         s = self.streams.get(channel)
         if s is None:

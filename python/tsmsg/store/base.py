@@ -126,6 +126,9 @@ class WriteOp:
     moderator: bool = False  # may change other users' messages
     result: AppendResult | int | None = None  # AppendResult, or the cursor for `read`
     changed: bool = False  # `read` only: the cursor moved
+    # message, edit, delete: the epoch of the log the entry went into (0: a dup, or
+    # failed); a node's relay tells a reset log from a repeat by it (server/relay.py)
+    epoch: int = 0
     error: StoreError | None = None
     origin: Any = field(default=None, repr=False)  # the caller's handle, e.g. its session
     rid: int | None = None  # the request id to answer

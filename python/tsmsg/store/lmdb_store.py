@@ -1120,6 +1120,7 @@ class LmdbStore(Store):
         order = U64.pack(self._next_order + len(b.new_cids))
         b.journal.append((order, packb([dkey, seq, b.ts])))
         b.new_cids[dkey] = seq
+        op.epoch = rec["epoch"]
         return AppendResult(op.channel, seq, mid, b.ts)
 
     def _apply(self, b: _Batch, op: WriteOp) -> AppendResult | int:
@@ -1182,6 +1183,7 @@ class LmdbStore(Store):
             txn.put(mkey, U64.pack(ts), db=self._tombstones)
         b.log_put(mkey, self._pack(mkey, msg))
         self._put_entry(b.log_put, rec, entry)
+        op.epoch = rec["epoch"]
         return AppendResult(op.channel, seq, target, ts)
 
     def _apply_read(self, b: _Batch, op: WriteOp) -> int:

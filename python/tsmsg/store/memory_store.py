@@ -387,7 +387,9 @@ class MemoryStore(Store):
                 op.error = StoreUnavailable(f"store commit failed: {fail}")
                 continue
             try:
-                op.result = self.data.apply(op)
+                op.result = result = self.data.apply(op)
+                if isinstance(result, AppendResult) and not result.dup:
+                    op.epoch = self.data.channels[op.channel].epoch
             except StoreError as exc:
                 op.error = exc
             except (ValueError, TypeError) as exc:  # a malformed op fails alone

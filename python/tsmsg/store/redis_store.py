@@ -42,7 +42,9 @@ from typing import Any
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from tsmsg._native import packb, unpackb
@@ -95,6 +97,7 @@ DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one i
 CONNECT_TIMEOUT_S = 5.0  # a TCP connect to Redis that takes longer has failed
 SOCKET_TIMEOUT_S = 10.0  # a reply later than this is a dead connection (scripts are short)
 RECONNECT_INTERVAL_S = 0.5  # while Redis is down, the writer probes it this often
+HEALTH_CHECK_S = 1.0  # an idle writer pings Redis this often (/readyz sees an outage)
 MAX_CONNECTIONS = 64  # per store: the writer, the compactor, and the server's read threads
 POOL_WAIT_S = 10.0  # a read waits this long for a free connection before failing
 DEFAULT_WAIT_TIMEOUT_MS = 1000  # WAIT for replicas: longer means a replica is not keeping up
@@ -366,6 +369,8 @@ class RedisStore(Store):
         try:
             yield
         except RedisError as exc:
+            if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):  # the probe clears it
+                self.down = f"Redis at {self.target.where} is unreachable: {exc}"
             raise StoreUnavailable(f"Redis at {self.target.where} failed: {exc}") from None
         finally:
             with self._inflight_changed:
@@ -524,7 +529,8 @@ class RedisStore(Store):
             item, held = held, None
             if item is None:
                 try:
-                    item = self._queue.get(timeout=RECONNECT_INTERVAL_S if self.down else None)
+                    wait = RECONNECT_INTERVAL_S if self.down else HEALTH_CHECK_S
+                    item = self._queue.get(timeout=wait)
                 except queue.Empty:
                     self._probe()
                     continue
@@ -541,13 +547,16 @@ class RedisStore(Store):
             publish_all(self._wclient, self._publish_command, messages, self.fanout)
 
     def _probe(self) -> None:
-        """While Redis is down: does it answer again?"""
+        """An idle writer's check: does Redis answer (again)?"""
         try:
             self._wclient.ping()
         except RedisError as exc:
+            if self.down is None:
+                log.error("Redis at %s does not answer: %s", self.target.where, exc)
             self.down = f"Redis at {self.target.where} is unreachable: {exc}"
             return
-        log.warning("Redis at %s answers again: writes resume", self.target.where)
+        if self.down is not None:
+            log.warning("Redis at %s answers again: writes resume", self.target.where)
         self.down = None
 
     def _next_batch(
@@ -697,12 +706,14 @@ class RedisStore(Store):
             flag, epoch, seq = reply[0], reply[1], int(reply[2])
             if flag:
                 op.result = AppendResult(op.channel, seq, f"{epoch.decode()}-{seq}", ts)
+                op.epoch = int(epoch)
                 if reply[3]:
                     created.append(op.channel)
             else:
                 op.result = _dup_result(op.channel, epoch, seq, reply[3])
         elif reply[0] == b"ok":
             op.result = AppendResult(op.channel, int(reply[1]), op.target or "", ts)
+            op.epoch = int((op.target or "").partition("-")[0])  # found: the current epoch
         elif reply[0] == b"fb":
             raise Forbidden(f"only the sender or a moderator may change message {op.target!r}")
         else:
