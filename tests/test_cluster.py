@@ -14,6 +14,7 @@ Each test starts its own ``redis-server`` (AOF always, loopback, a temporary dir
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ import redis
 import trio
 
 import redis_servers
-from conftest import Harness, WireClient, make_settings, running_server
+from conftest import Harness, WireClient, make_settings, mint, running_server
+from server_proc import ServerProcess
 from tsmsg.server.settings import Settings
 
 CHANNEL = "room-1"
@@ -50,12 +52,14 @@ def redis_cluster_engine(redis_cluster: redis_servers.RedisCluster) -> Iterator[
 
 
 @asynccontextmanager
-async def nodes(tmp_path: Path, engine: str, n: int) -> AsyncIterator[list[Harness]]:
+async def nodes(
+    tmp_path: Path, engine: str, n: int, **overrides: Any
+) -> AsyncIterator[list[Harness]]:
     """``n`` tsmsg nodes on ``engine``, each with its own port."""
     async with AsyncExitStack() as stack:
         out = []
         for i in range(n):
-            settings: Settings = make_settings(tmp_path / f"node{i}", engine=engine)
+            settings: Settings = make_settings(tmp_path / f"node{i}", engine=engine, **overrides)
             out.append(await stack.enter_async_context(running_server(settings)))
         yield out
 
@@ -303,3 +307,81 @@ async def test_redis_data_lost_under_live_clients_shows_as_a_new_epoch(
         # Neither saw "new 1" as a live event of the old epoch.
         for c in (alice, bob):
             assert not [f for f in c.pending if f.get("t") == "event"]
+
+
+PRESENCE_TTL_S = 1.5  # the nodes' engine_presence_ttl_s here: a dead node's users expire fast
+QUIET_S = 0.3  # how long "no push came" is watched for (a push between nodes takes ~1 ms)
+
+
+def presence_of(user: str) -> Any:
+    return lambda f: f.get("t") == "presence" and f.get("user") == user
+
+
+def taken(client: WireClient, match: Any) -> list[dict[str, Any]]:
+    hits = [f for f in client.pending if match(f)]
+    client.pending = [f for f in client.pending if not match(f)]
+    return hits
+
+
+async def test_presence_across_nodes_once_per_change_and_after_a_node_dies(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A user is online while any device is connected to any node: pushed once per change
+    of that, to members on every node; a query on a node without the user's devices
+    answers from the engine; a node killed without a goodbye counts no longer after the
+    TTL, and its user is announced offline with last_seen recorded."""
+    ttl = {"engine_presence_ttl_s": PRESENCE_TTL_S}
+    async with nodes(tmp_path, redis_engine, 2, **ttl) as (a, b):
+        first = await a.connect("alice")
+        await join(first)
+        carol = await b.connect("carol")
+        await join(carol)
+        store = b.server.store
+        await until(  # memberships are written after the join's ok
+            lambda: all(CHANNEL in store.channels_of(u) for u in ("alice", "carol"))
+        )
+        await first.aclose()  # alice's only device, on the other node: offline
+        assert (await carol.next(presence_of("alice")))["status"] == "offline"
+
+        phone = await a.connect("alice")
+        assert (await carol.next(presence_of("alice")))["status"] == "online"
+        laptop = await b.connect("alice")  # a second device, another node: no change
+        await trio.sleep(QUIET_S)
+        assert taken(carol, presence_of("alice")) == []
+        await phone.aclose()  # still on node b
+        await trio.sleep(QUIET_S)
+        assert taken(carol, presence_of("alice")) == []
+        dave = await a.connect("dave")  # on node a, where alice has no device now
+        await join(dave)
+        (entry,) = (await dave.request("presence", users=["alice"]))["users"]
+        assert (entry["status"], entry["online"]) == ("online", True), entry
+        await laptop.aclose()
+        assert (await carol.next(presence_of("alice")))["status"] == "offline"
+
+        # A node that dies: its user counts as online until the TTL, then offline once.
+        doomed = ServerProcess(
+            tmp_path / "doomed",
+            tmp_path / "doomed.log",
+            "--engine",
+            redis_engine,
+            env={"TSMSG_ENGINE_PRESENCE_TTL_S": str(PRESENCE_TTL_S)},
+        )
+        try:
+            await doomed.start()
+            stream = await trio.open_tcp_stream("127.0.0.1", doomed.port)
+            alice = WireClient(stream)
+            assert (await alice.request("hello", v=1, token=mint("alice")))["t"] == "welcome"
+            assert (await carol.next(presence_of("alice")))["status"] == "online"
+            killed_at = time.time() * 1000
+            doomed.kill()
+            with trio.fail_after(DELIVERY_TIMEOUT_S):
+                gone = await carol.next(presence_of("alice"))
+            assert gone["status"] == "offline"
+            assert gone["ts"] >= killed_at  # not before the TTL could run out
+            await trio.sleep(QUIET_S)
+            assert taken(carol, presence_of("alice")) == []  # one node announced it
+            (entry,) = (await dave.request("presence", users=["alice"]))["users"]
+            assert entry["status"] == "offline" and entry["last_seen"] >= killed_at, entry
+            await alice.aclose()
+        finally:
+            doomed.kill()

@@ -190,9 +190,9 @@ async def pinger(client: WireClient, every_s: float) -> None:
 
 
 async def test_presence_two_devices_pushes_once_per_change_and_last_seen(
-    settings: Settings,
+    engine_settings: Settings,
 ) -> None:
-    async with running_server(settings) as h:
+    async with running_server(engine_settings) as h:
         await become_member(h, "alice")
         carol = await h.connect("carol")
         await join(carol)
@@ -270,7 +270,7 @@ async def test_presence_two_devices_pushes_once_per_change_and_last_seen(
 
     # After a restart on the same data dir: still offline with the same last_seen, for a
     # member who has not even joined in this connection (membership is stored).
-    async with running_server(settings) as h:
+    async with running_server(engine_settings) as h:
         carol = await h.connect("carol")
         reply = await carol.request("presence", users=["alice", "dave"])
         assert reply["users"] == [

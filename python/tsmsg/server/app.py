@@ -79,7 +79,7 @@ from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.store import AppendResult, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
-from tsmsg.store.base import ChannelInfo, Notify, RemoteEntry
+from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
 from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
@@ -908,7 +908,7 @@ class Server:
         status = status or "online"
         if self.status.get(user) != status:
             self.status[user] = status
-            self._push_presence(conn, status)
+            self._announce(conn, status)
 
     def _device_gone(self, conn: Connection) -> None:
         user = conn.user
@@ -919,27 +919,77 @@ class Server:
         if devices:
             return
         del self.devices[user]
-        if self.status.pop(user, "offline") != "offline":
-            self._push_presence(conn, "offline")
+        if self.status.pop(user, OFFLINE) != OFFLINE:
+            self._announce(conn, None)
         self.memberships.pop(user, None)
         try:
             self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts
         except StoreUnavailable:
             log.warning("store closed: last_seen of %s not recorded", user)
 
-    def _push_presence(self, conn: Connection, status: str) -> None:
-        """To every connection joined to a channel the user is a member of and may still
-        read (by the token of the device that changed it)."""
+    def _announce(self, conn: Connection, status: str | None) -> None:
+        """This node's status of the device's user changed (None: its last device here
+        is gone). Recorded in the store; when that changes the user's status across
+        nodes, it is pushed to the members here and on the other nodes (of the channels
+        the user is a member of and may still read, by the token of this device)."""
         claims = conn.session.claims
         assert claims is not None
-        data = encode({"t": "presence", "user": claims.user, "status": status, "ts": self.now_ms()})
+        user, presence, now = claims.user, self.store.presence, self.now_ms()
+        channels = [c for c in self.memberships.get(user, ()) if claims.may_read(c)]
+        if not presence.shared:  # in memory: no need to leave the loop
+            self._presence_moved(user, *presence.set(user, status, now), now, channels)
+            return
+
+        async def record() -> None:
+            try:
+                moved = await self.run_read(functools.partial(presence.set, user, status, now))
+            except Exception as exc:  # the engine is down: the TTL corrects it later
+                log.warning("presence of %s not recorded: %r", user, exc)
+                return
+            self._presence_moved(user, *moved, now, channels)
+
+        if self._tasks is not None:
+            self._tasks.start_soon(record)
+
+    def _presence_moved(
+        self, user: str, before: str, after: str, now: int, channels: list[str]
+    ) -> None:
+        if before == after:
+            return
+        frame = {"t": "presence", "user": user, "status": after, "ts": now}
+        self._push_presence(frame, channels)
+        self.store.publish_signal(PRESENCE_TOPIC, {**frame, "channels": channels})
+
+    def _push_presence(self, frame: dict[str, Any], channels: list[str]) -> None:
+        """Once to every connection here joined to any of ``channels``."""
+        data = encode(frame)
         recipients: set[Connection] = set()
-        for channel in self.memberships.get(claims.user, ()):
+        for channel in channels:
             members = self.members.get(channel)
-            if members and claims.may_read(channel):
+            if members:
                 recipients.update(members)
         for conn in recipients:
             conn.push_signal(data)
+
+    async def _presence_upkeep(self) -> None:
+        """On a shared engine: keep this node's presence entries alive, and announce the
+        users of dead nodes whose entries expired (offline, last_seen recorded)."""
+        presence, most = self.store.presence, self.settings.limits.max_memberships
+        while True:
+            await trio.sleep(presence.refresh_s)
+            now = self.now_ms()
+            try:
+                await self.run_read(functools.partial(presence.refresh, now))
+                gone = await self.run_read(functools.partial(presence.expired, now))
+                for user in gone:
+                    channels = await self.run_read(
+                        functools.partial(self.store.channels_of, user, limit=most)
+                    )
+                    log.info("presence of %s expired (its node is gone): offline", user)
+                    self.store.submit(WriteOp("seen", "", user))
+                    self._presence_moved(user, "", OFFLINE, now, channels)
+            except Exception as exc:  # the engine is down: try again at the next round
+                log.warning("presence upkeep failed: %r", exc)
 
     def _query_presence(self, conn: Connection, rid: int | None, users: list[str]) -> Read:
         """Presence of the asked users who share a channel with the asker (others are
@@ -952,10 +1002,19 @@ class Server:
         known = {u: self.memberships[u] for u in (asker, *users) if u in self.memberships}
         absent = [u for u in dict.fromkeys((asker, *users)) if u not in known]
 
-        def query() -> dict[str, tuple[set[str], int | None]]:
-            return {u: (set(store.channels_of(u, limit=most)), store.last_seen(u)) for u in absent}
+        now = self.now_ms()
 
-        def then(loaded: dict[str, tuple[set[str], int | None]]) -> list[Action]:
+        def query() -> tuple[dict[str, tuple[set[str], int | None]], dict[str, str]]:
+            loaded = {
+                u: (set(store.channels_of(u, limit=most)), store.last_seen(u)) for u in absent
+            }
+            return loaded, store.presence.statuses(absent, now)  # online on other nodes
+
+        def then(
+            got: tuple[dict[str, tuple[set[str], int | None]], dict[str, str]],
+        ) -> list[Action]:
+            loaded, elsewhere = got
+
             def channels(user: str) -> set[str]:
                 return known[user] if user in known else loaded[user][0]
 
@@ -964,11 +1023,11 @@ class Server:
             for user in users:
                 if user != asker and mine.isdisjoint(channels(user)):
                     continue
-                status = self.status.get(user, "offline")
+                status = self.status.get(user) or elsewhere.get(user, OFFLINE)
                 entry: dict[str, Any] = {"user": user, "status": status}
-                entry["online"] = status != "offline"
+                entry["online"] = status != OFFLINE
                 seen = loaded[user][1] if user in loaded and user not in self.devices else None
-                if status == "offline" and seen is not None:
+                if status == OFFLINE and seen is not None:
                     entry["last_seen"] = seen
                 found.append(entry)
             return [] if rid is None else [Reply({"t": "ok", "rid": rid, "users": found})]
@@ -1019,6 +1078,11 @@ class Server:
             )
 
     def _remote_signal(self, channel: str, frame: dict[str, Any]) -> None:
+        if channel == PRESENCE_TOPIC:  # another node's presence change
+            channels = frame.pop("channels", None)
+            if frame.get("t") == "presence" and isinstance(channels, list):
+                self._push_presence(frame, channels)
+            return
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
 
     def _remote_lost(self, channels: list[str]) -> None:
@@ -1342,6 +1406,7 @@ class Server:
                     observer=self.metrics,
                     password_file=settings.engine_password_file or None,
                     wait_replicas=settings.engine_wait_replicas,
+                    presence_ttl_s=settings.engine_presence_ttl_s,
                     remote=RemoteHop(self),
                 )
             )
@@ -1383,6 +1448,9 @@ class Server:
                     handlers.start_soon(self._tick_sessions)
                     handlers.start_soon(self._flusher)
                     handlers.start_soon(self._fill_gaps)
+                    if self.store.presence.shared:
+                        self.store.follow(PRESENCE_TOPIC)
+                        handlers.start_soon(self._presence_upkeep)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
                     task_status.started(self)

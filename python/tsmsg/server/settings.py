@@ -37,6 +37,9 @@ class Settings:
     engine_password_file: str = ""  # the Redis password, from a file (mode 600)
     # Redis: an ack also waits for this many replicas to confirm the write (WAIT N).
     engine_wait_replicas: int = 0
+    # Redis: a node's presence entries expire this long after its last refresh (every
+    # third of it), so the users of a node that died count as offline after at most this.
+    engine_presence_ttl_s: float = 30.0
     # Several nodes on one machine may listen on the same port (SO_REUSEPORT): the kernel
     # spreads connections over them, so a machine's cores are all used.
     reuse_port: bool = False
@@ -206,6 +209,7 @@ MINIMUMS: dict[str, tuple[float, bool]] = {
     "tick_ms": (1, False),
     "read_threads": (1, False),
     "engine_wait_replicas": (0, False),
+    "engine_presence_ttl_s": (0, True),
     "ip_connect_rate": (0, True),
     "ip_connect_burst": (1, False),
     "ip_login_fail_rate": (0, True),

@@ -33,6 +33,7 @@ from tsmsg.store.lmdb_store import (
     message_id,
 )
 from tsmsg.store.memory_store import MemoryData, MemoryStore
+from tsmsg.store.redis_presence import PRESENCE_TTL_S
 from tsmsg.store.redis_store import RedisStore, is_redis_url
 
 
@@ -45,6 +46,7 @@ def open_store(
     observer: StoreObserver | None = None,
     password_file: str | None = None,
     wait_replicas: int = 0,
+    presence_ttl_s: float = PRESENCE_TTL_S,
     remote: Remote | None = None,
 ) -> Store:
     """The store of an ``engine`` setting: ``lmdb`` (in ``data_dir``) or a Redis URL
@@ -69,6 +71,7 @@ def open_store(
         observer=observer,
         password_file=password_file,
         wait_replicas=wait_replicas,
+        presence_ttl_s=presence_ttl_s,
         remote=remote,
     )
 

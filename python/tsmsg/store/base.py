@@ -14,6 +14,7 @@ fields. Returning dicts lets the server put them on the wire without a conversio
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -309,6 +310,57 @@ class Store(ABC):
         return None
 
     def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
-        """Push a live signal (``typing``, ``read``) to the other nodes' members of
-        ``channel``; best effort, never blocks."""
+        """Push a live signal (``typing``, ``read``; ``presence`` on :data:`PRESENCE_TOPIC`)
+        to the other nodes' members of ``channel``; best effort, never blocks."""
         return None
+
+    @functools.cached_property
+    def presence(self) -> Presence:
+        """Presence across nodes (a user is online while any node has a device of
+        theirs); a store of one node keeps this node's, in memory."""
+        return Presence()
+
+
+# The pseudo-channel (no channel has an empty name) of presence changes between nodes: a
+# ``presence`` push with the user's ``channels``, for each node to reach its members.
+PRESENCE_TOPIC = ""
+
+
+class Presence:
+    """Each node's presence of users, as a store keeps it. This base is a store of one
+    node: what this node set, in memory (``shared`` false: nothing to refresh or expire,
+    and calls never block). A shared store's (Redis) keeps each node's entry with an
+    expiry that its node refreshes, so a node that died stops counting (:meth:`expired`).
+    The methods of a shared one block (network): call them off the event loop."""
+
+    shared = False
+    refresh_s = 0.0  # shared: how often a live node calls refresh()
+
+    def __init__(self) -> None:
+        self._status: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
+        """This node's status of ``user`` (None: no device here any more). Returns the
+        user's status across all nodes before and after (``"offline"``: no device)."""
+        with self._lock:
+            before = self._status.pop(user, OFFLINE)
+            if status is not None:
+                self._status[user] = status
+        return before, status or OFFLINE
+
+    def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
+        """The status across nodes of those of ``users`` who are online somewhere."""
+        with self._lock:
+            return {u: self._status[u] for u in users if u in self._status}
+
+    def refresh(self, now_ms: int) -> None:
+        """Extend this node's entries (a live node calls this every ``refresh_s``)."""
+
+    def expired(self, now_ms: int) -> list[str]:
+        """Users whose last entry (a dead node's) has just expired: offline now, for the
+        caller to record last_seen and announce. Each is returned to one caller only."""
+        return []
+
+
+OFFLINE = "offline"

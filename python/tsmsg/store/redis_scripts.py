@@ -294,6 +294,58 @@ local seq = string.match(first, '^(%d+)')
 return {epoch, seq, redis.call('HGET', KEYS[2], seq)}
 """
 
+# Presence (RedisPresence): a user's hash {u:<user>}:pres has one field per node with a
+# device of theirs: "<set_ms> <expires_ms> <status>". The user's status across nodes is
+# the most recently set one of the entries not expired ("offline": none).
+_PRESENCE_LIB = r"""
+local function status_of(key, now)
+  local best, best_t = 'offline', -1
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local t, e, s = string.match(all[i + 1], '^(%d+) (%d+) (.*)$')
+    if t and tonumber(e) > now and tonumber(t) > best_t then
+      best, best_t = s, tonumber(t)
+    end
+  end
+  return best
+end
+"""
+
+# KEYS: the user's hash. ARGV: node, status ('' to remove), set_ms, expires_ms, now_ms,
+# keep_until_ms (the hash outlives its entries' expiry, so a sweep still finds a dead
+# node's entry). Returns {status before, status after}.
+PRESENCE_SET = r"""
+local now = tonumber(ARGV[5])
+local before = status_of(KEYS[1], now)
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[2])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'GT')
+  redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'NX')
+end
+return {before, status_of(KEYS[1], now)}
+"""
+
+# KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed;
+# returns the user's status after, or false when the entry was refreshed meanwhile.
+PRESENCE_EXPIRE = r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return false end
+local e = tonumber(string.match(v, '^%d+ (%d+) '))
+if e and e > tonumber(ARGV[2]) then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return status_of(KEYS[1], tonumber(ARGV[2]))
+"""
+
+# KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most.
+# Claims (removes and returns) the entries due: each goes to one caller only.
+PRESENCE_CLAIM = r"""
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
 SCRIPTS: dict[str, str] = {
     name: _LIB + body
     for name, body in {
@@ -307,6 +359,10 @@ SCRIPTS: dict[str, str] = {
         "unread": UNREAD,
         "dup": DUP,
     }.items()
+} | {
+    "presence_set": _PRESENCE_LIB + PRESENCE_SET,
+    "presence_expire": _PRESENCE_LIB + PRESENCE_EXPIRE,
+    "presence_claim": PRESENCE_CLAIM,
 }
 SHAS: dict[str, str] = {
     name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()

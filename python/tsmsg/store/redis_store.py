@@ -81,6 +81,7 @@ from tsmsg.store.redis_fanout import (
     publish_all,
     signal_message,
 )
+from tsmsg.store.redis_presence import PRESENCE_TTL_S, RedisPresence
 from tsmsg.store.redis_scripts import SCRIPTS, SHAS
 
 log = logging.getLogger("tsmsg.store")
@@ -193,6 +194,7 @@ class RedisStore(Store):
         *,
         password_file: str | None = None,
         wait_replicas: int = 0,
+        presence_ttl_s: float = PRESENCE_TTL_S,
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         key_prefix: str = "tsmsg:",
         epochs: Callable[[], int] = new_epoch,
@@ -246,6 +248,7 @@ class RedisStore(Store):
             self.fanout,
         )
         self._publish_command = self._subscriber.publish_command
+        self.presence = RedisPresence(self, self._subscriber.node, presence_ttl_s)
         self.down: str | None = None  # why writes fail now (Redis unreachable), if they do
         self._inflight = 0  # calls from callers' threads now using a connection
         self._inflight_changed = threading.Condition()

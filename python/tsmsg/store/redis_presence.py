@@ -1,0 +1,96 @@
+"""Presence across nodes on the Redis engine (STORAGE.md, "Presence between nodes").
+
+Each node keeps, per user with a device on it, an entry in the user's hash
+``{u:<user>}:pres``: its status, when it was set and until when it holds. A live node
+extends its entries every third of the TTL (``engine_presence_ttl_s``, 30 s); the entries
+of a node that died without a goodbye expire after the TTL. An index (a sorted set by
+expiry) lets any node claim the expired entries, each exactly once, so that the user is
+announced offline and its ``last_seen`` written by one node. The status of a user across
+nodes is the one set most recently among the entries not expired; the scripts
+(redis_scripts.py) compute it atomically with each change, so a node learns whether a
+change is one for the user.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tsmsg.store.base import OFFLINE, Presence
+
+if TYPE_CHECKING:
+    from tsmsg.store.redis_store import RedisStore
+
+PRESENCE_TTL_S = 30.0  # default: a dead node's users count as online this long at most
+CLAIM_MAX = 256  # expired entries one sweep call claims
+REFRESH_BATCH = 1024  # entries extended in one pipeline
+
+
+class RedisPresence(Presence):
+    shared = True
+
+    def __init__(self, store: RedisStore, node: bytes, ttl_s: float = PRESENCE_TTL_S) -> None:
+        super().__init__()
+        self._ttl_ms = int(ttl_s * 1000)
+        self.refresh_s = ttl_s / 3  # a live node extends its entries this often
+        self._store = store
+        self._node = node.hex().encode()  # fixed width: index members are node + user
+        self._index = store._prefix + b"presence:expiry"
+        self._since: dict[str, int] = {}  # user -> when this node's status was set (ms)
+
+    def _key(self, user: str) -> bytes:
+        return self._store._user_key(user, b"pres")
+
+    def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
+        expires = now_ms + self._ttl_ms
+        with self._lock:
+            if status is None:
+                self._status.pop(user, None)
+                self._since.pop(user, None)
+            else:
+                self._status[user], self._since[user] = status, now_ms
+        args = (self._node, status or "", now_ms, expires, now_ms, expires + self._ttl_ms)
+        before, after = self._store._eval("presence_set", [self._key(user)], *args)
+        member = self._node + user.encode()
+        if status is None:
+            self._store._call(self._store._client.zrem, self._index, member)
+        else:
+            self._store._call(self._store._client.zadd, self._index, {member: expires})
+        return before.decode(), after.decode()
+
+    def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
+        out = {}
+        for user in users:  # at most max_presence_users (100), each in its own slot
+            raw = self._store._call(self._store._client.hgetall, self._key(user))
+            best, best_t = OFFLINE, -1
+            for value in raw.values():
+                set_ms, expires, status = value.decode().split(" ", 2)
+                if int(expires) > now_ms and int(set_ms) > best_t:
+                    best, best_t = status, int(set_ms)
+            if best != OFFLINE:
+                out[user] = best
+        return out
+
+    def refresh(self, now_ms: int) -> None:
+        expires = now_ms + self._ttl_ms
+        with self._lock:
+            entries = [(u, s, self._since[u]) for u, s in self._status.items()]
+        client = self._store._client
+        for i in range(0, len(entries), REFRESH_BATCH):
+            pipe = client.pipeline(transaction=False)
+            for user, status, since in entries[i : i + REFRESH_BATCH]:
+                key = self._key(user)
+                pipe.hset(key, self._node, f"{since} {expires} {status}")
+                pipe.pexpireat(key, expires + self._ttl_ms, gt=True)
+                pipe.pexpireat(key, expires + self._ttl_ms, nx=True)
+                pipe.zadd(self._index, {self._node + user.encode(): expires})
+            self._store._call(pipe.execute)
+
+    def expired(self, now_ms: int) -> list[str]:
+        due = self._store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
+        offline = []
+        for member in due:
+            node, user = member[: len(self._node)], member[len(self._node) :].decode()
+            after = self._store._eval("presence_expire", [self._key(user)], node, now_ms)
+            if after == OFFLINE.encode():
+                offline.append(user)
+        return offline
