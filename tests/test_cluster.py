@@ -25,7 +25,7 @@ import redis
 import trio
 
 import redis_servers
-from conftest import Harness, WireClient, make_settings, mint, running_server
+from conftest import Harness, WireClient, fast_limits, make_settings, mint, running_server
 from server_proc import ServerProcess
 from tsmsg.server.settings import Settings
 
@@ -385,3 +385,26 @@ async def test_presence_across_nodes_once_per_change_and_after_a_node_dies(
             await alice.aclose()
         finally:
             doomed.kill()
+
+
+async def test_send_limits_are_shared_by_the_nodes(tmp_path: Path, redis_engine: str) -> None:
+    """One user's devices on two nodes share one send budget (per user, per user and
+    channel): each node alone would let its device spend the whole burst."""
+    burst = 4
+    limits = fast_limits(send_rate=0.5, send_burst=burst, channel_send_rate=0.5)
+    async with nodes(tmp_path, redis_engine, 2, limits=limits) as (a, b):
+        on_a, on_b = await a.connect("alice"), await b.connect("alice")
+        replies = []
+        for i in range(burst):
+            client = on_a if i % 2 else on_b
+            replies.append(await client.request("send", channel=CHANNEL, cid=f"c{i}", text="x"))
+        assert [r["t"] for r in replies] == ["ok"] * burst
+        refused = [
+            await c.request("send", channel=CHANNEL, cid=f"late-{i}", text="x")
+            for i, c in enumerate((on_a, on_b))
+        ]
+        for r in refused:
+            assert (r["t"], r["code"]) == ("error", "rate_limited"), r
+            assert 1 <= r["retry_after_ms"] <= 2000, r
+        page = await on_a.request("sync", channel=CHANNEL, since=0)
+        assert [e["seq"] for e in page["events"]] == list(range(1, burst + 1))

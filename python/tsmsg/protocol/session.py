@@ -602,7 +602,8 @@ class Session:
             return actions  # background writes: a failure is logged by the store, not sent
         if op.error is not None:
             if live:
-                actions.append(Reply(RequestError(op.error.code, op.error.message).frame(op.rid)))
+                error = RequestError(op.error.code, op.error.message, **op.error.extra)
+                actions.append(Reply(error.frame(op.rid)))
             return actions
         if op.kind == "unmember":
             return self._ok(op.rid, channel=op.channel, forgotten=True) if live else actions

@@ -77,7 +77,7 @@ from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
-from tsmsg.store import AppendResult, Store, StoreUnavailable, WriteOp
+from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
 from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
 from tsmsg.tls import server_tls_context
@@ -1397,6 +1397,7 @@ class Server:
             self.store = open_store(self._notify)
         else:
             config = store_config(settings)  # a bad key file fails here
+            limits = settings.limits
             self.store = await trio.to_thread.run_sync(
                 lambda: open_engine(
                     settings.engine,
@@ -1407,6 +1408,12 @@ class Server:
                     password_file=settings.engine_password_file or None,
                     wait_replicas=settings.engine_wait_replicas,
                     presence_ttl_s=settings.engine_presence_ttl_s,
+                    send_limits=SendLimits(
+                        limits.send_rate,
+                        limits.send_burst,
+                        limits.channel_send_rate,
+                        limits.channel_send_burst,
+                    ),
                     remote=RemoteHop(self),
                 )
             )

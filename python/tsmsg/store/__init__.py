@@ -15,8 +15,10 @@ from tsmsg.store.base import (
     HistoryPage,
     LimitExceeded,
     NotFound,
+    RateLimited,
     Remote,
     RemoteEntry,
+    SendLimits,
     Store,
     StoreError,
     StoreObserver,
@@ -47,12 +49,15 @@ def open_store(
     password_file: str | None = None,
     wait_replicas: int = 0,
     presence_ttl_s: float = PRESENCE_TTL_S,
+    send_limits: SendLimits | None = None,
     remote: Remote | None = None,
 ) -> Store:
     """The store of an ``engine`` setting: ``lmdb`` (in ``data_dir``) or a Redis URL
     (``redis://``, ``rediss://``, ``redis-cluster://``; ``data_dir`` unused). The Redis
     options (``password_file``, ``wait_replicas``) are refused with LMDB; ``remote`` (what
-    other nodes commit, see :class:`Remote`) is unused by LMDB, a store of one node.
+    other nodes commit, see :class:`Remote`), ``presence_ttl_s`` and ``send_limits``
+    (enforced across nodes) are unused by LMDB, a store of one node, whose server's
+    sessions see every send.
     Blocking (it connects, or opens files): call it from a thread. Fails with one line:
     ValueError for a bad setting, StoreUnavailable for a Redis that cannot be reached."""
     if engine == "lmdb":
@@ -72,6 +77,7 @@ def open_store(
         password_file=password_file,
         wait_replicas=wait_replicas,
         presence_ttl_s=presence_ttl_s,
+        send_limits=send_limits,
         remote=remote,
     )
 
@@ -92,9 +98,11 @@ __all__ = [
     "MemoryData",
     "MemoryStore",
     "NotFound",
+    "RateLimited",
     "RedisStore",
     "Remote",
     "RemoteEntry",
+    "SendLimits",
     "Store",
     "StoreConfig",
     "StoreError",

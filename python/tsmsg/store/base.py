@@ -36,9 +36,10 @@ class StoreError(Exception):
 
     code = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.extra = extra  # more fields of the error frame (e.g. retry_after_ms)
 
 
 class NotFound(StoreError):
@@ -53,6 +54,27 @@ class LimitExceeded(StoreError):
     """A write over a bound the store keeps (e.g. edits per message)."""
 
     code = "limit_exceeded"
+
+
+class RateLimited(StoreError):
+    """A send over a limit the store keeps for every node (shared send rate limits)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class SendLimits:
+    """The per-user send limits a shared store enforces across nodes (PROTOCOL.md 16.2:
+    ``send_rate``/``send_burst`` per user, ``channel_send_rate``/``channel_send_burst``
+    per user and channel); a node's sessions enforce the same on what reaches it."""
+
+    rate: float
+    burst: int
+    channel_rate: float
+    channel_burst: int
 
 
 class StoreUnavailable(StoreError):

@@ -59,7 +59,9 @@ from tsmsg.store.base import (
     HistoryPage,
     NotFound,
     Notify,
+    RateLimited,
     Remote,
+    SendLimits,
     Store,
     StoreError,
     StoreObserver,
@@ -91,6 +93,7 @@ log = logging.getLogger("tsmsg.store")
 COMPACT_CHUNK = 1024  # entries one compaction step drops or looks at
 SYNC_CHUNK = 256  # entries one sync call fetches; a page of more takes several calls
 HISTORY_CHUNK = 256  # messages one history call fetches
+CHARGED_KINDS = ("message", "edit", "delete")  # the writes the send limits count
 UNREAD_CHUNK = 1024  # messages one unread-count call looks at
 DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one it adds
 
@@ -195,6 +198,7 @@ class RedisStore(Store):
         password_file: str | None = None,
         wait_replicas: int = 0,
         presence_ttl_s: float = PRESENCE_TTL_S,
+        send_limits: SendLimits | None = None,
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         key_prefix: str = "tsmsg:",
         epochs: Callable[[], int] = new_epoch,
@@ -214,6 +218,7 @@ class RedisStore(Store):
         if wait_replicas and self.target.cluster:
             raise ValueError("wait_replicas is not supported with redis-cluster:// yet")
         self._wait = (wait_replicas, wait_timeout_ms)
+        self._send_limits = send_limits  # enforced across nodes, in Redis
         self._notify = notify
         self._clock = clock
         self._fault = fault  # test hook: called before each batch and compaction step
@@ -601,7 +606,8 @@ class RedisStore(Store):
         try:
             if self._fault is not None:
                 self._fault()
-            replies = self._execute([c.args for c in calls])
+            calls = self._charge_sends(calls, ts)
+            replies = self._execute([c.args for c in calls]) if calls else []
         except Exception as exc:  # connection lost, timeout, cluster down, injected fault
             if isinstance(exc, RedisError):
                 self.down = f"Redis at {self.target.where} is unreachable: {exc}"
@@ -623,24 +629,62 @@ class RedisStore(Store):
             except RedisError as exc:  # only compact_all() and tools read it
                 log.error("could not record new channels %s: %s", created, exc)
 
-    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline; WAIT at its end when replicas must confirm. Commands Redis did not
-        know the script of (it restarted) are sent again once the scripts are loaded."""
-        replies = self._pipeline(commands)
+    def _charge_sends(self, calls: list[_Call], ts: int) -> list[_Call]:
+        """The shared send limits (``send_limits``): a token per send, edit and delete
+        from the user's buckets in Redis, for all of a batch in one pipeline (one more
+        round trip), before the writes. A refused one fails with ``rate_limited``; the
+        calls left to send are returned."""
+        limits = self._send_limits
+        charged = [c for c in calls if c.op.kind in CHARGED_KINDS]
+        if limits is None or not charged:
+            return calls
+        per_user = (repr(limits.rate), limits.burst)
+        per_channel = (repr(limits.channel_rate), limits.channel_burst)
+        waits = self._execute(
+            [
+                (
+                    "EVALSHA",
+                    SHAS["send_rate"],
+                    1,
+                    self._user_key(c.op.user, b"rate"),
+                    ts,
+                    *per_user,
+                    b"c:" + c.op.channel.encode(),
+                    *per_channel,
+                )
+                for c in charged
+            ],
+            wait=False,
+        )
+        for c, wait in zip(charged, waits, strict=True):
+            if isinstance(wait, Exception):
+                raise wait
+            if wait:
+                c.op.error = RateLimited(
+                    f"over the send rate of {c.op.user!r} (all nodes): retry in {wait} ms",
+                    retry_after_ms=int(wait),
+                )
+        return [c for c in calls if c.op.error is None]
+
+    def _execute(self, commands: list[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
+        """One pipeline; WAIT at its end when replicas must confirm (and ``wait``).
+        Commands Redis did not know the script of (it restarted) are sent again once the
+        scripts are loaded."""
+        replies = self._pipeline(commands, wait)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             self._load_scripts()
             for i, reply in zip(
-                missing, self._pipeline([commands[i] for i in missing]), strict=True
+                missing, self._pipeline([commands[i] for i in missing], wait), strict=True
             ):
                 replies[i] = reply
         return replies
 
-    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _pipeline(self, commands: list[tuple[Any, ...]], wait: bool = True) -> list[Any]:
         pipe = self._wclient.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args)
-        replicas, timeout_ms = self._wait
+        replicas, timeout_ms = self._wait if wait else (0, 0)
         if replicas:
             pipe.execute_command("WAIT", replicas, timeout_ms)
         replies: list[Any] = pipe.execute(raise_on_error=False)
