@@ -323,6 +323,18 @@ def test_serve_with_a_busy_metrics_port_fails_in_one_line(
     )
 
 
+def test_serve_without_its_redis_fails_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with socket.socket() as closed:  # a port with nothing listening
+        closed.bind(("127.0.0.1", 0))
+        engine = f"redis://127.0.0.1:{closed.getsockname()[1]}"
+        argv = ["serve", "--dev", "--port", "0", "--engine", engine, "--data-dir", str(tmp_path)]
+        code, _, err = run(capsys, *argv)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"tsmsg: cannot reach Redis at {engine[8:]}: "), err
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

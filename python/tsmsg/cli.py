@@ -48,7 +48,7 @@ from tsmsg.auth import (
 )
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings, store_config
-from tsmsg.store import Entry, FormatError, LmdbStore
+from tsmsg.store import Entry, FormatError, LmdbStore, StoreUnavailable
 from tsmsg.store.crypto import (
     EncryptionError,
     add_key,
@@ -744,7 +744,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
-    except (CliError, FormatError, EncryptionError, ValueError, OSError, lmdb.Error) as exc:
+    except (
+        CliError,
+        FormatError,
+        EncryptionError,
+        StoreUnavailable,  # serve: the engine cannot be reached at start
+        ValueError,
+        OSError,
+        lmdb.Error,
+    ) as exc:
         print(f"tsmsg: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
