@@ -408,3 +408,21 @@ async def test_send_limits_are_shared_by_the_nodes(tmp_path: Path, redis_engine:
             assert 1 <= r["retry_after_ms"] <= 2000, r
         page = await on_a.request("sync", channel=CHANNEL, since=0)
         assert [e["seq"] for e in page["events"]] == list(range(1, burst + 1))
+
+
+async def test_quick_connects_and_disconnects_leave_the_user_offline(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """Presence changes of one user reach the engine one at a time, in order: after a
+    burst of connects and disconnects the user is offline there too (not left online,
+    refreshed for ever, by a change that overtook the last one)."""
+    async with nodes(tmp_path, redis_engine, 1) as (a,):
+        for _ in range(20):
+            client = await a.connect("alice")
+            await client.aclose()
+        await until(lambda: "alice" not in a.server.devices)
+        await until(lambda: not a.server._presence_pending)
+        presence = a.server.store.presence
+        assert presence.statuses(["alice"], a.server.now_ms()) == {}
+        presence.refresh(a.server.now_ms())  # what the node keeps alive: not alice
+        assert presence.statuses(["alice"], a.server.now_ms()) == {}

@@ -772,6 +772,8 @@ class Server:
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
+        # user -> presence changes waiting for the engine (status or None, ms, channels)
+        self._presence_pending: dict[str, list[tuple[str | None, int, list[str]]]] = {}
         self.relay: Relay[dict[str, Any]] = Relay()
         # Store reads of requests run in threads (run_read), at most this many at once.
         self.read_limiter = trio.CapacityLimiter(settings.read_threads)
@@ -939,17 +941,28 @@ class Server:
         if not presence.shared:  # in memory: no need to leave the loop
             self._presence_moved(user, *presence.set(user, status, now), now, channels)
             return
+        # On the engine, off the loop, one change of a user at a time and in order: a
+        # quick connect and disconnect must not reach the engine reversed.
+        pending = self._presence_pending.get(user)
+        if pending is not None:
+            pending.append((status, now, channels))
+        elif self._tasks is not None:
+            self._presence_pending[user] = [(status, now, channels)]
+            self._tasks.start_soon(self._record_presence, user)
 
-        async def record() -> None:
-            try:
-                moved = await self.run_read(functools.partial(presence.set, user, status, now))
-            except Exception as exc:  # the engine is down: the TTL corrects it later
-                log.warning("presence of %s not recorded: %r", user, exc)
-                return
-            self._presence_moved(user, *moved, now, channels)
-
-        if self._tasks is not None:
-            self._tasks.start_soon(record)
+    async def _record_presence(self, user: str) -> None:
+        presence, pending = self.store.presence, self._presence_pending[user]
+        try:
+            while pending:
+                status, now, channels = pending.pop(0)
+                try:
+                    moved = await self.run_read(functools.partial(presence.set, user, status, now))
+                except Exception as exc:  # the engine is down: the TTL corrects it later
+                    log.warning("presence of %s not recorded: %r", user, exc)
+                    continue
+                self._presence_moved(user, *moved, now, channels)
+        finally:
+            del self._presence_pending[user]
 
     def _presence_moved(
         self, user: str, before: str, after: str, now: int, channels: list[str]
