@@ -284,6 +284,10 @@ class Store(ABC):
         """Compact one channel by the configured policy; returns the new horizon."""
 
     @abstractmethod
+    def channels(self) -> list[str]:
+        """The names of every channel with a log, sorted (for tools and compaction)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def health(self) -> tuple[str | None, float]:
