@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, Self
 
 Entry = dict[str, Any]
 Kind = Literal["message", "edit", "delete"]
@@ -289,6 +289,17 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def counters(self) -> dict[str, int]:
+        """The engine's own counters, for metrics (read when scraped, from any thread):
+        the Redis engine's fan-out figures (``FanoutStats``); none for a store of one node."""
+        return {}
 
     def health(self) -> tuple[str | None, float]:
         """For readiness checks, from any thread: why the store takes no writes now (closed,

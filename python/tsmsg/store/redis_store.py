@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -809,6 +810,9 @@ class RedisStore(Store):
 
     def unfollow(self, channel: str) -> None:
         self._subscriber.unfollow(channel)
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.fanout)
 
     def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
         if not self._closed:
