@@ -21,21 +21,23 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
 
-from conftest import SECRET
+from conftest import ENGINES, SECRET, fresh_redis_url
 from tsmsg.auth import TokenVerifier
 from tsmsg.cli import main
-from tsmsg.store import Entry, LmdbStore, StoreConfig, WriteOp
+from tsmsg.store import Entry, LmdbStore, RedisStore, Store, StoreConfig, WriteOp
+from tsmsg.store.export import read_export
 from tsmsg.store.lmdb_store import FORMAT_VERSION, LmdbReader
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z
 T0_ISO = "2023-11-14T22:13:20.000Z"
 FAST = StoreConfig(durability="async")  # populating fixtures need no fsync per commit
 CHILD_TIMEOUT = 60.0
-SUBCOMMANDS = ["serve", "token", "compact", "inspect", "backup"]
+SUBCOMMANDS = ["serve", "token", "compact", "inspect", "backup", "restore"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -76,19 +78,23 @@ def digest(path: Path) -> str:
 
 
 def populate(data_dir: Path) -> None:
+    with LmdbStore(data_dir, FAST, clock=lambda: T0) as store:
+        populate_store(store)
+
+
+def populate_store(store: Store) -> None:
     """room-1: 30 messages, an edit of the last one, a delete of the first; dm: one
     message; read cursors for alice and bob; all at T0."""
-    with LmdbStore(data_dir, FAST, clock=lambda: T0) as store:
-        first = last = store.append("room-1", "alice", "c1", "hello 1 " + "x" * 80)
-        for i in range(2, 31):
-            sender = "alice" if i % 2 else "bob"
-            last = store.append("room-1", sender, f"c{i}", f"hello {i} " + "x" * 80)
-        store.edit("room-1", last_sender(30), last.id, "fixed\ntypo")
-        store.delete("room-1", "alice", first.id)
-        store.append("dm", "bob", "d1", "psst")
-        store.set_read("alice", "room-1", 20)
-        store.set_read("bob", "room-1", 32)
-        store.set_read("bob", "dm", 1)
+    first = last = store.append("room-1", "alice", "c1", "hello 1 " + "x" * 80)
+    for i in range(2, 31):
+        sender = "alice" if i % 2 else "bob"
+        last = store.append("room-1", sender, f"c{i}", f"hello {i} " + "x" * 80)
+    store.edit("room-1", last_sender(30), last.id, "fixed\ntypo")
+    store.delete("room-1", "alice", first.id)
+    store.append("dm", "bob", "d1", "psst")
+    store.set_read("alice", "room-1", 20)
+    store.set_read("bob", "room-1", 32)
+    store.set_read("bob", "dm", 1)
 
 
 def channel_info(data_dir: Path, channel: str) -> tuple[int, str]:
@@ -117,6 +123,45 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     populate(path)
     return path
+
+
+class Target:
+    """A store of one engine as the CLI selects it: ``args`` (--data-dir or --engine),
+    the TOML line of it, and ``open`` for the test's own store (closed before the CLI)."""
+
+    def __init__(self, engine: str, data_dir: Path) -> None:
+        self.engine, self.data_dir = engine, data_dir
+        self.args = ["--data-dir", str(data_dir)]
+        if engine != "lmdb":
+            self.args = ["--engine", engine, "--data-dir", str(data_dir)]
+        self.toml = f'data_dir = "{data_dir}"\nengine = "{engine}"\n'
+
+    def open(self, clock: Any = None) -> Store:
+        kw = {} if clock is None else {"clock": clock}
+        if self.engine == "lmdb":
+            return LmdbStore(self.data_dir, FAST, **kw)
+        return RedisStore(self.engine, **kw)
+
+
+def make_target(request: pytest.FixtureRequest, name: str, data_dir: Path) -> Target:
+    """An empty store of engine ``name``: LMDB in ``data_dir``, an emptied database of the
+    test Redis, or the test cluster with tsmsg's default key prefix cleared."""
+    if name == "lmdb":
+        return Target("lmdb", data_dir)
+    if name == "redis":
+        return Target(fresh_redis_url(request.getfixturevalue("redis_server")), data_dir)
+    cluster = request.getfixturevalue("redis_cluster")
+    with RedisStore(cluster.url, key_prefix="tsmsg:") as store:
+        for node in store._primaries():
+            keys = list(node.scan_iter(match=b"tsmsg:*"))
+            for key in keys:
+                node.delete(key)
+    return Target(cluster.url, data_dir)
+
+
+@pytest.fixture(params=ENGINES)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    return make_target(request, request.param, tmp_path / "target")
 
 
 @pytest.fixture
@@ -571,20 +616,18 @@ def test_compact_prints_each_channel_horizon(
 
 
 def test_compact_applies_the_servers_retention_policy(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: Target
 ) -> None:
-    path = tmp_path / "data"
-    with LmdbStore(path, FAST) as store:
+    with target.open() as store:
         for i in range(20):
             store.append("busy", "alice", f"c{i}", f"m{i}")
     config = tmp_path / "tsmsg.toml"
-    config.write_text(f'data_dir = "{path}"\nretention_max_count = 5\n')
+    config.write_text(target.toml + "retention_max_count = 5\n")
     code, out, err = run(capsys, "compact", "--config", str(config))
     assert (code, err, out) == (0, "", "busy\thorizon=15\n")
-    with LmdbReader(path) as reader:
-        _, entries, _ = reader.tail("busy", 100)
-    assert [e["seq"] for e in entries] == [16, 17, 18, 19, 20]
-    config.write_text(f'data_dir = "{path}"\nretention_max_count = -1\n')
+    code, out, _ = run(capsys, "inspect", *target.args, "--channel", "busy", "--json")
+    assert [json.loads(line)["seq"] for line in out.splitlines()[1:]] == [16, 17, 18, 19, 20]
+    config.write_text(target.toml + "retention_max_count = -1\n")
     code, out, err = run(capsys, "compact", "--config", str(config))
     assert_failure(code, err, "retention_max_count must be >= 0")
 
@@ -771,3 +814,150 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         proc.stdout.close()
         assert proc.wait(CHILD_TIMEOUT) == 1
         assert proc.stderr.read() == ""
+
+
+# ------------------------------------------------------------------ every engine
+
+
+def test_inspect_on_each_engine(capsys: pytest.CaptureFixture[str], target: Target) -> None:
+    with target.open(clock=lambda: T0) as store:
+        populate_store(store)
+    code, out, err = run(capsys, "inspect", *target.args, "--json")
+    assert (code, err) == (0, "")
+    rows = {c["name"]: c for c in json.loads(out)["channels"]}
+    assert {n: (c["head"], c["horizon"], c["entries"]) for n, c in rows.items()} == {
+        "room-1": (32, 0, 32),
+        "dm": (1, 0, 1),
+    }
+    assert all(c["epoch"] > 0 and c["bytes"] > 0 for c in rows.values())
+    code, out, _ = run(capsys, "inspect", *target.args)
+    assert code == 0 and "room-1" in out and "channel  head  horizon" in out
+
+    code, out, _ = run(
+        capsys, "inspect", *target.args, "--channel", "room-1", "--tail", "3", "--json"
+    )
+    header, *entries = (json.loads(line) for line in out.splitlines())
+    assert header["head"] == 32 and header["cursors"] == {"alice": 20, "bob": 32}
+    assert header["epoch"] == rows["room-1"]["epoch"]
+    assert [(e["seq"], e["kind"]) for e in entries] == [
+        (30, "message"),
+        (31, "edit"),
+        (32, "delete"),
+    ]
+    assert entries[0]["text"] == "fixed\ntypo" and entries[0]["edited"] == T0
+    code, out, _ = run(capsys, "inspect", *target.args, "--channel", "room-1", "--tail", "2")
+    assert code == 0 and "[edited] fixed\\ntypo" not in out  # the tail is the edit, delete
+    assert "alice\t20" in out and "bob\t32" in out
+    code, _, err = run(capsys, "inspect", *target.args, "--channel", "nope")
+    assert_failure(code, err, "no channel 'nope'")
+
+
+def dumps(path: Path) -> tuple[list[Any], list[Any]]:
+    """An export's channels and users, comparable whatever engine wrote it."""
+    channels, users = [], []
+    for item in read_export(str(path)):
+        if isinstance(item, list):
+            users += item
+        else:
+            channels.append(item)
+    return channels, users
+
+
+@pytest.mark.parametrize("via", ENGINES)
+def test_export_round_trip_lmdb_to_an_engine_and_back(
+    capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest, tmp_path: Path, via: str
+) -> None:
+    source = make_target(request, "lmdb", tmp_path / "source")
+    with source.open(clock=lambda: T0) as store:
+        populate_store(store)
+        store.write(WriteOp("member", "room-1", "alice"))
+        store.write(WriteOp("member", "dm", "bob"))
+        store.write(WriteOp("seen", "", "alice"))
+        original = store.lookup_dup("room-1", "bob", "c2")
+    first, second = tmp_path / "first.export", tmp_path / "second.export"
+    code, out, err = run(capsys, "backup", "--export", *source.args, str(first))
+    assert (code, err) == (0, "") and "2 channels, 33 entries, 2 users" in out
+
+    middle = make_target(request, via, tmp_path / "middle")
+    code, out, err = run(capsys, "restore", *middle.args, str(first))
+    assert (code, err) == (0, "") and "2 channels, 33 entries, 2 users" in out
+    with middle.open(clock=lambda: T0) as store:  # answers as the source did
+        assert store.lookup_dup("room-1", "bob", "c2") == original
+        assert store.append("room-1", "bob", "c2", "again") == original
+        assert store.is_member("alice", "room-1") and store.channels_of("bob") == ["dm"]
+        assert store.read_cursor("bob", "room-1") == 32 and store.last_seen("alice") == T0
+    code, _, err = run(capsys, "backup", "--export", *middle.args, str(second))
+    assert (code, err) == (0, "")
+    assert dumps(second) == dumps(first)
+
+    back = make_target(request, "lmdb", tmp_path / "back")
+    third = tmp_path / "third.export"
+    assert run(capsys, "restore", *back.args, str(second))[0] == 0
+    assert run(capsys, "backup", "--export", *back.args, str(third))[0] == 0
+    assert dumps(third) == dumps(first)
+    with back.open(clock=lambda: T0) as store:  # ids clients hold still name their messages
+        assert original is not None
+        edit = store.edit("room-1", "bob", original.id, "edited after the move")
+        assert edit.seq == 33 and store.history("room-1", None, 30).messages[1]["edited"]
+
+
+def test_restore_with_new_epochs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, target: Target
+) -> None:
+    export = tmp_path / "x.export"
+    assert run(capsys, "backup", "--export", "--data-dir", str(data_dir), str(export))[0] == 0
+    code, out, err = run(capsys, "restore", "--new-epochs", *target.args, str(export))
+    assert (code, err) == (0, "") and "new epochs" in out
+    old = next(c for c in dumps(export)[0] if c.name == "dm")
+    with target.open() as store:
+        info = store.channel("dm")
+        dup = store.lookup_dup("dm", "bob", "d1")
+        entry = store.sync("dm", 0, 10).entries[0]
+    assert info.epoch != old.epoch and info.head == old.head == 1
+    assert dup is not None and dup.id == entry["id"] != old.entries[0]["id"]
+
+
+def test_restore_refuses_a_store_that_is_not_empty(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, target: Target
+) -> None:
+    export = tmp_path / "x.export"
+    assert run(capsys, "backup", "--export", "--data-dir", str(data_dir), str(export))[0] == 0
+    with target.open() as store:
+        store.append("other", "carol", "k1", "already here")
+    code, out, err = run(capsys, "restore", *target.args, str(export))
+    assert out == ""
+    assert_failure(code, err, "restore target", "is not empty")
+    with target.open() as store:
+        assert store.channels() == ["other"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_restore_refuses_a_damaged_export_and_loads_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, target: Target, damage: str
+) -> None:
+    export = tmp_path / "x.export"
+    assert run(capsys, "backup", "--export", "--data-dir", str(data_dir), str(export))[0] == 0
+    raw = bytearray(export.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) * 2 // 3]
+    else:
+        raw[len(raw) // 2] ^= 0x01
+    export.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "restore", *target.args, str(export))
+    assert_failure(code, err, str(export))
+    assert "cut short" in err if damage == "truncate" else ("corrupt" in err)
+    if target.engine == "lmdb":  # no target, and no half-loaded directory beside it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "x.export"]
+    else:
+        with target.open() as store:
+            assert store.channels() == []
+
+
+def test_backup_of_redis_needs_export(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    redis_target = make_target(request, "redis", tmp_path / "unused")
+    code, _, err = run(capsys, "backup", *redis_target.args, str(tmp_path / "out"))
+    assert_failure(code, err, "use tsmsg backup --export FILE")
+    code, _, err = run(capsys, "backup", "--export", *redis_target.args, str(tmp_path))
+    assert_failure(code, err, f"export target {tmp_path} exists")

@@ -8,9 +8,11 @@ No timing assertions: every wait is a bounded loop on a state the server reaches
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from test_faults import FailingSync
 from tsmsg.auth import AuthError, TokenIssuer, TokenVerifier
 from tsmsg.server.app import Server
 from tsmsg.server.http import MAX_REQUEST_BYTES
-from tsmsg.server.metrics import auth_reason, close_reason
+from tsmsg.server.metrics import STORE_COUNTERS, auth_reason, close_reason
 from tsmsg.server.settings import Settings, load_settings, parse_address
 
 ROOM = "room"
@@ -416,3 +418,28 @@ def test_auth_reasons_follow_the_verifiers_messages() -> None:
         reason = f"{caught.value.code}: {caught.value.message}"
         assert auth_reason(reason) == want, reason
     assert auth_reason("unauthorized: something new") == "invalid"
+
+
+async def test_store_fanout_counters_on_each_engine(engine_settings: Settings) -> None:
+    """Redis: the sending node counts what it published, the other what it received.
+    LMDB (one node): the same counters, always 0."""
+    settings = replace(engine_settings, metrics=f"{HOST}:0")
+    shared = settings.engine != "lmdb"
+    async with running_server(settings) as a:
+        second = running_server(settings) if shared else contextlib.nullcontext(a)
+        async with second as b:
+            alice, bob = await a.connect("alice"), await b.connect("bob")
+            for client in (bob, alice):
+                assert (await client.request("join", channel="room-1"))["t"] == "ok"
+            sent = await alice.request("send", channel="room-1", cid="c1", text="hi")
+            assert sent["t"] == "ok", sent
+            await bob.next(lambda f: f.get("t") == "event" and f.get("seq") == sent["seq"])
+            on_a, on_b = await scrape(port_of(a)), await scrape(port_of(b))
+    names = [f"tsmsg_store_{name}_total" for name in STORE_COUNTERS]
+    assert all((name, frozenset()) in on_a for name in names)
+    if shared:
+        assert value(on_a, "tsmsg_store_fanout_published_total") >= 1
+        assert value(on_b, "tsmsg_store_fanout_received_total") >= 1
+        assert value(on_a, "tsmsg_store_fanout_publish_failures_total") == 0
+    else:
+        assert [value(on_a, name) for name in names] == [0] * len(names)

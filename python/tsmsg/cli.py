@@ -1,5 +1,5 @@
 """The ``tsmsg`` command line: ``serve``, ``token``, ``chat``, ``inspect``, ``compact``,
-``backup``, ``keygen``.
+``backup``, ``restore``, ``keygen``.
 
 Exit codes (every subcommand):
 
@@ -13,8 +13,10 @@ Exit codes (every subcommand):
 - 2: usage error (unknown option, missing argument), reported by argparse;
 - 130: interrupted (Ctrl-C) while not serving; ``serve`` stops cleanly with 0.
 
-``inspect`` and ``backup`` only read the data directory (LMDB readers never block the
-writer), so they run while a server is serving from it.
+``inspect``, ``compact``, ``backup`` and ``restore`` work on the engine the server's
+settings select (``--engine``, ``TSMSG_ENGINE``, the config file; ``engine_password_file``):
+LMDB in ``--data-dir`` or Redis. ``inspect`` and ``backup`` only read (LMDB readers never
+block the writer), so they run while a server is serving from the same store.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -48,7 +53,15 @@ from tsmsg.auth import (
 )
 from tsmsg.server.app import serve
 from tsmsg.server.settings import Settings, load_settings, store_config
-from tsmsg.store import Entry, FormatError, LmdbStore, StoreUnavailable
+from tsmsg.store import (
+    Entry,
+    FormatError,
+    LmdbStore,
+    RedisStore,
+    Store,
+    StoreError,
+    open_store,
+)
 from tsmsg.store.crypto import (
     EncryptionError,
     add_key,
@@ -57,7 +70,9 @@ from tsmsg.store.crypto import (
     new_key_line,
     read_private_file,
 )
-from tsmsg.store.lmdb_store import EnvStats, LmdbReader
+from tsmsg.store.export import ChannelDump, ExportError, restore, write_export
+from tsmsg.store.lmdb_store import EnvStats, LmdbReader, now_ms
+from tsmsg.store.redis_store import parse_redis_url
 from tsmsg.tls import client_tls_context
 
 EXIT_OK = 0
@@ -357,32 +372,77 @@ def stats_json(data_dir: str, stats: EnvStats, file_bytes: int) -> dict[str, Any
         "dedup_entries": stats.dedup_entries,
         "members": stats.members,
         "encryption": list(stats.encryption),
-        "channels": [
-            {
-                "name": c.name,
-                "head": c.head,
-                "horizon": c.horizon,
-                "epoch": c.epoch,
-                "entries": c.entries,
-                "bytes": c.bytes,
-            }
-            for c in stats.channels
-        ],
+        "channels": [channel_json(c) for c in stats.channels],
     }
 
 
+def tool_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """The server's settings as a tool sees them: --config, TSMSG_* variables, and the
+    tool's --data-dir and --engine on top."""
+    overrides.update(data_dir=args.data_dir, engine=args.engine)
+    return load_settings(args.config, os.environ, overrides)
+
+
+def describe(settings: Settings) -> str:
+    if settings.engine == "lmdb":
+        return settings.data_dir
+    return f"redis {parse_redis_url(settings.engine).where}"
+
+
+def open_tool_store(settings: Settings) -> Store:
+    """The store of the settings' engine for a tool that writes (compact, restore): LMDB
+    only in an existing data directory of a format this tsmsg reads."""
+    if settings.engine == "lmdb":
+        require_data_dir(settings.data_dir)
+        with LmdbReader(settings.data_dir):
+            pass  # check the format read-only first: LmdbStore creates its databases
+    return open_engine_store(settings)
+
+
+def open_engine_store(settings: Settings, data_dir: str | None = None) -> Store:
+    config = store_config(settings)
+    config = replace(config, compaction=replace(config.compaction, interval_s=None))
+    return open_store(
+        settings.engine,
+        settings.data_dir if data_dir is None else data_dir,
+        config,
+        password_file=settings.engine_password_file or None,
+    )
+
+
+@contextmanager
+def open_view(settings: Settings, keyring: Any = None) -> Iterator[LmdbReader | RedisStore]:
+    """A read-only view of the settings' store, for inspect and backup: an LmdbReader
+    (beside a running server) or a RedisStore. Both give ``tail`` and ``export``."""
+    if settings.engine == "lmdb":
+        require_data_dir(settings.data_dir)
+        with LmdbReader(settings.data_dir, keyring=keyring) as reader:
+            yield reader
+        return
+    store = open_engine_store(settings)
+    assert isinstance(store, RedisStore)
+    with store:
+        yield store
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    require_data_dir(args.data_dir)
+    settings = tool_settings(args)
     keyring = load_keyring(args.encryption_key_file)
-    with LmdbReader(args.data_dir, keyring=keyring) as reader:
+    with open_view(settings, keyring) as view:
         if args.channel is not None:
-            return inspect_channel(reader, args)
-        stats = reader.stats()
-    file_bytes = os.path.getsize(os.path.join(args.data_dir, "data.mdb"))
+            return inspect_channel(view, args, describe(settings))
+        if isinstance(view, RedisStore):
+            return inspect_redis(view, args)
+        stats = view.stats()
+    return inspect_lmdb(settings.data_dir, stats, args)
+
+
+def inspect_lmdb(data_dir: str, stats: EnvStats, args: argparse.Namespace) -> int:
+    file_bytes = os.path.getsize(os.path.join(data_dir, "data.mdb"))
     if args.json:
-        print(json.dumps(stats_json(args.data_dir, stats, file_bytes)))
+        print(json.dumps(stats_json(data_dir, stats, file_bytes)))
         return 0
-    print(f"data directory  {args.data_dir}")
+    print(f"data directory  {data_dir}")
     print(f"format version  {'unset (fresh)' if stats.format is None else stats.format}")
     print(f"map size        {fmt_bytes(stats.map_size)} (data.mdb {fmt_bytes(file_bytes)})")
     print(
@@ -394,23 +454,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"memberships     {stats.members}")
     keys = ", ".join(stats.encryption)
     print(f"encryption      {f'on (keys {keys})' if keys else 'off'}")
+    return print_channels(stats.channels)
+
+
+def inspect_redis(store: RedisStore, args: argparse.Namespace) -> int:
+    channels = store.stats()
+    cursors = sum(c.cursors for c in channels)
+    dedup = sum(c.dedup_entries for c in channels)
+    if args.json:
+        rows = [channel_json(c) for c in channels]
+        print(
+            json.dumps(
+                {"engine": str(store), "cursors": cursors, "dedup_entries": dedup}
+                | {"channels": rows}
+            )
+        )
+        return 0
+    print(f"engine          {store}")
+    print(f"read cursors    {cursors}")
+    print(f"dedup index     {dedup} entries")
+    return print_channels(channels)
+
+
+def channel_json(c: Any) -> dict[str, Any]:
+    fields = ("name", "head", "horizon", "epoch", "entries", "bytes")
+    return {k: getattr(c, k) for k in fields}
+
+
+def print_channels(channels: Sequence[Any]) -> int:
+    """The channel table of inspect (LMDB's or Redis's figures, the same columns)."""
     print()
-    if not stats.channels:
+    if not channels:
         print("no channels")
         return 0
     rows = [["channel", "head", "horizon", "epoch", "entries", "bytes"]]
     rows += [
         [c.name, str(c.head), str(c.horizon), str(c.epoch), str(c.entries), fmt_bytes(c.bytes)]
-        for c in stats.channels
+        for c in channels
     ]
     print_table(rows, right={1, 2, 3, 4, 5})
     return 0
 
 
-def inspect_channel(reader: LmdbReader, args: argparse.Namespace) -> int:
-    info, entries, cursors = reader.tail(args.channel, args.tail)
+def inspect_channel(view: LmdbReader | RedisStore, args: argparse.Namespace, where: str) -> int:
+    info, entries, cursors = view.tail(args.channel, args.tail)
     if info is None:
-        raise CliError(f"no channel {args.channel!r} in {args.data_dir}")
+        raise CliError(f"no channel {args.channel!r} in {where}")
     if args.json:
         header = {"channel": info.name, "head": info.head, "horizon": info.horizon}
         header.update(epoch=info.epoch, cursors=cursors)
@@ -436,37 +525,32 @@ def inspect_channel(reader: LmdbReader, args: argparse.Namespace) -> int:
 
 def cmd_compact(args: argparse.Namespace) -> int:
     # The server's settings give the policy (retention, tombstones) and the key file.
-    overrides = {"data_dir": args.data_dir, "encryption_key_file": args.encryption_key_file}
-    settings = load_settings(args.config, os.environ, overrides)
-    data_dir = settings.data_dir
-    require_data_dir(data_dir)
-    with LmdbReader(data_dir):
-        pass  # check the format read-only first: LmdbStore creates its databases on open
-    config = store_config(settings)
-    config = replace(config, compaction=replace(config.compaction, interval_s=None))
-    keyring = config.encryption
-    if args.rekey and keyring is None:
+    settings = tool_settings(args, encryption_key_file=args.encryption_key_file)
+    if args.rekey and not settings.encryption_key_file:
         raise CliError("--rekey needs --encryption-key-file")
-    with LmdbStore(data_dir, config) as store:
+    with open_tool_store(settings) as store:
         names = store.channels()
         if args.channel is not None:
             if args.channel not in names:
-                raise CliError(f"no channel {args.channel!r} in {data_dir}")
+                raise CliError(f"no channel {args.channel!r} in {describe(settings)}")
             names = [args.channel]
         if not names:
             print("no channels")
         for name in names:
             print(f"{name}\thorizon={store.compact(name)}")
         if args.rekey:
-            assert keyring is not None
-            counts = (
-                store.rekey_all() if args.channel is None else {n: store.rekey(n) for n in names}
-            )
-            for name, count in counts.items():
-                print(f"{name}\trekeyed={count}")
-            if args.channel is None:
-                print(f"every entry is now under key {keyring.active!r} (or in no key)")
+            rekey(store, names if args.channel is not None else None)
     return 0
+
+
+def rekey(store: Store, names: list[str] | None) -> None:
+    """Re-seal entries under the active key (LMDB: the Redis engine has no encryption)."""
+    assert isinstance(store, LmdbStore) and store.config.encryption is not None
+    counts = store.rekey_all() if names is None else {n: store.rekey(n) for n in names}
+    for name, count in counts.items():
+        print(f"{name}\trekeyed={count}")
+    if names is None:
+        print(f"every entry is now under key {store.config.encryption.active!r} (or in no key)")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -481,13 +565,44 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    require_data_dir(args.data_dir)
-    out: str = args.out
+    settings = tool_settings(args, encryption_key_file=args.encryption_key_file)
+    if args.export:
+        return export_backup(settings, args.out)
+    if settings.engine != "lmdb":
+        raise CliError(
+            "the Redis engine has no data directory to copy: use tsmsg backup --export FILE"
+        )
+    return copy_backup(settings.data_dir, args.out)
+
+
+def export_backup(settings: Settings, out: str) -> int:
+    """An engine-neutral export of the settings' store into the new file ``out``."""
+    if os.path.lexists(out):
+        raise CliError(f"export target {out} exists")
+    keyring = load_keyring(settings.encryption_key_file or None)
+    with open_view(settings, keyring) as view:
+        counts = write_export(out, settings_engine(settings), now_ms(), view)
+    size = os.path.getsize(out)
+    print(
+        f"wrote {out}: {fmt_bytes(size)}, export of {describe(settings)}: "
+        f"{counts['channels']} channels, {counts['entries']} entries, {counts['users']} users"
+    )
+    return 0
+
+
+def settings_engine(settings: Settings) -> str:
+    return "lmdb" if settings.engine == "lmdb" else "redis"
+
+
+def copy_backup(data_dir: str, out: str) -> int:
+    """The LMDB data directory copied (compacted, one snapshot) into the new directory
+    ``out``."""
+    require_data_dir(data_dir)
     exists = os.path.lexists(out)
     if exists and not (os.path.isdir(out) and not os.listdir(out)):
         raise CliError(f"backup target {out} exists and is not an empty directory")
     target = os.path.join(out, "data.mdb")
-    with LmdbReader(args.data_dir) as reader:  # opened first: a bad source leaves no OUT
+    with LmdbReader(data_dir) as reader:  # opened first: a bad source leaves no OUT
         if not exists:
             os.makedirs(out)
         try:
@@ -512,11 +627,66 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    settings = tool_settings(args, encryption_key_file=args.encryption_key_file)
+    loaded: list[ChannelDump] = []
+    if settings.engine == "lmdb":
+        summary = restore_lmdb(settings, args.file, args.new_epochs, loaded.append)
+    else:
+        with open_engine_store(settings) as store:
+            assert isinstance(store, RedisStore)
+            summary = restore(args.file, store, new_epochs=args.new_epochs, progress=loaded.append)
+    print(
+        f"restored {args.file} (an export of {summary.source} taken {fmt_ts(summary.created)}) "
+        f"into {describe(settings)}: {summary.channels} channels, {summary.entries} entries, "
+        f"{summary.users} users{', new epochs' if args.new_epochs else ''}"
+    )
+    for c in loaded:
+        print(
+            f"  {c.name}\tepoch={c.epoch}\thead={c.head}\thorizon={c.horizon}\t"
+            f"entries={len(c.entries)}"
+        )
+    return 0
+
+
+def restore_lmdb(settings: Settings, path: str, new_epochs: bool, progress: Any) -> Any:
+    """Load into a new directory beside the target, renamed into place once complete: a
+    data directory at the target is never a half-loaded one."""
+    target = os.path.abspath(settings.data_dir)
+    if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+        raise CliError(f"restore target {target} is not empty (a new or empty directory is)")
+    parent = os.path.dirname(target)
+    work = tempfile.mkdtemp(prefix=os.path.basename(target) + ".restoring-", dir=parent)
+    try:
+        with open_engine_store(settings, work) as store:
+            assert isinstance(store, LmdbStore)
+            summary = restore(path, store, new_epochs=new_epochs, progress=progress)
+        os.rename(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
 def nonneg_int(value: str) -> int:
     n = int(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The store a tool works on, selected as the server selects it."""
+    parser.add_argument(
+        "--config", help="the server's TOML settings file (its engine, data_dir, policy)"
+    )
+    parser.add_argument("--data-dir", help="LMDB data directory (default ./data)")
+    parser.add_argument(
+        "--engine",
+        metavar="ENGINE",
+        help="lmdb (default) or the server's Redis URL (redis://HOST:PORT[/DB], rediss://..., "
+        "redis-cluster://HOST:PORT[,...]); also TSMSG_ENGINE, and engine_password_file",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
         "entries, bytes). With --channel: the channel's last --tail entries and its read "
         "cursors. Only reads: safe while a server runs on the same data directory.",
     )
-    inspect_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
+    add_engine_args(inspect_p)
     inspect_p.add_argument("--channel", help="show this channel's entries and read cursors")
     inspect_p.add_argument(
         "--tail",
@@ -680,9 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Compact channel logs now by the server's policy (--config, TSMSG_* variables; "
         "see STORAGE.md) and print each channel's new horizon. Stop the server first.",
     )
-    compact_p.add_argument("--config", help="the server's TOML settings file (its policy)")
+    add_engine_args(compact_p)
     compact_p.add_argument("--channel", help="one channel (default: all)")
-    compact_p.add_argument("--data-dir", help="LMDB data directory (default ./data)")
     compact_p.add_argument(
         "--encryption-key-file",
         metavar="PATH",
@@ -698,15 +867,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup_p = add(
         "backup",
-        "copy a data directory consistently, also while the server runs",
-        "Write a consistent, compacted copy of the data directory (LMDB's copy with "
-        "compaction, from one read snapshot) to OUT/data.mdb; OUT must not exist or be "
-        "an empty directory. The copy is a data directory: serve or inspect it with "
-        "--data-dir OUT.",
+        "copy a data directory, or export any engine, also while the server runs",
+        "Without --export (LMDB only): write a consistent, compacted copy of the data "
+        "directory (LMDB's copy with compaction, from one read snapshot) to OUT/data.mdb; "
+        "OUT must not exist or be an empty directory. The copy is a data directory: serve "
+        "or inspect it with --data-dir OUT. With --export: write the store of the "
+        "settings' engine (LMDB or Redis) to the new file OUT as an engine-neutral export "
+        "that `tsmsg restore` loads into either engine (see STORAGE.md, Exports).",
     )
-    backup_p.add_argument("--data-dir", default="./data", help="LMDB data directory")
-    backup_p.add_argument("out", metavar="OUT", help="the new data directory to write")
+    add_engine_args(backup_p)
+    backup_p.add_argument(
+        "--export", action="store_true", help="write an engine-neutral export file"
+    )
+    backup_p.add_argument(
+        "--encryption-key-file",
+        metavar="PATH",
+        help="with --export: decrypt encrypted text (an export holds plaintext)",
+    )
+    backup_p.add_argument("out", metavar="OUT", help="the new data directory (or export file)")
     backup_p.set_defaults(func=cmd_backup)
+
+    restore_p = add(
+        "restore",
+        "load an export into an empty store of either engine",
+        "Check the export FILE whole (a cut-short or altered file is refused before "
+        "anything is written), then load it into the store of the settings' engine, which "
+        "must be empty: an LMDB --data-dir that does not exist or is an empty directory, "
+        "or a Redis without keys under tsmsg's prefix. Channels keep their epochs, seqs and "
+        "message ids unless --new-epochs. Stop the servers first.",
+    )
+    add_engine_args(restore_p)
+    restore_p.add_argument(
+        "--new-epochs",
+        action="store_true",
+        help="give every channel a new epoch and new message ids: clients resync (use it "
+        "for a backup older than what clients have seen; see docs/deploy.md)",
+    )
+    restore_p.add_argument(
+        "--encryption-key-file",
+        metavar="PATH",
+        help="LMDB: encrypt the loaded text with this key file's active key",
+    )
+    restore_p.add_argument("file", metavar="FILE", help="the export to load")
+    restore_p.set_defaults(func=cmd_restore)
 
     keygen_p = add(
         "keygen",
@@ -748,7 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         CliError,
         FormatError,
         EncryptionError,
-        StoreUnavailable,  # serve: the engine cannot be reached at start
+        ExportError,
+        StoreError,  # e.g. serve: the engine cannot be reached at start
         ValueError,
         OSError,
         lmdb.Error,

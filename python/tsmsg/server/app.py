@@ -1430,6 +1430,7 @@ class Server:
                     remote=RemoteHop(self),
                 )
             )
+        self.metrics.store_counters.source = self.store.counters
         try:
             async with trio.open_nursery() as handlers:
                 self._tasks = handlers  # the connections' writer tasks run here too

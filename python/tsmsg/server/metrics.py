@@ -16,9 +16,12 @@ prometheus_client's metrics are thread-safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from tsmsg.protocol import errors as E
 
@@ -116,6 +119,42 @@ STORE_SECONDS += [0.25, 0.5, 1.0, 2.5, 5.0]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]  # max_batch is 1024
 ACK_SECONDS = [0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
 ACK_SECONDS += [0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+# The store's own counters (Store.counters()), read when scraped: the Redis engine's
+# fan-out between nodes (FanoutStats). LMDB has no fan-out: they stay 0.
+STORE_COUNTERS = {
+    "fanout_published": ("published", "Entries and signals published to other nodes."),
+    "fanout_publish_failures": (
+        "publish_failures",
+        "Entries and signals that could not be published (never retried).",
+    ),
+    "fanout_signals_dropped": (
+        "signals_dropped",
+        "Signals (typing, read) dropped because the engine's signal queue was full.",
+    ),
+    "fanout_received": ("received", "Messages from other nodes handed to this node."),
+    "fanout_bad_messages": (
+        "bad_messages",
+        "Messages on a followed topic that tsmsg did not publish (ignored).",
+    ),
+    "fanout_reconnects": (
+        "reconnects",
+        "Pub/sub connections lost and made again (each followed by a read of the log).",
+    ),
+}
+
+
+class StoreCounters(Collector):
+    """Exports ``Store.counters()`` at scrape time: no cost per message."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, int]] = dict  # no store yet: zeros
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.source()
+        for name, (key, doc) in STORE_COUNTERS.items():
+            yield CounterMetricFamily(f"tsmsg_store_{name}", doc, value=values.get(key, 0))
 
 
 def close_reason(text: str) -> str:
@@ -246,6 +285,8 @@ class Metrics:
             "Age of the oldest write not yet committed and acknowledged (0: none waits).",
             registry=registry,
         )
+        self.store_counters = StoreCounters()
+        registry.register(self.store_counters)
         self.store_failed = Gauge(
             "tsmsg_store_failed",
             "1 when the store stopped taking writes after a failed sync (restart needed).",

@@ -19,7 +19,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, Self
 
 Entry = dict[str, Any]
 Kind = Literal["message", "edit", "delete"]
@@ -310,7 +310,22 @@ class Store(ABC):
         """Compact one channel by the configured policy; returns the new horizon."""
 
     @abstractmethod
+    def channels(self) -> list[str]:
+        """The names of every channel with a log, sorted (for tools and compaction)."""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def counters(self) -> dict[str, int]:
+        """The engine's own counters, for metrics (read when scraped, from any thread):
+        the Redis engine's fan-out figures (``FanoutStats``); none for a store of one node."""
+        return {}
 
     def health(self) -> tuple[str | None, float]:
         """For readiness checks, from any thread: why the store takes no writes now (closed,

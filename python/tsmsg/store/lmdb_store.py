@@ -24,7 +24,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ from tsmsg.store.base import (
     WriteOp,
 )
 from tsmsg.store.crypto import ENCRYPTED_FIELDS, EncryptionError, Keyring, entry_kid, open_entry
+from tsmsg.store.export import ChannelDump, UserDump, edit_chains, with_prefix
 
 log = logging.getLogger("tsmsg.store")
 
@@ -342,8 +343,11 @@ def id_prefix(chan_id: int, salt: int | None) -> str:
     return str(chan_id) if salt is None else f"{salt:016x}"
 
 
-def record_prefix(rec: dict[str, int]) -> str:
-    return id_prefix(rec["id"], rec.get("salt"))
+def record_prefix(rec: Mapping[str, Any]) -> str:
+    """A record's message id prefix: its own ``prefix`` when it was restored from an
+    export with its ids kept (STORAGE.md, "Exports"), else derived from id and salt."""
+    prefix = rec.get("prefix")
+    return prefix if isinstance(prefix, str) else id_prefix(rec["id"], rec.get("salt"))
 
 
 def message_id(prefix: str, seq: int) -> str:
@@ -1460,6 +1464,94 @@ class LmdbStore(Store):
         self._submit_job(step)
         return result.get("epoch", 0)
 
+    # ---------------------------------------------------------------- restore
+
+    def restore_begin(self) -> None:
+        """An export is loaded only into a store that has never been written to."""
+        with self._read() as txn:
+            used = any(
+                txn.stat(db)["entries"] for db in (self._channels, self._members, self._seen)
+            )
+        if used:
+            raise ValueError(f"restore target {self.path} is not empty")
+
+    def restore_channel(self, dump: ChannelDump, new_epoch: bool) -> ChannelDump:
+        """Load one exported channel (absent from this store) in one transaction, under a
+        new internal id; with ``new_epoch`` as a new log (its own epoch and id prefix),
+        else with the export's epoch and message ids. Returns what was loaded."""
+        loaded: list[ChannelDump] = []
+
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                done, chan_id, cids = self._restore_channel(txn, dump, new_epoch)
+            for dkey, seq in cids:  # committed: the in-memory dedup map learns them
+                self._ring.insert(dkey, seq)
+            self._next_order += len(cids)
+            self._chan_ids[dump.name] = chan_id
+            loaded[:] = [done]
+            return True
+
+        self._submit_job(step)
+        return loaded[0]
+
+    def _restore_channel(
+        self, txn: lmdb.Transaction, dump: ChannelDump, new_epoch: bool
+    ) -> tuple[ChannelDump, int, list[tuple[bytes, int]]]:
+        name = _check_name("channel", dump.name, MAX_CHANNEL_BYTES)
+        if txn.get(name, db=self._channels) is not None:
+            raise ValueError(f"channel {dump.name!r} is in the export twice")
+        raw = txn.get(b"next_channel_id", db=self._meta)
+        chan_id = 1 if raw is None else U64.unpack(raw)[0]
+        txn.put(b"next_channel_id", U64.pack(chan_id + 1), db=self._meta)
+        rec: dict[str, Any] = dict(new_channel_record(self.store_id, chan_id))
+        if new_epoch:
+            dump = with_prefix(dump, rec["epoch"], record_prefix(rec))
+        else:
+            rec.update(epoch=dump.epoch, prefix=dump.prefix)
+        changes = [e["seq"] for e in dump.entries if e["kind"] != "message"]
+        # The next compaction pass looks at every edit and delete entry the export has.
+        compacted = min(dump.horizon, min(changes, default=dump.horizon + 1) - 1)
+        rec.update(head=dump.head, horizon=dump.horizon, compacted=compacted)
+        txn.put(name, packb(rec), db=self._channels)
+        prefix = U64.pack(chan_id)
+        for entry in dump.entries:
+            key = prefix + U64.pack(entry["seq"])
+            txn.put(key, self._pack(key, entry), db=self._log)
+            if entry["kind"] == "message":
+                txn.put(key, b"", db=self._messages)
+        for mseq, edits in edit_chains(dump).items():
+            for seq in edits:
+                self._link_edit(txn, prefix + U64.pack(mseq), seq)
+        for seq, ts in dump.tombstones.items():
+            txn.put(prefix + U64.pack(seq), U64.pack(ts), db=self._tombstones)
+        for user, seq in dump.cursors.items():
+            txn.put(self._cursor_key(user, chan_id), U64.pack(seq), db=self._cursors)
+        cids = [(self._dedup_key(prefix, s.encode(), cid), seq) for s, cid, seq, _ in dump.dedup]
+        journal = [
+            (U64.pack(self._next_order + i), packb([dkey, seq, row[3]]))
+            for i, ((dkey, seq), row) in enumerate(zip(cids, dump.dedup, strict=True))
+        ]
+        txn.cursor(db=self._dedup).putmulti(journal, append=True)
+        return dump, chan_id, cids
+
+    def restore_users(self, users: list[UserDump]) -> None:
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                for u in users:
+                    user = _check_name("user", u.user, MAX_USER_BYTES)
+                    for channel in u.channels:
+                        key = user + b"\0" + _check_name("channel", channel, MAX_CHANNEL_BYTES)
+                        txn.put(key, b"", db=self._members)
+                    if u.last_seen is not None:
+                        txn.put(user, U64.pack(u.last_seen), db=self._seen)
+            return True
+
+        self._submit_job(step)
+
+    def restore_end(self) -> None:
+        """Nothing to mark: an LMDB restore is written to a new directory that is renamed
+        into place once complete (``tsmsg restore``)."""
+
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
@@ -1712,6 +1804,66 @@ class LmdbReader:
                     if key.endswith(suffix):
                         cursors[key[: -len(suffix)].decode()] = U64.unpack(value)[0]
         return info, entries, cursors
+
+    def export(self) -> Iterator[ChannelDump | UserDump]:
+        """Every channel, then every user, all from one read transaction: the export is
+        the state of one moment, also while a server writes (STORAGE.md, "Exports").
+        Encrypted text is decrypted with the reader's key ring; without one, an encrypted
+        entry fails the export (an export holds plaintext)."""
+        with self.snapshot() as txn:
+            cursors: dict[int, dict[str, int]] = collections.defaultdict(dict)
+            for key, value in self._rows(txn, "cursors"):
+                user, chan = key[:-9].decode(), U64.unpack(key[-8:])[0]
+                cursors[chan][user] = U64.unpack(value)[0]
+            dedup: dict[int, list[tuple[str, str, int, int]]] = collections.defaultdict(list)
+            for _, value in self._rows(txn, "dedup"):
+                dkey, seq, ts = unpackb(value)
+                sender, _, cid = dkey[8:].partition(b"\0")
+                dedup[U64.unpack(dkey[:8])[0]].append((sender.decode(), cid.decode(), seq, ts))
+            for name, rec in self._records(txn).items():
+                chan_id = rec["id"]
+                prefix = U64.pack(chan_id)
+                entries = [self._plain(key, v) for key, v in self._rows(txn, "log", prefix)]
+                tombs = self._rows(txn, "tombstones", prefix)
+                yield ChannelDump(
+                    name, rec["epoch"], record_prefix(rec), rec["head"], rec["horizon"],
+                    entries, {U64.unpack(k[8:])[0]: U64.unpack(v)[0] for k, v in tombs},
+                    cursors.get(chan_id, {}), dedup.get(chan_id, []),
+                )  # fmt: skip
+            seen = {k.decode(): U64.unpack(v)[0] for k, v in self._rows(txn, "last_seen")}
+            members: dict[str, list[str]] = collections.defaultdict(list)
+            for key, _ in self._rows(txn, "members"):
+                who, _, channel = key.partition(b"\0")
+                members[who.decode()].append(channel.decode())
+            for user in sorted(members.keys() | seen.keys()):
+                yield UserDump(user, members.get(user, []), seen.get(user))
+
+    def _rows(
+        self, txn: lmdb.Transaction, db: str, prefix: bytes = b""
+    ) -> list[tuple[bytes, bytes]]:
+        """The rows of a named database (those whose key starts with ``prefix``), copied."""
+        handle = self._dbs.get(db)
+        if handle is None:
+            return []
+        cur = txn.cursor(db=handle)
+        out: list[tuple[bytes, bytes]] = []
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not bytes(key[: len(prefix)]) == prefix:
+                    break
+                out.append((bytes(key), bytes(value)))
+        return out
+
+    def _plain(self, key: bytes, raw: bytes) -> Entry:
+        entry = LmdbStore._decode(key, raw)
+        if "enc" not in entry:
+            return entry
+        if self.keyring is None:
+            raise EncryptionError(
+                f"data directory {self.path!r} holds encrypted text: pass "
+                "--encryption-key-file to export it (an export holds plaintext)"
+            )
+        return open_entry(entry, key, self.keyring)
 
     def backup(self, dest: str | os.PathLike[str]) -> EnvStats:
         """Copy a consistent snapshot, compacted (free pages omitted, pages renumbered),

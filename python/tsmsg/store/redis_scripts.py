@@ -54,6 +54,7 @@ local function dec(n) return string.format('%d', n) end
 local DELETED = '\167deleted\195'
 local function fresh(epoch)
   redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+  redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'horizon', 0)
 end
 """
@@ -62,7 +63,8 @@ end
 # channel's meta is missing: new, or lost), 2 dedup key, 3 ts pair, 4 sender pair, 5 body
 # pairs (text, meta), 6 number of body pairs, 7 meta pair or '', 8 sender, 9 ts,
 # 10 dedup_max, 11 dedup cutoff ts, 12 most dedup entries to prune.
-# Reply: {1, epoch, seq, created} or {0, epoch, seq, entry or nil} for a known cid.
+# Reply: {1, id prefix, seq, created, epoch} or {0, id prefix, seq, entry or nil} for a
+# known cid. The id prefix is the epoch unless the meta has a 'pfx' (a restored log).
 APPEND = r"""
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local created = 0
@@ -74,12 +76,14 @@ else
   local first = redis.call('HGET', KEYS[7], ARGV[2])
   if first then
     local seq = string.match(first, '^(%d+)')
-    return {0, epoch, seq, redis.call('HGET', KEYS[2], seq)}
+    local pfx = redis.call('HGET', KEYS[1], 'pfx') or epoch
+    return {0, pfx, seq, redis.call('HGET', KEYS[2], seq)}
   end
 end
+local pfx = redis.call('HGET', KEYS[1], 'pfx') or epoch
 local seq = dec(redis.call('HINCRBY', KEYS[1], 'head', 1))
 local base = '\163seq' .. u(tonumber(seq)) .. '\164kind\167message' .. ARGV[3]
-  .. '\162id' .. s(epoch .. '-' .. seq) .. ARGV[4]
+  .. '\162id' .. s(pfx .. '-' .. seq) .. ARGV[4]
 redis.call('HSET', KEYS[2], seq, map(5 + tonumber(ARGV[6])) .. base .. ARGV[5])
 redis.call('HSET', KEYS[6], 'b' .. seq, base, 's' .. seq, ARGV[8])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[6], 'm' .. seq, ARGV[7]) end
@@ -100,16 +104,16 @@ while budget > 0 do
   excess = excess - 1
   budget = budget - 1
 end
-return {1, epoch, seq, created}
+return {1, pfx, seq, created, epoch}
 """
 
-# An edit ('e') or a delete ('d') of message seq ARGV[3] of epoch ARGV[2]. ARGV: 4 user,
+# An edit ('e') or a delete ('d') of message seq ARGV[3] of id prefix ARGV[2]. ARGV: 4 user,
 # 5 moderator '1'/'0', 6 ts, 7 ts pair, 8 id and sender pairs, 9 text pair, 10 edited pair.
-# Reply: {'ok', seq}, {'nf'} (no such live message) or {'fb'} (not the sender's).
+# Reply: {'ok', seq, epoch}, {'nf'} (no such live message) or {'fb'} (not the sender's).
 CHANGE = r"""
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'pfx')
 local mseq = ARGV[3]
-if epoch ~= ARGV[2] then return {'nf'} end
+if not meta[1] or (meta[2] or meta[1]) ~= ARGV[2] then return {'nf'} end
 local sender = redis.call('HGET', KEYS[6], 's' .. mseq)
 if not sender then return {'nf'} end
 if sender ~= ARGV[4] and ARGV[5] ~= '1' then return {'fb'} end
@@ -144,7 +148,7 @@ else
   redis.call('ZADD', KEYS[5], mseq, mseq)
 end
 redis.call('ZADD', KEYS[4], seq, seq)
-return {'ok', seq}
+return {'ok', seq, meta[1]}
 """
 
 # Move user ARGV[1]'s read cursor forward to ARGV[2], clamped to the head.
@@ -284,14 +288,71 @@ end
 return {count, #qs, qs[#qs] or from}
 """
 
-# The first result of dedup key ARGV[1]. Reply: {} or {epoch, seq, entry or nil}.
+# The first result of dedup key ARGV[1]. Reply: {} or {id prefix, seq, entry or nil}.
 DUP = r"""
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then return {} end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'pfx')
+if not meta[1] then return {} end
 local first = redis.call('HGET', KEYS[7], ARGV[1])
 if not first then return {} end
 local seq = string.match(first, '^(%d+)')
-return {epoch, seq, redis.call('HGET', KEYS[2], seq)}
+return {meta[2] or meta[1], seq, redis.call('HGET', KEYS[2], seq)}
+"""
+
+# The seqs of the first ARGV[2] entries after ARGV[1] ('asc') or of the last ARGV[2]
+# entries ('desc', ARGV[1] unused), from the message and change indexes, in that order.
+_LIB_RANGE = r"""
+local function entry_seqs(order, after, n)
+  local a, b
+  if order == 'asc' then
+    a = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. after, '+inf', 'LIMIT', 0, n)
+    b = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. after, '+inf', 'LIMIT', 0, n)
+  else
+    a = redis.call('ZREVRANGEBYSCORE', KEYS[3], '+inf', '-inf', 'LIMIT', 0, n)
+    b = redis.call('ZREVRANGEBYSCORE', KEYS[4], '+inf', '-inf', 'LIMIT', 0, n)
+  end
+  local qs, i, j = {}, 1, 1
+  while #qs < n and (a[i] or b[j]) do
+    local take_a = b[j] == nil
+    if a[i] and b[j] then
+      if order == 'asc' then take_a = tonumber(a[i]) < tonumber(b[j])
+      else take_a = tonumber(a[i]) > tonumber(b[j]) end
+    end
+    if take_a then qs[#qs + 1] = a[i]; i = i + 1 else qs[#qs + 1] = b[j]; j = j + 1 end
+  end
+  return qs
+end
+"""
+
+# Export: the first ARGV[2] log entries after seq ARGV[1], with each one's tombstone time.
+# Reply: {epoch or '', head, horizon, id prefix or '', seq, entry, deleted ts or '', ...}.
+DUMP = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'horizon', 'pfx')
+if not meta[1] then return {''} end
+local out = {meta[1], meta[2], meta[3], meta[4] or ''}
+local qs = entry_seqs('asc', ARGV[1], tonumber(ARGV[2]))
+if #qs == 0 then return out end
+local vals = redis.call('HMGET', KEYS[2], unpack(qs))
+for k, q in ipairs(qs) do
+  out[#out + 1] = q
+  out[#out + 1] = vals[k] or ''
+  out[#out + 1] = redis.call('HGET', KEYS[6], 't' .. q) or ''
+end
+return out
+"""
+
+# Inspect: the last ARGV[1] log entries, oldest first. Reply: {epoch or '', head, horizon,
+# entries...}.
+TAIL = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'horizon')
+if not meta[1] then return {''} end
+local out = {meta[1], meta[2], meta[3]}
+local n = tonumber(ARGV[1])
+if n < 1 then return out end
+local qs = entry_seqs('desc', '', n)
+if #qs == 0 then return out end
+local vals = redis.call('HMGET', KEYS[2], unpack(qs))
+for k = #qs, 1, -1 do out[#out + 1] = vals[k] or '' end
+return out
 """
 
 # Presence (RedisPresence): a user's hash {u:<user>}:pres has one field per node with a
@@ -387,6 +448,8 @@ SCRIPTS: dict[str, str] = {
         "history": HISTORY,
         "unread": UNREAD,
         "dup": DUP,
+        "dump": _LIB_RANGE + DUMP,
+        "tail": _LIB_RANGE + TAIL,
     }.items()
 } | {
     "presence_set": _PRESENCE_LIB + PRESENCE_SET,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -69,6 +70,7 @@ from tsmsg.store.base import (
     SyncPage,
     WriteOp,
 )
+from tsmsg.store.export import ChannelDump, UserDump, edit_chains, with_prefix
 from tsmsg.store.lmdb_store import (
     OP_OVERHEAD,
     StoreConfig,
@@ -96,6 +98,11 @@ HISTORY_CHUNK = 256  # messages one history call fetches
 CHARGED_KINDS = ("message", "edit", "delete")  # the writes the send limits count
 UNREAD_CHUNK = 1024  # messages one unread-count call looks at
 DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one it adds
+EXPORT_CHUNK = 1024  # log entries one export script call reads
+EXPORT_RETRIES = 5  # times a channel's export starts again because a write moved its head
+TAIL_MAX = 10_000  # entries `inspect --tail` reads in one script call
+SCAN_COUNT = 1000  # keys per SCAN/HSCAN call (exports, inspect, the restore target check)
+RESTORE_PIPELINE = 1024  # commands per pipeline while loading an export
 
 # Connections.
 CONNECT_TIMEOUT_S = 5.0  # a TCP connect to Redis that takes longer has failed
@@ -118,6 +125,25 @@ _P_TEXT = packb("text")
 _P_META = packb("meta")
 _P_ID = packb("id")
 _P_EDITED = packb("edited")
+# The order of an entry's fields as the scripts write them (ts third: compaction reads it
+# at a known place); a restored entry is packed in this order too.
+ENTRY_ORDER = ("seq", "kind", "ts", "id", "sender", "text", "meta", "edited", "deleted")
+BASE_FIELDS = 5  # the leading fields the scripts keep as an entry's base (idx b<seq>)
+RESTORING = b"restoring"  # a key (after the prefix) set while an export is being loaded
+
+
+@dataclass(frozen=True, slots=True)
+class RedisChannelStats:
+    """A channel's figures for `tsmsg inspect` (LMDB's ChannelStats, without the id)."""
+
+    name: str
+    head: int
+    horizon: int
+    epoch: int
+    entries: int  # log entries present
+    bytes: int  # Redis's MEMORY USAGE estimate of the log hash (sampled)
+    cursors: int
+    dedup_entries: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +203,10 @@ class _Stop:
     pass
 
 
+class _Moved(Exception):
+    """A channel changed between two steps of its export: read it again."""
+
+
 @dataclass(slots=True)
 class _Call:
     """One write of a batch as sent: the command and how to read its reply."""
@@ -227,6 +257,7 @@ class RedisStore(Store):
         self._prefix = key_prefix.encode()
         self._registry = self._prefix + b"channels"  # names of channels (one slot of its own)
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
+        self._restored: list[str] = []  # channels a restore loaded (registered at its end)
         password = self.target.password
         if password_file is not None:
             with open(password_file, encoding="utf-8") as f:
@@ -244,6 +275,13 @@ class RedisStore(Store):
                 f"cannot reach Redis at {self.target.where}: {exc or type(exc).__name__}"
             ) from None
         self._check_config()
+        if self._client.exists(self._prefix + RESTORING):
+            self._client.close()
+            self._wclient.close()
+            raise ValueError(
+                f"a tsmsg restore into Redis {self.target.where} (key prefix "
+                f"{key_prefix!r}) did not finish: delete the prefix's keys and restore again"
+            )
         self.fanout = FanoutStats()
         self._subscriber = Subscriber(
             self._connect(password, retry=False),
@@ -590,7 +628,8 @@ class RedisStore(Store):
             ops = nxt
 
     def _commit(self, batch: list[WriteOp]) -> None:
-        """Send the batch as one pipeline; set every op's result or error."""
+        """Send the batch as one pipeline; set every op's result or error (and the epoch
+        of the log each new entry went to, for the fan-out)."""
         ts = self._clock()
         calls: list[_Call] = []
         for op in batch:
@@ -739,7 +778,7 @@ class RedisStore(Store):
         )  # fmt: skip
 
     def _finish(self, op: WriteOp, reply: Any, ts: int, created: list[str]) -> None:
-        """Read one write's reply into its op."""
+        """Read one write's reply into its op (a new entry's epoch into ``op.epoch``)."""
         if isinstance(reply, Exception):  # OOM, READONLY after a failover, a script error
             log.error("Redis refused a %s in %r: %s", op.kind, op.channel, reply)
             raise StoreUnavailable(f"Redis refused the write: {reply}")
@@ -750,17 +789,17 @@ class RedisStore(Store):
         elif op.kind == "read":
             op.result, op.changed = int(reply[0]), bool(reply[1])
         elif op.kind == "message":
-            flag, epoch, seq = reply[0], reply[1], int(reply[2])
+            flag, prefix, seq = reply[0], reply[1], int(reply[2])
             if flag:
-                op.result = AppendResult(op.channel, seq, f"{epoch.decode()}-{seq}", ts)
-                op.epoch = int(epoch)
+                op.result = AppendResult(op.channel, seq, f"{prefix.decode()}-{seq}", ts)
+                op.epoch = int(reply[4])
                 if reply[3]:
                     created.append(op.channel)
             else:
-                op.result = _dup_result(op.channel, epoch, seq, reply[3])
+                op.result = _dup_result(op.channel, prefix, seq, reply[3])
         elif reply[0] == b"ok":
             op.result = AppendResult(op.channel, int(reply[1]), op.target or "", ts)
-            op.epoch = int((op.target or "").partition("-")[0])  # found: the current epoch
+            op.epoch = int(reply[2])
         elif reply[0] == b"fb":
             raise Forbidden(f"only the sender or a moderator may change message {op.target!r}")
         else:
@@ -784,7 +823,8 @@ class RedisStore(Store):
                         )
                     )
                 continue
-            if not isinstance(result, AppendResult) or result.dup:
+            epoch = op.epoch
+            if not isinstance(result, AppendResult) or result.dup or not epoch:
                 continue
             entry: Entry = {"seq": result.seq, "kind": op.kind, "ts": result.ts, "id": result.id}
             entry["sender"] = op.user
@@ -792,7 +832,6 @@ class RedisStore(Store):
                 entry["text"] = op.text
             if op.kind == "message" and op.meta:
                 entry["meta"] = op.meta
-            epoch = int(result.id.partition("-")[0])
             out.append(
                 (
                     self._topic(op.channel),
@@ -821,6 +860,9 @@ class RedisStore(Store):
 
     def unfollow(self, channel: str) -> None:
         self._subscriber.unfollow(channel)
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.fanout)
 
     def publish_signal(self, channel: str, frame: dict[str, Any]) -> None:
         if not self._closed:
@@ -880,6 +922,231 @@ class RedisStore(Store):
         epoch = self._epochs()
         return epoch if self._eval("reset", self._keys(channel), epoch) else 0
 
+    # ---------------------------------------------------------------- tools
+
+    def tail(self, channel: str, n: int) -> tuple[ChannelInfo | None, list[Entry], dict[str, int]]:
+        """As LmdbReader.tail: the channel's info and last ``n`` entries (one script call,
+        at most ``TAIL_MAX``) and its read cursors (HSCAN, read just after)."""
+        if n > TAIL_MAX:
+            raise ValueError(f"--tail reads at most {TAIL_MAX} entries on Redis")
+        keys = self._keys(channel)
+        reply = self._eval("tail", keys, n)
+        if not reply[0]:
+            return None, [], {}
+        info = ChannelInfo(channel, int(reply[1]), int(reply[2]), int(reply[0]))
+        entries = [unpackb(raw) for raw in reply[3:] if raw]
+        return info, entries, self._hash_ints(keys[8])
+
+    def _hash_ints(self, key: bytes) -> dict[str, int]:
+        with self._using():
+            return {k.decode(): int(v) for k, v in self._client.hscan_iter(key, count=SCAN_COUNT)}
+
+    def stats(self) -> list[RedisChannelStats]:
+        """Every registered channel's figures, a pipeline per ``SCAN_COUNT`` channels."""
+        names = self.channels()
+        out: list[RedisChannelStats] = []
+        for i in range(0, len(names), SCAN_COUNT):
+            chunk = names[i : i + SCAN_COUNT]
+            with self._using():
+                pipe = self._client.pipeline(transaction=False)
+                for name in chunk:
+                    keys = self._keys(name)
+                    pipe.hmget(keys[0], "epoch", "head", "horizon")
+                    pipe.hlen(keys[1])
+                    pipe.memory_usage(keys[1])
+                    pipe.hlen(keys[8])
+                    pipe.hlen(keys[6])
+                replies = pipe.execute()
+            for j, name in enumerate(chunk):
+                (epoch, head, horizon), entries, size, cursors, dedup = replies[5 * j : 5 * j + 5]
+                if epoch is None:
+                    continue  # registered, then lost (a reset of its keys): no log
+                figures = (int(head), int(horizon), int(epoch), entries, size or 0)
+                out.append(RedisChannelStats(name, *figures, cursors, dedup))
+        return out
+
+    def _scan(self, pattern: bytes) -> Iterator[bytes]:
+        """Keys matching ``pattern`` on every primary (SCAN: never blocks Redis)."""
+        for node in self._primaries():
+            with self._using():
+                keys = list(node.scan_iter(match=pattern, count=SCAN_COUNT))
+            yield from keys
+
+    def _any_key(self, pattern: bytes) -> bool:
+        for node in self._primaries():
+            with self._using():
+                if next(node.scan_iter(match=pattern, count=SCAN_COUNT), None) is not None:
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- export
+
+    def export(self) -> Iterator[ChannelDump | UserDump]:
+        """Every channel, each as one consistent state of it (a channel whose head moves
+        while it is read is read again, up to ``EXPORT_RETRIES`` times), then every user's
+        memberships and last_seen as read after the channels. Channels are not consistent
+        with each other: for a point-in-time export, stop the servers first (STORAGE.md,
+        "Exports")."""
+        p = len(self._prefix)
+        names = set(self.channels())
+        for key in self._scan(self._prefix + b"{c:*}:meta"):
+            names.add(key[p + 3 : -6].decode())
+        for name in sorted(names):
+            dump = self._export_channel(name)
+            if dump is not None:
+                yield dump
+        members: dict[str, list[str]] = {}
+        seen: dict[str, int] = {}
+        for key in self._scan(self._prefix + b"{u:*"):
+            who, _, what = key[p + 3 :].rpartition(b"}:")
+            if what == b"ch":
+                with self._using():
+                    chans = self._client.smembers(key)
+                members[who.decode()] = sorted(c.decode() for c in chans)
+            elif what == b"seen":
+                raw = self._call(self._client.get, key)
+                if raw is not None:
+                    seen[who.decode()] = int(raw)
+        for user in sorted(members.keys() | seen.keys()):
+            yield UserDump(user, members.get(user, []), seen.get(user))
+
+    def _export_channel(self, name: str) -> ChannelDump | None:
+        keys = self._keys(name)
+        for _ in range(EXPORT_RETRIES):
+            try:
+                dump = self._read_channel(keys, name)
+            except _Moved:
+                continue
+            if dump is None:
+                return None
+            epoch, head = self._call(self._client.hmget, keys[0], "epoch", "head")
+            if epoch is not None and (int(epoch), int(head)) == (dump.epoch, dump.head):
+                return dump
+        raise StoreUnavailable(
+            f"channel {name!r} kept changing during the export ({EXPORT_RETRIES} tries): "
+            "stop the servers writing to it and export again"
+        )
+
+    def _read_channel(self, keys: tuple[bytes, ...], name: str) -> ChannelDump | None:
+        """One read of a channel (None: it has no log); _Moved when a write moved its head
+        or a reset changed its epoch between two steps."""
+        entries: list[Entry] = []
+        tombs: dict[int, int] = {}
+        after, fixed = 0, None
+        while True:
+            reply = self._eval("dump", keys, after, EXPORT_CHUNK)
+            if not reply[0]:
+                return None
+            state = (int(reply[0]), int(reply[1]), reply[3].decode() or reply[0].decode())
+            if fixed is not None and state != fixed:
+                raise _Moved
+            fixed = state
+            horizon = int(reply[2])
+            rows = reply[4:]
+            for i in range(0, len(rows), 3):
+                seq, raw, deleted = int(rows[i]), rows[i + 1], rows[i + 2]
+                if raw:
+                    entries.append(unpackb(raw))
+                if deleted:
+                    tombs[seq] = int(deleted)
+                after = seq
+            if len(rows) < 3 * EXPORT_CHUNK:
+                break
+        dedup = []
+        for key, value in self._hash_bytes(keys[6]):
+            sender, _, cid = key.partition(b"\0")
+            first, _, ts = value.partition(b":")
+            dedup.append((sender.decode(), cid.decode(), int(first), int(ts)))
+        dedup.sort(key=lambda row: row[2])
+        epoch, head, prefix = fixed
+        cursors = self._hash_ints(keys[8])
+        return ChannelDump(name, epoch, prefix, head, horizon, entries, tombs, cursors, dedup)
+
+    def _hash_bytes(self, key: bytes) -> list[tuple[bytes, bytes]]:
+        with self._using():
+            return list(self._client.hscan_iter(key, count=SCAN_COUNT))
+
+    # ---------------------------------------------------------------- restore
+
+    def restore_begin(self) -> None:
+        """Refuse a target with any key under this store's prefix; then mark the load as
+        under way (a store does not open while the mark is there)."""
+        where = f"Redis {self.target.where} (key prefix {self._prefix.decode()!r})"
+        if self._any_key(self._prefix + b"*") or not self._call(
+            lambda: self._client.set(self._prefix + RESTORING, b"1", nx=True)
+        ):
+            raise ValueError(f"restore target {where} is not empty")
+        self._restored = []
+
+    def restore_channel(self, dump: ChannelDump, new_epoch: bool) -> ChannelDump:
+        """Load one exported channel: its keys exactly as the scripts would have left
+        them; with ``new_epoch`` as a new log (a new epoch, ids under it)."""
+        _check_name("channel", dump.name, MAX_CHANNEL_BYTES)
+        if new_epoch:
+            epoch = self._epochs()
+            dump = with_prefix(dump, epoch, str(epoch))
+        meta, log_, msgs, chg, tomb, idx, dd, dq, rc = self._keys(dump.name)
+        commands: list[tuple[Any, ...]] = []
+        fields: list[Any] = ["epoch", dump.epoch, "head", dump.head, "horizon", dump.horizon]
+        if dump.prefix != str(dump.epoch):
+            fields += ["pfx", dump.prefix]
+        commands.append(("HSET", meta, *fields))
+        chains = edit_chains(dump)
+        for entry in dump.entries:
+            seq, kind = entry["seq"], entry["kind"]
+            pairs = [packb(k) + packb(entry[k]) for k in _entry_keys(entry)]
+            commands.append(("HSET", log_, seq, bytes([0x80 + len(pairs)]) + b"".join(pairs)))
+            base = b"".join(pairs[:BASE_FIELDS])
+            deleted = bool(entry.get("deleted"))
+            if kind == "message":
+                commands.append(("ZADD", msgs, seq, seq))
+                if deleted:
+                    ts = dump.tombstones.get(seq, entry["ts"])
+                    commands += [("ZADD", tomb, seq, seq), ("HSET", idx, f"t{seq}", ts)]
+                    continue
+                commands.append(("HSET", idx, f"b{seq}", base, f"s{seq}", entry["sender"]))
+                if "meta" in entry:
+                    commands.append(("HSET", idx, f"m{seq}", _P_META + packb(entry["meta"])))
+                if seq in chains:
+                    commands.append(("HSET", idx, f"e{seq}", ",".join(map(str, chains[seq]))))
+            else:
+                commands.append(("ZADD", chg, seq, seq))
+                if kind == "edit" and not deleted:
+                    commands.append(("HSET", idx, f"b{seq}", base))
+        for sender, cid, seq, ts in dump.dedup:
+            dkey = _dedup_key(sender, cid)
+            commands += [("HSET", dd, dkey, f"{seq}:{ts}"), ("ZADD", dq, seq, dkey)]
+        for user, cursor in dump.cursors.items():
+            commands.append(("HSET", rc, user, cursor))
+        self._load(commands)
+        self._restored.append(dump.name)
+        return dump
+
+    def restore_users(self, users: list[UserDump]) -> None:
+        commands: list[tuple[Any, ...]] = []
+        for u in users:
+            _check_name("user", u.user, MAX_USER_BYTES)
+            if u.channels:
+                commands.append(("SADD", self._user_key(u.user, b"ch"), *u.channels))
+            if u.last_seen is not None:
+                commands.append(("SET", self._user_key(u.user, b"seen"), u.last_seen))
+        self._load(commands)
+
+    def restore_end(self) -> None:
+        """Register the channels, then lift the mark: the load is complete."""
+        names = self._restored
+        for i in range(0, len(names), RESTORE_PIPELINE):
+            self._call(self._client.sadd, self._registry, *names[i : i + RESTORE_PIPELINE])
+        self._call(self._client.delete, self._prefix + RESTORING)
+
+    def _load(self, commands: list[tuple[Any, ...]]) -> None:
+        for i in range(0, len(commands), RESTORE_PIPELINE):
+            with self._using():
+                pipe = self._client.pipeline(transaction=False)
+                for args in commands[i : i + RESTORE_PIPELINE]:
+                    pipe.execute_command(*args)
+                pipe.execute()
+
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
@@ -919,6 +1186,11 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entry_keys(entry: Entry) -> list[str]:
+    """An entry's fields in the order the scripts write them, then any others."""
+    return [k for k in ENTRY_ORDER if k in entry] + [k for k in entry if k not in ENTRY_ORDER]
+
+
 def _evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
 
@@ -927,7 +1199,7 @@ def _dedup_key(sender: str, cid: str) -> bytes:
     return sender.encode() + b"\0" + cid.encode()
 
 
-def _dup_result(channel: str, epoch: bytes, seq: int, raw: bytes | None) -> AppendResult:
+def _dup_result(channel: str, prefix: bytes, seq: int, raw: bytes | None) -> AppendResult:
     """The first result of a cid: its seq, id and ts (0 once retention dropped it)."""
     ts = unpackb(raw)["ts"] if raw else 0
-    return AppendResult(channel, seq, f"{epoch.decode()}-{seq}", ts, dup=True)
+    return AppendResult(channel, seq, f"{prefix.decode()}-{seq}", ts, dup=True)
