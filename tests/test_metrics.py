@@ -211,6 +211,7 @@ async def test_a_scripted_session_moves_each_metric_by_exactly_its_amount(
     assert d("tsmsg_appends_total", kind="edit") == 1
     assert d("tsmsg_appends_total", kind="delete") == 0
     assert d("tsmsg_send_ack_seconds_count") == 4  # 3 sends and the edit; the dup never waited
+    assert d("tsmsg_store_read_seconds_count") >= 4  # 2 joins, 2 syncs (and presence loads)
     assert d("tsmsg_fanout_deliveries_total") == 8 + 1  # the events, bob's typing push
     assert d("tsmsg_resumes_total") == 1
     assert d("tsmsg_slow_consumer_resyncs_total") == 0

@@ -872,7 +872,11 @@ class Server:
         if self.inline_reads:
             await trio.lowlevel.checkpoint()
             return query()
-        return await trio.to_thread.run_sync(query, limiter=self.read_limiter)
+        start = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(query, limiter=self.read_limiter)
+        finally:
+            self.metrics.read_seconds.observe(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ presence
     #

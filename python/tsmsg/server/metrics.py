@@ -267,6 +267,13 @@ class Metrics:
             buckets=STORE_SECONDS,
             registry=registry,
         )
+        self.read_seconds = Histogram(
+            "tsmsg_store_read_seconds",
+            "A request's store reads (sync, history, unread, presence, ...): from asking a "
+            "read thread to the answer, waiting for a free thread included.",
+            buckets=STORE_SECONDS,
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "tsmsg_store_batch_size",
             "Writes per committed batch (group commit).",
