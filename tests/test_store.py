@@ -300,6 +300,11 @@ def test_lookup_dup_answers_from_ring_after_commit(store: AnyStore, clock: FakeC
     assert store.lookup_dup("room", "bob", "cid") is None
     assert store.lookup_dup("room", "alice", "other") is None
     assert store.lookup_dup("elsewhere", "alice", "cid") is None
+    # What the event loop asks on every send: the same answer, or none (a network store:
+    # no round trip on the loop; the append answers the retry itself).
+    assert store.cached_dup("room", "alice", "cid") in (None, hit)
+    assert store.cached_dup("room", "bob", "cid") is None
+    assert store.append("room", "alice", "cid", "x") == hit
 
 
 def test_dedup_survives_reopen(open_store: OpenStore, clock: FakeClock) -> None:

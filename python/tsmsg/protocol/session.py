@@ -563,7 +563,7 @@ class Session:
                     E.LIMIT_EXCEEDED, f"`meta` is over {self.limits.max_meta_bytes} bytes encoded"
                 )
         self._spend_send(channel, now_ms)
-        dup = self.store.lookup_dup(channel, self.user, cid)
+        dup = self.store.cached_dup(channel, self.user, cid)
         if dup is not None:
             return self._ok(rid, channel=channel, seq=dup.seq, id=dup.id, ts=dup.ts, dup=True)
         op = WriteOp("message", channel, self.user, cid=cid, text=text, meta=meta or None)

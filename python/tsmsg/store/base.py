@@ -258,7 +258,13 @@ class Store(ABC):
 
     @abstractmethod
     def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
-        """Answer a retried cid without queueing a write, if it is known."""
+        """The first result of a cid, if it is known (a read: may block)."""
+
+    def cached_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        """The first result of a cid if the store knows it without I/O over a network
+        (the event loop asks on every send, to answer a retry without queueing a write);
+        else None, and the write answers it (dedup is atomic with the append)."""
+        return None
 
     @abstractmethod
     def channel(self, name: str) -> ChannelInfo: ...

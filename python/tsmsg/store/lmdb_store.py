@@ -811,6 +811,9 @@ class LmdbStore(Store):
                         count += 1
         return count
 
+    def cached_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        return self.lookup_dup(channel, sender, cid)  # the ring in memory, the mapped file
+
     def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
         # The common case (a new cid) is answered from memory alone, with no transaction.
         chan_id = self._chan_ids.get(channel)

@@ -426,6 +426,9 @@ class MemoryStore(Store):
     def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
         return self.data.lookup_dup(channel, sender, cid)
 
+    def cached_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
+        return self.lookup_dup(channel, sender, cid)
+
     def channel(self, name: str) -> ChannelInfo:
         c = self.data.channels.get(name)
         if c is None:
