@@ -24,6 +24,7 @@ CPU 0 (``--redis-cpu``, ``--node-cpu``, ``--loadgen-cpu``).
     .venv/bin/python bench/cluster.py             # make bench-cluster: quick, ~3 min
     .venv/bin/python bench/cluster.py --full      # longer windows, latency at 25/50/75 %
     .venv/bin/python bench/cluster.py --nodes 1,2 --only fanin --duration 5
+    .venv/bin/python bench/cluster.py --nodes 1 --only fanin --py-spy    # profile the nodes
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,7 +113,24 @@ def children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_case(d: Deployment, workload: str, args: list[str], common: list[str], cpu: int) -> Any:
+def py_spy(pid: int, path: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of a node until SIGINT, as bench/run.py --py-spy does."""
+    return subprocess.Popen(
+        [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+         "record", "--pid", str(pid), "--nonblocking", "--rate", "250", "--format", "raw",
+         "--threads", "--output", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def run_case(
+    d: Deployment,
+    workload: str,
+    args: list[str],
+    common: list[str],
+    cpu: int,
+    pyspy: Path | None = None,
+) -> Any:
     addrs = [s.addr for s in d.nodes]
     subs = addrs[1:] or addrs[:1]
     cmd = [*pin_prefix(cpu), str(LOADGEN), "--system", "tsmsg", "--opt", f"secret={SECRET}"]
@@ -126,9 +145,16 @@ def run_case(d: Deployment, workload: str, args: list[str], common: list[str], c
     if rc is not None:
         rc.config_resetstat()
     ours0 = sum(cpu_seconds_of(p) for p in pids) + children_cpu_s()
+    spies = []
+    if pyspy is not None:
+        name = f"{d.name}-{workload}".replace(" ", "")
+        spies = [py_spy(s.pid, pyspy / f"{name}-node{i + 1}.txt") for i, s in enumerate(d.nodes)]
     busy0, t0 = cpu_busy_s(), time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(30)
     ours = sum(cpu_seconds_of(p) for p in pids) + children_cpu_s() - ours0
     try:
         rec: dict[str, Any] = json.loads(p.stdout)
@@ -307,6 +333,7 @@ def main() -> int:
     ap.add_argument("--max-load", type=float, default=1.0, help="wait for load1 below this")
     ap.add_argument("--wait-load", type=float, default=120.0, help="for at most this long")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--py-spy", action="store_true", help="py-spy record every node per case")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
 
@@ -314,6 +341,9 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     out = a.out or ROOT / "bench" / "results" / f"{date}-{name}"
     out.mkdir(parents=True, exist_ok=True)
+    pyspy = out / "py-spy" if a.py_spy else None
+    if pyspy:
+        pyspy.mkdir(exist_ok=True)
     if not a.no_build:
         build_loadgen()
     duration = a.duration or (8.0 if a.full else 3.0)
@@ -360,7 +390,9 @@ def main() -> int:
                 try:
                     with deploy(engine, n, scratch, cpus) as d:
                         rec["deployment"] = d.name
-                        rec.update(run_case(d, case.split(":")[0], args, common, a.loadgen_cpu))
+                        rec.update(
+                            run_case(d, case.split(":")[0], args, common, a.loadgen_cpu, pyspy)
+                        )
                         if "result" in rec:
                             rec["figures"] = figures(d, rec)
                 except Exception as e:  # a deployment that fails to start: record, go on
