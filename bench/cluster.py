@@ -101,11 +101,13 @@ def cpuinfo_model() -> str:
     return "unknown"
 
 
-def cpu_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all CPUs), from /proc/stat."""
+def cpu_times() -> dict[str, float]:
+    """The machine's CPU seconds (all CPUs) from /proc/stat: busy in processes (user, nice,
+    system), in soft and hard interrupts (loopback networking, charged to no process), and
+    stolen by the hypervisor."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal ...
-    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")  # fields: user nice system idle iowait irq softirq steal
+    return {"busy": (f[0] + f[1] + f[2]) / hz, "irq": (f[5] + f[6]) / hz, "steal": f[7] / hz}
 
 
 def children_cpu_s() -> float:
@@ -149,7 +151,7 @@ def run_case(
     if pyspy is not None:
         name = f"{d.name}-{workload}".replace(" ", "")
         spies = [py_spy(s.pid, pyspy / f"{name}-node{i + 1}.txt") for i, s in enumerate(d.nodes)]
-    busy0, t0 = cpu_busy_s(), time.monotonic()
+    times0, t0 = cpu_times(), time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
     for spy in spies:
@@ -161,7 +163,10 @@ def run_case(
     except json.JSONDecodeError:
         rec = {"error": f"no JSON from loadgen: {p.stderr.strip()[-1500:]}"}
     rec["command"] = " ".join(cmd).replace(SECRET, "<secret>")
-    rec["other_cpu_share"] = round((cpu_busy_s() - busy0 - ours) / wall, 3)
+    times = {k: v - times0[k] for k, v in cpu_times().items()}
+    rec["other_cpu_share"] = round((times["busy"] - ours) / wall, 3)
+    rec["irq_cpu_share"] = round(times["irq"] / wall, 3)
+    rec["steal_cpu_share"] = round(times["steal"] / wall, 3)
     if rc is not None:
         stats = rc.info("commandstats")
         rec["redis_commandstats"] = {k: v for k, v in stats.items() if v.get("calls", 0) > 100}
@@ -279,8 +284,9 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"- fdatasync (4 KiB pwrite + fdatasync in the scratch dir): p50 "
             f"{meta['fdatasync_ms']['p50']:.2f} / p99 {meta['fdatasync_ms']['p99']:.2f} ms",
             f"- load average at start: {meta['load_start']}, at end: {meta.get('load_end')}; "
-            "per case `load1`, and `others' CPU`: the machine's busy CPU (/proc/stat) minus the "
-            "nodes', Redis's and the loadgen's over the case, in cores x 100 %",
+            "per case `load1`, and `others' CPU`: the machine's CPU busy in processes "
+            "(/proc/stat user + nice + system) minus the nodes', Redis's and the loadgen's "
+            "over the case, in % of one core (interrupt and stolen time are in the JSON)",
             f"- durations: {meta['common']}; a fresh Redis and fresh nodes per case",
             "- durability: LMDB `--durability fsync`; Redis `appendonly yes`, "
             "`appendfsync always`, no RDB (bench/peers.py)",
