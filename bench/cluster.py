@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +135,8 @@ def run_case(
     cpu: int,
     pyspy: Path | None = None,
 ) -> Any:
+    """One loadgen run against a deployment; ``pyspy``: profile each node into
+    ``<pyspy>-<workload>-node<i>.txt``."""
     addrs = [s.addr for s in d.nodes]
     subs = addrs[1:] or addrs[:1]
     cmd = [*pin_prefix(cpu), str(LOADGEN), "--system", "tsmsg", "--opt", f"secret={SECRET}"]
@@ -149,8 +153,10 @@ def run_case(
     ours0 = sum(cpu_seconds_of(p) for p in pids) + children_cpu_s()
     spies = []
     if pyspy is not None:
-        name = f"{d.name}-{workload}".replace(" ", "")
-        spies = [py_spy(s.pid, pyspy / f"{name}-node{i + 1}.txt") for i, s in enumerate(d.nodes)]
+        spies = [
+            py_spy(s.pid, Path(f"{pyspy}-{workload}-node{i + 1}.txt"))
+            for i, s in enumerate(d.nodes)
+        ]
     times0, t0 = cpu_times(), time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
@@ -222,22 +228,22 @@ def fmt(v: Any, spec: str = ",.0f") -> str:
 
 def table(runs: list[dict[str, Any]]) -> str:
     head = (
-        "| deployment | case | acked msgs/s | deliveries/s | deliver p50 / p99 ms | "
+        "| round | deployment | case | acked msgs/s | deliveries/s | deliver p50 / p99 ms | "
         "node CPU µs / msg (each) | Redis CPU µs / msg | node CPU share (each) | "
         "Redis CPU share | loadgen CPU | others' CPU | load1 | complete |"
     )
-    lines = [head, "|" + " --- |" * 2 + " ---: |" * 11]
+    lines = [head, "| ---: |" + " --- |" * 2 + " ---: |" * 11]
     for run in runs:
         f = run.get("figures")
         if f is None:
             err = str(run.get("error", "failed")).replace("|", "/")[:200]
-            lines.append(f"| {run['deployment']} | {run['case']} | error: {err} |")
+            lines.append(f"| {run['round']} | {run['deployment']} | {run['case']} | error: {err} |")
             continue
         each = " + ".join(fmt(u, ".1f") for u in f["node_us_per_msg"])
         shares = " + ".join(fmt(s * 100, ".0f") for s in f["node_cpu_share"])
         p = f"{fmt(f['deliver_p50_ms'], '.2f')} / {fmt(f['deliver_p99_ms'], '.2f')}"
         lines.append(
-            f"| {run['deployment']} | {run['case']} | {fmt(f['acked_msgs_s'])} | "
+            f"| {run['round']} | {run['deployment']} | {run['case']} | {fmt(f['acked_msgs_s'])} | "
             f"{fmt(f['deliveries_s'])} | {p if f['deliver_p50_ms'] is not None else '-'} | "
             f"{fmt(f['nodes_us_per_msg'], '.1f')} ({each}) | "
             f"{fmt(f['redis_us_per_msg'], '.1f')} | {shares} % | "
@@ -249,22 +255,44 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sizing(runs: list[dict[str, Any]]) -> str:
-    """Per-core capacities from the fan-in rows: what sizes a deployment."""
-    fanin = {r["deployment"]: r["figures"] for r in runs if r["case"] == "fanin" and "figures" in r}
-    base = fanin.get("lmdb x1")
+def median(rows: list[dict[str, Any]], key: str) -> Any:
+    values = [r["figures"][key] for r in rows if r["figures"].get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per deployment, the median over rounds of each case's key figures, and the per-core
+    capacities a deployment is sized with (from the fan-in rows)."""
+    ok = [r for r in runs if "figures" in r]
+    names = list(dict.fromkeys(r["deployment"] for r in ok))
+
+    def rows(name: str, case: str) -> list[dict[str, Any]]:
+        return [r for r in ok if r["deployment"] == name and r["case"].startswith(case)]
+
+    base = median(rows("lmdb x1", "fanin"), "nodes_us_per_msg")
     lines = [
-        "| deployment | acked msgs/s per node core (1e6 / node µs per msg) | vs LMDB | "
-        "acked msgs/s per Redis core (1e6 / Redis µs per msg) |",
-        "| --- | ---: | ---: | ---: |",
+        "| deployment | fan-in acked msgs/s | node CPU µs / acked msg (all nodes) | "
+        "acked msgs/s per node core | vs LMDB per core | Redis CPU µs / acked msg | "
+        "acked msgs/s per Redis core | fan-out deliveries/s | latency case: rate, "
+        "deliver p50 / p99 ms | rounds |",
+        "| --- |" + " ---: |" * 9,
     ]
-    for name, f in fanin.items():
-        per_core = 1e6 / f["nodes_us_per_msg"]
-        ratio = per_core / (1e6 / base["nodes_us_per_msg"]) if base else None
-        redis_core = 1e6 / f["redis_us_per_msg"] if f["redis_us_per_msg"] else None
+    for name in names:
+        fi, fo, la = rows(name, "fanin"), rows(name, "fanout"), rows(name, "latency")
+        node_us, redis_us = median(fi, "nodes_us_per_msg"), median(fi, "redis_us_per_msg")
+        per_core = 1e6 / node_us if node_us else None
+        vs = base / node_us if base and node_us else None
+        lat = (
+            f"{fmt(median(la, 'acked_msgs_s'))}/s: {fmt(median(la, 'deliver_p50_ms'), '.2f')}"
+            f" / {fmt(median(la, 'deliver_p99_ms'), '.2f')}"
+            if la
+            else "-"
+        )
         lines.append(
-            f"| {name} | {fmt(per_core)} | {fmt(ratio and ratio * 100, '.0f')} % | "
-            f"{fmt(redis_core)} |"
+            f"| {name} | {fmt(median(fi, 'acked_msgs_s'))} | {fmt(node_us, '.1f')} | "
+            f"{fmt(per_core)} | {fmt(vs and vs * 100, '.0f')} % | {fmt(redis_us, '.1f')} | "
+            f"{fmt(redis_us and 1e6 / redis_us)} | {fmt(median(fo, 'deliveries_s'))} | "
+            f"{lat} | {len(fi)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -297,10 +325,13 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             "scheduled send time). With one node everything is on that node.",
             "- CPU: per acked message, over the loadgen's measured phase (window + drain); "
             "shares in % of one core",
-            "\n## Runs\n",
+            "\n## Summary (median over rounds)\n",
+            "Per core = 1e6 / CPU µs per acked message in the fan-in case (all nodes "
+            "together; Redis alone): what one core of each carries when it is the "
+            "bottleneck.\n",
+            summary(runs),
+            "## Runs\n",
             table(runs),
-            "## Capacity per core (fan-in rows)\n",
-            sizing(runs),
         ]
     )
 
@@ -314,7 +345,9 @@ def cases(full: bool) -> list[tuple[str, list[str]]]:
         ("fanout", ["--subscribers", "100", "--publishers", "1", "--window", "16"]),
     ]
     for share in (0.25, 0.5, 0.75) if full else (0.5,):
-        out.append((f"latency:{share}", ["--subscribers", "4", "--publishers", "16"]))
+        out.append(
+            (f"latency:{share}", ["--subscribers", "4", "--publishers", "16", "--window", "16"])
+        )
     return out
 
 
@@ -333,6 +366,7 @@ def main() -> int:
     ap.add_argument("--no-lmdb", action="store_true", help="skip the LMDB reference node")
     ap.add_argument("--only", default="", help="comma-separated: fanin,fanout,latency")
     ap.add_argument("--duration", type=float, help="measured seconds per case")
+    ap.add_argument("--rounds", type=int, help="repeat the whole grid (default 1, --full 3)")
     ap.add_argument("--redis-cpu", type=int, default=0)
     ap.add_argument("--node-cpu", type=int, default=1)
     ap.add_argument("--loadgen-cpu", type=int, default=0)
@@ -341,7 +375,12 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--py-spy", action="store_true", help="py-spy record every node per case")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, help="rewrite results.md of a results dir")
     a = ap.parse_args()
+    if a.report:
+        data = json.loads((a.report / "results.json").read_text())
+        write_report(a.report, report(data, data.pop("runs")))
+        return 0
 
     name = "cluster-full" if a.full else "cluster"
     date = datetime.date.today().isoformat()
@@ -353,6 +392,7 @@ def main() -> int:
     if not a.no_build:
         build_loadgen()
     duration = a.duration or (8.0 if a.full else 3.0)
+    a.rounds = a.rounds or (3 if a.full else 1)
     common = ["--duration", str(duration), "--warmup", "1"]
     cpus = {"redis": a.redis_cpu, "node": a.node_cpu}
     configs = ([] if a.no_lmdb else [("lmdb", 1)]) + [
@@ -381,23 +421,24 @@ def main() -> int:
     }
     runs: list[dict[str, Any]] = []
     try:
-        for engine, n in configs:
+        for rnd, (engine, n) in itertools.product(range(1, a.rounds + 1), configs):
             fanin_rate = None
             for case, args in grid:
                 label = case
                 if case.startswith("latency"):
                     if not fanin_rate:
                         continue
-                    rate = round(fanin_rate * float(case.split(":")[1]))
-                    args = [*args, "--window", "16", "--rate", str(rate)]
-                    label = f"latency @{rate}/s ({float(case.split(':')[1]):.0%} of fan-in)"
-                rec: dict[str, Any] = {"case": label, "load1": os.getloadavg()[0]}
-                print(f"{engine} x{n} {label} (load1 {rec['load1']:.2f})", flush=True)
+                    share = float(case.split(":")[1])
+                    args = [*args, "--rate", str(round(fanin_rate * share))]
+                    label = f"latency @{round(fanin_rate * share)}/s ({share:.0%} of fan-in)"
+                rec: dict[str, Any] = {"round": rnd, "case": label, "load1": os.getloadavg()[0]}
+                print(f"round {rnd}: {engine} x{n} {label} (load1 {rec['load1']:.2f})", flush=True)
                 try:
                     with deploy(engine, n, scratch, cpus) as d:
                         rec["deployment"] = d.name
+                        spy = pyspy / f"r{rnd}-{d.name.replace(' ', '')}" if pyspy else None
                         rec.update(
-                            run_case(d, case.split(":")[0], args, common, a.loadgen_cpu, pyspy)
+                            run_case(d, case.split(":")[0], args, common, a.loadgen_cpu, spy)
                         )
                         if "result" in rec:
                             rec["figures"] = figures(d, rec)

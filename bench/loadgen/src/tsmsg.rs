@@ -820,6 +820,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connections_spread_round_robin_over_nodes() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
+        let got: Vec<&str> = (0..4).map(|id| Tsmsg::addr(&nodes, id)).collect();
+        assert_eq!(got, ["n1", "n2", "n3", "n1"]);
+    }
+
+    #[test]
     fn token_is_three_base64url_parts() {
         let t = hs256_token(b"0123456789abcdef0123456789abcdef", "u1");
         assert_eq!(t.split('.').count(), 3);
