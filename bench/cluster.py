@@ -170,7 +170,8 @@ def run_case(
         rec = {"error": f"no JSON from loadgen: {p.stderr.strip()[-1500:]}"}
     rec["command"] = " ".join(cmd).replace(SECRET, "<secret>")
     times = {k: v - times0[k] for k, v in cpu_times().items()}
-    rec["other_cpu_share"] = round((times["busy"] - ours) / wall, 3)
+    # Loopback networking runs in interrupt context but is mostly charged to our processes.
+    rec["other_cpu_share"] = round((times["busy"] + times["irq"] - ours) / wall, 3)
     rec["irq_cpu_share"] = round(times["irq"] / wall, 3)
     rec["steal_cpu_share"] = round(times["steal"] / wall, 3)
     if rc is not None:
@@ -230,9 +231,9 @@ def table(runs: list[dict[str, Any]]) -> str:
     head = (
         "| round | deployment | case | acked msgs/s | deliveries/s | deliver p50 / p99 ms | "
         "node CPU µs / msg (each) | Redis CPU µs / msg | node CPU share (each) | "
-        "Redis CPU share | loadgen CPU | others' CPU | load1 | complete |"
+        "Redis CPU share | loadgen CPU | others' CPU | attempts | load1 | complete |"
     )
-    lines = [head, "| ---: |" + " --- |" * 2 + " ---: |" * 11]
+    lines = [head, "| ---: |" + " --- |" * 2 + " ---: |" * 12]
     for run in runs:
         f = run.get("figures")
         if f is None:
@@ -249,7 +250,8 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"{fmt(f['redis_us_per_msg'], '.1f')} | {shares} % | "
             f"{fmt(f['redis_cpu_share'] and f['redis_cpu_share'] * 100, '.0f')} % | "
             f"{fmt(f['loadgen_cpu_share'] * 100, '.0f')} % | "
-            f"{fmt(f['other_cpu_share'] * 100, '.0f')} % | {run['load1']:.2f} | "
+            f"{fmt(f['other_cpu_share'] * 100, '.0f')} % | {run.get('attempts', 1)} | "
+            f"{run['load1']:.2f} | "
             f"{'yes' if f['complete'] else '**no**'} |"
         )
     return "\n".join(lines) + "\n"
@@ -312,9 +314,12 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"- fdatasync (4 KiB pwrite + fdatasync in the scratch dir): p50 "
             f"{meta['fdatasync_ms']['p50']:.2f} / p99 {meta['fdatasync_ms']['p99']:.2f} ms",
             f"- load average at start: {meta['load_start']}, at end: {meta.get('load_end')}; "
-            "per case `load1`, and `others' CPU`: the machine's CPU busy in processes "
-            "(/proc/stat user + nice + system) minus the nodes', Redis's and the loadgen's "
-            "over the case, in % of one core (interrupt and stolen time are in the JSON)",
+            "per case `load1`, and `others' CPU`: the machine's busy CPU (/proc/stat user + "
+            "nice + system + irq + softirq) minus the nodes', Redis's and the loadgen's over "
+            "the case, in % of one core (about ±15 % is accounting noise); a case measured "
+            "while others used more than "
+            f"{meta.get('max_others', 0.25):.0%} was measured again, up to "
+            f"{meta.get('retries', 2)} times, and the quietest attempt kept",
             f"- durations: {meta['common']}; a fresh Redis and fresh nodes per case",
             "- durability: LMDB `--durability fsync`; Redis `appendonly yes`, "
             "`appendfsync always`, no RDB (bench/peers.py)",
@@ -351,6 +356,48 @@ def cases(full: bool) -> list[tuple[str, list[str]]]:
     return out
 
 
+def measure(
+    engine: str,
+    n: int,
+    scratch: Path,
+    cpus: dict[str, int],
+    a: argparse.Namespace,
+    work: tuple[str, list[str], list[str]],
+    rnd: int,
+    pyspy: Path | None,
+) -> dict[str, Any]:
+    """One case on a fresh deployment; measured again (after a pause, at most
+    ``a.retries`` times) while the rest of the machine used more than ``a.max_others`` of
+    a core meanwhile. The quietest attempt is kept; ``attempts`` says how many were made."""
+    case, args, common = work
+    best: dict[str, Any] | None = None
+    for attempt in range(1, a.retries + 2):
+        if attempt > 1:
+            print(f"  others used {best and best.get('other_cpu_share')} cores: again", flush=True)
+            time.sleep(a.retry_pause)
+        rec: dict[str, Any] = {"round": rnd, "attempts": attempt, "load1": os.getloadavg()[0]}
+        print(f"round {rnd}: {engine} x{n} {case} (load1 {rec['load1']:.2f})", flush=True)
+        try:
+            with deploy(engine, n, scratch, cpus) as d:
+                rec["deployment"] = d.name
+                spy = pyspy / f"r{rnd}-{d.name.replace(' ', '')}" if pyspy else None
+                rec.update(run_case(d, case.split(":")[0], args, common, a.loadgen_cpu, spy))
+                if "result" in rec:
+                    rec["figures"] = figures(d, rec)
+        except Exception as e:  # a deployment that fails to start: record, go on
+            rec.setdefault("deployment", f"{engine} x{n}")
+            rec["error"] = f"{type(e).__name__}: {e}"
+        if "error" in rec:
+            return rec
+        if best is None or rec["other_cpu_share"] < best["other_cpu_share"]:
+            best = rec
+        if rec["other_cpu_share"] <= a.max_others:
+            break
+    assert best is not None
+    best["attempts"] = attempt
+    return best
+
+
 def wait_for_quiet(max_load: float, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
@@ -372,6 +419,14 @@ def main() -> int:
     ap.add_argument("--loadgen-cpu", type=int, default=0)
     ap.add_argument("--max-load", type=float, default=1.0, help="wait for load1 below this")
     ap.add_argument("--wait-load", type=float, default=120.0, help="for at most this long")
+    ap.add_argument(
+        "--max-others",
+        type=float,
+        default=0.25,
+        help="measure a case again while other processes used more of a core than this",
+    )
+    ap.add_argument("--retries", type=int, default=2, help="at most this many times")
+    ap.add_argument("--retry-pause", type=float, default=10.0, help="seconds before each")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--py-spy", action="store_true", help="py-spy record every node per case")
     ap.add_argument("--out", type=Path)
@@ -418,6 +473,8 @@ def main() -> int:
         "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         "common": " ".join(common),
         "fdatasync_ms": fdatasync_ms(scratch, 0.5),
+        "max_others": a.max_others,
+        "retries": a.retries,
     }
     runs: list[dict[str, Any]] = []
     try:
@@ -431,20 +488,8 @@ def main() -> int:
                     share = float(case.split(":")[1])
                     args = [*args, "--rate", str(round(fanin_rate * share))]
                     label = f"latency @{round(fanin_rate * share)}/s ({share:.0%} of fan-in)"
-                rec: dict[str, Any] = {"round": rnd, "case": label, "load1": os.getloadavg()[0]}
-                print(f"round {rnd}: {engine} x{n} {label} (load1 {rec['load1']:.2f})", flush=True)
-                try:
-                    with deploy(engine, n, scratch, cpus) as d:
-                        rec["deployment"] = d.name
-                        spy = pyspy / f"r{rnd}-{d.name.replace(' ', '')}" if pyspy else None
-                        rec.update(
-                            run_case(d, case.split(":")[0], args, common, a.loadgen_cpu, spy)
-                        )
-                        if "result" in rec:
-                            rec["figures"] = figures(d, rec)
-                except Exception as e:  # a deployment that fails to start: record, go on
-                    rec.setdefault("deployment", f"{engine} x{n}")
-                    rec["error"] = f"{type(e).__name__}: {e}"
+                rec = measure(engine, n, scratch, cpus, a, (case, args, common), rnd, pyspy)
+                rec["case"] = label
                 if "error" in rec:
                     print(f"  error: {str(rec['error'])[:300]}", flush=True)
                 elif case == "fanin":
