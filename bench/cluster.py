@@ -18,11 +18,15 @@ redis://...`` processes, each on its own port (``bench/run.py``'s ``tsmsg_server
 CPU per message comes from ``/proc/<pid>/stat`` (utime + stime, all threads) of every node
 and of redis-server over the loadgen's measured phase; ``other_cpu_share`` is the CPU the
 rest of the machine used meanwhile (``/proc/stat`` busy time minus ours), the noise figure
-of a shared machine. Pinning (2 CPUs): Redis on CPU 0, every node on CPU 1, the loadgen on
-CPU 0 (``--redis-cpu``, ``--node-cpu``, ``--loadgen-cpu``).
+of a shared machine: the run waits for load1 below ``--max-load`` before it starts, and a
+case measured while others used more than ``--max-others`` of a core is measured again
+(``--retries``), keeping the quietest attempt. ``--rounds N`` repeats the whole grid; the
+summary takes the median. Pinning (2 CPUs): Redis on CPU 0, every node on CPU 1, the
+loadgen on CPU 0 (``--redis-cpu``, ``--node-cpu``, ``--loadgen-cpu``).
 
     .venv/bin/python bench/cluster.py             # make bench-cluster: quick, ~3 min
-    .venv/bin/python bench/cluster.py --full      # longer windows, latency at 25/50/75 %
+    .venv/bin/python bench/cluster.py --rounds 3  # results/2026-12-06-cluster
+    .venv/bin/python bench/cluster.py --full      # 8 s windows, latency at 25/50/75 %, 3 rounds
     .venv/bin/python bench/cluster.py --nodes 1,2 --only fanin --duration 5
     .venv/bin/python bench/cluster.py --nodes 1 --only fanin --py-spy    # profile the nodes
 """
