@@ -14,7 +14,7 @@ DATA_DIR ?= ./data
 
 .PHONY: setup run test test-rust test-python test-long lint bench-codec bench-store bench-e2e bench-sizing clean
 .PHONY: fuzz fuzz-ci fuzz-cmin
-.PHONY: bench bench-full
+.PHONY: bench bench-full bench-cluster
 .PHONY: sim
 
 setup: $(STAMP)
@@ -80,6 +80,12 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(VPY) bench/run.py --full
+
+# 1, 2 and 3 tsmsg nodes on one private Redis (AOF, appendfsync always) and the LMDB node
+# for the ratio: fan-in, fan-out and cross-node publish-to-deliver latency, CPU per message
+# per node and of Redis. A few minutes; results in bench/results/<date>-cluster/.
+bench-cluster: $(STAMP)
+	$(VPY) bench/cluster.py --quick
 
 # Server RSS per idle connection (plaintext and TLS) and disk per million messages; the
 # figures docs/deploy.md sizes with. A few minutes.

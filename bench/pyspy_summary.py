@@ -32,7 +32,7 @@ def summarize(path: Path, top: int = 12) -> str:
     self_: dict[str, Counter[str]] = {}
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        if not stack or not count_text.isdigit():  # py-spy sometimes reads a garbled name
             continue
         frames = stack.split(";")
         thread = re.sub(r"^thread \(\d+\): ", "", frames[0])
@@ -47,7 +47,7 @@ def summarize(path: Path, top: int = 12) -> str:
     for thread, n in threads.most_common():
         out.append(f"### {thread}: {n} samples ({100 * n / total:.0f} %)")
         out.append("inclusive: " + "; ".join(
-            f"{f} {100 * c / n:.0f}%" for f, c in incl[thread].most_common(top + 8)
+            f"{f} {100 * c / n:.0f}%" for f, c in incl.get(thread, Counter()).most_common(top + 8)
         ))  # fmt: skip
         out.append("self: " + "; ".join(
             f"{f} {100 * c / n:.0f}%" for f, c in self_.get(thread, Counter()).most_common(top)
@@ -77,7 +77,7 @@ def categories(path: Path, thread: str = "MainThread") -> dict[str, float]:
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
-        if not stack or re.sub(r"^thread \(\d+\): ", "", frames[0]) != thread:
+        if not stack or not n.isdigit() or re.sub(r"^thread \(\d+\): ", "", frames[0]) != thread:
             continue
         text = ";".join(frames[1:])
         for name, needles in CATEGORIES:

@@ -214,12 +214,23 @@ def make_pki(scratch: Path) -> dict[str, str]:
 
 
 @contextmanager
-def tsmsg_server(tier: str, scratch: Path, pki: dict[str, str] | None = None) -> Iterator[Server]:
+def tsmsg_server(
+    tier: str,
+    scratch: Path,
+    pki: dict[str, str] | None = None,
+    *,
+    engine: str | None = None,
+    cpu: int = SERVER_CPU,
+) -> Iterator[Server]:
+    """A ``tsmsg serve`` on a free port pinned to ``cpu``; ``engine`` (a Redis URL) makes
+    it a node of the cluster on that Redis instead of an LMDB server."""
     data = Path(tempfile.mkdtemp(prefix="tsmsg-", dir=scratch))
     log_path = data.parent / f"{data.name}.log"
     exe = Path(sys.executable).parent / "tsmsg"
-    cmd = [*pin_prefix(SERVER_CPU), str(exe), "serve", "--port", "0"]
+    cmd = [*pin_prefix(cpu), str(exe), "serve", "--port", "0"]
     cmd += ["--data-dir", str(data / "data"), "--durability", tier]
+    if engine is not None:
+        cmd += ["--engine", engine]
     tls_opts: list[str] = []
     if pki is not None:
         cmd += ["--tls-cert", pki["cert"], "--tls-key", pki["key"]]

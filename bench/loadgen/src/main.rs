@@ -8,6 +8,8 @@
 //! loadgen --system tsmsg --addr 127.0.0.1:7700 --opt secret=... \
 //!         --workload fanin --publishers 16 --window 16 --size 100 [--rate 5000] \
 //!         [--tls --tls-ca ca.pem]
+//! loadgen --system tsmsg --addr 127.0.0.1:7701 --sub-addr 127.0.0.1:7702,127.0.0.1:7703 \
+//!         --server-pid 11,12,13,10 --workload fanout ...   # a cluster: nodes on one Redis
 //! ```
 
 mod mp;
@@ -55,9 +57,15 @@ enum Workload {
 struct Args {
     #[arg(long, value_enum, default_value = "tsmsg")]
     system: SystemKind,
-    /// host:port of the system under test.
-    #[arg(long, default_value = "127.0.0.1:7700")]
-    addr: String,
+    /// host:port of the system under test; tsmsg only: several, comma-separated (the nodes
+    /// of a cluster), over which publishers (and replay and idle connections) are spread
+    /// round robin by connection number.
+    #[arg(long, default_value = "127.0.0.1:7700", value_delimiter = ',')]
+    addr: Vec<String>,
+    /// tsmsg only: the nodes subscribers connect to, round robin (default: --addr). With
+    /// publishers on other nodes, publish-to-deliver latency is measured across nodes.
+    #[arg(long, value_delimiter = ',')]
+    sub_addr: Vec<String>,
     /// tsmsg only: connect with TLS, verifying the server's certificate (always).
     #[arg(long)]
     tls: bool,
@@ -119,9 +127,10 @@ struct Args {
     hold: f64,
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
-    /// The server's pid, for its CPU time and RSS (/proc).
-    #[arg(long)]
-    server_pid: Option<i32>,
+    /// The server's pid, for its CPU time and RSS (/proc); several (comma-separated or
+    /// repeated): CPU summed, and each one's in `cpu.per_pid`; RSS of the first.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<i32>,
     /// Seconds to wait after the window for the last acks and deliveries.
     #[arg(long, default_value_t = 20.0)]
     drain: f64,
@@ -158,6 +167,9 @@ fn main() -> Result<()> {
     if a.tls && !matches!(a.system, SystemKind::Tsmsg) {
         bail!("--tls is implemented for --system tsmsg only");
     }
+    if (a.addr.len() > 1 || !a.sub_addr.is_empty()) && !matches!(a.system, SystemKind::Tsmsg) {
+        bail!("several addresses (--addr A,B, --sub-addr) are for --system tsmsg only");
+    }
     system::epoch();
     let run_id = a.run_id.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
@@ -167,7 +179,13 @@ fn main() -> Result<()> {
         format!("b{t}")
     });
     let cfg = Config {
-        addr: a.addr.clone(),
+        addr: a.addr[0].clone(),
+        addrs: a.addr.clone(),
+        sub_addrs: if a.sub_addr.is_empty() {
+            a.addr.clone()
+        } else {
+            a.sub_addr.clone()
+        },
         run_id: run_id.clone(),
         extra: a.opts.clone(),
         tls: a.tls.then(|| tls::TlsArgs {
@@ -195,7 +213,7 @@ fn main() -> Result<()> {
         idle: a.idle,
         hold_s: a.hold,
         connect_concurrency: a.connect_concurrency,
-        server_pid: a.server_pid,
+        server_pids: a.server_pid.clone(),
         drain_s: a.drain,
     };
     let rt = if a.threads <= 1 {

@@ -32,8 +32,13 @@ pub use bytes::Bytes;
 /// `sync=always` for NATS); adapters ignore keys they do not know.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
-    /// host:port of the server.
+    /// host:port of the server (the first of `addrs`).
     pub addr: String,
+    /// tsmsg only: every node; publishers, replay and idle connections are spread over
+    /// them round robin by connection number.
+    pub addrs: Vec<String>,
+    /// tsmsg only: the nodes subscribers are spread over (default: `addrs`).
+    pub sub_addrs: Vec<String>,
     /// A unique prefix for this run's channel/stream names, e.g. `b1732812345`.
     pub run_id: String,
     pub extra: Vec<(String, String)>,

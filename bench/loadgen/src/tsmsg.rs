@@ -54,7 +54,10 @@ struct Welcome {
 }
 
 pub struct Tsmsg {
-    addr: String,
+    /// The nodes publishers (and replay and idle connections) use, round robin by id.
+    addrs: Vec<String>,
+    /// The nodes subscribers use, round robin by id.
+    sub_addrs: Vec<String>,
     /// `--tls`: connect with TLS.
     tls: Option<TlsClient>,
     secret: Vec<u8>,
@@ -235,8 +238,14 @@ impl Tsmsg {
         format!("{}{id}", self.user_prefix)
     }
 
-    /// Connect and complete the hello, retrying admission refusals and refused connects.
-    async fn open(&self, user: &str) -> Result<Conn> {
+    /// Connection `id`'s node: round robin over `addrs`.
+    fn addr(addrs: &[String], id: usize) -> &str {
+        &addrs[id % addrs.len()]
+    }
+
+    /// Connect to `addr` and complete the hello, retrying admission refusals and refused
+    /// connects.
+    async fn open(&self, addr: &str, user: &str) -> Result<Conn> {
         let token = hs256_token(&self.secret, user);
         let hello = frame(|o| {
             mp::map(o, 4);
@@ -248,7 +257,7 @@ impl Tsmsg {
         let mut backoff = Duration::from_millis(20);
         let mut last_err = anyhow!("no attempt");
         for _ in 0..HELLO_ATTEMPTS {
-            match self.try_hello(&hello).await {
+            match self.try_hello(addr, &hello).await {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(retry_ms)) => sleep(Duration::from_millis(retry_ms.max(1))).await,
                 Err(e) if e.is::<HandshakeRefused>() => return Err(e),
@@ -263,8 +272,8 @@ impl Tsmsg {
     }
 
     /// Ok(Ok(conn)), Ok(Err(retry_after_ms)) on an admission refusal, Err otherwise.
-    async fn try_hello(&self, hello: &[u8]) -> Result<std::result::Result<Conn, u64>> {
-        let (rd, mut wr) = tls::connect(&self.addr, self.tls.as_ref()).await?;
+    async fn try_hello(&self, addr: &str, hello: &[u8]) -> Result<std::result::Result<Conn, u64>> {
+        let (rd, mut wr) = tls::connect(addr, self.tls.as_ref()).await?;
         let mut rd = BufReader::with_capacity(READ_BUF, rd);
         send(&mut wr, hello).await?;
         let body = read_frame(&mut rd, self.welcome.max_frame).await?;
@@ -309,8 +318,19 @@ impl System for Tsmsg {
             Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
             None => None,
         };
+        let addrs = if cfg.addrs.is_empty() {
+            vec![cfg.addr.clone()]
+        } else {
+            cfg.addrs.clone()
+        };
+        let sub_addrs = if cfg.sub_addrs.is_empty() {
+            addrs.clone()
+        } else {
+            cfg.sub_addrs.clone()
+        };
         let mut sys = Tsmsg {
-            addr: cfg.addr.clone(),
+            addrs,
+            sub_addrs,
             tls,
             secret: secret.into_bytes(),
             user_prefix: format!("{}-u", cfg.run_id),
@@ -321,7 +341,7 @@ impl System for Tsmsg {
             },
         };
         // Learn the limits from one welcome.
-        let (_rd, _wr, w) = sys.open(&sys.user(0)).await?;
+        let (_rd, _wr, w) = sys.open(&sys.addrs[0], &sys.user(0)).await?;
         sys.welcome = w;
         Ok(sys)
     }
@@ -332,7 +352,7 @@ impl System for Tsmsg {
 
     async fn publisher(&self, id: usize) -> Result<TsPublisher> {
         let user = self.user(id);
-        let (rd, wr, _) = self.open(&user).await?;
+        let (rd, wr, _) = self.open(Self::addr(&self.addrs, id), &user).await?;
         let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let inner = Arc::new(PubInner {
             tx,
@@ -347,7 +367,8 @@ impl System for Tsmsg {
     }
 
     async fn subscribe(&self, id: usize, from: Vec<(String, u64)>) -> Result<TsSubscriber> {
-        let (rd, mut wr, _) = self.open(&self.user(id)).await?;
+        let addr = Self::addr(&self.sub_addrs, id);
+        let (rd, mut wr, _) = self.open(addr, &self.user(id)).await?;
         let (ftx, frx) = mpsc::channel(4096);
         let reader = tokio::spawn(sub_reader(rd, ftx, self.welcome.max_frame));
         let mut sub = TsSubscriber {
@@ -409,7 +430,8 @@ impl System for Tsmsg {
     }
 
     async fn replay(&self, id: usize, channel: &str, after: u64, count: u64) -> Result<u64> {
-        let (mut rd, mut wr, _) = self.open(&self.user(id)).await?;
+        let addr = Self::addr(&self.addrs, id);
+        let (mut rd, mut wr, _) = self.open(addr, &self.user(id)).await?;
         let mut since = after;
         let mut got = 0u64;
         let mut rid = 1;
@@ -454,7 +476,8 @@ impl System for Tsmsg {
     }
 
     async fn idle(&self, id: usize) -> Result<IdleConn> {
-        let (mut rd, mut wr, _) = self.open(&self.user(id)).await?;
+        let addr = Self::addr(&self.addrs, id);
+        let (mut rd, mut wr, _) = self.open(addr, &self.user(id)).await?;
         let every = Duration::from_millis(self.welcome.heartbeat_ms / 2);
         let max = self.welcome.max_frame;
         let task = tokio::spawn(async move {
@@ -795,6 +818,13 @@ impl Drop for IdleConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_spread_round_robin_over_nodes() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
+        let got: Vec<&str> = (0..4).map(|id| Tsmsg::addr(&nodes, id)).collect();
+        assert_eq!(got, ["n1", "n2", "n3", "n1"]);
+    }
 
     #[test]
     fn token_is_three_base64url_parts() {

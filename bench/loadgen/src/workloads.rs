@@ -43,7 +43,8 @@ pub struct Params {
     pub idle: usize,
     pub hold_s: f64,
     pub connect_concurrency: usize,
-    pub server_pid: Option<i32>,
+    /// The server processes whose CPU is measured (the first one's RSS for `idle`).
+    pub server_pids: Vec<i32>,
     pub drain_s: f64,
 }
 
@@ -99,21 +100,20 @@ pub fn proc_rss_bytes(pid: i32) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// CPU of both sides over a phase.
+/// CPU of both sides over a phase. The server side is the sum over `--server-pid`s; with
+/// more than one (several nodes and their Redis), `per_pid` has each one's share.
 pub struct Meter {
     t0: std::time::Instant,
     own0: f64,
-    server0: Option<f64>,
-    pid: Option<i32>,
+    servers0: Vec<(i32, Option<f64>)>,
 }
 
 impl Meter {
-    pub fn start(pid: Option<i32>) -> Self {
+    pub fn start(pids: &[i32]) -> Self {
         Meter {
             t0: std::time::Instant::now(),
             own0: own_cpu_s(),
-            server0: pid.and_then(proc_cpu_s),
-            pid,
+            servers0: pids.iter().map(|&pid| (pid, proc_cpu_s(pid))).collect(),
         }
     }
 
@@ -121,10 +121,15 @@ impl Meter {
     pub fn finish(&self, messages: u64, deliveries: Option<u64>) -> Value {
         let wall = self.t0.elapsed().as_secs_f64();
         let own = own_cpu_s() - self.own0;
-        let server = match (self.server0, self.pid.and_then(proc_cpu_s)) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
+        let per_pid: Option<Vec<(i32, f64)>> = self
+            .servers0
+            .iter()
+            .map(|&(pid, a)| Some((pid, proc_cpu_s(pid)? - a?)))
+            .collect();
+        let server = per_pid
+            .as_ref()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.iter().map(|(_, s)| s).sum::<f64>());
         let per_m = |cpu: f64, n: u64| {
             if n > 0 {
                 cpu / n as f64 * 1e6
@@ -142,6 +147,12 @@ impl Meter {
             v["server_cpu_s"] = json!(s);
             v["server_cpu_share"] = json!(s / wall);
             v["server_cpu_s_per_million_msgs"] = json!(per_m(s, messages));
+        }
+        if let Some(each) = per_pid.filter(|v| v.len() > 1) {
+            v["per_pid"] = each
+                .iter()
+                .map(|&(pid, s)| json!({"pid": pid, "cpu_s": s, "cpu_share": s / wall}))
+                .collect();
         }
         if let Some(d) = deliveries {
             v["loadgen_cpu_us_per_delivery"] = json!(per_m(own, d));
@@ -538,7 +549,7 @@ pub async fn fanin<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
     sys.prepare(std::slice::from_ref(&channel)).await?;
     let pubs = open_publishers(&sys, p.publishers, 0, p.connect_concurrency).await?;
     let w = Window::new(p);
-    let meter = Meter::start(p.server_pid);
+    let meter = Meter::start(&p.server_pids);
     let r = run_publishers::<S>(&pubs, Chooser::One(channel.into()), p, w).await?;
     let acked = r.acked_total.load(Ordering::Relaxed);
     let mut v = publish_json(&r, &w);
@@ -559,7 +570,7 @@ pub async fn fanout<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
         start_subscribers(&sys, groups, 100_000, p.connect_concurrency, Some(p)).await?;
     let w = w.expect("a window was asked for");
     let open_s = t_open.elapsed().as_secs_f64();
-    let meter = Meter::start(p.server_pid);
+    let meter = Meter::start(&p.server_pids);
     let r = run_publishers::<S>(&pubs, Chooser::One(channel.into()), p, w).await?;
     let acked = r.acked_total.load(Ordering::Relaxed);
     let want = acked * p.subscribers as u64;
@@ -596,7 +607,7 @@ pub async fn channels<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
         start_subscribers(&sys, groups, 100_000, p.connect_concurrency, Some(p)).await?;
     let w = w.expect("a window was asked for");
     let open_s = t_open.elapsed().as_secs_f64();
-    let meter = Meter::start(p.server_pid);
+    let meter = Meter::start(&p.server_pids);
     let r = run_publishers::<S>(&pubs, Chooser::zipf(names, p.zipf_s), p, w).await?;
     let acked = r.acked_total.load(Ordering::Relaxed);
     let complete = subs.wait_total(acked, p.drain_s.max(30.0)).await;
@@ -655,7 +666,7 @@ pub async fn replay<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
     eprintln!("filling {channel} with {} entries", p.entries);
     let fill_rate = fill(&sys, std::slice::from_ref(&channel), p.entries, p, 0).await?;
     let mut runs = Vec::new();
-    let meter = Meter::start(p.server_pid);
+    let meter = Meter::start(&p.server_pids);
     let rounds = 3;
     for i in 0..rounds {
         let t0 = std::time::Instant::now();
@@ -714,7 +725,7 @@ pub async fn reconnect<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
     eprintln!("reconnect: writing a backlog of {} per channel", p.backlog);
     fill(&sys, &names, p.backlog, p, 10).await?;
     let want = p.backlog;
-    let meter = Meter::start(p.server_pid);
+    let meter = Meter::start(&p.server_pids);
     let t0 = now_ns();
     let done = Arc::new(AtomicU64::new(0));
     let times = Stats::new();
@@ -771,7 +782,7 @@ pub async fn reconnect<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
 // --- (f) idle connections ---------------------------------------------------------------
 
 pub async fn idle<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
-    let pid = p.server_pid;
+    let pid = p.server_pids.first().copied();
     let rss0 = pid.and_then(proc_rss_bytes);
     let t0 = std::time::Instant::now();
     let conns: Vec<S::Idle> = stream::iter(0..p.idle)
@@ -786,7 +797,7 @@ pub async fn idle<S: System>(sys: Arc<S>, p: &Params) -> Result<Value> {
     let open_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss1 = pid.and_then(proc_rss_bytes);
-    let meter = Meter::start(pid);
+    let meter = Meter::start(&p.server_pids);
     tokio::time::sleep(Duration::from_secs_f64(p.hold_s)).await;
     let cpu = meter.finish(0, None);
     let rss2 = pid.and_then(proc_rss_bytes);
