@@ -32,7 +32,7 @@ from conftest import (
 )
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.server.app import Server
-from tsmsg.server.settings import Settings
+from tsmsg.server.settings import Settings, load_settings
 from tsmsg.server.web import DEV_TOKEN_PATH
 
 ROOM = "room-1"
@@ -328,3 +328,18 @@ async def test_dev_mode_mints_tokens_for_the_page(tmp_path: Path) -> None:
         assert welcome["t"] == "welcome" and welcome["user"] == "zoe"
         await client.aclose()
         server.stopping.set()
+
+
+def test_ws_settings_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    env = {"TSMSG_WS": "127.0.0.1:7780", "TSMSG_WS_ALLOWED_ORIGINS": "https://a.example, *"}
+    settings = load_settings(None, env)
+    assert settings.ws == "127.0.0.1:7780"
+    assert settings.ws_allowed_origins == ("https://a.example", "*")
+    config = tmp_path / "tsmsg.toml"
+    config.write_text('ws = "[::1]:7780"\nws_allowed_origins = ["https://b.example"]\n')
+    assert load_settings(str(config), {}).ws_allowed_origins == ("https://b.example",)
+    with pytest.raises(ValueError, match="ws must be HOST:PORT"):
+        load_settings(None, {"TSMSG_WS": "7780"})
+    config.write_text("ws_allowed_origins = [1]\n")
+    with pytest.raises(ValueError, match="list of strings"):
+        load_settings(str(config), {})
