@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -78,6 +79,20 @@ class TcpFraming:
         return self.decoder.feed(data)
 
 
+def exact_ints(value: Any) -> Any:
+    """A JSON frame with the integers the server sent as decimal strings (those beyond
+    2**53 - 1: epochs, PROTOCOL.md 19.2) as integers again, so the suites compare the
+    same values over every transport. (Only digit strings of 16 or more characters: no
+    text in the tests looks like that.)"""
+    if isinstance(value, str) and len(value) >= 16 and value.lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: exact_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [exact_ints(v) for v in value]
+    return value
+
+
 class WsFraming:
     """A WebSocket client (wsproto) of one subprotocol: its handshake, then one frame per
     message. ``close_code``: the server's close frame, once received; ``rejected``: the
@@ -130,7 +145,7 @@ class WsFraming:
                     parts, self.parts = self.parts, []
                     if isinstance(event, TextMessage):
                         assert self.subprotocol == WS_JSON, "a text message on msgpack"
-                        frames.append(json.loads("".join(parts)))
+                        frames.append(exact_ints(json.loads("".join(parts))))
                     else:
                         assert self.subprotocol == WS_MSGPACK, "a binary message on json"
                         frames.append(unpackb(b"".join(parts)))
@@ -242,11 +257,14 @@ async def ws_upgrade(
     *,
     origin: str | None = None,
     rcvbuf: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> WireClient:
-    """A WebSocket upgrade to the server's ``/connect``; the client, accepted or not
-    (``framing.accepted``, ``framing.rejected``)."""
+    """A WebSocket upgrade to the server's ``/connect`` (over TLS with ``ssl_context``);
+    the client, accepted or not (``framing.accepted``, ``framing.rejected``)."""
     assert server.ws_port is not None, "the server has no WebSocket port (setting ws)"
-    stream = await tcp_stream(server.ws_port, rcvbuf)
+    stream: Any = await tcp_stream(server.ws_port, rcvbuf)
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
     framing = WsFraming(subprotocols[0] if subprotocols else WS_MSGPACK)
     client = WireClient(stream, framing)
     await stream.send_all(framing.upgrade(f"127.0.0.1:{server.ws_port}", origin, subprotocols))

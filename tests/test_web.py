@@ -34,6 +34,7 @@ from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings, load_settings
 from tsmsg.server.web import DEV_TOKEN_PATH
+from tsmsg.server.wire import WS_CODECS, decode_json
 
 ROOM = "room-1"
 
@@ -277,6 +278,13 @@ async def test_shutdown_sends_bye_then_close_going_away(tmp_path: Path) -> None:
         assert framing(client).close_code == 1001
 
 
+async def test_no_hello_in_time_is_hello_timeout_then_close_1008(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path / "data", hello_timeout_s=0.3)) as h:
+        client = await upgrade(h, [WS_MSGPACK])
+        assert framing(client).accepted == WS_MSGPACK
+        await closed_with(client, "hello_timeout", 1008)
+
+
 async def test_rate_limited_admission_is_a_frame_then_close_1013(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", ip_connect_rate=0.001, ip_connect_burst=1)
     async with running_server(settings) as h:
@@ -343,3 +351,21 @@ def test_ws_settings_from_the_environment_and_a_file(tmp_path: Path) -> None:
     config.write_text("ws_allowed_origins = [1]\n")
     with pytest.raises(ValueError, match="list of strings"):
         load_settings(str(config), {})
+
+
+def test_json_carries_integers_beyond_2_53_as_strings() -> None:
+    codec = WS_CODECS[WS_JSON]
+    data = codec.encode({"t": "ok", "epoch": 2**60, "seq": 2**53 - 1, "meta": {"n": -(2**62)}})
+    assert b'"epoch":"1152921504606846976"' in data and b'"seq":9007199254740991' in data
+    assert b'"n":"-4611686018427387904"' in data
+    assert decode_json('{"t":"sync","epoch":"1152921504606846976"}', 32)["epoch"] == 2**60
+
+
+async def test_a_json_client_syncs_with_the_epoch_as_it_came(harness: Harness) -> None:
+    client = await connected(harness, WS_JSON)
+    await client.request("join", channel=ROOM)
+    ok = await client.request("send", channel=ROOM, cid="e1", text="x")
+    epoch = (await client.request("sync", channel=ROOM, since=0))["epoch"]
+    assert isinstance(epoch, int)  # sent as a string when beyond 2**53 - 1 (exact_ints)
+    reply = await client.request("sync", channel=ROOM, since=ok["seq"], epoch=str(epoch))
+    assert reply["t"] == "ok" and reply["epoch"] == epoch, reply

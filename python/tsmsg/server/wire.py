@@ -32,6 +32,10 @@ SUBPROTOCOLS = (SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON)  # the server's preferenc
 # JSON integers outside msgpack's range cannot be stored or relayed: a bad_frame, as an
 # out-of-range msgpack value is.
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+# JavaScript numbers hold integers exactly up to 2**53 - 1 (Number.MAX_SAFE_INTEGER): a
+# JSON client gets a larger integer (an epoch, a big value in meta) as its decimal string,
+# and may send `epoch` back as one (PROTOCOL.md 19.2).
+JS_SAFE_INT = 2**53 - 1
 
 
 class Codec(Protocol):
@@ -115,9 +119,22 @@ class WsMsgpackCodec:
         return bytes(_FRAMER.send_data(packb(frame)))
 
 
+def _js_safe(value: Any) -> Any:
+    """``value`` with every integer beyond JS_SAFE_INT as its decimal string."""
+    if type(value) is int:
+        return value if -JS_SAFE_INT <= value <= JS_SAFE_INT else str(value)
+    if isinstance(value, dict):
+        return {k: _js_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_js_safe(v) for v in value]
+    return value
+
+
 class WsJsonCodec:
     def encode(self, frame: dict[str, Any]) -> bytes:
-        text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"), default=_binary_as_text)
+        text = json.dumps(
+            _js_safe(frame), ensure_ascii=False, separators=(",", ":"), default=_binary_as_text
+        )
         return bytes(_FRAMER.send_data(text))
 
 
@@ -170,6 +187,9 @@ def decode_json(text: str, max_depth: int) -> dict[str, Any]:
         raise FrameError("the message is not a JSON object")
     if _depth(frame) > max_depth:
         raise FrameError(f"JSON nests deeper than max_depth {max_depth}")
+    epoch = frame.get("epoch")
+    if isinstance(epoch, str) and epoch.isascii() and epoch.isdigit():
+        frame["epoch"] = int(epoch)  # as the server sent it (JS_SAFE_INT)
     return frame
 
 
