@@ -294,6 +294,19 @@ async def test_rate_limited_admission_is_a_frame_then_close_1013(tmp_path: Path)
         assert error["retry_after_ms"] > 0
         assert await refused.closed()
         assert framing(refused).close_code == 1013
+        assert h.server.ws_port is not None
+        status, headers, body = await http_get(h.server.ws_port, "/")  # the page too
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert body.startswith(b"rate_limited: ")
+        await assert_open(first)
+
+
+async def test_a_connection_over_the_ip_cap_gets_503_at_once(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path / "data", ip_max_connections=1)) as h:
+        first = await connected(h, WS_JSON)
+        refused = await upgrade(h, [WS_JSON])
+        status, body = framing(refused).rejected or (0, b"")
+        assert status == 503 and b"ip_max_connections 1" in body
         await assert_open(first)
 
 

@@ -146,11 +146,12 @@ class Web:
     ) -> None:
         server = self.server
         if refusal is not None and refusal.now:  # at a cap: at once, as on the TCP port
-            from tsmsg.server.app import refuse_now
+            from tsmsg.server.app import refuse_now  # (app imports this module)
 
             log.warning("refusing connection from %s: %s", peer, refusal.message)
             server.metrics.limited(refusal.scope)
-            refuse_now(stream, encode_response(self._refusal(503, refusal)))
+            response = HttpError(503, *self._refusal(refusal)).response()
+            refuse_now(stream, encode_response(response))
             await trio.aclose_forcefully(stream)
             return
         if isinstance(stream, trio.SSLStream) and not await server._tls_handshake(stream, peer):
@@ -168,22 +169,28 @@ class Web:
                 if refusal is not None:
                     await self._refuse(stream, peer, transport, refusal)
                     return
-                await server._serve_connection(stream, host, peer, transport, rest)
-                return
-            if refusal is not None:
-                response = self._refusal(429, refusal)
+            elif refusal is not None:
+                raise HttpError(429, *self._refusal(refusal))
             else:
-                response = self.respond(request, path)
+                await self._finish(stream, self.respond(request, path))
+                return
         except HttpError as exc:
-            response = exc.response()
-        except PEER_GONE:
+            await self._finish(stream, exc.response())
             return
-        await self._finish(stream, response)
+        except (*PEER_GONE, trio.TooSlowError):
+            await trio.aclose_forcefully(stream)
+            return
+        except Exception:  # a bug: this connection ends, never the server
+            log.exception("request from %s failed", peer)
+            await self._finish(stream, text(500, "internal error"))
+            return
+        # Upgraded: from here on a connection like a TCP one (it closes the stream).
+        await server._serve_connection(stream, host, peer, transport, rest)
 
-    def _refusal(self, status: int, refusal: Refusal) -> Response:
+    def _refusal(self, refusal: Refusal) -> tuple[str, dict[str, str]]:
+        """An HTTP refusal's message and Retry-After header."""
         retry_s = -(-refusal.retry_after_ms // 1000)
-        error = HttpError(status, f"rate_limited: {refusal.message}", {"Retry-After": f"{retry_s}"})
-        return error.response()
+        return f"rate_limited: {refusal.message}", {"Retry-After": f"{retry_s}"}
 
     def _upgrade(self, request: h11.Request, head: bytes) -> tuple[WebSocket, bytes]:
         """Check an upgrade request; the WebSocket and the 101 response to send."""
