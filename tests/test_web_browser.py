@@ -40,6 +40,31 @@ if CHROMIUM is not None:  # selenium is a dev dependency; import only where it c
     from selenium.webdriver.support.ui import WebDriverWait
 
 
+# Run in the page: a client whose token provider mints 3-second tokens; after 7 s it
+# sends. The server closes a connection whose token expired without a refresh.
+REFRESHING_CLIENT = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  const { TsmsgClient } = await import("/tsmsg.js");
+  let asked = 0;
+  const client = new TsmsgClient({ tokenProvider: async () => {
+    asked += 1;
+    const r = await fetch("/dev/token?user=carol&ttl_s=3");
+    return (await r.json()).token;
+  } });
+  let drops = 0;
+  client.on("connection", (c) => { if (!c.connected) drops += 1; });
+  await client.connect();
+  await client.join("general");
+  await new Promise((r) => setTimeout(r, 7000));
+  const ack = await client.send("general", "carol outlived her tokens");
+  const out = { asked, seq: ack.seq, connected: client.connected, drops, error: null };
+  client.close();
+  return out;
+})().then(done, (e) => done({ error: String(e) }));
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,6 +147,7 @@ def browsers(tmp_path: Path) -> Iterator[Callable[[str], Page]]:
             options.add_argument(arg)
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER or ""))
         driver.set_page_load_timeout(WAIT_S)
+        driver.set_script_timeout(WAIT_S)
         drivers.append(driver)
         return Page(driver, user, screens)
 
@@ -217,5 +243,12 @@ async def test_two_users_chat_in_the_browser(
             page.shot("09-after-restart")
         alice.open("general")
         alice.wait("the channel again", lambda: alice.texts() == ["hello"])
+
+        # tsmsg.js on its own, with tokens that live 3 s: the provider is asked again
+        # before each expires, and the connection outlives several of them.
+        result = alice.driver.execute_async_script(REFRESHING_CLIENT)
+        assert result["error"] is None, result
+        assert result["asked"] >= 3 and result["drops"] == 0, result
+        assert result["connected"] and result["seq"] >= 2, result
     finally:
         server.kill()

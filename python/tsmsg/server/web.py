@@ -45,7 +45,7 @@ RECEIVE_CHUNK = 4096  # bytes per read of a request head
 WRITE_TIMEOUT_S = 10.0  # a client that does not read its HTTP response is dropped
 CONNECT_PATH = "/connect"
 DEV_TOKEN_PATH = "/dev/token"  # exists only with --dev
-DEV_TOKEN_TTL_S = 3600  # a dev token's life; the page asks for a new one before it ends
+DEV_TOKEN_TTL_S = 3600  # a dev token's life (at most); the page asks for a new one before it ends
 USER_ID = re.compile(r"[A-Za-z0-9_.@-]{1,62}")  # PROTOCOL.md section 2, "Names"
 # The page's files (package data in tsmsg/web/): path -> (file, content type).
 FILES = {
@@ -247,16 +247,21 @@ class Web:
         return Response(200, body, content_type, PAGE_HEADERS)
 
     def _dev_token(self, request: h11.Request) -> Response:
-        """--dev only: a token for any user name (every channel, read and send)."""
+        """--dev only: a token for any user name (every channel, read and send), valid
+        for ``ttl_s`` (default and most: DEV_TOKEN_TTL_S; short ones test refreshes)."""
         assert self.dev_issuer is not None
         query = urllib.parse.parse_qs(request.target.decode("latin-1").partition("?")[2])
         user = (query.get("user") or [""])[0]
         if not USER_ID.fullmatch(user):
             raise HttpError(400, "user must be 1 to 62 characters of A-Z a-z 0-9 _ . @ -")
+        ttl = (query.get("ttl_s") or [str(DEV_TOKEN_TTL_S)])[0]
+        if not ttl.isdigit() or not 1 <= int(ttl) <= DEV_TOKEN_TTL_S:
+            raise HttpError(400, f"ttl_s must be an integer from 1 to {DEV_TOKEN_TTL_S}")
+        ttl_s = int(ttl)
         token = self.dev_issuer.issue(
-            user, ("*",), (SCOPE_READ, SCOPE_SEND), DEV_TOKEN_TTL_S, now=int(time.time())
+            user, ("*",), (SCOPE_READ, SCOPE_SEND), ttl_s, now=int(time.time())
         )
-        body = json.dumps({"user": user, "token": token, "ttl_s": DEV_TOKEN_TTL_S}).encode()
+        body = json.dumps({"user": user, "token": token, "ttl_s": ttl_s}).encode()
         return Response(200, body, "application/json", {"Cache-Control": "no-store"})
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
