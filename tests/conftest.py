@@ -69,8 +69,14 @@ TRANSPORTS = [TCP, WS_MSGPACK, WS_JSON]
 class TcpFraming:
     """Length-prefixed msgpack frames."""
 
+    filler = b"\xa1"  # a byte of an unfinished frame's body
+
     def __init__(self) -> None:
         self.decoder = FrameDecoder()
+
+    def unfinished(self) -> bytes:
+        """The start of a frame that announces 100 bytes: its header alone."""
+        return b"\x00\x00\x00\x64"
 
     def encode(self, frame: dict[str, Any]) -> bytes:
         return encode(frame)
@@ -107,6 +113,13 @@ class WsFraming:
         self.close_code: int | None = None
         self.close_reason = ""
         self.out = b""  # pongs and the close reply, for the next send
+
+    filler = b"a"  # a byte of an unfinished message (masked with a zero key: as it is)
+
+    def unfinished(self) -> bytes:
+        """The start of a message that announces 100 bytes: its frame header alone."""
+        opcode = 0x81 if self.subprotocol == WS_JSON else 0x82  # a final text/binary frame
+        return bytes([opcode, 0x80 | 100]) + b"\x00\x00\x00\x00"
 
     def upgrade(self, host: str, origin: str | None, subprotocols: list[str]) -> bytes:
         extra = [(b"origin", origin.encode())] if origin else []

@@ -231,7 +231,7 @@ class WebSocket:
         self.text = subprotocol == SUBPROTOCOL_JSON
         self.ws = WsConnection(ConnectionType.SERVER)
         self.parts: list[bytes | str] = []  # of the message being received
-        self.buffered = 0
+        self.partial = 0  # their size
         self.max_frame = self.max_depth = 0
         self.control = b""
         self.closed_by_peer = False
@@ -245,6 +245,17 @@ class WebSocket:
     @property
     def ended(self) -> bool:
         return self.closed_by_peer
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message: its parts so far, and what wsproto holds of a
+        frame not yet complete (a header alone, a data frame begun, a control frame):
+        the frame deadline runs while there are any (slowloris). wsproto does not
+        expose its frame decoder's state; without it only the idle timeout applies."""
+        frames = getattr(getattr(self.ws, "_proto", None), "_frame_decoder", None)
+        held = len(getattr(frames, "buffer", b""))
+        begun = getattr(frames, "header", None) is not None
+        return self.partial + held + (1 if begun else 0)
 
     def take_control(self) -> bytes:
         data, self.control = self.control, b""
@@ -278,15 +289,15 @@ class WebSocket:
 
     def _message(self, event: Message[Any]) -> dict[str, Any] | None:
         self.parts.append(event.data)
-        self.buffered += len(event.data)  # a str: characters, <= its UTF-8 bytes
-        if self.buffered > self.max_frame:
+        self.partial += len(event.data)  # a str: characters, <= its UTF-8 bytes
+        if self.partial > self.max_frame:
             self.failed_code = CLOSE_TOO_BIG
             raise FrameTooLarge(
-                f"message of more than {self.buffered} bytes exceeds max_frame {self.max_frame}"
+                f"message of more than {self.partial} bytes exceeds max_frame {self.max_frame}"
             )
         if not event.message_finished:
             return None
-        parts, self.parts, self.buffered = self.parts, [], 0
+        parts, self.parts, self.partial = self.parts, [], 0
         if isinstance(event, TextMessage) != self.text:
             self.failed_code = CLOSE_BAD_DATA
             kind, want = ("text", "binary") if self.text is False else ("binary", "text")
