@@ -54,11 +54,14 @@ const done = arguments[arguments.length - 1];
   } });
   let drops = 0;
   client.on("connection", (c) => { if (!c.connected) drops += 1; });
+  const seen = [];
+  client.onChannel("general", (e) => { if (e.type) seen.push(e.type); });  // entries
   await client.connect();
   await client.join("general");
   await new Promise((r) => setTimeout(r, 7000));
   const ack = await client.send("general", "carol outlived her tokens");
-  const out = { asked, seq: ack.seq, connected: client.connected, drops, error: null };
+  await new Promise((r) => setTimeout(r, 200));  // its own event
+  const out = { asked, seq: ack.seq, connected: client.connected, drops, seen, error: null };
   client.close();
   return out;
 })().then(done, (e) => done({ error: String(e) }));
@@ -250,5 +253,6 @@ async def test_two_users_chat_in_the_browser(
         assert result["error"] is None, result
         assert result["asked"] >= 3 and result["drops"] == 0, result
         assert result["connected"] and result["seq"] >= 2, result
+        assert result["seen"] == ["resynced", "message"], result["seen"]
     finally:
         server.kill()

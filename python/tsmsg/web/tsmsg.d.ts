@@ -101,6 +101,11 @@ export declare class TsmsgClient {
   heartbeatMs: number;
   closeReason: string | null;
   on<K extends keyof EventMap>(type: K, fn: (value: EventMap[K]) => void): () => void;
+  /** One channel's events: its entries, typing, read receipts, and its leaving. */
+  onChannel(
+    channel: string,
+    fn: (value: EventMap["event"] | EventMap["typing"] | EventMap["read"] | EventMap["left"]) => void,
+  ): () => void;
   connect(): Promise<{ user: string; session: string }>;
   close(): void;
   readonly outbox: OutboxEntry[];

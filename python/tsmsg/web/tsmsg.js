@@ -138,6 +138,13 @@ export class TsmsgClient {
     return () => this._listeners.get(type).delete(fn);
   }
 
+  /** Listen to one channel's events (message, edit, delete, resynced, typing, read, left). */
+  onChannel(channel, fn) {
+    const mine = (value) => { if (value.channel === channel) fn(value); };
+    const offs = ["event", "typing", "read", "left"].map((type) => this.on(type, mine));
+    return () => offs.forEach((off) => off());
+  }
+
   _emit(type, value) {
     for (const fn of this._listeners.get(type) ?? []) {
       try {
