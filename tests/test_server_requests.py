@@ -1,5 +1,6 @@
-"""Every request type over real TCP against the real server: its success path, its error
-paths, and the authorization rules (token channels, DM privacy, scopes).
+"""Every request type over real TCP, and over a WebSocket of each subprotocol (the
+``transport`` fixture), against the real server: its success path, its error paths, and
+the authorization rules (token channels, DM privacy, scopes).
 
 Each test gets a fresh server on port 0 with its LMDB store in a tmp dir (``harness``
 from conftest). Pushes that must *not* arrive are checked with a ping barrier

@@ -1,5 +1,7 @@
 """The trio TCP server: a listener, a reader task per connection, one flusher task, and the
-hub that fans committed events out to the connections joined to a channel.
+hub that fans committed events out to the connections joined to a channel. A WebSocket
+connection (the ``ws`` port, server/web.py) is served by the same Connection once
+upgraded; only its Transport (server/wire.py: how bytes become frames and back) differs.
 
 The flusher runs once per scheduling round in which there is work. First it hands the
 round's writes (from every connection) to the store in one call: one wake-up of the
