@@ -305,6 +305,9 @@ async def test_presence_flood_is_rate_limited_per_user(harness: Harness) -> None
     carol = await harness.connect("carol")
     await join(carol)
     phone, laptop = await harness.connect("alice"), await harness.connect("alice")
+    # alice's "online" follows a read of her memberships in a thread: waited for, not
+    # raced by a barrier (under load it came after one, counted as a flood push).
+    await carol.next(lambda f: f.get("t") == "presence" and f.get("user") == "alice")
     await barrier(carol)
     taken(carol, of("presence"))
     rids: list[int] = []
