@@ -10,6 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 HOST     ?= 127.0.0.1
 PORT     ?= 7700
+WS       ?= 127.0.0.1:7780
 DATA_DIR ?= ./data
 
 .PHONY: setup run test test-rust test-python test-long lint bench-codec bench-store bench-e2e bench-sizing clean
@@ -29,8 +30,10 @@ $(STAMP): $(VPY) pyproject.toml constraints.txt $(RUST_SOURCES)
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E dev -q
 	touch $@
 
+# The TCP port, and the web chat page with its WebSocket endpoint on WS (docs/web.md).
 run: $(STAMP)
-	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) $(if $(TSMSG_SECRET),,--dev)
+	@echo "tsmsg: web chat page at http://$(WS)/ (TCP clients: $(HOST):$(PORT))"
+	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --ws $(WS) --data-dir $(DATA_DIR) $(if $(TSMSG_SECRET),,--dev)
 
 test: lint test-rust test-python
 

@@ -43,6 +43,7 @@ from tsmsg.protocol.session import (
 )
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings
+from tsmsg.server.wire import TCP
 from tsmsg.store import CompactionPolicy, LmdbStore, StoreConfig, WriteOp
 from tsmsg.store.lmdb_store import FORMAT_VERSION
 
@@ -425,7 +426,10 @@ def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
 
 
 class StandInConnection:
-    """What the hub's presence code uses of a connection: its user and its output."""
+    """What the hub's presence code uses of a connection: its user, its transport (TCP)
+    and its output."""
+
+    transport = TCP
 
     def __init__(self, user: str) -> None:
         self.user = user

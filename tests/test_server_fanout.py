@@ -11,11 +11,26 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import Harness, WireClient, fast_limits, make_settings, mint, running_server
+from conftest import (
+    TRANSPORTS,
+    Harness,
+    WireClient,
+    fast_limits,
+    make_settings,
+    mint,
+    running_server,
+)
 from conftest import sync_all as conftest_sync_all
 from tsmsg.server.app import Connection, Server
 
 CHANNEL = "room-1"
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The pushes reach members over TCP and a WebSocket of each subprotocol alike."""
+    param: str = request.param
+    return param
 
 
 def is_event(channel: str = CHANNEL) -> Any:
@@ -248,11 +263,7 @@ SMALL_RCVBUF = 16 * 1024  # the slow client's kernel buffer, so the server's que
 async def connect_small_buffer(h: Harness, user: str) -> WireClient:
     """A connection whose receive buffer is set small before connect (so the TCP window
     stays small): the server's outbound queue, not the kernel, absorbs the backlog."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
-    await sock.connect(("127.0.0.1", h.server.port))
-    client = WireClient(trio.SocketStream(sock))
-    h.clients.append(client)
+    client = await h.raw(rcvbuf=SMALL_RCVBUF)
     welcome = await client.request("hello", v=1, token=mint(user))
     assert welcome["t"] == "welcome", welcome
     return client
@@ -264,11 +275,13 @@ def connection_of(server: Server, user: str) -> Connection:
 
 
 @pytest.mark.parametrize("resume", ["sync", "join"])
-async def test_slow_consumer_is_cut_then_catches_up(tmp_path: Path, resume: str) -> None:
+async def test_slow_consumer_is_cut_then_catches_up(
+    tmp_path: Path, resume: str, transport: str
+) -> None:
     # Rate limits raised: this test is about the outbound queue, not the frame rate.
     limits = fast_limits()
     settings = make_settings(tmp_path / "data", max_queue_bytes=QUEUE_LIMIT, limits=limits)
-    async with running_server(settings) as h:
+    async with running_server(settings, transport) as h:
         slow = await connect_small_buffer(h, "slow")
         assert (await join(slow))["head"] == 0
         sender = await h.connect("alice")

@@ -1,5 +1,6 @@
-"""Every request type over real TCP against the real server: its success path, its error
-paths, and the authorization rules (token channels, DM privacy, scopes).
+"""Every request type over real TCP, and over a WebSocket of each subprotocol (the
+``transport`` fixture), against the real server: its success path, its error paths, and
+the authorization rules (token channels, DM privacy, scopes).
 
 Each test gets a fresh server on port 0 with its LMDB store in a tmp dir (``harness``
 from conftest). Pushes that must *not* arrive are checked with a ping barrier
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SECRET, Harness, WireClient, fast_limits, mint
+from conftest import SECRET, TRANSPORTS, Harness, WireClient, fast_limits, mint
 from tsmsg.auth import TokenIssuer
 from tsmsg.server.settings import Settings
 
@@ -95,6 +96,13 @@ def events(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def settings(engine_settings: Settings) -> Settings:
     """Every test here runs on LMDB and on Redis."""
     return engine_settings
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """And over TCP and a WebSocket of each subprotocol (PROTOCOL.md section 19)."""
+    param: str = request.param
+    return param
 
 
 async def test_welcome_carries_the_session_parameters(harness: Harness) -> None:

@@ -1,4 +1,5 @@
-"""Live signals and protection over real TCP (issue 5): presence across devices and
+"""Live signals and protection over real TCP and a WebSocket of each subprotocol (issues 5
+and 16: the ``transport`` fixture): presence across devices and
 restarts, heartbeats and idle limits, typing and its expiry, read receipts and unread
 counts, per-user / per-channel / per-IP rate limits, token expiry and refresh, the frame
 deadline, and a slow consumer at scale (20 MB through a member that never reads).
@@ -27,6 +28,7 @@ import trio
 
 from conftest import (
     SECRET,
+    TRANSPORTS,
     WIRE_TIMEOUT,
     Harness,
     WireClient,
@@ -35,7 +37,6 @@ from conftest import (
     mint,
     running_server,
 )
-from tsmsg import encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.server.settings import Settings
 
@@ -44,6 +45,13 @@ TICK_MS = 20  # the ticker's period in the real-time tests (the default is 250)
 
 Frame = dict[str, Any]
 Match = Callable[[Frame], bool]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each test over TCP and a WebSocket of each subprotocol (PROTOCOL.md section 19)."""
+    param: str = request.param
+    return param
 
 
 @pytest.fixture
@@ -297,6 +305,9 @@ async def test_presence_flood_is_rate_limited_per_user(harness: Harness) -> None
     carol = await harness.connect("carol")
     await join(carol)
     phone, laptop = await harness.connect("alice"), await harness.connect("alice")
+    # alice's "online" follows a read of her memberships in a thread: waited for, not
+    # raced by a barrier (under load it came after one, counted as a flood push).
+    await carol.next(lambda f: f.get("t") == "presence" and f.get("user") == "alice")
     await barrier(carol)
     taken(carol, of("presence"))
     rids: list[int] = []
@@ -985,18 +996,19 @@ async def test_token_expiry_and_grace_mock_clock(
 async def test_an_unfinished_frame_times_out_real_time(harness: Harness, dribble: bool) -> None:
     alice = await harness.connect("alice")
     # A frame in two pieces with a pause under the deadline is fine.
-    data = encode({"t": "ping", "rid": 77})
+    data = alice.framing.encode({"t": "ping", "rid": 77})
     await alice.send_raw(data[:3])
     await trio.sleep(0.1)
     await alice.send_raw(data[3:])
     assert (await alice.next())["rid"] == 77
 
     start = trio.current_time()
-    await alice.send_raw(b"\x00\x00\x00\x64" + b"\x85" * 10)  # 100 bytes announced, 10 sent
+    filler = alice.framing.filler
+    await alice.send_raw(alice.framing.unfinished() + filler * 10)  # 100 bytes announced
     if dribble:  # more of it keeps coming, but the deadline counts from the frame's start
         for _ in range(4):
             await trio.sleep(0.05)
-            await alice.send_raw(b"\xa1")
+            await alice.send_raw(filler)
     frames = await until_closed(alice, timeout=3)
     waited = trio.current_time() - start
     assert [f["code"] for f in frames] == ["frame_timeout"], frames
@@ -1014,7 +1026,7 @@ async def test_an_unfinished_frame_times_out_mock_clock(
     await trio.sleep(2 * timeout_s)
     await barrier(alice)
     start = trio.current_time()
-    await alice.send_raw(b"\x00\x00\x00\x64")  # a header alone
+    await alice.send_raw(alice.framing.unfinished())  # a header alone
     frames = await until_closed(alice, timeout=3 * timeout_s)
     assert [f["code"] for f in frames] == ["frame_timeout"], frames
     assert trio.current_time() - start == pytest.approx(timeout_s, abs=1e-6)
@@ -1025,10 +1037,10 @@ async def test_bytes_of_an_unfinished_frame_are_not_a_heartbeat(harness: Harness
     # frame_timeout_s is the default 30 s: it is the idle limit (2 x 200 ms) that closes.
     start = trio.current_time()  # before hello, the last complete frame
     alice = await harness.connect("alice")
-    await alice.send_raw(b"\x00\x00\x00\x64")
+    await alice.send_raw(alice.framing.unfinished())
     for _ in range(3):
         await trio.sleep(0.08)
-        await alice.send_raw(b"\xa1")
+        await alice.send_raw(alice.framing.filler)
     frames = await until_closed(alice, timeout=3)
     assert [f["code"] for f in frames] == ["idle_timeout"], frames
     assert 0.4 - TICK_MS / 1000 <= trio.current_time() - start < 0.4 + 1.0

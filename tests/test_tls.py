@@ -17,7 +17,15 @@ import pytest
 import trio
 import trustme
 
-from conftest import SECRET, WIRE_TIMEOUT, make_settings, mint, running_server
+from conftest import (
+    SECRET,
+    WIRE_TIMEOUT,
+    WS_JSON,
+    make_settings,
+    mint,
+    running_server,
+    ws_upgrade,
+)
 from server_proc import server_env, server_process
 from tsmsg import FrameDecoder, encode
 from tsmsg.cli import main
@@ -354,3 +362,21 @@ def test_a_key_with_a_passphrase_fails_clearly_without_prompting(tmp_path: Path,
         server_tls_context(pki.cert_file, str(locked))
     with pytest.raises(ValueError, match=f"cert_file/key_file: .*{combined}.*{message}"):
         client_tls_context(pki.ca_file, str(combined))
+
+
+async def test_the_websocket_port_speaks_tls(tmp_path: Path, pki: Pki) -> None:
+    """wss:// and https:// with the server's TLS settings (PROTOCOL.md 19.1)."""
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        port = h.server.ws_port
+        origin = f"https://{HOST}:{port}"
+        client = await ws_upgrade(h.server, [WS_JSON], origin=origin, ssl_context=pki.client())
+        h.clients.append(client)
+        welcome = await client.request("hello", v=1, token=mint("alice"))
+        assert welcome["t"] == "welcome", welcome
+        assert (await client.request("join", channel=CH))["t"] == "ok"
+        ok = await client.request("send", channel=CH, cid="c1", text="over wss")
+        assert ok["t"] == "ok" and ok["seq"] == 1
+        # A plaintext upgrade on a TLS port: a failed handshake, closed, no WebSocket.
+        plain = await ws_upgrade(h.server, [WS_JSON], origin=f"http://{HOST}:{port}")
+        h.clients.append(plain)
+        assert plain.eof and plain.framing.accepted is None  # type: ignore[union-attr]

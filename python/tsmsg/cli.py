@@ -148,6 +148,12 @@ def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple
 
 
 def make_verifier(settings: Settings) -> TokenVerifier:
+    return make_credentials(settings)[0]
+
+
+def make_credentials(settings: Settings) -> tuple[TokenVerifier, TokenIssuer | None]:
+    """The token verifier, and with --dev an issuer of the same secret (the web page's
+    dev-only token endpoint, docs/web.md)."""
     audience, issuer = settings.audience or None, settings.issuer or None
     if settings.public_key_file:
         if env_secret_set(os.environ):
@@ -157,13 +163,14 @@ def make_verifier(settings: Settings) -> TokenVerifier:
             )
         with open(settings.public_key_file, "rb") as fh:
             key = fh.read()
-        return TokenVerifier(
+        verifier = TokenVerifier(
             public_key=key,
             algorithm=settings.algorithm,
             audience=audience,
             issuer=issuer,
             max_lifetime_s=settings.token_max_lifetime_s,
         )
+        return verifier, None
     secrets = load_secrets(settings.secret_file)
     if secrets is None:
         if not settings.dev:
@@ -184,7 +191,7 @@ def make_verifier(settings: Settings) -> TokenVerifier:
             "any of them are accepted)",
             len(secrets) - 1,
         )
-    return TokenVerifier(
+    verifier = TokenVerifier(
         secrets[0],
         extra_secrets=secrets[1:],
         algorithm=settings.algorithm,
@@ -192,6 +199,8 @@ def make_verifier(settings: Settings) -> TokenVerifier:
         issuer=issuer,
         max_lifetime_s=settings.token_max_lifetime_s,
     )
+    dev = TokenIssuer(secrets[0], settings.algorithm) if settings.dev else None
+    return verifier, dev
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -207,15 +216,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "dev": True if args.dev else None,
         "secret_file": args.secret_file,
         "metrics": args.metrics,
+        "ws": args.ws,
         "tls_cert_file": args.tls_cert,
         "tls_key_file": args.tls_key,
         "tls_client_ca_file": args.tls_client_ca,
     }
     settings = load_settings(args.config, os.environ, overrides)
     setup_logging(settings.log_format, settings.log_level)
-    verifier = make_verifier(settings)
+    verifier, dev_issuer = make_credentials(settings)
     try:
-        trio.run(serve, settings, verifier)
+        trio.run(functools.partial(serve, settings, verifier, dev_issuer=dev_issuer))
     except BaseExceptionGroup as group:  # trio's nurseries wrap startup errors
         raise lone_error(group) from None
     return 0
@@ -737,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         metavar="HOST:PORT",
         help="serve /metrics (Prometheus), /healthz and /readyz over HTTP here (default: off)",
+    )
+    serve_p.add_argument(
+        "--ws",
+        metavar="HOST:PORT",
+        help="serve the web chat page and WebSocket clients here (e.g. 127.0.0.1:7780)",
     )
     serve_p.add_argument(
         "--dev", action="store_true", help=f"run without {SECRET_ENV}, with a generated secret"

@@ -1,5 +1,7 @@
 """The trio TCP server: a listener, a reader task per connection, one flusher task, and the
-hub that fans committed events out to the connections joined to a channel.
+hub that fans committed events out to the connections joined to a channel. A WebSocket
+connection (the ``ws`` port, server/web.py) is served by the same Connection once
+upgraded; only its Transport (server/wire.py: how bytes become frames and back) differs.
 
 The flusher runs once per scheduling round in which there is work. First it hands the
 round's writes (from every connection) to the store in one call: one wake-up of the
@@ -52,8 +54,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import trio
 
-from tsmsg._native import FrameDecoder, FrameError, encode
-from tsmsg.auth import TokenVerifier
+from tsmsg._native import FrameError, encode
+from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.ratelimit import Buckets, UserLimits
@@ -77,6 +79,8 @@ from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
+from tsmsg.server.web import Web
+from tsmsg.server.wire import TCP, Codec, Transport
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
 from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
@@ -276,15 +280,25 @@ def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
 Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
 
 
-def receive_of(stream: trio.abc.Stream) -> Receive:
+def receive_of(stream: trio.abc.Stream, first_input: bytes = b"") -> Receive:
     """The reader's receive: up to RECEIVE_CHUNK bytes, b"" at the peer's EOF. Plain TCP:
     ``read`` on the socket, waiting with ``wait_readable`` on its fd when there is
     nothing, the way trio's own socket calls do, minus their layers: an idle connection
     is suspended in one small frame (memory per idle connection, bench (f)). Any other
-    stream (TLS, the simulation's): its ``receive_some``."""
+    stream (TLS, the simulation's): its ``receive_some``. ``first_input``, if any, is
+    returned first."""
+    if first_input:
+        return functools.partial(_receive_first, [first_input], receive_of(stream))
     if not isinstance(stream, trio.SocketStream):
         return functools.partial(stream.receive_some, RECEIVE_CHUNK)
     return functools.partial(_receive_fd, stream.socket.fileno())
+
+
+async def _receive_first(first: list[bytes], receive: Receive) -> bytes | bytearray:
+    if first:
+        await trio.lowlevel.checkpoint()
+        return first.pop()
+    return await receive()
 
 
 async def receive_before(receive: Receive, deadline: float) -> bytes | bytearray | None:
@@ -339,6 +353,7 @@ class Connection:
         "server",
         "session",
         "stream",
+        "transport",
         "try_send",
         "write_error",
         "writer_done",
@@ -346,9 +361,16 @@ class Connection:
     )
 
     def __init__(
-        self, server: Server, stream: trio.abc.Stream, session: Session, peer: str, serial: int
+        self,
+        server: Server,
+        stream: trio.abc.Stream,
+        session: Session,
+        peer: str,
+        serial: int,
+        transport: Transport = TCP,
     ):
         self.server = server
+        self.transport = transport  # how frames become bytes and back (server/wire.py)
         self.serial = serial  # this server's connection number: the hash, see __hash__
         self.stream = stream
         self.session = session
@@ -392,7 +414,7 @@ class Connection:
         return self.serial
 
     def send_frame(self, frame: dict[str, Any]) -> None:
-        if self.send_bytes(encode(frame), None):
+        if self.send_bytes(self.transport.codec.encode(frame), None):
             self.server.metrics.frame_out(frame)
 
     def send_bytes(self, data: bytes, channel: str | None) -> bool:
@@ -541,7 +563,8 @@ class Connection:
                 self.holding[channel] = None  # _release resyncs after the reply
             return
         if channel not in self.session.cut:
-            self.send_bytes(encode(self.session.cut_stream(channel, info)), None)
+            frame = self.session.cut_stream(channel, info)
+            self.send_bytes(self.transport.codec.encode(frame), None)
 
     @property
     def user(self) -> str | None:
@@ -549,6 +572,10 @@ class Connection:
 
     def close_after_flush(self, reason: str) -> None:
         if self.closing is None:
+            goodbye = self.transport.goodbye(reason)  # a WebSocket's close frame
+            if goodbye:
+                self.queue.append((goodbye, None))
+                self.queued_bytes += len(goodbye)
             self.closing = reason
             self.wake_writer()
 
@@ -654,16 +681,15 @@ class Connection:
             self.held = False
             self.drained = self.inflight_freed = SET
 
-    async def reader(self) -> None:
+    async def reader(self, first_input: bytes = b"") -> None:
         """Decode frames and hand them to the session. Two deadlines guard the reads:
         hello must arrive within ``hello_timeout_s``, and a frame once started must
-        complete within ``frame_timeout_s`` (slowloris); idle peers are the ticker's."""
-        session, server = self.session, self.server
-        decoder = FrameDecoder(
-            max_frame=session.limits.max_frame, max_depth=session.limits.max_depth
-        )
+        complete within ``frame_timeout_s`` (slowloris); idle peers are the ticker's.
+        ``first_input``: bytes already read (after a WebSocket upgrade request)."""
+        session, server, transport = self.session, self.server, self.transport
+        decoder = transport.decoder(session.limits.max_frame, session.limits.max_depth)
         settings = server.settings
-        receive = receive_of(self.stream)
+        receive = receive_of(self.stream, first_input)
         hello_deadline = trio.current_time() + settings.hello_timeout_s
         partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
@@ -685,11 +711,14 @@ class Connection:
             except FrameError as exc:
                 server.perform(self, session.frame_error(exc))
                 return
+            control = transport.take_control()  # a WebSocket's pongs
+            if control:
+                self.send_bytes(control, None)
             if not decoder.buffered:
                 partial_since = math.inf
             elif frames or partial_since == math.inf:
                 partial_since = trio.current_time()  # the deadline is per frame
-            if not await self._dispatch(frames):
+            if not await self._dispatch(frames) or transport.ended:
                 return
             data, frames = b"", []  # while it waits, an idle connection keeps no input
 
@@ -725,6 +754,14 @@ class Connection:
         return True
 
 
+def _encoded(frame: dict[str, Any], codec: Codec, cache: dict[Codec, bytes]) -> bytes:
+    """``frame`` as ``codec`` writes it, encoded once per fan-out (``cache``)."""
+    data = cache.get(codec)
+    if data is None:
+        data = cache[codec] = codec.encode(frame)
+    return data
+
+
 class RemoteHop:
     """What a shared engine reports from its own thread (other nodes' entries, signals,
     losses; the store's ``Remote`` hook), handed to the server on the event loop."""
@@ -756,8 +793,12 @@ class Server:
         *,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         inline_reads: bool = False,
+        dev_issuer: TokenIssuer | None = None,
     ) -> None:
         self.settings = settings
+        # The WebSocket port's requests (setting ws); dev_issuer: --dev's token endpoint.
+        self.web = Web(self, dev_issuer if settings.dev else None)
+        self.ws_port: int | None = None  # the WebSocket port, when serving it
         # Reads in the trio thread: only for a deterministic simulation or a test on
         # trio's mock clock (which jumps ahead while the loop waits for a thread).
         self.inline_reads = inline_reads
@@ -979,14 +1020,14 @@ class Server:
 
     def _push_presence(self, frame: dict[str, Any], channels: list[str]) -> None:
         """Once to every connection here joined to any of ``channels``."""
-        data = encode(frame)
+        encoded: dict[Codec, bytes] = {}  # once per transport's codec
         recipients: set[Connection] = set()
         for channel in channels:
             members = self.members.get(channel)
             if members:
                 recipients.update(members)
         for conn in recipients:
-            conn.push_signal(data)
+            conn.push_signal(_encoded(frame, conn.transport.codec, encoded))
 
     async def _presence_upkeep(self) -> None:
         """On a shared engine: keep this node's presence entries alive, and announce the
@@ -1146,10 +1187,12 @@ class Server:
         members = self.members.get(channel)
         if not members:
             return
-        data = encode(frame)  # once for every member
+        encoded: dict[Codec, bytes] = {}  # once for every member of a transport's codec
         sent = 0
         for conn in members:
-            if (skip_user is None or conn.user != skip_user) and conn.send_bytes(data, channel):
+            if skip_user is not None and conn.user == skip_user:
+                continue
+            if conn.send_bytes(_encoded(frame, conn.transport.codec, encoded), channel):
                 sent += 1
         if sent:
             self.metrics.deliveries.inc(sent)
@@ -1305,7 +1348,8 @@ class Server:
         await trio.aclose_forcefully(stream)
         return False
 
-    async def handle(self, tcp: trio.SocketStream) -> None:
+    async def handle(self, tcp: trio.SocketStream, *, web: bool = False) -> None:
+        """A new connection on the TCP port, or (``web``) on the WebSocket port."""
         try:
             host, port = tcp.socket.getpeername()[:2]
             peer = f"{host}:{port}"
@@ -1321,7 +1365,9 @@ class Server:
         self.open_sockets += 1
         self.open_by_ip[host] += 1
         try:
-            if refusal is not None:
+            if web:
+                await self.web.handle(stream, host, peer, refusal)
+            elif refusal is not None:
                 await self._refuse_connection(stream, peer, refusal)
             else:
                 await self._serve_connection(stream, host, peer)
@@ -1331,7 +1377,14 @@ class Server:
             if not self.open_by_ip[host]:
                 del self.open_by_ip[host]
 
-    async def _serve_connection(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
+    async def _serve_connection(
+        self,
+        stream: trio.abc.Stream,
+        host: str,
+        peer: str,
+        transport: Transport = TCP,
+        first_input: bytes = b"",
+    ) -> None:
         now = self.now_ms()
         if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
             return
@@ -1347,17 +1400,17 @@ class Server:
             on_rate_limited=self._limited,
             admit_user=self._admit_user,
         )
-        conn = Connection(self, stream, session, peer, serial)
+        conn = Connection(self, stream, session, peer, serial, transport)
         self.connections[session] = conn
         self.metrics.opened.inc()
-        log.info("connect %s session %s", peer, session_id)
+        log.info("connect %s session %s (%s)", peer, session_id, transport.name)
         try:
             with conn.cancel:
                 assert self._tasks is not None, "handle() runs under run()"
                 conn.nursery = self._tasks
                 if conn.try_send is None:  # TLS: every write goes through the task
                     conn.wake_writer()
-                await conn.reader()
+                await conn.reader(first_input)
                 # The reader is done: acknowledge the writes still in flight, let the
                 # writer flush, then close; all within a deadline.
                 with trio.move_on_after(self.settings.shutdown_grace_s):
@@ -1478,6 +1531,8 @@ class Server:
                         handlers.start_soon(self._presence_upkeep)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
+                    if settings.ws:  # in `listening`: stops accepting with the TCP port
+                        await self._serve_web(listening, handlers, settings.ws)
                     task_status.started(self)
                     await self.stopping.wait()
                     listening.cancel_scope.cancel()  # stop accepting first
@@ -1532,6 +1587,23 @@ class Server:
             sockets = await nursery.start(http.serve, host, port)
         self.metrics_port = sockets[0].socket.getsockname()[1]
         log.info("metrics and health checks on http://%s:%d/", host, self.metrics_port)
+
+    async def _serve_web(
+        self, listening: trio.Nursery, handlers: trio.Nursery, address: str
+    ) -> None:
+        host, port = parse_address(address, "ws")
+        with listen_error(host, port):
+            own = await tcp_listeners(host, port, self.settings.reuse_port)
+        serve = functools.partial(
+            trio.serve_listeners,
+            functools.partial(self.handle, web=True),
+            own,
+            handler_nursery=handlers,
+        )
+        sockets = await listening.start(serve)
+        self.ws_port = sockets[0].socket.getsockname()[1]
+        scheme = "http" if self.tls is None else "https"
+        log.info("web chat page on %s://%s:%d/ (WebSocket at /connect)", scheme, host, self.ws_port)
 
     async def _tick_sessions(self) -> None:
         """Run each session's timers (idle peers, token expiry, typing expiry) when due."""
@@ -1590,6 +1662,7 @@ async def serve(
     verifier: TokenVerifier,
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    dev_issuer: TokenIssuer | None = None,
 ) -> None:
-    server = Server(settings, verifier)
+    server = Server(settings, verifier, dev_issuer=dev_issuer)
     await server.run(task_status=task_status)

@@ -94,6 +94,13 @@ class Settings:
     # e.g. "127.0.0.1:9700"; empty: no listener. /readyz answers 503 while the oldest
     # write waiting for the store is older than ready_max_write_age_s (a stalled disk).
     metrics: str = ""
+    # The WebSocket port (PROTOCOL.md section 19, docs/web.md): HOST:PORT, e.g.
+    # "127.0.0.1:7780", serving the web chat page at / and the protocol at /connect, with
+    # TLS (wss://, https://) when tls_cert_file is set; empty: no such port. An upgrade
+    # whose Origin is not in ws_allowed_origins ("*": any; empty: the page's own origin
+    # only) is refused with 403.
+    ws: str = ""
+    ws_allowed_origins: tuple[str, ...] = ()
     ready_max_write_age_s: float = 5.0
     # Compaction and retention, per channel (STORAGE.md "Compaction"): a background pass
     # every compact_interval_s (0: only when `tsmsg compact` runs). It keeps each message's
@@ -114,6 +121,11 @@ class Settings:
 
 def _convert(name: str, value: Any, current: Any) -> Any:
     kind = type(current)
+    if kind is tuple:  # a list of strings; in the environment, comma-separated
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"setting {name}: expected a list of strings, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
     if isinstance(value, str) and kind is not str:
         text = value.strip()
         if kind is bool:
@@ -193,6 +205,8 @@ def load_settings(
         raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
     if settings.metrics:
         parse_address(settings.metrics, "metrics")
+    if settings.ws:
+        parse_address(settings.ws, "ws")
     return settings
 
 

@@ -1,0 +1,139 @@
+// Types of tsmsg.js, the browser client of the tsmsg protocol (PROTOCOL.md section 19).
+
+export declare const SUBPROTOCOL: "tsmsg.v1.json";
+export declare const PROTOCOL_VERSION: 1;
+export declare const BACKOFF_BASE_MS: number;
+export declare const BACKOFF_MAX_MS: number;
+export declare const CONNECT_TIMEOUT_MS: number;
+export declare const REFRESH_MARGIN_MS: number;
+export declare const STORE_RETRY_MS: number;
+export declare const STORE_RETRY_MAX_MS: number;
+export declare const MAX_REORDER: number;
+
+/** An error with a stable code: one of PROTOCOL.md section 8, or "connection_closed"
+ * (a request's outcome is unknown) or "resync". */
+export declare class TsmsgError extends Error {
+  readonly code: string;
+  readonly frame: Record<string, unknown> | null;
+  readonly retryAfterMs: number;
+  constructor(code: string, message: string, frame?: Record<string, unknown> | null);
+}
+
+export interface ClientOptions {
+  /** ws(s)://host:port/connect; default: this page's origin + /connect. */
+  url?: string;
+  /** A JWT (PROTOCOL.md 5.1). */
+  token?: string;
+  /** Returns a fresh JWT; asked before the current one expires and after token_expired. */
+  tokenProvider?: () => Promise<string> | string;
+  /** A WebSocket implementation (default: globalThis.WebSocket). */
+  WebSocket?: typeof WebSocket;
+  backoffMaxMs?: number;
+}
+
+export interface Message {
+  channel: string;
+  seq: number;
+  id: string;
+  sender: string;
+  ts: number;
+  text: string | null;
+  meta: Record<string, unknown> | null;
+  /** ms of the latest edit (history only). */
+  edited: number | null;
+  deleted: boolean;
+}
+
+export type ChannelEvent =
+  | ({ type: "message" } & Message)
+  | { type: "edit"; channel: string; seq: number; id: string; sender: string; ts: number; text: string }
+  | { type: "delete"; channel: string; seq: number; id: string; sender: string; ts: number }
+  /** The channel was (re)loaded: forget its state, show these (newest page, oldest first). */
+  | { type: "resynced"; channel: string; head: number; epoch: number; messages: Message[]; more?: boolean };
+
+export interface Ack {
+  channel: string;
+  seq: number;
+  /** The message's id (of an edit or delete: its target). */
+  id: string;
+  ts: number;
+  dup: boolean;
+}
+
+export interface JoinInfo {
+  channel: string;
+  head: number;
+  read: number;
+  epoch: number;
+  horizon: number;
+}
+
+export interface PresenceInfo {
+  user: string;
+  status: string;
+  online: boolean;
+  last_seen?: number;
+}
+
+export interface EventMap {
+  event: ChannelEvent;
+  typing: { channel: string; user: string; on: boolean };
+  read: { channel: string; user: string; seq: number };
+  presence: { user: string; status: string; ts: number };
+  left: { channel: string; reason: string };
+  connection: { connected: boolean; reason: string; user?: string };
+  error: unknown;
+}
+
+export interface OutboxEntry {
+  cid: string;
+  channel: string;
+  text: string;
+  meta: Record<string, unknown> | null;
+}
+
+export declare class TsmsgClient {
+  constructor(options: ClientOptions);
+  readonly url: string;
+  user: string | null;
+  connected: boolean;
+  limits: Record<string, number>;
+  heartbeatMs: number;
+  closeReason: string | null;
+  on<K extends keyof EventMap>(type: K, fn: (value: EventMap[K]) => void): () => void;
+  /** One channel's events: its entries, typing, read receipts, and its leaving. */
+  onChannel(
+    channel: string,
+    fn: (value: EventMap["event"] | EventMap["typing"] | EventMap["read"] | EventMap["left"]) => void,
+  ): () => void;
+  connect(): Promise<{ user: string; session: string }>;
+  close(): void;
+  readonly outbox: OutboxEntry[];
+  position(channel: string): { seq: number; epoch: number } | null;
+  restore(state: {
+    channels?: { channel: string; seq: number; epoch: number }[];
+    outbox?: OutboxEntry[];
+  }): void;
+  join(channel: string, options?: { replay?: boolean }): Promise<JoinInfo>;
+  leave(channel: string): Promise<unknown>;
+  send(
+    channel: string,
+    text: string,
+    options?: { meta?: Record<string, unknown> | null; cid?: string },
+  ): Promise<Ack>;
+  edit(channel: string, id: string, text: string): Promise<Ack>;
+  delete(channel: string, id: string): Promise<Ack>;
+  history(
+    channel: string,
+    options?: { before?: number | null; limit?: number | null },
+  ): Promise<{ messages: Message[]; more: boolean }>;
+  read(channel: string, seq: number): Promise<number>;
+  typing(channel: string, on?: boolean): Promise<void>;
+  setPresence(status: string): Promise<string>;
+  presence(users: string[]): Promise<PresenceInfo[]>;
+  unread(channels: string[]): Promise<Record<string, number>>;
+}
+
+export declare function tokenExpiry(token: string): number | null;
+export declare function newCid(): string;
+export declare function dmChannel(a: string, b: string): string;
