@@ -52,6 +52,7 @@ from tsmsg.client import (
     Edit,
     Forbidden,
     Left,
+    Membership,
     Message,
     Presence,
     ReadReceipt,
@@ -205,6 +206,10 @@ def test_view_presence_connection_and_left() -> None:
     assert view.apply(Presence("bob", "away", T0), 0) == ["* bob is away"]
     assert view.apply(Presence("alice", "online", T0), 0) == []
     assert view.apply(Left(CH, "forbidden"), 0) == [f"-- left {CH}: forbidden"]
+    # A DM bob opened: said, with the command that opens it; her own joins are not.
+    new_dm = ["* new message from bob: /dm bob to read it"]
+    assert view.apply(Membership("dm:alice:bob", "bob"), 0) == new_dm
+    assert view.apply(Membership("room-2", "alice"), 0) == []
 
 
 def test_view_resolves_refs_and_lists_recent_senders() -> None:
@@ -323,10 +328,11 @@ async def test_chat_commands_against_a_server(harness: Harness) -> None:
             await bob.read(CH, 5)
             await alice.wait_for("  \u2713 read by bob")
 
-            alice.type("/dm bob")
-            await alice.wait_for("-- dm:alice:bob: no messages")
+            # bob writes to alice first: she is told, in the room she is in (issue 19).
             await bob.join("dm:alice:bob")
             await bob.send("dm:alice:bob", "psst")
+            await alice.wait_for("* new message from bob: /dm bob to read it")
+            alice.type("/dm bob")
             await alice.wait_for("bob: psst  [1]")
             await bob.send(CH, "back in the room")
             await alice.wait_for(f"[{CH}] ")  # another channel's message, prefixed

@@ -26,7 +26,7 @@ from typing import TextIO
 import anyio
 import anyio.abc
 
-from tsmsg.auth import dm_channel, valid_channel
+from tsmsg.auth import dm_channel, parse_dm, valid_channel
 from tsmsg.client import (
     Client,
     ClientError,
@@ -35,6 +35,7 @@ from tsmsg.client import (
     Edit,
     Event,
     Left,
+    Membership,
     Message,
     Presence,
     ReadReceipt,
@@ -319,6 +320,8 @@ class ChatView:
             if event.user == self.user:
                 return []
             return [f"* {event.user} is {event.status}"]
+        if isinstance(event, Membership):
+            return self._membership(event)
         if isinstance(event, Left):
             self.channels.pop(event.channel, None)
             return [f"-- left {event.channel}: {event.reason}"]
@@ -328,6 +331,14 @@ class ChatView:
                 return []
             return ["-- connected"] if event.connected else [f"-- reconnecting{TYPING_MARK}"]
         return []
+
+    def _membership(self, m: Membership) -> list[str]:
+        """A DM another user opened (PROTOCOL.md 6.15): say so, with the command that
+        opens it. The user's own joins (on any device) need no line."""
+        users = parse_dm(m.channel)
+        if m.by == self.user or users is None or m.channel == self.current:
+            return []
+        return [f"* new message from {m.by}: /dm {m.by} to read it"]
 
     def _prefix(self, channel: str) -> str:
         return "" if channel == self.current else channel_prefix(channel)

@@ -45,6 +45,7 @@ from tsmsg.client.errors import (
 )
 from tsmsg.client.events import (
     Ack,
+    ChannelSummary,
     Delete,
     Edit,
     Event,
@@ -294,6 +295,21 @@ class Client:
     async def unread(self, channels: list[str]) -> dict[str, int]:
         counts: dict[str, int] = await self._request("unread", channels=list(channels))
         return counts
+
+    async def list_channels(self) -> list[ChannelSummary]:
+        """The user's channels and DMs (memberships it may read), in name order, each
+        with head, read cursor and unread count; every page of ``channels`` (PROTOCOL.md
+        6.15). A DM another user opened is among them, and is pushed as a
+        :class:`~tsmsg.client.events.Membership` event when it appears."""
+        out: list[ChannelSummary] = []
+        after: str | None = None
+        while True:
+            page: list[ChannelSummary]
+            page, more = await self._request("channels", after=after)
+            out += page
+            if not more or not page:
+                return out
+            after = page[-1].channel
 
     @property
     def limits(self) -> dict[str, int | float]:

@@ -60,6 +60,7 @@ from tsmsg.protocol.ratelimit import Buckets, UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
+    NotifyUser,
     Position,
     Publish,
     QueryPresence,
@@ -495,11 +496,12 @@ class Connection:
             self.blocked = True
             self.wake_writer()
 
-    def push_signal(self, data: bytes) -> None:
-        """A best-effort push (presence): dropped, not queued, past the outbound bound."""
+    def push_signal(self, data: bytes, t: str = "presence") -> None:
+        """A best-effort push (presence, membership: of type ``t``): dropped, not queued,
+        past the outbound bound."""
         if self.closing is None and self.queued_bytes + len(data) <= self.limit:
             self.send_bytes(data, None)
-            self.server.metrics.frames_out["presence"].inc()
+            self.server.metrics.frames_out_of(t, 1)
         else:
             self.server.metrics.signals_dropped.inc()
 
@@ -842,7 +844,12 @@ class Server:
         for action in actions:
             if isinstance(action, Publish):
                 self.publish_action(action)
+            elif isinstance(action, NotifyUser):
+                self.notify_user(action.user, action.frame)
             elif conn is None:
+                if isinstance(action, Submit):  # a write done's follow-up (a DM's peer)
+                    self._round_due.set()
+                    self._to_submit.append(action.op)
                 continue
             elif isinstance(action, Reply):
                 conn.send_frame(action.frame)
@@ -1091,7 +1098,12 @@ class Server:
             )
 
     def _remote_signal(self, channel: str, frame: dict[str, Any]) -> None:
-        if channel == PRESENCE_TOPIC:  # another node's presence change
+        if channel == PRESENCE_TOPIC:  # another node's presence change or user notice
+            if frame.get("t") == "membership":
+                to = frame.pop("to", None)
+                if isinstance(to, str):
+                    self._notify_here(to, frame)
+                return
             channels = frame.pop("channels", None)
             if frame.get("t") == "presence" and isinstance(channels, list):
                 self._push_presence(frame, channels)
@@ -1124,6 +1136,23 @@ class Server:
                 )
                 self.deliver(channel, out)
 
+    def notify_user(self, user: str, frame: dict[str, Any]) -> None:
+        """A notice to every device of ``user``: those here, and (through the engine's
+        presence topic) those on other nodes."""
+        self._notify_here(user, frame)
+        self.store.publish_signal(PRESENCE_TOPIC, {**frame, "to": user})
+
+    def _notify_here(self, user: str, frame: dict[str, Any]) -> None:
+        if frame.get("t") == "membership":  # a new membership: presence walks it too
+            mine = self.memberships.get(user)
+            if mine is not None and isinstance(frame.get("channel"), str):
+                mine.add(frame["channel"])
+        devices = self.devices.get(user)
+        if devices:
+            data = encode(frame)
+            for conn in devices:
+                conn.push_signal(data, frame["t"])
+
     def publish_action(self, action: Publish) -> None:
         """A session's push: events go through the relay (in order, once); signals
         reach this node's members, and the other nodes' through the engine."""
@@ -1153,7 +1182,9 @@ class Server:
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         """A connection's write, handed to the store with the round's others (below)."""
-        if op.kind in ("member", "unmember"):  # the connected user's memberships, here
+        if op.kind in ("member", "unmember") and op.user == conn.user:
+            # the connected user's memberships, here (another user's, a DM peer's, once
+            # the store recorded it: notify_user)
             mine = self.memberships.get(op.user)
             if mine is not None:
                 (mine.add if op.kind == "member" else mine.discard)(op.channel)

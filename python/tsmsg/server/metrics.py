@@ -40,6 +40,7 @@ FRAMES_IN = (
     "refresh",
     "presence",
     "unread",
+    "channels",
 )
 FRAMES_OUT = (
     "welcome",
@@ -53,6 +54,7 @@ FRAMES_OUT = (
     "bye",
     "presence",
     "left",
+    "membership",
 )
 OTHER = "other"
 ERROR_CODES = tuple(sorted(v for k, v in vars(E).items() if k.isupper() and isinstance(v, str)))

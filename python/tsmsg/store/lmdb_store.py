@@ -775,6 +775,17 @@ class LmdbStore(Store):
                     out.append(bytes(key[len(prefix) :]).decode())
         return out
 
+    def _count_members(self, txn: Any, user: bytes, most: int) -> int:
+        """The user's memberships, counted up to ``most`` (the cost is bounded by it)."""
+        prefix, count = user + b"\0", 0
+        cur = txn.cursor(db=self._members)
+        if cur.set_range(prefix):
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix) or count >= most:
+                    break
+                count += 1
+        return count
+
     def last_seen(self, user: str) -> int | None:
         with self._read() as txn:
             raw = txn.get(user.encode(), db=self._seen)
@@ -1131,10 +1142,14 @@ class LmdbStore(Store):
             return b.ts
         if op.kind in ("member", "unmember"):
             key = user + b"\0" + _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-            if op.kind == "member":
-                b.txn.put(key, b"", db=self._members, overwrite=False)
-            else:
+            if op.kind == "unmember":
                 b.txn.delete(key, db=self._members)
+                return 0
+            if b.txn.get(key, db=self._members) is not None:
+                return 0
+            if op.most and self._count_members(b.txn, user, op.most) >= op.most:
+                return 0  # at the bound: not recorded (changed stays False)
+            op.changed = bool(b.txn.put(key, b"", db=self._members, overwrite=False))
             return 0
         if op.kind == "read":
             return self._apply_read(b, op)
