@@ -463,7 +463,7 @@ def test_cli_chat_without_secret_or_token_exits_1(
 ) -> None:
     assert main(["chat", "--user", "alice"]) == 1
     err = capsys.readouterr().err
-    assert err == "tsmsg: no token: pass --token, or set TSMSG_SECRET to mint a development token\n"
+    assert err == "tsmsg: no token: pass --token, or --secret-file (or TSMSG_SECRET) to mint one\n"
 
 
 def test_cli_chat_usage_errors_exit_2(
@@ -514,7 +514,8 @@ async def test_cli_chat_in_a_child_process(tmp_path: Path) -> None:
         bad = await trio.to_thread.run_sync(
             lambda: run_cli("chat", "--token", "garbage", "--port", port, env=env)
         )
-        assert bad.returncode == 1 and bad.stderr == "tsmsg: unauthorized: malformed token\n"
+        expected = "tsmsg: token refused: malformed token (unauthorized)\n"
+        assert bad.returncode == 1 and bad.stderr == expected
 
         token = mint("alice", ["other"])
         refused = await trio.to_thread.run_sync(
@@ -528,7 +529,8 @@ async def test_cli_chat_in_a_child_process(tmp_path: Path) -> None:
             )
         )
         assert piped.returncode == 0, piped.stderr
-        assert piped.stdout.startswith(f"-- alice on 127.0.0.1:{port}")
+        assert piped.stdout.startswith(f"-- connecting to 127.0.0.1:{port}\u2026\n")
+        assert f"-- alice on 127.0.0.1:{port}" in piped.stdout
         assert f"-- {CH}: no messages" in piped.stdout
 
 

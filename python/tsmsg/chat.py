@@ -668,6 +668,7 @@ async def run_chat(
         # thread is abandoned (it ends with the process: worker threads are daemons).
         return await anyio.to_thread.run_sync(source.readline, abandon_on_cancel=True)
 
+    print(f"-- connecting to {host}:{port}{TYPING_MARK}", file=out, flush=True)  # at once
     async with connect(
         host,
         port,

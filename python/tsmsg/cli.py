@@ -24,6 +24,8 @@ import functools
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 import textwrap
 import time
@@ -132,6 +134,65 @@ def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple
     return (secret,) if previous is None else (secret, previous)
 
 
+DEV_SECRET_FILE = "dev-secret"  # --dev: the generated secret, in the data directory
+
+
+def dev_secret(data_dir: str) -> tuple[str, bool]:
+    """The path of ``--dev``'s secret file in ``data_dir`` (made 700 if missing), and
+    whether it was generated now: kept across restarts, so tokens minted with it stay
+    valid. Mode 600, like any secret file."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(data_dir, DEV_SECRET_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return path, False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(generate_dev_secret() + b"\n")
+    return path, True
+
+
+def self_command() -> str:
+    """How to run this very ``tsmsg`` from the current directory: ``tsmsg`` when that is
+    what the shell finds, else its path (``.venv/bin/tsmsg`` under ``make run``), so a
+    printed command works when pasted."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "tsmsg" or not os.path.isfile(argv0):
+        return f"{sys.executable} -m tsmsg.cli"
+    found = shutil.which("tsmsg")
+    if found is not None and os.path.samefile(found, argv0):
+        return "tsmsg"
+    return shell_path(argv0)
+
+
+def shell_path(path: str) -> str:
+    """``path`` relative to the current directory when under it (else absolute)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else os.path.abspath(path)
+
+
+def dev_hint(path: str, made: bool, settings: Settings) -> str:
+    """What ``serve --dev`` prints: where the secret is and the commands of the next steps,
+    exactly as they run when pasted into another terminal in this directory."""
+    tsmsg, secret = self_command(), shlex.quote(shell_path(path))
+    where = (
+        []
+        if settings.port == 7700 and settings.host == "127.0.0.1"
+        else [f"--host {shlex.quote(settings.host)} --port {settings.port}"]
+    )
+    at = " ".join(where)
+    how = "generated a secret" if made else "reusing the secret"
+    return (
+        f"tsmsg: --dev: {how} in {secret} (kept across restarts; development only).\n"
+        "  chat, in two other terminals:\n"
+        f"    {tsmsg} chat --user alice --secret-file {secret} {at}".rstrip()
+        + f"\n    {tsmsg} chat --user bob --secret-file {secret} {at}".rstrip()
+        + "\n"
+        "  a token for your own client:\n"
+        f"    {tsmsg} token --user alice --channels 'room-*' --secret-file {secret}"
+    )
+
+
 def make_verifier(settings: Settings) -> TokenVerifier:
     audience, issuer = settings.audience or None, settings.issuer or None
     if settings.public_key_file:
@@ -156,13 +217,9 @@ def make_verifier(settings: Settings) -> TokenVerifier:
                 f"{SECRET_ENV} is not set and no secret_file is configured: set one to a "
                 "secret of at least 32 bytes, or pass --dev to run with a generated one"
             )
-        secret = generate_dev_secret()
-        print(
-            "tsmsg: --dev: generated a secret for this run. Mint a token with:\n"
-            f"  {SECRET_ENV}={secret.decode()} tsmsg token --user alice --channels '*'",
-            file=sys.stderr,
-        )
-        secrets = (secret,)
+        path, made = dev_secret(settings.data_dir)
+        secrets = read_secret_file(path)
+        print(dev_hint(path, made, settings), file=sys.stderr)
     if len(secrets) > 1:
         log.info(
             "token secrets: the current one and %d previous (rotation: tokens signed with "
@@ -247,15 +304,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import anyio
 
     from tsmsg.chat import run_chat
-    from tsmsg.client import ClientError, TokenProvider
+    from tsmsg.client import ClientError, ConnectionClosed, TokenProvider
 
-    secret = secret_from_env()
+    secret_file = args.secret_file or os.environ.get("TSMSG_SECRET_FILE", "")
+    secrets = load_secrets(secret_file) if args.token is None else None
+    secret = None if secrets is None else secrets[0]
     token: str | None = args.token
     provider: TokenProvider | None = None
     if token is None:
         if secret is None:
             raise CliError(
-                f"no token: pass --token, or set {SECRET_ENV} to mint a development token"
+                f"no token: pass --token, or --secret-file (or {SECRET_ENV}) to mint one"
             )
         issuer, user = TokenIssuer(secret), args.user
 
@@ -282,6 +341,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     try:
         return anyio.run(chat, backend="trio")
+    except ConnectionClosed as exc:  # local, no wire code to show
+        raise CliError(exc.message) from None
     except ClientError as exc:
         raise CliError(str(exc)) from None
     except BaseExceptionGroup as group:
@@ -628,14 +689,20 @@ def build_parser() -> argparse.ArgumentParser:
         "messages, then every new one with its sender and time, others' typing and read "
         "receipts. Type a line to send it; /help lists the commands (/join, /dm, /edit, "
         "/delete, /history, /who, /quit). It reconnects and catches up after a server "
-        f"restart. With {SECRET_ENV} set it mints a token for --user (all channels); "
-        "otherwise pass --token. Exits 0 on /quit or end of input.",
+        f"restart. With --secret-file or {SECRET_ENV} it mints a token for --user (all "
+        "channels); otherwise pass --token. Exits 0 on /quit or end of input.",
     )
     chat_p.add_argument("--user", help="your user id (required unless --token is given)")
     chat_p.add_argument("--channel", default="room-1", help="channel to join (default room-1)")
     chat_p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     chat_p.add_argument("--port", type=int, default=7700, help="server port (default 7700)")
     chat_p.add_argument("--token", help=f"a token (JWT); default: minted with {SECRET_ENV}")
+    chat_p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help=f"mint the token with this secret file's first line instead of {SECRET_ENV} "
+        "(e.g. the dev-secret that `serve --dev` keeps in its data directory)",
+    )
     chat_p.add_argument(
         "--tls", action="store_true", help="connect over TLS, verifying the server's certificate"
     )

@@ -1,0 +1,131 @@
+"""Issue 19: the first hour of a new user, item by item (the DM notice has its own file,
+test_channels_list.py; the README walkthrough and the terminal UI, test_walkthrough.py).
+
+- ``serve --dev`` keeps its secret in the data directory (mode 600, directory 700): a
+  restart keeps tokens valid; its hint prints commands that work when pasted;
+- a client whose token the server refuses stops and says ``token refused: ...``, also
+  when a token provider would mint another one just as bad;
+- a client says "connecting to HOST:PORT" at once and reports a refused connection at
+  once, not after its connect timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import SECRET, WireClient, make_settings, running_server
+from server_proc import server_env, server_process
+from tsmsg.auth import TokenIssuer
+from tsmsg.client import ConnectionClosed, Unauthorized, connect
+
+WAIT = 10.0  # s: the bound of any single wait for a process or a reply
+HINT_COMMAND = re.compile(r"^    (\S.*)$", re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A printed command line, run by a shell exactly as a user would paste it."""
+    return subprocess.run(
+        ["sh", "-c", command],
+        cwd=cwd,
+        env=server_env(secret=False),
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 3,
+        check=False,
+    )
+
+
+async def hello(port: int, token: str) -> dict[str, object]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = WireClient(stream)
+    try:
+        return await client.request("hello", v=1, token=token)
+    finally:
+        await client.aclose()
+
+
+async def test_dev_secret_is_kept_in_the_data_dir_and_the_hint_works_pasted(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    async with server_process(data, tmp_path / "log", "--dev", secret=False) as server:
+        secret_file = data / "dev-secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        log = server.log()
+        assert f"--dev: generated a secret in {secret_file}" in log
+        commands = HINT_COMMAND.findall(log)
+        assert [c.split(" chat ")[1].split()[:2] for c in commands[:2]] == [
+            ["--user", "alice"],
+            ["--user", "bob"],
+        ]
+        token_command = commands[2]
+        assert " token --user alice " in token_command
+        # Pasted into a shell, from any directory: it prints a token the server takes.
+        minted = shell(token_command, tmp_path)
+        assert minted.returncode == 0, minted.stderr
+        token = minted.stdout.strip()
+        assert (await hello(server.port, token))["t"] == "welcome"
+
+        # A restart reuses the secret: the token minted before is still good.
+        server.kill()
+        await server.restart()
+        assert f"--dev: reusing the secret in {secret_file}" in server.log()
+        assert (await hello(server.port, token))["t"] == "welcome"
+
+
+async def test_refused_tokens_and_refused_connections(tmp_path: Path) -> None:
+    """A wrong secret stops the client at once, with a token or a provider (asked once);
+    then, nothing listening on the port, a refusal is reported at once, not after the
+    60 s connect timeout."""
+    wrong = TokenIssuer(b"a-wrong-secret-a-wrong-secret-a-wrong!!")
+    minted: list[str] = []
+
+    async def provider() -> str:
+        minted.append(wrong.issue("alice", ["*"], ttl_s=600, now=int(time.time())))
+        return minted[-1]
+
+    async with running_server(make_settings(tmp_path / "data")) as h:
+        port = h.server.port
+        token = wrong.issue("alice", ["*"], ttl_s=600, now=int(time.time()))
+        for kwargs in ({"token": token}, {"token_provider": provider}):
+            with trio.fail_after(WAIT), pytest.raises(Unauthorized) as refused:
+                async with connect("127.0.0.1", port, connect_timeout=60, **kwargs):  # type: ignore[arg-type]
+                    pass
+            assert str(refused.value).startswith("token refused: ")
+            assert "(unauthorized)" in str(refused.value)
+        assert len(minted) == 1  # the provider was asked once: its token was refused
+
+    with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+        async with connect("127.0.0.1", port, token="x", connect_timeout=60):
+            pass
+    assert f"connection refused by 127.0.0.1:{port}" in str(closed.value)
+
+
+def test_the_chat_says_where_it_connects_and_that_it_was_refused() -> None:
+    port = free_port()
+    env = {**server_env(), "TSMSG_SECRET": SECRET.decode()}
+    argv = [sys.executable, "-m", "tsmsg.cli", "chat", "--user", "alice", "--port", str(port)]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=WAIT * 3, env=env, check=False, input=""
+    )
+    assert done.returncode == 1
+    assert done.stdout == f"-- connecting to 127.0.0.1:{port}\u2026\n"
+    assert done.stderr.startswith(f"tsmsg: connection refused by 127.0.0.1:{port}")
+    assert "Traceback" not in done.stderr
