@@ -27,7 +27,7 @@ import pytest
 
 from conftest import SECRET
 from tsmsg.auth import TokenVerifier
-from tsmsg.cli import main
+from tsmsg.cli import describe_horizon, main
 from tsmsg.store import Entry, LmdbStore, StoreConfig, WriteOp
 from tsmsg.store.lmdb_store import FORMAT_VERSION, LmdbReader
 
@@ -214,10 +214,10 @@ def test_token_without_a_usable_secret_fails(
         (["--user", ""], "invalid user id ''"),
         (["--user", "a", "--scope", "chat:write"], "unknown scopes ['chat:write']"),
         (["--user", "a", "--channels", "room 1"], "invalid channel pattern 'room 1'"),
-        (["--user", "a", "--ttl", "0"], "ttl_s must be positive, got 0"),
-        (["--user", "a", "--ttl", "-5"], "ttl_s must be positive, got -5"),
+        (["--user", "a", "--ttl", "0"], "--ttl must be at least 1 (seconds), not 0"),
+        (["--user", "a", "--ttl", "-5"], "--ttl must be at least 1 (seconds), not -5"),
         (["--user", "a", "--ttl", str(10**30)], "token_max_lifetime_s (2592000 s)"),
-        (["--user", "a", "--ttl", "2592001"], "over the servers' token_max_lifetime_s"),
+        (["--user", "a", "--ttl", "2592001"], "--ttl 2592001 is over token_max_lifetime_s"),
     ],
 )
 def test_token_refuses_bad_arguments(
@@ -558,13 +558,14 @@ def test_compact_prints_each_channel_horizon(
         store.append("quiet", "bob", "q", "hi")
     code, out, err = run(capsys, "compact", "--data-dir", str(path))
     assert (code, err) == (0, "")
-    assert out.splitlines() == ["busy\thorizon=10", "quiet\thorizon=0"]
+    assert out.splitlines() == [f"busy: {describe_horizon(10)}", f"quiet: {describe_horizon(0)}"]
+    assert describe_horizon(0) == "nothing compacted (horizon 0: the whole log is kept)"
     with LmdbReader(path) as reader:
         busy = reader.channel("busy")
     assert busy is not None and busy.horizon == 10
 
     code, out, _ = run(capsys, "compact", "--data-dir", str(path), "--channel", "quiet")
-    assert (code, out) == (0, "quiet\thorizon=0\n")
+    assert (code, out) == (0, f"quiet: {describe_horizon(0)}\n")
     code, out, err = run(capsys, "compact", "--data-dir", str(path), "--channel", "nope")
     assert out == ""
     assert_failure(code, err, f"no channel 'nope' in {path}")
@@ -580,7 +581,7 @@ def test_compact_applies_the_servers_retention_policy(
     config = tmp_path / "tsmsg.toml"
     config.write_text(f'data_dir = "{path}"\nretention_max_count = 5\n')
     code, out, err = run(capsys, "compact", "--config", str(config))
-    assert (code, err, out) == (0, "", "busy\thorizon=15\n")
+    assert (code, err, out) == (0, "", f"busy: {describe_horizon(15)}\n")
     with LmdbReader(path) as reader:
         _, entries, _ = reader.tail("busy", 100)
     assert [e["seq"] for e in entries] == [16, 17, 18, 19, 20]

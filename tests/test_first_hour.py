@@ -11,6 +11,7 @@ test_channels_list.py; the README walkthrough and the terminal UI, test_walkthro
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import stat
@@ -25,7 +26,9 @@ import trio
 from conftest import SECRET, WireClient, make_settings, running_server
 from server_proc import server_env, server_process
 from tsmsg.auth import TokenIssuer
+from tsmsg.cli import main
 from tsmsg.client import ConnectionClosed, Unauthorized, connect
+from tsmsg.store import LmdbStore, StoreConfig
 
 WAIT = 10.0  # s: the bound of any single wait for a process or a reply
 HINT_COMMAND = re.compile(r"^    (\S.*)$", re.MULTILINE)
@@ -129,3 +132,62 @@ def test_the_chat_says_where_it_connects_and_that_it_was_refused() -> None:
     assert done.stdout == f"-- connecting to 127.0.0.1:{port}\u2026\n"
     assert done.stderr.startswith(f"tsmsg: connection refused by 127.0.0.1:{port}")
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------- operator nits (item 9)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(result: tuple[int, str, str], *fragments: str) -> None:
+    """Exit 1, one line that names the problem, no traceback."""
+    code, _, err = result
+    assert code == 1 and err.startswith("tsmsg: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_operator_errors_name_what_is_wrong(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in [k for k in os.environ if k.startswith("TSMSG_")]:
+        monkeypatch.delenv(key)
+    config = tmp_path / "tsmsg.toml"
+    config.write_text("port = \n")
+    refused(cli(capsys, "serve", "--dev", "--config", str(config)), str(config), "not valid TOML")
+    monkeypatch.setenv("TSMSG_LOG_LEVEL", "LOUD")
+    refused(cli(capsys, "serve", "--dev", "--data-dir", str(tmp_path)), "log_level", "'LOUD'")
+    monkeypatch.delenv("TSMSG_LOG_LEVEL")
+
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    refused(cli(capsys, "token", "--user", "a", "--ttl", "0"), "--ttl must be at least 1")
+    refused(cli(capsys, "token", "--user", "a", "--ttl", str(10**20)), "--ttl", "2592000")
+    refused(cli(capsys, "token", "--user", "a", "--channels", "dm:*"), "'dm:*' grants nothing")
+    assert "ttl_s" not in capsys.readouterr().err
+
+    keys = tmp_path / "missing" / "keys"
+    refused(
+        cli(capsys, "keygen", "--encryption-key-file", str(keys)), f"no directory {keys.parent}"
+    )
+    assert not keys.parent.exists()
+
+
+def test_compact_says_what_it_did_and_data_files_are_private(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    with LmdbStore(data, StoreConfig(durability="async")) as store:
+        store.append("room-1", "alice", "c1", "hi")
+    code, out, _ = cli(capsys, "compact", "--data-dir", str(data))
+    assert (code, out) == (0, "room-1: nothing compacted (horizon 0: the whole log is kept)\n")
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for f in data.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    backup = tmp_path / "backup"
+    assert cli(capsys, "backup", "--data-dir", str(data), str(backup))[0] == 0
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+    assert stat.S_IMODE((backup / "data.mdb").stat().st_mode) == 0o600

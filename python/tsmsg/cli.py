@@ -38,6 +38,7 @@ import lmdb
 import trio
 
 from tsmsg.auth import (
+    DM_PREFIX,
     SECRET_ENV,
     SECRET_PREVIOUS_ENV,
     TokenIssuer,
@@ -59,7 +60,7 @@ from tsmsg.store.crypto import (
     new_key_line,
     read_private_file,
 )
-from tsmsg.store.lmdb_store import EnvStats, LmdbReader
+from tsmsg.store.lmdb_store import DATA_DIR_MODE, DATA_FILE_MODE, EnvStats, LmdbReader
 from tsmsg.tls import client_tls_context
 
 EXIT_OK = 0
@@ -283,6 +284,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     channels = [c for item in args.channels for c in item.split(",") if c]
     scopes = [s for item in args.scope for s in item.split(",") if s]
     most = load_settings(args.config, os.environ).token_max_lifetime_s  # the server's bound
+    if args.ttl < 1:
+        raise CliError(f"--ttl must be at least 1 (seconds), not {args.ttl}")
+    if args.ttl > most:
+        raise CliError(
+            f"--ttl {args.ttl} is over token_max_lifetime_s ({most} s): servers would refuse "
+            "the token"
+        )
+    for pattern in channels:
+        if pattern.startswith(DM_PREFIX):
+            raise CliError(
+                f"--channels {pattern!r} grants nothing: a pattern never grants a dm: "
+                "channel (each DM is open to its two users, whatever the token names)"
+            )
     token = TokenIssuer(secret).issue(
         args.user,
         channels,
@@ -517,7 +531,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
         if not names:
             print("no channels")
         for name in names:
-            print(f"{name}\thorizon={store.compact(name)}")
+            print(f"{name}: {describe_horizon(store.compact(name))}")
         if args.rekey:
             assert keyring is not None
             counts = (
@@ -530,10 +544,23 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_horizon(horizon: int) -> str:
+    """What ``compact`` did to a channel, in words (a bare ``horizon=0`` said nothing)."""
+    if horizon == 0:
+        return "nothing compacted (horizon 0: the whole log is kept)"
+    return (
+        f"horizon {horizon}: superseded entries below seq {horizon} are gone; a client "
+        f"syncing from before it reloads (resync)"
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     if args.encryption_key_file is None:
         print(new_key_line(args.kid)[1])
         return 0
+    folder = os.path.dirname(os.path.abspath(args.encryption_key_file))
+    if not os.path.isdir(folder):  # else the error names add_key's temporary file
+        raise CliError(f"no directory {folder} for {args.encryption_key_file}: create it first")
     kid, older = add_key(args.encryption_key_file, args.kid)
     print(f"added key {kid!r} to {args.encryption_key_file} as the active key")
     if older:
@@ -550,9 +577,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     target = os.path.join(out, "data.mdb")
     with LmdbReader(args.data_dir) as reader:  # opened first: a bad source leaves no OUT
         if not exists:
-            os.makedirs(out)
+            os.makedirs(out, mode=DATA_DIR_MODE)
         try:
             stats = reader.backup(out)
+            os.chmod(target, DATA_FILE_MODE)  # as private as the data directory
         except BaseException:
             if os.path.exists(target):
                 os.unlink(target)
