@@ -191,3 +191,26 @@ def test_compact_says_what_it_did_and_data_files_are_private(
     assert cli(capsys, "backup", "--data-dir", str(data), str(backup))[0] == 0
     assert stat.S_IMODE(backup.stat().st_mode) == 0o700
     assert stat.S_IMODE((backup / "data.mdb").stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------- HTTP on the TCP port
+
+
+async def test_an_http_request_on_the_tcp_port_gets_a_plain_text_hint(tmp_path: Path) -> None:
+    async with running_server(make_settings(tmp_path / "data")) as h:
+        stream = await trio.open_tcp_stream("127.0.0.1", h.server.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        with trio.fail_after(WAIT):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        await stream.aclose()
+        head, _, body = answer.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.0 400 Bad Request\r\n")
+        assert "Content-Type: text/plain" in head
+        assert body.count("\n") == 1 and body.startswith("This is a tsmsg port:")
+        assert "not HTTP" in body and "WebSocket" in body
+        metrics = h.server.metrics
+        assert metrics.value("tsmsg_error_frames_total", code="frame_too_large") == 0
+        # The next connection is served as usual.
+        assert (await h.connect("alice")).pending == []

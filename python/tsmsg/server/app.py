@@ -75,7 +75,13 @@ from tsmsg.protocol.session import (
     event_frame,
 )
 from tsmsg.server.http import HttpServer, Response, Route, text
-from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
+from tsmsg.server.metrics import (
+    CONTENT_TYPE,
+    HTTP_REQUEST,
+    Metrics,
+    auth_reason,
+    close_reason,
+)
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
@@ -253,6 +259,33 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
     return send
+
+
+# The start of an HTTP request: a length prefix of 0x47455420 ("GET ") and the like would
+# be a frame of about 1.2 GB; a connection that opens with one of these is answered in
+# plain text instead, as Redis does (the methods a browser or curl sends first).
+HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ")
+
+
+def http_hint(settings: Settings) -> bytes:
+    """The answer to an HTTP request on the protocol port: a minimal HTTP response whose
+    body is one line saying what this port speaks and where HTTP clients should go."""
+    ws = getattr(settings, "ws", "")  # the WebSocket listener, where the server has one
+    where = (
+        f"WebSocket clients connect to ws://{ws}/"
+        if ws
+        else "browsers need the WebSocket port, if this server has one configured"
+    )
+    line = (
+        "This is a tsmsg port: length-prefixed msgpack frames over TCP (PROTOCOL.md), "
+        f"not HTTP; {where}.\n"
+    )
+    body = line.encode()
+    head = (
+        "HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
@@ -682,6 +715,11 @@ class Connection:
                 return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
+            if session.state is State.AWAITING_HELLO and not decoder.buffered:
+                if data[:8].startswith(HTTP_METHODS):  # a browser, curl: say where to go
+                    self.send_bytes(http_hint(settings), None)
+                    self.close_after_flush(f"{HTTP_REQUEST}: {bytes(data[:8])!r}")
+                    return
             try:
                 frames = decoder.feed(data)
             except FrameError as exc:
