@@ -214,3 +214,50 @@ async def test_an_http_request_on_the_tcp_port_gets_a_plain_text_hint(tmp_path: 
         assert metrics.value("tsmsg_error_frames_total", code="frame_too_large") == 0
         # The next connection is served as usual.
         assert (await h.connect("alice")).pending == []
+
+
+def test_the_readme_api_is_reachable_from_import_tsmsg() -> None:
+    """`import tsmsg` alone reaches what the README uses: tsmsg.tls, the event classes,
+    TokenIssuer, connect; and importing tsmsg does not load the client (the server does
+    not need it)."""
+    code = (
+        "import sys, tsmsg\n"
+        "assert 'tsmsg.client' not in sys.modules and 'anyio' not in sys.modules\n"
+        "tsmsg.tls.client_tls_context\n"
+        "for name in tsmsg.__all__: getattr(tsmsg, name)\n"
+        "assert tsmsg.Message is tsmsg.client.Message and tsmsg.Resynced\n"
+        "assert tsmsg.TokenIssuer is tsmsg.auth.TokenIssuer\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT * 3, check=False
+    )
+    assert done.stdout == "ok\n", done.stderr
+
+
+# ------------------------------------------------------------------- set-up weight (item 8)
+
+REPO = Path(__file__).resolve().parent.parent
+DEV_TOOLS = ("pytest", "mypy", "ruff", "hypothesis", "matplotlib", "nats-server", "msgspec")
+
+
+def make_dry_run(target: str) -> str:
+    """The commands `make TARGET` would run from scratch (-B: as if nothing were built)."""
+    return subprocess.run(
+        ["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_make_run_installs_only_what_serving_needs() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"])
+    assert not [tool for tool in DEV_TOOLS if tool in runtime]
+    run = make_dry_run("run")
+    assert "maturin develop" in run and " -E " not in run
+    assert "--locked -E test " in make_dry_run("test-python")
+    assert "--locked -E bench " in make_dry_run("bench-codec")
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("pytest>") for d in extras["test"])
+    assert any(d.startswith("matplotlib>") for d in extras["bench"])
