@@ -176,11 +176,8 @@ def dev_hint(path: str, made: bool, settings: Settings) -> str:
     """What ``serve --dev`` prints: where the secret is and the commands of the next steps,
     exactly as they run when pasted into another terminal in this directory."""
     tsmsg, secret = self_command(), shlex.quote(shell_path(path))
-    where = (
-        []
-        if settings.port == 7700 and settings.host == "127.0.0.1"
-        else [f"--host {shlex.quote(settings.host)} --port {settings.port}"]
-    )
+    where = [] if settings.host == "127.0.0.1" else [f"--host {shlex.quote(settings.host)}"]
+    where += [] if settings.port == 7700 else [f"--port {settings.port}"]
     at = " ".join(where)
     how = "generated a secret" if made else "reusing the secret"
     return (
@@ -343,6 +340,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tls = None
     if args.tls or args.ca_file or args.cert:
         tls = client_tls_context(args.ca_file, args.cert, args.key)
+    screen = sys.stdin.isatty() and sys.stdout.isatty() and not args.lines
     chat = functools.partial(
         run_chat,
         args.host,
@@ -352,9 +350,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         token_provider=provider,
         user=args.user,
         ssl_context=tls,
+        screen=screen,
     )
     try:
-        return anyio.run(chat, backend="trio")
+        # asyncio: prompt_toolkit's loop (the client runs on either)
+        return anyio.run(chat, backend="asyncio" if screen else "trio")
     except ConnectionClosed as exc:  # local, no wire code to show
         raise CliError(exc.message) from None
     except ClientError as exc:
@@ -733,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat_p.add_argument(
         "--tls", action="store_true", help="connect over TLS, verifying the server's certificate"
+    )
+    chat_p.add_argument(
+        "--lines",
+        action="store_true",
+        help="the line mode (lines in, lines out) even in a terminal; the full-screen UI "
+        "is used when stdin and stdout are a terminal",
     )
     chat_p.add_argument("--ca-file", metavar="PEM", help="trust this CA only (implies --tls)")
     chat_p.add_argument("--cert", metavar="PEM", help="a client certificate (implies --tls)")
