@@ -76,6 +76,7 @@ ERROR_CODES = frozenset(
     v for k, v in vars(E).items() if k.isupper() and isinstance(v, str) and v.islower()
 )
 ACTION_TYPES = (
+    NotifyUser,
     Reply,
     Close,
     Submit,
