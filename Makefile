@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tsmsg-installed
+# What each target needs on top of serving: the extras of pyproject.toml, one stamp each.
+STAMP_TEST  := $(VENV)/.tsmsg-test-installed
+STAMP_BENCH := $(VENV)/.tsmsg-bench-installed
 RUST_SOURCES := $(shell find rust -name '*.rs' 2>/dev/null) Cargo.toml Cargo.lock
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -25,9 +28,21 @@ $(VPY):
 	$(VPY) -m pip install -q pip maturin
 
 # maturin builds the extension in release mode and installs the package (editable: the
-# Python sources under python/ are used in place) with its dev extras into .venv.
+# Python sources under python/ are used in place) into .venv: what serving needs only.
+# `make test` and `make bench*` add their extras (test tools; plots, peers to compare
+# with), each installed once. An extra installs the package again: cargo's cache makes
+# that a relink, not a rebuild.
 $(STAMP): $(VPY) pyproject.toml constraints.txt $(RUST_SOURCES)
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E dev -q
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -q
+	rm -f $(STAMP_TEST) $(STAMP_BENCH)
+	touch $@
+
+$(STAMP_TEST): $(STAMP)
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E test -q
+	touch $@
+
+$(STAMP_BENCH): $(STAMP)
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E bench -q
 	touch $@
 
 # The TCP port, and the web chat page with its WebSocket endpoint on WS (docs/web.md).
@@ -42,22 +57,22 @@ test: lint test-rust test-python
 test-rust:
 	cargo test --locked -q --workspace
 
-test-python: $(STAMP)
+test-python: $(STAMP_TEST)
 	$(VENV)/bin/pytest -q
 
 # The long reliability runs (tests marked slow, at their long sizes): 50 crash-loop rounds
 # over TCP, 20,000 fuzzed inputs over TCP, 100 store SIGKILL rounds. A few minutes.
-test-long: $(STAMP)
+test-long: $(STAMP_TEST)
 	TSMSG_LONG=1 TSMSG_CRASH_ROUNDS=100 $(VENV)/bin/pytest -q -m slow
 
 # The deterministic simulation (tests/sim.py): `make sim SEED=123` replays one seed (the
 # whole trace on failure, VERBOSE=1 always); without SEED, SIM_SEEDS random seeds, each
 # printed with the command that replays it.
 SIM_SEEDS ?= 200
-sim: $(STAMP)
+sim: $(STAMP_TEST)
 	$(VPY) tests/sim.py $(if $(SEED),--seed $(SEED) $(if $(VERBOSE),--verbose),--seeds $(SIM_SEEDS))
 
-lint: $(STAMP)
+lint: $(STAMP_TEST)
 	cargo fmt --check
 	cargo clippy --locked -q --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
@@ -65,23 +80,23 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VPY) -m mypy.stubtest tsmsg._native
 
-bench-codec: $(STAMP)
+bench-codec: $(STAMP_BENCH)
 	$(VPY) bench/codec.py
 
-bench-store: $(STAMP)
+bench-store: $(STAMP_BENCH)
 	$(VPY) bench/store.py
 
-bench-e2e: $(STAMP)
+bench-e2e: $(STAMP_BENCH)
 	$(VPY) bench/e2e.py
 
 # tsmsg vs Redis Streams vs NATS JetStream with the native load generator (bench/loadgen,
 # built by bench/run.py with `cargo build --profile loadgen -p loadgen`). `bench`: the
 # short grid, a few minutes; `bench-full`: the whole grid of issue #8. Results, tables and
 # plots go to bench/results/<date>-quick|full/.
-bench: $(STAMP)
+bench: $(STAMP_BENCH)
 	$(VPY) bench/run.py --quick
 
-bench-full: $(STAMP)
+bench-full: $(STAMP_BENCH)
 	$(VPY) bench/run.py --full
 
 # 1, 2 and 3 tsmsg nodes on one private Redis (AOF, appendfsync always) and the LMDB node
@@ -92,7 +107,7 @@ bench-cluster: $(STAMP)
 
 # Server RSS per idle connection (plaintext and TLS) and disk per million messages; the
 # figures docs/deploy.md sizes with. A few minutes.
-bench-sizing: $(STAMP)
+bench-sizing: $(STAMP_BENCH)
 	$(VPY) bench/sizing.py
 
 # Coverage-guided fuzzing of the Rust decoder, encoder and dedup ring (fuzz/README.md):

@@ -1,8 +1,13 @@
 """An echo bot: connects as ``echo-bot``, joins a channel and answers every message that is
 not its own with ``echo: <text>``, until Ctrl-C (exit 0).
 
-    TSMSG_SECRET=... python examples/echo_bot.py [--host 127.0.0.1] [--port 7700]
-        [--channel room-1]
+    .venv/bin/python examples/echo_bot.py [--secret-file data/dev-secret]
+        [--host 127.0.0.1] [--port 7700] [--channel room-1]
+
+Run it with the project's virtualenv (``make run`` creates it), while a server runs: the
+token is signed with the secret of ``make run`` (``data/dev-secret``, the default), of
+``--secret-file``, or of ``TSMSG_SECRET``. A server that is not running is one line on
+stderr and exit code 1.
 
 It signs its own token with the server's secret (a development setup) and mints a new one
 before each expires. It runs under asyncio here; ``anyio.run(..., backend="trio")`` works
@@ -13,15 +18,17 @@ the client hands over every message exactly once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import anyio
 
-from tsmsg.auth import TokenIssuer, secret_from_env
-from tsmsg.client import Message, connect
+from tsmsg.auth import TokenIssuer, parse_secrets, secret_from_env
+from tsmsg.client import ClientError, Message, connect
 
 USER = "echo-bot"
+DEV_SECRET = "data/dev-secret"  # where `make run` (serve --dev) keeps its secret
 
 
 async def echo(host: str, port: int, channel: str, issuer: TokenIssuer) -> None:
@@ -38,20 +45,37 @@ async def echo(host: str, port: int, channel: str, issuer: TokenIssuer) -> None:
                 print(f"echoed [{event.seq}] {event.sender}: {event.text}", flush=True)
 
 
+def load_secret(path: str) -> bytes | None:
+    """TSMSG_SECRET if set, else the first line of the secret file, if there is one."""
+    secret = secret_from_env()
+    if secret is None and os.path.isfile(path):
+        with open(path, "rb") as fh:
+            secret = parse_secrets(fh.read(), f"secret file {path}")[0]
+    return secret
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7700)
+    parser.add_argument("--secret-file", default=DEV_SECRET, help=f"default {DEV_SECRET}")
     parser.add_argument("--channel", default="room-1")
     args = parser.parse_args()
-    secret = secret_from_env()
+    secret = load_secret(args.secret_file)
     if secret is None:
-        print("echo_bot: set TSMSG_SECRET to the server's secret", file=sys.stderr)
+        print(
+            f"echo_bot: no secret: run `make run` first (it writes {DEV_SECRET}), or pass "
+            "--secret-file or set TSMSG_SECRET",
+            file=sys.stderr,
+        )
         return 1
     try:
         anyio.run(echo, args.host, args.port, args.channel, TokenIssuer(secret))
     except KeyboardInterrupt:
         print(f"{USER} stopped", flush=True)
+    except ClientError as exc:  # the server is down, or refused the token: one line
+        print(f"echo_bot: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,13 @@
 """Two users in one channel: alice and bob connect, join, exchange a few messages, bob
 fixes a typo with an edit, alice deletes a message, and each prints what they saw.
 
-    TSMSG_SECRET=... python examples/two_users.py [--host 127.0.0.1] [--port 7700]
-        [--channel two-users]
+    .venv/bin/python examples/two_users.py [--secret-file data/dev-secret]
+        [--host 127.0.0.1] [--port 7700] [--channel two-users]
+
+Run it with the project's virtualenv (``make run`` creates it), while a server runs: the
+token is signed with the secret of ``make run`` (``data/dev-secret``, the default), of
+``--secret-file``, or of ``TSMSG_SECRET``. A server that is not running is one line on
+stderr and exit code 1.
 
 Each client's ``events()`` hands over the channel's entries (messages, edits, deletes)
 exactly once and in order, the sender's own included, so both transcripts are the same.
@@ -11,14 +16,16 @@ exactly once and in order, the sender's own included, so both transcripts are th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import anyio
 
-from tsmsg.auth import TokenIssuer, secret_from_env
-from tsmsg.client import Client, Delete, Edit, Message, connect
+from tsmsg.auth import TokenIssuer, parse_secrets, secret_from_env
+from tsmsg.client import Client, ClientError, Delete, Edit, Message, connect
 
+DEV_SECRET = "data/dev-secret"  # where `make run` (serve --dev) keeps its secret
 TIMEOUT = 10.0  # s: the whole conversation; a live server needs well under one
 
 
@@ -65,17 +72,35 @@ async def converse(host: str, port: int, channel: str, issuer: TokenIssuer) -> N
                     print(f"  {line}")
 
 
+def load_secret(path: str) -> bytes | None:
+    """TSMSG_SECRET if set, else the first line of the secret file, if there is one."""
+    secret = secret_from_env()
+    if secret is None and os.path.isfile(path):
+        with open(path, "rb") as fh:
+            secret = parse_secrets(fh.read(), f"secret file {path}")[0]
+    return secret
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7700)
+    parser.add_argument("--secret-file", default=DEV_SECRET, help=f"default {DEV_SECRET}")
     parser.add_argument("--channel", default="two-users")
     args = parser.parse_args()
-    secret = secret_from_env()
+    secret = load_secret(args.secret_file)
     if secret is None:
-        print("two_users: set TSMSG_SECRET to the server's secret", file=sys.stderr)
+        print(
+            f"two_users: no secret: run `make run` first (it writes {DEV_SECRET}), or pass "
+            "--secret-file or set TSMSG_SECRET",
+            file=sys.stderr,
+        )
         return 1
-    anyio.run(converse, args.host, args.port, args.channel, TokenIssuer(secret))
+    try:
+        anyio.run(converse, args.host, args.port, args.channel, TokenIssuer(secret))
+    except ClientError as exc:  # the server is down, or refused the token: one line
+        print(f"two_users: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

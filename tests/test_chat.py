@@ -10,13 +10,14 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from conftest import SECRET, Harness, fast_limits, make_settings, mint
 from server_proc import server_env, server_process
 from tsmsg.auth import TokenVerifier
 from tsmsg.chat import (
+    NEW_MARKER,
     ById,
     ByOwn,
     BySeq,
@@ -38,20 +40,24 @@ from tsmsg.chat import (
     Help,
     HistoryCmd,
     Join,
+    ListCmd,
     Quit,
     Say,
     Who,
+    list_lines,
     parse_command,
     render_message,
     run_chat,
 )
 from tsmsg.cli import main
 from tsmsg.client import (
+    ChannelSummary,
     ConnectionChanged,
     Delete,
     Edit,
     Forbidden,
     Left,
+    Membership,
     Message,
     Presence,
     ReadReceipt,
@@ -205,6 +211,10 @@ def test_view_presence_connection_and_left() -> None:
     assert view.apply(Presence("bob", "away", T0), 0) == ["* bob is away"]
     assert view.apply(Presence("alice", "online", T0), 0) == []
     assert view.apply(Left(CH, "forbidden"), 0) == [f"-- left {CH}: forbidden"]
+    # A DM bob opened: said, with the command that opens it; her own joins are not.
+    new_dm = ["* new message from bob: /dm bob to read it"]
+    assert view.apply(Membership("dm:alice:bob", "bob"), 0) == new_dm
+    assert view.apply(Membership("room-2", "alice"), 0) == []
 
 
 def test_view_resolves_refs_and_lists_recent_senders() -> None:
@@ -323,10 +333,11 @@ async def test_chat_commands_against_a_server(harness: Harness) -> None:
             await bob.read(CH, 5)
             await alice.wait_for("  \u2713 read by bob")
 
-            alice.type("/dm bob")
-            await alice.wait_for("-- dm:alice:bob: no messages")
+            # bob writes to alice first: she is told, in the room she is in (issue 19).
             await bob.join("dm:alice:bob")
             await bob.send("dm:alice:bob", "psst")
+            await alice.wait_for("* new message from bob: /dm bob to read it")
+            alice.type("/dm bob")
             await alice.wait_for("bob: psst  [1]")
             await bob.send(CH, "back in the room")
             await alice.wait_for(f"[{CH}] ")  # another channel's message, prefixed
@@ -457,7 +468,7 @@ def test_cli_chat_without_secret_or_token_exits_1(
 ) -> None:
     assert main(["chat", "--user", "alice"]) == 1
     err = capsys.readouterr().err
-    assert err == "tsmsg: no token: pass --token, or set TSMSG_SECRET to mint a development token\n"
+    assert err == "tsmsg: no token: pass --token, or --secret-file (or TSMSG_SECRET) to mint one\n"
 
 
 def test_cli_chat_usage_errors_exit_2(
@@ -508,7 +519,8 @@ async def test_cli_chat_in_a_child_process(tmp_path: Path) -> None:
         bad = await trio.to_thread.run_sync(
             lambda: run_cli("chat", "--token", "garbage", "--port", port, env=env)
         )
-        assert bad.returncode == 1 and bad.stderr == "tsmsg: unauthorized: malformed token\n"
+        expected = "tsmsg: token refused: malformed token (unauthorized)\n"
+        assert bad.returncode == 1 and bad.stderr == expected
 
         token = mint("alice", ["other"])
         refused = await trio.to_thread.run_sync(
@@ -522,7 +534,8 @@ async def test_cli_chat_in_a_child_process(tmp_path: Path) -> None:
             )
         )
         assert piped.returncode == 0, piped.stderr
-        assert piped.stdout.startswith(f"-- alice on 127.0.0.1:{port}")
+        assert piped.stdout.startswith(f"-- connecting to 127.0.0.1:{port}\u2026\n")
+        assert f"-- alice on 127.0.0.1:{port}" in piped.stdout
         assert f"-- {CH}: no messages" in piped.stdout
 
 
@@ -546,8 +559,11 @@ class Tmux:
     def new(self, name: str, command: str) -> None:
         self.run("new-session", "-d", "-s", name, "-x", "200", "-y", "50", command)
 
-    def type(self, name: str, text: str) -> None:
+    def keys(self, name: str, text: str) -> None:
         self.run("send-keys", "-t", name, "-l", text)  # -l: literally, no key names
+
+    def type(self, name: str, text: str) -> None:
+        self.keys(name, text)
         self.run("send-keys", "-t", name, "Enter")
 
     def pane(self, name: str) -> str:
@@ -575,6 +591,13 @@ def tmux_server() -> Iterator[Tmux]:
         tmux.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def chat_command(user: str, port: int) -> str:
     """A shell command for a tmux pane: the chat, then its exit code (the pane stays)."""
     env = {"TSMSG_SECRET": SECRET.decode(), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
@@ -583,21 +606,151 @@ def chat_command(user: str, port: int) -> str:
     return f"env {assignments} {shlex.join(argv)}; echo chat-exit=$?; sleep 60"
 
 
+REPO = Path(__file__).resolve().parent.parent
+README_CHAT = re.compile(
+    r"^(\.venv/bin/tsmsg chat --user \w+ --secret-file data/dev-secret)$", re.M
+)
+HINT_CHAT = re.compile(r"^    (\S+ chat --user (\w+) .*)$", re.M)
+TEXT_LIMIT = 100  # the walkthrough server's max_text_bytes: a "paste" over it is refused
+
+
+def walkthrough_dir(tmp_path: Path) -> Path:
+    """A directory laid out as the project after `make run`: `.venv` (this virtualenv,
+    linked) so that the README's `.venv/bin/tsmsg ...` commands run as printed."""
+    home = tmp_path / "project"
+    home.mkdir()
+    (home / ".venv").symlink_to(sys.prefix)
+    return home
+
+
+async def start_make_run(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """What `make run` runs (asked of make itself, the venv taken as built), started in
+    ``home`` with PORT set; returns once it serves."""
+    printed = subprocess.run(
+        ["make", "-s", "-n", "-o", ".venv/.tsmsg-installed", "run"],
+        cwd=REPO,
+        env={**os.environ, "PORT": str(port)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert printed.startswith(".venv/bin/tsmsg serve ") and "--dev" in printed, printed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
+    env["TSMSG_LIMITS_MAX_TEXT_BYTES"] = str(TEXT_LIMIT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["sh", "-c", printed], cwd=home, stdout=out, stderr=out, env=env)
+    with trio.fail_after(WAIT):
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            await trio.sleep(0.05)
+    return proc
+
+
 @pytest.mark.skipif(TMUX is None, reason="tmux is not on PATH (needed to drive a terminal)")
-async def test_two_chats_in_tmux_round_trip(tmp_path: Path) -> None:
-    async with server_process(tmp_path / "data", tmp_path / "server.log") as server:
+async def test_the_readme_walkthrough_in_real_terminals(tmp_path: Path) -> None:
+    """README "Quick start", as printed: `make run`, then the two chat commands it prints
+    (the README's, plus --port: this server's is not the default), in two tmux terminals;
+    alice and bob chat in room-1, then alice opens a DM and bob finds it. Along the way,
+    the full-screen UI: status bar, channel list with unread counts, typing shown while
+    keys come, Tab completion, /list, the new-messages marker, a too long paste refused
+    in one line. Every wait is bounded."""
+    home = walkthrough_dir(tmp_path)
+    port = free_port()
+    readme = (REPO / "README.md").read_text()
+    documented = README_CHAT.findall(readme)
+    assert len(documented) == 2, documented
+    server = await start_make_run(home, port, tmp_path / "server.log")
+    try:
+        hint = (tmp_path / "server.log").read_text()
+        printed = {user: command for command, user in HINT_CHAT.findall(hint)}
+        assert sorted(printed) == ["alice", "bob"], hint
+        for command in documented:  # the README's commands are the ones printed
+            user = command.split("--user ")[1].split()[0]
+            assert printed[user] == f"{command} --port {port}"
         with tmux_server() as tmux:
+            for user, command in printed.items():
+                shell = f"cd {shlex.quote(str(home))} && {command}; echo chat-exit=$?; sleep 60"
+                tmux.new(user, shell)
             for user in ("alice", "bob"):
-                tmux.new(user, chat_command(user, server.port))
-            for user in ("alice", "bob"):
-                await tmux.wait_for(user, f"-- {CH}: no messages")
+                pane = await tmux.wait_for(user, f"-- {CH}: no messages")
+                assert f"{user} @ 127.0.0.1:{port} \u2502 #{CH} \u2502 connected" in pane
+                assert f" #{CH}" in pane.splitlines()[1]  # the channel list
+
             tmux.type("alice", "hello from alice")
             pane = await tmux.wait_for("bob", "alice: hello from alice  [1]")
-            assert re.search(r"^\d\d:\d\d alice: hello from alice  \[1\]$", pane, re.M), pane
-            tmux.type("bob", "hi alice, bob here")
-            await tmux.wait_for("alice", "bob: hi alice, bob here  [2]")
-            await tmux.wait_for("alice", "\u2713 read by bob")
+            assert re.search(r"\u2502\d\d:\d\d alice: hello from alice  \[1\]$", pane, re.M)
+            tmux.keys("bob", "hi alice")  # typed, not yet sent: alice sees it transiently
+            await tmux.wait_for("alice", "bob is typing\u2026")
+            tmux.run("send-keys", "-t", "bob", "Enter")
+            await tmux.wait_for("alice", "bob: hi alice  [2]")
+
+            tmux.type("alice", "x" * (TEXT_LIMIT + 1))  # a paste too long: one clear line
+            await tmux.wait_for("alice", f"not sent: the message is {TEXT_LIMIT + 1} bytes")
+
+            tmux.type("alice", "/dm bob")
+            tmux.type("alice", "psst, just for you")
+            await tmux.wait_for("alice", "alice: psst, just for you  [1]")
+            await tmux.wait_for("bob", "* new message from alice: /dm alice to read it")
+            await tmux.wait_for("bob", "@alice (1)")  # unread, in the channel list
+            tmux.keys("bob", "/li")
+            tmux.run("send-keys", "-t", "bob", "Tab")  # completes the command
+            await tmux.wait_for("bob", "> /list")
+            tmux.run("send-keys", "-t", "bob", "Enter", "Enter")  # take it, then send it
+            await tmux.wait_for("bob", "dm:alice:bob (with alice): 1 unread")
+            tmux.type("bob", "/dm alice")
+            pane = await tmux.wait_for("bob", "alice: psst, just for you  [1]")
+            assert "---- new messages ----" in pane
+            assert "DM with alice" in pane  # the status bar
+
             for user in ("alice", "bob"):
                 tmux.type(user, "/quit")
             for user in ("alice", "bob"):
                 await tmux.wait_for(user, "chat-exit=0")
+    finally:
+        server.kill()
+        server.wait(timeout=WAIT)
+
+
+def test_view_counts_unread_marks_new_messages_and_dates_old_ones() -> None:
+    """What the screen shows beside the log: unread counts per channel (seeded from
+    list_channels, then kept by events), the marker before the first unread message,
+    the date of a message from another day, and /list's lines."""
+    today = datetime.fromtimestamp(T0 / 1000, UTC).date()
+    view = ChatView("alice", CH, UTC, today=today)
+    view.seed(
+        [
+            ChannelSummary(CH, 3, 1, 2),
+            ChannelSummary("dm:alice:bob", 1, 0, 1, False, "bob"),
+        ]
+    )
+    assert view.unread == {CH: 0, "dm:alice:bob": 1} and view.peers == {"dm:alice:bob": "bob"}
+    view.apply(Message("dm:alice:bob", 2, "e-2", "bob", T0, "again"), 0)
+    view.apply(Message("room-2", 1, "e-1", "carol", T0, "hey"), 0)
+    assert view.unread == {CH: 0, "dm:alice:bob": 2, "room-2": 1}
+    assert list_lines(view, [ChannelSummary("dm:alice:bob", 2, 0, 2, True, "bob")]) == [
+        "-- your channels (1):",
+        "   dm:alice:bob (with bob): 2+ unread",
+    ]
+    yesterday = T0 - 86_400_000
+    lines = view.scrollback(
+        "dm:alice:bob",
+        [
+            Message("dm:alice:bob", 1, "e-1", "bob", yesterday, "hi"),
+            Message("dm:alice:bob", 2, "e-2", "bob", T0, "again"),
+        ],
+    )
+    assert lines == [
+        "-- dm:alice:bob: the last 2 messages",
+        NEW_MARKER,
+        "2023-11-13 22:13 bob: hi  [1]",
+        "22:13 bob: again  [2]",
+    ]
+    view.switch("dm:alice:bob")
+    assert view.unread["dm:alice:bob"] == 0
+    # A DM someone opens shows in the list at once, at least 1 unread.
+    view.apply(Membership("dm:alice:carol", "carol"), 0)
+    assert view.unread["dm:alice:carol"] == 1 and view.peers["dm:alice:carol"] == "carol"
+
+
+def test_parse_list() -> None:
+    assert parse_command("/list") == ListCmd()

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import ENGINES, SECRET, fresh_redis_url
 from tsmsg.auth import TokenVerifier
-from tsmsg.cli import main
+from tsmsg.cli import describe_horizon, main
 from tsmsg.store import Entry, LmdbStore, RedisStore, Store, StoreConfig, WriteOp
 from tsmsg.store.export import read_export
 from tsmsg.store.lmdb_store import FORMAT_VERSION, LmdbReader
@@ -259,10 +259,10 @@ def test_token_without_a_usable_secret_fails(
         (["--user", ""], "invalid user id ''"),
         (["--user", "a", "--scope", "chat:write"], "unknown scopes ['chat:write']"),
         (["--user", "a", "--channels", "room 1"], "invalid channel pattern 'room 1'"),
-        (["--user", "a", "--ttl", "0"], "ttl_s must be positive, got 0"),
-        (["--user", "a", "--ttl", "-5"], "ttl_s must be positive, got -5"),
+        (["--user", "a", "--ttl", "0"], "--ttl must be at least 1 (seconds), not 0"),
+        (["--user", "a", "--ttl", "-5"], "--ttl must be at least 1 (seconds), not -5"),
         (["--user", "a", "--ttl", str(10**30)], "token_max_lifetime_s (2592000 s)"),
-        (["--user", "a", "--ttl", "2592001"], "over the servers' token_max_lifetime_s"),
+        (["--user", "a", "--ttl", "2592001"], "--ttl 2592001 is over token_max_lifetime_s"),
     ],
 )
 def test_token_refuses_bad_arguments(
@@ -603,13 +603,14 @@ def test_compact_prints_each_channel_horizon(
         store.append("quiet", "bob", "q", "hi")
     code, out, err = run(capsys, "compact", "--data-dir", str(path))
     assert (code, err) == (0, "")
-    assert out.splitlines() == ["busy\thorizon=10", "quiet\thorizon=0"]
+    assert out.splitlines() == [f"busy: {describe_horizon(10)}", f"quiet: {describe_horizon(0)}"]
+    assert describe_horizon(0) == "nothing compacted (horizon 0: the whole log is kept)"
     with LmdbReader(path) as reader:
         busy = reader.channel("busy")
     assert busy is not None and busy.horizon == 10
 
     code, out, _ = run(capsys, "compact", "--data-dir", str(path), "--channel", "quiet")
-    assert (code, out) == (0, "quiet\thorizon=0\n")
+    assert (code, out) == (0, f"quiet: {describe_horizon(0)}\n")
     code, out, err = run(capsys, "compact", "--data-dir", str(path), "--channel", "nope")
     assert out == ""
     assert_failure(code, err, f"no channel 'nope' in {path}")
@@ -624,7 +625,7 @@ def test_compact_applies_the_servers_retention_policy(
     config = tmp_path / "tsmsg.toml"
     config.write_text(target.toml + "retention_max_count = 5\n")
     code, out, err = run(capsys, "compact", "--config", str(config))
-    assert (code, err, out) == (0, "", "busy\thorizon=15\n")
+    assert (code, err, out) == (0, "", f"busy: {describe_horizon(15)}\n")
     code, out, _ = run(capsys, "inspect", *target.args, "--channel", "busy", "--json")
     assert [json.loads(line)["seq"] for line in out.splitlines()[1:]] == [16, 17, 18, 19, 20]
     config.write_text(target.toml + "retention_max_count = -1\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,52 @@ async def test_echo_bot_answers_others_and_stops_on_ctrl_c(
             bot.kill()
             with trio.move_on_after(WAIT_TIMEOUT):
                 await bot.wait()
+
+
+async def test_examples_take_the_dev_secret_file_and_fail_in_one_line_without_a_server(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """As the README runs them after `make run`: the secret from data/dev-secret (here a
+    copy, the default path relative to the working directory); with the server down, one
+    line on stderr and exit 1, no traceback."""
+    cwd = tmp_path / "project"  # (tmp_path/data is the harness's data directory)
+    (cwd / "data").mkdir(parents=True)
+    secret_file = cwd / "data" / "dev-secret"
+    secret_file.write_bytes(SECRET + b"\n")
+    secret_file.chmod(0o600)
+    env = {k: v for k, v in example_env().items() if k != "TSMSG_SECRET"}
+    with trio.fail_after(RUN_TIMEOUT):
+        ok = await trio.run_process(
+            example("two_users.py", harness.server.port, "ex-file"),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=env,
+            cwd=cwd,
+            check=False,
+        )
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert ok.stdout.decode().startswith("alice saw:\n")
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("two_users.py", "echo_bot.py"):
+        with trio.fail_after(RUN_TIMEOUT):
+            down = await trio.run_process(
+                example(name, port, "ex-down"),
+                capture_stdout=True,
+                capture_stderr=True,
+                env=env,
+                cwd=cwd,
+                check=False,
+            )
+        err = down.stderr.decode()
+        assert down.returncode == 1, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"connection refused by 127.0.0.1:{port}" in err
+
+    nowhere = await trio.run_process(
+        example("two_users.py", port, "ex-down"), capture_stderr=True, env=env, check=False
+    )
+    assert nowhere.returncode == 1
+    assert "no secret: run `make run` first" in nowhere.stderr.decode()

@@ -432,6 +432,7 @@ async def healthy_client(port: int, stats: Healthy, done: trio.Event) -> None:
         ] == "welcome"
         join = await client.request("join", channel=HEALTHY)
         assert join["t"] == "ok" and join["head"] == 0, join
+        await client.expect("membership", channel=HEALTHY)  # its join's, to its devices
         for k in range(1_000_000):
             if done.is_set():
                 break

@@ -199,6 +199,7 @@ async def test_a_scripted_session_moves_each_metric_by_exactly_its_amount(
     assert d("tsmsg_frames_in_total") == sum(frames_in.values())
     # ok: 2 joins, 4 sends, 1 edit, 1 typing, 2 syncs. event: 4 entries to 2 members.
     frames_out = {"welcome": 4, "ok": 10, "error": 4, "event": 8, "typing": 1, "presence": 1}
+    frames_out["membership"] = 2  # each join a new membership: told to the user's device
     for t, n in frames_out.items():
         assert d("tsmsg_frames_out_total", type=t) == n, t
     assert d("tsmsg_frames_out_total") == sum(frames_out.values())

@@ -32,6 +32,7 @@ from tsmsg.protocol import errors as E
 from tsmsg.protocol.limits import Limits
 from tsmsg.protocol.session import (
     Close,
+    NotifyUser,
     Publish,
     QueryPresence,
     Reply,
@@ -67,6 +68,9 @@ REQUIRED |= {
     "ok (presence query)",
     "unread",
     "ok (unread)",
+    "membership (push)",
+    "channels",
+    "ok (channels)",
     "error (token_expired)",
     "refresh",
     "left",
@@ -211,12 +215,12 @@ def store(tmp_path: Path) -> Iterator[LmdbStore]:
         s.close()
 
 
-def hello_session(store: LmdbStore, limits: Limits | None = None) -> tuple[Session, list[Any]]:
+def hello_session(
+    store: LmdbStore, limits: Limits | None = None, user: str = "alice"
+) -> tuple[Session, list[Any]]:
     """A session for alice (``room-*``, chat:read + chat:send) after the documented hello,
     with a real token in place of the placeholder."""
-    token = TokenIssuer(SECRET).issue(
-        "alice", ["room-*"], ttl_s=TOKEN_TTL_S, now=WELCOME_TS // 1000
-    )
+    token = TokenIssuer(SECRET).issue(user, ["room-*"], ttl_s=TOKEN_TTL_S, now=WELCOME_TS // 1000)
     session = Session(store, TokenVerifier(SECRET), limits or Limits(), SESSION_ID, WELCOME_TS)
     actions = receive(session, {**frame("hello"), "token": token}, WELCOME_TS)
     return session, actions
@@ -244,7 +248,9 @@ def join(session: Session, store: LmdbStore) -> list[Any]:
     [submit] = [a for a in actions if isinstance(a, Submit)]
     assert submit.op.kind == "member" and submit.op.rid is None
     store.write(submit.op, timeout=WAIT_S)
-    assert session.write_done(submit.op) == []
+    # A new membership: a notice to every device of the user (section 7.12).
+    push = {"t": "membership", "channel": "room-1", "by": "alice"}
+    assert session.write_done(submit.op) == [NotifyUser("alice", push)]
     return actions
 
 
@@ -320,6 +326,19 @@ def test_session_produces_the_documented_frames(store: LmdbStore) -> None:
     # unread: bob has written one message in room-1 meanwhile.
     store.write(WriteOp("message", "room-1", "bob", cid="b-1", text="hello"), timeout=WAIT_S)
     assert_documented(reply(receive(session, frame("unread"), WELCOME_TS)), "ok (unread)")
+
+    # bob writes to alice in their DM: once committed, alice becomes a member and her
+    # devices are told; then her channel list shows the DM.
+    bob, _ = hello_session(store, user="bob")
+    dm = {"t": "send", "rid": 1, "channel": "dm:alice:bob", "cid": "b-2", "text": "psst"}
+    [_, _, record] = commit(bob, store, receive(bob, dm, WELCOME_TS))
+    assert isinstance(record, Submit) and record.op.user == "alice"
+    [notice] = commit(bob, store, [record])
+    assert isinstance(notice, NotifyUser) and notice.user == "alice"
+    assert_documented(notice.frame, "membership (push)")
+    assert_documented(reply(receive(session, frame("channels"), WELCOME_TS)), "ok (channels)")
+    # bob's second message records nothing more: an ok and the event.
+    assert len(commit(bob, store, receive(bob, {**dm, "cid": "b-3"}, WELCOME_TS))) == 2
 
     # An hour later (alice pinged all along) the token expires: the notice, not fatal.
     assert session.claims is not None and session.claims.exp * 1000 == EXP_MS

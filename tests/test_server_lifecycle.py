@@ -466,11 +466,11 @@ async def test_serve_dev_prints_how_to_mint_a_token(tmp_path: Path) -> None:
     data, log_path = tmp_path / "data", tmp_path / "server.log"
     async with server_process(data, log_path, "--dev", secret=False) as server:
         log = server.log()
-        assert "tsmsg token --user" in log
-        match = re.search(r"TSMSG_SECRET=(\S+) tsmsg token", log)
+        assert " token --user alice " in log
+        match = re.search(r"--secret-file (\S+)", log)
         assert match, log
-        # The printed secret is the one the server verifies tokens with.
-        secret = match.group(1).encode()
+        # The secret file printed holds the secret the server verifies tokens with.
+        secret = Path(match.group(1)).read_bytes().strip()
         token = TokenIssuer(secret).issue("alice", ["*"], ["chat:read"], 60, now=int(time.time()))
         client = WireClient(await trio.open_tcp_stream("127.0.0.1", server.port))
         welcome = await client.request("hello", v=1, token=token)

@@ -32,10 +32,11 @@ READ_ONLY = ("chat:read",)
 
 async def frames_before_pong(client: WireClient) -> list[dict[str, Any]]:
     """Every frame the server queued for ``client`` before it answered a ping sent now
-    (the pong itself excluded). Empties ``client.pending``."""
+    (the pong itself excluded, and the user's membership notices, section 7.12: a first
+    join's comes whenever its record commits). Empties ``client.pending``."""
     await client.request("ping")
     frames, client.pending = client.pending, []
-    return frames
+    return [f for f in frames if f.get("t") != "membership"]
 
 
 async def joined(harness: Harness, user: str, channel: str = ROOM, **kw: Any) -> WireClient:

@@ -1104,6 +1104,7 @@ async def test_slow_consumer_at_scale_memory_bounded_then_recovers_by_sync(
     await barrier(slow)
     warm = await slow.next(of("event"))
     assert warm["seq"] == 1
+    await slow.expect("membership", channel=ROOM)  # its join's, before the flood
 
     base = rss_kib()
     peak = dict(base)

@@ -37,6 +37,7 @@ from tsmsg.protocol.ratelimit import UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
+    NotifyUser,
     Position,
     Publish,
     QueryPresence,
@@ -75,6 +76,7 @@ ERROR_CODES = frozenset(
     v for k, v in vars(E).items() if k.isupper() and isinstance(v, str) and v.islower()
 )
 ACTION_TYPES = (
+    NotifyUser,
     Reply,
     Close,
     Submit,
@@ -1518,7 +1520,12 @@ def test_join_records_membership_fire_and_forget(store: LmdbStore) -> None:
     assert actions[2] == member(session, ROOM)
     op = commit(store, only_submit([actions[2]]))
     assert op.error is None and op.rid is None
-    assert session.write_done(op) == []  # nothing to answer, nothing to fan out
+    # Nothing to answer, nothing to fan out: a notice to the user's devices (7.12).
+    push = {"t": "membership", "channel": ROOM, "by": "alice"}
+    assert session.write_done(op) == [NotifyUser("alice", push)]
+    # Recorded already (another device joined meanwhile): no notice.
+    again = commit(store, WriteOp("member", ROOM, "alice"))
+    assert not again.changed and session.write_done(again) == []
     done(store, [call(session, "join", channel="room-2")[2]])
     assert store.channels_of("alice") == [ROOM, "room-2"]
     assert store.channels_of("bob") == []

@@ -1,4 +1,5 @@
-"""The terminal chat of ``tsmsg chat``: a line-based chat a person can use, on the client.
+"""The terminal chat of ``tsmsg chat``, on the client: full screen in a terminal
+(:mod:`tsmsg.chat_ui`, prompt_toolkit), lines in and out otherwise (pipes, ``--lines``).
 
 Two layers, like the client itself. :class:`ChatView` is the screen's state with no I/O
 and no clock (time is passed in): client events in, lines to print out; it remembers each
@@ -9,25 +10,27 @@ them one at a time in order, prints events as they arrive and moves the read cur
 
 Messages print as ``HH:MM sender: text  [seq]``; ``seq`` is the message's stable number in
 its channel, so ``/edit 12 ...`` names it. ``#1`` is your own latest message in the current
-channel, ``#2`` the one before. A line-based terminal cannot see keystrokes before Enter,
-so the chat sends no typing indicator of its own; it shows other users'.
+channel, ``#2`` the one before. The line mode cannot see keystrokes before Enter, so it
+sends no typing indicator of its own; the screen does, and both show other users'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, tzinfo
-from typing import TextIO
+from datetime import date, datetime, tzinfo
+from typing import Any, TextIO
 
 import anyio
 import anyio.abc
 
-from tsmsg.auth import dm_channel, valid_channel
+from tsmsg.auth import dm_channel, parse_dm, valid_channel
 from tsmsg.client import (
+    ChannelSummary,
     Client,
     ClientError,
     ConnectionChanged,
@@ -35,6 +38,7 @@ from tsmsg.client import (
     Edit,
     Event,
     Left,
+    Membership,
     Message,
     Presence,
     ReadReceipt,
@@ -47,6 +51,7 @@ SCROLLBACK = 20  # messages shown on joining a channel and by a bare /history
 HISTORY_PAGE = 100  # /history N fetches pages of this many (the server's history_max is 500)
 REMEMBERED = 1000  # messages kept per channel to render edits and resolve /edit targets
 TYPING_TIMEOUT = 6.0  # s: the protocol's typing_timeout_ms; an `on` not renewed expires
+TYPING_RENEW = 3.0  # s: the screen renews its own `typing` this often while keys come
 TYPING_POLL = 0.5  # s: how late a typing indicator may be cleared after it expired
 READ_DEBOUNCE = 0.2  # s: a burst of messages moves the read cursor once
 QUIT_GRACE = 5.0  # s: on /quit or end of input, commands still running get this long
@@ -54,6 +59,7 @@ COMMAND_QUEUE = 100  # lines typed while earlier commands still run (e.g. offlin
 CONNECT_TIMEOUT = 10.0  # s: the first connection; later ones are retried for ever
 BACKOFF_MAX = 5.0  # s: the longest wait between reconnect attempts
 TYPING_MARK = "\u2026"  # an ellipsis
+NEW_MARKER = "---- new messages ----"
 READ_MARK = "\u2713"  # a check mark
 
 HELP = """\
@@ -61,6 +67,7 @@ commands:
   TEXT               send TEXT to the current channel (//TEXT sends /TEXT)
   /join CHANNEL      switch to CHANNEL (joining it the first time)
   /dm USER           switch to your direct-message channel with USER
+  /list              your channels and DMs, with unread counts
   /edit REF TEXT     edit a message: REF is its [seq], #N (your Nth last message) or its id
   /delete REF        delete a message (REF as for /edit)
   /history [N]       show the last N messages (default 20)
@@ -146,7 +153,13 @@ class Quit:
     pass
 
 
-Command = Say | Join | Dm | EditCmd | DeleteCmd | HistoryCmd | Who | Help | Quit
+@dataclass(frozen=True, slots=True)
+class ListCmd:
+    pass
+
+
+Command = Say | Join | Dm | EditCmd | DeleteCmd | HistoryCmd | Who | Help | Quit | ListCmd
+COMMANDS = ("/join", "/dm", "/list", "/edit", "/delete", "/history", "/who", "/help", "/quit")
 
 
 def parse_ref(word: str) -> Ref:
@@ -179,6 +192,8 @@ def parse_command(line: str) -> Command | None:
         return Help()
     if name == "who":
         return Who()
+    if name == "list":
+        return ListCmd()
     if name == "join":
         if len(args) != 1:
             raise CommandError("usage: /join CHANNEL")
@@ -208,18 +223,22 @@ def parse_command(line: str) -> Command | None:
 # ------------------------------------------------------------------------------ rendering
 
 
-def clock(ts_ms: int, tz: tzinfo | None = None) -> str:
-    """``HH:MM`` of a server timestamp, in ``tz`` (default: the local time zone)."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=tz).strftime("%H:%M")
+def clock(ts_ms: int, tz: tzinfo | None = None, today: date | None = None) -> str:
+    """``HH:MM`` of a server timestamp, in ``tz`` (default: the local time zone); with
+    ``today`` given, a day other than it is shown too (``2026-11-29 14:05``)."""
+    when = datetime.fromtimestamp(ts_ms / 1000, tz=tz)
+    return when.strftime("%H:%M" if today is None or when.date() == today else "%Y-%m-%d %H:%M")
 
 
-def render_message(m: Message, tz: tzinfo | None = None, prefix: str = "") -> str:
+def render_message(
+    m: Message, tz: tzinfo | None = None, prefix: str = "", today: date | None = None
+) -> str:
     """``HH:MM sender: text  [seq]`` with ``(edited)`` or ``[deleted]`` marked."""
     if m.deleted:
         body = "[deleted]"
     else:
         body = (m.text or "") + (" (edited)" if m.edited is not None else "")
-    return f"{prefix}{clock(m.ts, tz)} {m.sender}: {body}  [{m.seq}]"
+    return f"{prefix}{clock(m.ts, tz, today)} {m.sender}: {body}  [{m.seq}]"
 
 
 def last_n(n: int) -> str:
@@ -269,12 +288,31 @@ class ChatView:
     """The chat screen's state: :meth:`apply` takes a client event and returns the lines
     to print. No I/O, no clock: ``now`` (seconds, any monotonic origin) is passed in."""
 
-    def __init__(self, user: str, channel: str, tz: tzinfo | None = None) -> None:
+    def __init__(
+        self, user: str, channel: str, tz: tzinfo | None = None, today: date | None = None
+    ) -> None:
         self.user = user
         self.current = channel
         self.tz = tz
+        self.today = today  # set: messages of other days show their date
         self.channels: dict[str, ChannelView] = {}
         self.connected: bool | None = None
+        # The user's channels and DMs with their unread counts (from `channels`, then
+        # kept up to date by events); `peers`: a DM's other user.
+        self.unread: dict[str, int] = {}
+        self.peers: dict[str, str] = {}
+        self.mark_new = False  # scrollback marks where the unread messages begin
+
+    def seed(self, summaries: Sequence[ChannelSummary]) -> None:
+        """The user's channels as ``list_channels`` gave them: counts and read cursors."""
+        for s in summaries:
+            self.unread[s.channel] = 0 if s.channel == self.current else s.unread
+            if s.peer is not None:
+                self.peers[s.channel] = s.peer
+            view = self.view(s.channel) if s.channel != self.current else None
+            if view is not None:
+                view.marked = max(view.marked, s.read)
+        self.mark_new = True
 
     def view(self, channel: str) -> ChannelView:
         view = self.channels.get(channel)
@@ -286,6 +324,7 @@ class ChatView:
         """Make ``channel`` current; if it is already followed, the lines of its scrollback
         (else its first Resynced event brings them)."""
         self.current = channel
+        self.unread[channel] = 0
         if channel not in self.channels:
             return [f"-- joining {channel}"]
         return self.scrollback(channel, self.channels[channel].recent(SCROLLBACK))
@@ -300,7 +339,14 @@ class ChatView:
         title = title or f"{channel}: {last_n(len(messages))}"
         if not messages:
             return [f"-- {channel}: no messages"]
-        return [f"-- {title}", *(render_message(m, self.tz) for m in messages)]
+        lines = [f"-- {title}"]
+        marked = False
+        for m in messages:
+            if self.mark_new and not marked and m.seq > view.marked and m.sender != self.user:
+                lines.append(NEW_MARKER)
+                marked = True
+            lines.append(render_message(m, self.tz, today=self.today))
+        return lines
 
     def apply(self, event: Event, now: float) -> list[str]:
         if isinstance(event, Message):
@@ -319,6 +365,14 @@ class ChatView:
             if event.user == self.user:
                 return []
             return [f"* {event.user} is {event.status}"]
+        if isinstance(event, Membership):
+            self.unread.setdefault(event.channel, 0)
+            users = parse_dm(event.channel)
+            if users is not None:
+                self.peers[event.channel] = users[0] if users[1] == self.user else users[1]
+            if event.by != self.user and event.channel != self.current:
+                self.unread[event.channel] = max(1, self.unread[event.channel])
+            return self._membership(event)
         if isinstance(event, Left):
             self.channels.pop(event.channel, None)
             return [f"-- left {event.channel}: {event.reason}"]
@@ -328,6 +382,14 @@ class ChatView:
                 return []
             return ["-- connected"] if event.connected else [f"-- reconnecting{TYPING_MARK}"]
         return []
+
+    def _membership(self, m: Membership) -> list[str]:
+        """A DM another user opened (PROTOCOL.md 6.15): say so, with the command that
+        opens it. The user's own joins (on any device) need no line."""
+        users = parse_dm(m.channel)
+        if m.by == self.user or users is None or m.channel == self.current:
+            return []
+        return [f"* new message from {m.by}: /dm {m.by} to read it"]
 
     def _prefix(self, channel: str) -> str:
         return "" if channel == self.current else channel_prefix(channel)
@@ -339,7 +401,9 @@ class ChatView:
         view.typing.pop(m.sender, None)  # a message ends its sender's typing, silently
         if m.seq > view.shown:
             view.shown = m.seq
-            lines.append(render_message(m, self.tz, self._prefix(m.channel)))
+            if m.channel != self.current and m.sender != self.user and m.seq > view.marked:
+                self.unread[m.channel] = self.unread.get(m.channel, 0) + 1
+            lines.append(render_message(m, self.tz, self._prefix(m.channel), self.today))
         return lines
 
     def _edit(self, e: Edit) -> list[str]:
@@ -450,6 +514,20 @@ class ChatView:
         return users[:limit]
 
 
+def list_lines(view: ChatView, summaries: Sequence[ChannelSummary]) -> list[str]:
+    """``/list``: one line per channel or DM, the current one marked."""
+    if not summaries:
+        return ["-- no channels yet: /join CHANNEL or /dm USER"]
+    lines = [f"-- your channels ({len(summaries)}):"]
+    for s in summaries:
+        name = f"{s.channel} (with {s.peer})" if s.peer else s.channel
+        count = view.unread.get(s.channel, s.unread) if s.channel != view.current else 0
+        unread = f"{count}{'+' if s.capped else ''} unread" if count else "read"
+        here = "  <- here" if s.channel == view.current else ""
+        lines.append(f"   {name}: {unread}{here}")
+    return lines
+
+
 def typing_line(user: str, on: bool) -> str:
     return f"* {user} is typing{TYPING_MARK}" if on else f"* {user} stopped typing"
 
@@ -526,6 +604,13 @@ class Chat:
     async def execute(self, command: Command) -> None:
         client, view = self.client, self.view
         if isinstance(command, Say):
+            most = int(client.limits.get("max_text_bytes", 16384))
+            size = len(command.text.encode())
+            if size > most:  # a long paste: said in one clear line, nothing sent
+                raise CommandError(
+                    f"not sent: the message is {size} bytes, the server takes at most {most} "
+                    "(max_text_bytes): split it"
+                )
             if not client.connected:
                 self.emit(["-- offline: the message is sent once the connection is back"])
             await client.send(view.current, command.text)
@@ -550,6 +635,9 @@ class Chat:
             self.emit([f"-- who in {view.current}: " + "; ".join(lines)])
         elif isinstance(command, Help):
             self.emit(HELP.splitlines())
+        elif isinstance(command, ListCmd):
+            summaries = await client.list_channels()
+            self.emit(list_lines(view, summaries))
 
     def _dm(self, other: str) -> str:
         try:
@@ -641,8 +729,13 @@ async def run_chat(
     backoff_max: float = BACKOFF_MAX,
     quit_grace: float = QUIT_GRACE,
     ssl_context: ssl.SSLContext | None = None,
+    screen: bool = False,
 ) -> int:
     """Run the chat until /quit or the end of ``stdin`` (then returns 0).
+
+    ``screen``: the full-screen terminal UI (chat_ui: fixed input line, channel list with
+    unread counts, status and typing bars, completion); needs a terminal and asyncio.
+    Without it, the line mode: lines from ``stdin``, output to ``out`` (pipes, scripts).
 
     Raises ClientError when the server refuses the token or the channel, cannot be reached
     within CONNECT_TIMEOUT, or later stops accepting the connection for good (a token it
@@ -657,6 +750,10 @@ async def run_chat(
         # thread is abandoned (it ends with the process: worker threads are daemons).
         return await anyio.to_thread.run_sync(source.readline, abandon_on_cancel=True)
 
+    if screen:
+        return await _run_screen(host, port, channel, token, token_provider, user, tz, ssl_context)
+
+    print(f"-- connecting to {host}:{port}{TYPING_MARK}", file=out, flush=True)  # at once
     async with connect(
         host,
         port,
@@ -687,6 +784,73 @@ async def run_chat(
         if chat.failure is not None:
             raise chat.failure
         return 0
+
+
+async def _run_screen(
+    host: str,
+    port: int,
+    channel: str,
+    token: str | None,
+    token_provider: Callable[[], Awaitable[str]] | None,
+    user: str | None,
+    tz: tzinfo | None,
+    ssl_context: ssl.SSLContext | None,
+) -> int:
+    """The chat on the full-screen UI: the same Chat and ChatView as the line mode, with
+    the screen as their input and output, and the user's channels listed at start."""
+    from tsmsg.chat_ui import ChatScreen  # prompt_toolkit loads only for the screen
+
+    print(f"-- connecting to {host}:{port}{TYPING_MARK}", flush=True)  # before the screen
+    async with connect(
+        host,
+        port,
+        token=token,
+        token_provider=token_provider,
+        connect_timeout=CONNECT_TIMEOUT,
+        ssl_context=ssl_context,
+    ) as client:
+        if user is not None and client.user != user:
+            raise ValueError(f"the token is for {client.user!r}, not {user!r}")
+        view = ChatView(client.user, channel, tz, today=datetime.now(tz).date())
+        view.connected = True
+        view.seed(await client.list_channels())
+        screen = ChatScreen(view, f"{host}:{port}")
+        chat = Chat(client, view, screen)  # type: ignore[arg-type]  # write/flush suffice
+        chat.emit([f"-- {client.user} on {host}:{port}; /help lists the commands"])
+        await client.join(channel)
+        send, receive = anyio.create_memory_object_stream[Command](COMMAND_QUEUE)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat.show_events, tg.cancel_scope.cancel)
+            tg.start_soon(chat.expire_typing)
+            tg.start_soon(chat.mark_read)
+            tg.start_soon(_run_app, screen, tg.cancel_scope)
+            tg.start_soon(_send_typing, client, view, screen)
+            async with anyio.create_task_group() as io:
+                io.start_soon(chat.run_commands, receive)
+                await read_commands(screen.read_line, send, chat.emit)
+                io.cancel_scope.deadline = anyio.current_time() + QUIT_GRACE
+            tg.cancel_scope.cancel()
+        if chat.failure is not None:
+            raise chat.failure
+        return 0
+
+
+async def _send_typing(client: Client, view: ChatView, screen: Any) -> None:
+    """While the user types a message: ``typing`` on, renewed every TYPING_RENEW (the
+    server expires it after typing_timeout_ms; a sent message ends it for the others)."""
+    while True:
+        await screen.typed.wait()
+        screen.typed.clear()
+        with contextlib.suppress(ClientError):
+            await client.typing(view.current, True)
+        await anyio.sleep(TYPING_RENEW)
+
+
+async def _run_app(screen: Any, scope: anyio.CancelScope) -> None:
+    try:
+        await screen.app.run_async()
+    finally:
+        scope.cancel()
 
 
 __all__ = [

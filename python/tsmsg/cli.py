@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ import lmdb
 import trio
 
 from tsmsg.auth import (
+    DM_PREFIX,
     SECRET_ENV,
     SECRET_PREVIOUS_ENV,
     TokenIssuer,
@@ -71,7 +73,7 @@ from tsmsg.store.crypto import (
     read_private_file,
 )
 from tsmsg.store.export import ChannelDump, ExportError, restore, write_export
-from tsmsg.store.lmdb_store import EnvStats, LmdbReader, now_ms
+from tsmsg.store.lmdb_store import DATA_DIR_MODE, DATA_FILE_MODE, EnvStats, LmdbReader, now_ms
 from tsmsg.store.redis_store import parse_redis_url
 from tsmsg.tls import client_tls_context
 
@@ -147,6 +149,62 @@ def load_secrets(secret_file: str, env: Mapping[str, str] = os.environ) -> tuple
     return (secret,) if previous is None else (secret, previous)
 
 
+DEV_SECRET_FILE = "dev-secret"  # --dev: the generated secret, in the data directory
+
+
+def dev_secret(data_dir: str) -> tuple[str, bool]:
+    """The path of ``--dev``'s secret file in ``data_dir`` (made 700 if missing), and
+    whether it was generated now: kept across restarts, so tokens minted with it stay
+    valid. Mode 600, like any secret file."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(data_dir, DEV_SECRET_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return path, False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(generate_dev_secret() + b"\n")
+    return path, True
+
+
+def self_command() -> str:
+    """How to run this very ``tsmsg`` from the current directory: ``tsmsg`` when that is
+    what the shell finds, else its path (``.venv/bin/tsmsg`` under ``make run``), so a
+    printed command works when pasted."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "tsmsg" or not os.path.isfile(argv0):
+        return f"{sys.executable} -m tsmsg.cli"
+    found = shutil.which("tsmsg")
+    if found is not None and os.path.samefile(found, argv0):
+        return "tsmsg"
+    return shell_path(argv0)
+
+
+def shell_path(path: str) -> str:
+    """``path`` relative to the current directory when under it (else absolute)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else os.path.abspath(path)
+
+
+def dev_hint(path: str, made: bool, settings: Settings) -> str:
+    """What ``serve --dev`` prints: where the secret is and the commands of the next steps,
+    exactly as they run when pasted into another terminal in this directory."""
+    tsmsg, secret = self_command(), shlex.quote(shell_path(path))
+    where = [] if settings.host == "127.0.0.1" else [f"--host {shlex.quote(settings.host)}"]
+    where += [] if settings.port == 7700 else [f"--port {settings.port}"]
+    at = " ".join(where)
+    how = "generated a secret" if made else "reusing the secret"
+    return (
+        f"tsmsg: --dev: {how} in {secret} (kept across restarts; development only).\n"
+        "  chat, in two other terminals:\n"
+        f"    {tsmsg} chat --user alice --secret-file {secret} {at}".rstrip()
+        + f"\n    {tsmsg} chat --user bob --secret-file {secret} {at}".rstrip()
+        + "\n"
+        "  a token for your own client:\n"
+        f"    {tsmsg} token --user alice --channels 'room-*' --secret-file {secret}"
+    )
+
+
 def make_verifier(settings: Settings) -> TokenVerifier:
     return make_credentials(settings)[0]
 
@@ -178,13 +236,9 @@ def make_credentials(settings: Settings) -> tuple[TokenVerifier, TokenIssuer | N
                 f"{SECRET_ENV} is not set and no secret_file is configured: set one to a "
                 "secret of at least 32 bytes, or pass --dev to run with a generated one"
             )
-        secret = generate_dev_secret()
-        print(
-            "tsmsg: --dev: generated a secret for this run. Mint a token with:\n"
-            f"  {SECRET_ENV}={secret.decode()} tsmsg token --user alice --channels '*'",
-            file=sys.stderr,
-        )
-        secrets = (secret,)
+        path, made = dev_secret(settings.data_dir)
+        secrets = read_secret_file(path)
+        print(dev_hint(path, made, settings), file=sys.stderr)
     if len(secrets) > 1:
         log.info(
             "token secrets: the current one and %d previous (rotation: tokens signed with "
@@ -251,6 +305,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     channels = [c for item in args.channels for c in item.split(",") if c]
     scopes = [s for item in args.scope for s in item.split(",") if s]
     most = load_settings(args.config, os.environ).token_max_lifetime_s  # the server's bound
+    if args.ttl < 1:
+        raise CliError(f"--ttl must be at least 1 (seconds), not {args.ttl}")
+    if args.ttl > most:
+        raise CliError(
+            f"--ttl {args.ttl} is over token_max_lifetime_s ({most} s): servers would refuse "
+            "the token"
+        )
+    for pattern in channels:
+        if pattern.startswith(DM_PREFIX):
+            raise CliError(
+                f"--channels {pattern!r} grants nothing: a pattern never grants a dm: "
+                "channel (each DM is open to its two users, whatever the token names)"
+            )
     token = TokenIssuer(secret).issue(
         args.user,
         channels,
@@ -272,15 +339,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import anyio
 
     from tsmsg.chat import run_chat
-    from tsmsg.client import ClientError, TokenProvider
+    from tsmsg.client import ClientError, ConnectionClosed, TokenProvider
 
-    secret = secret_from_env()
+    secret_file = args.secret_file or os.environ.get("TSMSG_SECRET_FILE", "")
+    secrets = load_secrets(secret_file) if args.token is None else None
+    secret = None if secrets is None else secrets[0]
     token: str | None = args.token
     provider: TokenProvider | None = None
     if token is None:
         if secret is None:
             raise CliError(
-                f"no token: pass --token, or set {SECRET_ENV} to mint a development token"
+                f"no token: pass --token, or --secret-file (or {SECRET_ENV}) to mint one"
             )
         issuer, user = TokenIssuer(secret), args.user
 
@@ -295,6 +364,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tls = None
     if args.tls or args.ca_file or args.cert:
         tls = client_tls_context(args.ca_file, args.cert, args.key)
+    screen = sys.stdin.isatty() and sys.stdout.isatty() and not args.lines
     chat = functools.partial(
         run_chat,
         args.host,
@@ -304,9 +374,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         token_provider=provider,
         user=args.user,
         ssl_context=tls,
+        screen=screen,
     )
     try:
-        return anyio.run(chat, backend="trio")
+        # asyncio: prompt_toolkit's loop (the client runs on either)
+        return anyio.run(chat, backend="asyncio" if screen else "trio")
+    except ConnectionClosed as exc:  # local, no wire code to show
+        raise CliError(exc.message) from None
     except ClientError as exc:
         raise CliError(str(exc)) from None
     except BaseExceptionGroup as group:
@@ -547,7 +621,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
         if not names:
             print("no channels")
         for name in names:
-            print(f"{name}\thorizon={store.compact(name)}")
+            print(f"{name}: {describe_horizon(store.compact(name))}")
         if args.rekey:
             rekey(store, names if args.channel is not None else None)
     return 0
@@ -563,10 +637,23 @@ def rekey(store: Store, names: list[str] | None) -> None:
         print(f"every entry is now under key {store.config.encryption.active!r} (or in no key)")
 
 
+def describe_horizon(horizon: int) -> str:
+    """What ``compact`` did to a channel, in words (a bare ``horizon=0`` said nothing)."""
+    if horizon == 0:
+        return "nothing compacted (horizon 0: the whole log is kept)"
+    return (
+        f"horizon {horizon}: superseded entries below seq {horizon} are gone; a client "
+        f"syncing from before it reloads (resync)"
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     if args.encryption_key_file is None:
         print(new_key_line(args.kid)[1])
         return 0
+    folder = os.path.dirname(os.path.abspath(args.encryption_key_file))
+    if not os.path.isdir(folder):  # else the error names add_key's temporary file
+        raise CliError(f"no directory {folder} for {args.encryption_key_file}: create it first")
     kid, older = add_key(args.encryption_key_file, args.kid)
     print(f"added key {kid!r} to {args.encryption_key_file} as the active key")
     if older:
@@ -614,9 +701,10 @@ def copy_backup(data_dir: str, out: str) -> int:
     target = os.path.join(out, "data.mdb")
     with LmdbReader(data_dir) as reader:  # opened first: a bad source leaves no OUT
         if not exists:
-            os.makedirs(out)
+            os.makedirs(out, mode=DATA_DIR_MODE)
         try:
             stats = reader.backup(out)
+            os.chmod(target, DATA_FILE_MODE)  # as private as the data directory
         except BaseException:
             if os.path.exists(target):
                 os.unlink(target)
@@ -813,8 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
         "messages, then every new one with its sender and time, others' typing and read "
         "receipts. Type a line to send it; /help lists the commands (/join, /dm, /edit, "
         "/delete, /history, /who, /quit). It reconnects and catches up after a server "
-        f"restart. With {SECRET_ENV} set it mints a token for --user (all channels); "
-        "otherwise pass --token. Exits 0 on /quit or end of input.",
+        f"restart. With --secret-file or {SECRET_ENV} it mints a token for --user (all "
+        "channels); otherwise pass --token. Exits 0 on /quit or end of input.",
     )
     chat_p.add_argument("--user", help="your user id (required unless --token is given)")
     chat_p.add_argument("--channel", default="room-1", help="channel to join (default room-1)")
@@ -822,7 +910,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat_p.add_argument("--port", type=int, default=7700, help="server port (default 7700)")
     chat_p.add_argument("--token", help=f"a token (JWT); default: minted with {SECRET_ENV}")
     chat_p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help=f"mint the token with this secret file's first line instead of {SECRET_ENV} "
+        "(e.g. the dev-secret that `serve --dev` keeps in its data directory)",
+    )
+    chat_p.add_argument(
         "--tls", action="store_true", help="connect over TLS, verifying the server's certificate"
+    )
+    chat_p.add_argument(
+        "--lines",
+        action="store_true",
+        help="the line mode (lines in, lines out) even in a terminal; the full-screen UI "
+        "is used when stdin and stdout are a terminal",
     )
     chat_p.add_argument("--ca-file", metavar="PEM", help="trust this CA only (implies --tls)")
     chat_p.add_argument("--cert", metavar="PEM", help="a client certificate (implies --tls)")

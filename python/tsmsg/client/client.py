@@ -45,6 +45,7 @@ from tsmsg.client.errors import (
 )
 from tsmsg.client.events import (
     Ack,
+    ChannelSummary,
     Delete,
     Edit,
     Event,
@@ -163,6 +164,7 @@ class Client:
         self._last_error: str | None = None  # why the last connection attempt ended
         self._token, self._token_provider = token, token_provider
         self._token_since = time.time()
+        self._token_fresh = False  # the token in use came from the provider for this hello
         self._reconnect, self._backoff_max = reconnect, backoff_max
         self._proto = ClientProtocol(max_queued=max_queued, can_refresh=token_provider is not None)
         self._state = ClientState(state_path) if state_path is not None else None
@@ -295,6 +297,21 @@ class Client:
         counts: dict[str, int] = await self._request("unread", channels=list(channels))
         return counts
 
+    async def list_channels(self) -> list[ChannelSummary]:
+        """The user's channels and DMs (memberships it may read), in name order, each
+        with head, read cursor and unread count; every page of ``channels`` (PROTOCOL.md
+        6.15). A DM another user opened is among them, and is pushed as a
+        :class:`~tsmsg.client.events.Membership` event when it appears."""
+        out: list[ChannelSummary] = []
+        after: str | None = None
+        while True:
+            page: list[ChannelSummary]
+            page, more = await self._request("channels", after=after)
+            out += page
+            if not more or not page:
+                return out
+            after = page[-1].channel
+
     @property
     def limits(self) -> dict[str, int | float]:
         """The server's limits from ``welcome.limits`` (protocol defaults before it)."""
@@ -404,6 +421,7 @@ class Client:
     async def _run(self) -> None:
         """The reconnect loop. Never raises: a fatal error fails every waiter."""
         attempt = 0
+        refused = 0  # addresses in a row that refused the first connection
         try:
             while not self._closed:
                 wait_at_least = 0.0
@@ -415,13 +433,27 @@ class Client:
                     return
                 except OSError as exc:
                     reason = f"connect to {self._where} failed: {exc}"
+                    # anyio reports a refusal as the cause of its "all attempts failed"
+                    cause = exc if exc.__cause__ is None else exc.__cause__
+                    if isinstance(cause, ConnectionRefusedError) and not self._first.is_set():
+                        # Nothing listens there: said at once, not after connect_timeout
+                        # (later, a refusal is a restarting server: retried).
+                        refused += 1
+                        if refused >= len(self._addresses):
+                            what = ", ".join(f"{h}:{p}" for h, p in self._addresses)
+                            self._fail(
+                                ConnectionClosed(
+                                    f"connection refused by {what}: is the server running?"
+                                )
+                            )
+                            return
                     self._at = (self._at + 1) % len(self._addresses)
                 else:
                     reason = session.reason or "closed"
                     wait_at_least = session.retry_after
                     error = session.hello_error
                     if error is not None and self._hello_fatal(error):
-                        self._fail(error)
+                        self._fail(_refusal(error))
                         return
                     if session.welcomed.is_set():
                         attempt = 0
@@ -439,7 +471,9 @@ class Client:
 
     def _hello_fatal(self, error: ClientError) -> bool:
         if isinstance(error, (Unauthorized, TokenExpired)):
-            if self._token_provider is None:
+            # A token the provider has just made, refused: another would be too (a wrong
+            # secret, a wrong user); retrying for ever would hide it.
+            if self._token_provider is None or self._token_fresh:
                 return True
             self._token = None  # ask the provider again
             return False
@@ -534,6 +568,9 @@ class Client:
             if self._token is None or (exp is not None and exp - time.time() < 1):
                 self._token = await self._token_provider()
                 self._token_since = time.time()
+                self._token_fresh = True
+            else:
+                self._token_fresh = False
         assert self._token is not None
         return self._token
 
@@ -616,6 +653,15 @@ class _EventStream:
             if client._closed:
                 raise StopAsyncIteration
             await changed.wait()
+
+
+def _refusal(error: ClientError) -> ClientError:
+    """A hello refusal as the error the application gets: a refused token says so."""
+    if isinstance(error, (Unauthorized, TokenExpired)):
+        refused = type(error)(error.code, error.message)
+        refused.args = (f"token refused: {error.message} ({error.code})",)
+        return refused
+    return error
 
 
 def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:

@@ -75,6 +75,16 @@ class Presence:
 
 
 @dataclass(frozen=True, slots=True)
+class Membership:
+    """The user is now a member of ``channel``: joined on one of its devices (``by`` is the
+    user), or, for a DM, the other user wrote in it (``by`` is that user: "new message
+    from ``by``"). Best effort, like presence (PROTOCOL.md 7.12)."""
+
+    channel: str
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class Resynced:
     """The channel was (re)loaded: ``messages`` is its newest history page up to ``head``
     (oldest first); entries after ``head`` follow as ordinary events. Sent on the first
@@ -103,7 +113,16 @@ class ConnectionChanged:
 
 ChannelEvent = Message | Edit | Delete
 Event = (
-    Message | Edit | Delete | Typing | ReadReceipt | Presence | Resynced | Left | ConnectionChanged
+    Message
+    | Edit
+    | Delete
+    | Typing
+    | ReadReceipt
+    | Presence
+    | Membership
+    | Resynced
+    | Left
+    | ConnectionChanged
 )
 
 
@@ -149,6 +168,20 @@ class SyncPage:
     more: bool
     head: int
     epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSummary:
+    """One of the user's channels or DMs (``Client.list_channels``): its ``head``, the
+    user's ``read`` cursor, the ``unread`` count (a lower bound when ``capped``) and, for a
+    DM, the other user (``peer``)."""
+
+    channel: str
+    head: int
+    read: int
+    unread: int
+    capped: bool = False
+    peer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

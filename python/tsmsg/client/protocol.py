@@ -55,6 +55,7 @@ from tsmsg.client.errors import (
 )
 from tsmsg.client.events import (
     Ack,
+    ChannelSummary,
     ConnectionChanged,
     Delete,
     Edit,
@@ -62,6 +63,7 @@ from tsmsg.client.events import (
     HistoryPage,
     JoinInfo,
     Left,
+    Membership,
     Message,
     Presence,
     PresenceInfo,
@@ -437,8 +439,8 @@ class ClientProtocol:
 
     def request(self, t: str, now_ms: int, **fields: Any) -> int:
         """An app request (``history``, ``sync``, ``read``, ``typing``, ``presence``,
-        ``unread``, ``edit``, ``delete``): returns its handle, completed with the typed
-        result. Sent now if connected, else once connected; an edit or delete whose
+        ``unread``, ``channels``, ``edit``, ``delete``): returns its handle, completed with
+        the typed result. Sent now if connected, else once connected; an edit or delete whose
         connection closes before its answer fails with ConnectionClosed (resending would
         repeat it), every other request is resent."""
         channel = fields.get("channel")
@@ -538,6 +540,9 @@ class ClientProtocol:
                 self._signal(ch, ReadReceipt(ch.name, frame["user"], frame["seq"]))
         elif t == "presence":
             self._push_signal(Presence(frame["user"], frame["status"], frame["ts"]))
+        elif t == "membership":
+            if isinstance(channel, str) and isinstance(frame.get("by"), str):
+                self._push_signal(Membership(channel, frame["by"]))
         elif t == "left":
             if ch is not None:
                 return self._left(ch, str(frame.get("reason", "")))
@@ -672,6 +677,19 @@ class ClientProtocol:
             return f["status"]
         if t == "unread":
             return dict(f["unread"])
+        if t == "channels":
+            summaries = [
+                ChannelSummary(
+                    c["channel"],
+                    c["head"],
+                    c["read"],
+                    c["unread"],
+                    bool(c.get("capped", False)),
+                    c.get("peer"),
+                )
+                for c in f["channels"]
+            ]
+            return summaries, bool(f["more"])
         return None
 
     # ------------------------------------------------------------------ channel flow

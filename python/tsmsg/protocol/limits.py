@@ -51,7 +51,8 @@ class Limits:
     # A client that goes on sending while refused for this long is disconnected.
     rate_limited_disconnect_ms: int = 10_000
     max_status_chars: int = 64  # presence status: a word or a short custom text
-    max_presence_users: int = 100  # users (or channels) one presence (unread) query names
+    # users (or channels) one presence (unread) query names; channels one `channels` page lists
+    max_presence_users: int = 100
     # Log entries one unread count reads (per channel); past it, a bound. 10,000 entries
     # are ~20 ms of a worker thread; an app shows "9999+" long before that.
     unread_scan_max: int = 10_000

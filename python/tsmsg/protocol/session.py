@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tsmsg._native import FrameError, FrameTooLarge, packb
-from tsmsg.auth import AuthError, Claims, TokenVerifier, valid_channel, valid_user
+from tsmsg.auth import (
+    DM_PREFIX,
+    AuthError,
+    Claims,
+    TokenVerifier,
+    parse_dm,
+    valid_channel,
+    valid_user,
+)
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.limits import PROTOCOL_VERSION, Limits
@@ -50,6 +58,9 @@ MAX_ID_CHARS = 64  # message ids are opaque strings of at most this length
 # kept generous so a page never exceeds max_frame.
 PAGE_ENVELOPE = 512
 EVENT_OVERHEAD = 24  # "t":"event" and the "channel" key added to each stored entry
+# DM channels a connection remembers having recorded the peer's membership of; past it the
+# set starts over (a repeated record is an idempotent write, not an error).
+NOTICED_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,15 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyUser:
+    """Send this frame to every connected device of ``user``, on every node (a
+    ``membership`` push: a channel or a DM appeared for them)."""
+
+    user: str
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
 class SetPresence:
     """This user's presence: ``None`` when this device has just connected (the server
     knows whether it is the user's first), else the status the user set."""
@@ -145,6 +165,7 @@ Action = (
     | Unsubscribe
     | Position
     | Publish
+    | NotifyUser
     | SetPresence
     | QueryPresence
     | Read
@@ -212,6 +233,7 @@ class Session:
         "limited_since",
         "limits",
         "memberships",
+        "noticed",
         "on_rate_limited",
         "session_id",
         "state",
@@ -242,6 +264,9 @@ class Session:
         # Joined channels whose live stream was cut (slow consumer). Rare: a frozenset, so
         # the many sessions that never have one share the empty one.
         self.cut = NO_CUTS
+        # DM channels this connection has sent in whose peer's membership it recorded
+        # (the first message does, section 6.15); at most NOTICED_MAX, then forgotten.
+        self.noticed = NO_CUTS
         self.close_reason: str | None = None
         # The user's memberships, when the server keeps them in memory (it sets this
         # after hello: one set for all the user's sessions); None: ask the store.
@@ -598,8 +623,13 @@ class Session:
         fan-out to the channel. The fan-out happens even if this connection is gone."""
         actions: list[Action] = []
         live = self.state is State.READY
-        if op.kind in ("member", "seen"):
-            return actions  # background writes: a failure is logged by the store, not sent
+        if op.kind == "member":  # a background write: a failure is logged, not sent
+            if op.error is None and op.changed:  # new: the user's devices learn of it
+                push = {"t": "membership", "channel": op.channel, "by": self.user}
+                actions.append(NotifyUser(op.user, push))
+            return actions
+        if op.kind == "seen":
+            return actions  # a background write: a failure is logged by the store, not sent
         if op.error is not None:
             if live:
                 error = RequestError(op.error.code, op.error.message, **op.error.extra)
@@ -630,7 +660,23 @@ class Session:
         if op.meta:
             entry["meta"] = op.meta
         actions.append(Publish(op.channel, event_frame(op.channel, entry), epoch=op.epoch))
+        if op.kind == "message" and op.channel.startswith(DM_PREFIX):
+            actions += self._dm_peer(op.channel)
         return actions
+
+    def _dm_peer(self, channel: str) -> list[Action]:
+        """After this connection's first message in a DM: the peer becomes a member (if
+        not already, and under their max_memberships), which pushes ``membership`` to
+        their devices, so a DM is never invisible to its recipient (section 6.15)."""
+        users = parse_dm(channel)
+        if users is None or channel in self.noticed:
+            return []
+        peer = users[1] if users[0] == self.user else users[0]
+        if len(self.noticed) >= NOTICED_MAX:
+            self.noticed = NO_CUTS
+        self.noticed = self.noticed | {channel}
+        op = WriteOp("member", channel, peer, most=self.limits.max_memberships)
+        return [self._submit(op, None)]
 
     # ------------------------------------------------------------------ reads
 
@@ -745,6 +791,45 @@ class Session:
 
         return [Read(query, then, rid, "unread")]
 
+    def _channels(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
+        """The user's memberships (channels and DMs it may still read), in name order,
+        each with its head, read cursor and unread count: a page of at most
+        ``max_presence_users``, the next after ``after`` (section 6.15)."""
+        after = frame.get("after")
+        if after is not None and not isinstance(after, str):
+            raise RequestError(E.BAD_REQUEST, "`after` must be a channel name")
+        store, user, claims = self.store, self.user, self.claims
+        assert claims is not None
+        most, page, scan_max = (
+            self.limits.max_memberships,
+            self.limits.max_presence_users,
+            self.limits.unread_scan_max,
+        )
+
+        def query() -> tuple[list[Frame], bool]:
+            names = [
+                c
+                for c in store.channels_of(user, limit=most)
+                if (after is None or c > after) and claims.may_read(c)
+            ]
+            out: list[Frame] = []
+            for channel in names[:page]:
+                head = store.channel(channel).head
+                read = store.read_cursor(user, channel)
+                entry: Frame = {"channel": channel, "head": head, "read": read}
+                entry["unread"] = store.unread(user, channel, scan_max)
+                entry["capped"] = head - read > scan_max
+                users = parse_dm(channel)
+                if users is not None:
+                    entry["peer"] = users[1] if users[0] == user else users[0]
+                out.append(entry)
+            return out, len(names) > page
+
+        def then(result: tuple[list[Frame], bool]) -> list[Action]:
+            return self._ok(rid, channels=result[0], more=result[1])
+
+        return [Read(query, then, rid, "channels")]
+
     def _typing_push(self, channel: str, on: bool) -> Publish:
         push = {"t": "typing", "channel": channel, "user": self.user, "on": on}
         return Publish(channel, push, skip_user=self.user)
@@ -794,4 +879,5 @@ class Session:
         "refresh": _refresh,
         "presence": _presence,
         "unread": _unread,
+        "channels": _channels,
     }

@@ -62,6 +62,7 @@ from tsmsg.protocol.ratelimit import Buckets, UserLimits
 from tsmsg.protocol.session import (
     Action,
     Close,
+    NotifyUser,
     Position,
     Publish,
     QueryPresence,
@@ -76,7 +77,13 @@ from tsmsg.protocol.session import (
     event_frame,
 )
 from tsmsg.server.http import HttpServer, Response, Route, text
-from tsmsg.server.metrics import CONTENT_TYPE, Metrics, auth_reason, close_reason
+from tsmsg.server.metrics import (
+    CONTENT_TYPE,
+    HTTP_REQUEST,
+    Metrics,
+    auth_reason,
+    close_reason,
+)
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.server.web import Web
@@ -256,6 +263,33 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
     return send
+
+
+# The start of an HTTP request: a length prefix of 0x47455420 ("GET ") and the like would
+# be a frame of about 1.2 GB; a connection that opens with one of these is answered in
+# plain text instead, as Redis does (the methods a browser or curl sends first).
+HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ")
+
+
+def http_hint(settings: Settings) -> bytes:
+    """The answer to an HTTP request on the protocol port: a minimal HTTP response whose
+    body is one line saying what this port speaks and where HTTP clients should go."""
+    ws = getattr(settings, "ws", "")  # the WebSocket listener, where the server has one
+    where = (
+        f"WebSocket clients connect to ws://{ws}/"
+        if ws
+        else "browsers need the WebSocket port, if this server has one configured"
+    )
+    line = (
+        "This is a tsmsg port: length-prefixed msgpack frames over TCP (PROTOCOL.md), "
+        f"not HTTP; {where}.\n"
+    )
+    body = line.encode()
+    head = (
+        "HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
@@ -517,11 +551,12 @@ class Connection:
             self.blocked = True
             self.wake_writer()
 
-    def push_signal(self, data: bytes) -> None:
-        """A best-effort push (presence): dropped, not queued, past the outbound bound."""
+    def push_signal(self, data: bytes, t: str = "presence") -> None:
+        """A best-effort push (presence, membership: of type ``t``): dropped, not queued,
+        past the outbound bound."""
         if self.closing is None and self.queued_bytes + len(data) <= self.limit:
             self.send_bytes(data, None)
-            self.server.metrics.frames_out["presence"].inc()
+            self.server.metrics.frames_out_of(t, 1)
         else:
             self.server.metrics.signals_dropped.inc()
 
@@ -706,6 +741,11 @@ class Connection:
                 return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
+            if session.state is State.AWAITING_HELLO and not decoder.buffered:
+                if data[:8].startswith(HTTP_METHODS):  # a browser, curl: say where to go
+                    self.send_bytes(http_hint(settings), None)
+                    self.close_after_flush(f"{HTTP_REQUEST}: {bytes(data[:8])!r}")
+                    return
             try:
                 frames = decoder.feed(data)
             except FrameError as exc:
@@ -883,7 +923,12 @@ class Server:
         for action in actions:
             if isinstance(action, Publish):
                 self.publish_action(action)
+            elif isinstance(action, NotifyUser):
+                self.notify_user(action.user, action.frame)
             elif conn is None:
+                if isinstance(action, Submit):  # a write done's follow-up (a DM's peer)
+                    self._round_due.set()
+                    self._to_submit.append(action.op)
                 continue
             elif isinstance(action, Reply):
                 conn.send_frame(action.frame)
@@ -1136,7 +1181,12 @@ class Server:
             )
 
     def _remote_signal(self, channel: str, frame: dict[str, Any]) -> None:
-        if channel == PRESENCE_TOPIC:  # another node's presence change
+        if channel == PRESENCE_TOPIC:  # another node's presence change or user notice
+            if frame.get("t") == "membership":
+                to = frame.pop("to", None)
+                if isinstance(to, str):
+                    self._notify_here(to, frame)
+                return
             channels = frame.pop("channels", None)
             if frame.get("t") == "presence" and isinstance(channels, list):
                 self._push_presence(frame, channels)
@@ -1169,6 +1219,23 @@ class Server:
                 )
                 self.deliver(channel, out)
 
+    def notify_user(self, user: str, frame: dict[str, Any]) -> None:
+        """A notice to every device of ``user``: those here, and (through the engine's
+        presence topic) those on other nodes."""
+        self._notify_here(user, frame)
+        self.store.publish_signal(PRESENCE_TOPIC, {**frame, "to": user})
+
+    def _notify_here(self, user: str, frame: dict[str, Any]) -> None:
+        if frame.get("t") == "membership":  # a new membership: presence walks it too
+            mine = self.memberships.get(user)
+            if mine is not None and isinstance(frame.get("channel"), str):
+                mine.add(frame["channel"])
+        devices = self.devices.get(user)
+        if devices:
+            data = encode(frame)
+            for conn in devices:
+                conn.push_signal(data, frame["t"])
+
     def publish_action(self, action: Publish) -> None:
         """A session's push: events go through the relay (in order, once); signals
         reach this node's members, and the other nodes' through the engine."""
@@ -1200,7 +1267,9 @@ class Server:
 
     def submit(self, conn: Connection, op: WriteOp) -> None:
         """A connection's write, handed to the store with the round's others (below)."""
-        if op.kind in ("member", "unmember"):  # the connected user's memberships, here
+        if op.kind in ("member", "unmember") and op.user == conn.user:
+            # the connected user's memberships, here (another user's, a DM peer's, once
+            # the store recorded it: notify_user)
             mine = self.memberships.get(op.user)
             if mine is not None:
                 (mine.add if op.kind == "member" else mine.discard)(op.channel)

@@ -43,6 +43,7 @@ FRAMES_IN = (
     "refresh",
     "presence",
     "unread",
+    "channels",
 )
 FRAMES_OUT = (
     "welcome",
@@ -56,6 +57,7 @@ FRAMES_OUT = (
     "bye",
     "presence",
     "left",
+    "membership",
 )
 OTHER = "other"
 ERROR_CODES = tuple(sorted(v for k, v in vars(E).items() if k.isupper() and isinstance(v, str)))
@@ -80,12 +82,14 @@ LOST = "connection lost"
 SEND_TIMEOUT = "send timeout"
 INTERNAL_ERROR = "internal error"
 SHUTDOWN = "server shutdown"
+HTTP_REQUEST = "http request"  # an HTTP client on the protocol port (answered, closed)
 _CLOSE_PREFIXES = {
     PEER_CLOSED: "peer_closed",
     LOST: "lost",
     SEND_TIMEOUT: "send_timeout",
     INTERNAL_ERROR: "internal_error",
     SHUTDOWN: "shutdown",
+    HTTP_REQUEST: "http_request",
     # Protocol errors that close the connection (the connection errors, a flood of
     # rate-limited requests, a bad `rid` on hello).
     **{code: code for code in sorted(E.CONNECTION_ERRORS)},

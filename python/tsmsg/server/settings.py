@@ -119,6 +119,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # log_level, any case
+
+
 def _convert(name: str, value: Any, current: Any) -> Any:
     kind = type(current)
     if kind is tuple:  # a list of strings; in the environment, comma-separated
@@ -184,7 +187,11 @@ def load_settings(
     settings: Settings = Settings()
     if config_file:
         with open(config_file, "rb") as fh:
-            settings = _apply(settings, tomllib.load(fh), config_file)
+            try:
+                table = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:  # its message names no file
+                raise ValueError(f"{config_file}: not valid TOML: {exc}") from None
+        settings = _apply(settings, table, config_file)
     settings = _apply(settings, _from_env(settings, env, ENV_PREFIX), "environment")
     if overrides:
         settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None}, "flags")
@@ -201,6 +208,10 @@ def load_settings(
         raise ValueError(f"port must be from 0 to 65535, not {settings.port!r}")
     if 0 < settings.retention_max_age_s < 0.001:  # stored in whole ms: it would mean 0
         raise ValueError("retention_max_age_s must be 0 (keep all) or >= 0.001")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise ValueError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
+        )
     if settings.log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
     if settings.metrics:

@@ -146,9 +146,12 @@ class WriteOp:
     meta: dict[str, Any] | None = None  # message only
     target: str | None = None  # edit and delete: the message id
     seq: int = 0  # read only: the cursor position asked for
+    # member only: record it only while the user has fewer than this many memberships
+    # (0: no bound; the DM peer's membership a message records, PROTOCOL.md 6.15)
+    most: int = 0
     moderator: bool = False  # may change other users' messages
     result: AppendResult | int | None = None  # AppendResult, or the cursor for `read`
-    changed: bool = False  # `read` only: the cursor moved
+    changed: bool = False  # `read`: the cursor moved; `member`: the membership is new
     # message, edit, delete: the epoch of the log the entry went into (0: a dup, or
     # failed); a node's relay tells a reset log from a repeat by it (server/relay.py)
     epoch: int = 0
@@ -365,7 +368,8 @@ class Store(ABC):
 
 
 # The pseudo-channel (no channel has an empty name) of presence changes between nodes: a
-# ``presence`` push with the user's ``channels``, for each node to reach its members.
+# ``presence`` push with the user's ``channels``, for each node to reach its members; and
+# of notices to one user's devices: a ``membership`` push with the user in ``to``.
 PRESENCE_TOPIC = ""
 
 

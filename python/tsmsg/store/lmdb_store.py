@@ -92,6 +92,9 @@ DEFAULT_SYNC_INTERVAL_S = 1.0  # `async` durability: at most this much is lost o
 DEDUP_PRUNE_PER_BATCH = 256  # bounds the pruning work a single commit does
 COMPACT_CHUNK = 4096  # entries per compaction transaction, so appends interleave
 ENTRY_KINDS = frozenset(("message", "edit", "delete"))
+# A new data directory and its files are the owner's only: they hold every message.
+DATA_DIR_MODE = 0o700
+DATA_FILE_MODE = 0o600
 
 
 def check_format(path: str, raw: bytes | None, has_data: bool) -> int | None:
@@ -175,7 +178,7 @@ def lock_data_dir(path: str) -> int:
     this pid) and return its descriptor; the lock dies with the process, so a kill never
     leaves a stale one. DataDirError, naming the holder's pid, if another process has it."""
     lock_path = os.path.join(path, LOCK_FILE)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, DATA_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -209,7 +212,7 @@ def write_store_id(path: str, store_id: str) -> None:
     """Write ``STORE_ID`` durably (a new file renamed into place, both synced)."""
     target = os.path.join(path, STORE_FILE)
     tmp = target + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, DATA_FILE_MODE)
     try:
         os.write(fd, f"{store_id}\n".encode())
         os.fsync(fd)
@@ -420,7 +423,8 @@ class LmdbStore(Store):
         self._observer = observer  # commit and sync timings, from the writer thread
         self._keyring = config.encryption
         path = self.path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
+        # Private: the files hold every message (and --dev's secret sits beside them).
+        os.makedirs(path, mode=DATA_DIR_MODE, exist_ok=True)
         # Every opener that writes takes the directory's lock first, before looking at
         # any file: a second server (or `tsmsg compact` beside one) is refused here.
         self._lock_fd: int | None = lock_data_dir(path)
@@ -485,6 +489,7 @@ class LmdbStore(Store):
             metasync=False,  # the writer acknowledges a commit after the next sync instead
             readahead=False,
             max_readers=256,
+            mode=DATA_FILE_MODE,
         )
         # Resizing the map needs no transaction open in this process: readers share this
         # lock (the server's read threads read at once), the resize takes it alone.
@@ -778,6 +783,17 @@ class LmdbStore(Store):
                         break
                     out.append(bytes(key[len(prefix) :]).decode())
         return out
+
+    def _count_members(self, txn: Any, user: bytes, most: int) -> int:
+        """The user's memberships, counted up to ``most`` (the cost is bounded by it)."""
+        prefix, count = user + b"\0", 0
+        cur = txn.cursor(db=self._members)
+        if cur.set_range(prefix):
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix) or count >= most:
+                    break
+                count += 1
+        return count
 
     def last_seen(self, user: str) -> int | None:
         with self._read() as txn:
@@ -1138,10 +1154,14 @@ class LmdbStore(Store):
             return b.ts
         if op.kind in ("member", "unmember"):
             key = user + b"\0" + _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-            if op.kind == "member":
-                b.txn.put(key, b"", db=self._members, overwrite=False)
-            else:
+            if op.kind == "unmember":
                 b.txn.delete(key, db=self._members)
+                return 0
+            if b.txn.get(key, db=self._members) is not None:
+                return 0
+            if op.most and self._count_members(b.txn, user, op.most) >= op.most:
+                return 0  # at the bound: not recorded (changed stays False)
+            op.changed = bool(b.txn.put(key, b"", db=self._members, overwrite=False))
             return 0
         if op.kind == "read":
             return self._apply_read(b, op)

@@ -118,7 +118,11 @@ class MemoryData:
             return self.now
         _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
         if op.kind == "member":
-            self.members.add((op.user, op.channel))
+            key = (op.user, op.channel)
+            count = sum(1 for u, _ in self.members if u == op.user)
+            if key not in self.members and not (op.most and count >= op.most):
+                self.members.add(key)
+                op.changed = True
             return 0
         if op.kind == "unmember":
             self.members.discard((op.user, op.channel))

@@ -436,6 +436,15 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
 return 0
 """
 
+# A membership (WriteOp "member"). KEYS: the user's set of channels. ARGV: the channel,
+# most (0: no bound). Added only while the set has fewer than `most`; returns 1 if added.
+MEMBER = r"""
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+local most = tonumber(ARGV[2])
+if most > 0 and redis.call('SCARD', KEYS[1]) >= most then return 0 end
+return redis.call('SADD', KEYS[1], ARGV[1])
+"""
+
 SCRIPTS: dict[str, str] = {
     name: _LIB + body
     for name, body in {
@@ -456,6 +465,7 @@ SCRIPTS: dict[str, str] = {
     "presence_expire": _PRESENCE_LIB + PRESENCE_EXPIRE,
     "presence_claim": PRESENCE_CLAIM,
     "send_rate": SEND_RATE,
+    "member": MEMBER,
 }
 SHAS: dict[str, str] = {
     name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()

@@ -742,9 +742,10 @@ class RedisStore(Store):
         if op.kind == "seen":
             return ("SET", self._user_key(op.user, b"seen"), ts)
         _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
-        if op.kind in ("member", "unmember"):
-            verb = "SADD" if op.kind == "member" else "SREM"
-            return (verb, self._user_key(op.user, b"ch"), op.channel)
+        if op.kind == "member":
+            return _evalsha("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
+        if op.kind == "unmember":
+            return ("SREM", self._user_key(op.user, b"ch"), op.channel)
         keys = self._keys(op.channel)
         if op.kind == "read":
             return _evalsha("read", keys, op.user, op.seq)
@@ -785,7 +786,7 @@ class RedisStore(Store):
         if op.kind == "seen":
             op.result = ts
         elif op.kind in ("member", "unmember"):
-            op.result = 0
+            op.result, op.changed = 0, op.kind == "member" and reply == 1
         elif op.kind == "read":
             op.result, op.changed = int(reply[0]), bool(reply[1])
         elif op.kind == "message":
