@@ -625,16 +625,19 @@ def walkthrough_dir(tmp_path: Path) -> Path:
 
 async def start_make_run(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """What `make run` runs (asked of make itself, the venv taken as built), started in
-    ``home`` with PORT set; returns once it serves."""
-    printed = subprocess.run(
+    ``home`` with PORT (and the web page's WS port) set; returns once it serves."""
+    ws = f"127.0.0.1:{free_port()}"
+    lines = subprocess.run(
         ["make", "-s", "-n", "-o", ".venv/.tsmsg-installed", "run"],
         cwd=REPO,
-        env={**os.environ, "PORT": str(port)},
+        env={**os.environ, "PORT": str(port), "WS": ws},
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
-    assert printed.startswith(".venv/bin/tsmsg serve ") and "--dev" in printed, printed
+    ).stdout.splitlines()
+    assert any(f"web chat page at http://{ws}/" in line for line in lines), lines
+    [printed] = [line for line in lines if line.startswith(".venv/bin/tsmsg serve ")]
+    assert "--dev" in printed and f"--ws {ws}" in printed, printed
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
     env["TSMSG_LIMITS_MAX_TEXT_BYTES"] = str(TEXT_LIMIT)
     with open(log, "wb") as out:
