@@ -268,6 +268,22 @@ async def test_bin_in_meta_reaches_a_json_client_as_base64(harness: Harness) -> 
     assert event["meta"] == {"thumb": base64.b64encode(b"\x00\x01\xff").decode()}
 
 
+async def test_a_membership_notice_reaches_websocket_clients_in_their_framing(
+    harness: Harness,
+) -> None:
+    # A user notice (membership, PROTOCOL.md 7.12) is encoded per connection, like
+    # presence: a TCP frame on a WebSocket would be garbage to the browser.
+    sender = await connected(harness, WS_MSGPACK)
+    readers = [await connected(harness, sub, "bob") for sub in (WS_JSON, WS_MSGPACK)]
+    tcp = await harness.connect("bob", ["room-*"])
+    ok = await sender.request("send", channel="dm:alice:bob", cid="m1", text="hi bob")
+    assert ok["t"] == "ok", ok
+    for reader in (*readers, tcp):
+        push = await reader.expect("membership")
+        assert push == {"t": "membership", "channel": "dm:alice:bob", "by": "alice"}
+        await assert_open(reader)
+
+
 async def test_shutdown_sends_bye_then_close_going_away(tmp_path: Path) -> None:
     async with running_server(make_settings(tmp_path / "data")) as h:
         client = await connected(h, WS_JSON)

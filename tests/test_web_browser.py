@@ -5,7 +5,9 @@ versions always match; no browser download), against a real ``tsmsg serve --dev 
 Two users chat in a channel and a DM: each sees the other's messages, typing indicator and
 read receipt; an edit and a delete show on both pages; the server is restarted (a send
 made meanwhile waits in the outbox) and both pages reconnect and show every message once,
-in order; a message that looks like HTML is shown as text. A screenshot of each step goes
+in order; a message that looks like HTML is shown as text. A DM from someone the page has
+never seen shows up in its sidebar (the server's `membership` push), and after a reload
+the sidebar is the server's `channels` list with its unread counts. A screenshot of each step goes
 to the test's tmp directory (``screens/``). Every wait is bounded; loopback only."""
 
 from __future__ import annotations
@@ -67,6 +69,44 @@ const done = arguments[arguments.length - 1];
 })().then(done, (e) => done({ error: String(e) }));
 """
 
+# Run in the page: tsmsg.js against a fake socket that lists 250 channels in pages of 100
+# (a real server needs 101 memberships for a second page) and pushes one membership.
+PAGED_CLIENT = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  const { TsmsgClient } = await import("/tsmsg.js");
+  const asked = [];
+  class FakeSocket {
+    constructor() { this.readyState = 1; setTimeout(() => this.onopen(), 0); }
+    close() {}
+    push(frame) { setTimeout(() => this.onmessage({ data: JSON.stringify(frame) }), 0); }
+    send(text) {
+      const f = JSON.parse(text);
+      if (f.t === "hello") {
+        this.push({ t: "welcome", user: "carol", session: "s", heartbeat_ms: 30000, limits: {} });
+        this.push({ t: "membership", channel: "dm:bob:carol", by: "bob" });
+      } else if (f.t === "channels") {
+        asked.push(f.after ?? null);
+        const from = f.after ? Number(f.after.slice(3)) + 1 : 0;
+        const n = Math.min(100, 250 - from);
+        const channels = [...Array(n).keys()].map((i) => ({
+          channel: `ch-${String(from + i).padStart(3, "0")}`,
+          head: 2, read: 1, unread: 1, capped: false,
+        }));
+        this.push({ t: "ok", rid: f.rid, channels, more: from + n < 250 });
+      }
+    }
+  }
+  const client = new TsmsgClient({ url: "ws://fake/connect", token: "t", WebSocket: FakeSocket });
+  const memberships = [];
+  client.on("membership", (m) => memberships.push(m));
+  await client.connect();
+  const list = await client.listChannels();
+  client.close();
+  return { asked, count: list.length, first: list[0], last: list[249].channel, memberships };
+})().then(done, (e) => done({ error: String(e) }));
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -123,11 +163,25 @@ class Page:
     def open(self, channel: str) -> None:
         self.find(f'#sidebar li[data-channel="{channel}"]').click()
 
+    def sidebar(self, channel: str, css: str = "") -> str:
+        """The text of a sidebar entry (or of an element in it)."""
+        return str(self.find(f'#sidebar li[data-channel="{channel}"] {css}'.strip()).text)
+
     def message(self, text: str) -> Any:
         for row in self.find_all("#message-list .msg"):
             if row.find_element(By.CSS_SELECTOR, ".text").text == text:
                 return row
         raise LookupError(text)
+
+    def click_in(self, text: str, css: str) -> None:
+        """Click ``css`` in the message ``text``: again if the list was re-rendered under
+        the click (a receipt arriving meanwhile makes the rows found stale)."""
+
+        def click() -> bool:
+            self.message(text).find_element(By.CSS_SELECTOR, css).click()
+            return True
+
+        self.wait(f"{css} of {text!r} clicked", click)
 
 
 @pytest.fixture
@@ -208,11 +262,11 @@ async def test_two_users_chat_in_the_browser(
         # Edit and delete of her own messages show on both pages.
         alice.send("typo")
         bob.wait("typo", lambda: bob.texts()[-1] == "typo")
-        alice.message("psst, bob").find_element(By.CSS_SELECTOR, ".edit").click()
+        alice.click_in("psst, bob", ".edit")
         composer = alice.find("#composer")
         composer.clear()
         composer.send_keys("psst, bob (fixed)\n")
-        alice.message("typo").find_element(By.CSS_SELECTOR, ".delete").click()
+        alice.click_in("typo", ".delete")
         expected = ["psst, bob (fixed)", "hi alice", "message deleted"]
         for page in (alice, bob):
             page.wait("the edit and the delete", lambda p=page: p.texts() == expected)
@@ -254,5 +308,87 @@ async def test_two_users_chat_in_the_browser(
         assert result["asked"] >= 3 and result["drops"] == 0, result
         assert result["connected"] and result["seq"] >= 2, result
         assert result["seen"] == ["resynced", "message"], result["seen"]
+    finally:
+        server.kill()
+
+
+async def test_a_dm_from_a_stranger_and_the_sidebar_after_a_reload(
+    tmp_path: Path, browsers: Callable[[str], Page]
+) -> None:
+    ws_port = free_port()
+    server = ServerProcess(
+        tmp_path / "data", tmp_path / "server.log", "--dev", "--ws", f"127.0.0.1:{ws_port}"
+    )
+    await server.start()
+    try:
+        url = f"http://127.0.0.1:{ws_port}/"
+        bob, carol = browsers("bob"), browsers("carol")
+        bob.login(url)
+        carol.login(url)  # a fresh page: bob never wrote, typed or changed status since
+        carol.find("#join-channel").send_keys("lounge\n")
+        carol.wait("in #lounge", lambda: carol.find("#channel-title").text == "# lounge")
+
+        # Bob writes to carol: her page learns of the DM from the membership push alone.
+        dm = "dm:bob:carol"
+        bob.find("#dm-user").send_keys("carol\n")
+        bob.wait("in the DM", lambda: bob.find("#channel-title").text == "@ carol")
+        bob.send("hi carol")
+        carol.wait(
+            "the new DM in the sidebar",
+            lambda: (
+                carol.sidebar(dm, ".new") == "new message from bob"
+                and carol.sidebar(dm, ".unread") == "1"
+            ),
+        )
+        assert carol.sidebar(dm, ".name") == "bob"
+        carol.shot("10-dm-from-a-stranger")
+        carol.open(dm)
+        carol.wait("the DM", lambda: carol.texts() == ["hi carol"])
+        assert carol.find_all(f'#sidebar li[data-channel="{dm}"] .new') == []
+        carol.shot("11-dm-opened")
+
+        # Carol's page goes away; meanwhile bob writes in the DM and in #lounge.
+        carol.driver.get("about:blank")
+        bob.send("are you there?")
+        bob.send("hello?")
+        bob.wait("the DM sent", lambda: bob.texts() == ["hi carol", "are you there?", "hello?"])
+        bob.find("#join-channel").send_keys("lounge\n")
+        bob.wait("in #lounge", lambda: bob.find("#channel-title").text == "# lounge")
+        bob.send("anyone in the lounge?")
+        bob.wait("the lounge sent", lambda: bob.texts() == ["anyone in the lounge?"])
+
+        # Back: the sidebar is the server's list, with the unread counts.
+        carol.login(url)
+        carol.wait(
+            "the listed channels and DM with their counts",
+            lambda: (
+                carol.sidebar("lounge", ".unread") == "1" and carol.sidebar(dm, ".unread") == "2"
+            ),
+        )
+        names = [li.get_attribute("data-channel") for li in carol.find_all("#sidebar li")]
+        assert names == ["general", "lounge", dm], names
+        assert carol.find_all('#sidebar li[data-channel="general"] .unread') == []
+        carol.shot("12-after-reload")
+        carol.open(dm)
+        carol.wait(
+            "the DM after the reload",
+            lambda: carol.texts() == ["hi carol", "are you there?", "hello?"],
+        )
+        carol.wait("no badge", lambda: not carol.find_all(f'li[data-channel="{dm}"] .unread'))
+
+        # listChannels follows `more`/`after` over every page; membership is an event.
+        result = carol.driver.execute_async_script(PAGED_CLIENT)
+        assert result.get("error") is None, result
+        assert result["asked"] == [None, "ch-099", "ch-199"], result["asked"]
+        assert result["count"] == 250 and result["last"] == "ch-249", result
+        assert result["first"] == {
+            "channel": "ch-000",
+            "head": 2,
+            "read": 1,
+            "unread": 1,
+            "capped": False,
+            "peer": None,
+        }
+        assert result["memberships"] == [{"channel": "dm:bob:carol", "by": "bob"}]
     finally:
         server.kill()

@@ -1232,9 +1232,9 @@ class Server:
                 mine.add(frame["channel"])
         devices = self.devices.get(user)
         if devices:
-            data = encode(frame)
+            encoded: dict[Codec, bytes] = {}  # once per transport's codec (TCP, WebSocket)
             for conn in devices:
-                conn.push_signal(data, frame["t"])
+                conn.push_signal(_encoded(frame, conn.transport.codec, encoded), frame["t"])
 
     def publish_action(self, action: Publish) -> None:
         """A session's push: events go through the relay (in order, once); signals

@@ -10,7 +10,9 @@ const $ = (id) => document.getElementById(id);
 let client = null;
 let me = null;
 let current = null;
-const chats = new Map(); // channel -> {messages: Map(id -> msg), more, unread, readers: Map, typing: Map, myRead}
+// channel -> {messages: Map(id -> msg), more, unread, capped, counted (the seq up to which
+// unread is counted), newFrom (who opened it: "new message from"), readers, typing, myRead}
+const chats = new Map();
 const status = new Map(); // user -> presence status
 let editing = null; // the message being edited
 let lastTyping = 0;
@@ -45,7 +47,8 @@ async function start(options) {
   client.on("event", onEvent);
   client.on("typing", onTyping);
   client.on("read", onRead);
-  client.on("presence", (p) => { status.set(p.user, p.status); meet(p.user); renderLists(); });
+  client.on("presence", (p) => { status.set(p.user, p.status); renderLists(); });
+  client.on("membership", onMembership);
   client.on("left", (l) => { chats.delete(l.channel); if (current === l.channel) current = null; renderAll(); });
   client.on("error", (err) => console.warn("tsmsg:", err));
   const welcome = await client.connect();
@@ -54,38 +57,6 @@ async function start(options) {
   $("app").classList.remove("hidden");
   $("me").textContent = me;
   await openChannel(DEFAULT_CHANNEL);
-  for (const channel of remembered()) follow(channel);
-}
-
-// The channels this browser follows, kept for the next visit.
-function remembered() {
-  try {
-    return JSON.parse(localStorage.getItem(`tsmsg.channels.${me}`) || "[]");
-  } catch {
-    return [];
-  }
-}
-
-function remember() {
-  localStorage.setItem(`tsmsg.channels.${me}`, JSON.stringify([...chats.keys()]));
-}
-
-// Follow a channel without opening it. A DM appears in the list once it has a message:
-// the page follows the DM with everyone it sees (a sender, a typist, a presence change),
-// so a first direct message from them arrives live.
-function follow(channel) {
-  if (client.channels.has(channel)) return;
-  const c = chat(channel);
-  client.join(channel).then((info) => {
-    c.myRead = Math.max(c.myRead, info.read);
-    c.head = info.head;
-    remember();
-    refreshCounts();
-  }, () => { chats.delete(channel); renderLists(); });
-}
-
-function meet(user) {
-  if (user && me && user !== me) follow(dmChannel(me, user));
 }
 
 function onConnection(c) {
@@ -93,14 +64,55 @@ function onConnection(c) {
   $("status").classList.toggle("down", !c.connected);
   $("banner").classList.toggle("hidden", c.connected);
   document.body.dataset.connected = String(c.connected);
-  if (c.connected) refreshCounts();
+  if (c.connected) listSidebar();
+}
+
+// The sidebar is the user's channels and DMs as the server lists them, with its unread
+// counts: at start and after every reconnect (membership pushes are best effort), and on
+// each membership push. Each is followed, so it stays live. A live message past the
+// listed head adds to the count.
+async function listSidebar() {
+  let list;
+  try {
+    list = await client.listChannels();
+  } catch (err) {
+    return console.warn(err);
+  }
+  for (const s of list) {
+    const c = chat(s.channel);
+    c.myRead = Math.max(c.myRead, s.read);
+    if (s.channel !== current && s.head >= c.counted) Object.assign(c, { unread: s.unread, capped: s.capped, counted: s.head });
+    follow(s.channel);
+  }
+  lookUp(list.map((s) => s.peer).filter(Boolean).slice(0, 100));
+  renderLists();
+}
+
+// A new channel or DM of the user: another device joined it, or someone wrote to the user.
+function onMembership(m) {
+  if (m.by !== client.user) chat(m.channel).newFrom = m.by;
+  follow(m.channel);
+  listSidebar(); // its unread count
+}
+
+// Follow a channel without opening it.
+function follow(channel) {
+  if (client.channels.has(channel)) return;
+  chat(channel);
+  client.join(channel).catch(() => { chats.delete(channel); renderLists(); });
+}
+
+// The presence of DM peers, for the dots.
+function lookUp(users) {
+  if (!users.length) return;
+  client.presence(users).then((list) => { for (const p of list) status.set(p.user, p.status); renderLists(); }, () => {});
 }
 
 // ------------------------------------------------------------------ channels
 
 function chat(channel) {
   if (!chats.has(channel)) {
-    chats.set(channel, { messages: new Map(), more: false, unread: 0, readers: new Map(), typing: new Map(), myRead: 0, head: 0 });
+    chats.set(channel, { messages: new Map(), more: false, unread: 0, capped: false, counted: 0, newFrom: null, readers: new Map(), typing: new Map(), myRead: 0 });
   }
   return chats.get(channel);
 }
@@ -110,29 +122,14 @@ async function openChannel(channel) {
   if (!client.channels.has(channel)) {
     const info = await client.join(channel);
     c.myRead = Math.max(c.myRead, info.read);
-    c.head = info.head;
-    remember();
   }
   current = channel;
   editing = null;
-  c.unread = 0;
-  if (channel.startsWith("dm:")) {
-    const peer = channel.split(":").slice(1).find((u) => u !== me) || me;
-    client.presence([peer]).then((list) => { for (const p of list) status.set(p.user, p.status); renderLists(); }, () => {});
-  }
+  Object.assign(c, { unread: 0, capped: false, newFrom: null });
+  if (channel.startsWith("dm:")) lookUp([peerOf(channel)]);
   renderAll();
   markRead();
   scrollToEnd();
-}
-
-async function refreshCounts() {
-  const names = [...chats.keys()];
-  if (!names.length) return;
-  try {
-    const counts = await client.unread(names);
-    for (const [ch, n] of Object.entries(counts)) if (ch !== current) chat(ch).unread = n;
-    renderLists();
-  } catch (err) { console.warn(err); }
 }
 
 $("join-form").addEventListener("submit", (e) => {
@@ -157,15 +154,12 @@ function onEvent(e) {
   const c = chat(e.channel);
   if (e.type === "resynced") {
     c.messages = new Map(e.messages.map((m) => [m.id, m]));
-    for (const m of e.messages) meet(m.sender);
     c.more = !!e.more || (e.messages.length > 0 && e.messages[0].seq > 1);
-    c.head = e.head;
   } else if (e.type === "message") {
     c.messages.set(e.id, e);
-    c.head = e.seq;
     c.typing.delete(e.sender);
-    meet(e.sender);
-    if (e.sender !== me && (e.channel !== current || document.hidden)) c.unread += 1;
+    if (e.seq > c.counted && e.sender !== me && (e.channel !== current || document.hidden)) c.unread += 1;
+    c.counted = Math.max(c.counted, e.seq);
   } else if (e.type === "edit") {
     const m = c.messages.get(e.id);
     if (m) Object.assign(m, { text: e.text, edited: e.ts });
@@ -185,7 +179,6 @@ function onEvent(e) {
 function onTyping(t) {
   if (t.user === me) return;
   const c = chat(t.channel);
-  meet(t.user);
   if (t.on) c.typing.set(t.user, Date.now());
   else c.typing.delete(t.user);
   renderTyping();
@@ -293,11 +286,10 @@ function renderLists() {
   dms.replaceChildren();
   for (const [name, c] of [...chats.entries()].sort()) {
     const dm = name.startsWith("dm:");
-    if (dm && !c.messages.size && name !== current) continue; // no conversation yet
     const li = el("li", name === current ? "active" : "");
     li.dataset.channel = name;
     if (dm) {
-      const peer = name.split(":").slice(1).find((u) => u !== me) || me;
+      const peer = peerOf(name);
       const dot = el("span", `dot ${status.get(peer) && status.get(peer) !== "offline" ? "online" : ""}`);
       dot.title = status.get(peer) || "offline";
       dot.dataset.presence = status.get(peer) || "offline";
@@ -305,11 +297,16 @@ function renderLists() {
     } else {
       li.append(el("span", "name", `# ${name}`));
     }
-    if (c.unread && name !== current) li.append(el("span", "unread", String(c.unread)));
+    if (c.unread && name !== current) li.append(el("span", "unread", `${c.unread}${c.capped ? "+" : ""}`));
+    if (c.newFrom && name !== current) li.append(el("span", "new", `new message from ${c.newFrom}`));
     li.addEventListener("click", () => openChannel(name));
     (dm ? dms : channels).append(li);
   }
-  $("channel-title").textContent = current ? (current.startsWith("dm:") ? `@ ${current.split(":").slice(1).find((u) => u !== me) || me}` : `# ${current}`) : "";
+  $("channel-title").textContent = current ? (current.startsWith("dm:") ? `@ ${peerOf(current)}` : `# ${current}`) : "";
+}
+
+function peerOf(dm) {
+  return dm.split(":").slice(1).find((u) => u !== me) || me;
 }
 
 function renderMessages() {

@@ -75,11 +75,29 @@ export interface PresenceInfo {
   last_seen?: number;
 }
 
+/** One of the user's channels or DMs (listChannels). */
+export interface ChannelSummary {
+  channel: string;
+  /** Its last seq. */
+  head: number;
+  /** The user's read cursor. */
+  read: number;
+  /** Unread messages (PROTOCOL.md 6.14); a lower bound when `capped`. */
+  unread: number;
+  capped: boolean;
+  /** A DM's other user; null for a channel. */
+  peer: string | null;
+}
+
 export interface EventMap {
   event: ChannelEvent;
   typing: { channel: string; user: string; on: boolean };
   read: { channel: string; user: string; seq: number };
   presence: { user: string; status: string; ts: number };
+  /** The user is now a member of `channel`: `by` is the user (a join on one of its
+   * devices) or, for a DM, the other user, whose message it is. Best effort: list the
+   * channels again after a reconnect to be sure. */
+  membership: { channel: string; by: string };
   left: { channel: string; reason: string };
   connection: { connected: boolean; reason: string; user?: string };
   error: unknown;
@@ -132,6 +150,8 @@ export declare class TsmsgClient {
   setPresence(status: string): Promise<string>;
   presence(users: string[]): Promise<PresenceInfo[]>;
   unread(channels: string[]): Promise<Record<string, number>>;
+  /** Every page of the user's channels and DMs, in name order. */
+  listChannels(): Promise<ChannelSummary[]>;
 }
 
 export declare function tokenExpiry(token: string): number | null;

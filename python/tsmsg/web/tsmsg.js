@@ -14,7 +14,8 @@
 //
 // Events are delivered to listeners synchronously, in order: on("event", fn) for channel
 // events (message, edit, delete, resynced), on("typing"), on("read"), on("presence"),
-// on("left"), on("connection"), on("error").
+// on("membership") (a new channel or DM of the user: PROTOCOL.md 7.12), on("left"),
+// on("connection"), on("error").
 
 export const SUBPROTOCOL = "tsmsg.v1.json";
 export const PROTOCOL_VERSION = 1;
@@ -378,6 +379,26 @@ export class TsmsgClient {
     return this._call({ t: "unread", channels }, true).then((f) => f.unread);
   }
 
+  /**
+   * The user's channels and DMs (its memberships the token may read), in name order:
+   * every page of `channels` (PROTOCOL.md 6.15), as [{channel, head, read, unread, capped,
+   * peer}] (`peer`: a DM's other user, else null; `capped`: `unread` is a lower bound).
+   * A DM another user opens is among them, and comes as a `membership` event meanwhile.
+   */
+  async listChannels() {
+    const out = [];
+    let after = null;
+    for (;;) {
+      const f = await this._call(after === null ? { t: "channels" } : { t: "channels", after }, true);
+      const page = f.channels ?? [];
+      for (const c of page) {
+        out.push({ channel: c.channel, head: c.head, read: c.read, unread: c.unread, capped: !!c.capped, peer: c.peer ?? null });
+      }
+      if (!f.more || !page.length) return out;
+      after = page[page.length - 1].channel;
+    }
+  }
+
   _call(frame, retry) {
     const d = deferred();
     const req = { frame, kind: "call", rid: null, retry, notBefore: 0, needsToken: false, resolve: d.resolve, reject: d.reject };
@@ -430,6 +451,8 @@ export class TsmsgClient {
       if (ch) this._emit("read", { channel: ch.name, user: f.user, seq: f.seq });
     } else if (t === "presence") {
       this._emit("presence", { user: f.user, status: f.status, ts: f.ts });
+    } else if (t === "membership") {
+      if (typeof f.channel === "string" && typeof f.by === "string") this._emit("membership", { channel: f.channel, by: f.by });
     } else if (t === "left") {
       if (ch) this._left(ch, String(f.reason ?? ""));
     } else if (t === "error") {
