@@ -86,8 +86,14 @@ async def test_a_dm_is_pushed_to_every_device_of_its_recipient_and_listed(
         assert mine["channel"] == "dm:alice:bob" and mine["unread"] == 0
         assert mine["peer"] == "bob"
 
-        # A recipient offline at the time finds the DM in the list when it connects.
+        # A recipient offline at the time finds the DM in the list when it connects (the
+        # membership is written just after the message: wait for that write, bounded).
         await dm(alice, "carol", "alice", "for later", "a-3")
+        with trio.fail_after(10):
+            while "dm:alice:carol" not in await trio.to_thread.run_sync(
+                h.server.store.channels_of, "carol"
+            ):
+                await trio.sleep(0.01)
         carol = await h.connect("carol", ["room-*"])
         [entry] = (await carol.request("channels"))["channels"]
         assert entry["channel"] == "dm:alice:carol" and entry["unread"] == 1
