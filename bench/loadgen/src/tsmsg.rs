@@ -17,6 +17,9 @@
 //! * TLS (`--tls`, section 4; `src/tls.rs`): the same code over either kind of connection.
 //!   A refused handshake (certificate not trusted, wrong name) is not retried, and no
 //!   `hello` is sent on it.
+//! * WebSocket (an address `ws://host:port[/path]`, section 19; `src/link.rs`): the same
+//!   frames, one per binary message of subprotocol `tsmsg.v1.msgpack`, without the length
+//!   prefix; everything above the framing is shared with TCP.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
@@ -297,10 +300,6 @@ impl System for Tsmsg {
             .map(str::to_owned)
             .or_else(|| std::env::var("TSMSG_SECRET").ok())
             .context("tsmsg needs the server's HS256 secret: --opt secret=... or TSMSG_SECRET")?;
-        let tls = match &cfg.tls {
-            Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
-            None => None,
-        };
         let parse = |v: &[String]| {
             v.iter()
                 .map(|a| Endpoint::parse(a))
@@ -316,9 +315,13 @@ impl System for Tsmsg {
         } else {
             parse(&cfg.sub_addrs)?
         };
-        if tls.is_some() && addrs.iter().chain(&sub_addrs).any(Endpoint::is_ws) {
-            bail!("--tls with a ws:// address: wss:// is not implemented");
-        }
+        let tls = match &cfg.tls {
+            Some(_) if addrs.iter().chain(&sub_addrs).any(Endpoint::is_ws) => {
+                bail!("--tls with a ws:// address: wss:// is not implemented")
+            }
+            Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
+            None => None,
+        };
         let mut sys = Tsmsg {
             addrs,
             sub_addrs,
@@ -850,6 +853,22 @@ mod tests {
         assert!(
             msg.contains("UnknownIssuer") && msg.contains("--tls-ca"),
             "{msg}"
+        );
+    }
+
+    /// A ws:// address with --tls is refused before any connect, saying why.
+    #[tokio::test]
+    async fn tls_with_a_websocket_address_is_refused() {
+        let cfg = Config {
+            addr: "ws://127.0.0.1:9/connect".into(),
+            extra: vec![("secret".into(), "s".repeat(32))],
+            tls: Some(crate::tls::TlsArgs::default()),
+            ..Default::default()
+        };
+        let err = Tsmsg::connect(cfg).await.err().unwrap();
+        assert!(
+            format!("{err:#}").contains("wss:// is not implemented"),
+            "{err:#}"
         );
     }
 
