@@ -91,8 +91,9 @@ bench-e2e: $(STAMP_BENCH)
 
 # tsmsg vs Redis Streams vs NATS JetStream with the native load generator (bench/loadgen,
 # built by bench/run.py with `cargo build --profile loadgen -p loadgen`). `bench`: the
-# short grid, a few minutes; `bench-full`: the whole grid of issue #8. Results, tables and
-# plots go to bench/results/<date>-quick|full/.
+# short grid, a few minutes; `bench-full`: the whole grid of issue #8. tsmsg's fan-out to
+# 100 subscribers and idle connections run over its WebSocket port too (issue 16). Results,
+# tables and plots go to bench/results/<date>-quick|full/.
 bench: $(STAMP_BENCH)
 	$(VPY) bench/run.py --quick
 

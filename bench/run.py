@@ -34,6 +34,14 @@ PNG plots. The machine is shared: the load average is recorded before each case.
     .venv/bin/python bench/run.py --quick --systems tsmsg --tiers async --only fanin
     .venv/bin/python bench/run.py --quick --systems tsmsg --tls --only fanin,idle
 
+**WebSocket** (issue 16): tsmsg is started with ``--ws 127.0.0.1:0`` as well, and the
+fan-out to 100 subscribers and the idle connections run over TCP and, on the same server
+configuration, over a WebSocket (``loadgen --addr ws://127.0.0.1:<ws port>/connect``:
+subprotocol ``tsmsg.v1.msgpack``, one frame per binary message). The report compares
+them against the issue's goals (WebSocket fan-out at least 80 % of TCP's deliveries/s,
+an idle WebSocket connection under 12 KiB of server RSS); nothing is asserted.
+``--transports tcp`` leaves the WebSocket cases out.
+
 ``--tls`` (tsmsg only): a throwaway CA and a server certificate for 127.0.0.1 are made with
 ``trustme`` in the scratch dir, the server serves TLS with them and the loadgen connects
 with ``--tls --tls-ca``, verifying the certificate as every client does.
@@ -70,6 +78,11 @@ LOADGEN = ROOT / "target" / "loadgen" / "loadgen"
 SECRET = "bench-run-secret-bench-run-secret-0123456789"  # >= 32 bytes
 SERVER_CPU, LOADGEN_CPU = 0, 1
 SERVING = re.compile(r"serving on \S+:(\d+)")
+WEB_SERVING = re.compile(r"web chat page on http://\S+:(\d+)/")
+TRANSPORTS = ("tcp", "ws")
+# Issue 16's goals for tsmsg over WebSocket, reported against (not asserted).
+WS_FANOUT_GOAL = 0.80  # WebSocket fan-out deliveries/s at least this share of TCP's
+WS_IDLE_GOAL_KIB = 12.0  # server RSS per idle WebSocket connection under this
 TSMSG_ENV = {
     **{
         f"TSMSG_LIMITS_{kind}_{part}": "1000000"
@@ -78,6 +91,10 @@ TSMSG_ENV = {
     },
     "TSMSG_IP_CONNECT_RATE": "1000000",  # the idle and reconnect workloads open thousands
     "TSMSG_IP_CONNECT_BURST": "1000000",
+    # Every loadgen connection comes from 127.0.0.1: the per-IP cap on connections open at
+    # once (256 by default, set for a NAT's worth of people) would refuse the idle,
+    # reconnect and 1,000-subscriber cases past their 256th connection.
+    "TSMSG_IP_MAX_CONNECTIONS": "1000000",
 }
 SYSTEMS = ("tsmsg", "redis", "nats")
 TIERS = ("fsync", "async")
@@ -89,6 +106,12 @@ class Case:
     label: str
     args: tuple[str, ...]
     timeout_s: float = 180.0
+    transport: str = "tcp"  # "ws": tsmsg over its WebSocket port (other systems skip it)
+
+
+def over_ws(case: Case) -> Case:
+    """``case`` over tsmsg's WebSocket port."""
+    return Case(case.workload, f"{case.label} ws", case.args, case.timeout_s, "ws")
 
 
 def fanin(pubs: int, window: int, size: int, rate: int | None = None) -> Case:
@@ -114,7 +137,7 @@ def cases(full: bool) -> list[Case]:
         grid = [fanin(p, w, s) for s in (100, 1024) for p in (1, 16, 64) for w in (1, 16)] + [
             fanin(16, 16, 100, r) for r in (1000, 5000, 10000)
         ]
-        grid += [fanout(n) for n in (10, 100, 1000)]
+        grid += [fanout(n) for n in (10, 100, 1000)] + [over_ws(fanout(100))]
         grid += [fanout(100, rate=r) for r in (100, 500)] + [fanout(1000, rate=50)]
         grid += [
             Case(
@@ -157,6 +180,7 @@ def cases(full: bool) -> list[Case]:
                 300.0,
             ),
             Case("idle", "10k conns", ("--idle", "10000", "--hold", "5"), 300.0),
+            over_ws(Case("idle", "10k conns", ("--idle", "10000", "--hold", "5"), 300.0)),
         ]
         return grid
     return [
@@ -165,6 +189,7 @@ def cases(full: bool) -> list[Case]:
         fanin(16, 16, 1024),
         fanin(16, 16, 100, 2000),
         fanout(100),
+        over_ws(fanout(100)),
         fanout(100, rate=200),
         Case(
             "channels",
@@ -176,6 +201,7 @@ def cases(full: bool) -> list[Case]:
             "reconnect", "500 clients", ("--clients", "500", "--channels", "50", "--backlog", "50")
         ),
         Case("idle", "2k conns", ("--idle", "2000", "--hold", "2")),
+        over_ws(Case("idle", "2k conns", ("--idle", "2000", "--hold", "2"))),
     ]
 
 
@@ -197,6 +223,7 @@ class Server:
     version: str
     opts: list[str] = field(default_factory=list)
     describe: dict[str, Any] = field(default_factory=dict)
+    ws_addr: str = ""  # tsmsg with ws=True: host:port of its WebSocket port
 
 
 def make_pki(scratch: Path) -> dict[str, str]:
@@ -221,9 +248,11 @@ def tsmsg_server(
     *,
     engine: str | None = None,
     cpu: int = SERVER_CPU,
+    ws: bool = False,
 ) -> Iterator[Server]:
     """A ``tsmsg serve`` on a free port pinned to ``cpu``; ``engine`` (a Redis URL) makes
-    it a node of the cluster on that Redis instead of an LMDB server."""
+    it a node of the cluster on that Redis instead of an LMDB server; ``ws`` serves the
+    WebSocket port too (``--ws 127.0.0.1:0``, its address in ``Server.ws_addr``)."""
     data = Path(tempfile.mkdtemp(prefix="tsmsg-", dir=scratch))
     log_path = data.parent / f"{data.name}.log"
     exe = Path(sys.executable).parent / "tsmsg"
@@ -231,6 +260,8 @@ def tsmsg_server(
     cmd += ["--data-dir", str(data / "data"), "--durability", tier]
     if engine is not None:
         cmd += ["--engine", engine]
+    if ws:
+        cmd += ["--ws", "127.0.0.1:0"]
     tls_opts: list[str] = []
     if pki is not None:
         cmd += ["--tls-cert", pki["cert"], "--tls-key", pki["key"]]
@@ -240,11 +271,13 @@ def tsmsg_server(
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 30
-            port = 0
+            port = ws_port = 0
             while time.monotonic() < deadline and proc.poll() is None:
-                m = SERVING.search(log_path.read_text(errors="replace"))
-                if m:
-                    port = int(m.group(1))
+                logged = log_path.read_text(errors="replace")
+                m = SERVING.search(logged)
+                w = WEB_SERVING.search(logged)
+                if m and (w or not ws):
+                    port, ws_port = int(m.group(1)), int(w.group(1)) if w else 0
                     break
                 time.sleep(0.05)
             if not port:
@@ -257,6 +290,7 @@ def tsmsg_server(
                 metadata.version("tsmsg"),
                 ["--opt", f"secret={SECRET}", *tls_opts],
                 {"argv": cmd, "env": TSMSG_ENV},
+                f"127.0.0.1:{ws_port}" if ws_port else "",
             )
         finally:
             if proc.poll() is None:
@@ -291,7 +325,7 @@ def peer_server(system: str, tier: str, scratch: Path) -> Iterator[Server]:
 
 def server(system: str, tier: str, scratch: Path, pki: dict[str, str] | None = None) -> Any:
     if system == "tsmsg":
-        return tsmsg_server(tier, scratch, pki)
+        return tsmsg_server(tier, scratch, pki, ws=pki is None)  # wss: not in the loadgen
     return peer_server(system, tier, scratch)
 
 
@@ -352,7 +386,8 @@ def build_loadgen() -> None:
 
 def run_case(srv: Server, case: Case, common: list[str], pyspy: Path | None) -> dict[str, Any]:
     cmd = [*pin_prefix(LOADGEN_CPU), str(LOADGEN), "--system", srv.system]
-    cmd += ["--addr", srv.addr, *srv.opts, "--server-pid", str(srv.pid)]
+    addr = f"ws://{srv.ws_addr}/connect" if case.transport == "ws" else srv.addr
+    cmd += ["--addr", addr, *srv.opts, "--server-pid", str(srv.pid)]
     cmd += ["--workload", case.workload, *common, *case.args]
     spy = None
     if pyspy is not None and srv.system == "tsmsg":
@@ -598,6 +633,57 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     return made
 
 
+def ws_summary(runs: list[dict[str, Any]]) -> str:
+    """Each tsmsg WebSocket case beside its TCP twin (same tier and case) against issue
+    16's goals: reported, not asserted."""
+    ok = {
+        (r["tier"], r["workload"], r["label"], r.get("transport", "tcp")): r["result"]
+        for r in runs
+        if r["system"] == "tsmsg" and r.get("result")
+    }
+    rows = []
+    for (tier, wl, label, transport), ws in ok.items():
+        tcp = ok.get((tier, wl, label.removesuffix(" ws"), "tcp"))
+        if transport != "ws" or tcp is None:
+            continue
+        case = label.removesuffix(" ws")
+        if wl == "fanout":
+            t, w = g(tcp, "deliveries_s"), g(ws, "deliveries_s")
+            cpu_t = g(tcp, "cpu", "server_cpu_s_per_million_deliveries")
+            cpu_w = g(ws, "cpu", "server_cpu_s_per_million_deliveries")
+            ratio = w / t if t and w else None
+            verdict = "-" if ratio is None else ("met" if ratio >= WS_FANOUT_GOAL else "**missed**")
+            rows.append(
+                f"| {tier} | fan-out {case}: deliveries/s | {num(t)} | {num(w)} | "
+                f"{num(100 * ratio if ratio else None, '.0f')} % | "
+                f">= {100 * WS_FANOUT_GOAL:.0f} % of TCP: {verdict} | "
+                f"{num(cpu_t, ',.1f')} / {num(cpu_w, ',.1f')} s per M deliveries |"
+            )
+        elif wl == "idle":
+            t, w = g(tcp, "server_rss_per_conn_bytes"), g(ws, "server_rss_per_conn_bytes")
+            kt, kw = (t / 1024 if t else None), (w / 1024 if w else None)
+            verdict = "-" if kw is None else ("met" if kw < WS_IDLE_GOAL_KIB else "**missed**")
+            rows.append(
+                f"| {tier} | idle {case}: server RSS KiB / conn | {num(kt, '.1f')} | "
+                f"{num(kw, '.1f')} | {num(100 * kw / kt if kt and kw else None, '.0f')} % | "
+                f"< {WS_IDLE_GOAL_KIB:.0f} KiB: {verdict} | "
+                f"{num(g(tcp, 'connects_s'))} / {num(g(ws, 'connects_s'))} connects/s |"
+            )
+    if not rows:
+        return ""
+    return (
+        "\n".join(
+            [
+                "\n### WebSocket beside TCP (tsmsg, issue 16; reported, not asserted)\n",
+                "| tier | case | TCP | WebSocket | WS / TCP | goal | TCP / WS |",
+                "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
+
+
 def report(meta: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) -> str:
     m = meta["machine"]
     lines = [
@@ -629,11 +715,14 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]], images: list[str]) 
         "- CPU columns: the server's CPU seconds (all threads, /proc/<pid>/stat) per million "
         "acked messages over the measured phase, its share of one core, and the load "
         "generator's own CPU (getrusage) per message: a side near 100 % is the bottleneck",
+        "- transports: tsmsg serves TCP and, with `--ws 127.0.0.1:0`, a WebSocket port; "
+        "rows labelled `ws` ran over the WebSocket (subprotocol `tsmsg.v1.msgpack`)",
         "- latencies: flat out = closed loop (`window` publishes in flight per publisher); "
         "`@N/s` = open loop at N msgs/s in total, latency from the scheduled send time",
         "",
     ]
     lines += [f"![{i}]({i})" for i in images]
+    lines.append(ws_summary(runs))
     lines.append(tables(runs))
     return "\n".join(lines)
 
@@ -655,6 +744,11 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use the built loadgen as is")
     ap.add_argument("--py-spy", action="store_true", help="py-spy record tsmsg per case")
     ap.add_argument("--tls", action="store_true", help="tsmsg only: serve and connect with TLS")
+    ap.add_argument(
+        "--transports",
+        default=",".join(TRANSPORTS),
+        help="tsmsg: tcp, ws (the WebSocket cases; not with --tls)",
+    )
     ap.add_argument("--out", type=Path, help="results dir (default bench/results/<date>-<name>)")
     ap.add_argument("--replot", type=Path, help="rewrite the plots and tables of a results dir")
     a = ap.parse_args()
@@ -682,6 +776,11 @@ def main() -> int:
         print("--tls is for tsmsg only: add --systems tsmsg")
         return 2
     tiers = [t for t in a.tiers.split(",") if t]
+    transports = {t for t in a.transports.split(",") if t} - ({"ws"} if a.tls else set())
+
+    def runs_case(system: str, case: Case) -> bool:
+        return case.transport == "tcp" or (system == "tsmsg" and case.transport in transports)
+
     pyspy = out / "py-spy" if a.py_spy else None
     if pyspy:
         pyspy.mkdir(exist_ok=True)
@@ -703,19 +802,22 @@ def main() -> int:
         pki = make_pki(scratch)
         meta["tls"] = True
     runs: list[dict[str, Any]] = []
-    todo = [(s, t, c) for s in systems for t in tiers for c in grid]
+    todo = [(s, t, c) for s in systems for t in tiers for c in grid if runs_case(s, c)]
     bar = tqdm(total=len(todo), unit="case", dynamic_ncols=True)
     try:
         for system in systems:
             for tier in tiers:
                 meta["fdatasync_ms"][f"{system}/{tier}"] = fdatasync_ms(scratch, 0.5)
                 for case in grid:
+                    if not runs_case(system, case):
+                        continue
                     bar.set_description(f"{system} {tier} {case.workload} {case.label}")
                     rec: dict[str, Any] = {
                         "system": system,
                         "tier": tier,
                         "workload": case.workload,
                         "label": case.label,
+                        "transport": case.transport,
                         "load1": load1(),
                     }
                     try:

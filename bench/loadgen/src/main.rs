@@ -8,10 +8,13 @@
 //! loadgen --system tsmsg --addr 127.0.0.1:7700 --opt secret=... \
 //!         --workload fanin --publishers 16 --window 16 --size 100 [--rate 5000] \
 //!         [--tls --tls-ca ca.pem]
+//! loadgen --system tsmsg --addr ws://127.0.0.1:7780/connect --opt secret=... \
+//!         --workload fanout --subscribers 100 --window 16   # over WebSocket (src/link.rs)
 //! loadgen --system tsmsg --addr 127.0.0.1:7701 --sub-addr 127.0.0.1:7702,127.0.0.1:7703 \
 //!         --server-pid 11,12,13,10 --workload fanout ...   # a cluster: nodes on one Redis
 //! ```
 
+mod link;
 mod mp;
 mod nats;
 mod redis;
@@ -59,7 +62,8 @@ struct Args {
     system: SystemKind,
     /// host:port of the system under test; tsmsg only: several, comma-separated (the nodes
     /// of a cluster), over which publishers (and replay and idle connections) are spread
-    /// round robin by connection number.
+    /// round robin by connection number; and `ws://host:port[/path]` (path default
+    /// `/connect`): a WebSocket, subprotocol tsmsg.v1.msgpack, instead of TCP.
     #[arg(long, default_value = "127.0.0.1:7700", value_delimiter = ',')]
     addr: Vec<String>,
     /// tsmsg only: the nodes subscribers connect to, round robin (default: --addr). With
@@ -170,6 +174,14 @@ fn main() -> Result<()> {
     if (a.addr.len() > 1 || !a.sub_addr.is_empty()) && !matches!(a.system, SystemKind::Tsmsg) {
         bail!("several addresses (--addr A,B, --sub-addr) are for --system tsmsg only");
     }
+    let ws = a
+        .addr
+        .iter()
+        .chain(&a.sub_addr)
+        .any(|s| s.starts_with("ws://"));
+    if ws && !matches!(a.system, SystemKind::Tsmsg) {
+        bail!("ws:// addresses are for --system tsmsg only");
+    }
     system::epoch();
     let run_id = a.run_id.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
@@ -246,6 +258,9 @@ fn main() -> Result<()> {
     });
     if a.tls {
         out["tls"] = json!(true);
+    }
+    if ws {
+        out["transport"] = json!("ws");
     }
     out["mode"] = match a.rate {
         Some(_) => json!("open_loop"),

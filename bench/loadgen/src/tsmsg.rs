@@ -17,6 +17,9 @@
 //! * TLS (`--tls`, section 4; `src/tls.rs`): the same code over either kind of connection.
 //!   A refused handshake (certificate not trusted, wrong name) is not retried, and no
 //!   `hello` is sent on it.
+//! * WebSocket (an address `ws://host:port[/path]`, section 19; `src/link.rs`): the same
+//!   frames, one per binary message of subprotocol `tsmsg.v1.msgpack`, without the length
+//!   prefix; everything above the framing is shared with TCP.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
@@ -28,22 +31,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, Instant, Sleep};
 
+use crate::link::{self, Endpoint, FrameRd, FrameWr};
 use crate::mp::{self, Reader, Val};
 use crate::system::{Bytes, Config, Delivery, Publisher, Result, Subscriber, System};
-use crate::tls::{self, HandshakeRefused, Rd, TlsClient, Wr};
+use crate::tls::{HandshakeRefused, TlsClient};
 
-const READ_BUF: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 const HELLO_ATTEMPTS: u32 = 100;
 
-type Conn = (BufReader<Rd>, Wr, Welcome);
+type Conn = (FrameRd, FrameWr, Welcome);
 
 /// What the adapter learned from `welcome`.
 #[derive(Clone, Copy, Debug)]
@@ -55,9 +56,9 @@ struct Welcome {
 
 pub struct Tsmsg {
     /// The nodes publishers (and replay and idle connections) use, round robin by id.
-    addrs: Vec<String>,
+    addrs: Vec<Endpoint>,
     /// The nodes subscribers use, round robin by id.
-    sub_addrs: Vec<String>,
+    sub_addrs: Vec<Endpoint>,
     /// `--tls`: connect with TLS.
     tls: Option<TlsClient>,
     secret: Vec<u8>,
@@ -176,24 +177,6 @@ fn hs256_token(secret: &[u8], user: &str) -> String {
     format!("{signing}.{sig}")
 }
 
-async fn read_frame(rd: &mut BufReader<Rd>, max: usize) -> Result<Bytes> {
-    let n = rd.read_u32().await.context("connection closed")? as usize;
-    if n == 0 || n > max {
-        bail!("server sent a frame of {n} bytes (max_frame {max})");
-    }
-    let mut body = BytesMut::zeroed(n);
-    rd.read_exact(&mut body)
-        .await
-        .context("connection closed mid-frame")?;
-    Ok(body.freeze())
-}
-
-/// Write `buf` and flush it (TLS may hold bytes back until a flush; TCP does not).
-async fn send(wr: &mut Wr, buf: &[u8]) -> std::io::Result<()> {
-    wr.write_all(buf).await?;
-    wr.flush().await
-}
-
 fn frame(build: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     let at = mp::begin(&mut out);
@@ -239,13 +222,13 @@ impl Tsmsg {
     }
 
     /// Connection `id`'s node: round robin over `addrs`.
-    fn addr(addrs: &[String], id: usize) -> &str {
+    fn addr<T>(addrs: &[T], id: usize) -> &T {
         &addrs[id % addrs.len()]
     }
 
     /// Connect to `addr` and complete the hello, retrying admission refusals and refused
     /// connects.
-    async fn open(&self, addr: &str, user: &str) -> Result<Conn> {
+    async fn open(&self, addr: &Endpoint, user: &str) -> Result<Conn> {
         let token = hs256_token(&self.secret, user);
         let hello = frame(|o| {
             mp::map(o, 4);
@@ -272,11 +255,14 @@ impl Tsmsg {
     }
 
     /// Ok(Ok(conn)), Ok(Err(retry_after_ms)) on an admission refusal, Err otherwise.
-    async fn try_hello(&self, addr: &str, hello: &[u8]) -> Result<std::result::Result<Conn, u64>> {
-        let (rd, mut wr) = tls::connect(addr, self.tls.as_ref()).await?;
-        let mut rd = BufReader::with_capacity(READ_BUF, rd);
-        send(&mut wr, hello).await?;
-        let body = read_frame(&mut rd, self.welcome.max_frame).await?;
+    async fn try_hello(
+        &self,
+        addr: &Endpoint,
+        hello: &[u8],
+    ) -> Result<std::result::Result<Conn, u64>> {
+        let (mut rd, mut wr) = link::connect(addr, self.tls.as_ref()).await?;
+        wr.send(hello).await?;
+        let body = rd.read_frame(self.welcome.max_frame).await?;
         let f = parse(&body)?;
         match f.t {
             "welcome" => {
@@ -314,19 +300,27 @@ impl System for Tsmsg {
             .map(str::to_owned)
             .or_else(|| std::env::var("TSMSG_SECRET").ok())
             .context("tsmsg needs the server's HS256 secret: --opt secret=... or TSMSG_SECRET")?;
-        let tls = match &cfg.tls {
-            Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
-            None => None,
+        let parse = |v: &[String]| {
+            v.iter()
+                .map(|a| Endpoint::parse(a))
+                .collect::<Result<Vec<_>>>()
         };
         let addrs = if cfg.addrs.is_empty() {
-            vec![cfg.addr.clone()]
+            vec![Endpoint::parse(&cfg.addr)?]
         } else {
-            cfg.addrs.clone()
+            parse(&cfg.addrs)?
         };
         let sub_addrs = if cfg.sub_addrs.is_empty() {
             addrs.clone()
         } else {
-            cfg.sub_addrs.clone()
+            parse(&cfg.sub_addrs)?
+        };
+        let tls = match &cfg.tls {
+            Some(_) if addrs.iter().chain(&sub_addrs).any(Endpoint::is_ws) => {
+                bail!("--tls with a ws:// address: wss:// is not implemented")
+            }
+            Some(args) => Some(TlsClient::new(args, &cfg.addr)?),
+            None => None,
         };
         let mut sys = Tsmsg {
             addrs,
@@ -412,7 +406,7 @@ impl System for Tsmsg {
             sub.catch_up(&name);
         }
         buf.append(&mut sub.wr_buf);
-        send(&mut wr, &buf).await?;
+        wr.send(&buf).await?;
         sub.wr_buf = Vec::new();
         let (wtx, wrx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, wrx));
@@ -438,9 +432,10 @@ impl System for Tsmsg {
         let mut epoch = 0;
         while got < count {
             let limit = self.welcome.sync_max.min(count - got);
-            send(&mut wr, &sync_frame(rid, channel, since, limit, epoch)).await?;
+            wr.send(&sync_frame(rid, channel, since, limit, epoch))
+                .await?;
             let body = loop {
-                let body = read_frame(&mut rd, self.welcome.max_frame).await?;
+                let body = rd.read_frame(self.welcome.max_frame).await?;
                 let f = parse(&body)?;
                 if f.rid == Some(rid) {
                     break body;
@@ -485,11 +480,11 @@ impl System for Tsmsg {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if send(&mut wr, &ping_frame()).await.is_err() {
+                        if wr.send(&ping_frame()).await.is_err() {
                             break;
                         }
                     }
-                    r = read_frame(&mut rd, max) => {
+                    r = rd.read_frame(max) => {
                         if r.is_err() {
                             break;
                         }
@@ -503,7 +498,7 @@ impl System for Tsmsg {
 
 /// One batched writer per connection: frames queued by concurrent callers go out in as
 /// few `write` calls as possible.
-async fn writer(mut wr: Wr, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer(mut wr: FrameWr, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut buf = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         buf.clear();
@@ -514,7 +509,7 @@ async fn writer(mut wr: Wr, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
                 Err(_) => break,
             }
         }
-        if send(&mut wr, &buf).await.is_err() {
+        if wr.send(&buf).await.is_err() {
             break;
         }
     }
@@ -568,9 +563,9 @@ impl Publisher for TsPublisher {
     }
 }
 
-async fn pub_reader(mut rd: BufReader<Rd>, p: Arc<PubInner>, max: usize) {
+async fn pub_reader(mut rd: FrameRd, p: Arc<PubInner>, max: usize) {
     let err = loop {
-        let body = match read_frame(&mut rd, max).await {
+        let body = match rd.read_frame(max).await {
             Ok(b) => b,
             Err(e) => break e,
         };
@@ -626,9 +621,9 @@ impl Drop for TsSubscriber {
     }
 }
 
-async fn sub_reader(mut rd: BufReader<Rd>, tx: mpsc::Sender<Result<Bytes>>, max: usize) {
+async fn sub_reader(mut rd: FrameRd, tx: mpsc::Sender<Result<Bytes>>, max: usize) {
     loop {
-        let r = read_frame(&mut rd, max).await;
+        let r = rd.read_frame(max).await;
         let end = r.is_err();
         if tx.send(r).await.is_err() || end {
             break;
@@ -822,7 +817,7 @@ mod tests {
     #[test]
     fn connections_spread_round_robin_over_nodes() {
         let nodes: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
-        let got: Vec<&str> = (0..4).map(|id| Tsmsg::addr(&nodes, id)).collect();
+        let got: Vec<&str> = (0..4).map(|id| Tsmsg::addr(&nodes, id).as_str()).collect();
         assert_eq!(got, ["n1", "n2", "n3", "n1"]);
     }
 
@@ -858,6 +853,22 @@ mod tests {
         assert!(
             msg.contains("UnknownIssuer") && msg.contains("--tls-ca"),
             "{msg}"
+        );
+    }
+
+    /// A ws:// address with --tls is refused before any connect, saying why.
+    #[tokio::test]
+    async fn tls_with_a_websocket_address_is_refused() {
+        let cfg = Config {
+            addr: "ws://127.0.0.1:9/connect".into(),
+            extra: vec![("secret".into(), "s".repeat(32))],
+            tls: Some(crate::tls::TlsArgs::default()),
+            ..Default::default()
+        };
+        let err = Tsmsg::connect(cfg).await.err().unwrap();
+        assert!(
+            format!("{err:#}").contains("wss:// is not implemented"),
+            "{err:#}"
         );
     }
 
