@@ -103,7 +103,7 @@ bench-full: $(STAMP_BENCH)
 # 1, 2 and 3 tsmsg nodes on one private Redis (AOF, appendfsync always) and the LMDB node
 # for the ratio: fan-in, fan-out and cross-node publish-to-deliver latency, CPU per message
 # per node and of Redis. A few minutes; results in bench/results/<date>-cluster/.
-bench-cluster: $(STAMP)
+bench-cluster: $(STAMP_BENCH)
 	$(VPY) bench/cluster.py --quick
 
 # Server RSS per idle connection (plaintext and TLS) and disk per million messages; the

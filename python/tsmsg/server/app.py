@@ -1226,7 +1226,10 @@ class Server:
         self.store.publish_signal(PRESENCE_TOPIC, {**frame, "to": user})
 
     def _notify_here(self, user: str, frame: dict[str, Any]) -> None:
-        if frame.get("t") == "membership":  # a new membership: presence walks it too
+        # Another user's doing (a DM peer's message): presence walks it too. The user's
+        # own joins are in the set since their submit (in order with a later forget,
+        # which this notice, sent after the join's commit, must not undo).
+        if frame.get("t") == "membership" and frame.get("by") != user:
             mine = self.memberships.get(user)
             if mine is not None and isinstance(frame.get("channel"), str):
                 mine.add(frame["channel"])
