@@ -77,24 +77,21 @@ def publish_all(
     receivers read what they missed from the log)."""
     if not messages:
         return
+    failed = len(messages)
+    error: Exception | None = None
     try:
         pipe = client.pipeline(transaction=False)
         for topic, payload in messages:
             pipe.execute_command(command, topic, payload)
-        count_published(stats, pipe.execute(raise_on_error=False))
+        replies = pipe.execute(raise_on_error=False)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        failed, error = len(errors), (errors[0] if errors else None)
     except Exception as exc:  # connection lost, cluster down: the batch stays acked
-        count_published(stats, [exc] * len(messages))
-
-
-def count_published(stats: FanoutStats, replies: list[Any]) -> None:
-    """Count the replies of PUBLISH commands; failures are logged, never retried."""
-    errors = [r for r in replies if isinstance(r, Exception)]
-    stats.published += len(replies) - len(errors)
-    if errors:
-        stats.publish_failures += len(errors)
-        log.warning(
-            "%d of %d pub/sub messages not published: %s", len(errors), len(replies), errors[0]
-        )
+        error = exc
+    stats.published += len(messages) - failed
+    if failed:
+        stats.publish_failures += failed
+        log.warning("%d of %d pub/sub messages not published: %s", failed, len(messages), error)
 
 
 @dataclass(slots=True, eq=False)

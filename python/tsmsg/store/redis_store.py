@@ -81,7 +81,6 @@ from tsmsg.store.lmdb_store import (
 from tsmsg.store.redis_fanout import (
     FanoutStats,
     Subscriber,
-    count_published,
     entry_message,
     publish_all,
     signal_message,
@@ -297,8 +296,6 @@ class RedisStore(Store):
         self._inflight = 0  # calls from callers' threads now using a connection
         self._inflight_changed = threading.Condition()
         self._waiting: collections.deque[float] = collections.deque()
-        # Fan-out messages of acknowledged batches not yet sent (the writer thread's own).
-        self._unpublished: list[tuple[bytes, bytes]] = []
         self._queue: queue.SimpleQueue[tuple[WriteOp, ...] | _Stop] = queue.SimpleQueue()
         self._writer = threading.Thread(
             target=self._run_writer, name="tsmsg-redis-writer", daemon=True
@@ -576,14 +573,6 @@ class RedisStore(Store):
         held: tuple[WriteOp, ...] | _Stop | None = None
         while True:
             item, held = held, None
-            if item is None and self._unpublished:
-                # The last batch's publishes ride in the next batch's first pipeline (one
-                # round trip less per batch under load); with nothing queued, go now.
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    messages, self._unpublished = self._unpublished, []
-                    publish_all(self._wclient, self._publish_command, messages, self.fanout)
             if item is None:
                 try:
                     wait = RECONNECT_INTERVAL_S if self.down else HEALTH_CHECK_S
@@ -592,7 +581,6 @@ class RedisStore(Store):
                     self._probe()
                     continue
             if isinstance(item, _Stop):
-                publish_all(self._wclient, self._publish_command, self._unpublished, self.fanout)
                 return
             batch, held = self._next_batch(item)
             start = time.perf_counter()
@@ -601,9 +589,8 @@ class RedisStore(Store):
                 self._observer.committed(len(batch), time.perf_counter() - start)
             messages = self._fanout_messages(batch)
             self._ack(batch)
-            # Published after the ack: a node never delivers what this one has not
-            # acknowledged (and, with WAIT, what the replicas have not confirmed).
-            self._unpublished += messages
+            # After the ack: a node never delivers what this one has not acknowledged.
+            publish_all(self._wclient, self._publish_command, messages, self.fanout)
 
     def _probe(self) -> None:
         """An idle writer's check: does Redis answer (again)?"""
@@ -719,18 +706,10 @@ class RedisStore(Store):
         return [c for c in calls if c.op.error is None]
 
     def _execute(self, commands: list[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
-        """One pipeline; WAIT at its end when replicas must confirm (and ``wait``). The
-        publishes of batches already acknowledged go first in it. Commands Redis did not
-        know the script of (it restarted) are sent again once the scripts are loaded."""
-        lead, self._unpublished = self._unpublished, []
-        command = self._publish_command
-        try:
-            replies = self._pipeline([(command, *m) for m in lead] + commands, wait)
-        except Exception as exc:
-            count_published(self.fanout, [exc] * len(lead))
-            raise
-        count_published(self.fanout, replies[: len(lead)])
-        replies = replies[len(lead) :]
+        """One pipeline; WAIT at its end when replicas must confirm (and ``wait``).
+        Commands Redis did not know the script of (it restarted) are sent again once the
+        scripts are loaded."""
+        replies = self._pipeline(commands, wait)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             self._load_scripts()
