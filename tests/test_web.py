@@ -198,8 +198,17 @@ async def test_invalid_utf8_in_a_text_message_is_bad_frame(harness: Harness) -> 
 
 @pytest.mark.parametrize(
     "text",
-    ["{", "[1, 2]", '"ping"', '{"t": "ping", "rid": 1e999}', '{"t": NaN}', "[" * 5000],
-    ids=["cut-short", "array", "string", "infinite", "nan", "deep"],
+    [
+        "{",
+        "[1, 2]",
+        '"ping"',
+        '{"t": "ping", "rid": 1e999}',
+        '{"t": NaN}',
+        "[" * 5000,
+        '{"t": "presence", "status": "\\ud800"}',
+        '{"t": "ping", "x": ' + "[" * 600 + "]" * 600 + "}",
+    ],
+    ids=["cut-short", "array", "string", "infinite", "nan", "deep", "surrogate", "deep-parsed"],
 )
 async def test_invalid_json_is_bad_frame(harness: Harness, text: str) -> None:
     other = await connected(harness, WS_JSON, "bob")
@@ -243,10 +252,12 @@ async def test_a_websocket_ping_is_answered(harness: Harness) -> None:
     await assert_open(client)
 
 
-async def test_a_client_close_still_gets_its_acks_then_a_close(harness: Harness) -> None:
+@pytest.mark.parametrize("code", [1000, 4000, 3000, 1011])
+async def test_a_client_close_still_gets_its_acks_then_a_close(harness: Harness, code: int) -> None:
+    """Any close frame of the peer is its end of input (an application's own code too)."""
     client = await connected(harness, WS_JSON)
     await client.send({"t": "send", "rid": 9, "channel": ROOM, "cid": "c9", "text": "bye now"})
-    await client.send_raw(framing(client).ws.send(CloseConnection(1000)))
+    await client.send_raw(framing(client).ws.send(CloseConnection(code)))
     ok = await client.next(lambda f: f.get("rid") == 9)
     assert ok["t"] == "ok" and ok["seq"] == 1
     assert await client.closed()

@@ -752,8 +752,8 @@ class Connection:
                 server.perform(self, session.frame_error(exc))
                 return
             control = transport.take_control()  # a WebSocket's pongs
-            if control:
-                self.send_bytes(control, None)
+            if control and self.queued_bytes + len(control) <= self.limit // 2:
+                self.send_bytes(control, None)  # not for a peer that reads nothing
             if not decoder.buffered:
                 partial_since = math.inf
             elif frames or partial_since == math.inf:
@@ -1011,8 +1011,10 @@ class Server:
         if devices:
             return
         del self.devices[user]
-        if self.status.pop(user, OFFLINE) != OFFLINE:
-            self._announce(conn, None)
+        # Always, "offline" set by the user too: this node's entry ends (no push if the
+        # user's status across nodes does not change).
+        self.status.pop(user, None)
+        self._announce(conn, None)
         self.memberships.pop(user, None)
         try:
             self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts

@@ -19,7 +19,7 @@ import math
 from typing import Any, Protocol
 
 from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason, FrameProtocol
 
@@ -185,13 +185,26 @@ def decode_json(text: str, max_depth: int) -> dict[str, Any]:
         raise FrameError(f"invalid JSON: {exc}") from None
     if not isinstance(frame, dict):
         raise FrameError("the message is not a JSON object")
-    if _depth(frame) > max_depth:
+    try:
+        deep = _depth(frame) > max_depth
+        # JSON's \u escapes can spell lone surrogates, which no codec can send back (and
+        # msgpack's strings, UTF-8 checked, never hold): refused like invalid UTF-8.
+        packb(frame)
+    except RecursionError:
+        deep = True
+    except Exception:
+        raise FrameError("invalid string in JSON (a lone surrogate escape)") from None
+    if deep:
         raise FrameError(f"JSON nests deeper than max_depth {max_depth}")
     epoch = frame.get("epoch")
     if isinstance(epoch, str) and epoch.isascii() and epoch.isdigit():
         frame["epoch"] = int(epoch)  # as the server sent it (JS_SAFE_INT)
     return frame
 
+
+# Pongs waiting to be queued per read: pings beyond are not answered (RFC 6455 lets an
+# endpoint answer only the latest; a peer pinging at line rate gets no memory from it).
+MAX_PONG_BYTES = 4096
 
 # Close codes (RFC 6455 7.4.1) by the reason the server closes for.
 CLOSE_NORMAL = int(CloseReason.NORMAL_CLOSURE)  # 1000: a bye, or the peer closed first
@@ -270,12 +283,13 @@ class WebSocket:
                 if frame is not None:
                     frames.append(frame)
             elif isinstance(event, Ping):
-                self.control += self.ws.send(event.response())
+                if len(self.control) < MAX_PONG_BYTES:  # a peer that never reads: drop
+                    self.control += self.ws.send(event.response())
             elif isinstance(event, CloseConnection):
-                if event.code in (CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY) or (
-                    event.code == CloseReason.NO_STATUS_RCVD
-                ):
-                    self.closed_by_peer = True  # an EOF: pending acks are still sent
+                if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                    # The peer's close frame, whatever its code: an EOF, pending acks
+                    # are still sent (a parse failure leaves the state OPEN, below).
+                    self.closed_by_peer = True
                     break
                 self._fail(event.code, f"WebSocket protocol error: {event.reason}")
             # a Pong: nothing to do (the server sends no pings of its own)
