@@ -274,3 +274,33 @@ def test_a_node_skips_what_it_published_itself(engine: Engine) -> None:
         assert store.fanout.published == 3 and store.fanout.bad_messages == 0
     finally:
         store.close()
+
+
+def test_a_presence_refresh_extends_only_the_entry_it_knows(engine: Engine) -> None:
+    """A refresh never brings back an entry a later change removed (a disconnect racing
+    the refresh), and sets again one a sweep took while this node was late."""
+    store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:", presence_ttl_s=1.0)
+    t = int(time.time() * 1000)  # the hash's own expiry is absolute: wall-clock times
+    try:
+        presence = store.presence
+        assert presence.set("u1", "online", t + 1_000) == ("offline", "online")
+        call, raced = store._call, []
+
+        def disconnect_first(fn: Callable[..., Any], *args: Any) -> Any:
+            if not raced:  # the refresh's pipeline: u1 disconnects just before it runs
+                raced.append(None)
+                raced[0] = presence.set("u1", None, t + 1_100)
+            return call(fn, *args)
+
+        store._call = disconnect_first  # type: ignore[method-assign]
+        assert presence.refresh(t + 1_200) == []  # the gone entry is not extended or re-made
+        store._call = call  # type: ignore[method-assign]
+        assert raced == [("online", "offline")]
+        assert presence.statuses(["u1"], t + 1_300) == {}
+        assert presence.set("u2", "away", t + 2_000) == ("offline", "away")
+        assert presence.expired(t + 3_500) == ["u2"]  # swept: this node was late
+        assert presence.refresh(t + 3_600) == [("u2", "offline", "away")]  # set again, moved
+        assert presence.statuses(["u2"], t + 3_700) == {"u2": "away"}
+        assert presence.refresh(t + 3_800) == []  # extended: nothing moved
+    finally:
+        store.close()

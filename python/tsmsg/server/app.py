@@ -1084,7 +1084,10 @@ class Server:
             await trio.sleep(presence.refresh_s)
             now = self.now_ms()
             try:
-                await self.run_read(functools.partial(presence.refresh, now))
+                back = await self.run_read(functools.partial(presence.refresh, now))
+                for user, before, after in back:  # swept while this node was late
+                    channels = list(self.memberships.get(user, ()))
+                    self._presence_moved(user, before, after, now, channels)
                 gone = await self.run_read(functools.partial(presence.expired, now))
                 for user in gone:
                     channels = await self.run_read(

@@ -401,8 +401,11 @@ class Presence:
         with self._lock:
             return {u: self._status[u] for u in users if u in self._status}
 
-    def refresh(self, now_ms: int) -> None:
-        """Extend this node's entries (a live node calls this every ``refresh_s``)."""
+    def refresh(self, now_ms: int) -> list[tuple[str, str, str]]:
+        """Extend this node's entries (a live node calls this every ``refresh_s``).
+        Returns ``(user, before, after)`` of the users whose entry was gone (swept while
+        this node was late) and is set again: their status across nodes changed back."""
+        return []
 
     def expired(self, now_ms: int) -> list[str]:
         """Users whose last entry (a dead node's) has just expired: offline now, for the

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tsmsg.store.base import OFFLINE, Presence
+from tsmsg.store.redis_scripts import SHAS
 
 if TYPE_CHECKING:
     from tsmsg.store.redis_store import RedisStore
@@ -70,20 +71,30 @@ class RedisPresence(Presence):
                 out[user] = best
         return out
 
-    def refresh(self, now_ms: int) -> None:
+    def refresh(self, now_ms: int) -> list[tuple[str, str, str]]:
         expires = now_ms + self._ttl_ms
         with self._lock:
             entries = [(u, s, self._since[u]) for u, s in self._status.items()]
-        client = self._store._client
+        client, sha = self._store._client, SHAS["presence_extend"]
+        lost = []
         for i in range(0, len(entries), REFRESH_BATCH):
+            batch = entries[i : i + REFRESH_BATCH]
             pipe = client.pipeline(transaction=False)
-            for user, status, since in entries[i : i + REFRESH_BATCH]:
-                key = self._key(user)
-                pipe.hset(key, self._node, f"{since} {expires} {status}")
-                pipe.pexpireat(key, expires + self._ttl_ms, gt=True)
-                pipe.pexpireat(key, expires + self._ttl_ms, nx=True)
+            for user, status, since in batch:
+                args = (self._node, since, expires, expires + self._ttl_ms, status)
+                pipe.evalsha(sha, 1, self._key(user), *args)
                 pipe.zadd(self._index, {self._node + user.encode(): expires})
-            self._store._call(pipe.execute)
+            replies = self._store._call(pipe.execute)
+            lost += [e for e, extended in zip(batch, replies[::2], strict=True) if not extended]
+        # Entries a sweep took while this node was late (a long Redis outage): set again,
+        # unless a change of the user replaced them meanwhile.
+        moved = []
+        for user, status, since in lost:
+            with self._lock:
+                current = self._since.get(user) == since and self._status.get(user) == status
+            if current:
+                moved.append((user, *self.set(user, status, now_ms)))
+        return moved
 
     def expired(self, now_ms: int) -> list[str]:
         due = self._store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)

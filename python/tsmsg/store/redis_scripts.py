@@ -388,6 +388,18 @@ end
 return {before, status_of(KEYS[1], now)}
 """
 
+# KEYS: the user's hash. ARGV: node, set_ms, expires_ms, keep_until_ms, status. A live
+# node's refresh: extends its entry only if it is still the one set at set_ms (not one a
+# later change replaced or removed meanwhile, nor one a sweep took). Returns 1, or 0.
+PRESENCE_EXTEND = r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v or string.match(v, '^(%d+) ') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'GT')
+redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'NX')
+return 1
+"""
+
 # KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed;
 # returns the user's status after, or false when the entry was refreshed meanwhile.
 PRESENCE_EXPIRE = r"""
@@ -464,6 +476,7 @@ SCRIPTS: dict[str, str] = {
     "presence_set": _PRESENCE_LIB + PRESENCE_SET,
     "presence_expire": _PRESENCE_LIB + PRESENCE_EXPIRE,
     "presence_claim": PRESENCE_CLAIM,
+    "presence_extend": PRESENCE_EXTEND,
     "send_rate": SEND_RATE,
     "member": MEMBER,
 }
