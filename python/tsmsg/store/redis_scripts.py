@@ -419,32 +419,32 @@ if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
 
-# Shared send limits (SendLimits): two token buckets in the user's hash {u:<user>}:rate,
-# "s" per user and "c:<channel>" per user and channel, each "<tokens> <stamp_ms>". KEYS:
-# the hash. ARGV: now_ms, rate, burst, channel field, channel rate, channel burst. A token
-# from both or from neither; returns 0, or the ms until both have one. The hash expires
-# once every bucket would be full again (an idle user leaves nothing behind).
+# Shared send limits (SendLimits): two token buckets, each a string "<tokens> <stamp_ms>"
+# in the user's slot: {u:<user>}:rate (per user) and {u:<user>}:rate:c:<channel> (per user
+# and channel). KEYS: the two. ARGV: now_ms, rate, burst, channel rate, channel burst. A
+# token from both or from neither; returns 0, or the ms until both have one. Each key
+# expires once its bucket would be full again: a user's channels leave nothing behind.
 SEND_RATE = r"""
 local now = tonumber(ARGV[1])
-local function level(field, rate, burst)
-  local v = redis.call('HGET', KEYS[1], field)
+local function level(key, rate, burst)
+  local v = redis.call('GET', key)
   if not v then return burst end
   local t, s = string.match(v, '^(%S+) (%d+)$')
   return math.min(burst, tonumber(t) + math.max(0, now - tonumber(s)) * rate / 1000)
 end
 local rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
-local crate, cburst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local a, b = level('s', rate, burst), level(ARGV[4], crate, cburst)
+local crate, cburst = tonumber(ARGV[4]), tonumber(ARGV[5])
+local a, b = level(KEYS[1], rate, burst), level(KEYS[2], crate, cburst)
 if a < 1 or b < 1 then
   local wait = 1
   if a < 1 then wait = math.max(wait, math.ceil((1 - a) * 1000 / rate)) end
   if b < 1 then wait = math.max(wait, math.ceil((1 - b) * 1000 / crate)) end
   return wait
 end
-redis.call('HSET', KEYS[1], 's', string.format('%.6f %d', a - 1, now),
-  ARGV[4], string.format('%.6f %d', b - 1, now))
-local full = math.max(burst / rate, cburst / crate)
-redis.call('PEXPIRE', KEYS[1], math.ceil(full * 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.6f %d', a - 1, now),
+  'PX', math.ceil((burst - a + 1) * 1000 / rate) + 1000)
+redis.call('SET', KEYS[2], string.format('%.6f %d', b - 1, now),
+  'PX', math.ceil((cburst - b + 1) * 1000 / crate) + 1000)
 return 0
 """
 

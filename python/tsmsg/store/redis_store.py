@@ -684,11 +684,11 @@ class RedisStore(Store):
                 (
                     "EVALSHA",
                     SHAS["send_rate"],
-                    1,
+                    2,
                     self._user_key(c.op.user, b"rate"),
+                    self._user_key(c.op.user, b"rate:c:" + c.op.channel.encode()),
                     ts,
                     *per_user,
-                    b"c:" + c.op.channel.encode(),
                     *per_channel,
                 )
                 for c in charged
