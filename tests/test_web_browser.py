@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import ServerProcess, server_process
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -215,180 +215,171 @@ def browsers(tmp_path: Path) -> Iterator[Callable[[str], Page]]:
             driver.quit()
 
 
-async def test_two_users_chat_in_the_browser(
-    tmp_path: Path, browsers: Callable[[str], Page]
-) -> None:
+@pytest.fixture
+async def page_server(tmp_path: Path) -> AsyncIterator[tuple[ServerProcess, str]]:
+    """A ``tsmsg serve --dev`` with its web page on a free port, and the page's URL."""
     ws_port = free_port()
-    server = ServerProcess(
-        tmp_path / "data", tmp_path / "server.log", "--dev", "--ws", f"127.0.0.1:{ws_port}"
+    args = ("--dev", "--ws", f"127.0.0.1:{ws_port}")
+    async with server_process(tmp_path / "data", tmp_path / "server.log", *args) as server:
+        yield server, f"http://127.0.0.1:{ws_port}/"
+
+
+async def test_two_users_chat_in_the_browser(
+    page_server: tuple[ServerProcess, str], browsers: Callable[[str], Page]
+) -> None:
+    server, url = page_server
+    alice, bob = browsers("alice"), browsers("bob")
+    alice.login(url)
+    bob.login(url)
+    alice.shot("01-logged-in")
+    bob.shot("01-logged-in")
+
+    # A channel: typing, the message, the read receipt.
+    alice.type("hello")
+    bob.wait("alice typing", lambda: "alice is typing" in bob.find("#typing").text)
+    bob.shot("02-typing")
+    alice.find("#send").click()
+    bob.wait("the message", lambda: bob.texts() == ["hello"])
+    alice.wait("bob's receipt", lambda: "read by bob" in alice.message("hello").text)
+    alice.shot("03-channel-read")
+    bob.shot("03-channel-read")
+
+    # A DM: bob sees it (unread badge, then the message); alice sees his receipt.
+    dm = "dm:alice:bob"
+    alice.find("#dm-user").send_keys("bob\n")
+    alice.wait("in the DM", lambda: alice.find("#channel-title").text == "@ bob")
+    alice.send("psst, bob")
+    bob.wait(
+        "the DM's unread badge",
+        lambda: bob.find(f'li[data-channel="{dm}"] .unread').text == "1",
     )
-    await server.start()
-    try:
-        url = f"http://127.0.0.1:{ws_port}/"
-        alice, bob = browsers("alice"), browsers("bob")
-        alice.login(url)
-        bob.login(url)
-        alice.shot("01-logged-in")
-        bob.shot("01-logged-in")
+    bob.shot("04-dm-unread")
+    bob.open(dm)
+    bob.wait("the DM", lambda: bob.texts() == ["psst, bob"])
+    alice.wait("bob's DM receipt", lambda: "read by bob" in alice.message("psst, bob").text)
+    bob.send("hi alice")
+    alice.wait("bob's reply", lambda: alice.texts() == ["psst, bob", "hi alice"])
+    alice.shot("05-dm")
+    bob.shot("05-dm")
 
-        # A channel: typing, the message, the read receipt.
-        alice.type("hello")
-        bob.wait("alice typing", lambda: "alice is typing" in bob.find("#typing").text)
-        bob.shot("02-typing")
-        alice.find("#send").click()
-        bob.wait("the message", lambda: bob.texts() == ["hello"])
-        alice.wait("bob's receipt", lambda: "read by bob" in alice.message("hello").text)
-        alice.shot("03-channel-read")
-        bob.shot("03-channel-read")
+    # Edit and delete of her own messages show on both pages.
+    alice.send("typo")
+    bob.wait("typo", lambda: bob.texts()[-1] == "typo")
+    alice.click_in("psst, bob", ".edit")
+    composer = alice.find("#composer")
+    composer.clear()
+    composer.send_keys("psst, bob (fixed)\n")
+    alice.click_in("typo", ".delete")
+    expected = ["psst, bob (fixed)", "hi alice", "message deleted"]
+    for page in (alice, bob):
+        page.wait("the edit and the delete", lambda p=page: p.texts() == expected)
+        page.shot("06-edit-delete")
 
-        # A DM: bob sees it (unread badge, then the message); alice sees his receipt.
-        dm = "dm:alice:bob"
-        alice.find("#dm-user").send_keys("bob\n")
-        alice.wait("in the DM", lambda: alice.find("#channel-title").text == "@ bob")
-        alice.send("psst, bob")
-        bob.wait(
-            "the DM's unread badge",
-            lambda: bob.find(f'li[data-channel="{dm}"] .unread').text == "1",
-        )
-        bob.shot("04-dm-unread")
-        bob.open(dm)
-        bob.wait("the DM", lambda: bob.texts() == ["psst, bob"])
-        alice.wait("bob's DM receipt", lambda: "read by bob" in alice.message("psst, bob").text)
-        bob.send("hi alice")
-        alice.wait("bob's reply", lambda: alice.texts() == ["psst, bob", "hi alice"])
-        alice.shot("05-dm")
-        bob.shot("05-dm")
+    # HTML in a message is text.
+    alice.send(XSS)
+    bob.wait("the HTML as text", lambda: bob.texts()[-1] == XSS)
+    assert bob.find_all("#message-list img") == []
+    with pytest.raises(NoAlertPresentException):
+        bob.driver.switch_to.alert.text  # noqa: B018 (the check is that there is none)
+    bob.shot("07-xss-as-text")
+    expected.append(XSS)
 
-        # Edit and delete of her own messages show on both pages.
-        alice.send("typo")
-        bob.wait("typo", lambda: bob.texts()[-1] == "typo")
-        alice.click_in("psst, bob", ".edit")
-        composer = alice.find("#composer")
-        composer.clear()
-        composer.send_keys("psst, bob (fixed)\n")
-        alice.click_in("typo", ".delete")
-        expected = ["psst, bob (fixed)", "hi alice", "message deleted"]
-        for page in (alice, bob):
-            page.wait("the edit and the delete", lambda p=page: p.texts() == expected)
-            page.shot("06-edit-delete")
+    # A restart: both pages show "reconnecting…", a send made meanwhile waits in the
+    # outbox, and after the reconnect every message is shown once, in order.
+    await server.terminate()
+    for page in (alice, bob):
+        page.wait("reconnecting", lambda p=page: p.find("#status").text == "reconnecting…")
+    alice.send("sent while the server was down")
+    alice.wait("the outbox", lambda: alice.find(".msg.pending .text").text.startswith("sent"))
+    alice.shot("08-reconnecting")
+    bob.shot("08-reconnecting")
+    await server.restart()
+    for page in (alice, bob):
+        page.wait("reconnected", lambda p=page: p.find("#status").text == "connected")
+    bob.send("after the restart")
+    expected += ["sent while the server was down", "after the restart"]
+    for page in (alice, bob):
+        page.wait("every message once, in order", lambda p=page: p.texts() == expected)
+        page.shot("09-after-restart")
+    alice.open("general")
+    alice.wait("the channel again", lambda: alice.texts() == ["hello"])
 
-        # HTML in a message is text.
-        alice.send(XSS)
-        bob.wait("the HTML as text", lambda: bob.texts()[-1] == XSS)
-        assert bob.find_all("#message-list img") == []
-        with pytest.raises(NoAlertPresentException):
-            bob.driver.switch_to.alert.text  # noqa: B018 (the check is that there is none)
-        bob.shot("07-xss-as-text")
-        expected.append(XSS)
-
-        # A restart: both pages show "reconnecting…", a send made meanwhile waits in the
-        # outbox, and after the reconnect every message is shown once, in order.
-        await server.terminate()
-        for page in (alice, bob):
-            page.wait("reconnecting", lambda p=page: p.find("#status").text == "reconnecting…")
-        alice.send("sent while the server was down")
-        alice.wait("the outbox", lambda: alice.find(".msg.pending .text").text.startswith("sent"))
-        alice.shot("08-reconnecting")
-        bob.shot("08-reconnecting")
-        await server.restart()
-        for page in (alice, bob):
-            page.wait("reconnected", lambda p=page: p.find("#status").text == "connected")
-        bob.send("after the restart")
-        expected += ["sent while the server was down", "after the restart"]
-        for page in (alice, bob):
-            page.wait("every message once, in order", lambda p=page: p.texts() == expected)
-            page.shot("09-after-restart")
-        alice.open("general")
-        alice.wait("the channel again", lambda: alice.texts() == ["hello"])
-
-        # tsmsg.js on its own, with tokens that live 3 s: the provider is asked again
-        # before each expires, and the connection outlives several of them.
-        result = alice.driver.execute_async_script(REFRESHING_CLIENT)
-        assert result["error"] is None, result
-        assert result["asked"] >= 3 and result["drops"] == 0, result
-        assert result["connected"] and result["seq"] >= 2, result
-        assert result["seen"] == ["resynced", "message"], result["seen"]
-    finally:
-        server.kill()
+    # tsmsg.js on its own, with tokens that live 3 s: the provider is asked again
+    # before each expires, and the connection outlives several of them.
+    result = alice.driver.execute_async_script(REFRESHING_CLIENT)
+    assert result["error"] is None, result
+    assert result["asked"] >= 3 and result["drops"] == 0, result
+    assert result["connected"] and result["seq"] >= 2, result
+    assert result["seen"] == ["resynced", "message"], result["seen"]
 
 
 async def test_a_dm_from_a_stranger_and_the_sidebar_after_a_reload(
-    tmp_path: Path, browsers: Callable[[str], Page]
+    page_server: tuple[ServerProcess, str], browsers: Callable[[str], Page]
 ) -> None:
-    ws_port = free_port()
-    server = ServerProcess(
-        tmp_path / "data", tmp_path / "server.log", "--dev", "--ws", f"127.0.0.1:{ws_port}"
+    _, url = page_server
+    bob, carol = browsers("bob"), browsers("carol")
+    bob.login(url)
+    carol.login(url)  # a fresh page: bob never wrote, typed or changed status since
+    carol.find("#join-channel").send_keys("lounge\n")
+    carol.wait("in #lounge", lambda: carol.find("#channel-title").text == "# lounge")
+
+    # Bob writes to carol: her page learns of the DM from the membership push alone.
+    dm = "dm:bob:carol"
+    bob.find("#dm-user").send_keys("carol\n")
+    bob.wait("in the DM", lambda: bob.find("#channel-title").text == "@ carol")
+    bob.send("hi carol")
+    carol.wait(
+        "the new DM in the sidebar",
+        lambda: (
+            carol.sidebar(dm, ".new") == "new message from bob"
+            and carol.sidebar(dm, ".unread") == "1"
+        ),
     )
-    await server.start()
-    try:
-        url = f"http://127.0.0.1:{ws_port}/"
-        bob, carol = browsers("bob"), browsers("carol")
-        bob.login(url)
-        carol.login(url)  # a fresh page: bob never wrote, typed or changed status since
-        carol.find("#join-channel").send_keys("lounge\n")
-        carol.wait("in #lounge", lambda: carol.find("#channel-title").text == "# lounge")
+    assert carol.sidebar(dm, ".name") == "bob"
+    carol.shot("10-dm-from-a-stranger")
+    carol.open(dm)
+    carol.wait("the DM", lambda: carol.texts() == ["hi carol"])
+    assert carol.find_all(f'#sidebar li[data-channel="{dm}"] .new') == []
+    carol.shot("11-dm-opened")
 
-        # Bob writes to carol: her page learns of the DM from the membership push alone.
-        dm = "dm:bob:carol"
-        bob.find("#dm-user").send_keys("carol\n")
-        bob.wait("in the DM", lambda: bob.find("#channel-title").text == "@ carol")
-        bob.send("hi carol")
-        carol.wait(
-            "the new DM in the sidebar",
-            lambda: (
-                carol.sidebar(dm, ".new") == "new message from bob"
-                and carol.sidebar(dm, ".unread") == "1"
-            ),
-        )
-        assert carol.sidebar(dm, ".name") == "bob"
-        carol.shot("10-dm-from-a-stranger")
-        carol.open(dm)
-        carol.wait("the DM", lambda: carol.texts() == ["hi carol"])
-        assert carol.find_all(f'#sidebar li[data-channel="{dm}"] .new') == []
-        carol.shot("11-dm-opened")
+    # Carol's page goes away; meanwhile bob writes in the DM and in #lounge.
+    carol.driver.get("about:blank")
+    bob.send("are you there?")
+    bob.send("hello?")
+    bob.wait("the DM sent", lambda: bob.texts() == ["hi carol", "are you there?", "hello?"])
+    bob.find("#join-channel").send_keys("lounge\n")
+    bob.wait("in #lounge", lambda: bob.find("#channel-title").text == "# lounge")
+    bob.send("anyone in the lounge?")
+    bob.wait("the lounge sent", lambda: bob.texts() == ["anyone in the lounge?"])
 
-        # Carol's page goes away; meanwhile bob writes in the DM and in #lounge.
-        carol.driver.get("about:blank")
-        bob.send("are you there?")
-        bob.send("hello?")
-        bob.wait("the DM sent", lambda: bob.texts() == ["hi carol", "are you there?", "hello?"])
-        bob.find("#join-channel").send_keys("lounge\n")
-        bob.wait("in #lounge", lambda: bob.find("#channel-title").text == "# lounge")
-        bob.send("anyone in the lounge?")
-        bob.wait("the lounge sent", lambda: bob.texts() == ["anyone in the lounge?"])
+    # Back: the sidebar is the server's list, with the unread counts.
+    carol.login(url)
+    carol.wait(
+        "the listed channels and DM with their counts",
+        lambda: carol.sidebar("lounge", ".unread") == "1" and carol.sidebar(dm, ".unread") == "2",
+    )
+    names = [li.get_attribute("data-channel") for li in carol.find_all("#sidebar li")]
+    assert names == ["general", "lounge", dm], names
+    assert carol.find_all('#sidebar li[data-channel="general"] .unread') == []
+    carol.shot("12-after-reload")
+    carol.open(dm)
+    carol.wait(
+        "the DM after the reload",
+        lambda: carol.texts() == ["hi carol", "are you there?", "hello?"],
+    )
+    carol.wait("no badge", lambda: not carol.find_all(f'li[data-channel="{dm}"] .unread'))
 
-        # Back: the sidebar is the server's list, with the unread counts.
-        carol.login(url)
-        carol.wait(
-            "the listed channels and DM with their counts",
-            lambda: (
-                carol.sidebar("lounge", ".unread") == "1" and carol.sidebar(dm, ".unread") == "2"
-            ),
-        )
-        names = [li.get_attribute("data-channel") for li in carol.find_all("#sidebar li")]
-        assert names == ["general", "lounge", dm], names
-        assert carol.find_all('#sidebar li[data-channel="general"] .unread') == []
-        carol.shot("12-after-reload")
-        carol.open(dm)
-        carol.wait(
-            "the DM after the reload",
-            lambda: carol.texts() == ["hi carol", "are you there?", "hello?"],
-        )
-        carol.wait("no badge", lambda: not carol.find_all(f'li[data-channel="{dm}"] .unread'))
-
-        # listChannels follows `more`/`after` over every page; membership is an event.
-        result = carol.driver.execute_async_script(PAGED_CLIENT)
-        assert result.get("error") is None, result
-        assert result["asked"] == [None, "ch-099", "ch-199"], result["asked"]
-        assert result["count"] == 250 and result["last"] == "ch-249", result
-        assert result["first"] == {
-            "channel": "ch-000",
-            "head": 2,
-            "read": 1,
-            "unread": 1,
-            "capped": False,
-            "peer": None,
-        }
-        assert result["memberships"] == [{"channel": "dm:bob:carol", "by": "bob"}]
-    finally:
-        server.kill()
+    # listChannels follows `more`/`after` over every page; membership is an event.
+    result = carol.driver.execute_async_script(PAGED_CLIENT)
+    assert result.get("error") is None, result
+    assert result["asked"] == [None, "ch-099", "ch-199"], result["asked"]
+    assert result["count"] == 250 and result["last"] == "ch-249", result
+    assert result["first"] == {
+        "channel": "ch-000",
+        "head": 2,
+        "read": 1,
+        "unread": 1,
+        "capped": False,
+        "peer": None,
+    }
+    assert result["memberships"] == [{"channel": "dm:bob:carol", "by": "bob"}]

@@ -20,7 +20,8 @@ import contextlib
 import ssl
 import sys
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, tzinfo
 from typing import Any, TextIO
@@ -753,18 +754,10 @@ async def run_chat(
     if screen:
         return await _run_screen(host, port, channel, token, token_provider, user, tz, ssl_context)
 
-    print(f"-- connecting to {host}:{port}{TYPING_MARK}", file=out, flush=True)  # at once
-    async with connect(
-        host,
-        port,
-        token=token,
-        token_provider=token_provider,
-        backoff_max=backoff_max,
-        connect_timeout=CONNECT_TIMEOUT,
-        ssl_context=ssl_context,
-    ) as client:
-        if user is not None and client.user != user:
-            raise ValueError(f"the token is for {client.user!r}, not {user!r}")
+    async with _connected(
+        host, port, user, out, token=token, token_provider=token_provider,
+        backoff_max=backoff_max, ssl_context=ssl_context,
+    ) as client:  # fmt: skip
         chat = Chat(client, ChatView(client.user, channel, tz), out)
         chat.emit([f"-- {client.user} on {host}:{port}; /help lists the commands"])
         await client.join(channel)
@@ -786,6 +779,19 @@ async def run_chat(
         return 0
 
 
+@asynccontextmanager
+async def _connected(
+    host: str, port: int, user: str | None, out: TextIO, **options: Any
+) -> AsyncIterator[Client]:
+    """The chat's client: "connecting to HOST:PORT..." said at once, then connected (a
+    refused connection or token fails at once), and the token checked to be ``user``'s."""
+    print(f"-- connecting to {host}:{port}{TYPING_MARK}", file=out, flush=True)
+    async with connect(host, port, connect_timeout=CONNECT_TIMEOUT, **options) as client:
+        if user is not None and client.user != user:
+            raise ValueError(f"the token is for {client.user!r}, not {user!r}")
+        yield client
+
+
 async def _run_screen(
     host: str,
     port: int,
@@ -800,17 +806,10 @@ async def _run_screen(
     the screen as their input and output, and the user's channels listed at start."""
     from tsmsg.chat_ui import ChatScreen  # prompt_toolkit loads only for the screen
 
-    print(f"-- connecting to {host}:{port}{TYPING_MARK}", flush=True)  # before the screen
-    async with connect(
-        host,
-        port,
-        token=token,
-        token_provider=token_provider,
-        connect_timeout=CONNECT_TIMEOUT,
+    async with _connected(  # the line is printed before the screen takes the terminal
+        host, port, user, sys.stdout, token=token, token_provider=token_provider,
         ssl_context=ssl_context,
-    ) as client:
-        if user is not None and client.user != user:
-            raise ValueError(f"the token is for {client.user!r}, not {user!r}")
+    ) as client:  # fmt: skip
         view = ChatView(client.user, channel, tz, today=datetime.now(tz).date())
         view.connected = True
         view.seed(await client.list_channels())
