@@ -16,13 +16,12 @@ exactly once and in order, the sender's own included, so both transcripts are th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import anyio
 
-from tsmsg.auth import TokenIssuer, parse_secrets, secret_from_env
+from tsmsg.auth import TokenIssuer, signing_secret
 from tsmsg.client import Client, ClientError, Delete, Edit, Message, connect
 
 DEV_SECRET = "data/dev-secret"  # where `make run` (serve --dev) keeps its secret
@@ -72,15 +71,6 @@ async def converse(host: str, port: int, channel: str, issuer: TokenIssuer) -> N
                     print(f"  {line}")
 
 
-def load_secret(path: str) -> bytes | None:
-    """TSMSG_SECRET if set, else the first line of the secret file, if there is one."""
-    secret = secret_from_env()
-    if secret is None and os.path.isfile(path):
-        with open(path, "rb") as fh:
-            secret = parse_secrets(fh.read(), f"secret file {path}")[0]
-    return secret
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -88,7 +78,7 @@ def main() -> int:
     parser.add_argument("--secret-file", default=DEV_SECRET, help=f"default {DEV_SECRET}")
     parser.add_argument("--channel", default="two-users")
     args = parser.parse_args()
-    secret = load_secret(args.secret_file)
+    secret = signing_secret(args.secret_file)
     if secret is None:
         print(
             f"two_users: no secret: run `make run` first (it writes {DEV_SECRET}), or pass "

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -30,6 +31,7 @@ from tsmsg.auth import (
     generate_dev_secret,
     parse_dm,
     secret_from_env,
+    signing_secret,
     valid_channel,
     valid_user,
 )
@@ -557,3 +559,15 @@ def test_generate_dev_secret() -> None:
     assert secret_from_env({"TSMSG_SECRET": a.decode()}) == a
     token = TokenIssuer(a).issue("alice", now=NOW)
     assert TokenVerifier(a).verify(token, NOW).user == "alice"
+
+
+def test_signing_secret_takes_the_environment_then_the_file(tmp_path: Path) -> None:
+    """What the examples sign with: TSMSG_SECRET, else the secret file (serve --dev's)."""
+    path = tmp_path / "dev-secret"
+    assert signing_secret(str(path), {}) is None  # neither
+    path.write_bytes(b"f" * 32 + b"\n" + b"o" * 32 + b"\n")
+    assert signing_secret(str(path), {}) == b"f" * 32  # the file's current (first) one
+    assert signing_secret(str(path), {"TSMSG_SECRET": "e" * 32}) == b"e" * 32
+    path.write_bytes(b"short\n")
+    with pytest.raises(ValueError):
+        signing_secret(str(path), {})  # a bad file is an error, never skipped

@@ -71,6 +71,7 @@ __all__ = [
     "parse_secrets",
     "previous_secret_from_env",
     "secret_from_env",
+    "signing_secret",
     "valid_channel",
     "valid_user",
 ]
@@ -486,6 +487,17 @@ def secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
     """The HMAC secret from ``TSMSG_SECRET`` (UTF-8), or ``None`` when it is unset.
     Raises ``ValueError`` for a secret shorter than MIN_SECRET_BYTES."""
     return _env_secret(SECRET_ENV, env.get(SECRET_ENV))
+
+
+def signing_secret(secret_file: str, env: Mapping[str, str] = os.environ) -> bytes | None:
+    """The secret to sign tokens with, as an app or script next to a server finds it:
+    ``TSMSG_SECRET`` if set, else the current (first) secret of ``secret_file`` if that
+    file exists (e.g. ``data/dev-secret``, which ``serve --dev`` keeps); else ``None``."""
+    secret = secret_from_env(env)
+    if secret is None and os.path.isfile(secret_file):
+        with open(secret_file, "rb") as fh:
+            secret = parse_secrets(fh.read(), f"secret file {secret_file}")[0]
+    return secret
 
 
 def previous_secret_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
