@@ -808,6 +808,9 @@ def test_compaction_in_small_steps_interleaved_with_writes(
     result: dict[str, int] = {}
     worker = threading.Thread(target=lambda: result.update(h=store.compact("room")))
     worker.start()
+    deadline = time.monotonic() + WAIT_S
+    while store.channel("room").horizon == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # the first step fixes the plan; the writes race the rest
     for i in range(10):
         store.append("room", "v", f"late{i}", "late")
         store.edit("room", "u", ids[i], f"t{i}''")
