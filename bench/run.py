@@ -191,6 +191,7 @@ def cases(full: bool) -> list[Case]:
         fanout(100),
         over_ws(fanout(100)),
         fanout(100, rate=200),
+        fanout(1000),
         Case(
             "channels",
             "1k ch / 100 conns",

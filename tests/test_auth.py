@@ -166,6 +166,37 @@ def test_not_before() -> None:
     assert TokenVerifier(SECRET).verify(token, NOW + 5).user == "alice"
 
 
+def test_a_verified_token_is_remembered_and_its_times_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second verify of a token does not decode it (a reconnect), yet the token still
+    expires, is still not valid before its nbf, and the same claims come back."""
+    verifier = TokenVerifier(SECRET)
+    token = forge(payload(nbf=NOW - 5))
+    first = verifier.verify(token, NOW)
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("decoded again"))
+    assert verifier.verify(token, NOW + 30) is first
+    assert refused(verifier, token, NOW + 60).code == "token_expired"
+    assert "nbf" in refused(verifier, token, NOW - 10).message
+
+
+def test_the_verified_token_cache_is_bounded_and_keeps_refusals_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_MAX", 3)
+    verifier = TokenVerifier(SECRET)
+    tokens = [forge(payload(sub=f"u{i}")) for i in range(5)]
+    for token in tokens:
+        verifier.verify(token, NOW)
+    assert list(verifier._verified) == tokens[2:]  # the oldest went first
+    bad = forge(payload(sub="mallory"), key=OTHER_SECRET)
+    for _ in range(2):  # refused each time: a refusal is never remembered
+        assert refused(verifier, bad).code == "unauthorized"
+    assert bad not in verifier._verified
+    tampered = tokens[4][:-2] + ("AA" if not tokens[4].endswith("AA") else "BB")
+    assert refused(verifier, tampered).code == "unauthorized"  # another text: verified
+
+
 def test_wrong_secret() -> None:
     err = refused(TokenVerifier(SECRET), forge(payload(), key=OTHER_SECRET))
     assert err.code == "unauthorized"

@@ -37,7 +37,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import jwt
@@ -83,6 +83,10 @@ DM_PREFIX: Final = "dm:"  # reserved namespace for direct-message channels
 # Derived, not chosen: the longest DM name, dm:<user>:<user>, must fit in a channel name.
 MAX_USER_CHARS: Final = (MAX_CHANNEL_CHARS - len(DM_PREFIX) - 1) // 2  # = 62
 MAX_PATTERNS: Final = 64  # bounds per-request matching work and the claims kept per session
+# Verified tokens a TokenVerifier remembers (~1 KB each with their claims): a reconnect
+# storm of known devices costs no signature checks.
+VERIFIED_CACHE_MAX: Final = 4096
+ACCESS_CACHE_MAX: Final = 64  # channels whose access a Claims remembers (cleared when full)
 MAX_PATTERN_CHARS: Final = 256  # a bracket class spends several characters per channel char
 MAX_TOKEN_CHARS: Final = 8 * 1024  # checked before decoding: no parsing of huge inputs
 MIN_SECRET_BYTES: Final = 32  # RFC 7518 3.2: an HS256 key at least as long as its hash
@@ -190,16 +194,27 @@ class Claims:
     exp: int
     scopes: frozenset[str]
     channels: tuple[str, ...]
+    # may_access's answers so far (at most ACCESS_CACHE_MAX): a send does not match the
+    # token's patterns again. The claims never change, so neither do the answers.
+    _access: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def may_access(self, channel: str) -> bool:
         """True when the channel is this user's DM, or a non-DM channel matching one of the
         patterns. Names in the ``dm:`` namespace never match through patterns."""
+        known = self._access.get(channel)
+        if known is not None:
+            return known
         if not valid_channel(channel):
             return False
         if channel.startswith(DM_PREFIX):
             users = parse_dm(channel)
-            return users is not None and self.user in users
-        return any(fnmatch.fnmatchcase(channel, p) for p in self.channels)
+            allowed = users is not None and self.user in users
+        else:
+            allowed = any(fnmatch.fnmatchcase(channel, p) for p in self.channels)
+        if len(self._access) >= ACCESS_CACHE_MAX:
+            self._access.clear()
+        self._access[channel] = allowed
+        return allowed
 
     def may_read(self, channel: str) -> bool:
         """Join, sync, history, read cursor and typing: scope ``chat:read`` and access."""
@@ -296,12 +311,30 @@ class TokenVerifier:
         self.audience = audience
         self.issuer = issuer
         self.leeway_s = leeway_s
+        # token -> (its claims, its nbf): tokens that verified, the oldest dropped first
+        self._verified: dict[str, tuple[Claims, int | None]] = {}
 
     def verify(self, token: str, now: int) -> Claims:
-        """Verify ``token`` at time ``now`` (seconds since the epoch)."""
+        """Verify ``token`` at time ``now`` (seconds since the epoch). A token verified
+        before is not decoded again (a reconnecting device presents the same one): its
+        claims come from a bounded cache keyed by the token's text, with its time checks
+        made again at ``now``."""
+        known = self._verified.get(token) if type(token) is str else None
+        if known is not None:
+            claims, nbf = known
+            self._check_times(claims.exp, nbf, now)
+            return claims
         payload = self._decode(token)
         exp = _claim_int(payload, "exp")
         nbf = _claim_int(payload, "nbf") if "nbf" in payload else None
+        self._check_times(exp, nbf, now)
+        claims = self._claims(payload, exp)
+        if len(self._verified) >= VERIFIED_CACHE_MAX:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = (claims, nbf)
+        return claims
+
+    def _check_times(self, exp: int, nbf: int | None, now: int) -> None:
         # pyjwt's own time checks read the wall clock; ours use the ``now`` passed in.
         if exp <= now - self.leeway_s:
             raise AuthError(TOKEN_EXPIRED, "token has expired")
@@ -313,6 +346,8 @@ class TokenVerifier:
             )
         if nbf is not None and nbf > now + self.leeway_s:
             raise AuthError(UNAUTHORIZED, "token is not valid yet (nbf)")
+
+    def _claims(self, payload: dict[str, Any], exp: int) -> Claims:
         user = payload["sub"]
         if not valid_user(user):
             raise AuthError(

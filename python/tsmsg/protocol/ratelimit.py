@@ -31,12 +31,19 @@ class TokenBucket:
     def take(self, now_ms: int) -> int:
         """Take a token: 0 if there was one, else the ms until there is one (nothing is
         taken then)."""
+        wait = self.refill(now_ms)
+        if not wait:
+            self.tokens -= 1
+        return wait
+
+    def refill(self, now_ms: int) -> int:
+        """Add the tokens earned since the last call; the ms until a token is there (0:
+        one is there now)."""
         elapsed = max(0, now_ms - self.stamp_ms)
         self.stamp_ms = now_ms
         self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate / 1000)
         if self.tokens < 1:
             return max(1, math.ceil((1 - self.tokens) * 1000 / self.rate))
-        self.tokens -= 1
         return 0
 
 
@@ -50,6 +57,10 @@ class Buckets:
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
     def take(self, key: Hashable, now_ms: int) -> int:
+        return self.bucket(key, now_ms).take(now_ms)
+
+    def bucket(self, key: Hashable, now_ms: int) -> TokenBucket:
+        """The bucket of ``key`` (a new one is full), as the most recently touched."""
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now_ms)
@@ -57,7 +68,7 @@ class Buckets:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
-        return bucket.take(now_ms)
+        return bucket
 
     def peek(self, key: Hashable, now_ms: int) -> int:
         """The ms until ``key`` has a token, without taking one (0: it has one now)."""
@@ -84,10 +95,10 @@ class UserLimits:
 
     def take_send(self, user: str, channel: str, now_ms: int) -> int:
         """A token from both buckets, or from neither (a refused send costs nothing)."""
-        key = (user, channel)
-        wait = max(self.sends.peek(user, now_ms), self.channel_sends.peek(key, now_ms))
-        if wait:
-            return wait
-        self.sends.take(user, now_ms)
-        self.channel_sends.take(key, now_ms)
-        return 0
+        mine = self.sends.bucket(user, now_ms)
+        here = self.channel_sends.bucket((user, channel), now_ms)
+        wait = max(mine.refill(now_ms), here.refill(now_ms))
+        if not wait:
+            mine.tokens -= 1
+            here.tokens -= 1
+        return wait

@@ -63,38 +63,40 @@ EVENT_OVERHEAD = 24  # "t":"event" and the "channel" key added to each stored en
 NOTICED_MAX = 256
 
 
-@dataclass(frozen=True, slots=True)
+# Actions are plain slotted dataclasses, not frozen ones: a frozen one's __init__ costs
+# twice as much, and a session makes several per message (issue 17). Nothing mutates them.
+@dataclass(slots=True)
 class Reply:
     """Send this frame to this connection."""
 
     frame: Frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close this connection after the frames before it are sent."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Submit:
     """Queue this write to the store; its completion comes back via ``write_done``."""
 
     op: WriteOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subscribe:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unsubscribe:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Position:
     """Where a join found ``channel`` (read after its ``Subscribe``): the hub delivers
     the channel's events after ``head`` live, those up to it are the client's to sync."""
@@ -104,7 +106,7 @@ class Position:
     head: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     """Send this frame to every connection joined to ``channel`` (except those of
     ``skip_user``). The server encodes it once for all of them."""
@@ -117,7 +119,7 @@ class Publish:
     epoch: int = field(default=0, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NotifyUser:
     """Send this frame to every connected device of ``user``, on every node (a
     ``membership`` push: a channel or a DM appeared for them)."""
@@ -126,7 +128,7 @@ class NotifyUser:
     frame: Frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SetPresence:
     """This user's presence: ``None`` when this device has just connected (the server
     knows whether it is the user's first), else the status the user set."""
@@ -134,7 +136,7 @@ class SetPresence:
     status: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueryPresence:
     """Answer ``rid`` with the presence of ``users`` (the server holds live presence)."""
 
@@ -142,7 +144,7 @@ class QueryPresence:
     users: list[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Read:
     """Run ``query`` (store reads only: it touches no session state) off the event loop,
     then give its result to :meth:`Session.read_done`, which calls ``then`` with it.

@@ -698,11 +698,6 @@ class Connection:
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""
-        if (
-            self.queued_bytes <= self.limit // 2
-            and self.inflight < self.server.settings.max_inflight
-        ):
-            return  # the common case, per frame: nothing to wait for
         try:
             while self.queued_bytes > self.limit // 2:
                 self.held = True
@@ -770,11 +765,13 @@ class Connection:
         session, server = self.session, self.server
         arrived = server.now_ms()
         ran_since = time.perf_counter()
+        half, most = self.limit // 2, server.settings.max_inflight
         for frame in frames:
             if time.perf_counter() - ran_since > YIELD_EVERY_S:
                 await trio.lowlevel.checkpoint()
                 ran_since = time.perf_counter()
-            await self.wait_writable()
+            if self.queued_bytes > half or self.inflight >= most:
+                await self.wait_writable()  # not per frame: an await costs as much as a send
             if server.draining:
                 break  # read and drop: unread input would make close() send a reset
             if self.closing is not None:

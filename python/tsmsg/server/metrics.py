@@ -6,21 +6,26 @@ process count separately. Labels are bounded: every label value comes from a fix
 built here (free-text close reasons and unknown frame types map to a small enum, never
 to the text), and there are no per-channel or per-user labels.
 
-Hot path: the label children are bound once here (``frames_in["send"]`` is a ready
-counter), so counting a frame is a dict lookup and an ``inc()``, with no label dict built
-per frame. Gauges that are sums over connections (queued bytes) are computed when
+Hot path: what the event loop counts per frame is a :class:`Tally` (a plain int, no
+lock: only the trio thread touches it) or a :class:`Timings` histogram (one ``bisect``),
+bound once per label value here (``frames_in["send"]`` is a ready tally), and exported
+in Prometheus's format when scraped (:class:`Tallies`). prometheus_client's own
+counters take a lock per ``inc()``: 3-4 % of the trio thread's time in fan-in (issue
+17's profile). Gauges that are sums over connections (queued bytes) are computed when
 scraped, not maintained on every enqueue. The store's writer thread reports commit and
-sync timings through the :class:`~tsmsg.store.StoreObserver` methods below;
-prometheus_client's metrics are thread-safe.
+sync timings through the :class:`~tsmsg.store.StoreObserver` methods below, into
+prometheus_client's thread-safe histograms (once per batch, not per message).
 """
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tsmsg.protocol import errors as E
@@ -149,6 +154,61 @@ STORE_COUNTERS = {
 }
 
 
+class Tally:
+    """A counter the trio thread increments: a plain int (no lock, no timestamp)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class Timings:
+    """A histogram of durations observed by the trio thread: counts per bucket (``le``
+    upper bounds, seconds) and their sum, cumulated when scraped."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+
+class Tallies(Collector):
+    """Exports the :class:`Tally` counters and :class:`Timings` histograms, in the
+    format prometheus_client's own would have (``<name>_total``; ``_bucket``, ``_sum``,
+    ``_count``), plus ``_created`` for each counter family."""
+
+    def __init__(self) -> None:
+        self.counters: list[tuple[str, str, str | None, Tally | dict[str, Tally]]] = []
+        self.timings: list[tuple[str, str, Timings]] = []
+        self.created = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, label, tally in self.counters:
+            if isinstance(tally, Tally):
+                yield CounterMetricFamily(name, doc, value=tally.value, created=self.created)
+                continue
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for value, child in tally.items():
+                family.add_metric([value], child.value, created=self.created)
+            yield family
+        for name, doc, timings in self.timings:
+            running, buckets = 0, []
+            for bound, count in zip([*timings.bounds, float("inf")], timings.counts):
+                running += count
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+            yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=timings.total)
+
+
 class StoreCounters(Collector):
     """Exports ``Store.counters()`` at scrape time: no cost per message."""
 
@@ -182,58 +242,61 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        tallies = Tallies()
+        registry.register(tallies)
 
         def counter(name: str, doc: str, label: str | None = None, values: Any = ()) -> Any:
-            metric = Counter(name, doc, [label] if label else [], registry=registry)
-            if label is None:
-                return metric
-            return {value: metric.labels(value) for value in values}
+            tally: Tally | dict[str, Tally] = (
+                Tally() if label is None else {value: Tally() for value in values}
+            )
+            tallies.counters.append((name, doc, label, tally))
+            return tally
 
         # Connections.
         self.connections = Gauge(
             "tsmsg_connections", "Connections with a session now.", registry=registry
         )
-        self.opened: Counter = counter(
+        self.opened: Tally = counter(
             "tsmsg_connections_opened", "Connections accepted and given a session."
         )
-        self.closed: dict[str, Counter] = counter(
+        self.closed: dict[str, Tally] = counter(
             "tsmsg_connections_closed", "Connections closed, by reason.", "reason", CLOSE_REASONS
         )
-        self.auth_failures: dict[str, Counter] = counter(
+        self.auth_failures: dict[str, Tally] = counter(
             "tsmsg_auth_failures",
             "Hellos refused for their token (failed logins), by reason.",
             "reason",
             AUTH_REASONS,
         )
-        self.tls_handshake_failures: Counter = counter(
+        self.tls_handshake_failures: Tally = counter(
             "tsmsg_tls_handshake_failures", "TLS handshakes that failed or timed out."
         )
-        self.resumes: Counter = counter(
+        self.resumes: Tally = counter(
             "tsmsg_resumes",
             "Connections whose first sync started from a position (since > 0): a client "
             "reconnecting with state it kept.",
         )
         # Frames.
-        self.frames_in: dict[str, Counter] = counter(
+        self.frames_in: dict[str, Tally] = counter(
             "tsmsg_frames_in", "Frames received, by type.", "type", (*FRAMES_IN, OTHER)
         )
-        self.frames_out: dict[str, Counter] = counter(
+        self.frames_out: dict[str, Tally] = counter(
             "tsmsg_frames_out",
             "Frames queued to connections, by type (each fan-out copy counts).",
             "type",
             (*FRAMES_OUT, OTHER),
         )
-        self.errors: dict[str, Counter] = counter(
+        self.errors: dict[str, Tally] = counter(
             "tsmsg_error_frames", "Error frames sent, by code.", "code", (*ERROR_CODES, OTHER)
         )
-        self.rate_limited: dict[str, Counter] = counter(
+        self.rate_limited: dict[str, Tally] = counter(
             "tsmsg_rate_limited",
             "Requests and connections refused with rate_limited, by scope.",
             "scope",
             RATE_LIMIT_SCOPES,
         )
         # Fan-out and flow control.
-        self.deliveries: Counter = counter(
+        self.deliveries: Tally = counter(
             "tsmsg_fanout_deliveries",
             "Pushes (events, typing, read) queued to channel members by fan-out.",
         )
@@ -242,27 +305,29 @@ class Metrics:
             "Bytes queued for sending, summed over connections.",
             registry=registry,
         )
-        self.slow_consumer_resyncs: Counter = counter(
+        self.slow_consumer_resyncs: Tally = counter(
             "tsmsg_slow_consumer_resyncs",
             "Live streams cut because a connection read too slowly (a resync push each).",
         )
-        self.signals_dropped: Counter = counter(
+        self.signals_dropped: Tally = counter(
             "tsmsg_signals_dropped",
             "Presence pushes dropped because the connection's outbound queue was full.",
         )
         # Writes.
-        self.appends: dict[str, Counter] = counter(
+        self.appends: dict[str, Tally] = counter(
             "tsmsg_appends",
             "Log entries stored (not counting duplicate sends), by kind.",
             "kind",
             APPEND_KINDS,
         )
-        self.ack_seconds = Histogram(
-            "tsmsg_send_ack_seconds",
-            "From the store accepting a client's write (send, edit, delete, read) to its "
-            "reply being queued: group commit, sync, hand-off back to the server.",
-            buckets=ACK_SECONDS,
-            registry=registry,
+        self.ack_seconds = Timings(ACK_SECONDS)
+        tallies.timings.append(
+            (
+                "tsmsg_send_ack_seconds",
+                "From the store accepting a client's write (send, edit, delete, read) to its "
+                "reply being queued: group commit, sync, hand-off back to the server.",
+                self.ack_seconds,
+            )
         )
         self.commit_seconds = Histogram(
             "tsmsg_store_commit_seconds",
@@ -271,12 +336,14 @@ class Metrics:
             buckets=STORE_SECONDS,
             registry=registry,
         )
-        self.read_seconds = Histogram(
-            "tsmsg_store_read_seconds",
-            "A request's store reads (sync, history, unread, presence, ...): from asking a "
-            "read thread to the answer, waiting for a free thread included.",
-            buckets=STORE_SECONDS,
-            registry=registry,
+        self.read_seconds = Timings(STORE_SECONDS)
+        tallies.timings.append(
+            (
+                "tsmsg_store_read_seconds",
+                "A request's store reads (sync, history, unread, presence, ...): from asking a "
+                "read thread to the answer, waiting for a free thread included.",
+                self.read_seconds,
+            )
         )
         self.batch_size = Histogram(
             "tsmsg_store_batch_size",
