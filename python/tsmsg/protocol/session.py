@@ -649,21 +649,24 @@ class Session:
             return actions
         result = op.result
         assert isinstance(result, AppendResult)
-        if live:
-            fields: dict[str, Any] = {"channel": op.channel, "seq": result.seq, "id": result.id}
-            fields.update(ts=result.ts, dup=result.dup)
-            actions += self._ok(op.rid, **fields)
+        channel, seq, mid, ts = op.channel, result.seq, result.id, result.ts
+        if live and op.rid is not None:
+            ok = {"t": "ok", "rid": op.rid, "channel": channel, "seq": seq, "id": mid, "ts": ts}
+            ok["dup"] = result.dup
+            actions.append(Reply(ok))
         if result.dup:
             return actions
-        entry: Entry = {"seq": result.seq, "kind": op.kind, "id": result.id, "sender": op.user}
-        entry["ts"] = result.ts
+        # The event frame, built at once (event_frame's shape: the entry's fields).
+        event: Frame = {"t": "event", "channel": channel, "seq": seq, "kind": op.kind, "id": mid}
+        event["sender"] = op.user
+        event["ts"] = ts
         if op.text is not None:
-            entry["text"] = op.text
+            event["text"] = op.text
         if op.meta:
-            entry["meta"] = op.meta
-        actions.append(Publish(op.channel, event_frame(op.channel, entry), epoch=op.epoch))
-        if op.kind == "message" and op.channel.startswith(DM_PREFIX):
-            actions += self._dm_peer(op.channel)
+            event["meta"] = op.meta
+        actions.append(Publish(channel, event, epoch=op.epoch))
+        if op.kind == "message" and channel.startswith(DM_PREFIX):
+            actions += self._dm_peer(channel)
         return actions
 
     def _dm_peer(self, channel: str) -> list[Action]:

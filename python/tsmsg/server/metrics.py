@@ -188,7 +188,8 @@ class Tallies(Collector):
     ``_count``), plus ``_created`` for each counter family."""
 
     def __init__(self) -> None:
-        self.counters: list[tuple[str, str, str | None, Tally | dict[str, Tally]]] = []
+        # (name, doc, label, tally): a Tally without a label, else one per label value
+        self.counters: list[tuple[str, str, str, Tally | dict[str, Tally]]] = []
         self.timings: list[tuple[str, str, Timings]] = []
         self.created = time.time()
 
@@ -203,7 +204,7 @@ class Tallies(Collector):
             yield family
         for name, doc, timings in self.timings:
             running, buckets = 0, []
-            for bound, count in zip([*timings.bounds, float("inf")], timings.counts):
+            for bound, count in zip([*timings.bounds, float("inf")], timings.counts, strict=True):
                 running += count
                 buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=timings.total)
@@ -249,7 +250,7 @@ class Metrics:
             tally: Tally | dict[str, Tally] = (
                 Tally() if label is None else {value: Tally() for value in values}
             )
-            tallies.counters.append((name, doc, label, tally))
+            tallies.counters.append((name, doc, label or "", tally))
             return tally
 
         # Connections.
