@@ -21,9 +21,11 @@ from conftest import (
     SECRET,
     WIRE_TIMEOUT,
     WS_JSON,
+    WireClient,
     make_settings,
     mint,
     running_server,
+    tcp_stream,
     ws_upgrade,
 )
 from server_proc import server_env, server_process
@@ -133,6 +135,58 @@ async def test_hello_send_ack_over_tls(
         assert await works(h.server.port, pki, "bob") == 2
     assert "TLS on (TLS 1.2+), without client certificates" in caplog.messages
     assert not handshake_failures(caplog)
+
+
+async def tls_client(port: int, pki: Pki, user: str, rcvbuf: int | None = None) -> WireClient:
+    """A raw protocol client over TLS, past hello (``rcvbuf``: its socket's buffer)."""
+    tcp = await tcp_stream(port, rcvbuf)
+    stream = trio.SSLStream(tcp, pki.client(), server_hostname=HOST, https_compatible=True)
+    client = WireClient(stream)  # type: ignore[arg-type]  # any trio stream will do
+    welcome = await client.request("hello", v=1, token=mint(user))
+    assert welcome["t"] == "welcome", welcome
+    return client
+
+
+async def test_a_member_that_reads_late_gets_every_event_over_tls(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The flusher writes TLS connections: when a member's socket is full, the TLS
+    records already made wait in the stream's backlog and the connection's writer task
+    sends them; the member, reading late, gets every event once, in order."""
+    texts = [f"{i:04d}" + "x" * 3000 for i in range(120)]  # 360 KB: far over the socket's
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        late = await tls_client(h.server.port, pki, "bob", rcvbuf=4096)
+        assert (await late.request("join", channel=CH))["t"] == "ok"
+        sender = await tls_client(h.server.port, pki, "alice")
+        for i, text in enumerate(texts):
+            ack = await sender.request("send", channel=CH, cid=f"c{i}", text=text)
+            assert ack["t"] == "ok" and ack["seq"] == i + 1
+        conn = next(c for c in h.server.connections.values() if c.user == "bob")
+        assert conn.blocked  # the socket was full: the writer task has the rest
+        events = [await late.expect("event", seq=i + 1) for i in range(len(texts))]
+        assert [e["text"] for e in events] == texts
+        assert not [f for f in late.pending if f.get("t") == "resync"]
+        await late.aclose()
+        await sender.aclose()
+
+
+async def test_a_slow_consumer_over_tls_is_cut_and_told_to_resync(
+    tmp_path: Path, pki: Pki
+) -> None:
+    settings = tls_settings(tmp_path, pki, max_queue_bytes=64 * 1024)
+    async with running_server(settings) as h:
+        slow = await tls_client(h.server.port, pki, "bob", rcvbuf=4096)
+        assert (await slow.request("join", channel=CH))["t"] == "ok"
+        sender = await tls_client(h.server.port, pki, "alice")
+        for i in range(100):  # 400 KB of events: over the bound, the stream is cut
+            await sender.request("send", channel=CH, cid=f"c{i}", text="y" * 4000)
+        resync = await slow.expect("resync", channel=CH, reason="cut")
+        assert resync["head"] >= 1
+        seqs = [f["seq"] for f in slow.pending if f.get("t") == "event"]
+        assert seqs == list(range(1, len(seqs) + 1))  # in order, none after the cut
+        assert (await slow.request("ping"))["t"] == "pong"  # the connection goes on
+        await slow.aclose()
+        await sender.aclose()
 
 
 # ---------------------------------------------------------------------- verification

@@ -86,6 +86,7 @@ from tsmsg.server.metrics import (
 )
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
+from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.web import Web
 from tsmsg.server.wire import TCP, Codec, Transport
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
@@ -258,7 +259,8 @@ def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
     """A stream's non-blocking write: bytes written, BlockingIOError when none fit. Plain
     TCP: ``write`` on the socket (non-blocking under trio; POSIX, where Python ignores
     SIGPIPE, so a gone peer is an EPIPE/ECONNRESET error); a stream may bring its own
-    (the simulation's does); None (TLS): the writer task sends everything."""
+    (TLS: :meth:`TlsStream.try_send`; the simulation's); None: the writer task sends
+    everything."""
     if isinstance(stream, trio.SocketStream):
         return functools.partial(os.write, stream.socket.fileno())
     send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
@@ -430,7 +432,8 @@ class Connection:
         self.try_send = try_send_of(stream)
         self.blocked = self.try_send is None  # the writer task sends; the flusher stays out
         self.pending = b""  # bytes the flusher could not write, for the writer task
-        self.write_error: OSError | None = None  # the flusher's, raised by the writer task
+        # the flusher's, raised by the writer task
+        self.write_error: OSError | trio.BrokenResourceError | None = None
         self.has_data = SET  # wakes the writer task
         # The writer task exists only while needed (TLS: always). It runs in the server's
         # task nursery, which handle() sets here and clears when the connection closes.
@@ -556,13 +559,20 @@ class Connection:
             sent = self.try_send(data)
         except BlockingIOError:
             sent = 0
-        except OSError as exc:  # the peer is gone: the writer task raises it
+        except (OSError, trio.BrokenResourceError) as exc:  # the writer task raises it
             self.write_error = exc
             sent = 0
-        if sent < len(data):
+        if sent < len(data) or self.backlogged:
             self.pending = data[sent:]
             self.blocked = True
             self.wake_writer()
+
+    @property
+    def backlogged(self) -> bool:
+        """The stream took bytes it has not written yet (TLS records the socket did not
+        take): the writer task writes them."""
+        stream = self.stream
+        return type(stream) is TlsStream and bool(stream.backlog)
 
     def push_signal(self, data: bytes, t: str = "presence") -> None:
         """A best-effort push (presence, membership: of type ``t``): dropped, not queued,
@@ -683,9 +693,11 @@ class Connection:
                     self.blocked = True
                     if self.write_error is not None:  # as trio's send_all would have
                         exc, self.write_error = self.write_error, None
+                        if isinstance(exc, trio.BrokenResourceError):
+                            raise exc
                         msg = f"socket connection broken: {exc}"
                         raise trio.BrokenResourceError(msg) from exc
-                    while self.pending or self.queue:
+                    while self.pending or self.queue or self.backlogged:
                         data = self.pending + self._take_queue() if self.queue else self.pending
                         self.pending = b""
                         with trio.move_on_after(timeout) as sending:
@@ -1416,7 +1428,7 @@ class Server:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await stream.aclose()
 
-    async def _tls_handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+    async def _tls_handshake(self, stream: TlsStream, peer: str) -> bool:
         """Complete the TLS handshake within its deadline. A failed or slow one is logged
         and closed, and counts as nothing else (not a connection, not a failed login)."""
         timeout = self.settings.tls_handshake_timeout_s
@@ -1445,8 +1457,8 @@ class Server:
             host, peer = "?", "?"
         stream: trio.abc.Stream = tcp
         if self.tls is not None:
-            # https_compatible: no close_notify is sent or required (PROTOCOL.md section 4).
-            stream = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
+            # No close_notify is sent or required (PROTOCOL.md section 4).
+            stream = TlsStream(tcp, self.tls)
         refusal = self._admission(host)
         # Every accepted socket counts until it is closed, a refused one too: a flood of
         # refusals holds at most the IP's share of descriptors.
@@ -1474,7 +1486,7 @@ class Server:
         first_input: bytes = b"",
     ) -> None:
         now = self.now_ms()
-        if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream, peer):
+        if isinstance(stream, TlsStream) and not await self._tls_handshake(stream, peer):
             return
         serial = next(self._ids)
         session_id = f"{serial:x}-{secrets.token_hex(4)}"
@@ -1496,7 +1508,7 @@ class Server:
             with conn.cancel:
                 assert self._tasks is not None, "handle() runs under run()"
                 conn.nursery = self._tasks
-                if conn.try_send is None:  # TLS: every write goes through the task
+                if conn.try_send is None:  # a stream without one: every write by the task
                     conn.wake_writer()
                 await conn.reader(first_input)
                 # The reader is done: acknowledge the writes still in flight, let the

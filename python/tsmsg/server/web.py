@@ -33,6 +33,7 @@ from tsmsg.auth import SCOPE_READ, SCOPE_SEND, TokenIssuer
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.server.http import PEER_GONE, Response, drain, encode_response, text
+from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.wire import SUBPROTOCOLS, WebSocket
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class Web:
             refuse_now(stream, encode_response(response))
             await trio.aclose_forcefully(stream)
             return
-        if isinstance(stream, trio.SSLStream) and not await server._tls_handshake(stream, peer):
+        if isinstance(stream, TlsStream) and not await server._tls_handshake(stream, peer):
             return
         try:
             with trio.move_on_after(server.settings.hello_timeout_s) as waited:
