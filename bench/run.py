@@ -63,7 +63,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,9 @@ class Case:
     args: tuple[str, ...]
     timeout_s: float = 180.0
     transport: str = "tcp"  # "ws": tsmsg over its WebSocket port (other systems skip it)
+    # Open loop at half the acked msgs/s that the flat-out case of this label reached for
+    # the same system and tier earlier in the run (issue 17: latency at half the peak).
+    half_of: str | None = None
 
 
 def over_ws(case: Case) -> Case:
@@ -121,6 +124,27 @@ def fanin(pubs: int, window: int, size: int, rate: int | None = None) -> Case:
         args += ["--rate", str(rate)]
         label += f" @{rate}/s"
     return Case("fanin", label, tuple(args))
+
+
+def at_half_peak(case: Case) -> Case:
+    """``case`` (flat out) again in open loop at half the rate it reached."""
+    return Case(case.workload, f"{case.label} @half peak", case.args, case.timeout_s,
+                case.transport, half_of=case.label)  # fmt: skip
+
+
+def resolve(case: Case, system: str, tier: str, runs: list[dict[str, Any]]) -> Case:
+    """A ``half_of`` case with its rate from the flat-out run it refers to."""
+    if case.half_of is None:
+        return case
+    peak = next(
+        (g(r, "result", "throughput_msgs_s") for r in runs
+         if (r["system"], r["tier"], r["label"]) == (system, tier, case.half_of)),
+        None,
+    )  # fmt: skip
+    if not peak:
+        raise RuntimeError(f"no flat-out result for {case.half_of!r} to halve")
+    rate = max(1, int(peak) // 2)
+    return replace(case, args=(*case.args, "--rate", str(rate)))  # its rate: the result's
 
 
 def fanout(subs: int, window: int = 16, rate: int | None = None) -> Case:
@@ -186,6 +210,7 @@ def cases(full: bool) -> list[Case]:
     return [
         fanin(1, 1, 100),
         fanin(16, 16, 100),
+        at_half_peak(fanin(16, 16, 100)),
         fanin(16, 16, 1024),
         fanin(16, 16, 100, 2000),
         fanout(100),
@@ -813,6 +838,12 @@ def main() -> int:
                     if not runs_case(system, case):
                         continue
                     bar.set_description(f"{system} {tier} {case.workload} {case.label}")
+                    try:
+                        case = resolve(case, system, tier, runs)
+                    except RuntimeError as e:
+                        tqdm.write(f"{system} {tier} {case.label}: {e}")
+                        bar.update()
+                        continue
                     rec: dict[str, Any] = {
                         "system": system,
                         "tier": tier,

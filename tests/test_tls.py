@@ -147,9 +147,7 @@ async def tls_client(port: int, pki: Pki, user: str, rcvbuf: int | None = None) 
     return client
 
 
-async def test_a_member_that_reads_late_gets_every_event_over_tls(
-    tmp_path: Path, pki: Pki
-) -> None:
+async def test_a_member_that_reads_late_gets_every_event_over_tls(tmp_path: Path, pki: Pki) -> None:
     """The flusher writes TLS connections: when a member's socket is full, the TLS
     records already made wait in the stream's backlog and the connection's writer task
     sends them; the member, reading late, gets every event once, in order."""
@@ -170,9 +168,7 @@ async def test_a_member_that_reads_late_gets_every_event_over_tls(
         await sender.aclose()
 
 
-async def test_a_slow_consumer_over_tls_is_cut_and_told_to_resync(
-    tmp_path: Path, pki: Pki
-) -> None:
+async def test_a_slow_consumer_over_tls_is_cut_and_told_to_resync(tmp_path: Path, pki: Pki) -> None:
     settings = tls_settings(tmp_path, pki, max_queue_bytes=64 * 1024)
     async with running_server(settings) as h:
         slow = await tls_client(h.server.port, pki, "bob", rcvbuf=4096)

@@ -50,6 +50,7 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
 import trio
@@ -542,7 +543,7 @@ class Connection:
             await self.read(follow)
 
     def _take_queue(self) -> bytes:
-        data = b"".join([chunk for chunk, _ in self.queue])
+        data = b"".join(map(itemgetter(0), self.queue))
         self.queue.clear()
         self.queued_bytes = 0
         self.drained.set()
@@ -1287,10 +1288,14 @@ class Server:
             return
         encoded: dict[Codec, bytes] = {}  # once for every member of a transport's codec
         sent = 0
+        codec, data = None, b""  # the last member's: most members share one codec
         for conn in members:
             if skip_user is not None and conn.user == skip_user:
                 continue
-            if conn.send_bytes(_encoded(frame, conn.transport.codec, encoded), channel):
+            if conn.transport.codec is not codec:
+                codec = conn.transport.codec
+                data = _encoded(frame, codec, encoded)
+            if conn.send_bytes(data, channel):
                 sent += 1
         if sent:
             self.metrics.deliveries.inc(sent)

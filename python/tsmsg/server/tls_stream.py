@@ -39,8 +39,9 @@ class TlsStream(trio.abc.Stream):
         self._tls = context.wrap_bio(self._in, self._out, server_side=True)
         # Ciphertext taken from the TLS object but not yet written: written first by
         # the next try_send or send_all. The connection's writer task takes over while
-        # there is some (``Connection.flush``).
-        self.backlog = b""
+        # there is some (``Connection.flush``). A bytearray: appended to and written from
+        # its front without copying the rest (CPython keeps an offset).
+        self.backlog = bytearray()
         self.closed = False
         self.handshaken = False  # receive_some and send_all handshake first if needed
 
@@ -74,23 +75,25 @@ class TlsStream(trio.abc.Stream):
         while True:
             try:
                 data = self._tls.read(max_bytes or RECEIVE_CHUNK)
-                if data:
-                    await trio.lowlevel.checkpoint()
-                    return data
-                return b""  # close_notify
             except ssl.SSLWantReadError:
-                pass
+                data = None
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                await trio.lowlevel.checkpoint()
-                return b""  # a clean or ragged EOF: https_compatible
+                data = b""  # close_notify
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            if self._out.pending:  # what reading produced (a key update's answer)
-                self.backlog += self._out.read()
-            if self.backlog:
-                await self._send_backlog()
+            if data is not None:  # taken out of the TLS object: not lost to a cancel
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            # What reading produced (a KeyUpdate's answer, an alert) is written without
+            # waiting: a full socket is the writer task's to wait on, and what it does not
+            # take goes with the connection's next write.
+            self._write_quietly()
             if not await self._receive_ciphertext():
-                self._in.write_eof()
+                # An EOF without close_notify is a clean EOF (https_compatible). The TLS
+                # object is not told: it would fail every later write, and the replies to
+                # requests already read still go out (PROTOCOL.md section 4).
+                await trio.lowlevel.checkpoint()
+                return b""
 
     async def _receive_ciphertext(self) -> bool:
         """Read the socket into the TLS object; False at the peer's EOF."""
@@ -147,15 +150,16 @@ class TlsStream(trio.abc.Stream):
         backlog = self.backlog
         if self._out.pending:
             backlog += self._out.read()
+        if not backlog:
+            return True
         try:
-            sent = os.write(self.fd, backlog) if backlog else 0
+            sent = os.write(self.fd, backlog)
         except BlockingIOError:
-            sent = 0
+            return False
         except OSError as exc:
-            self.backlog = backlog
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        self.backlog = backlog[sent:]
-        return not self.backlog
+        del backlog[:sent]
+        return not backlog
 
     async def _send_backlog(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
