@@ -59,16 +59,17 @@ def summarize(path: Path, top: int = 12) -> str:
 # Where the trio (main) thread's time goes, by the first rule whose function is on the
 # stack (rules in priority order; the socket syscall is attributed by its caller).
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("metrics (prometheus_client)", ("prometheus_client",)),
-    ("store submit: queue.put, wakes the writer thread", ("LmdbStore.submit",)),
-    ("recv syscalls (Connection.reader)", ("receive_some",)),
-    ("send syscalls (Connection.writer)", ("SocketStream.send_all",)),
+    ("metrics", ("prometheus_client", "Metrics.", "Tally.", "Timings.")),
+    ("store submit: queue.put, wakes the writer thread", ("Store.submit",)),
+    ("recv syscalls (the reader's socket reads)", ("receive_some", "_receive_fd", "FdReceive")),
+    ("send syscalls (Connection.writer)", ("SocketStream.send_all", "TlsStream.send_all")),
     ("flusher writes (Server._flusher: one write per connection)", ("Server._flusher",)),
     ("commit callback: acks, fan-out into member queues", ("Server.on_batch", "Server.publish")),
     ("frame decode + request handling (Session)", ("Session.receive_frame",)),
     ("writer task, excl. syscalls", ("Connection.writer",)),
     ("reader task, excl. recv and handling", ("Connection.reader",)),
-    ("trio scheduler, epoll, other", ("",)),
+    ("epoll_wait (idle, or waiting for the store's writer thread)", ("get_events",)),
+    ("trio scheduler, other", ("",)),
 ]
 
 

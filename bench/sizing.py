@@ -110,6 +110,7 @@ class Server:
             TSMSG_SECRET=SECRET.decode(),
             TSMSG_IP_CONNECT_RATE="1000000",
             TSMSG_IP_CONNECT_BURST="1000000",
+            TSMSG_IP_MAX_CONNECTIONS="1000000",  # every connection is from 127.0.0.1
             # A loaded 2-core machine may take longer than the 10 s defaults to finish a
             # handshake and hello; neither deadline changes what an idle connection holds.
             TSMSG_TLS_HANDSHAKE_TIMEOUT_S="120",
