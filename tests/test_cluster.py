@@ -408,9 +408,9 @@ async def test_send_limits_are_shared_by_the_nodes(tmp_path: Path, redis_engine:
             assert 1 <= r["retry_after_ms"] <= 2000, r
         page = await on_a.request("sync", channel=CHANNEL, since=0)
         assert [e["seq"] for e in page["events"]] == list(range(1, burst + 1))
-        admin = redis.Redis.from_url(redis_engine)  # the buckets leave nothing for good
-        for key in ("tsmsg:{u:alice}:rate", f"tsmsg:{{u:alice}}:rate:c:{CHANNEL}"):
-            assert 0 < admin.pttl(key) <= (burst / 0.5 + 1) * 1000, key
+        with redis.Redis.from_url(redis_engine) as admin:  # the buckets leave nothing for good
+            for key in ("tsmsg:{u:alice}:rate", f"tsmsg:{{u:alice}}:rate:c:{CHANNEL}"):
+                assert 0 < admin.pttl(key) <= (burst / 0.5 + 1) * 1000, key
 
 
 async def test_quick_connects_and_disconnects_leave_the_user_offline(

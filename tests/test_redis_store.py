@@ -19,11 +19,13 @@ import pytest
 import redis
 
 import redis_servers
+from conftest import fresh_redis_url
 from tsmsg.store import (
     AppendResult,
     CompactionPolicy,
     LmdbStore,
     RedisStore,
+    SendLimits,
     StoreConfig,
     StoreUnavailable,
     WriteOp,
@@ -196,6 +198,35 @@ def test_a_channels_keys_share_one_cluster_slot(
         assert len(slots) == 1, channel
     assert store.channels() == sorted(["room", "a}b", "{x}", "dm:alice:bob"])
     assert {redis.cluster.key_slot(k) for c in ("a", "b", "c", "d") for k in store._keys(c)}
+
+
+def test_a_batch_is_charged_for_sends_in_its_order(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """One batch, several users and channels: the shared buckets grant a user's sends in
+    the batch's order (a run of sends in one channel is one script call), whatever the
+    channel; a refused send stores nothing and says when to retry."""
+    limits = SendLimits(rate=0.01, burst=3, channel_rate=0.01, channel_burst=2)
+    store = RedisStore(fresh_redis_url(redis_server), send_limits=limits)
+    stores.append(store)
+    plan = [("alice", "a")] * 3 + [("bob", "a")] + [("alice", "b")] * 2 + [("bob", "a")] * 2
+    ops = [
+        WriteOp("message", ch, user, cid=f"c{i}", text=f"c{i}", done=threading.Event())
+        for i, (user, ch) in enumerate(plan)
+    ]
+    store.submit(*ops)
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S)
+    granted = [op.error is None for op in ops]
+    # alice: 2 in "a" (its channel burst), then 1 in "b" (her burst of 3 is spent);
+    # bob: 2 in "a", the third over his channel burst.
+    assert granted == [True, True, False, True, True, False, True, False]
+    for op in ops:
+        if op.error is not None:
+            assert op.error.code == "rate_limited" and op.result is None
+            assert op.error.extra["retry_after_ms"] >= 1
+    assert [e["text"] for e in store.sync("a", 0, 10).entries] == ["c0", "c1", "c3", "c6"]
+    assert [e["text"] for e in store.sync("b", 0, 10).entries] == ["c4"]
 
 
 def test_wait_for_missing_replicas_acks_nothing(

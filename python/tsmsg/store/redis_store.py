@@ -342,7 +342,7 @@ class RedisStore(Store):
         pool = redis.BlockingConnectionPool.from_url(
             t.url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, **common
         )
-        return redis.Redis(connection_pool=pool)
+        return redis.Redis.from_pool(pool)  # owns its pool: close() disconnects it
 
     def _load_scripts(self) -> None:
         for name, src in SCRIPTS.items():
@@ -671,37 +671,47 @@ class RedisStore(Store):
     def _charge_sends(self, calls: list[_Call], ts: int) -> list[_Call]:
         """The shared send limits (``send_limits``): a token per send, edit and delete
         from the user's buckets in Redis, for all of a batch in one pipeline (one more
-        round trip), before the writes. A refused one fails with ``rate_limited``; the
-        calls left to send are returned."""
+        round trip), before the writes, in the batch's order: one script call per run of
+        a user's sends in one channel (a connection's pipelined sends arrive together).
+        A refused one fails with ``rate_limited``; the calls left to send are returned."""
         limits = self._send_limits
-        charged = [c for c in calls if c.op.kind in CHARGED_KINDS]
-        if limits is None or not charged:
+        runs: list[tuple[str, str, list[_Call]]] = []
+        for c in calls:
+            if c.op.kind not in CHARGED_KINDS:
+                continue
+            if runs and runs[-1][:2] == (c.op.user, c.op.channel):
+                runs[-1][2].append(c)
+            else:
+                runs.append((c.op.user, c.op.channel, [c]))
+        if limits is None or not runs:
             return calls
         per_user = (repr(limits.rate), limits.burst)
         per_channel = (repr(limits.channel_rate), limits.channel_burst)
-        waits = self._execute(
+        replies = self._execute(
             [
                 (
                     "EVALSHA",
                     SHAS["send_rate"],
                     2,
-                    self._user_key(c.op.user, b"rate"),
-                    self._user_key(c.op.user, b"rate:c:" + c.op.channel.encode()),
+                    self._user_key(user, b"rate"),
+                    self._user_key(user, b"rate:c:" + channel.encode()),
                     ts,
                     *per_user,
                     *per_channel,
+                    len(run),
                 )
-                for c in charged
+                for user, channel, run in runs
             ],
             wait=False,
         )
-        for c, wait in zip(charged, waits, strict=True):
-            if isinstance(wait, Exception):
-                raise wait
-            if wait:
+        for (_, _, run), reply in zip(runs, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            granted, wait = int(reply[0]), int(reply[1])
+            for c in run[granted:]:
                 c.op.error = RateLimited(
                     f"over the send rate of {c.op.user!r} (all nodes): retry in {wait} ms",
-                    retry_after_ms=int(wait),
+                    retry_after_ms=wait,
                 )
         return [c for c in calls if c.op.error is None]
 
