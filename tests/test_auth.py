@@ -195,6 +195,9 @@ def test_the_verified_token_cache_is_bounded_and_keeps_refusals_out(
     assert bad not in verifier._verified
     tampered = tokens[4][:-2] + ("AA" if not tokens[4].endswith("AA") else "BB")
     assert refused(verifier, tampered).code == "unauthorized"  # another text: verified
+    long = forge(payload(sub="carol", pad="x" * auth.VERIFIED_CACHE_TOKEN_CHARS))
+    assert verifier.verify(long, NOW).user == "carol"
+    assert long not in verifier._verified  # a long token is verified every time
 
 
 def test_wrong_secret() -> None:

@@ -11,6 +11,7 @@ runs on a data directory whose store has been closed.)
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -351,6 +352,21 @@ def test_serve_on_a_busy_port_fails_in_one_line(
     last = err.splitlines()[-1]
     reason = f"[Errno {errno.EADDRINUSE}] cannot listen on 127.0.0.1:{port}"
     assert last == f"tsmsg: {reason}: {os.strerror(errno.EADDRINUSE)}"
+
+
+def test_serve_leaves_the_garbage_collector_as_it_found_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """serve tunes the GC while it serves (cli.GC_GEN0_THRESHOLD, startup objects frozen)
+    and puts it back when it returns: main() also runs inside other programs."""
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        code, _, _ = run(capsys, "serve", "--dev", "--port", port, "--data-dir", str(tmp_path))
+    assert code == 1
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
 
 
 def test_serve_with_a_busy_metrics_port_fails_in_one_line(

@@ -142,6 +142,24 @@ def test_user_limits_take_their_rates_from_limits() -> None:
     assert (user.typing.rate, user.typing.burst) == (3.5, 9)
 
 
+def test_a_refused_send_makes_no_channel_bucket() -> None:
+    """A user whose send budget is spent, sending to ever new channels, is refused each
+    time and adds no (user, channel) bucket: the bounded set of buckets is not flushed
+    of other users' spent ones (which would come back full)."""
+    rates = Limits(send_rate=1, send_burst=2, channel_send_rate=1, channel_send_burst=1)
+    limits = UserLimits(rates)
+    limits.channel_sends.max_keys = 10
+    assert limits.take_send("bob", "room", T0) == 0
+    assert limits.take_send("bob", "room", T0) > 0  # bob's channel bucket is spent
+    assert limits.take_send("mallory", "a", T0) == 0
+    assert limits.take_send("mallory", "b", T0) == 0  # her user bucket is spent
+    keys = len(limits.channel_sends)
+    for i in range(100):
+        assert limits.take_send("mallory", f"c{i}", T0) > 0
+    assert len(limits.channel_sends) == keys
+    assert limits.take_send("bob", "room", T0) > 0  # still limited
+
+
 def test_take_send_retry_is_that_of_the_bucket_that_refused() -> None:
     # Per user: a token per 1000 ms; per (user, channel): a token per 250 ms.
     user = UserLimits(Limits(send_rate=1, send_burst=1, channel_send_rate=4, channel_send_burst=1))

@@ -83,9 +83,12 @@ DM_PREFIX: Final = "dm:"  # reserved namespace for direct-message channels
 # Derived, not chosen: the longest DM name, dm:<user>:<user>, must fit in a channel name.
 MAX_USER_CHARS: Final = (MAX_CHANNEL_CHARS - len(DM_PREFIX) - 1) // 2  # = 62
 MAX_PATTERNS: Final = 64  # bounds per-request matching work and the claims kept per session
-# Verified tokens a TokenVerifier remembers (~1 KB each with their claims): a reconnect
-# storm of known devices costs no signature checks.
+# Verified tokens a TokenVerifier remembers: a reconnect storm of known devices costs no
+# signature checks. Tokens over VERIFIED_CACHE_TOKEN_CHARS are verified every time, so an
+# entry is at most ~2 KB of token and its claims (a typical one ~0.5 KB; plus the claims'
+# access answers, ACCESS_CACHE_MAX names): a few MB in all.
 VERIFIED_CACHE_MAX: Final = 4096
+VERIFIED_CACHE_TOKEN_CHARS: Final = 1024
 ACCESS_CACHE_MAX: Final = 64  # channels whose access a Claims remembers (cleared when full)
 MAX_PATTERN_CHARS: Final = 256  # a bracket class spends several characters per channel char
 MAX_TOKEN_CHARS: Final = 8 * 1024  # checked before decoding: no parsing of huge inputs
@@ -329,9 +332,10 @@ class TokenVerifier:
         nbf = _claim_int(payload, "nbf") if "nbf" in payload else None
         self._check_times(exp, nbf, now)
         claims = self._claims(payload, exp)
-        if len(self._verified) >= VERIFIED_CACHE_MAX:
-            del self._verified[next(iter(self._verified))]  # the oldest
-        self._verified[token] = (claims, nbf)
+        if len(token) <= VERIFIED_CACHE_TOKEN_CHARS:
+            if len(self._verified) >= VERIFIED_CACHE_MAX:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[token] = (claims, nbf)
         return claims
 
     def _check_times(self, exp: int, nbf: int | None, now: int) -> None:

@@ -95,10 +95,11 @@ class UserLimits:
 
     def take_send(self, user: str, channel: str, now_ms: int) -> int:
         """A token from both buckets, or from neither (a refused send costs nothing)."""
-        mine = self.sends.bucket(user, now_ms)
-        here = self.channel_sends.bucket((user, channel), now_ms)
-        wait = max(mine.refill(now_ms), here.refill(now_ms))
-        if not wait:
+        mine, key = self.sends.bucket(user, now_ms), (user, channel)
+        wait = max(mine.refill(now_ms), self.channel_sends.peek(key, now_ms))
+        if not wait:  # the channel's bucket is made (or touched) only for a granted send
+            here = self.channel_sends.bucket(key, now_ms)
+            here.refill(now_ms)
             mine.tokens -= 1
             here.tokens -= 1
         return wait

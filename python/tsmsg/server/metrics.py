@@ -185,7 +185,8 @@ class Timings:
 class Tallies(Collector):
     """Exports the :class:`Tally` counters and :class:`Timings` histograms, in the
     format prometheus_client's own would have (``<name>_total``; ``_bucket``, ``_sum``,
-    ``_count``), plus ``_created`` for each counter family."""
+    ``_count``), plus ``_created`` for each counter (prometheus_client's histogram family
+    has no ``_created``: these two histograms have none)."""
 
     def __init__(self) -> None:
         # (name, doc, label, tally): a Tally without a label, else one per label value
@@ -243,8 +244,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        tallies = Tallies()
-        registry.register(tallies)
+        tallies = Tallies()  # registered once filled (below): the registry learns its names
 
         def counter(name: str, doc: str, label: str | None = None, values: Any = ()) -> Any:
             tally: Tally | dict[str, Tally] = (
@@ -371,6 +371,7 @@ class Metrics:
             "1 when the store stopped taking writes after a failed sync (restart needed).",
             registry=registry,
         )
+        registry.register(tallies)
 
     # -------------------------------------------------------------- hot-path helpers
 
