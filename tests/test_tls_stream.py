@@ -13,6 +13,7 @@ import ssl
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -449,22 +450,29 @@ class SClient:
             await self.proc.wait()
 
 
+@asynccontextmanager
+async def alice_by_s_client(port: int, pki: Pki, version: str) -> AsyncIterator[SClient]:
+    """``openssl s_client`` (``version``: -tls1_2, -tls1_3) past alice's hello."""
+    c = await SClient.start(port, pki, version)
+    try:
+        await c.send(encode(hello("alice")))
+        assert await c.until(b"welcome")
+        yield c
+    finally:
+        await c.aclose()
+
+
 @needs_openssl
 async def test_tls13_key_update_from_the_client_is_answered(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_server(tls_settings(tmp_path, pki)) as h:
-        c = await SClient.start(h.server.port, pki, "-tls1_3")
-        try:
-            await c.send(encode(hello("alice")))
-            assert await c.until(b"welcome")
+        async with alice_by_s_client(h.server.port, pki, "-tls1_3") as c:
             await c.send(b"K\n")
             await c.send(encode({"t": "ping", "rid": 2}))
             assert await c.until(b"pong")
             after = c.out[c.out.index(b"KEYUPDATE") :]
             assert b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate" in after  # the answer
-        finally:
-            await c.aclose()
     assert not errors_logged(caplog)
 
 
@@ -474,15 +482,10 @@ async def test_tls12_client_renegotiation_is_refused_cleanly(
 ) -> None:
     """A no_renegotiation alert; the client gives up; a lost peer, the server goes on."""
     async with running_server(tls_settings(tmp_path, pki)) as h:
-        c = await SClient.start(h.server.port, pki, "-tls1_2")
-        try:
-            await c.send(encode(hello("alice")))
-            assert await c.until(b"welcome")
+        async with alice_by_s_client(h.server.port, pki, "-tls1_2") as c:
             await c.send(b"R\n")
             assert await c.until(b"warning no_renegotiation")
             assert not await c.until(b"never printed")  # s_client ends: the server closed
-        finally:
-            await c.aclose()
         await wait_for(lambda: not h.server.connections)
         other = await tls_wire(h, pki, "bob")
         assert (await other.request("ping"))["t"] == "pong"
