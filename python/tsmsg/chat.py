@@ -556,6 +556,21 @@ class Chat:
             self.out.write(line + "\n")
         self.out.flush()
 
+    async def start(
+        self, where: str, channel: str
+    ) -> tuple[anyio.abc.ObjectSendStream[Command], anyio.abc.ObjectReceiveStream[Command]]:
+        """Greet, join ``channel``; the queue of typed commands (both modes)."""
+        self.emit([f"-- {self.client.user} on {where}; /help lists the commands"])
+        await self.client.join(channel)
+        return anyio.create_memory_object_stream[Command](COMMAND_QUEUE)
+
+    def start_soon_in(self, tg: anyio.abc.TaskGroup) -> None:
+        """The chat's own tasks: events shown (their end ends ``tg``), typing expired,
+        the read cursor moved."""
+        tg.start_soon(self.show_events, tg.cancel_scope.cancel)
+        tg.start_soon(self.expire_typing)
+        tg.start_soon(self.mark_read)
+
     def _maybe_mark_read(self) -> None:
         if self.view.unread_mark() is not None:
             self.read_due.set()
@@ -759,13 +774,9 @@ async def run_chat(
         backoff_max=backoff_max, ssl_context=ssl_context,
     ) as client:  # fmt: skip
         chat = Chat(client, ChatView(client.user, channel, tz), out)
-        chat.emit([f"-- {client.user} on {host}:{port}; /help lists the commands"])
-        await client.join(channel)
-        send, receive = anyio.create_memory_object_stream[Command](COMMAND_QUEUE)
+        send, receive = await chat.start(f"{host}:{port}", channel)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(chat.show_events, tg.cancel_scope.cancel)
-            tg.start_soon(chat.expire_typing)
-            tg.start_soon(chat.mark_read)
+            chat.start_soon_in(tg)
             async with anyio.create_task_group() as io:
                 io.start_soon(chat.run_commands, receive)
                 await read_commands(read_line, send, chat.emit)
@@ -815,13 +826,9 @@ async def _run_screen(
         view.seed(await client.list_channels())
         screen = ChatScreen(view, f"{host}:{port}")
         chat = Chat(client, view, screen)  # type: ignore[arg-type]  # write/flush suffice
-        chat.emit([f"-- {client.user} on {host}:{port}; /help lists the commands"])
-        await client.join(channel)
-        send, receive = anyio.create_memory_object_stream[Command](COMMAND_QUEUE)
+        send, receive = await chat.start(f"{host}:{port}", channel)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(chat.show_events, tg.cancel_scope.cancel)
-            tg.start_soon(chat.expire_typing)
-            tg.start_soon(chat.mark_read)
+            chat.start_soon_in(tg)
             tg.start_soon(_run_app, screen, tg.cancel_scope)
             tg.start_soon(_send_typing, client, view, screen)
             async with anyio.create_task_group() as io:
