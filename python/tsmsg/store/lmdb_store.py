@@ -401,6 +401,10 @@ class _Batch:
     heads: dict[str, int] = field(default_factory=dict)  # their heads before this batch
     new_cids: dict[bytes, int] = field(default_factory=dict)  # dedup key -> seq, stored now
     journal: list[tuple[bytes, bytes]] = field(default_factory=list)  # to append
+    # Worked out once per batch, not per message: senders' names as checked bytes, and
+    # channels' (id as a key prefix, message id prefix).
+    senders: dict[str, bytes] = field(default_factory=dict)
+    prefixes: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
 
 class LmdbStore(Store):
@@ -1121,25 +1125,30 @@ class LmdbStore(Store):
     def _append(self, b: _Batch, op: WriteOp) -> AppendResult:
         """A new message (or the first result of its cid)."""
         user, cid, text = op.user, op.cid, op.text
-        sender = _check_name("user", user, MAX_USER_BYTES)
+        sender = b.senders.get(user)
+        if sender is None:
+            sender = b.senders[user] = _check_name("user", user, MAX_USER_BYTES)
         if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
             raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
         rec = self._record(b, op.channel, create=True)
         assert rec is not None
-        chan_id = rec["id"]
-        dkey = self._dedup_key(U64.pack(chan_id), sender, cid)
+        known = b.prefixes.get(op.channel)
+        if known is None:
+            known = b.prefixes[op.channel] = (U64.pack(rec["id"]), record_prefix(rec))
+        chan_key, id_prefix = known
+        dkey = self._dedup_key(chan_key, sender, cid)
         first = b.new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
         if first is not None:
             return self._dup_result(b.txn, op.channel, rec, first)
         seq = rec["head"] + 1
-        mid = message_id(record_prefix(rec), seq)
+        mid = message_id(id_prefix, seq)
         entry: Entry = {
             "seq": seq, "kind": "message", "id": mid, "sender": user, "ts": b.ts, "text": text
         }  # fmt: skip
         if op.meta:
             entry["meta"] = op.meta
-        self._put_entry(b.log_put, rec, entry)  # the head moves only if this succeeds
-        b.index_put(U64.pack(chan_id) + U64.pack(seq), b"")
+        key = self._put_entry(b.log_put, rec, entry, chan_key)  # moves the head if it succeeds
+        b.index_put(key, b"")
         order = U64.pack(self._next_order + len(b.new_cids))
         b.journal.append((order, packb([dkey, seq, b.ts])))
         b.new_cids[dkey] = seq
@@ -1168,11 +1177,18 @@ class LmdbStore(Store):
         return self._apply_change(b, op)
 
     def _put_entry(
-        self, put: Callable[[bytes, bytes], Any], rec: dict[str, int], entry: Entry
-    ) -> None:
-        key = U64.pack(rec["id"]) + U64.pack(entry["seq"])
+        self,
+        put: Callable[[bytes, bytes], Any],
+        rec: dict[str, int],
+        entry: Entry,
+        chan_key: bytes | None = None,
+    ) -> bytes:
+        """Store ``entry`` in the channel's log and move its head; returns the entry's key.
+        ``chan_key``: the channel's id as a key prefix, if the caller has it."""
+        key = (chan_key or U64.pack(rec["id"])) + U64.pack(entry["seq"])
         put(key, self._pack(key, entry))
         rec["head"] = entry["seq"]
+        return key
 
     def _apply_change(self, b: _Batch, op: WriteOp) -> AppendResult:
         """An edit or a delete: a new entry naming its target, and the target's message
