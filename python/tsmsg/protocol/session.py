@@ -316,7 +316,8 @@ class Session:
                     raise RequestError(E.BAD_REQUEST, RID_RULE, fatal=True)
                 return self._hello(frame, rid, now_ms)
             retry = self._frames.take(now_ms)
-            self._limit(retry, "frame", f"over {self.limits.frame_rate:g} frames/s")
+            if retry:  # (the message is not built per frame)
+                self._limit(retry, "frame", f"over {self.limits.frame_rate:g} frames/s")
             if bad_rid:
                 raise RequestError(E.BAD_REQUEST, RID_RULE)
             handler = self.HANDLERS.get(t)
