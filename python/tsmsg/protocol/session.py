@@ -578,12 +578,16 @@ class Session:
 
     def _send(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         channel = self._channel(frame, send=True)
-        cid: str = _field(frame, "cid", str, f"a string of 1 to {self.limits.max_cid_chars} chars")
-        if not 1 <= len(cid) <= self.limits.max_cid_chars:
+        limits, cid = self.limits, frame.get("cid")
+        if not isinstance(cid, str):  # (the messages are built only for a refusal)
             raise RequestError(
-                E.BAD_REQUEST, f"`cid` must be 1 to {self.limits.max_cid_chars} characters"
+                E.BAD_REQUEST, f"`cid` must be a string of 1 to {limits.max_cid_chars} chars"
             )
-        text = _text(frame, "text", self.limits.max_text_bytes)
+        if not 1 <= len(cid) <= limits.max_cid_chars:
+            raise RequestError(
+                E.BAD_REQUEST, f"`cid` must be 1 to {limits.max_cid_chars} characters"
+            )
+        text = _text(frame, "text", limits.max_text_bytes)
         meta = frame.get("meta")
         if meta is not None:
             if not isinstance(meta, dict):
@@ -593,10 +597,11 @@ class Session:
                     E.LIMIT_EXCEEDED, f"`meta` is over {self.limits.max_meta_bytes} bytes encoded"
                 )
         self._spend_send(channel, now_ms)
-        dup = self.store.cached_dup(channel, self.user, cid)
+        user = self.user
+        dup = self.store.cached_dup(channel, user, cid)
         if dup is not None:
             return self._ok(rid, channel=channel, seq=dup.seq, id=dup.id, ts=dup.ts, dup=True)
-        op = WriteOp("message", channel, self.user, cid=cid, text=text, meta=meta or None)
+        op = WriteOp("message", channel, user, cid=cid, text=text, meta=meta or None)
         return [self._submit(op, rid)]
 
     def _change(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:

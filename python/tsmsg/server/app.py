@@ -1273,6 +1273,8 @@ class Server:
         reach this node's members, and the other nodes' through the engine."""
         frame, channel = action.frame, action.channel
         if frame["t"] == "event":
+            if not self.relay.follows(channel):
+                return  # no member on this node (and no clock read for nothing)
             out = self.relay.offer(
                 channel, action.epoch or None, frame["seq"], frame, self.now_ms()
             )

@@ -71,6 +71,9 @@ class Relay(Generic[E]):
         until :meth:`position` says where the subscriber starts."""
         self.streams.setdefault(channel, Stream())
 
+    def follows(self, channel: str) -> bool:
+        return channel in self.streams
+
     def unfollow(self, channel: str) -> None:
         self.streams.pop(channel, None)
 
