@@ -5,13 +5,13 @@ upgraded; only its Transport (server/wire.py: how bytes become frames and back) 
 
 The flusher runs once per scheduling round in which there is work. First it hands the
 round's writes (from every connection) to the store in one call: one wake-up of the
-store's writer thread. Then it writes every plain TCP connection that queued frames,
-with one non-blocking ``write`` each: fanning an event out to N members costs N syscalls
-and one task wake-up, not N wake-ups and N trio ``send_all`` calls. A connection whose
-socket buffer is full hands its bytes to a writer task of its own, started then, which
-waits for the peer under ``send_timeout_s`` and ends once everything is sent; until
-then the flusher leaves the connection alone, so bytes stay in order. A TLS connection
-has its writer task for its whole life and writes only through it.
+store's writer thread. Then it writes every connection that queued frames, with one
+non-blocking ``write`` each (TLS: records made and written by ``TlsStream.try_send``):
+fanning an event out to N members costs N syscalls and one task wake-up, not N wake-ups
+and N trio ``send_all`` calls. A connection whose socket buffer is full hands its bytes
+to a writer task of its own, started then, which waits for the peer under
+``send_timeout_s`` and ends once everything is sent; until then the flusher leaves the
+connection alone, so bytes stay in order.
 
 An idle plain TCP connection is its reader task waiting for the socket to be readable
 and a few small objects (no nursery, writer task, Event or cancel scope of its own
@@ -429,14 +429,15 @@ class Connection:
         self.queue: list[tuple[bytes, str | None]] = []
         self.queued_bytes = 0
         # The flusher's non-blocking write, used only while the writer task is not
-        # sending (``blocked``); None for TLS, and once the stream is closed.
+        # sending (``blocked``); None once the stream is closed (TLS too has one:
+        # TlsStream.try_send).
         self.try_send = try_send_of(stream)
         self.blocked = self.try_send is None  # the writer task sends; the flusher stays out
         self.pending = b""  # bytes the flusher could not write, for the writer task
         # the flusher's, raised by the writer task
         self.write_error: OSError | trio.BrokenResourceError | None = None
         self.has_data = SET  # wakes the writer task
-        # The writer task exists only while needed (TLS: always). It runs in the server's
+        # The writer task exists only while needed (a full socket). It runs in the server's
         # task nursery, which handle() sets here and clears when the connection closes.
         self.nursery: trio.Nursery | None = None
         self.writer_scope: trio.CancelScope | None = None  # the running writer's
@@ -678,9 +679,9 @@ class Connection:
             await self.writer_done.wait()
 
     async def writer(self, scope: trio.CancelScope) -> None:
-        """Send what the flusher could not (or everything, over TLS), coalescing whatever
-        is queued into one write, until the queue is empty; then hand the socket back to
-        the flusher and end (an idle plain TCP connection has no writer task), or close
+        """Send what the flusher could not, coalescing whatever is queued into one
+        write, until the queue is empty; then hand the socket back to the flusher and
+        end (an idle connection has no writer task), or close
         the connection if it is closing. ``scope`` is for the task's life: abort() and
         stop_writer() cancel it. Each write waits for the peer for at most
         ``send_timeout_s``, under a deadline of its own: a write that completes is sent,
