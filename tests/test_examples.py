@@ -30,6 +30,21 @@ def example(name: str, port: int, channel: str) -> list[str]:
     return [sys.executable, str(EXAMPLES / name), "--port", str(port), "--channel", channel]
 
 
+async def run_example(
+    name: str, port: int, channel: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run an example to its end (bounded); its exit code, stdout and stderr."""
+    with trio.fail_after(RUN_TIMEOUT):
+        return await trio.run_process(
+            example(name, port, channel),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=env,
+            cwd=cwd,
+            check=False,
+        )
+
+
 async def wait_for_output(proc: trio.Process, path: Path, needle: str) -> None:
     with trio.fail_after(WAIT_TIMEOUT):
         while needle not in path.read_text():
@@ -38,14 +53,7 @@ async def wait_for_output(proc: trio.Process, path: Path, needle: str) -> None:
 
 
 async def test_two_users_prints_the_same_conversation_for_both(harness: Harness) -> None:
-    with trio.fail_after(RUN_TIMEOUT):
-        proc = await trio.run_process(
-            example("two_users.py", harness.server.port, "ex-two"),
-            capture_stdout=True,
-            capture_stderr=True,
-            env=example_env(),
-            check=False,
-        )
+    proc = await run_example("two_users.py", harness.server.port, "ex-two", example_env())
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     conversation = [
@@ -62,14 +70,7 @@ async def test_two_users_prints_the_same_conversation_for_both(harness: Harness)
 
 async def test_two_users_without_a_secret_exits_1(harness: Harness) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
-    with trio.fail_after(RUN_TIMEOUT):
-        proc = await trio.run_process(
-            example("two_users.py", harness.server.port, "ex-two"),
-            capture_stdout=True,
-            capture_stderr=True,
-            env=env,
-            check=False,
-        )
+    proc = await run_example("two_users.py", harness.server.port, "ex-two", env)
     assert proc.returncode == 1
     assert "TSMSG_SECRET" in proc.stderr.decode()
 
@@ -127,15 +128,7 @@ async def test_examples_take_the_dev_secret_file_and_fail_in_one_line_without_a_
     secret_file.write_bytes(SECRET + b"\n")
     secret_file.chmod(0o600)
     env = {k: v for k, v in example_env().items() if k != "TSMSG_SECRET"}
-    with trio.fail_after(RUN_TIMEOUT):
-        ok = await trio.run_process(
-            example("two_users.py", harness.server.port, "ex-file"),
-            capture_stdout=True,
-            capture_stderr=True,
-            env=env,
-            cwd=cwd,
-            check=False,
-        )
+    ok = await run_example("two_users.py", harness.server.port, "ex-file", env, cwd=cwd)
     assert ok.returncode == 0, ok.stderr.decode()
     assert ok.stdout.decode().startswith("alice saw:\n")
 
@@ -143,22 +136,12 @@ async def test_examples_take_the_dev_secret_file_and_fail_in_one_line_without_a_
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     for name in ("two_users.py", "echo_bot.py"):
-        with trio.fail_after(RUN_TIMEOUT):
-            down = await trio.run_process(
-                example(name, port, "ex-down"),
-                capture_stdout=True,
-                capture_stderr=True,
-                env=env,
-                cwd=cwd,
-                check=False,
-            )
+        down = await run_example(name, port, "ex-down", env, cwd=cwd)
         err = down.stderr.decode()
         assert down.returncode == 1, err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert f"connection refused by 127.0.0.1:{port}" in err
 
-    nowhere = await trio.run_process(
-        example("two_users.py", port, "ex-down"), capture_stderr=True, env=env, check=False
-    )
+    nowhere = await run_example("two_users.py", port, "ex-down", env)
     assert nowhere.returncode == 1
     assert "no secret: run `make run` first" in nowhere.stderr.decode()

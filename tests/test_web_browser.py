@@ -160,6 +160,11 @@ class Page:
         box.send_keys(text)
         self.find("#send").click()
 
+    def dm(self, user: str) -> None:
+        """Open (or start) the DM with ``user``, as a person types the name."""
+        self.find("#dm-user").send_keys(f"{user}\n")
+        self.wait("in the DM", lambda: self.find("#channel-title").text == f"@ {user}")
+
     def open(self, channel: str) -> None:
         self.find(f'#sidebar li[data-channel="{channel}"]').click()
 
@@ -246,8 +251,7 @@ async def test_two_users_chat_in_the_browser(
 
     # A DM: bob sees it (unread badge, then the message); alice sees his receipt.
     dm = "dm:alice:bob"
-    alice.find("#dm-user").send_keys("bob\n")
-    alice.wait("in the DM", lambda: alice.find("#channel-title").text == "@ bob")
+    alice.dm("bob")
     alice.send("psst, bob")
     bob.wait(
         "the DM's unread badge",
@@ -325,8 +329,7 @@ async def test_a_dm_from_a_stranger_and_the_sidebar_after_a_reload(
 
     # Bob writes to carol: her page learns of the DM from the membership push alone.
     dm = "dm:bob:carol"
-    bob.find("#dm-user").send_keys("carol\n")
-    bob.wait("in the DM", lambda: bob.find("#channel-title").text == "@ carol")
+    bob.dm("carol")
     bob.send("hi carol")
     carol.wait(
         "the new DM in the sidebar",
