@@ -89,7 +89,7 @@ from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.web import Web
-from tsmsg.server.wire import TCP, Codec, Transport
+from tsmsg.server.wire import RECEIVE_CHUNK, TCP, Codec, FdReceive, Transport
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
 from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
@@ -98,7 +98,6 @@ from tsmsg.tls import server_tls_context
 log = logging.getLogger("tsmsg.server")
 T = TypeVar("T")
 
-RECEIVE_CHUNK = 64 * 1024  # bytes per socket read
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 LISTEN_BACKLOG = 4096  # pending connections the kernel queues (it caps it at somaxconn)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
@@ -343,39 +342,6 @@ async def receive_before(receive: Receive, deadline: float) -> bytes | bytearray
     with trio.move_on_at(deadline):
         return await receive()
     return None
-
-
-class FdReceive:
-    """A plain TCP socket's receive: ``os.read`` on its fd. After a read that emptied
-    the socket (fewer bytes than asked for), the next one waits for the fd first: trying
-    it at once would mostly fail with EAGAIN, a wasted syscall and exception per wake-up
-    (a third of the reads in fan-in, issue 17). Either way a receive yields once, so a
-    busy peer cannot starve the rest."""
-
-    __slots__ = ("drained", "fd")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.drained = True  # a new connection's hello is rarely there yet
-
-    async def __call__(self) -> bytes:
-        fd = self.fd
-        if self.drained:
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                data = os.read(fd, RECEIVE_CHUNK)
-            except BlockingIOError:
-                data = None  # waited for below, not in this handler: it would keep the
-                # exception (and its traceback) alive for as long as the connection idles
-            except OSError as exc:  # reported as trio's SocketStream reports it
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if data is not None:
-                self.drained = len(data) < RECEIVE_CHUNK
-                return data
-            await trio.lowlevel.wait_readable(fd)
 
 
 class Connection:

@@ -22,18 +22,30 @@ import ssl
 
 import trio
 
-RECEIVE_CHUNK = 64 * 1024  # ciphertext bytes per socket read
+from tsmsg.server.wire import RECEIVE_CHUNK, FdReceive
 
 
 class TlsStream(trio.abc.Stream):
     """A server-side TLS connection on ``tcp``'s socket."""
 
-    __slots__ = ("_in", "_out", "_tls", "backlog", "closed", "fd", "handshaken", "socket", "tcp")
+    __slots__ = (
+        "_in",
+        "_out",
+        "_receive",
+        "_tls",
+        "backlog",
+        "closed",
+        "fd",
+        "handshaken",
+        "socket",
+        "tcp",
+    )
 
     def __init__(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> None:
         self.tcp = tcp  # closed by aclose()
         self.socket = tcp.socket
         self.fd = tcp.socket.fileno()
+        self._receive = FdReceive(self.fd)  # ciphertext, read as plaintext TCP is
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_side=True)
@@ -97,18 +109,10 @@ class TlsStream(trio.abc.Stream):
 
     async def _receive_ciphertext(self) -> bool:
         """Read the socket into the TLS object; False at the peer's EOF."""
-        while True:
-            try:
-                data = os.read(self.fd, RECEIVE_CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if not data:
-                return False
+        data = await self._receive()
+        if data:
             self._in.write(data)
-            return True
+        return bool(data)
 
     # ------------------------------------------------------------------ sending
 

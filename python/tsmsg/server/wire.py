@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 from typing import Any, Protocol
 
+import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
@@ -25,6 +27,8 @@ from wsproto.frame_protocol import CloseReason, FrameProtocol
 
 from tsmsg._native import FrameDecoder, FrameError, FrameTooLarge, encode, packb, unpackb
 from tsmsg.protocol import errors as E
+
+RECEIVE_CHUNK = 64 * 1024  # bytes per socket read (plaintext, or TLS records)
 
 SUBPROTOCOL_MSGPACK = "tsmsg.v1.msgpack"
 SUBPROTOCOL_JSON = "tsmsg.v1.json"
@@ -349,3 +353,37 @@ class WebSocket:
             return self.ws.send(CloseConnection(code, text))
         except Exception:  # wsproto's state says closed already: nothing more to send
             return b""
+
+
+class FdReceive:
+    """A socket's receive (plaintext TCP, and TlsStream's records): ``os.read`` on its
+    fd. After a read that emptied the socket (fewer bytes than asked for), the next one
+    waits for the fd first: trying
+    it at once would mostly fail with EAGAIN, a wasted syscall and exception per wake-up
+    (a third of the reads in fan-in, issue 17). Either way a receive yields once, so a
+    busy peer cannot starve the rest."""
+
+    __slots__ = ("drained", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.drained = True  # a new connection's hello is rarely there yet
+
+    async def __call__(self) -> bytes:
+        fd = self.fd
+        if self.drained:
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_CHUNK)
+            except BlockingIOError:
+                data = None  # waited for below, not in this handler: it would keep the
+                # exception (and its traceback) alive for as long as the connection idles
+            except OSError as exc:  # reported as trio's SocketStream reports it
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if data is not None:
+                self.drained = len(data) < RECEIVE_CHUNK
+                return data
+            await trio.lowlevel.wait_readable(fd)
