@@ -363,7 +363,8 @@ async def test_a_peer_that_never_reads_is_cut_then_closed_with_a_bounded_backlog
 ) -> None:
     """Its live stream is cut at max_queue_bytes (resync), the TLS backlog plus the queue
     stay within about twice the bound, and it is closed once a write waits longer than
-    send_timeout_s."""
+    send_timeout_s (a history page it asks for and does not read: after the cut, the
+    socket may have taken everything queued)."""
     bound = 64 * 1024
     settings = tls_settings(tmp_path, pki, max_queue_bytes=bound, send_timeout_s=0.5)
     async with running_server(settings) as h:
@@ -376,6 +377,7 @@ async def test_a_peer_that_never_reads_is_cut_then_closed_with_a_bounded_backlog
         for i in range(100):
             await sender.request("send", channel=CH, cid=f"c{i}", text="y" * 4000)
             most = max(most, len(stream.backlog) + conn.queued_bytes)
+        await deaf.send({"t": "history", "rid": 99, "channel": CH})  # ~400 KB, never read
         await wait_for(lambda: all(c.user != "bob" for c in h.server.connections.values()))
         assert most <= 2 * bound + 16 * 1024, most
     assert not errors_logged(caplog)
