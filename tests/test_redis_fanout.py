@@ -17,7 +17,7 @@ import pytest
 import redis
 
 import redis_servers
-from tsmsg.store import RedisStore, RemoteEntry, WriteOp, open_store
+from tsmsg.store import RedisStore, RemoteEntry, WriteOp, open_store, redis_store
 
 WAIT_S = 10.0  # anything these tests wait for arrives well within this
 QUIET_S = 0.3  # how long "nothing arrives" is watched for
@@ -168,6 +168,30 @@ def test_entries_arrive_as_sync_returns_them_after_the_ack(nodes: Nodes) -> None
     assert rec.seqs("room") == [1, 2, 3, 4, 5, 6]
     assert rec.unacked == []
     assert nodes.b.fanout.bad_messages == 0 and nodes.a.fanout.publish_failures == 0
+
+
+def test_a_batchs_entries_are_published_together_per_channel(nodes: Nodes) -> None:
+    """Consecutive new entries of one channel's log in a batch go out as one pub/sub
+    message (at most PUBLISH_ENTRIES_MAX entries each) and arrive one by one, in order."""
+    a, rec = nodes.a, nodes.rec
+    nodes.follow("room")
+    nodes.follow("side")
+    n = redis_store.PUBLISH_ENTRIES_MAX + 5
+    ops = [WriteOp("message", "room", "u", cid=f"r{i}", text=f"r{i}") for i in range(n)]
+    ops += [WriteOp("message", "side", "u", cid="s0", text="s0")]
+    ops += [WriteOp("message", "room", "u", cid=f"t{i}", text=f"t{i}") for i in range(3)]
+    ops.insert(1, WriteOp("message", "room", "u", cid="r0", text="r0"))  # a dup: not sent
+    before = a.fanout.published
+    a.submit(*ops)
+    rec.wait(lambda: len(rec.received) == n + 4)
+    assert rec.seqs("room") == list(range(1, n + 4))
+    assert [e.entry["text"] for e in rec.received if e.channel == "room"][-3:] == [
+        "t0", "t1", "t2",
+    ]  # fmt: skip
+    assert rec.seqs("side") == [1]
+    # room's first 128, its next 5, side's one, room's last 3.
+    assert a.fanout.published - before == 4
+    assert rec.unacked == [] and nodes.b.fanout.bad_messages == 0
 
 
 def test_a_dup_is_not_published_and_a_moved_read_cursor_is(nodes: Nodes) -> None:

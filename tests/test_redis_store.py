@@ -229,6 +229,52 @@ def test_a_batch_is_charged_for_sends_in_its_order(
     assert [e["text"] for e in store.sync("b", 0, 10).entries] == ["c4"]
 
 
+def test_a_run_of_messages_to_a_channel_is_one_script_call(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """A batch's consecutive messages to one channel are stored by one ``append`` call (at
+    most APPEND_RUN_MAX each), with the same results as one call per message: dense seqs
+    in the batch's order, a cid repeated in the run or known from before answered with its
+    first result, another channel's message or an edit ending a run."""
+    url = fresh_redis_url(redis_server)
+    store = RedisStore(url)
+    stores.append(store)
+    known = store.append("a", "u", "known", "first")
+    n = redis_store.APPEND_RUN_MAX + 10
+    ops = [WriteOp("message", "a", "u", cid=f"m{i}", text=f"m{i}") for i in range(n)]
+    ops[5] = WriteOp("message", "a", "u", cid="m1", text="again")  # a repeat in the run
+    ops[7] = WriteOp("message", "a", "u", cid="known", text="again")  # known from before
+    ops += [
+        WriteOp("message", "b", "u", cid="b0", text="b0"),
+        WriteOp("edit", "a", "u", target=known.id, text="edited"),
+        WriteOp("message", "a", "u", cid="late", text="late"),
+        WriteOp("message", "a", "v", cid="m3", text="another sender's m3"),
+    ]
+    for op in ops:
+        op.done = threading.Event()
+    with redis.Redis.from_url(url) as admin:
+        admin.config_resetstat()
+        store.submit(*ops)
+        for op in ops:
+            assert op.done is not None and op.done.wait(WAIT_S)
+        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    # Runs: 128 + 10 messages to "a", "b0", the edit, then "late" and v's m3 to "a".
+    assert calls == 5
+    assert all(op.error is None for op in ops)
+    results = [op.result for op in ops]
+    assert all(isinstance(r, AppendResult) for r in results)
+    dups = [i for i, r in enumerate(results) if isinstance(r, AppendResult) and r.dup]
+    assert dups == [5, 7]
+    assert results[5] == results[1]._replace(dup=True)
+    assert results[7] == known._replace(dup=True)
+    stored = [r for i, r in enumerate(results[:n]) if i not in (5, 7)]
+    assert [r.seq for r in stored if isinstance(r, AppendResult)] == list(range(2, n))
+    texts = [e.get("text") for e in store.sync("a", 0, 1000).entries]
+    expected = [f"m{i}" for i in range(n) if i not in (5, 7)]
+    assert texts == ["edited", *expected, "edited", "late", "another sender's m3"]
+    assert store.sync("b", 0, 10).entries[0]["text"] == "b0"
+
+
 def test_wait_for_missing_replicas_acks_nothing(
     redis_server: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:

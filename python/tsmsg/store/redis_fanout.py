@@ -58,15 +58,16 @@ class FanoutStats:
     reconnects: int = 0  # pub/sub connections lost (each is followed by ``lost``)
 
 
-def entry_message(node: bytes, channel: str, epoch: int, entry: dict[str, Any]) -> bytes:
-    """What is published for a committed entry (the entry as ``sync`` returns it), by the
-    node ``node`` (a node ignores its own: they reached its members already)."""
-    return packb({"node": node, "channel": channel, "epoch": epoch, "entry": entry})
+def entries_message(node: bytes, channel: str, epoch: int) -> dict[str, Any]:
+    """What is published for committed entries of one log (each as ``sync`` returns it,
+    appended to ``entries`` in seq order), by the node ``node`` (a node ignores its own:
+    they reached its members already). Packed by the caller once complete."""
+    return {"node": node, "channel": channel, "epoch": epoch, "entries": []}
 
 
-def signal_message(node: bytes, channel: str, frame: dict[str, Any]) -> bytes:
+def signal_message(node: bytes, channel: str, frame: dict[str, Any]) -> dict[str, Any]:
     """What is published for a live signal (a ``typing`` or ``read`` push)."""
-    return packb({"node": node, "channel": channel, "signal": frame})
+    return {"node": node, "channel": channel, "signal": frame}
 
 
 def publish_all(
@@ -324,13 +325,15 @@ class Subscriber:
                 raise ValueError("not a message of this channel")
             if msg.get("node") == self.node:
                 return  # this node's own: its members had it before it was published
-            if "entry" in msg:
-                epoch, entry = msg["epoch"], msg["entry"]
-                if not isinstance(epoch, int) or not isinstance(entry, dict):
-                    raise ValueError("an entry message without epoch or entry")
+            if "entries" in msg:
+                epoch, entries = msg["epoch"], msg["entries"]
+                if not isinstance(epoch, int) or not isinstance(entries, list):
+                    raise ValueError("an entries message without epoch or entries")
+                if not all(isinstance(entry, dict) for entry in entries):
+                    raise ValueError("an entry that is not a map")
                 if self._lost:
                     self._hand_over()
-                self._entries.append(RemoteEntry(channel, epoch, entry))
+                self._entries.extend(RemoteEntry(channel, epoch, entry) for entry in entries)
                 return
             frame = msg["signal"]
             if not isinstance(frame, dict):
@@ -367,7 +370,8 @@ class Subscriber:
                 channel, frame = self._signals.get_nowait()
             except queue.Empty:
                 break
-            messages.append((self._topic(channel), signal_message(self.node, channel, frame)))
+            message = packb(signal_message(self.node, channel, frame))
+            messages.append((self._topic(channel), message))
         publish_all(self._client, self.publish_command, messages, self.stats)
 
     def _check_alive(self, now: float) -> None:

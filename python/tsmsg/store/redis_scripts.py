@@ -59,52 +59,80 @@ local function fresh(epoch)
 end
 """
 
-# A new message, or the first result of its cid. ARGV: 1 candidate epoch (used if the
-# channel's meta is missing: new, or lost), 2 dedup key, 3 ts pair, 4 sender pair, 5 body
-# pairs (text, meta), 6 number of body pairs, 7 meta pair or '', 8 sender, 9 ts,
-# 10 dedup_max, 11 dedup cutoff ts, 12 most dedup entries to prune.
-# Reply: {1, id prefix, seq, created, epoch} or {0, id prefix, seq, entry or nil} for a
-# known cid. The id prefix is the epoch unless the meta has a 'pfx' (a restored log).
+# A run of new messages to one channel (a batch's consecutive appends to it: one call, one
+# atomic step), each either stored or answered with the first result of its cid.
+# ARGV: 1 candidate epoch (used if the channel's meta is missing: new, or lost), 2 ts pair,
+# 3 ts, 4 dedup_max, 5 dedup cutoff ts, 6 most dedup entries to prune per new message,
+# 7 the messages: one msgpack array (str items, any bytes: Lua's cmsgpack knows no bin),
+# five items per message: dedup key, sender, body pairs (text, meta), number of body pairs,
+# meta pair or ''. One argument for the run, not five per message: redis-py encodes every
+# argument in Python, which cost more than the rest of the writer's work per message.
+# Reply: {id prefix, epoch, created, r1, r2, ...}: per message its seq (an integer) if it
+# was stored, or {seq, entry} for a known cid ({seq} once the entry is compacted away). The
+# id prefix is the epoch unless the meta has a 'pfx' (a restored log).
 APPEND = r"""
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local created = 0
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'pfx', 'head')
+local epoch, pfx, head, created = meta[1], meta[2], tonumber(meta[3]), 0
 if not epoch then
-  epoch = ARGV[1]
-  created = 1
+  epoch, pfx, head, created = ARGV[1], nil, 0, 1
   fresh(epoch)
-else
-  local first = redis.call('HGET', KEYS[7], ARGV[2])
+end
+pfx = pfx or epoch
+local out = {pfx, epoch, created}
+local ts, added = ARGV[3], 0
+local log, idx, msgs, dd, dq, seen, built = {}, {}, {}, {}, {}, {}, {}
+local m = cmsgpack.unpack(ARGV[7])
+for a = 1, #m, 5 do
+  local dkey = m[a]
+  local first = seen[dkey]
+  if not first and created == 0 then
+    local v = redis.call('HGET', KEYS[7], dkey)
+    if v then first = string.match(v, '^(%d+)') end
+  end
   if first then
-    local seq = string.match(first, '^(%d+)')
-    local pfx = redis.call('HGET', KEYS[1], 'pfx') or epoch
-    return {0, pfx, seq, redis.call('HGET', KEYS[2], seq)}
+    out[#out + 1] = {tonumber(first), built[first] or redis.call('HGET', KEYS[2], first)}
+  else
+    head = head + 1
+    added = added + 1
+    local seq = dec(head)
+    local base = '\163seq' .. u(head) .. '\164kind\167message' .. ARGV[2]
+      .. '\162id' .. s(pfx .. '-' .. seq) .. '\166sender' .. s(m[a + 1])
+    local entry = map(5 + m[a + 3]) .. base .. m[a + 2]
+    local n = #log
+    log[n + 1], log[n + 2] = seq, entry
+    n = #idx
+    idx[n + 1], idx[n + 2], idx[n + 3], idx[n + 4] = 'b' .. seq, base, 's' .. seq, m[a + 1]
+    if m[a + 4] ~= '' then idx[n + 5], idx[n + 6] = 'm' .. seq, m[a + 4] end
+    n = #msgs
+    msgs[n + 1], msgs[n + 2] = seq, seq
+    dd[n + 1], dd[n + 2] = dkey, seq .. ':' .. ts
+    dq[n + 1], dq[n + 2] = seq, dkey
+    seen[dkey], built[seq] = seq, entry
+    out[#out + 1] = head
   end
 end
-local pfx = redis.call('HGET', KEYS[1], 'pfx') or epoch
-local seq = dec(redis.call('HINCRBY', KEYS[1], 'head', 1))
-local base = '\163seq' .. u(tonumber(seq)) .. '\164kind\167message' .. ARGV[3]
-  .. '\162id' .. s(pfx .. '-' .. seq) .. ARGV[4]
-redis.call('HSET', KEYS[2], seq, map(5 + tonumber(ARGV[6])) .. base .. ARGV[5])
-redis.call('HSET', KEYS[6], 'b' .. seq, base, 's' .. seq, ARGV[8])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[6], 'm' .. seq, ARGV[7]) end
-redis.call('ZADD', KEYS[3], seq, seq)
-redis.call('HSET', KEYS[7], ARGV[2], seq .. ':' .. ARGV[9])
-redis.call('ZADD', KEYS[8], seq, ARGV[2])
-local budget = tonumber(ARGV[12])
-local excess = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[10])
+if added == 0 then return out end
+redis.call('HSET', KEYS[1], 'head', dec(head))
+redis.call('HSET', KEYS[2], unpack(log))
+redis.call('HSET', KEYS[6], unpack(idx))
+redis.call('ZADD', KEYS[3], unpack(msgs))
+redis.call('HSET', KEYS[7], unpack(dd))
+redis.call('ZADD', KEYS[8], unpack(dq))
+local budget = added * tonumber(ARGV[6])
+local excess = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[4])
 while budget > 0 do
   local oldest = redis.call('ZRANGE', KEYS[8], 0, 0)[1]
   if not oldest then break end
   if excess <= 0 then
     local v = redis.call('HGET', KEYS[7], oldest)
-    if v and tonumber(string.match(v, ':(%d+)$')) >= tonumber(ARGV[11]) then break end
+    if v and tonumber(string.match(v, ':(%d+)$')) >= tonumber(ARGV[5]) then break end
   end
   redis.call('ZREM', KEYS[8], oldest)
   redis.call('HDEL', KEYS[7], oldest)
   excess = excess - 1
   budget = budget - 1
 end
-return {1, pfx, seq, created, epoch}
+return out
 """
 
 # An edit ('e') or a delete ('d') of message seq ARGV[3] of id prefix ARGV[2]. ARGV: 4 user,

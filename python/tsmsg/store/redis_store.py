@@ -81,7 +81,7 @@ from tsmsg.store.lmdb_store import (
 from tsmsg.store.redis_fanout import (
     FanoutStats,
     Subscriber,
-    entry_message,
+    entries_message,
     publish_all,
     signal_message,
 )
@@ -98,6 +98,8 @@ HISTORY_CHUNK = 256  # messages one history call fetches
 CHARGED_KINDS = ("message", "edit", "delete")  # the writes the send limits count
 UNREAD_CHUNK = 1024  # messages one unread-count call looks at
 DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one it adds
+APPEND_RUN_MAX = 128  # messages to one channel stored by one script call (about 1 ms of Redis)
+PUBLISH_ENTRIES_MAX = 128  # entries of one channel's log published in one pub/sub message
 EXPORT_CHUNK = 1024  # log entries one export script call reads
 EXPORT_RETRIES = 5  # times a channel's export starts again because a write moved its head
 TAIL_MAX = 10_000  # entries `inspect --tail` reads in one script call
@@ -209,9 +211,11 @@ class _Moved(Exception):
 
 @dataclass(slots=True)
 class _Call:
-    """One write of a batch as sent: the command and how to read its reply."""
+    """What one command of a batch's pipeline carries: one write, or a run of messages to
+    one channel (one ``append`` call); and its arguments (a message's own, until
+    ``_calls`` groups it into a run)."""
 
-    op: WriteOp
+    ops: list[WriteOp]
     args: tuple[Any, ...]
 
 
@@ -545,7 +549,7 @@ class RedisStore(Store):
         reply = self._eval("dup", self._keys(channel), _dedup_key(sender, cid))
         if not reply:
             return None
-        return _dup_result(channel, reply[0], int(reply[1]), reply[2])
+        return _dup_result(channel, reply[0].decode(), int(reply[1]), reply[2])
 
     # ---------------------------------------------------------------- writes
 
@@ -631,60 +635,65 @@ class RedisStore(Store):
         """Send the batch as one pipeline; set every op's result or error (and the epoch
         of the log each new entry went to, for the fan-out)."""
         ts = self._clock()
-        calls: list[_Call] = []
+        writes: list[_Call] = []
         for op in batch:
             op.result, op.error, op.changed = None, None, False
             try:
-                calls.append(_Call(op, self._command(op, ts)))
+                writes.append(_Call([op], self._command(op, ts)))
             except StoreError as exc:
                 op.error = exc
             except Exception as exc:  # a malformed op fails alone, never its batch
                 op.error = StoreError(f"invalid write: {exc}")
-        if not calls:
+        if not writes:
             return
         try:
             if self._fault is not None:
                 self._fault()
-            calls = self._charge_sends(calls, ts)
+            calls = self._calls(self._charge_sends(writes, ts), ts)
             replies = self._execute([c.args for c in calls]) if calls else []
         except Exception as exc:  # connection lost, timeout, cluster down, injected fault
             if isinstance(exc, RedisError):
                 self.down = f"Redis at {self.target.where} is unreachable: {exc}"
-            log.error("store commit of %d writes failed: %r", len(calls), exc)
+            log.error("store commit of %d writes failed: %r", len(writes), exc)
             err = StoreUnavailable(f"store commit failed: {exc}")
-            for c in calls:
-                c.op.result, c.op.error, c.op.changed = None, err, False
+            for w in writes:
+                if w.ops[0].error is None:
+                    w.ops[0].error = err
             return
         self.down = None
         created: list[str] = []
         for c, reply in zip(calls, replies, strict=True):
             try:
-                self._finish(c.op, reply, ts, created)
+                self._finish(c.ops, reply, ts, created)
             except StoreError as exc:
-                c.op.result, c.op.error, c.op.changed = None, exc, False
+                for op in c.ops:
+                    op.result, op.error, op.changed = None, exc, False
         if created:  # the registry of names is in another slot: a second, idempotent step
             try:
                 self._wclient.sadd(self._registry, *created)
             except RedisError as exc:  # only compact_all() and tools read it
                 log.error("could not record new channels %s: %s", created, exc)
 
-    def _charge_sends(self, calls: list[_Call], ts: int) -> list[_Call]:
+    def _charge_sends(self, writes: list[_Call], ts: int) -> list[_Call]:
         """The shared send limits (``send_limits``): a token per send, edit and delete
         from the user's buckets in Redis, for all of a batch in one pipeline (one more
         round trip), before the writes, in the batch's order: one script call per run of
         a user's sends in one channel (a connection's pipelined sends arrive together).
-        A refused one fails with ``rate_limited``; the calls left to send are returned."""
+        A refused one fails with ``rate_limited``; the writes left to send are returned."""
         limits = self._send_limits
-        runs: list[tuple[str, str, list[_Call]]] = []
-        for c in calls:
-            if c.op.kind not in CHARGED_KINDS:
+        if limits is None:
+            return writes
+        runs: list[tuple[str, str, list[WriteOp]]] = []
+        for w in writes:
+            op = w.ops[0]
+            if op.kind not in CHARGED_KINDS:
                 continue
-            if runs and runs[-1][:2] == (c.op.user, c.op.channel):
-                runs[-1][2].append(c)
+            if runs and runs[-1][:2] == (op.user, op.channel):
+                runs[-1][2].append(op)
             else:
-                runs.append((c.op.user, c.op.channel, [c]))
-        if limits is None or not runs:
-            return calls
+                runs.append((op.user, op.channel, [op]))
+        if not runs:
+            return writes
         per_user = (repr(limits.rate), limits.burst)
         per_channel = (repr(limits.channel_rate), limits.channel_burst)
         replies = self._execute(
@@ -708,12 +717,42 @@ class RedisStore(Store):
             if isinstance(reply, Exception):
                 raise reply
             granted, wait = int(reply[0]), int(reply[1])
-            for c in run[granted:]:
-                c.op.error = RateLimited(
-                    f"over the send rate of {c.op.user!r} (all nodes): retry in {wait} ms",
+            for op in run[granted:]:
+                op.error = RateLimited(
+                    f"over the send rate of {op.user!r} (all nodes): retry in {wait} ms",
                     retry_after_ms=wait,
                 )
-        return [c for c in calls if c.op.error is None]
+        return [w for w in writes if w.ops[0].error is None]
+
+    def _calls(self, writes: list[_Call], ts: int) -> list[_Call]:
+        """The batch's commands, in its order: consecutive messages to one channel go in
+        one ``append`` call (up to ``APPEND_RUN_MAX``), every other write alone."""
+        calls: list[_Call] = []
+        runs: list[tuple[_Call, list[Any]]] = []  # append calls, and their messages' items
+        for w in writes:
+            op = w.ops[0]
+            if op.kind != "message":
+                calls.append(w)
+                continue
+            run = runs[-1] if runs and calls[-1] is runs[-1][0] else None
+            if (
+                run is not None
+                and run[0].ops[-1].channel == op.channel
+                and (len(run[0].ops) < APPEND_RUN_MAX)
+            ):
+                run[0].ops.append(op)
+                run[1].extend(w.args)
+            else:
+                runs.append((_Call([op], ()), list(w.args)))
+                calls.append(runs[-1][0])
+        policy = self.config
+        for call, items in runs:
+            call.args = _evalsha(
+                "append", self._keys(call.ops[0].channel),
+                self._epochs(), _P_TS + packb(ts), ts, policy.dedup_max,
+                ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE, _lua_strings(items),
+            )  # fmt: skip
+        return calls
 
     def _execute(self, commands: list[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
         """One pipeline; WAIT at its end when replicas must confirm (and ``wait``).
@@ -752,6 +791,14 @@ class RedisStore(Store):
         if op.kind == "seen":
             return ("SET", self._user_key(op.user, b"seen"), ts)
         _check_name("channel", op.channel, MAX_CHANNEL_BYTES)
+        if op.kind == "message":  # its part of an append call (``_calls``)
+            cid, text = op.cid, op.text
+            if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
+                raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
+            body = _P_TEXT + packb(text)
+            meta = _P_META + packb(op.meta) if op.meta else b""
+            dkey = _dedup_key(op.user, cid)
+            return (dkey, op.user.encode(), body + meta, 2 if meta else 1, meta)
         if op.kind == "member":
             return _evalsha("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
         if op.kind == "unmember":
@@ -759,24 +806,11 @@ class RedisStore(Store):
         keys = self._keys(op.channel)
         if op.kind == "read":
             return _evalsha("read", keys, op.user, op.seq)
-        ts_pair = _P_TS + packb(ts)
-        if op.kind == "message":
-            cid, text = op.cid, op.text
-            if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
-                raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
-            body = _P_TEXT + packb(text)
-            meta = _P_META + packb(op.meta) if op.meta else b""
-            policy = self.config
-            return _evalsha(
-                "append", keys,
-                self._epochs(), _dedup_key(op.user, cid), ts_pair, _P_SENDER + packb(op.user),
-                body + meta, 2 if meta else 1, meta, op.user, ts,
-                policy.dedup_max, ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE,
-            )  # fmt: skip
         if op.kind not in ("edit", "delete"):
             raise ValueError(f"unknown write kind {op.kind!r}")
         if op.kind == "edit" and op.text is None:
             raise ValueError("an edit needs text")
+        ts_pair = _P_TS + packb(ts)
         target = op.target or ""
         parsed = parse_message_id(target)
         if parsed is None:
@@ -788,8 +822,9 @@ class RedisStore(Store):
             _P_TEXT + packb(op.text) if op.text is not None else b"", _P_EDITED + packb(ts),
         )  # fmt: skip
 
-    def _finish(self, op: WriteOp, reply: Any, ts: int, created: list[str]) -> None:
-        """Read one write's reply into its op (a new entry's epoch into ``op.epoch``)."""
+    def _finish(self, ops: list[WriteOp], reply: Any, ts: int, created: list[str]) -> None:
+        """Read one command's reply into its ops (a new entry's epoch into ``op.epoch``)."""
+        op = ops[0]
         if isinstance(reply, Exception):  # OOM, READONLY after a failover, a script error
             log.error("Redis refused a %s in %r: %s", op.kind, op.channel, reply)
             raise StoreUnavailable(f"Redis refused the write: {reply}")
@@ -800,14 +835,17 @@ class RedisStore(Store):
         elif op.kind == "read":
             op.result, op.changed = int(reply[0]), bool(reply[1])
         elif op.kind == "message":
-            flag, prefix, seq = reply[0], reply[1], int(reply[2])
-            if flag:
-                op.result = AppendResult(op.channel, seq, f"{prefix.decode()}-{seq}", ts)
-                op.epoch = int(reply[4])
-                if reply[3]:
-                    created.append(op.channel)
-            else:
-                op.result = _dup_result(op.channel, prefix, seq, reply[3])
+            prefix, epoch = reply[0].decode(), int(reply[1])
+            if reply[2]:
+                created.append(op.channel)
+            for op, r in zip(ops, reply[3:], strict=True):
+                if type(r) is int:
+                    op.result = AppendResult(op.channel, r, f"{prefix}-{r}", ts)
+                    op.epoch = epoch
+                else:
+                    op.result = _dup_result(
+                        op.channel, prefix, int(r[0]), r[1] if len(r) > 1 else None
+                    )
         elif reply[0] == b"ok":
             op.result = AppendResult(op.channel, int(reply[1]), op.target or "", ts)
             op.epoch = int(reply[2])
@@ -817,9 +855,11 @@ class RedisStore(Store):
             raise NotFound(f"no message {op.target!r} in channel {op.channel!r}")
 
     def _fanout_messages(self, batch: list[WriteOp]) -> list[tuple[bytes, bytes]]:
-        """What to publish for a committed batch: each new entry as ``sync`` returns it
-        (not dups, not failed writes), and each moved read cursor as a ``read`` signal."""
-        out: list[tuple[bytes, bytes]] = []
+        """What to publish for a committed batch: its new entries as ``sync`` returns them
+        (not dups, not failed writes), consecutive ones of a channel's log in one message;
+        and each moved read cursor as a ``read`` signal. In the batch's order."""
+        out: list[tuple[bytes, dict[str, Any]]] = []
+        node = self._subscriber.node
         for op in batch:
             result = op.result
             if op.error is not None or result is None:
@@ -827,12 +867,7 @@ class RedisStore(Store):
             if op.kind == "read":
                 if op.changed:
                     frame = {"t": "read", "channel": op.channel, "user": op.user, "seq": result}
-                    out.append(
-                        (
-                            self._topic(op.channel),
-                            signal_message(self._subscriber.node, op.channel, frame),
-                        )
-                    )
+                    out.append((self._topic(op.channel), signal_message(node, op.channel, frame)))
                 continue
             epoch = op.epoch
             if not isinstance(result, AppendResult) or result.dup or not epoch:
@@ -843,13 +878,18 @@ class RedisStore(Store):
                 entry["text"] = op.text
             if op.kind == "message" and op.meta:
                 entry["meta"] = op.meta
-            out.append(
-                (
-                    self._topic(op.channel),
-                    entry_message(self._subscriber.node, op.channel, epoch, entry),
-                )
-            )
-        return out
+            last = out[-1][1] if out else None
+            if (
+                last is not None
+                and last.get("channel") == op.channel
+                and last.get("epoch") == epoch
+                and len(last["entries"]) < PUBLISH_ENTRIES_MAX
+            ):
+                last["entries"].append(entry)
+            else:
+                out.append((self._topic(op.channel), entries_message(node, op.channel, epoch)))
+                out[-1][1]["entries"].append(entry)
+        return [(topic, packb(msg)) for topic, msg in out]
 
     def _ack(self, batch: list[WriteOp]) -> None:
         waiting = self._waiting
@@ -1206,11 +1246,43 @@ def _evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
 
 
+def _lua_strings(items: list[Any]) -> bytes:
+    """A msgpack array of ``items`` (bytes, and small non-negative ints) with every bytes
+    item as a msgpack *str*, whatever its bytes: Redis's Lua ``cmsgpack`` reads str into a
+    Lua string byte for byte, but refuses the bin types that ``packb`` writes for bytes."""
+    out = [_array_header(len(items))]
+    for item in items:
+        if type(item) is int:
+            out.append(packb(item))
+            continue
+        n = len(item)
+        if n < 32:
+            out.append(_FIXSTR[n])
+        elif n < 0x100:
+            out.append(b"\xd9" + _FIXINT[n])
+        elif n < 0x10000:
+            out.append(b"\xda" + n.to_bytes(2, "big"))
+        else:
+            out.append(b"\xdb" + n.to_bytes(4, "big"))
+        out.append(item)
+    return b"".join(out)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 + n,))
+    return b"\xdc" + n.to_bytes(2, "big") if n < 0x10000 else b"\xdd" + n.to_bytes(4, "big")
+
+
+_FIXSTR = [bytes((0xA0 + n,)) for n in range(32)]
+_FIXINT = [bytes((n,)) for n in range(256)]
+
+
 def _dedup_key(sender: str, cid: str) -> bytes:
     return sender.encode() + b"\0" + cid.encode()
 
 
-def _dup_result(channel: str, prefix: bytes, seq: int, raw: bytes | None) -> AppendResult:
+def _dup_result(channel: str, prefix: str, seq: int, raw: bytes | None) -> AppendResult:
     """The first result of a cid: its seq, id and ts (0 once retention dropped it)."""
     ts = unpackb(raw)["ts"] if raw else 0
-    return AppendResult(channel, seq, f"{prefix.decode()}-{seq}", ts, dup=True)
+    return AppendResult(channel, seq, f"{prefix}-{seq}", ts, dup=True)
