@@ -11,9 +11,10 @@ redis://...`` processes, each on its own port (``bench/run.py``'s ``tsmsg_server
   nodes: acked msgs/s.
 * ``fanout``: one publisher (16 in flight) on node 1, 100 subscribers on the other nodes
   (node 1 when alone): deliveries/s.
-* ``latency``: 16 publishers on node 1, open loop at half of this configuration's fan-in
-  rate measured just before, 4 subscribers on the other nodes: publish-to-deliver latency
-  across nodes (from the scheduled send time).
+* ``latency``: 16 publishers on node 1, open loop at half of the fan-in rate one node
+  reached (the single-node configuration of the same round and engine: the publishers
+  are all on node 1), 4 subscribers on the other nodes: publish-to-deliver latency across
+  nodes (from the scheduled send time).
 
 CPU per message comes from ``/proc/<pid>/stat`` (utime + stime, all threads) of every node
 and of redis-server over the loadgen's measured phase; ``other_cpu_share`` is the CPU the
@@ -330,8 +331,9 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             "- cases: `fanin` 16 publishers x 16 in flight, 100 B, spread over all nodes; "
             "`fanout` 1 publisher x 16 in flight on node 1, 100 subscribers on the other "
             "nodes; `latency @N/s` 16 publishers on node 1, open loop at half the fan-in "
-            "rate of the row above, 4 subscribers on the other nodes (latency from the "
-            "scheduled send time). With one node everything is on that node.",
+            "rate one node reached (x1's in the same round), 4 subscribers on the other "
+            "nodes (latency from the scheduled send time). With one node everything is on "
+            "that node.",
             "- CPU: per acked message, over the loadgen's measured phase (window + drain); "
             "shares in % of one core",
             "\n## Summary (median over rounds)\n",
@@ -482,22 +484,29 @@ def main() -> int:
     }
     runs: list[dict[str, Any]] = []
     try:
+        one_node: dict[tuple[int, str], float] = {}  # (round, engine) -> a node's fan-in
         for rnd, (engine, n) in itertools.product(range(1, a.rounds + 1), configs):
             fanin_rate = None
             for case, args in grid:
                 label = case
                 if case.startswith("latency"):
-                    if not fanin_rate:
+                    # The latency case's publishers are all on node 1: half the peak is
+                    # half of what one node takes, not of the fan-in spread over N nodes.
+                    peak = one_node.get((rnd, engine), fanin_rate)
+                    if not peak:
                         continue
                     share = float(case.split(":")[1])
-                    args = [*args, "--rate", str(round(fanin_rate * share))]
-                    label = f"latency @{round(fanin_rate * share)}/s ({share:.0%} of fan-in)"
+                    args = [*args, "--rate", str(round(peak * share))]
+                    whose = "fan-in" if n == 1 or (rnd, engine) not in one_node else "x1 fan-in"
+                    label = f"latency @{round(peak * share)}/s ({share:.0%} of {whose})"
                 rec = measure(engine, n, scratch, cpus, a, (case, args, common), rnd, pyspy)
                 rec["case"] = label
                 if "error" in rec:
                     print(f"  error: {str(rec['error'])[:300]}", flush=True)
                 elif case == "fanin":
                     fanin_rate = rec["figures"]["acked_msgs_s"]
+                    if n == 1:
+                        one_node[(rnd, engine)] = fanin_rate
                 runs.append(rec)
     finally:
         meta["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -34,6 +34,7 @@ from tsmsg.store import (
 )
 from tsmsg.store.redis_store import CHANNEL_SUFFIXES, TOPIC_SUFFIX, parse_redis_url
 
+_prefixes = itertools.count(1)
 WAIT_S = 10.0  # a write or a recovery settles well within this
 OUTAGE_WRITES = 20  # writes submitted while Redis is down
 RECOVERY_TRIES = 200  # attempts (WAIT_S / RECOVERY_TRIES apart) at a write after restart
@@ -200,15 +201,22 @@ def test_a_channels_keys_share_one_cluster_slot(
     assert {redis.cluster.key_slot(k) for c in ("a", "b", "c", "d") for k in store._keys(c)}
 
 
+@pytest.mark.parametrize("engine", ["redis", "redis-cluster"])
 def test_a_batch_is_charged_for_sends_in_its_order(
-    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+    engine: str, request: pytest.FixtureRequest, stores: list[RedisStore]
 ) -> None:
     """One batch, several users and channels: the shared buckets grant a user's sends in
-    the batch's order (a run of sends in one channel is one script call), whatever the
-    channel; a refused send stores nothing and says when to retry."""
+    the batch's order (a run of sends in one channel is charged at once; on one Redis one
+    script call charges them all), whatever the channel; a refused send stores nothing
+    and says when to retry."""
     limits = SendLimits(rate=0.01, burst=3, channel_rate=0.01, channel_burst=2)
-    store = RedisStore(fresh_redis_url(redis_server), send_limits=limits)
+    server = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster")
+    prefix = f"charge{next(_prefixes)}:"
+    store = RedisStore(server.url, key_prefix=prefix, send_limits=limits)
     stores.append(store)
+    if engine == "redis":
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_resetstat()
     plan = [("alice", "a")] * 3 + [("bob", "a")] + [("alice", "b")] * 2 + [("bob", "a")] * 2
     ops = [
         WriteOp("message", ch, user, cid=f"c{i}", text=f"c{i}", done=threading.Event())
@@ -225,6 +233,9 @@ def test_a_batch_is_charged_for_sends_in_its_order(
         if op.error is not None:
             assert op.error.code == "rate_limited" and op.result is None
             assert op.error.extra["retry_after_ms"] >= 1
+    if engine == "redis":  # one send_rate call, then appends: c0 c1 c3 | c4 | c6
+        with redis.Redis.from_url(server.url) as admin:
+            assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 4
     assert [e["text"] for e in store.sync("a", 0, 10).entries] == ["c0", "c1", "c3", "c6"]
     assert [e["text"] for e in store.sync("b", 0, 10).entries] == ["c4"]
 

@@ -449,10 +449,12 @@ return due
 
 # Shared send limits (SendLimits): two token buckets, each a string "<tokens> <stamp_ms>"
 # in the user's slot: {u:<user>}:rate (per user) and {u:<user>}:rate:c:<channel> (per user
-# and channel). KEYS: the two. ARGV: now_ms, rate, burst, channel rate, channel burst, n
-# (the batch's sends of this user in this channel, in order). Each send takes a token from
-# both buckets or from neither: the first k that both can pay for are granted. Returns
-# {k, the ms until both have a token again (0 if k == n)}. Each key expires once its
+# and channel). One call charges several runs (a batch's runs whose keys share a slot: on
+# one Redis all of them), in order. KEYS: the two buckets of each run. ARGV: now_ms, rate,
+# burst, channel rate, channel burst, then each run's n (its user's sends in its channel,
+# in order). Each send takes a token from both buckets or from neither: the first k of a
+# run that both can pay for are granted. Returns per run k and the ms until both have a
+# token again (0 if k == n): {k1, wait1, k2, wait2, ...}. Each key expires once its
 # bucket would be full again: a user's channels leave nothing behind.
 SEND_RATE = r"""
 local now = tonumber(ARGV[1])
@@ -464,23 +466,27 @@ local function level(key, rate, burst)
 end
 local rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
 local crate, cburst = tonumber(ARGV[4]), tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
-local a, b = level(KEYS[1], rate, burst), level(KEYS[2], crate, cburst)
-local k = math.max(0, math.min(n, math.floor(a), math.floor(b)))
-if k > 0 then
-  a, b = a - k, b - k
-  redis.call('SET', KEYS[1], string.format('%.6f %d', a, now),
-    'PX', math.ceil((burst - a) * 1000 / rate) + 1000)
-  redis.call('SET', KEYS[2], string.format('%.6f %d', b, now),
-    'PX', math.ceil((cburst - b) * 1000 / crate) + 1000)
+local out = {}
+for i = 1, #ARGV - 5 do
+  local user, chan, n = KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[5 + i])
+  local a, b = level(user, rate, burst), level(chan, crate, cburst)
+  local k = math.max(0, math.min(n, math.floor(a), math.floor(b)))
+  if k > 0 then
+    a, b = a - k, b - k
+    redis.call('SET', user, string.format('%.6f %d', a, now),
+      'PX', math.ceil((burst - a) * 1000 / rate) + 1000)
+    redis.call('SET', chan, string.format('%.6f %d', b, now),
+      'PX', math.ceil((cburst - b) * 1000 / crate) + 1000)
+  end
+  local wait = 0
+  if k < n then
+    wait = 1
+    if a < 1 then wait = math.max(wait, math.ceil((1 - a) * 1000 / rate)) end
+    if b < 1 then wait = math.max(wait, math.ceil((1 - b) * 1000 / crate)) end
+  end
+  out[2 * i - 1], out[2 * i] = k, wait
 end
-local wait = 0
-if k < n then
-  wait = 1
-  if a < 1 then wait = math.max(wait, math.ceil((1 - a) * 1000 / rate)) end
-  if b < 1 then wait = math.max(wait, math.ceil((1 - b) * 1000 / crate)) end
-end
-return {k, wait}
+return out
 """
 
 # A membership (WriteOp "member"). KEYS: the user's set of channels. ARGV: the channel,

@@ -43,6 +43,7 @@ from typing import Any
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -98,6 +99,7 @@ HISTORY_CHUNK = 256  # messages one history call fetches
 CHARGED_KINDS = ("message", "edit", "delete")  # the writes the send limits count
 UNREAD_CHUNK = 1024  # messages one unread-count call looks at
 DEDUP_PRUNE_PER_WRITE = 4  # old cids one append may forget: more than the one it adds
+SEND_RATE_RUNS_MAX = 128  # runs of sends charged by one send_rate call
 APPEND_RUN_MAX = 128  # messages to one channel stored by one script call (about 1 ms of Redis)
 PUBLISH_ENTRIES_MAX = 128  # entries of one channel's log published in one pub/sub message
 EXPORT_CHUNK = 1024  # log entries one export script call reads
@@ -677,9 +679,11 @@ class RedisStore(Store):
     def _charge_sends(self, writes: list[_Call], ts: int) -> list[_Call]:
         """The shared send limits (``send_limits``): a token per send, edit and delete
         from the user's buckets in Redis, for all of a batch in one pipeline (one more
-        round trip), before the writes, in the batch's order: one script call per run of
-        a user's sends in one channel (a connection's pipelined sends arrive together).
-        A refused one fails with ``rate_limited``; the writes left to send are returned."""
+        round trip), before the writes, in the batch's order: a run of a user's sends in
+        one channel (a connection's pipelined sends arrive together) is charged at once,
+        and one script call charges the runs whose keys share a slot (on one Redis: all,
+        up to SEND_RATE_RUNS_MAX per call). A refused one fails with ``rate_limited``; the
+        writes left to send are returned."""
         limits = self._send_limits
         if limits is None:
             return writes
@@ -694,34 +698,41 @@ class RedisStore(Store):
                 runs.append((op.user, op.channel, [op]))
         if not runs:
             return writes
-        per_user = (repr(limits.rate), limits.burst)
-        per_channel = (repr(limits.channel_rate), limits.channel_burst)
-        replies = self._execute(
-            [
-                (
-                    "EVALSHA",
-                    SHAS["send_rate"],
-                    2,
+        groups: dict[int, list[tuple[str, str, list[WriteOp]]]] = {}
+        for r in runs:
+            slot = key_slot(self._user_key(r[0], b"")) if self.target.cluster else 0
+            groups.setdefault(slot, []).append(r)
+        calls = [
+            group[i : i + SEND_RATE_RUNS_MAX]
+            for group in groups.values()
+            for i in range(0, len(group), SEND_RATE_RUNS_MAX)
+        ]
+        fixed = (
+            ts,
+            repr(limits.rate),
+            limits.burst,
+            repr(limits.channel_rate),
+            limits.channel_burst,
+        )
+        commands = []
+        for call in calls:
+            keys: list[bytes] = []
+            for user, channel, _ in call:
+                keys += (
                     self._user_key(user, b"rate"),
                     self._user_key(user, b"rate:c:" + channel.encode()),
-                    ts,
-                    *per_user,
-                    *per_channel,
-                    len(run),
                 )
-                for user, channel, run in runs
-            ],
-            wait=False,
-        )
-        for (_, _, run), reply in zip(runs, replies, strict=True):
+            commands.append(_evalsha("send_rate", keys, *fixed, *(len(r[2]) for r in call)))
+        for call, reply in zip(calls, self._execute(commands, wait=False), strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            granted, wait = int(reply[0]), int(reply[1])
-            for op in run[granted:]:
-                op.error = RateLimited(
-                    f"over the send rate of {op.user!r} (all nodes): retry in {wait} ms",
-                    retry_after_ms=wait,
-                )
+            for i, (user, _, sends) in enumerate(call):
+                granted, wait = int(reply[2 * i]), int(reply[2 * i + 1])
+                for refused in sends[granted:]:
+                    refused.error = RateLimited(
+                        f"over the send rate of {user!r} (all nodes): retry in {wait} ms",
+                        retry_after_ms=wait,
+                    )
         return [w for w in writes if w.ops[0].error is None]
 
     def _calls(self, writes: list[_Call], ts: int) -> list[_Call]:
