@@ -201,6 +201,33 @@ def test_a_channels_keys_share_one_cluster_slot(
     assert {redis.cluster.key_slot(k) for c in ("a", "b", "c", "d") for k in store._keys(c)}
 
 
+def test_messages_of_every_msgpack_str_size_pass_the_append_argument(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """A run's messages reach the script as one msgpack array of str items (``_lua_strings``)
+    and the script packs the sender itself: texts, metas and sender names at each size
+    where msgpack's str header changes come back byte for byte, as LMDB stores them."""
+    store = RedisStore(fresh_redis_url(redis_server))
+    stores.append(store)
+    sizes = [0, 1, 31, 32, 255, 256, 65535, 65536, 70000]
+    senders = [1, 31, 32, 127, 128]  # bytes of the sender's name (the script packs it)
+    ops = [
+        WriteOp(
+            "message", "room", "s" * senders[i % 5], cid=f"c{n}",
+            text="é" * (n // 2) + "x" * (n % 2),  # n bytes of UTF-8
+            meta={"k": "v" * n, "n": n} if i % 2 else None, done=threading.Event(),
+        )
+        for i, n in enumerate(sizes)
+    ]  # fmt: skip
+    store.submit(*ops)
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S) and op.error is None
+    entries = store.sync("room", 0, 100).entries
+    assert [(e["sender"], e["text"], e.get("meta")) for e in entries] == [
+        (op.user, op.text, op.meta) for op in ops
+    ]
+
+
 @pytest.mark.parametrize("engine", ["redis", "redis-cluster"])
 def test_a_batch_is_charged_for_sends_in_its_order(
     engine: str, request: pytest.FixtureRequest, stores: list[RedisStore]
@@ -284,6 +311,46 @@ def test_a_run_of_messages_to_a_channel_is_one_script_call(
     expected = [f"m{i}" for i in range(n) if i not in (5, 7)]
     assert texts == ["edited", *expected, "edited", "late", "another sender's m3"]
     assert store.sync("b", 0, 10).entries[0]["text"] == "b0"
+
+
+def test_a_runs_messages_keep_their_own_answers_in_a_new_or_restored_log(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """A run that creates its channel answers a cid repeated in it with the first result;
+    an invalid or rate-limited message amid a run fails alone, the others keep their own
+    answers; in a log restored with its ids, a run's ids (and its dups') carry its prefix."""
+    url = fresh_redis_url(redis_server)
+    limits = SendLimits(rate=0.01, burst=100, channel_rate=0.01, channel_burst=3)
+    store = RedisStore(url, send_limits=limits, epochs=lambda: 77, clock=lambda: 1000)
+    stores.append(store)
+    plan = [("u", "a"), ("u", "a"), ("u", ""), ("u", "b"), ("w", "c"), ("u", "d")]
+    ops = [WriteOp("message", "new", u, cid=c, text=f"{u}{c}") for u, c in plan]
+    store.append("old", "u", "x", "before the restore")
+    with redis.Redis.from_url(url) as admin:
+        admin.hset(store._keys("old")[0], "pfx", "00000000000000ab")  # as a restore keeps it
+    ops += [WriteOp("message", "old", "w", cid=c, text=c) for c in ("y", "y", "x")]
+    for op in ops:
+        op.done = threading.Event()
+    store.submit(*ops)
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S)
+    got = [op.result if op.error is None else op.error.code for op in ops]
+    assert got == [
+        AppendResult("new", 1, "77-1", 1000),
+        AppendResult("new", 1, "77-1", 1000, dup=True),
+        "internal",  # no cid
+        AppendResult("new", 2, "77-2", 1000),
+        AppendResult("new", 3, "77-3", 1000),
+        "rate_limited",  # u's fourth send to "new" (the dup counts: it was sent)
+        AppendResult("old", 2, "00000000000000ab-2", 1000),
+        AppendResult("old", 2, "00000000000000ab-2", 1000, dup=True),
+        AppendResult("old", 3, "00000000000000ab-3", 1000),  # w's x, not u's
+    ]
+    assert [op.epoch for op in ops[:6]] == [77, 0, 0, 77, 77, 0]
+    assert [e["text"] for e in store.sync("new", 0, 10).entries] == ["ua", "ub", "wc"]
+    assert [e["id"] for e in store.sync("old", 1, 10).entries] == [
+        "00000000000000ab-2", "00000000000000ab-3",
+    ]  # fmt: skip
 
 
 def test_wait_for_missing_replicas_acks_nothing(

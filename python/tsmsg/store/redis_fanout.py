@@ -37,7 +37,9 @@ log = logging.getLogger("tsmsg.store")
 
 SIGNAL_QUEUE_MAX = 4096  # signals waiting for the pub/sub thread: more means Redis lags, drop
 SIGNAL_BATCH_MAX = 256  # signals sent in one pipeline (one round trip)
-READ_BATCH_MAX = 1024  # messages read from one connection before they are handed over
+# Messages read from one connection before they are handed over, and the most entries one
+# hand-over holds (a message may carry up to PUBLISH_ENTRIES_MAX of them).
+READ_BATCH_MAX = 1024
 BACKOFF_MIN_S = 0.05  # first re-subscribe attempt after a connection dropped
 BACKOFF_MAX_S = 2.0  # the longest wait between attempts while Redis stays away
 PING_IDLE_S = 5.0  # a pub/sub connection silent this long is pinged
@@ -331,7 +333,9 @@ class Subscriber:
                     raise ValueError("an entries message without epoch or entries")
                 if not all(isinstance(entry, dict) for entry in entries):
                     raise ValueError("an entry that is not a map")
-                if self._lost:
+                # Reported losses go first; and a hand-over stays within READ_BATCH_MAX
+                # entries (one call on the server's loop), however many a message holds.
+                if self._lost or len(self._entries) + len(entries) > READ_BATCH_MAX:
                     self._hand_over()
                 self._entries.extend(RemoteEntry(channel, epoch, entry) for entry in entries)
                 return
