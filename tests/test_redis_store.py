@@ -353,6 +353,32 @@ def test_a_runs_messages_keep_their_own_answers_in_a_new_or_restored_log(
     ]  # fmt: skip
 
 
+def test_more_runs_than_one_charge_call_takes_are_charged_in_order(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """A batch of more runs than SEND_RATE_RUNS_MAX: the charge takes several calls, and a
+    user's runs split over them are still charged in the batch's order."""
+    most = redis_store.SEND_RATE_RUNS_MAX
+    n = most + 72
+    limits = SendLimits(rate=0.01, burst=n - 20, channel_rate=0.01, channel_burst=n)
+    url = fresh_redis_url(redis_server)
+    store = RedisStore(url, send_limits=limits)
+    stores.append(store)
+    ops = [  # alice alternates channels: every send is a run of its own
+        WriteOp("message", "ab"[i % 2], "alice", cid=f"c{i}", text=f"c{i}", done=threading.Event())
+        for i in range(n)
+    ]
+    with redis.Redis.from_url(url) as admin:
+        admin.config_resetstat()
+        store.submit(*ops)
+        for op in ops:
+            assert op.done is not None and op.done.wait(WAIT_S)
+        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert [op.error is None for op in ops] == [True] * (n - 20) + [False] * 20
+    assert all(op.error.code == "rate_limited" for op in ops[n - 20 :] if op.error)
+    assert calls == 2 + (n - 20)  # two charge calls; then each message alone (channels alternate)
+
+
 def test_wait_for_missing_replicas_acks_nothing(
     redis_server: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
