@@ -52,10 +52,10 @@ class FanoutStats:
     """Counters for metrics. Each is written by one thread (``signals_dropped`` by the
     callers of publish_signal); a reader may see a value one step old."""
 
-    published: int = 0  # entries and signals Redis accepted
-    publish_failures: int = 0  # entries and signals not published (never retried)
+    published: int = 0  # pub/sub messages (runs of entries, signals) Redis accepted
+    publish_failures: int = 0  # pub/sub messages not published (never retried)
     signals_dropped: int = 0  # signals refused because the queue was full
-    received: int = 0  # messages handed to the remote hook
+    received: int = 0  # entries handed to the remote hook
     bad_messages: int = 0  # messages on a followed topic that tsmsg did not publish
     reconnects: int = 0  # pub/sub connections lost (each is followed by ``lost``)
 
