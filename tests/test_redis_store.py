@@ -379,6 +379,65 @@ def test_more_runs_than_one_charge_call_takes_are_charged_in_order(
     assert calls == 2 + (n - 20)  # two charge calls; then each message alone (channels alternate)
 
 
+def _submit_all(store: RedisStore, ops: list[WriteOp]) -> None:
+    for op in ops:
+        op.done = threading.Event()
+    store.submit(*ops)
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S)
+
+
+def test_runs_are_sent_again_when_redis_lost_its_scripts(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """Redis restarted without its script cache (SCRIPT FLUSH here): a batch's charge and
+    append calls get NOSCRIPT, are sent again once the scripts are loaded, and every
+    message gets its own result, once."""
+    limits = SendLimits(rate=1000.0, burst=1000, channel_rate=1000.0, channel_burst=1000)
+    store = RedisStore(own_redis.url, send_limits=limits)
+    stores.append(store)
+    first = store.append("room", "u", "c0", "before")
+    with own_redis.client() as admin:
+        admin.script_flush()
+    ops = [WriteOp("message", "room", "uv"[i % 2], cid=f"c{i}", text=f"t{i}") for i in range(1, 9)]
+    ops.insert(3, WriteOp("message", "room", "u", cid="c0", text="again"))  # known: a dup
+    _submit_all(store, ops)
+    assert [op.error for op in ops] == [None] * len(ops)
+    results = [op.result for op in ops]
+    assert results[3] == first._replace(dup=True)
+    stored = [r for i, r in enumerate(results) if i != 3 and isinstance(r, AppendResult)]
+    assert [r.seq for r in stored] == list(range(2, 10))
+    assert [e["text"] for e in store.sync("room", 0, 20).entries] == ["before"] + [
+        f"t{i}" for i in range(1, 9)
+    ]
+
+
+def test_a_run_redis_refuses_fails_whole_and_stores_nothing(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """Redis refuses scripts that write (OOM under maxmemory with noeviction): every
+    message of the run fails with store_unavailable and no result, nothing is stored, no
+    seq is used; once Redis takes writes again they go on from the same head."""
+    store = RedisStore(own_redis.url)
+    stores.append(store)
+    store.append("room", "u", "c0", "before")
+    with own_redis.client() as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            ops = [WriteOp("message", "room", "u", cid=f"c{i}", text=f"t{i}") for i in range(5)]
+            _submit_all(store, ops)
+        finally:
+            admin.config_set("maxmemory", 0)
+    for op in ops:
+        assert op.error is not None and op.error.code == "store_unavailable", op.error
+        assert op.result is None
+    assert store.channel("room").head == 1
+    again = [WriteOp("message", "room", "u", cid=f"c{i}", text=f"t{i}") for i in range(1, 5)]
+    _submit_all(store, again)
+    assert [op.result.seq for op in again if isinstance(op.result, AppendResult)] == [2, 3, 4, 5]
+
+
 def test_wait_for_missing_replicas_acks_nothing(
     redis_server: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
