@@ -60,6 +60,23 @@ def stores() -> Iterator[list[RedisStore]]:
         store.close()
 
 
+def _submit_all(store: RedisStore, ops: list[WriteOp]) -> None:
+    """Submit ``ops`` at once (one batch) and wait until each is committed or failed."""
+    for op in ops:
+        op.done = threading.Event()
+    store.submit(*ops)
+    for op in ops:
+        assert op.done is not None and op.done.wait(WAIT_S)
+
+
+def _script_calls(url: str, store: RedisStore, ops: list[WriteOp]) -> int:
+    """``_submit_all``, and how many script calls Redis ran meanwhile."""
+    with redis.Redis.from_url(url) as admin:
+        admin.config_resetstat()
+        _submit_all(store, ops)
+        return int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+
+
 def test_lost_keys_give_a_new_epoch_and_resync(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
@@ -215,13 +232,12 @@ def test_messages_of_every_msgpack_str_size_pass_the_append_argument(
         WriteOp(
             "message", "room", "s" * senders[i % 5], cid=f"c{n}",
             text="é" * (n // 2) + "x" * (n % 2),  # n bytes of UTF-8
-            meta={"k": "v" * n, "n": n} if i % 2 else None, done=threading.Event(),
+            meta={"k": "v" * n, "n": n} if i % 2 else None,
         )
         for i, n in enumerate(sizes)
     ]  # fmt: skip
-    store.submit(*ops)
-    for op in ops:
-        assert op.done is not None and op.done.wait(WAIT_S) and op.error is None
+    _submit_all(store, ops)
+    assert all(op.error is None for op in ops)
     entries = store.sync("room", 0, 100).entries
     assert [(e["sender"], e["text"], e.get("meta")) for e in entries] == [
         (op.user, op.text, op.meta) for op in ops
@@ -241,17 +257,14 @@ def test_a_batch_is_charged_for_sends_in_its_order(
     prefix = f"charge{next(_prefixes)}:"
     store = RedisStore(server.url, key_prefix=prefix, send_limits=limits)
     stores.append(store)
-    if engine == "redis":
-        with redis.Redis.from_url(server.url) as admin:
-            admin.config_resetstat()
     plan = [("alice", "a")] * 3 + [("bob", "a")] + [("alice", "b")] * 2 + [("bob", "a")] * 2
     ops = [
-        WriteOp("message", ch, user, cid=f"c{i}", text=f"c{i}", done=threading.Event())
-        for i, (user, ch) in enumerate(plan)
+        WriteOp("message", ch, user, cid=f"c{i}", text=f"c{i}") for i, (user, ch) in enumerate(plan)
     ]
-    store.submit(*ops)
-    for op in ops:
-        assert op.done is not None and op.done.wait(WAIT_S)
+    if engine == "redis":
+        calls = _script_calls(server.url, store, ops)
+    else:
+        _submit_all(store, ops)
     granted = [op.error is None for op in ops]
     # alice: 2 in "a" (its channel burst), then 1 in "b" (her burst of 3 is spent);
     # bob: 2 in "a", the third over his channel burst.
@@ -261,8 +274,7 @@ def test_a_batch_is_charged_for_sends_in_its_order(
             assert op.error.code == "rate_limited" and op.result is None
             assert op.error.extra["retry_after_ms"] >= 1
     if engine == "redis":  # one send_rate call, then appends: c0 c1 c3 | c4 | c6
-        with redis.Redis.from_url(server.url) as admin:
-            assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 4
+        assert calls == 4
     assert [e["text"] for e in store.sync("a", 0, 10).entries] == ["c0", "c1", "c3", "c6"]
     assert [e["text"] for e in store.sync("b", 0, 10).entries] == ["c4"]
 
@@ -288,16 +300,8 @@ def test_a_run_of_messages_to_a_channel_is_one_script_call(
         WriteOp("message", "a", "u", cid="late", text="late"),
         WriteOp("message", "a", "v", cid="m3", text="another sender's m3"),
     ]
-    for op in ops:
-        op.done = threading.Event()
-    with redis.Redis.from_url(url) as admin:
-        admin.config_resetstat()
-        store.submit(*ops)
-        for op in ops:
-            assert op.done is not None and op.done.wait(WAIT_S)
-        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
     # Runs: 128 + 10 messages to "a", "b0", the edit, then "late" and v's m3 to "a".
-    assert calls == 5
+    assert _script_calls(url, store, ops) == 5
     assert all(op.error is None for op in ops)
     results = [op.result for op in ops]
     assert all(isinstance(r, AppendResult) for r in results)
@@ -329,11 +333,7 @@ def test_a_runs_messages_keep_their_own_answers_in_a_new_or_restored_log(
     with redis.Redis.from_url(url) as admin:
         admin.hset(store._keys("old")[0], "pfx", "00000000000000ab")  # as a restore keeps it
     ops += [WriteOp("message", "old", "w", cid=c, text=c) for c in ("y", "y", "x")]
-    for op in ops:
-        op.done = threading.Event()
-    store.submit(*ops)
-    for op in ops:
-        assert op.done is not None and op.done.wait(WAIT_S)
+    _submit_all(store, ops)
     got = [op.result if op.error is None else op.error.code for op in ops]
     assert got == [
         AppendResult("new", 1, "77-1", 1000),
@@ -365,26 +365,12 @@ def test_more_runs_than_one_charge_call_takes_are_charged_in_order(
     store = RedisStore(url, send_limits=limits)
     stores.append(store)
     ops = [  # alice alternates channels: every send is a run of its own
-        WriteOp("message", "ab"[i % 2], "alice", cid=f"c{i}", text=f"c{i}", done=threading.Event())
-        for i in range(n)
+        WriteOp("message", "ab"[i % 2], "alice", cid=f"c{i}", text=f"c{i}") for i in range(n)
     ]
-    with redis.Redis.from_url(url) as admin:
-        admin.config_resetstat()
-        store.submit(*ops)
-        for op in ops:
-            assert op.done is not None and op.done.wait(WAIT_S)
-        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    calls = _script_calls(url, store, ops)
     assert [op.error is None for op in ops] == [True] * (n - 20) + [False] * 20
     assert all(op.error.code == "rate_limited" for op in ops[n - 20 :] if op.error)
     assert calls == 2 + (n - 20)  # two charge calls; then each message alone (channels alternate)
-
-
-def _submit_all(store: RedisStore, ops: list[WriteOp]) -> None:
-    for op in ops:
-        op.done = threading.Event()
-    store.submit(*ops)
-    for op in ops:
-        assert op.done is not None and op.done.wait(WAIT_S)
 
 
 def test_runs_are_sent_again_when_redis_lost_its_scripts(
