@@ -17,6 +17,7 @@ import pytest
 import redis
 
 import redis_servers
+from tsmsg._native import packb
 from tsmsg.store import (
     RedisStore,
     RemoteEntry,
@@ -232,6 +233,29 @@ def test_a_hand_over_holds_at_most_read_batch_max_entries(nodes: Nodes) -> None:
     assert rec.seqs("room") == list(range(1, n + 2))
     assert max(rec.sizes) <= redis_fanout.READ_BATCH_MAX
     assert nodes.b.fanout.bad_messages == 0
+
+
+def test_a_message_tsmsg_did_not_publish_is_counted_and_delivers_nothing(nodes: Nodes) -> None:
+    """Garbage on a followed topic (not msgpack, not a map, another channel's, an entries
+    message whose entries are not maps, an earlier single-entry shape) is ignored and
+    counted; what node A commits next still arrives, in order."""
+    a, b, rec = nodes.a, nodes.b, nodes.rec
+    nodes.follow("room")
+    topic = a._topic("room")
+    bad = [
+        b"\xc1 not msgpack",
+        packb([1, 2, 3]),
+        packb({"node": b"x" * 8, "channel": "other", "epoch": 1, "entries": [{"seq": 1}]}),
+        packb({"node": b"x" * 8, "channel": "room", "epoch": 1, "entries": [1, 2]}),
+        packb({"node": b"x" * 8, "channel": "room", "epoch": "1", "entries": []}),
+        packb({"node": b"x" * 8, "channel": "room", "epoch": 1, "entry": {"seq": 1}}),
+    ]
+    for payload in bad:
+        a._wclient.execute_command(a._publish_command, topic, payload)
+    a.append("room", "u", "c1", "after the garbage")
+    rec.wait(lambda: rec.seqs("room") == [1])
+    eventually(lambda: b.fanout.bad_messages == len(bad))
+    assert [e.entry["text"] for e in rec.received] == ["after the garbage"]
 
 
 def test_a_dup_is_not_published_and_a_moved_read_cursor_is(nodes: Nodes) -> None:

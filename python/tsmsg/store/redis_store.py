@@ -218,7 +218,7 @@ class _Call:
     ``_calls`` groups it into a run)."""
 
     ops: list[WriteOp]
-    args: tuple[Any, ...]
+    args: tuple[Any, ...] | list[Any]
 
 
 class RedisStore(Store):
@@ -739,33 +739,34 @@ class RedisStore(Store):
         """The batch's commands, in its order: consecutive messages to one channel go in
         one ``append`` call (up to ``APPEND_RUN_MAX``), every other write alone."""
         calls: list[_Call] = []
-        runs: list[tuple[_Call, list[Any]]] = []  # append calls, and their messages' items
         for w in writes:
             op = w.ops[0]
             if op.kind != "message":
                 calls.append(w)
                 continue
-            run = runs[-1] if runs and calls[-1] is runs[-1][0] else None
+            run = calls[-1] if calls else None
             if (
                 run is not None
-                and run[0].ops[-1].channel == op.channel
-                and (len(run[0].ops) < APPEND_RUN_MAX)
+                and run.ops[0].kind == "message"
+                and run.ops[-1].channel == op.channel
+                and len(run.ops) < APPEND_RUN_MAX
             ):
-                run[0].ops.append(op)
-                run[1].extend(w.args)
+                assert isinstance(run.args, list)  # a run's items, packed below
+                run.ops.append(op)
+                run.args.extend(w.args)
             else:
-                runs.append((_Call([op], ()), list(w.args)))
-                calls.append(runs[-1][0])
+                calls.append(_Call([op], list(w.args)))
         policy = self.config
-        for call, items in runs:
-            call.args = _evalsha(
-                "append", self._keys(call.ops[0].channel),
-                self._epochs(), _P_TS + packb(ts), ts, policy.dedup_max,
-                ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE, _lua_strings(items),
-            )  # fmt: skip
+        for call in calls:
+            if call.ops[0].kind == "message":
+                call.args = _evalsha(
+                    "append", self._keys(call.ops[0].channel),
+                    self._epochs(), _P_TS + packb(ts), ts, policy.dedup_max,
+                    ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE, _lua_strings(call.args),
+                )  # fmt: skip
         return calls
 
-    def _execute(self, commands: list[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
+    def _execute(self, commands: Sequence[Sequence[Any]], *, wait: bool = True) -> list[Any]:
         """One pipeline; WAIT at its end when replicas must confirm (and ``wait``).
         Commands Redis did not know the script of (it restarted) are sent again once the
         scripts are loaded."""
@@ -779,7 +780,7 @@ class RedisStore(Store):
                 replies[i] = reply
         return replies
 
-    def _pipeline(self, commands: list[tuple[Any, ...]], wait: bool = True) -> list[Any]:
+    def _pipeline(self, commands: Sequence[Sequence[Any]], wait: bool = True) -> list[Any]:
         pipe = self._wclient.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args)
@@ -1257,7 +1258,7 @@ def _evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
 
 
-def _lua_strings(items: list[Any]) -> bytes:
+def _lua_strings(items: Sequence[Any]) -> bytes:
     """A msgpack array of ``items`` (bytes, and small non-negative ints) with every bytes
     item as a msgpack *str*, whatever its bytes: Redis's Lua ``cmsgpack`` reads str into a
     Lua string byte for byte, but refuses the bin types that ``packb`` writes for bytes."""
