@@ -1,7 +1,8 @@
-"""The trio TCP server: a listener, a reader task per connection, one flusher task, and the
-hub that fans committed events out to the connections joined to a channel. A WebSocket
-connection (the ``ws`` port, server/web.py) is served by the same Connection once
-upgraded; only its Transport (server/wire.py: how bytes become frames and back) differs.
+"""The trio TCP server: a listener, a reader task per connection, one poller task that
+reads the idle ones, one flusher task, and the hub that fans committed events out to the
+connections joined to a channel. A WebSocket connection (the ``ws`` port, server/web.py)
+is served by the same Connection once upgraded; only its Transport (server/wire.py: how
+bytes become frames and back) differs.
 
 The flusher runs once per scheduling round in which there is work. First it hands the
 round's writes (from every connection) to the store in one call: one wake-up of the
@@ -13,9 +14,14 @@ to a writer task of its own, started then, which waits for the peer under
 ``send_timeout_s`` and ends once everything is sent; until then the flusher leaves the
 connection alone, so bytes stay in order.
 
-An idle plain TCP connection is its reader task waiting for the socket to be readable
-and a few small objects (no nursery, writer task, Event or cancel scope of its own
-beyond the one around its reader): about 7 KiB of server memory (bench workload (f)).
+The poller (server/poller.py) reads every connection on a plain socket (TCP or
+WebSocket; TLS ones are read by their tasks) that is past its hello and has no partial
+frame, with one epoll of its own, and hands the bytes to ``Connection.input``, which
+handles the frames without waking the reader task; the task (parked meanwhile) takes
+over whenever there is something to await: a store read, backpressure, a partial frame's
+deadline, EOF or an error. An idle plain TCP connection is its reader task parked in the
+poller and a few small objects (no nursery, writer task, Event or cancel scope of its
+own beyond the one around its reader): about 8 KiB of server memory (bench workload (f)).
 Writer tasks run in the server's task nursery; the connection cancels and awaits its
 own when it closes.
 
@@ -45,6 +51,7 @@ import math
 import os
 import resource
 import secrets
+import select
 import signal
 import ssl
 import sys
@@ -85,11 +92,12 @@ from tsmsg.server.metrics import (
     auth_reason,
     close_reason,
 )
+from tsmsg.server.poller import YIELD_EVERY_S, Poller
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.web import Web
-from tsmsg.server.wire import RECEIVE_CHUNK, TCP, Codec, FdReceive, Transport
+from tsmsg.server.wire import RECEIVE_CHUNK, TCP, Codec, Decoder, FdReceive, Transport
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
 from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
@@ -109,9 +117,6 @@ FD_RESERVE = 64
 # when a slot frees (when some connection closes); a second is a polite reconnect pace.
 CAP_RETRY_AFTER_MS = 1_000
 ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per this period
-# A connection handling a pipelined batch of frames lets the others run after this long:
-# one client's burst delays another's ping by about this much, not by the whole batch.
-YIELD_EVERY_S = 0.002
 # A scheduler round this much later than the tick asked for means the event loop was
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
@@ -213,6 +218,16 @@ def connection_cap(configured: int, nofile: int) -> int:
     if nofile != resource.RLIM_INFINITY:
         cap = min(cap, nofile - FD_RESERVE)
     return max(1, cap)
+
+
+class Rest(NamedTuple):
+    """What a parked connection's reader task goes on with (Connection.input): a read to
+    run (begun: Connection.begin_read), then frames to dispatch; ``partial``: a frame has
+    begun (its deadline runs)."""
+
+    frames: list[dict[str, Any]]
+    read: Read | None
+    partial: bool
 
 
 class Refusal(NamedTuple):
@@ -351,8 +366,10 @@ class Connection:
         "blocked",
         "cancel",
         "closing",
+        "decoder",
         "drained",
         "first_sync",
+        "handoff",
         "has_data",
         "held",
         "holding",
@@ -424,6 +441,9 @@ class Connection:
         # received frame can move a deadline earlier (typing, refresh), and it resets
         # this, so the ticker skips the connection until then: idle ones cost nothing.
         self.next_check = 0
+        self.decoder: Decoder | None = None  # the reader's (set when it starts)
+        # What the poller hands back to the reader task (see input()); None while parked.
+        self.handoff: bytes | Exception | Rest | None = None
 
     def __hash__(self) -> int:
         # Sets of connections (a channel's members) are iterated to fan out, and the
@@ -487,16 +507,23 @@ class Connection:
             for data in held:
                 self.send_bytes(data, channel)
 
-    async def read(self, read: Read) -> None:
-        """Run a request's store reads off the event loop (the server's read threads),
-        then its reply and what follows; this connection handles no other frame
-        meanwhile, and counts as busy, not idle."""
-        server, hold = self.server, read.hold
+    def begin_read(self, read: Read) -> None:
+        """A request's read begins, in the same step that handled the request (before
+        anything else can be queued here): the live pushes of the channel it holds wait
+        for its reply (PROTOCOL.md 6.2: a join's ``ok`` precedes them), and the
+        connection counts as busy, not idle, until :meth:`read` ends."""
+        hold = read.hold
         if hold is not None:
             if self.holding is None:
                 self.holding = {}
             self.holding[hold] = []
         self.held = True
+
+    async def read(self, read: Read) -> None:
+        """Run a begun read's store reads off the event loop (the server's read threads),
+        then its reply and what follows; this connection handles no other frame
+        meanwhile."""
+        server, hold = self.server, read.hold
         try:
             result, error = await server.run_read(read.query), None
         except Exception as exc:  # the session answers it (a StoreError: its code)
@@ -507,6 +534,7 @@ class Connection:
         if hold is not None:
             self._release(hold)
         if follow is not None:
+            self.begin_read(follow)
             await self.read(follow)
 
     def _take_queue(self) -> bytes:
@@ -708,11 +736,21 @@ class Connection:
         """Decode frames and hand them to the session. Two deadlines guard the reads:
         hello must arrive within ``hello_timeout_s``, and a frame once started must
         complete within ``frame_timeout_s`` (slowloris); idle peers are the ticker's.
-        ``first_input``: bytes already read (after a WebSocket upgrade request)."""
+        ``first_input``: bytes already read (after a WebSocket upgrade request).
+
+        Past its hello, a connection on a plain socket (TCP or WebSocket, not TLS) with
+        no partial frame parks in the server's poller (server/poller.py), which reads it
+        and handles its frames in :meth:`input` without waking this task, until there is
+        something to await."""
         session, server, transport = self.session, self.server, self.transport
-        decoder = transport.decoder(session.limits.max_frame, session.limits.max_depth)
+        self.decoder = decoder = transport.decoder(
+            session.limits.max_frame, session.limits.max_depth
+        )
         settings = server.settings
         receive = receive_of(self.stream, first_input)
+        park = None  # waits in the poller until it hands the connection back
+        if server.poller is not None and isinstance(self.stream, trio.SocketStream):
+            park = functools.partial(server.poller.park, self.stream.socket.fileno(), self)
         hello_deadline = trio.current_time() + settings.hello_timeout_s
         partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
@@ -720,6 +758,26 @@ class Connection:
                 deadline, code = hello_deadline, E.HELLO_TIMEOUT
             else:
                 deadline, code = partial_since + settings.frame_timeout_s, E.FRAME_TIMEOUT
+            if deadline == math.inf and park is not None:
+                await park()
+                handoff, self.handoff = self.handoff, None
+                if type(handoff) is Rest:
+                    if handoff.read is not None:
+                        await self.read(handoff.read)
+                    if not await self._dispatch(handoff.frames) or transport.ended:
+                        return
+                    if handoff.partial:
+                        partial_since = trio.current_time()
+                    continue
+                if isinstance(handoff, FrameError):
+                    server.perform(self, session.frame_error(handoff))
+                    return
+                if isinstance(handoff, OSError):  # as FdReceive reports it
+                    msg = f"socket connection broken: {handoff}"
+                    raise trio.BrokenResourceError(msg) from handoff
+                if isinstance(handoff, Exception):  # a bug: it closes this connection
+                    raise handoff
+                return  # EOF: handle() still delivers pending acks
             if deadline == math.inf:  # no frame begun: idle peers are the ticker's
                 data: bytes | bytearray | None = await receive()
             else:
@@ -750,12 +808,60 @@ class Connection:
                 return
             data, frames = b"", []  # while it waits, an idle connection keeps no input
 
+    def input(self, data: bytes | OSError) -> bool:
+        """The poller's read of this parked connection: its frames decoded and handled
+        here, as :meth:`_dispatch` would, without waking the reader task. False, with what
+        the task goes on with in ``handoff``, when it has something to await: EOF (a
+        WebSocket close too) or a read error, a frame error, a partial frame,
+        backpressure, a store read, closing, or a burst of frames longer than
+        ``YIELD_EVERY_S``."""
+        if type(data) is not bytes or not data:
+            self.handoff = data
+            return False
+        server = self.server
+        try:
+            assert self.decoder is not None
+            frames = self.decoder.feed(data)
+            partial = self.decoder.buffered > 0
+            control = self.transport.take_control()  # a WebSocket's pongs
+            if control and self.queued_bytes + len(control) <= self.limit // 2:
+                self.send_bytes(control, None)  # not for a peer that reads nothing
+            arrived = server.now_ms()
+            start = time.perf_counter()
+            half, most = self.limit // 2, server.settings.max_inflight
+            for i, frame in enumerate(frames):
+                if (
+                    self.queued_bytes > half
+                    or self.inflight >= most
+                    or self.closing is not None
+                    or time.perf_counter() - start > YIELD_EVERY_S
+                ):
+                    self.handoff = Rest(frames[i:], None, partial)
+                    return False
+                if server.draining:
+                    break  # read and drop, as _dispatch does
+                read = self._handle(frame, arrived)
+                if read is not None:
+                    self.begin_read(read)  # now: the task runs after other callbacks
+                    self.handoff = Rest(frames[i + 1 :], read, partial)
+                    return False
+        except Exception as exc:  # a FrameError, or a bug: the task's to report
+            self.handoff = exc
+            return False
+        if self.transport.ended:  # a WebSocket close: as an EOF
+            self.handoff = b""
+            return False
+        if partial or self.closing is not None:
+            self.handoff = Rest([], None, partial)
+            return False
+        return True
+
     async def _dispatch(self, frames: list[dict[str, Any]]) -> bool:
         """Hand decoded frames to the session, one at a time, under backpressure; False
         once the connection is closing. Every frame counts as received when it was read
         (the frame rate limit charges a pipelined burst at once, however long handling
         it takes), and the connection yields to others every ``YIELD_EVERY_S``."""
-        session, server = self.session, self.server
+        server = self.server
         arrived = server.now_ms()
         ran_since = time.perf_counter()
         half, most = self.limit // 2, server.settings.max_inflight
@@ -769,19 +875,25 @@ class Connection:
                 break  # read and drop: unread input would make close() send a reset
             if self.closing is not None:
                 return False
-            t = frame.get("t")
-            server.metrics.frame_in(t)
-            if t == "sync" and self.first_sync:
-                self.first_sync = False
-                since = frame.get("since")
-                if type(since) is int and since > 0 and not session.cut:
-                    server.metrics.resumes.inc()
-            self.next_check = 0
-            read = server.perform(self, session.receive_frame(frame, arrived))
+            read = self._handle(frame, arrived)
             if read is not None:
+                self.begin_read(read)
                 await self.read(read)
                 ran_since = time.perf_counter()
         return True
+
+    def _handle(self, frame: dict[str, Any], arrived: int) -> Read | None:
+        """One frame to the session; a store read it needs is returned, to be awaited."""
+        server = self.server
+        t = frame.get("t")
+        server.metrics.frame_in(t)
+        if t == "sync" and self.first_sync:
+            self.first_sync = False
+            since = frame.get("since")
+            if type(since) is int and since > 0 and not self.session.cut:
+                server.metrics.resumes.inc()
+        self.next_check = 0
+        return server.perform(self, self.session.receive_frame(frame, arrived))
 
 
 def _encoded(frame: dict[str, Any], codec: Codec, cache: dict[Codec, bytes]) -> bytes:
@@ -875,6 +987,7 @@ class Server:
         self.port = 0
         self.stopping = trio.Event()
         self.draining = False  # shutting down: no new requests are read
+        self.poller: Poller | None = None  # reads idle plain TCP connections, in run()
         self.tls: ssl.SSLContext | None = None  # loaded here: a bad file fails at startup
         if settings.tls_cert_file:
             self.tls = server_tls_context(
@@ -1565,6 +1678,9 @@ class Server:
         try:
             async with trio.open_nursery() as handlers:
                 self._tasks = handlers  # the connections' writer tasks run here too
+                if hasattr(select, "epoll"):  # server/poller.py: Linux only
+                    self.poller = Poller()
+                    handlers.start_soon(self.poller.run)
                 async with trio.open_nursery() as listening:
                     if listeners is not None:
                         await listening.start(
@@ -1613,6 +1729,8 @@ class Server:
                 log.info("shutting down: %d connections", len(self.connections))
                 await self.shutdown(handlers.cancel_scope.cancel)
         finally:
+            if self.poller is not None:
+                self.poller.close()
             with trio.CancelScope(shield=True):
                 if open_store is None:
                     await trio.to_thread.run_sync(self.store.close)

@@ -1,0 +1,232 @@
+"""The server's poller (server/poller.py): idle plain TCP connections are read by one epoll
+loop and their frames handled without waking their reader tasks; a task takes over
+whenever there is something to await. First the Poller with plain sockets, then the
+server over real TCP, where every hand-over must keep the replies' order and content."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import trio
+
+from conftest import TRANSPORTS, Harness, WireClient, mint
+from tsmsg.server.poller import Poller
+from tsmsg.server.wire import RECEIVE_CHUNK
+
+ROOM = "room"
+
+
+class Recorder:
+    """A Reader that keeps what it was given and hands back when ``keep`` says so."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]], keep: int = 10**9) -> None:
+        self.name, self.log, self.keep = name, log, keep
+
+    def input(self, data: bytes | OSError) -> bool:
+        assert isinstance(data, bytes)
+        self.log.append((self.name, len(data)))
+        self.keep -= 1
+        return bool(data) and self.keep > 0
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return a, b
+
+
+async def test_parked_socket_is_read_by_the_poller_until_input_hands_it_back() -> None:
+    poller, log = Poller(), []
+    a, b = pair()
+    resumed = trio.Event()
+
+    async def task() -> None:
+        await poller.park(a.fileno(), Recorder("a", log, keep=2))
+        resumed.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            nursery.start_soon(task)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(poller) == 1
+            b.send(b"x" * 10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == [("a", 10)] and not resumed.is_set() and len(poller) == 1
+            b.send(b"y" * 3)
+            with trio.fail_after(5):
+                await resumed.wait()
+            assert log == [("a", 10), ("a", 3)] and len(poller) == 0
+            b.send(b"z")  # no longer parked: the poller leaves it to its task
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == [("a", 10), ("a", 3)] and a.recv(10) == b"z"
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for s in (a, b):
+            s.close()
+
+
+async def test_cancelled_park_unregisters_so_the_fd_can_park_again() -> None:
+    poller, log = Poller(), []
+    a, b = pair()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            for round_ in range(3):  # registering a registered fd would fail (EEXIST)
+                with trio.move_on_after(0.05):
+                    await poller.park(a.fileno(), Recorder(f"r{round_}", log))
+                assert len(poller) == 0
+            b.send(b"late")  # nobody is parked: not read
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == [] and a.recv(10) == b"late"
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for s in (a, b):
+            s.close()
+
+
+async def test_one_read_per_ready_socket_per_round() -> None:
+    """A socket with more than one read's worth waiting does not hold the others back:
+    each round reads every ready socket once, and the big one's rest comes later."""
+    poller, log = Poller(), []
+    big, big_peer = pair()
+    small, small_peer = pair()
+    big_peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * RECEIVE_CHUNK)
+    big.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * RECEIVE_CHUNK)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.park, big.fileno(), Recorder("big", log))
+            nursery.start_soon(poller.park, small.fileno(), Recorder("small", log))
+            await trio.testing.wait_all_tasks_blocked()
+            big_peer.sendall(b"b" * (3 * RECEIVE_CHUNK))
+            small_peer.send(b"s")
+            nursery.start_soon(poller.run)
+            with trio.fail_after(5):
+                while sum(n for name, n in log if name == "big") < 3 * RECEIVE_CHUNK:
+                    await trio.sleep(0.001)
+            names = [name for name, _ in log]
+            assert names.index("small") < 2, log  # in the first round, beside big's first read
+            assert all(n <= RECEIVE_CHUNK for _, n in log)
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for s in (big, big_peer, small, small_peer):
+            s.close()
+
+
+# --- the real server, over TCP and WebSocket -------------------------------------------------
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def wire(client: WireClient, *frames: dict[str, Any]) -> bytes:
+    """Frames as the client's transport puts them on the wire, in one piece."""
+    return b"".join(client.framing.encode(f) for f in frames)
+
+
+async def parked(harness: Harness, n: int) -> None:
+    """Wait until ``n`` connections are parked in the server's poller."""
+    poller = harness.server.poller
+    assert poller is not None
+    with trio.fail_after(5):
+        while len(poller) != n:
+            await trio.sleep(0.005)
+
+
+async def joined(harness: Harness, user: str) -> WireClient:
+    client = await harness.connect(user)
+    assert (await client.request("join", channel=ROOM))["t"] == "ok"
+    return client
+
+
+async def test_idle_connections_past_hello_are_parked_and_closed_ones_leave(
+    harness: Harness,
+) -> None:
+    before_hello = await harness.raw()
+    await parked(harness, 0)  # a hello has a deadline: its task reads it
+    alice = await joined(harness, "alice")
+    bob = await joined(harness, "bob")
+    await parked(harness, 2)
+    assert (await alice.request("ping"))["t"] == "pong"
+    await parked(harness, 2)  # answered by the poller, parked still (or again)
+    await bob.aclose()
+    await parked(harness, 1)
+    carol = await joined(harness, "carol")  # may reuse bob's fd number
+    await parked(harness, 2)
+    assert (await carol.request("ping"))["t"] == "pong"
+    welcome = await before_hello.request("hello", v=1, token=mint("dave", ("*",)))
+    assert welcome["t"] == "welcome"
+    await parked(harness, 3)
+
+
+async def test_one_write_with_a_read_amid_sends_is_answered_in_order(harness: Harness) -> None:
+    """send, history (a store read: the task takes over), send, ping in one write. The
+    connection handles its frames in order, one at a time (PROTOCOL.md 16.1), so the history's
+    reply precedes the later send's ok and the pong, and cannot hold the later send; the
+    connection parks again afterwards."""
+    alice = await joined(harness, "alice")
+    await parked(harness, 1)
+    burst = [
+        {"t": "send", "rid": 101, "channel": ROOM, "cid": "c1", "text": "one"},
+        {"t": "history", "rid": 102, "channel": ROOM},
+        {"t": "send", "rid": 103, "channel": ROOM, "cid": "c2", "text": "two"},
+        {"t": "ping", "rid": 104},
+    ]
+    await alice.send_raw(wire(alice, *burst))
+    replies = {}
+    while len(replies) < 4:
+        reply = await alice.next(lambda f: f.get("rid") in (101, 102, 103, 104))
+        replies[reply["rid"]] = reply
+    order = list(replies)
+    assert order.index(102) < min(order.index(103), order.index(104)), order
+    assert (replies[101]["seq"], replies[103]["seq"]) == (1, 2)
+    assert [m["text"] for m in replies[102]["messages"]] in ([], ["one"])
+    assert replies[104]["t"] == "pong"
+    await parked(harness, 1)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 9])
+async def test_a_frame_split_across_writes_after_hello_is_answered(
+    harness: Harness, cut: int
+) -> None:
+    """The poller reads a partial frame, hands the connection to its task (the frame's
+    deadline), which reads the rest; then it parks again."""
+    alice = await joined(harness, "alice")
+    await parked(harness, 1)
+    data = wire(
+        alice,
+        {"t": "send", "rid": 7, "channel": ROOM, "cid": f"split-{cut}", "text": "x"},
+        {"t": "ping", "rid": 8},
+    )
+    await alice.send_raw(data[:cut])
+    await parked(harness, 0)
+    await trio.sleep(0.02)
+    await alice.send_raw(data[cut:])
+    ok = await alice.next(lambda f: f.get("rid") == 7)
+    assert ok["t"] == "ok" and ok["seq"] == 1, ok
+    assert (await alice.next(lambda f: f.get("rid") == 8))["t"] == "pong"
+    await parked(harness, 1)
+
+
+async def test_eof_while_parked_still_acknowledges_and_stores(harness: Harness) -> None:
+    """A send and the peer's EOF in one go: the send is stored (the store answers it
+    after the reader ended) and another member gets its event."""
+    alice = await joined(harness, "alice")
+    bob = await joined(harness, "bob")
+    await parked(harness, 2)
+    await alice.send_raw(
+        wire(alice, {"t": "send", "rid": 5, "channel": ROOM, "cid": "last", "text": "bye"})
+    )
+    await alice.stream.send_eof()
+    ok = await alice.next(lambda f: f.get("rid") == 5)
+    assert ok["t"] == "ok"
+    event = await bob.expect("event", seq=ok["seq"])
+    assert event["text"] == "bye"
+    assert await alice.closed()
