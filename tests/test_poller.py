@@ -6,13 +6,23 @@ server over real TCP, where every hand-over must keep the replies' order and con
 from __future__ import annotations
 
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import TRANSPORTS, Harness, WireClient, mint
-from tsmsg.server.poller import Poller
+from conftest import (
+    TRANSPORTS,
+    Harness,
+    WireClient,
+    fast_limits,
+    make_settings,
+    mint,
+    running_server,
+)
+from tsmsg.server.poller import YIELD_EVERY_S, Poller
 from tsmsg.server.wire import RECEIVE_CHUNK
 
 ROOM = "room"
@@ -116,6 +126,52 @@ async def test_one_read_per_ready_socket_per_round() -> None:
         poller.close()
         for s in (big, big_peer, small, small_peer):
             s.close()
+
+
+class Busy:
+    """A Reader whose peer keeps sending (its socket is ready again after every read) and
+    whose every read takes ``cost`` seconds of CPU; it never hands back."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]], peer: socket.socket) -> None:
+        self.name, self.log, self.peer = name, log, peer
+
+    def input(self, data: bytes | OSError) -> bool:
+        assert isinstance(data, bytes)
+        self.log.append((self.name, len(data)))
+        end = time.perf_counter() + YIELD_EVERY_S / 3
+        while time.perf_counter() < end:
+            pass
+        self.peer.send(b"m" * 100)
+        return True
+
+
+async def test_a_round_cut_short_goes_on_with_the_sockets_it_did_not_reach() -> None:
+    """Four always-ready sockets whose reads take a third of YIELD_EVERY_S each cut every
+    round after their own reads; level-triggered epoll reports them first every time, so
+    the four quiet sockets behind them must be taken from the cut round's rest, or they
+    would never be read (a review found that)."""
+    poller, log = Poller(), []
+    socks = [pair() for _ in range(8)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, (a, b) in enumerate(socks):
+                reader = Busy(f"busy{i}", log, b) if i < 4 else Recorder(f"quiet{i}", log)
+                nursery.start_soon(poller.park, a.fileno(), reader)
+            await trio.testing.wait_all_tasks_blocked()
+            for _, b in socks:
+                b.send(b"x" * 100)
+            nursery.start_soon(poller.run)
+            with trio.fail_after(5):
+                while {name for name, _ in log if name.startswith("quiet")} != {
+                    f"quiet{i}" for i in range(4, 8)
+                }:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for a, b in socks:
+            a.close()
+            b.close()
 
 
 # --- the real server, over TCP and WebSocket -------------------------------------------------
@@ -230,3 +286,56 @@ async def test_eof_while_parked_still_acknowledges_and_stores(harness: Harness) 
     event = await bob.expect("event", seq=ok["seq"])
     assert event["text"] == "bye"
     assert await alice.closed()
+
+
+async def test_frames_handed_to_the_task_are_charged_when_they_were_read(
+    tmp_path: Path,
+) -> None:
+    """PROTOCOL.md 16.1: a pipelined burst is charged when it was read, however long
+    handling its first frames takes. 30 frames in one write, a slow store read (0.5 s)
+    among them, with a full bucket of 20 at 10 frames/s: exactly 10 are refused. Charged
+    after the read (the bucket refilled by 5 meanwhile), only ~5 would be."""
+    settings = make_settings(tmp_path / "data", limits=fast_limits(frame_rate=10, frame_burst=20))
+    async with running_server(settings) as h:
+        alice = await joined(h, "alice")
+        await parked(h, 1)
+        await trio.sleep(0.3)  # the join's token back: a full bucket
+        real_read = h.server.run_read
+
+        async def slow_read(query: Any) -> Any:
+            await trio.sleep(0.5)
+            return await real_read(query)
+
+        h.server.run_read = slow_read  # type: ignore[method-assign]
+        burst: list[dict[str, Any]] = [{"t": "ping", "rid": 100 + i} for i in range(18)]
+        burst.append({"t": "history", "rid": 118, "channel": ROOM})
+        burst += [{"t": "ping", "rid": 119 + i} for i in range(11)]
+        await alice.send_raw(wire(alice, *burst))
+        replies = [await alice.next(lambda f, r=r: f.get("rid") == r) for r in range(100, 130)]
+        refused = [f["rid"] for f in replies if f.get("code") == "rate_limited"]
+        assert refused == list(range(120, 130)), refused
+
+
+async def test_an_idle_connection_keeps_no_input_after_a_hand_over(harness: Harness) -> None:
+    """After the task went on from a hand-over (a store read amid 20 sends of 3,000
+    bytes) and parked again, its reader holds none of those frames (memory per idle
+    connection)."""
+    alice = await joined(harness, "alice")
+    await parked(harness, 1)
+    burst: list[dict[str, Any]] = [{"t": "history", "rid": 1, "channel": ROOM}]
+    burst += [
+        {"t": "send", "rid": 2 + i, "channel": ROOM, "cid": f"c{i}", "text": "x" * 3000}
+        for i in range(20)
+    ]
+    await alice.send_raw(wire(alice, *burst))
+    for rid in range(1, 22):
+        await alice.next(lambda f, rid=rid: f.get("rid") == rid)
+    await parked(harness, 1)
+    poller = harness.server.poller
+    assert poller is not None
+    ((_, task),) = poller._parked.values()
+    coro = task.coro
+    while coro.cr_code.co_name != "reader":  # down the awaits to the reader's frame
+        coro = coro.cr_await
+    held = [v for v in coro.cr_frame.f_locals.values() if isinstance(v, (list, tuple))]
+    assert not any(len(v) >= 20 for v in held), [type(v).__name__ for v in held]

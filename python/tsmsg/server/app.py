@@ -14,14 +14,14 @@ to a writer task of its own, started then, which waits for the peer under
 ``send_timeout_s`` and ends once everything is sent; until then the flusher leaves the
 connection alone, so bytes stay in order.
 
-The poller (server/poller.py) reads every connection on a plain socket (TCP or
-WebSocket; TLS ones are read by their tasks) that is past its hello and has no partial
-frame, with one epoll of its own, and hands the bytes to ``Connection.input``, which
-handles the frames without waking the reader task; the task (parked meanwhile) takes
-over whenever there is something to await: a store read, backpressure, a partial frame's
-deadline, EOF or an error. An idle plain TCP connection is its reader task parked in the
-poller and a few small objects (no nursery, writer task, Event or cancel scope of its
-own beyond the one around its reader): about 8 KiB of server memory (bench workload (f)).
+The poller (server/poller.py) reads every connection that is past its hello and has no
+partial frame, with one epoll of its own, and hands the bytes (TLS: decrypted by
+``TlsStream.decrypt``) to ``Connection.input``, which handles the frames without waking
+the reader task; the task (parked meanwhile) takes over whenever there is something to
+await: a store read, backpressure, a partial frame's deadline, EOF or an error. An idle
+plain TCP connection is its reader task parked in the poller and a few small objects (no
+nursery, writer task, Event or cancel scope of its own beyond the one around its reader):
+about 8 KiB of server memory (bench workload (f)).
 Writer tasks run in the server's task nursery; the connection cancels and awaits its
 own when it closes.
 
@@ -222,12 +222,14 @@ def connection_cap(configured: int, nofile: int) -> int:
 
 class Rest(NamedTuple):
     """What a parked connection's reader task goes on with (Connection.input): a read to
-    run (begun: Connection.begin_read), then frames to dispatch; ``partial``: a frame has
-    begun (its deadline runs)."""
+    run (begun: Connection.begin_read), then frames to dispatch, which were read at
+    ``arrived`` (ms: the frame rate limit's time, PROTOCOL.md 16.1); ``partial_since``:
+    when the incomplete frame in the decoder began (its deadline runs), or inf."""
 
     frames: list[dict[str, Any]]
     read: Read | None
-    partial: bool
+    arrived: int
+    partial_since: float
 
 
 class Refusal(NamedTuple):
@@ -738,9 +740,9 @@ class Connection:
         complete within ``frame_timeout_s`` (slowloris); idle peers are the ticker's.
         ``first_input``: bytes already read (after a WebSocket upgrade request).
 
-        Past its hello, a connection on a plain socket (TCP or WebSocket, not TLS) with
-        no partial frame parks in the server's poller (server/poller.py), which reads it
-        and handles its frames in :meth:`input` without waking this task, until there is
+        Past its hello, a connection with no partial frame (and no TLS input left to
+        decrypt) parks in the server's poller (server/poller.py), which reads it and
+        handles its frames in :meth:`input` without waking this task, until there is
         something to await."""
         session, server, transport = self.session, self.server, self.transport
         self.decoder = decoder = transport.decoder(
@@ -749,8 +751,10 @@ class Connection:
         settings = server.settings
         receive = receive_of(self.stream, first_input)
         park = None  # waits in the poller until it hands the connection back
-        if server.poller is not None and isinstance(self.stream, trio.SocketStream):
-            park = functools.partial(server.poller.park, self.stream.socket.fileno(), self)
+        stream = self.stream
+        tls = stream if isinstance(stream, TlsStream) else None
+        if server.poller is not None and isinstance(stream, trio.SocketStream | TlsStream):
+            park = functools.partial(server.poller.park, stream.socket.fileno(), self)
         hello_deadline = trio.current_time() + settings.hello_timeout_s
         partial_since = math.inf  # when the incomplete frame in the decoder began
         while self.closing is None:
@@ -758,24 +762,22 @@ class Connection:
                 deadline, code = hello_deadline, E.HELLO_TIMEOUT
             else:
                 deadline, code = partial_since + settings.frame_timeout_s, E.FRAME_TIMEOUT
-            if deadline == math.inf and park is not None:
+            if deadline == math.inf and park is not None and not (tls is not None and tls.buffered):
                 await park()
                 handoff, self.handoff = self.handoff, None
                 if type(handoff) is Rest:
-                    if handoff.read is not None:
-                        await self.read(handoff.read)
-                    if not await self._dispatch(handoff.frames) or transport.ended:
+                    frames, read, arrived, partial_since = handoff
+                    handoff = None  # while it waits, an idle connection keeps no input
+                    if read is not None:
+                        await self.read(read)
+                    if not await self._dispatch(frames, arrived) or transport.ended:
                         return
-                    if handoff.partial:
-                        partial_since = trio.current_time()
+                    frames, read = [], None
                     continue
                 if isinstance(handoff, FrameError):
                     server.perform(self, session.frame_error(handoff))
                     return
-                if isinstance(handoff, OSError):  # as FdReceive reports it
-                    msg = f"socket connection broken: {handoff}"
-                    raise trio.BrokenResourceError(msg) from handoff
-                if isinstance(handoff, Exception):  # a bug: it closes this connection
+                if isinstance(handoff, Exception):  # a lost peer, or a bug (Connection.failed)
                     raise handoff
                 return  # EOF: handle() still delivers pending acks
             if deadline == math.inf:  # no frame begun: idle peers are the ticker's
@@ -804,25 +806,33 @@ class Connection:
                 partial_since = math.inf
             elif frames or partial_since == math.inf:
                 partial_since = trio.current_time()  # the deadline is per frame
-            if not await self._dispatch(frames) or transport.ended:
+            if not await self._dispatch(frames, server.now_ms()) or transport.ended:
                 return
             data, frames = b"", []  # while it waits, an idle connection keeps no input
 
     def input(self, data: bytes | OSError) -> bool:
         """The poller's read of this parked connection: its frames decoded and handled
-        here, as :meth:`_dispatch` would, without waking the reader task. False, with what
-        the task goes on with in ``handoff``, when it has something to await: EOF (a
-        WebSocket close too) or a read error, a frame error, a partial frame,
-        backpressure, a store read, closing, or a burst of frames longer than
-        ``YIELD_EVERY_S``."""
-        if type(data) is not bytes or not data:
+        here (TLS: once decrypted), as :meth:`_dispatch` would, without waking the reader
+        task. False, with what the task goes on with in ``handoff``, when it has something
+        to await: EOF (close_notify, a WebSocket close too) or an error, a frame error, a
+        partial frame, backpressure, a store read, closing, or a burst of frames longer
+        than ``YIELD_EVERY_S``."""
+        if isinstance(data, OSError):  # as FdReceive reports it
+            exc = trio.BrokenResourceError(f"socket connection broken: {data}")
+            exc.__cause__ = data
+            self.handoff = exc
+            return False
+        if not data:
             self.handoff = data
             return False
-        server = self.server
+        server, stream = self.server, self.stream
+        eof = False
         try:
+            if type(stream) is TlsStream:
+                data, eof = stream.decrypt(data)  # b"" while a record is incomplete
             assert self.decoder is not None
-            frames = self.decoder.feed(data)
-            partial = self.decoder.buffered > 0
+            frames = self.decoder.feed(data) if data else []
+            partial_since = trio.current_time() if self.decoder.buffered else math.inf
             control = self.transport.take_control()  # a WebSocket's pongs
             if control and self.queued_bytes + len(control) <= self.limit // 2:
                 self.send_bytes(control, None)  # not for a peer that reads nothing
@@ -836,33 +846,33 @@ class Connection:
                     or self.closing is not None
                     or time.perf_counter() - start > YIELD_EVERY_S
                 ):
-                    self.handoff = Rest(frames[i:], None, partial)
+                    self.handoff = Rest(frames[i:], None, arrived, partial_since)
                     return False
                 if server.draining:
                     break  # read and drop, as _dispatch does
                 read = self._handle(frame, arrived)
                 if read is not None:
                     self.begin_read(read)  # now: the task runs after other callbacks
-                    self.handoff = Rest(frames[i + 1 :], read, partial)
+                    self.handoff = Rest(frames[i + 1 :], read, arrived, partial_since)
                     return False
         except Exception as exc:  # a FrameError, or a bug: the task's to report
             self.handoff = exc
             return False
-        if self.transport.ended:  # a WebSocket close: as an EOF
+        if eof or self.transport.ended:  # close_notify, a WebSocket close: as an EOF
             self.handoff = b""
             return False
-        if partial or self.closing is not None:
-            self.handoff = Rest([], None, partial)
+        if partial_since != math.inf or self.closing is not None:
+            self.handoff = Rest([], None, 0, partial_since)
             return False
         return True
 
-    async def _dispatch(self, frames: list[dict[str, Any]]) -> bool:
+    async def _dispatch(self, frames: list[dict[str, Any]], arrived: int) -> bool:
         """Hand decoded frames to the session, one at a time, under backpressure; False
-        once the connection is closing. Every frame counts as received when it was read
-        (the frame rate limit charges a pipelined burst at once, however long handling
-        it takes), and the connection yields to others every ``YIELD_EVERY_S``."""
+        once the connection is closing. Every frame counts as received when it was read,
+        at ``arrived`` (the frame rate limit charges a pipelined burst at once, however
+        long handling it takes), and the connection yields to others every
+        ``YIELD_EVERY_S``."""
         server = self.server
-        arrived = server.now_ms()
         ran_since = time.perf_counter()
         half, most = self.limit // 2, server.settings.max_inflight
         for frame in frames:

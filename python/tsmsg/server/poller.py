@@ -1,7 +1,7 @@
-"""One epoll loop that reads every idle connection on a plain socket (issue 17).
+"""One epoll loop that reads every idle connection (issue 17).
 
-A connection on a plain socket (TCP or WebSocket; TLS ones are read by their own tasks)
-past its hello, with no partial frame, parks its reader task here. The poller waits for
+A connection (TCP or WebSocket, plaintext or TLS) past its hello, with no partial frame
+and no TLS input left undecrypted, parks its reader task here. The poller waits for
 all parked sockets at once (its own epoll, level-triggered, each socket registered once
 per park) and, when one is readable, reads it and hands the bytes to the connection's
 :meth:`input` right here: the frames are decoded and handled without waking the reader
@@ -17,9 +17,9 @@ server's usual load) that was half the CPU per message (bench/README.md, "One ep
 for the readers").
 
 Fairness is kept: one read (at most ``RECEIVE_CHUNK`` bytes) per ready socket per round,
-the sockets in the kernel's ready order, and the round yields to other tasks after
-``YIELD_EVERY_S``; a socket with more to read stays ready (level-triggered) and is read
-again in a later round.
+the sockets in the kernel's ready order; a round yields to other tasks after
+``YIELD_EVERY_S`` and the next one begins with the sockets it did not reach; a socket
+with more to read stays ready (level-triggered) and is read again in a later round.
 """
 
 from __future__ import annotations
@@ -73,14 +73,22 @@ class Poller:
         self._epoll.unregister(fd)  # before the socket can be closed: its fd is reused
 
     async def run(self) -> None:
-        """The poller's task: one round per wake-up of its epoll (see the module doc)."""
+        """The poller's task: one round per wake-up of its epoll (see the module doc). A
+        round cut short by ``YIELD_EVERY_S`` goes on with the sockets it did not reach
+        before it polls again: level-triggered epoll reports ready sockets in the same
+        order every time, so starting over would starve the ones past the cut."""
         epoll, parked = self._epoll, self._parked
+        ready: list[tuple[int, int]] = []
         while True:
-            await trio.lowlevel.wait_readable(epoll.fileno())
+            if ready:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                ready = epoll.poll(0, MAX_EVENTS)
             start = time.perf_counter()
-            for fd, _ in epoll.poll(0, MAX_EVENTS):
+            for i, (fd, _) in enumerate(ready):
                 entry = parked.get(fd)
-                if entry is None:  # handed back earlier in this round
+                if entry is None:  # handed back, or unparked, since it was reported
                     continue
                 reader, task = entry
                 try:
@@ -93,7 +101,10 @@ class Poller:
                     self._unpark(fd)
                     trio.lowlevel.reschedule(task)
                 if time.perf_counter() - start > YIELD_EVERY_S:
-                    break  # the others are still ready: next round
+                    ready = ready[i + 1 :]  # first in the next round
+                    break
+            else:
+                ready = []
 
     def close(self) -> None:
         """After every task has ended (the server's run)."""

@@ -37,6 +37,7 @@ class TlsStream(trio.abc.Stream):
         "closed",
         "fd",
         "handshaken",
+        "peer_closed",
         "socket",
         "tcp",
     )
@@ -56,6 +57,7 @@ class TlsStream(trio.abc.Stream):
         self.backlog = bytearray()
         self.closed = False
         self.handshaken = False  # receive_some and send_all handshake first if needed
+        self.peer_closed = False  # decrypt() met close_notify: receive_some says EOF
 
     # ------------------------------------------------------------------ handshake
 
@@ -106,6 +108,36 @@ class TlsStream(trio.abc.Stream):
                 # requests already read still go out (PROTOCOL.md section 4).
                 await trio.lowlevel.checkpoint()
                 return b""
+
+    @property
+    def buffered(self) -> bool:
+        """Input read from the socket that ``receive_some`` has not returned yet (records
+        in the TLS object's buffer, plaintext it decrypted, or a close_notify that
+        ``decrypt`` met): the reader takes it before it waits for the socket again."""
+        return bool(self.peer_closed or self._in.pending or self._tls.pending())
+
+    def decrypt(self, ciphertext: bytes) -> tuple[bytes, bool]:
+        """The poller's read of the socket (server/poller.py): ``ciphertext`` into the TLS
+        object, and all the plaintext it completes (b"" while a record is incomplete);
+        True at close_notify. A TLS error is BrokenResourceError, as from receive_some."""
+        self._in.write(ciphertext)
+        parts: list[bytes] = []
+        eof = False
+        while True:
+            try:
+                data = self._tls.read(RECEIVE_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if not data:
+                self.peer_closed = eof = True
+                break
+            parts.append(data)
+        self._write_quietly()  # what reading produced: a KeyUpdate's answer, an alert
+        return b"".join(parts), eof
 
     async def _receive_ciphertext(self) -> bool:
         """Read the socket into the TLS object; False at the peer's EOF."""
