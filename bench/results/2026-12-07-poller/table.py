@@ -6,10 +6,11 @@ python3 bench/results/2026-12-07-poller/table.py
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
+HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
 RUNS = ["before-1", "before-2", "after-1", "after-2"]
 
 
