@@ -812,7 +812,7 @@ class Connection:
 
     def input(self, data: bytes | OSError) -> bool:
         """The poller's read of this parked connection: its frames decoded and handled
-        here (TLS: once decrypted), as :meth:`_dispatch` would, without waking the reader
+        here (TLS: once decrypted) by :meth:`_handle_frames`, without waking the reader
         task. False, with what the task goes on with in ``handoff``, when it has something
         to await: EOF (close_notify, a WebSocket close too) or an error, a frame error, a
         partial frame, backpressure, a store read, closing, or a burst of frames longer
@@ -837,24 +837,10 @@ class Connection:
             if control and self.queued_bytes + len(control) <= self.limit // 2:
                 self.send_bytes(control, None)  # not for a peer that reads nothing
             arrived = server.now_ms()
-            start = time.perf_counter()
-            half, most = self.limit // 2, server.settings.max_inflight
-            for i, frame in enumerate(frames):
-                if (
-                    self.queued_bytes > half
-                    or self.inflight >= most
-                    or self.closing is not None
-                    or time.perf_counter() - start > YIELD_EVERY_S
-                ):
-                    self.handoff = Rest(frames[i:], None, arrived, partial_since)
-                    return False
-                if server.draining:
-                    break  # read and drop, as _dispatch does
-                read = self._handle(frame, arrived)
-                if read is not None:
-                    self.begin_read(read)  # now: the task runs after other callbacks
-                    self.handoff = Rest(frames[i + 1 :], read, arrived, partial_since)
-                    return False
+            i, read = self._handle_frames(frames, 0, arrived, time.perf_counter())
+            if read is not None or i < len(frames):  # the rest is the task's
+                self.handoff = Rest(frames[i:], read, arrived, partial_since)
+                return False
         except Exception as exc:  # a FrameError, or a bug: the task's to report
             self.handoff = exc
             return False
@@ -867,30 +853,55 @@ class Connection:
         return True
 
     async def _dispatch(self, frames: list[dict[str, Any]], arrived: int) -> bool:
-        """Hand decoded frames to the session, one at a time, under backpressure; False
-        once the connection is closing. Every frame counts as received when it was read,
-        at ``arrived`` (the frame rate limit charges a pipelined burst at once, however
-        long handling it takes), and the connection yields to others every
-        ``YIELD_EVERY_S``."""
-        server = self.server
-        ran_since = time.perf_counter()
-        half, most = self.limit // 2, server.settings.max_inflight
-        for frame in frames:
-            if time.perf_counter() - ran_since > YIELD_EVERY_S:
-                await trio.lowlevel.checkpoint()
-                ran_since = time.perf_counter()
-            if self.queued_bytes > half or self.inflight >= most:
-                await self.wait_writable()  # not per frame: an await costs as much as a send
-            if server.draining:
-                break  # read and drop: unread input would make close() send a reset
-            if self.closing is not None:
-                return False
-            read = self._handle(frame, arrived)
+        """Hand decoded frames to the session (:meth:`_handle_frames`), awaiting what it
+        stops for: a read, backpressure, a yield to other connections; False once the
+        connection is closing."""
+        i, since = 0, time.perf_counter()
+        while True:
+            i, read = self._handle_frames(frames, i, arrived, since)
             if read is not None:
-                self.begin_read(read)
                 await self.read(read)
-                ran_since = time.perf_counter()
-        return True
+                since = time.perf_counter()
+            elif i == len(frames):
+                return True
+            elif self.closing is not None:
+                return False
+            elif time.perf_counter() - since > YIELD_EVERY_S:
+                await trio.lowlevel.checkpoint()
+                since = time.perf_counter()
+            else:
+                await self.wait_writable()  # not per frame: an await costs as much as a send
+
+    def _handle_frames(
+        self, frames: list[dict[str, Any]], i: int, arrived: int, since: float
+    ) -> tuple[int, Read | None]:
+        """Hand ``frames[i:]`` to the session, one at a time, until one must wait: while
+        the replies queued exceed half of ``max_queue_bytes`` or ``max_inflight`` writes
+        wait for the store (backpressure), once the connection is closing, or after
+        ``YIELD_EVERY_S`` since ``since`` (others' turn). Returns the index of the first
+        frame not handled, and the read the last handled one needs (begun), if any. Every
+        frame counts as received at ``arrived``, when it was read (the frame rate limit
+        charges a pipelined burst at once, however long handling it takes). While the
+        server drains, frames are read and dropped (unread input would make the close
+        send a reset)."""
+        server = self.server
+        half, most = self.limit // 2, server.settings.max_inflight
+        while i < len(frames):
+            if (
+                self.queued_bytes > half
+                or self.inflight >= most
+                or self.closing is not None
+                or time.perf_counter() - since > YIELD_EVERY_S
+            ):
+                return i, None
+            if server.draining:
+                return len(frames), None
+            read = self._handle(frames[i], arrived)
+            i += 1
+            if read is not None:
+                self.begin_read(read)  # at once: see begin_read
+                return i, read
+        return i, None
 
     def _handle(self, frame: dict[str, Any], arrived: int) -> Read | None:
         """One frame to the session; a store read it needs is returned, to be awaited."""
