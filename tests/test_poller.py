@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,91 +43,84 @@ class Recorder:
         return bool(data) and self.keep > 0
 
 
-def pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    return a, b
+Pair = tuple[socket.socket, socket.socket]
+
+
+@asynccontextmanager
+async def sockets(n: int) -> AsyncIterator[tuple[Poller, trio.Nursery, list[Pair]]]:
+    """``n`` socket pairs (the first of each non-blocking) and a Poller, not yet running,
+    with a nursery that is cancelled at the end; all of them closed afterwards."""
+    poller, pairs = Poller(), [socket.socketpair() for _ in range(n)]
+    for a, _ in pairs:
+        a.setblocking(False)
+    try:
+        async with trio.open_nursery() as nursery:
+            yield poller, nursery, pairs
+            nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 async def test_parked_socket_is_read_by_the_poller_until_input_hands_it_back() -> None:
-    poller, log = Poller(), []
-    a, b = pair()
+    log: list[tuple[str, int]] = []
     resumed = trio.Event()
+    async with sockets(1) as (poller, nursery, [(a, b)]):
 
-    async def task() -> None:
-        await poller.park(a.fileno(), Recorder("a", log, keep=2))
-        resumed.set()
+        async def task() -> None:
+            await poller.park(a.fileno(), Recorder("a", log, keep=2))
+            resumed.set()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            nursery.start_soon(task)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(poller) == 1
-            b.send(b"x" * 10)
-            await trio.testing.wait_all_tasks_blocked()
-            assert log == [("a", 10)] and not resumed.is_set() and len(poller) == 1
-            b.send(b"y" * 3)
-            with trio.fail_after(5):
-                await resumed.wait()
-            assert log == [("a", 10), ("a", 3)] and len(poller) == 0
-            b.send(b"z")  # no longer parked: the poller leaves it to its task
-            await trio.testing.wait_all_tasks_blocked()
-            assert log == [("a", 10), ("a", 3)] and a.recv(10) == b"z"
-            nursery.cancel_scope.cancel()
-    finally:
-        poller.close()
-        for s in (a, b):
-            s.close()
+        nursery.start_soon(poller.run)
+        nursery.start_soon(task)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(poller) == 1
+        b.send(b"x" * 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == [("a", 10)] and not resumed.is_set() and len(poller) == 1
+        b.send(b"y" * 3)
+        with trio.fail_after(5):
+            await resumed.wait()
+        assert log == [("a", 10), ("a", 3)] and len(poller) == 0
+        b.send(b"z")  # no longer parked: the poller leaves it to its task
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == [("a", 10), ("a", 3)] and a.recv(10) == b"z"
 
 
 async def test_cancelled_park_unregisters_so_the_fd_can_park_again() -> None:
-    poller, log = Poller(), []
-    a, b = pair()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            for round_ in range(3):  # registering a registered fd would fail (EEXIST)
-                with trio.move_on_after(0.05):
-                    await poller.park(a.fileno(), Recorder(f"r{round_}", log))
-                assert len(poller) == 0
-            b.send(b"late")  # nobody is parked: not read
-            await trio.testing.wait_all_tasks_blocked()
-            assert log == [] and a.recv(10) == b"late"
-            nursery.cancel_scope.cancel()
-    finally:
-        poller.close()
-        for s in (a, b):
-            s.close()
+    log: list[tuple[str, int]] = []
+    async with sockets(1) as (poller, nursery, [(a, b)]):
+        nursery.start_soon(poller.run)
+        for round_ in range(3):  # registering a registered fd would fail (EEXIST)
+            with trio.move_on_after(0.05):
+                await poller.park(a.fileno(), Recorder(f"r{round_}", log))
+            assert len(poller) == 0
+        b.send(b"late")  # nobody is parked: not read
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == [] and a.recv(10) == b"late"
 
 
 async def test_one_read_per_ready_socket_per_round() -> None:
     """A socket with more than one read's worth waiting does not hold the others back:
     each round reads every ready socket once, and the big one's rest comes later."""
-    poller, log = Poller(), []
-    big, big_peer = pair()
-    small, small_peer = pair()
-    big_peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * RECEIVE_CHUNK)
-    big.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * RECEIVE_CHUNK)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.park, big.fileno(), Recorder("big", log))
-            nursery.start_soon(poller.park, small.fileno(), Recorder("small", log))
-            await trio.testing.wait_all_tasks_blocked()
-            big_peer.sendall(b"b" * (3 * RECEIVE_CHUNK))
-            small_peer.send(b"s")
-            nursery.start_soon(poller.run)
-            with trio.fail_after(5):
-                while sum(n for name, n in log if name == "big") < 3 * RECEIVE_CHUNK:
-                    await trio.sleep(0.001)
-            names = [name for name, _ in log]
-            assert names.index("small") < 2, log  # in the first round, beside big's first read
-            assert all(n <= RECEIVE_CHUNK for _, n in log)
-            nursery.cancel_scope.cancel()
-    finally:
-        poller.close()
-        for s in (big, big_peer, small, small_peer):
-            s.close()
+    log: list[tuple[str, int]] = []
+    async with sockets(2) as (poller, nursery, [(big, big_peer), (small, small_peer)]):
+        big_peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * RECEIVE_CHUNK)
+        big.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * RECEIVE_CHUNK)
+        nursery.start_soon(poller.park, big.fileno(), Recorder("big", log))
+        nursery.start_soon(poller.park, small.fileno(), Recorder("small", log))
+        await trio.testing.wait_all_tasks_blocked()
+        big_peer.sendall(b"b" * (3 * RECEIVE_CHUNK))
+        small_peer.send(b"s")
+        nursery.start_soon(poller.run)
+        with trio.fail_after(5):
+            while sum(n for name, n in log if name == "big") < 3 * RECEIVE_CHUNK:
+                await trio.sleep(0.001)
+        names = [name for name, _ in log]
+        assert names.index("small") < 2, log  # in the first round, beside big's first read
+        assert all(n <= RECEIVE_CHUNK for _, n in log)
 
 
 class Busy:
@@ -150,28 +145,19 @@ async def test_a_round_cut_short_goes_on_with_the_sockets_it_did_not_reach() -> 
     round after their own reads; level-triggered epoll reports them first every time, so
     the four quiet sockets behind them must be taken from the cut round's rest, or they
     would never be read (a review found that)."""
-    poller, log = Poller(), []
-    socks = [pair() for _ in range(8)]
-    try:
-        async with trio.open_nursery() as nursery:
-            for i, (a, b) in enumerate(socks):
-                reader = Busy(f"busy{i}", log, b) if i < 4 else Recorder(f"quiet{i}", log)
-                nursery.start_soon(poller.park, a.fileno(), reader)
-            await trio.testing.wait_all_tasks_blocked()
-            for _, b in socks:
-                b.send(b"x" * 100)
-            nursery.start_soon(poller.run)
-            with trio.fail_after(5):
-                while {name for name, _ in log if name.startswith("quiet")} != {
-                    f"quiet{i}" for i in range(4, 8)
-                }:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-    finally:
-        poller.close()
-        for a, b in socks:
-            a.close()
-            b.close()
+    log: list[tuple[str, int]] = []
+    async with sockets(8) as (poller, nursery, pairs):
+        for i, (a, b) in enumerate(pairs):
+            reader = Busy(f"busy{i}", log, b) if i < 4 else Recorder(f"quiet{i}", log)
+            nursery.start_soon(poller.park, a.fileno(), reader)
+        await trio.testing.wait_all_tasks_blocked()
+        for _, b in pairs:
+            b.send(b"x" * 100)
+        nursery.start_soon(poller.run)
+        quiet = {f"quiet{i}" for i in range(4, 8)}
+        with trio.fail_after(5):
+            while {name for name, _ in log if name.startswith("quiet")} != quiet:
+                await trio.sleep(0.01)
 
 
 # --- the real server, over TCP and WebSocket -------------------------------------------------
