@@ -5,7 +5,9 @@ server over real TCP, where every hand-over must keep the replies' order and con
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -192,6 +194,10 @@ async def test_idle_connections_past_hello_are_parked_and_closed_ones_leave(
     harness: Harness,
 ) -> None:
     before_hello = await harness.raw()
+    with trio.fail_after(5):
+        while not harness.server.connections:  # its session exists: it is being read
+            await trio.sleep(0.005)
+    await trio.sleep(0.05)
     await parked(harness, 0)  # a hello has a deadline: its task reads it
     alice = await joined(harness, "alice")
     bob = await joined(harness, "bob")
@@ -325,3 +331,20 @@ async def test_an_idle_connection_keeps_no_input_after_a_hand_over(harness: Harn
         coro = coro.cr_await
     held = [v for v in coro.cr_frame.f_locals.values() if isinstance(v, (list, tuple))]
     assert not any(len(v) >= 20 for v in held), [type(v).__name__ for v in held]
+
+
+async def test_a_reset_while_parked_is_a_lost_peer_and_the_rest_go_on(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The poller's read fails (ECONNRESET): the connection ends as a lost peer, not an
+    internal error, it leaves the poller, and the others are still served."""
+    alice = await joined(harness, "alice")
+    bob = await joined(harness, "bob")
+    await parked(harness, 2)
+    sock = bob.stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await bob.send({"t": "ping", "rid": 1})  # unread by the server when the reset comes
+    sock.close()  # linger 0: a reset
+    await parked(harness, 1)
+    assert (await alice.request("ping"))["t"] == "pong"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
