@@ -14,14 +14,20 @@ Printed: CPU µs per socket wake-up beyond the write and read themselves (measur
 first). Run pinned to one core for steady figures:
 
     taskset -c 0 .venv/bin/python bench/wakeups.py [--sockets 256] [--rounds 400]
+
+``--echo 500,2000,10000``: what waking a process costs on this machine, without trio: a
+forked echo process on CPU 0 (``recv`` then ``send``, nothing else) answers a sender on
+CPU 1 paced at each rate for 3 s; printed: the echo process's CPU µs per message.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -119,11 +125,45 @@ async def poller(
     return cost
 
 
+def echo_cost(rate: int, seconds: float = 3.0) -> float:
+    """CPU µs per message of a process that only echoes, at ``rate`` messages/s."""
+    n = int(rate * seconds)
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo process
+        b.close()
+        os.sched_setaffinity(0, {0})
+        while data := a.recv(100):
+            a.send(data)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        os.write(a.fileno(), struct.pack("d", usage.ru_utime + usage.ru_stime))
+        os._exit(0)
+    a.close()
+    os.sched_setaffinity(0, {1})
+    start = time.perf_counter()
+    for i in range(n):
+        due = start + i / rate
+        while time.perf_counter() < due:
+            pass
+        b.send(b"x" * 100)
+        b.recv(100)
+    b.shutdown(socket.SHUT_WR)
+    (cpu,) = struct.unpack("d", b.recv(8))
+    os.waitpid(pid, 0)
+    b.close()
+    return cpu / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sockets", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=400)
+    ap.add_argument("--echo", help="comma-separated rates: the echo process instead")
     a = ap.parse_args()
+    if a.echo:
+        for rate in map(int, a.echo.split(",")):
+            print(f"echo at {rate:6d} msgs/s: {echo_cost(rate):6.1f} µs CPU per message")
+        return
     pairs = [socket.socketpair() for _ in range(a.sockets)]
     for x, y in pairs:
         x.setblocking(False)
