@@ -795,13 +795,10 @@ class Connection:
                     self.close_after_flush(f"{HTTP_REQUEST}: {bytes(data[:8])!r}")
                     return
             try:
-                frames = decoder.feed(data)
+                frames = self._decode(data)
             except FrameError as exc:
                 server.perform(self, session.frame_error(exc))
                 return
-            control = transport.take_control()  # a WebSocket's pongs
-            if control and self.queued_bytes + len(control) <= self.limit // 2:
-                self.send_bytes(control, None)  # not for a peer that reads nothing
             if not decoder.buffered:
                 partial_since = math.inf
             elif frames or partial_since == math.inf:
@@ -830,12 +827,9 @@ class Connection:
         try:
             if type(stream) is TlsStream:
                 data, eof = stream.decrypt(data)  # b"" while a record is incomplete
+            frames = self._decode(data) if data else []
             assert self.decoder is not None
-            frames = self.decoder.feed(data) if data else []
             partial_since = trio.current_time() if self.decoder.buffered else math.inf
-            control = self.transport.take_control()  # a WebSocket's pongs
-            if control and self.queued_bytes + len(control) <= self.limit // 2:
-                self.send_bytes(control, None)  # not for a peer that reads nothing
             arrived = server.now_ms()
             i, read = self._handle_frames(frames, 0, arrived, time.perf_counter())
             if read is not None or i < len(frames):  # the rest is the task's
@@ -851,6 +845,16 @@ class Connection:
             self.handoff = Rest([], None, 0, partial_since)
             return False
         return True
+
+    def _decode(self, data: bytes | bytearray) -> list[dict[str, Any]]:
+        """The frames ``data`` completes (FrameError on bad input); a WebSocket's pongs
+        are queued, except for a peer that reads nothing."""
+        assert self.decoder is not None
+        frames = self.decoder.feed(data)
+        control = self.transport.take_control()
+        if control and self.queued_bytes + len(control) <= self.limit // 2:
+            self.send_bytes(control, None)
+        return frames
 
     async def _dispatch(self, frames: list[dict[str, Any]], arrived: int) -> bool:
         """Hand decoded frames to the session (:meth:`_handle_frames`), awaiting what it
@@ -884,7 +888,7 @@ class Connection:
         charges a pipelined burst at once, however long handling it takes). While the
         server drains, frames are read and dropped (unread input would make the close
         send a reset)."""
-        server = self.server
+        server, session, metrics = self.server, self.session, self.server.metrics
         half, most = self.limit // 2, server.settings.max_inflight
         while i < len(frames):
             if (
@@ -896,25 +900,21 @@ class Connection:
                 return i, None
             if server.draining:
                 return len(frames), None
-            read = self._handle(frames[i], arrived)
+            frame = frames[i]
             i += 1
+            t = frame.get("t")
+            metrics.frame_in(t)
+            if t == "sync" and self.first_sync:  # a sync from a position: a resume
+                self.first_sync = False
+                since_seq = frame.get("since")
+                if type(since_seq) is int and since_seq > 0 and not session.cut:
+                    metrics.resumes.inc()
+            self.next_check = 0
+            read = server.perform(self, session.receive_frame(frame, arrived))
             if read is not None:
                 self.begin_read(read)  # at once: see begin_read
                 return i, read
         return i, None
-
-    def _handle(self, frame: dict[str, Any], arrived: int) -> Read | None:
-        """One frame to the session; a store read it needs is returned, to be awaited."""
-        server = self.server
-        t = frame.get("t")
-        server.metrics.frame_in(t)
-        if t == "sync" and self.first_sync:
-            self.first_sync = False
-            since = frame.get("since")
-            if type(since) is int and since > 0 and not self.session.cut:
-                server.metrics.resumes.inc()
-        self.next_check = 0
-        return server.perform(self, self.session.receive_frame(frame, arrived))
 
 
 def _encoded(frame: dict[str, Any], codec: Codec, cache: dict[Codec, bytes]) -> bytes:
@@ -1008,7 +1008,7 @@ class Server:
         self.port = 0
         self.stopping = trio.Event()
         self.draining = False  # shutting down: no new requests are read
-        self.poller: Poller | None = None  # reads idle plain TCP connections, in run()
+        self.poller: Poller | None = None  # reads the idle connections; made in run()
         self.tls: ssl.SSLContext | None = None  # loaded here: a bad file fails at startup
         if settings.tls_cert_file:
             self.tls = server_tls_context(

@@ -11,10 +11,11 @@ store read, a closing connection, or a burst longer than ``YIELD_EVERY_S``. It t
 on from there as it would have after its own read, and parks again once it is idle.
 
 Why: a trio wake-up per readable socket (the task rescheduled, its ``wait_readable``
-re-armed with ``epoll_ctl``, trio's registration rebuilt) cost ~15 µs of CPU here, as much
-as handling the frame itself; with many connections each sending now and then (a chat
-server's usual load) that was half the CPU per message (bench/README.md, "One epoll loop
-for the readers").
+re-armed with ``epoll_ctl``, trio's registration rebuilt) costs ~10 µs of CPU beyond the
+read (``bench/wakeups.py``), and a connection's wake-up ~30 µs in the server, more than
+handling a frame; with many connections each sending now and then (a chat server's usual
+load) a message cost 22-28 % less without it (bench/README.md, "One epoll loop for the
+readers").
 
 Fairness is kept: one read (at most ``RECEIVE_CHUNK`` bytes) per ready socket per round,
 the sockets in the kernel's ready order; a round yields to other tasks after

@@ -87,14 +87,7 @@ class TlsStream(trio.abc.Stream):
         if not self.handshaken:
             await self.do_handshake()
         while True:
-            try:
-                data = self._tls.read(max_bytes or RECEIVE_CHUNK)
-            except ssl.SSLWantReadError:
-                data = None
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""  # close_notify
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+            data = self._plaintext(max_bytes or RECEIVE_CHUNK)
             if data is not None:  # taken out of the TLS object: not lost to a cancel
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
@@ -122,22 +115,25 @@ class TlsStream(trio.abc.Stream):
         True at close_notify. A TLS error is BrokenResourceError, as from receive_some."""
         self._in.write(ciphertext)
         parts: list[bytes] = []
-        eof = False
-        while True:
-            try:
-                data = self._tls.read(RECEIVE_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+        while (data := self._plaintext(RECEIVE_CHUNK)) is not None:
             if not data:
-                self.peer_closed = eof = True
+                self.peer_closed = True
                 break
             parts.append(data)
         self._write_quietly()  # what reading produced: a KeyUpdate's answer, an alert
-        return b"".join(parts), eof
+        return b"".join(parts), self.peer_closed
+
+    def _plaintext(self, max_bytes: int) -> bytes | None:
+        """What the TLS object can decrypt now: None if it needs more ciphertext, b"" at
+        close_notify; a TLS error is BrokenResourceError."""
+        try:
+            return self._tls.read(max_bytes)
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # close_notify
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def _receive_ciphertext(self) -> bool:
         """Read the socket into the TLS object; False at the peer's EOF."""
