@@ -190,6 +190,7 @@ class RawTls:
         self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname=HOST)
         self.decoder = FrameDecoder()
         self.frames: list[dict[str, Any]] = []
+        self.alert: str | None = None  # the reason of a fatal alert the server sent
 
     @classmethod
     async def connect(
@@ -235,6 +236,9 @@ class RawTls:
                 plain = self.tls.read(65536)
             except ssl.SSLWantReadError:
                 return
+            except ssl.SSLError as exc:  # the server's fatal alert: it closes next
+                self.alert = exc.reason
+                raise EOFError from exc
             if not plain:
                 return
             self.frames += self.decoder.feed(plain)
@@ -339,17 +343,20 @@ async def test_past_hello_the_poller_reads_records_split_anywhere_and_close_noti
 
 
 @pytest.mark.parametrize(
-    "junk",
+    ("junk", "alert"),
     [
-        b"\x17\x03\x03\x00\x20" + b"\xa5" * 32,  # an application record that fails to decrypt
-        b"\x15\x03\x03\x00\x02\x02\x28",  # a plaintext fatal alert
-        b"GET / HTTP/1.1\r\n\r\n",  # not TLS at all
+        # an application record that fails to decrypt
+        (b"\x17\x03\x03\x00\x20" + b"\xa5" * 32, "SSLV3_ALERT_BAD_RECORD_MAC"),
+        # a plaintext fatal alert (TLS 1.3 encrypts alerts after the handshake)
+        (b"\x15\x03\x03\x00\x02\x02\x28", "SSLV3_ALERT_BAD_RECORD_MAC"),
+        (b"GET / HTTP/1.1\r\n\r\n", "TLSV1_ALERT_DECODE_ERROR"),  # not TLS at all
     ],
     ids=["bad-record", "alert", "plaintext"],
 )
 async def test_garbage_after_the_handshake_is_a_lost_peer(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, junk: bytes
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, junk: bytes, alert: str
 ) -> None:
+    """The peer is told why (a fatal alert), then closed; nothing else is disturbed."""
     async with running_server(tls_settings(tmp_path, pki)) as h:
         other = await tls_wire(h, pki, "bob")
         c = await RawTls.connect(h.server.port, pki)
@@ -358,6 +365,7 @@ async def test_garbage_after_the_handshake_is_a_lost_peer(
         await c.expect("welcome", rid=1)
         await c.flush(junk)
         await c.until_closed()
+        assert c.alert == alert
         assert (await other.request("ping"))["t"] == "pong"
     assert not errors_logged(caplog)
     assert any("(alice)" in m and "connection lost" in m for m in disconnects(caplog))

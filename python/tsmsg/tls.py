@@ -1,4 +1,4 @@
-"""TLS contexts for the server and the reference client (PROTOCOL.md section 4, "TLS"):
+"""TLS settings for the server and the reference client (PROTOCOL.md section 4, "TLS"):
 TLS 1.2 or newer, the protocol unchanged inside it, no ALPN. A missing file or bad PEM
 raises ``ValueError`` naming the setting and the file, so it fails at startup clearly."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import ssl
+
+from tsmsg._native import TlsConfig
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -41,25 +43,37 @@ def _load_cert_chain(ctx: ssl.SSLContext, what: str, cert_file: str, key_file: s
         raise ValueError(f"{what}: cannot load {cert_file}{key}: {exc}") from None
 
 
-def _load_ca(ctx: ssl.SSLContext, what: str, ca_file: str) -> None:
-    _require_file(what, ca_file)
+def _read(what: str, path: str) -> bytes:
+    _require_file(what, path)
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def server_tls_context(cert_file: str, key_file: str, client_ca_file: str = "") -> TlsConfig:
+    """The server's TLS settings (rustls, in the Rust extension: rust/src/tls.rs): its
+    certificate chain and private key (PEM files; no ``key_file`` when the chain's file
+    holds the key); with ``client_ca_file``, a client must present a certificate signed by
+    that CA. It never writes session keys anywhere ($SSLKEYLOGFILE is for clients)."""
+    what = "tls_cert_file/tls_key_file"
+    cert = _read(what, cert_file)
+    key = _read(what, key_file) if key_file else cert
     try:
-        ctx.load_verify_locations(ca_file)
-    except OSError as exc:
-        raise ValueError(f"{what}: cannot load {ca_file}: {exc}") from None
-
-
-def server_tls_context(cert_file: str, key_file: str, client_ca_file: str = "") -> ssl.SSLContext:
-    """The server's context: its certificate chain and private key (PEM files); with
-    ``client_ca_file``, a client must present a certificate signed by that CA."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.keylog_filename = None  # type: ignore[assignment]  # never SSLKEYLOGFILE's
-    ctx.minimum_version = MIN_VERSION
-    _load_cert_chain(ctx, "tls_cert_file/tls_key_file", cert_file, key_file)
-    if client_ca_file:
-        _load_ca(ctx, "tls_client_ca_file", client_ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+        config = TlsConfig(cert, key)
+    except ValueError as exc:
+        if "passphrase" in str(exc):
+            raise ValueError(
+                f"{what}: the private key in {key_file or cert_file} is encrypted with a "
+                "passphrase, which tsmsg cannot ask for: give it the key without one (mode 600)"
+            ) from None
+        with_key = f" with key {key_file}" if key_file else ""
+        raise ValueError(f"{what}: cannot load {cert_file}{with_key}: {exc}") from None
+    if not client_ca_file:
+        return config
+    ca = _read("tls_client_ca_file", client_ca_file)
+    try:
+        return TlsConfig(cert, key, ca)
+    except ValueError as exc:
+        raise ValueError(f"tls_client_ca_file: cannot load {client_ca_file}: {exc}") from None
 
 
 def client_tls_context(

@@ -1,11 +1,13 @@
 //! `tsmsg._native`: the module declaration only. Logic lives in plain-Rust modules
-//! (`codec`, `dedup`) with their own tests; the `py_*` modules are thin pyo3 wrappers.
+//! (`codec`, `dedup`, `tls`) with their own tests; the `py_*` modules are thin pyo3 wrappers.
 
 pub mod codec;
 pub mod dedup;
 pub mod error;
 mod py_codec;
 mod py_dedup;
+mod py_tls;
+pub mod tls;
 
 use pyo3::prelude::*;
 
@@ -14,5 +16,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     error::register(m)?;
     py_codec::register(m)?;
     py_dedup::register(m)?;
+    py_tls::register(m)?;
     Ok(())
 }

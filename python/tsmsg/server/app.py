@@ -53,7 +53,6 @@ import resource
 import secrets
 import select
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -62,7 +61,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import trio
 
-from tsmsg._native import FrameError, encode
+from tsmsg._native import FrameError, TlsConfig, encode
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
@@ -1009,7 +1008,7 @@ class Server:
         self.stopping = trio.Event()
         self.draining = False  # shutting down: no new requests are read
         self.poller: Poller | None = None  # reads the idle connections; made in run()
-        self.tls: ssl.SSLContext | None = None  # loaded here: a bad file fails at startup
+        self.tls: TlsConfig | None = None  # loaded here: a bad file fails at startup
         if settings.tls_cert_file:
             self.tls = server_tls_context(
                 settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
