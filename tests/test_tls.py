@@ -142,6 +142,34 @@ async def test_hello_send_ack_over_tls(
     assert not handshake_failures(caplog)
 
 
+@pytest.mark.parametrize("pkcs1", [False, True], ids=["pkcs8", "pkcs1"])
+async def test_an_rsa_certificate_serves_too(tmp_path: Path, pki: Pki, pkcs1: bool) -> None:
+    """trustme's (and certbot's) default is ECDSA; an RSA chain and its key, PKCS#8 or
+    OpenSSL's older PKCS#1 ("BEGIN RSA PRIVATE KEY"), work the same."""
+    from cryptography.hazmat.primitives import serialization
+
+    rsa = trustme.CA(key_type=trustme.KeyType.RSA)
+    cert = rsa.issue_cert(HOST, key_type=trustme.KeyType.RSA)
+    chain, key = tmp_path / "rsa.crt", tmp_path / "rsa.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    private = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+    form = serialization.PrivateFormat
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        form.TraditionalOpenSSL if pkcs1 else form.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert pem.startswith(
+        b"-----BEGIN RSA PRIVATE KEY-----" if pkcs1 else b"-----BEGIN PRIVATE KEY-----"
+    )
+    key.write_bytes(pem)
+    settings = tls_settings(tmp_path, pki, tls_cert_file=str(chain), tls_key_file=str(key))
+    async with running_server(settings) as h:
+        ctx = client_tls_context(write_ca(rsa, tmp_path / "rsa-ca.pem"))
+        async with connect(HOST, h.server.port, token=mint("alice"), ssl_context=ctx) as c:
+            assert await send_and_ack(c, "over RSA") == 1
+
+
 async def tls_client(port: int, pki: Pki, user: str, rcvbuf: int | None = None) -> WireClient:
     """A raw protocol client over TLS, past hello (``rcvbuf``: its socket's buffer)."""
     tcp = await tcp_stream(port, rcvbuf)
