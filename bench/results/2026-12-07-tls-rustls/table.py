@@ -1,0 +1,60 @@
+"""Print this directory's quick-grid before/after table (README.md) from the runs' JSON.
+
+python3 bench/results/2026-12-07-poller/table.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
+RUNS = ["before-1", "before-2", "after-1", "after-2"]
+
+
+def fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "rate":
+        return f"{value / 1000:,.1f}k"
+    if kind == "bytes":
+        return f"{value:,.0f}"
+    return f"{value:.1f}"
+
+
+def figures(run: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+    r, workload = run["result"], run["workload"]
+    if workload == "idle":
+        return [
+            ("connects/s", r["connects_s"], "rate"),
+            ("RSS B/conn", r["server_rss_per_conn_bytes"], "bytes"),
+        ]
+    if workload == "fanout":
+        return [
+            ("deliveries/s", r["deliveries_s"], "rate"),
+            ("µs/delivery", r["cpu"].get("server_cpu_s_per_million_deliveries"), "us"),
+            ("p99 ms", r["deliver_latency"]["p99_ms"], "ms"),
+        ]
+    return [
+        ("acked msgs/s", r["throughput_msgs_s"], "rate"),
+        ("µs/msg", r["cpu"]["server_cpu_s_per_million_msgs"], "us"),
+        ("p99 ms", r["ack_latency"]["p99_ms"], "ms"),
+    ]
+
+
+def main() -> None:
+    runs = {name: json.loads((HERE / name / "results.json").read_text())["runs"] for name in RUNS}
+    print("| tier | case | figure | before (1 / 2) | after (1 / 2) |")
+    print("| --- | --- | --- | ---: | ---: |")
+    for i, case in enumerate(runs[RUNS[0]]):
+        for j, (label, _, kind) in enumerate(figures(case)):
+            cells = [fmt(figures(runs[name][i])[j][1], kind) for name in RUNS]
+            name = f"{case['workload']} {case['label']}"
+            before, after = " / ".join(cells[:2]), " / ".join(cells[2:])
+            print(f"| {case['tier']} | {name} | {label} | {before} | {after} |")
+
+
+if __name__ == "__main__":
+    main()
