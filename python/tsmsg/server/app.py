@@ -49,8 +49,8 @@ import itertools
 import logging
 import math
 import os
+import random
 import resource
-import secrets
 import select
 import signal
 import sys
@@ -94,6 +94,7 @@ from tsmsg.server.metrics import (
 from tsmsg.server.poller import YIELD_EVERY_S, Poller
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
+from tsmsg.server.threads import ReadThreads
 from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.web import Web
 from tsmsg.server.wire import RECEIVE_CHUNK, TCP, Codec, Decoder, FdReceive, Transport
@@ -979,7 +980,7 @@ class Server:
         self._presence_pending: dict[str, list[tuple[str | None, int, list[str]]]] = {}
         self.relay: Relay[dict[str, Any]] = Relay()
         # Store reads of requests run in threads (run_read), at most this many at once.
-        self.read_limiter = trio.CapacityLimiter(settings.read_threads)
+        self.reads: ReadThreads | None = None  # made by run(), unless inline_reads
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
         self._limited = metrics.limited  # one bound method for every session
         self._tasks: trio.Nursery | None = None  # run()'s handler nursery
@@ -1083,8 +1084,9 @@ class Server:
             await trio.lowlevel.checkpoint()
             return query()
         start = time.perf_counter()
+        assert self.reads is not None, "made by run()"
         try:
-            return await trio.to_thread.run_sync(query, limiter=self.read_limiter)
+            return await self.reads.run(query)
         finally:
             self.metrics.read_seconds.observe(time.perf_counter() - start)
 
@@ -1596,7 +1598,10 @@ class Server:
         if isinstance(stream, TlsStream) and not await self._tls_handshake(stream, peer):
             return
         serial = next(self._ids)
-        session_id = f"{serial:x}-{secrets.token_hex(4)}"
+        # Opaque, for logs and support, not a secret (PROTOCOL.md, welcome): the random
+        # part tells this process's sessions from another's, from the process's PRNG
+        # rather than a getrandom system call per connection.
+        session_id = f"{serial:x}-{random.getrandbits(32):08x}"
         session = Session(
             self.store,
             self.verifier,
@@ -1695,6 +1700,8 @@ class Server:
                 )
             )
         self.metrics.store_counters.source = self.store.counters
+        if not self.inline_reads:
+            self.reads = ReadThreads(settings.read_threads)
         try:
             async with trio.open_nursery() as handlers:
                 self._tasks = handlers  # the connections' writer tasks run here too
@@ -1751,6 +1758,8 @@ class Server:
         finally:
             if self.poller is not None:
                 self.poller.close()
+            if self.reads is not None:  # every read has ended: their tasks have
+                self.reads.close()
             with trio.CancelScope(shield=True):
                 if open_store is None:
                     await trio.to_thread.run_sync(self.store.close)

@@ -1,6 +1,7 @@
-"""Print this directory's quick-grid before/after table (README.md) from the runs' JSON.
+"""A back-to-back A/B's table: DIR/{before,after}-{1,2}/results.json, four runs of
+bench/run.py, side by side (the tables of bench/results/2026-12-07-*/README.md).
 
-python3 bench/results/2026-12-07-poller/table.py
+python3 bench/abtable.py DIR
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
 RUNS = ["before-1", "before-2", "after-1", "after-2"]
 
 
@@ -19,6 +19,8 @@ def fmt(value: float | None, kind: str) -> str:
         return "-"
     if kind == "rate":
         return f"{value / 1000:,.1f}k"
+    if kind == "s":
+        return f"{value:.2f}"
     if kind == "bytes":
         return f"{value:,.0f}"
     return f"{value:.1f}"
@@ -30,6 +32,13 @@ def figures(run: dict[str, Any]) -> list[tuple[str, float | None, str]]:
         return [
             ("connects/s", r["connects_s"], "rate"),
             ("RSS B/conn", r["server_rss_per_conn_bytes"], "bytes"),
+        ]
+    if workload == "reconnect":
+        return [
+            ("all caught up s", r["all_caught_up_s"], "s"),
+            ("entries replayed/s", r["entries_replayed_s"], "rate"),
+            ("µs/entry", r["cpu"]["server_cpu_s_per_million_msgs"], "us"),
+            ("catch-up p99 ms", r["catch_up_time"]["p99_ms"], "ms"),
         ]
     if workload == "fanout":
         return [
@@ -45,7 +54,8 @@ def figures(run: dict[str, Any]) -> list[tuple[str, float | None, str]]:
 
 
 def main() -> None:
-    runs = {name: json.loads((HERE / name / "results.json").read_text())["runs"] for name in RUNS}
+    here = Path(sys.argv[1])
+    runs = {name: json.loads((here / name / "results.json").read_text())["runs"] for name in RUNS}
     print("| tier | case | figure | before (1 / 2) | after (1 / 2) |")
     print("| --- | --- | --- | ---: | ---: |")
     for i, case in enumerate(runs[RUNS[0]]):
