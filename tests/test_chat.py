@@ -641,7 +641,11 @@ async def start_make_run(home: Path, port: int, log: Path) -> subprocess.Popen[b
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSMSG_")}
     env["TSMSG_LIMITS_MAX_TEXT_BYTES"] = str(TEXT_LIMIT)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["sh", "-c", printed], cwd=home, stdout=out, stderr=out, env=env)
+        # exec: the server is the process killed at the end, not a shell that would leave
+        # it running (it kept serving after the test, until the machine stopped)
+        proc = subprocess.Popen(
+            ["sh", "-c", f"exec {printed}"], cwd=home, stdout=out, stderr=out, env=env
+        )
     with trio.fail_after(WAIT):
         while "serving on" not in log.read_text():
             assert proc.poll() is None, log.read_text()

@@ -45,8 +45,11 @@ def _load_cert_chain(ctx: ssl.SSLContext, what: str, cert_file: str, key_file: s
 
 def _read(what: str, path: str) -> bytes:
     _require_file(what, path)
-    with open(path, "rb") as fh:
-        return fh.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:  # not readable by the server's user
+        raise ValueError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
 def server_tls_context(cert_file: str, key_file: str, client_ca_file: str = "") -> TlsConfig:

@@ -47,6 +47,16 @@ pub fn server_config(
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|err| format!("no PEM private key found ({err})"))?;
     let provider = Arc::new(ring::default_provider());
+    // ring signs with fewer key types than OpenSSL (no P-521, no Ed448, no RSA over 4096
+    // bits) and says "failed to parse private key", which reads as a damaged file.
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|_| {
+            format!(
+                "the private key is of a type or size not supported (or damaged): use {KEY_TYPES}"
+            )
+        })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions() // TLS 1.2 and 1.3
         .map_err(|err| err.to_string())?;
@@ -62,6 +72,9 @@ pub fn server_config(
         })?;
     Ok(Arc::new(config))
 }
+
+/// The private keys a server can sign with (ring's).
+pub const KEY_TYPES: &str = "RSA of 2048 to 4096 bits, ECDSA P-256 or P-384, or Ed25519";
 
 /// A PEM private key with a passphrase: PKCS#8's encrypted form or OpenSSL's legacy one.
 fn is_encrypted_key(pem: &[u8]) -> bool {
@@ -103,6 +116,8 @@ pub struct TlsSession {
 const RECORD_OVERHEAD: usize = 64;
 /// The largest plaintext of one record.
 const MAX_FRAGMENT: usize = 16 * 1024;
+/// The largest record (TLS 1.2's ciphertext limit: 2^14 + 2048, and its 5-byte header).
+const MAX_RECORD: usize = MAX_FRAGMENT + 2048 + 5;
 
 impl TlsSession {
     pub fn new(config: Arc<ServerConfig>) -> Result<Self, Error> {
@@ -150,6 +165,8 @@ impl TlsSession {
         let result = self.process(plaintext);
         if self.incoming.is_empty() {
             self.incoming = Vec::new(); // nothing held between records
+        } else if self.incoming.capacity() > 2 * MAX_RECORD {
+            self.incoming.shrink_to(MAX_RECORD); // a partial record: not a whole read's room
         }
         result.inspect_err(|err| self.fail(err.clone()))
     }
@@ -190,21 +207,37 @@ impl TlsSession {
         }
     }
 
+    /// The records rustls processes are discarded once, at the end: `start` moves past
+    /// them (one `drain` per call, not one per record: a read of many tiny records would
+    /// otherwise move the rest of the buffer once per record).
     fn process(&mut self, plaintext: &mut Vec<u8>) -> Result<(), Error> {
-        loop {
+        let mut start = 0;
+        let result = loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+                self.conn.process_tls_records(&mut self.incoming[start..]);
             let more = match state {
                 Err(err) => {
-                    self.incoming.drain(..discard);
+                    start += discard;
                     self.drain_alerts();
-                    return Err(err);
+                    break Err(err);
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    let mut failed = None;
                     while let Some(record) = traffic.next_record() {
-                        let record = record?;
-                        discard += record.discard;
-                        plaintext.extend_from_slice(record.payload);
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                plaintext.extend_from_slice(record.payload);
+                            }
+                            Err(err) => {
+                                failed = Some(err);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(err) = failed {
+                        start += discard;
+                        break Err(err);
                     }
                     true
                 }
@@ -222,16 +255,18 @@ impl TlsSession {
                 }
                 Ok(ConnectionState::ReadEarlyData(_)) => {
                     // Never offered (max_early_data_size is 0): a protocol violation.
-                    return Err(Error::General("unexpected early data".into()));
+                    break Err(Error::General("unexpected early data".into()));
                 }
                 // Blocked on the peer's next handshake flight, idle, or closed both ways.
                 Ok(_) => false,
             };
-            self.incoming.drain(..discard);
+            start += discard;
             if !more {
-                return Ok(());
+                break Ok(());
             }
-        }
+        };
+        self.incoming.drain(..start);
+        result
     }
 
     /// After an error: the fatal alert rustls queued, into the outgoing bytes.
@@ -305,6 +340,7 @@ mod tests {
     const CERT: &[u8] = include_bytes!("../testdata/server.pem");
     const KEY: &[u8] = include_bytes!("../testdata/server.key");
     const LOCKED_KEY: &[u8] = include_bytes!("../testdata/server-encrypted.key");
+    const P521_KEY: &[u8] = include_bytes!("../testdata/p521.key"); // OpenSSL's, not ring's
 
     fn client(versions: &[&'static rustls::SupportedProtocolVersion]) -> rustls::ClientConnection {
         let mut roots = RootCertStore::empty();
@@ -381,6 +417,28 @@ mod tests {
     }
 
     #[test]
+    fn a_read_of_many_tiny_records_and_a_partial_one() {
+        let (mut s, mut c) = pair(&[&rustls::version::TLS13]);
+        let mut read = Vec::new();
+        for i in 0..2000u32 {
+            c.writer().write_all(&i.to_be_bytes()).unwrap();
+            read.extend(from_client(&mut c));
+        }
+        c.writer().write_all(b"the end").unwrap();
+        let last = from_client(&mut c);
+        read.extend_from_slice(&last[..10]);
+        let mut plain = Vec::new();
+        s.receive(&read, &mut plain).unwrap();
+        let expected: Vec<u8> = (0..2000u32).flat_map(|i| i.to_be_bytes()).collect();
+        assert_eq!(plain, expected);
+        assert!(s.has_partial_record());
+        assert!(s.incoming.capacity() <= MAX_RECORD); // not the whole read's room
+        s.receive(&last[10..], &mut plain).unwrap();
+        assert_eq!(&plain[expected.len()..], b"the end");
+        assert!(!s.has_partial_record());
+    }
+
+    #[test]
     fn close_notify_is_reported_once_and_data_before_it_kept() {
         let (mut s, mut c) = pair(&[&rustls::version::TLS13]);
         c.writer().write_all(b"last words").unwrap();
@@ -440,6 +498,10 @@ mod tests {
         assert!(err(server_config(CERT, b"junk", None)).contains("no PEM private key"));
         assert!(err(server_config(CERT, LOCKED_KEY, None)).contains("encrypted with a passphrase"));
         assert!(err(server_config(CA, KEY, None)).contains("does not match the certificate"));
+        let unsupported = err(server_config(CERT, P521_KEY, None));
+        assert!(
+            unsupported.contains("type or size not supported") && unsupported.contains(KEY_TYPES)
+        );
         assert!(err(server_config(CERT, KEY, Some(b"junk"))).contains("no PEM certificate"));
         assert!(server_config(CERT, KEY, Some(CA)).is_ok());
         let mut both = CERT.to_vec();
