@@ -20,7 +20,6 @@ use bytes::BytesMut;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -37,7 +36,7 @@ pub const SUBPROTOCOL: &str = "tsmsg.v1.msgpack";
 /// The upgrade path when a `ws://` address has none.
 const DEFAULT_PATH: &str = "/connect";
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<tls::Conn>;
 
 /// Where to connect: parsed from an `--addr` element.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,8 +68,12 @@ impl Endpoint {
         Ok(Endpoint::Tcp(addr.to_owned()))
     }
 
-    pub fn is_ws(&self) -> bool {
-        matches!(self, Endpoint::Ws { .. })
+    /// The `host:port` to connect to (and, with `--tls`, whose host to verify).
+    pub fn host_port(&self) -> &str {
+        match self {
+            Endpoint::Tcp(addr) => addr,
+            Endpoint::Ws { host_port, .. } => host_port,
+        }
     }
 }
 
@@ -85,19 +88,21 @@ pub async fn connect(ep: &Endpoint, tls: Option<&TlsClient>) -> Result<(FrameRd,
             ))
         }
         Endpoint::Ws { host_port, path } => {
-            if tls.is_some() {
-                bail!("--tls with a ws:// address: wss:// is not implemented");
-            }
-            let (sink, stream) = connect_ws(host_port, path).await?.split();
+            let (sink, stream) = connect_ws(host_port, path, tls).await?.split();
             Ok((FrameRd::Ws(stream), FrameWr::Ws(sink)))
         }
     }
 }
 
-async fn connect_ws(host_port: &str, path: &str) -> Result<Ws> {
-    let url = format!("ws://{host_port}{path}");
-    let tcp = TcpStream::connect(host_port).await?;
-    tcp.set_nodelay(true)?;
+/// A WebSocket at `path` of `host_port`: `wss://` (the upgrade inside TLS) with `tls`.
+async fn connect_ws(host_port: &str, path: &str, tls: Option<&TlsClient>) -> Result<Ws> {
+    let (ws, http) = if tls.is_some() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    let url = format!("{ws}://{host_port}{path}");
+    let stream = tls::open(host_port, tls).await?;
     let mut req = url.as_str().into_client_request()?;
     let h = req.headers_mut();
     h.insert(
@@ -106,11 +111,11 @@ async fn connect_ws(host_port: &str, path: &str) -> Result<Ws> {
     );
     h.insert(
         "Origin",
-        HeaderValue::from_str(&format!("http://{host_port}"))?,
+        HeaderValue::from_str(&format!("{http}://{host_port}"))?,
     );
     // The write buffer only collects the frames of one `send` (flushed at its end).
     let cfg = WebSocketConfig::default().write_buffer_size(256 * 1024);
-    match tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg)).await {
+    match tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)).await {
         Ok((ws, resp)) => {
             let proto = resp.headers().get("Sec-WebSocket-Protocol");
             if proto.and_then(|v| v.to_str().ok()) != Some(SUBPROTOCOL) {
@@ -231,6 +236,7 @@ impl FrameWr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncRead, AsyncWrite};
     use tokio::net::TcpListener;
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
     use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -283,45 +289,65 @@ mod tests {
     // The callback's Result is tungstenite's (`Callback`), large Err and all.
     #[allow(clippy::result_large_err)]
     async fn ws_server(status: Option<StatusCode>) -> String {
+        ws_server_over(status, false).await
+    }
+
+    /// The same, inside TLS (`testdata/server.pem`) with `tls`: `wss://`, Origin https.
+    #[allow(clippy::result_large_err)]
+    async fn ws_server_over(status: Option<StatusCode>, tls: bool) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let origin = format!("http://{addr}");
+        let origin = format!("{}://{addr}", if tls { "https" } else { "http" });
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                let h = req.headers();
-                let ok = h.get("Origin").and_then(|v| v.to_str().ok()) == Some(origin.as_str())
-                    && h.get("Sec-WebSocket-Protocol")
-                        .and_then(|v| v.to_str().ok())
-                        == Some(SUBPROTOCOL)
-                    && req.uri().path() == "/connect";
-                match (ok, status) {
-                    (true, None) => {
-                        resp.headers_mut().insert(
-                            "Sec-WebSocket-Protocol",
-                            HeaderValue::from_static(SUBPROTOCOL),
-                        );
-                        Ok(resp)
-                    }
-                    (_, s) => {
-                        let mut e = ErrorResponse::new(Some("origin not allowed".into()));
-                        *e.status_mut() = s.unwrap_or(StatusCode::BAD_REQUEST);
-                        Err(e)
-                    }
-                }
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
-                return;
-            };
-            let mut got = Vec::new();
-            for _ in 0..2 {
-                if let Some(Ok(Message::Binary(b))) = ws.next().await {
-                    got.extend_from_slice(&b);
-                }
+            if !tls {
+                return serve_ws(tcp, origin, status).await;
             }
-            let _ = ws.send(Message::Binary(got.into())).await;
+            if let Ok(s) = crate::tls::tests::acceptor().accept(tcp).await {
+                serve_ws(s, origin, status).await;
+            }
         });
         addr
+    }
+
+    #[allow(clippy::result_large_err)]
+    async fn serve_ws<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: S,
+        origin: String,
+        status: Option<StatusCode>,
+    ) {
+        let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+            let h = req.headers();
+            let ok = h.get("Origin").and_then(|v| v.to_str().ok()) == Some(origin.as_str())
+                && h.get("Sec-WebSocket-Protocol")
+                    .and_then(|v| v.to_str().ok())
+                    == Some(SUBPROTOCOL)
+                && req.uri().path() == "/connect";
+            match (ok, status) {
+                (true, None) => {
+                    resp.headers_mut().insert(
+                        "Sec-WebSocket-Protocol",
+                        HeaderValue::from_static(SUBPROTOCOL),
+                    );
+                    Ok(resp)
+                }
+                (_, s) => {
+                    let mut e = ErrorResponse::new(Some("origin not allowed".into()));
+                    *e.status_mut() = s.unwrap_or(StatusCode::BAD_REQUEST);
+                    Err(e)
+                }
+            }
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await else {
+            return;
+        };
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            if let Some(Ok(Message::Binary(b))) = ws.next().await {
+                got.extend_from_slice(&b);
+            }
+        }
+        let _ = ws.send(Message::Binary(got.into())).await;
     }
 
     #[tokio::test]
@@ -335,6 +361,25 @@ mod tests {
         // The server saw two messages without prefixes; it answers with their concatenation.
         let body = rd.read_frame(1 << 20).await.unwrap();
         assert_eq!(&body[..], b"\x81\xa1t\xa4ping");
+    }
+
+    #[tokio::test]
+    async fn wss_is_the_upgrade_inside_tls() {
+        let addr = ws_server_over(None, true).await;
+        let ep = Endpoint::parse(&format!("ws://{addr}")).unwrap();
+        let tls = crate::tls::tests::client("ca.pem", None, ep.host_port());
+        let (mut rd, mut wr) = connect(&ep, Some(&tls)).await.unwrap();
+        wr.send(&prefixed(&[b"\x81\xa1t", b"\xa4ping"]))
+            .await
+            .unwrap();
+        let body = rd.read_frame(1 << 20).await.unwrap();
+        assert_eq!(&body[..], b"\x81\xa1t\xa4ping");
+        // Not trusted: refused in the handshake, before any upgrade request is sent.
+        let addr = ws_server_over(None, true).await;
+        let ep = Endpoint::parse(&format!("ws://{addr}")).unwrap();
+        let other = crate::tls::tests::client("other-ca.pem", None, ep.host_port());
+        let err = connect(&ep, Some(&other)).await.err().unwrap();
+        assert!(err.downcast_ref::<HandshakeRefused>().is_some(), "{err:#}");
     }
 
     #[tokio::test]

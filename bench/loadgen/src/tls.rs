@@ -126,17 +126,28 @@ impl std::error::Error for HandshakeRefused {}
 
 /// Connect to `addr` (TCP_NODELAY), with TLS if `tls` is set; the two halves.
 pub async fn connect(addr: &str, tls: Option<&TlsClient>) -> Result<(Rd, Wr)> {
+    Ok(match open(addr, tls).await? {
+        Conn::Plain(tcp) => {
+            let (rd, wr) = tcp.into_split();
+            (Rd::Plain(rd), Wr::Plain(wr))
+        }
+        Conn::Tls(stream) => {
+            let (rd, wr) = tokio::io::split(*stream);
+            (Rd::Tls(rd), Wr::Tls(wr))
+        }
+    })
+}
+
+/// Connect to `addr` (TCP_NODELAY), with TLS if `tls` is set; the whole stream (a
+/// WebSocket runs over it: `wss://`).
+pub async fn open(addr: &str, tls: Option<&TlsClient>) -> Result<Conn> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
-        let (rd, wr) = tcp.into_split();
-        return Ok((Rd::Plain(rd), Wr::Plain(wr)));
+        return Ok(Conn::Plain(tcp));
     };
     match tls.connector.connect(tls.name.clone(), tcp).await {
-        Ok(stream) => {
-            let (rd, wr) = tokio::io::split(stream);
-            Ok((Rd::Tls(rd), Wr::Tls(wr)))
-        }
+        Ok(stream) => Ok(Conn::Tls(Box::new(stream))),
         Err(e) => match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
             Some(te) => Err(HandshakeRefused(format!(
                 "TLS handshake with {addr} failed, verifying the server as {:?}: {te} \
@@ -146,6 +157,52 @@ pub async fn connect(addr: &str, tls: Option<&TlsClient>) -> Result<(Rd, Wr)> {
             .into()),
             None => Err(anyhow::Error::new(e).context(format!("TLS handshake with {addr}"))),
         },
+    }
+}
+
+/// A plaintext or TLS connection, whole.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -218,8 +275,8 @@ pub(crate) mod tests {
             .join(name)
     }
 
-    /// A one-connection TLS echo server on 127.0.0.1; its address.
-    pub(crate) async fn echo_server() -> String {
+    /// The TLS side of a test server: `testdata/server.pem` and its key.
+    pub(crate) fn acceptor() -> TlsAcceptor {
         let chain = CertificateDer::pem_file_iter(testdata("server.pem"))
             .unwrap()
             .collect::<Result<Vec<_>, _>>()
@@ -232,7 +289,12 @@ pub(crate) mod tests {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        TlsAcceptor::from(Arc::new(cfg))
+    }
+
+    /// A one-connection TLS echo server on 127.0.0.1; its address.
+    pub(crate) async fn echo_server() -> String {
+        let acceptor = acceptor();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
@@ -248,7 +310,7 @@ pub(crate) mod tests {
         addr
     }
 
-    fn client(ca: &str, server_name: Option<&str>, addr: &str) -> TlsClient {
+    pub(crate) fn client(ca: &str, server_name: Option<&str>, addr: &str) -> TlsClient {
         let args = TlsArgs {
             ca: Some(testdata(ca)),
             server_name: server_name.map(str::to_owned),
