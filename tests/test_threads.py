@@ -1,10 +1,12 @@
 """The server's read threads (server/threads.py): results and exceptions reach the caller,
-at most n reads run at once and the others start in order, a cancelled caller still waits
-for its read, and close() ends the threads."""
+at most n reads run at once and the others start in order, a caller cancelled while its
+read runs waits for it and one cancelled before it started does not (nor does the read
+run), Ctrl-C stays a KeyboardInterrupt, and close() ends the threads."""
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import trio
@@ -112,3 +114,84 @@ async def test_close_ends_the_threads() -> None:
         "test-read-1",
         "test-read-2",
     }
+
+
+async def test_a_caller_cancelled_before_its_read_starts_does_not_wait_for_it() -> None:
+    """trio.to_thread.run_sync(limiter=CapacityLimiter(n)) lets a caller still queued for a
+    thread leave at once when cancelled, its read never run. A read not started holds no
+    read transaction, so nothing needs it to run: at shutdown (or a cut connection) a
+    backlog of queued reads would otherwise all run, one slow store read after another,
+    before the handlers' nursery can end."""
+    reads = ReadThreads(1)
+    release, ran = threading.Event(), []
+
+    def first() -> str:
+        release.wait(WAIT_S)
+        return "first"
+
+    try:
+        with trio.fail_after(WAIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reads.run, first)  # holds the only thread
+                await trio.testing.wait_all_tasks_blocked()
+                timer = threading.Timer(0.5, release.set)  # the first read ends in 0.5 s
+                timer.start()
+                start = trio.current_time()
+                with trio.move_on_after(0.05):
+                    await reads.run(lambda: ran.append("second"))  # queued behind it
+                waited = trio.current_time() - start
+            await trio.sleep(0.1)
+        assert waited < 0.4, f"the cancelled caller waited {waited:.2f} s for a thread"
+        assert ran == [], "a read whose caller was cancelled before it started still ran"
+    finally:
+        release.set()
+        reads.close()
+
+
+def test_ctrl_c_right_after_a_read_is_queued_is_a_keyboard_interrupt() -> None:
+    """A SIGINT lands between run()'s put() and its wait (trio raises KeyboardInterrupt in
+    unprotected code; trio.to_thread.run_sync is KI-protected, so there it is delivered to
+    the main task instead). The read's thread then reschedules a task that is not waiting:
+    trio fails with TrioInternalError instead of the KeyboardInterrupt (exit 130)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("trio installs its Ctrl-C handler only over Python's default one")
+
+    class CtrlCAfterPut:
+        def __init__(self, jobs: Any) -> None:
+            self.jobs, self.fired = jobs, False
+
+        def put(self, item: Any) -> None:
+            self.jobs.put(item)
+            if item is not None and not self.fired:
+                self.fired = True
+                signal.raise_signal(signal.SIGINT)
+
+        def get(self) -> Any:
+            return self.jobs.get()
+
+    got: list[str] = []
+
+    async def main() -> None:
+        reads = ReadThreads(1)
+        reads._jobs = CtrlCAfterPut(reads._jobs)  # type: ignore[assignment]
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    got.append(await reads.run(lambda: (threading.Event().wait(0.1), "page")[1]))
+
+                nursery.start_soon(reader)
+                await trio.sleep(WAIT_S)
+        finally:
+            reads.close()
+
+    with pytest.raises(BaseException) as caught:
+        trio.run(main)
+    assert not isinstance(caught.value, trio.TrioInternalError), repr(caught.value)
+    assert (
+        caught.group_contains(KeyboardInterrupt)
+        if isinstance(caught.value, BaseExceptionGroup)
+        else isinstance(caught.value, KeyboardInterrupt)
+    )

@@ -213,3 +213,36 @@ async def test_key_updates_from_a_peer_that_reads_nothing_do_not_pile_up(
         assert most <= 4096, f"{most} bytes of KeyUpdate answers held for the peer"
         assert conn in h.server.connections.values()
     assert not errors_logged(caplog)
+
+
+# ---------------------------------------------------------------------- coalesced handshake
+
+
+def client_hello(pki: Pki) -> bytes:
+    """Python ssl's first flight: one record holding its ClientHello."""
+    ctx = ssl.create_default_context(cafile=pki.ca_file)
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=HOST)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+async def test_a_client_hello_record_with_more_handshake_messages_is_a_tls_error(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unauthenticated bytes: the ClientHello's record also holding two more handshake
+    messages. rustls fails the handshake (unexpected message) with the two still in its
+    handshake deframer, whose spans point into the buffer it was given; drain_alerts then
+    calls process_tls_records with an empty buffer and rustls panics indexing it. The
+    panic is pyo3's PanicException, a BaseException: it escapes _tls_handshake (which
+    re-raises BaseException) and the connection's handler, and ends the whole server."""
+    record = client_hello(pki)
+    assert record[0] == 22  # a handshake record
+    extra = bytes([20, 0, 0, 4]) + b"abcd" + bytes([20, 0, 0, 4]) + b"efgh"
+    (length,) = struct.unpack(">H", record[3:5])
+    crafted = record[:3] + struct.pack(">H", length + len(extra)) + record[5 : 5 + length] + extra
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        stream = await trio.open_tcp_stream(HOST, h.server.port)
+        await stream.send_all(crafted)
+        await test_tls.closed_by_server(stream)  # a fatal alert, then closed
+        assert await test_tls.works(h.server.port, pki) >= 1  # and the server still serves

@@ -162,7 +162,7 @@ impl TlsSession {
             return Err(err.clone());
         }
         self.incoming.extend_from_slice(ciphertext);
-        let result = self.process(plaintext);
+        let result = contained(|| self.process(plaintext));
         if self.incoming.is_empty() {
             self.incoming = Vec::new(); // nothing held between records
         } else if self.incoming.capacity() > 2 * MAX_RECORD {
@@ -177,6 +177,14 @@ impl TlsSession {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
+        contained(|| self.encrypt(plaintext)).inspect_err(|err| {
+            if matches!(err, Error::General(msg) if msg == PANICKED) {
+                self.fail(err.clone());
+            }
+        })
+    }
+
+    fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), Error> {
         let guess = plaintext.len() + (plaintext.len() / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
         loop {
             // `receive` processed every complete record: only a partial one can be left.
@@ -218,7 +226,13 @@ impl TlsSession {
             let more = match state {
                 Err(err) => {
                     start += discard;
-                    self.drain_alerts();
+                    // The rest of the buffer, not an empty one: rustls's handshake
+                    // deframer may hold spans into it (messages after the failed one).
+                    drain_alerts(
+                        &mut self.conn,
+                        &mut self.incoming[start..],
+                        &mut self.outgoing,
+                    );
                     break Err(err);
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -269,24 +283,37 @@ impl TlsSession {
         result
     }
 
-    /// After an error: the fatal alert rustls queued, into the outgoing bytes.
-    fn drain_alerts(&mut self) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    encode(&mut self.outgoing, &mut data)
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
-        }
-    }
-
     fn fail(&mut self, err: Error) {
         self.failed = Some(err);
         self.incoming = Vec::new();
     }
+}
+
+/// After an error: the fatal alert rustls queued, into the outgoing bytes. `incoming`: the
+/// buffer rustls was given, less what it said to discard (as its contract requires).
+fn drain_alerts(
+    conn: &mut UnbufferedServerConnection,
+    incoming: &mut [u8],
+    outgoing: &mut Vec<u8>,
+) {
+    for _ in 0..4 {
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
+        match state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => encode(outgoing, &mut data),
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            _ => return,
+        }
+    }
+}
+
+/// What a panic inside rustls becomes: this connection's error, not the process's (a
+/// panic would reach Python as a BaseException and stop the server). One peer's crafted
+/// records once made rustls panic (fixed: see `drain_alerts`); this is the second line.
+const PANICKED: &str = "internal error in the TLS library: connection closed";
+
+fn contained<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(Error::General(PANICKED.into())))
 }
 
 fn encode(
@@ -341,6 +368,8 @@ mod tests {
     const KEY: &[u8] = include_bytes!("../testdata/server.key");
     const LOCKED_KEY: &[u8] = include_bytes!("../testdata/server-encrypted.key");
     const P521_KEY: &[u8] = include_bytes!("../testdata/p521.key"); // OpenSSL's, not ring's
+    /// A ClientHello record of Python's ssl (OpenSSL 3.0, TLS 1.2 and 1.3 offered).
+    const OPENSSL_HELLO: &[u8] = include_bytes!("../testdata/client-hello-openssl.bin");
 
     fn client(versions: &[&'static rustls::SupportedProtocolVersion]) -> rustls::ClientConnection {
         let mut roots = RootCertStore::empty();
@@ -436,6 +465,30 @@ mod tests {
         s.receive(&last[10..], &mut plain).unwrap();
         assert_eq!(&plain[expected.len()..], b"the end");
         assert!(!s.has_partial_record());
+    }
+
+    #[test]
+    fn a_client_hello_record_with_more_messages_is_an_error_with_an_alert() {
+        // The ClientHello's record with two more handshake messages in it: rustls's
+        // deframer then held spans into the buffer, and the alert's drain with an empty
+        // buffer panicked (a remote crash of the server before the fix).
+        let mut s = TlsSession::new(server_config(CERT, KEY, None).unwrap()).unwrap();
+        let mut record = OPENSSL_HELLO.to_vec(); // the trigger needs OpenSSL's hello
+        let extra = b"\x14\x00\x00\x04abcd\x14\x00\x00\x04abcd";
+        record.extend_from_slice(extra);
+        let len = u16::from_be_bytes([record[3], record[4]]) as usize + extra.len();
+        record[3..5].copy_from_slice(&(len as u16).to_be_bytes());
+        let mut plain = Vec::new();
+        let err = s.receive(&record, &mut plain).unwrap_err();
+        assert!(matches!(err, Error::PeerMisbehaved(_)), "{err:?}"); // rustls's, no panic
+        assert_eq!(s.take_outgoing()[..1], [0x15]); // a fatal alert for the peer
+        assert!(s.receive(b"more", &mut plain).is_err()); // and it stays failed
+    }
+
+    #[test]
+    fn a_panic_is_the_connections_error() {
+        let err = contained(|| -> Result<(), Error> { panic!("a bug in the library") });
+        assert!(matches!(err, Err(Error::General(m)) if m == PANICKED));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 the context, its thread cache, a cancellation protocol. A connect makes two store reads
 (the user's memberships, the join's channel), and that machinery cost each ~40 µs of CPU
 on one core against ~20 µs for this fixed pool (``bench/README.md``, "The read threads",
-issue 17). What is kept: at most ``n`` reads run at once, the others wait in order; the
-caller waits for its read to end even when cancelled (the store's read transaction is
-never left behind); an exception in the read is raised in the caller.
+issue 17). What is kept: at most ``n`` reads run at once, the others wait in order; a
+caller cancelled while its read waits for a thread leaves at once (the read never runs),
+one whose read has started waits for it to end (the store's read transaction is never
+left behind); an exception in the read is raised in the caller; Ctrl-C is delivered as
+around ``to_thread`` (the method is KI-protected).
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ import trio
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], Any], trio.lowlevel.Task] | None
-
-
-def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED  # the read runs to its end; then the caller sees it
+# The read in a list of one: whoever pops it first, a thread (the read runs) or the
+# caller's abort (cancelled before it started), owns it (list.pop is atomic).
+_Job = tuple[list[Callable[[], Any]], trio.lowlevel.Task] | None
 
 
 class ReadThreads:
@@ -42,17 +42,35 @@ class ReadThreads:
         for thread in self._threads:
             thread.start()
 
+    # KI-protected like trio.to_thread.run_sync: a Ctrl-C between the put and the wait
+    # would leave a job whose thread reschedules a task that is not waiting.
+    @trio.lowlevel.enable_ki_protection
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` in one of the threads; its result, or its exception raised here."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._jobs.put((fn, trio.lowlevel.current_task()))
-        result: T = await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+        cell = [fn]
+        self._jobs.put((cell, trio.lowlevel.current_task()))
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            try:
+                cell.pop()  # not started: it never will be
+            except IndexError:  # a thread runs it: to its end, then the caller sees it
+                return trio.lowlevel.Abort.FAILED
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
     def _work(self) -> None:
         reschedule, soon = trio.lowlevel.reschedule, self._token.run_sync_soon
         while (job := self._jobs.get()) is not None:
-            fn, task = job
+            cell, task = job
+            try:
+                fn = cell.pop()
+            except IndexError:  # its caller was cancelled before it started
+                del cell, job, task
+                continue
+            del cell
             result = outcome.capture(fn)
             try:
                 soon(reschedule, task, result)
