@@ -170,6 +170,41 @@ async def test_an_rsa_certificate_serves_too(tmp_path: Path, pki: Pki, pkcs1: bo
             assert await send_and_ack(c, "over RSA") == 1
 
 
+@pytest.mark.parametrize(
+    ("sni", "accepted"),
+    [
+        ("host:443", False),
+        ("-bad-.com", False),
+        ("my_host.example", True),
+        ("example.com.", True),
+        ("::1", True),
+    ],
+)
+async def test_an_sni_that_is_no_host_name_fails_the_handshake(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, sni: str, accepted: bool
+) -> None:
+    """PROTOCOL.md section 4: the server does not depend on SNI, but one that is neither a
+    DNS host name nor an IP address fails the handshake (rustls), with a line saying so.
+    (The certificate is for 127.0.0.1: the client checks the chain, not the name.)"""
+    ctx = pki.client()
+    ctx.check_hostname = False
+    async with running_server(tls_settings(tmp_path, pki)) as h:
+        tcp = await trio.open_tcp_stream(HOST, h.server.port)
+        stream = trio.SSLStream(tcp, ctx, server_hostname=sni)
+        with trio.fail_after(WIRE_TIMEOUT):
+            if accepted:
+                await stream.do_handshake()
+            else:
+                with pytest.raises(trio.BrokenResourceError):
+                    await stream.do_handshake()
+        await stream.aclose()
+    failures = handshake_failures(caplog)
+    if accepted:
+        assert not failures
+    else:
+        assert any("ServerNameMustContainOneHostName" in f for f in failures), failures
+
+
 async def tls_client(port: int, pki: Pki, user: str, rcvbuf: int | None = None) -> WireClient:
     """A raw protocol client over TLS, past hello (``rcvbuf``: its socket's buffer)."""
     tcp = await tcp_stream(port, rcvbuf)
