@@ -979,7 +979,7 @@ class Server:
         # user -> presence changes waiting for the engine (status or None, ms, channels)
         self._presence_pending: dict[str, list[tuple[str | None, int, list[str]]]] = {}
         self.relay: Relay[dict[str, Any]] = Relay()
-        # Store reads of requests run in threads (run_read), at most this many at once.
+        # Store reads of requests run in the read threads (run_read), read_threads at once.
         self.reads: ReadThreads | None = None  # made by run(), unless inline_reads
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
         self._limited = metrics.limited  # one bound method for every session
