@@ -12,6 +12,10 @@
 //!   same value and encode to the same bytes again (also for bare values via `unpack`).
 //! - `dedup_ring`: `[capacity, max_key_len, ops...]`: each op is an insert, get or contains
 //!   on a `DedupRing` and on a `VecDeque` model of a FIFO ring; the answers must agree.
+//! - `tls_session`: `[chunking, bytes...]`: a client's bytes to a fresh server
+//!   `TlsSession` in the chunks the first byte picks: never a panic inside rustls (one
+//!   crafted ClientHello record once made it panic and stopped the server), once an error
+//!   always an error, nothing held after one, what it sends the peer bounded.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -24,6 +28,7 @@ use _native::codec::{
 };
 use _native::dedup::DedupRing;
 use _native::error::Error;
+use _native::tls::{self, TlsSession, PANICKED};
 
 // ---------------------------------------------------------------------------------------
 // Allocation accounting
@@ -376,4 +381,47 @@ pub fn dedup_ring(data: &[u8]) {
     for (key, seq) in &model {
         assert_eq!(ring.get(key), Some(*seq));
     }
+}
+
+/// The `tls_session` target.
+pub fn tls_session(data: &[u8]) {
+    thread_local! {
+        static CONFIG: std::sync::Arc<tls::ServerConfig> = tls::server_config(
+            include_bytes!("../../rust/testdata/server.pem"),
+            include_bytes!("../../rust/testdata/server.key"),
+            None,
+        )
+        .expect("the test certificate loads");
+    }
+    let [seed, stream @ ..] = data else {
+        return;
+    };
+    let config = CONFIG.with(|c| c.clone());
+    let mut session = TlsSession::new(config).expect("a session starts");
+    let mut plaintext = Vec::new();
+    let mut sent = 0;
+    let mut failed = false;
+    for chunk in chunks(stream, *seed) {
+        match session.receive(chunk, &mut plaintext) {
+            Ok(()) => assert!(!failed, "an input accepted after an error"),
+            Err(err) => {
+                let panicked = matches!(&err, tls::Error::General(m) if m == PANICKED);
+                assert!(!panicked, "rustls panicked on this input");
+                failed = true;
+                assert!(!session.has_partial_record(), "input held after an error");
+            }
+        }
+        sent += session.take_outgoing().len();
+    }
+    // The server's first flight (certificate chain and all) and an alert, at most: a
+    // client's bytes before the handshake ends make it send no more than that.
+    assert!(
+        sent <= 16 * 1024,
+        "{sent} bytes sent for {} received",
+        stream.len()
+    );
+    assert!(
+        plaintext.is_empty(),
+        "plaintext before a handshake a fuzzer cannot complete"
+    );
 }

@@ -22,9 +22,9 @@ use rustls::server::{UnbufferedServerConnection, WebPkiClientVerifier};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
 };
-use rustls::{RootCertStore, ServerConfig};
+use rustls::RootCertStore;
 
-pub use rustls::Error;
+pub use rustls::{Error, ServerConfig};
 
 /// A server's TLS settings from PEM: its certificate chain (leaf first), its private key
 /// (PKCS#8, PKCS#1 or SEC1; in `key_pem`, which may be the chain's own file) and, for
@@ -290,26 +290,25 @@ impl TlsSession {
 }
 
 /// After an error: the fatal alert rustls queued, into the outgoing bytes. `incoming`: the
-/// buffer rustls was given, less what it said to discard (as its contract requires).
+/// buffer rustls was given, less what it said to discard (as its contract requires: its
+/// handshake deframer may hold spans into it). One call: rustls hands out what it queued
+/// before it reads more input, and reading past the error would only fail again (a
+/// second fatal alert, which rustls's debug assertions refuse: the fuzzer found it).
 fn drain_alerts(
     conn: &mut UnbufferedServerConnection,
     incoming: &mut [u8],
     outgoing: &mut Vec<u8>,
 ) {
-    for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
-        match state {
-            Ok(ConnectionState::EncodeTlsData(mut data)) => encode(outgoing, &mut data),
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => return,
-        }
+    let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
+        encode(outgoing, &mut data);
     }
 }
 
 /// What a panic inside rustls becomes: this connection's error, not the process's (a
 /// panic would reach Python as a BaseException and stop the server). One peer's crafted
 /// records once made rustls panic (fixed: see `drain_alerts`); this is the second line.
-const PANICKED: &str = "internal error in the TLS library: connection closed";
+pub const PANICKED: &str = "internal error in the TLS library: connection closed";
 
 fn contained<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))

@@ -57,3 +57,8 @@ fn roundtrip() {
 fn dedup_ring() {
     assert!(replay("dedup_ring", checks::dedup_ring) > 0);
 }
+
+#[test]
+fn tls_session() {
+    assert!(replay("tls_session", checks::tls_session) > 0);
+}
