@@ -162,7 +162,7 @@ impl TlsSession {
             return Err(err.clone());
         }
         self.incoming.extend_from_slice(ciphertext);
-        let result = contained(|| self.process(plaintext));
+        let result = self.guarded(|s| s.process(plaintext));
         if self.incoming.is_empty() {
             self.incoming = Vec::new(); // nothing held between records
         } else if self.incoming.capacity() > 2 * MAX_RECORD {
@@ -177,11 +177,22 @@ impl TlsSession {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        contained(|| self.encrypt(plaintext)).inspect_err(|err| {
-            if matches!(err, Error::General(msg) if msg == PANICKED) {
+        self.guarded(|s| s.encrypt(plaintext))
+    }
+
+    /// `f`, with a panic inside rustls made this connection's error (it fails for good),
+    /// not the process's: a panic would reach Python as a BaseException and stop the
+    /// server. One peer's crafted records once made rustls panic (fixed: see
+    /// `drain_alerts`); this is the second line.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(result) => result,
+            Err(_) => {
+                let err = Error::General(PANICKED.into());
                 self.fail(err.clone());
+                Err(err)
             }
-        })
+        }
     }
 
     fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), Error> {
@@ -305,15 +316,8 @@ fn drain_alerts(
     }
 }
 
-/// What a panic inside rustls becomes: this connection's error, not the process's (a
-/// panic would reach Python as a BaseException and stop the server). One peer's crafted
-/// records once made rustls panic (fixed: see `drain_alerts`); this is the second line.
+/// The error of a connection whose call into rustls panicked (`TlsSession::guarded`).
 pub const PANICKED: &str = "internal error in the TLS library: connection closed";
-
-fn contained<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| Err(Error::General(PANICKED.into())))
-}
 
 fn encode(
     out: &mut Vec<u8>,
@@ -485,9 +489,12 @@ mod tests {
     }
 
     #[test]
-    fn a_panic_is_the_connections_error() {
-        let err = contained(|| -> Result<(), Error> { panic!("a bug in the library") });
+    fn a_panic_is_the_connections_error_for_good() {
+        let (mut s, _c) = pair(&[&rustls::version::TLS13]);
+        let err = s.guarded(|_| -> Result<(), Error> { panic!("a bug in the library") });
         assert!(matches!(err, Err(Error::General(m)) if m == PANICKED));
+        assert!(s.send(b"after it").is_err()); // failed: nothing more goes through
+        assert!(s.receive(b"", &mut Vec::new()).is_err());
     }
 
     #[test]
