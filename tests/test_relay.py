@@ -63,6 +63,19 @@ def test_a_channel_without_a_log_takes_the_epoch_of_its_first_event() -> None:
     assert isinstance(relay.offer(CH, 10, 3, 3, 0), Reset)  # and later another epoch
 
 
+def test_a_log_read_from_before_the_log_existed_is_no_other_epoch() -> None:
+    """A gap read issued when the channel had no log (epoch 0) whose answer comes after
+    the first events set the epoch: not a reset (the three-node cluster test reset its
+    members this way, 2 runs in 6). The gap is read again."""
+    relay = relay_at(0, epoch=0)
+    relay.check(CH, 0)  # the subscription began: read the log after 0
+    assert relay.due(0) == [(CH, 0)]  # the read runs now, before anything is written
+    assert relay.offer(CH, 9, 2, 2, 1) == []  # the first events arrive, 1 is late
+    assert relay.filled(CH, 0, 0, [], 2) == []  # the read's answer: no log yet
+    assert relay.due(2 + GAP_WAIT_MS) == [(CH, 0)]  # read again, in epoch 9 now
+    assert relay.filled(CH, 9, 2, [(1, 1), (2, 2)], 2 + GAP_WAIT_MS) == [1, 2]
+
+
 def test_a_full_hold_is_read_from_the_log_at_once() -> None:
     relay = relay_at(0, max_held=3)
     for seq in (2, 3, 4, 5):

@@ -164,7 +164,9 @@ class Relay(Generic[E]):
         if retry:
             s.gap_since = now_ms
             return []
-        if resync or (s.epoch is not None and epoch != s.epoch):
+        # Epoch 0: the read found no log yet (as in position): the events that created it
+        # since, which may have set the epoch already, are no other epoch.
+        if resync or (epoch and s.epoch is not None and epoch != s.epoch):
             return self._reset(channel, s, epoch, head)
         for seq, event in entries:
             if s.last is not None and seq > s.last:
