@@ -426,6 +426,74 @@ def test_issuer() -> None:
     assert "'iss'" in refused(verifier, forge(payload())).message
 
 
+def test_claims_are_checked_alike_whatever_checks_the_signature() -> None:
+    """HMAC tokens are checked by the extension, EdDSA/RS256 ones by pyjwt; the claims by
+    the verifier, the same for both: one table of payloads, one answer each."""
+    private, public = _pems("EdDSA")
+
+    def claims(**overrides: Any) -> dict[str, Any]:  # None removes a claim
+        return payload(**{"aud": "tsmsg", "iss": "idp", **overrides})
+
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        (claims(), None),
+        (claims(aud=["x", "tsmsg"], iat="ignored", jti="j", custom={"a": [1]}), None),
+        (claims(sub=None), "lacks the required claim 'sub'"),
+        (claims(exp=None), "lacks the required claim 'exp'"),
+        (claims(sub=7), "claim 'sub' must be a string"),
+        (claims(jti=7), "claim 'jti' must be a string"),
+        (claims(exp="soon"), "claim 'exp' must be an integer"),
+        (claims(aud=None), "lacks the required claim 'aud'"),
+        (claims(aud="other"), "audience does not match"),
+        (claims(aud=[7]), "audience does not match"),
+        (claims(aud={"tsmsg": 1}), "audience does not match"),
+        (claims(iss=None), "lacks the required claim 'iss'"),
+        (claims(iss="idp2"), "issuer is not accepted"),
+        (claims(iss=["idp"]), "issuer is not accepted"),
+    ]
+    hs = TokenVerifier(SECRET, audience="tsmsg", issuer="idp")
+    ed = TokenVerifier(public_key=public, algorithm="EdDSA", audience="tsmsg", issuer="idp")
+    for body, error in cases:
+        for verifier, token in [(hs, forge(body)), (ed, jwt.encode(body, private, "EdDSA"))]:
+            if error is None:
+                assert verifier.verify(token, NOW).user == "alice"
+            else:
+                assert error in refused(verifier, token).message, (body, verifier.algorithm)
+    # A verifier that names no audience refuses a token that names one, even empty.
+    for aud in ("tsmsg", [], ""):
+        assert "audience" in refused(TokenVerifier(SECRET), forge(payload(aud=aud))).message
+    # The wording of a wrong algorithm or signature is the verifier's, for both.
+    other_private, _ = _pems("EdDSA")
+    forged_ed = jwt.encode(claims(), other_private, algorithm="EdDSA")
+    assert "signature" in refused(ed, forged_ed).message
+    assert "EdDSA" in refused(ed, forge(claims())).message
+    assert "HS256" in refused(hs, forged_ed).message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"sub": "alice", "exp": %d, "sub": "mallory"}',  # a claim the extension reads
+        b'{"sub": "alice", "exp": %d, "channels": ["a"], "channels": ["*"]}',
+        b'{"sub": "alice", "exp": %d, "x": {"y": 1, "y": 2}}',  # nested too
+        b'{"sub": "alice", "exp": %d, "x": NaN}',
+    ],
+)
+def test_a_payload_that_is_no_strict_json_is_refused(body: bytes) -> None:
+    """Two parsers that disagree on which of two "sub" counts are an old way in: a
+    payload naming a member twice is refused whole (RFC 7519 4), for both HMAC (the
+    extension) and public keys (pyjwt)."""
+    private, public = _pems("EdDSA")
+    body = body % (NOW + 60)
+    hs_input = b64(json.dumps({"alg": "HS256"}).encode()) + "." + b64(body)
+    hs_token = hs_input + "." + b64(hmac.new(SECRET, hs_input.encode(), hashlib.sha256).digest())
+    ed_token = jwt.api_jws.encode(body, private, algorithm="EdDSA")
+    for verifier, token in [
+        (TokenVerifier(SECRET), hs_token),
+        (TokenVerifier(public_key=public, algorithm="EdDSA"), ed_token),
+    ]:
+        assert refused(verifier, token).message == "malformed token"
+
+
 # --- malformed tokens ---------------------------------------------------------------------
 
 

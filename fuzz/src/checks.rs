@@ -16,6 +16,10 @@
 //!   `TlsSession` in the chunks the first byte picks: never a panic inside rustls (one
 //!   crafted ClientHello record once made it panic and stopped the server), once an error
 //!   always an error, nothing held after one, what it sends the peer bounded.
+//! - `jwt_payload`: `[mode, bytes...]`: an even mode gives the bytes as a token's text to
+//!   an HS256 `HmacVerifier`; an odd one signs them (header JSON, 0xFF, payload JSON) with
+//!   its secret first. Never a panic; a payload given back is the one signed, and JSON; a
+//!   token signed with the secret is never refused for its signature.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -28,6 +32,7 @@ use _native::codec::{
 };
 use _native::dedup::DedupRing;
 use _native::error::Error;
+use _native::jwt::{HmacVerifier, Refusal};
 use _native::tls::{self, TlsSession, PANICKED};
 
 // ---------------------------------------------------------------------------------------
@@ -424,4 +429,49 @@ pub fn tls_session(data: &[u8]) {
         plaintext.is_empty(),
         "plaintext before a handshake a fuzzer cannot complete"
     );
+}
+
+/// The `jwt_payload` target.
+pub fn jwt_payload(data: &[u8]) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use jsonwebtoken::{crypto, Algorithm, EncodingKey};
+
+    const SECRET: &[u8] = b"fuzz-secret-0123456789abcdef-0123";
+    let [mode, bytes @ ..] = data else {
+        return;
+    };
+    let verifier = HmacVerifier::new(Algorithm::HS256, &[SECRET]);
+    let (token, signed) = if mode % 2 == 0 {
+        (String::from_utf8_lossy(bytes).into_owned(), None)
+    } else {
+        let cut = bytes.iter().position(|&b| b == 0xFF).unwrap_or(bytes.len());
+        let (header, payload) = (&bytes[..cut], bytes.get(cut + 1..).unwrap_or_default());
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let key = EncodingKey::from_secret(SECRET);
+        let signature = crypto::sign(input.as_bytes(), &key, Algorithm::HS256).expect("signs");
+        (format!("{input}.{signature}"), Some(payload))
+    };
+    match verifier.payload(&token) {
+        Ok(payload) => {
+            if let Some(signed) = signed {
+                assert_eq!(payload, signed, "not the payload that was signed");
+            }
+            // JSON's grammar (a number's range is the reader's: 1e999 is JSON), in UTF-8.
+            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&payload);
+            assert!(json.is_ok(), "a payload given back that is not JSON");
+            assert!(
+                std::str::from_utf8(&payload).is_ok(),
+                "a payload not in UTF-8"
+            );
+        }
+        Err(refusal) => assert!(
+            signed.is_none() || refusal != Refusal::Signature,
+            "a token signed with the secret refused for its signature"
+        ),
+    }
 }

@@ -13,8 +13,10 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "FrameTooLarge",
+    "HmacJwt",
     "InvalidMsgpack",
     "InvalidUtf8",
+    "JwtRefused",
     "LengthOverrun",
     "NonStringKey",
     "NotAMap",
@@ -147,3 +149,15 @@ class TlsSession:
     def partial_record(self) -> bool: ...
     @property
     def wants_write(self) -> bool: ...
+
+class JwtRefused(Exception):
+    """A token's shape, algorithm or signature was refused: args[0] is 'malformed',
+    'algorithm' or 'signature'."""
+
+@final
+class HmacJwt:
+    """Checks HMAC-signed tokens (HS256/384/512) against secrets, the current one first."""
+
+    def __new__(cls, algorithm: str, secrets: list[bytes]) -> Self: ...
+    def payload(self, token: str) -> bytes:
+        """The payload's JSON text as signed, or JwtRefused."""

@@ -1,9 +1,11 @@
 """Access tokens: verify a JWT into :class:`Claims` and answer "may this user do X in
 channel C?".
 
-Tokens are JWTs (DESIGN.md, "Tokens and the command line") verified by pyjwt with a
-pinned algorithm: HS256 with the server secret by default, or a public key for
-RS256/EdDSA (needs ``pyjwt[crypto]``). Claims:
+Tokens are JWTs (DESIGN.md, "Tokens and the command line") with a pinned algorithm:
+HS256 with the server secret by default, or a public key for RS256/EdDSA (needs
+``pyjwt[crypto]``). The signature is checked by the Rust extension (the ``jsonwebtoken``
+crate) for HMAC, the common case and the one a connect storm pays for, and by pyjwt for
+public keys; the claims are checked here, the same way for both. Claims:
 
 - ``sub``: the user id (required; see :func:`valid_user`).
 - ``exp``: expiry, integer seconds since the epoch (required).
@@ -33,6 +35,7 @@ arguments).
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import secrets
@@ -41,7 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import jwt
-from jwt.exceptions import InvalidJTIError, InvalidSubjectError
+
+from tsmsg._native import HmacJwt, JwtRefused
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_S",
@@ -296,20 +300,26 @@ class TokenVerifier:
         extra_secrets: Sequence[bytes] = (),
         max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
     ) -> None:
+        # What checks a signature: the extension for HMAC (the secrets, the current one
+        # first), pyjwt with the parsed public key otherwise.
+        self._hmac: HmacJwt | None = None
+        self._public_key: Any = None
         if _is_hmac(algorithm):
             if secret is None or public_key is not None:
                 raise ValueError(f"{algorithm} verifies with a secret, not a public key")
-            keys = [_prepare_key(algorithm, k, private=False) for k in (secret, *extra_secrets)]
+            secrets = [secret, *extra_secrets]
+            for key in secrets:
+                _prepare_key(algorithm, key, private=False)  # the length check
+            self._hmac = HmacJwt(algorithm, secrets)
         else:
             if public_key is None or secret is not None or extra_secrets:
                 raise ValueError(f"{algorithm} verifies with public_key, not a secret")
-            keys = [_prepare_key(algorithm, public_key, private=False)]
+            self._public_key = _prepare_key(algorithm, public_key, private=False)
         if leeway_s < 0:
             raise ValueError(f"leeway_s must be >= 0, got {leeway_s}")
         if max_lifetime_s < 1:
             raise ValueError(f"max_lifetime_s must be >= 1, got {max_lifetime_s}")
         self.max_lifetime_s = max_lifetime_s
-        self._keys: tuple[Any, ...] = tuple(keys)
         self.algorithm = algorithm
         self.audience = audience
         self.issuer = issuer
@@ -378,57 +388,94 @@ class TokenVerifier:
         )
 
     def _decode(self, token: str) -> dict[str, Any]:
+        """The payload of a token whose shape, algorithm and signature check out, with its
+        registered claims checked (:meth:`_registered`)."""
         if not isinstance(token, str):
             raise AuthError(UNAUTHORIZED, "token must be a string")
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthError(UNAUTHORIZED, f"token is longer than {MAX_TOKEN_CHARS} characters")
         if not token.isascii():
             raise AuthError(UNAUTHORIZED, "malformed token (not ASCII)")
-        options = {
-            "require": ["sub", "exp"],
-            "verify_exp": False,
-            "verify_nbf": False,
-            "verify_iat": False,
-        }
-        for i, key in enumerate(self._keys):
-            try:
-                payload: dict[str, Any] = jwt.decode(
-                    token,
-                    key,
-                    algorithms=[self.algorithm],
-                    options=options,
-                    audience=self.audience,
-                    issuer=self.issuer,
-                )
-                return payload
-            except jwt.InvalidSignatureError:
-                if i + 1 < len(self._keys):
-                    continue  # rotation: try the next secret
-                raise AuthError(UNAUTHORIZED, "token signature is invalid") from None
-            except jwt.PyJWTError as e:
-                raise AuthError(UNAUTHORIZED, self._describe(e)) from None
-            except (ValueError, TypeError, UnicodeError):
-                # pyjwt wraps what it expects to fail; anything else is still a bad token.
-                raise AuthError(UNAUTHORIZED, "malformed token") from None
-        raise AssertionError("unreachable: a verifier has at least one key")
+        try:
+            payload = _PAYLOAD_JSON.decode(self._signed_payload(token).decode())
+        except ValueError:  # not JSON to Python (NaN, a name twice), not UTF-8
+            raise AuthError(UNAUTHORIZED, "malformed token") from None
+        if not isinstance(payload, dict):
+            raise AuthError(UNAUTHORIZED, "malformed token")
+        self._registered(payload)
+        return payload
 
-    def _describe(self, e: jwt.PyJWTError) -> str:
-        """Our own wording per failure: pyjwt's messages are not part of our contract."""
-        if isinstance(e, jwt.InvalidAlgorithmError):
+    def _signed_payload(self, token: str) -> bytes:
+        """The payload's JSON text of a token whose shape, algorithm and signature check
+        out: by the extension for HMAC, by pyjwt's JWS layer for a public key."""
+        if self._hmac is not None:
+            try:
+                return self._hmac.payload(token)
+            except JwtRefused as e:
+                raise AuthError(UNAUTHORIZED, self._refusal(e.args[0])) from None
+        try:
+            signed = jwt.api_jws.decode_complete(token, self._public_key, [self.algorithm])
+            payload: bytes = signed["payload"]
+            return payload
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(UNAUTHORIZED, self._refusal("algorithm")) from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(UNAUTHORIZED, self._refusal("signature")) from None
+        except (jwt.PyJWTError, ValueError, TypeError, UnicodeError):
+            # pyjwt wraps what it expects to fail; anything else is still a bad token.
+            raise AuthError(UNAUTHORIZED, "malformed token") from None
+
+    def _refusal(self, why: str) -> str:
+        """Our own wording per failure: the libraries' messages are not our contract."""
+        if why == "algorithm":
             return f"token algorithm is not allowed (this server accepts {self.algorithm})"
-        if isinstance(e, jwt.MissingRequiredClaimError):
-            return f"token lacks the required claim {e.claim!r}"
-        if isinstance(e, jwt.InvalidAudienceError):
-            return "token audience does not match this server"
-        if isinstance(e, jwt.InvalidIssuerError):
-            return "token issuer is not accepted"
-        if isinstance(e, InvalidSubjectError):
-            return "claim 'sub' must be a string"
-        if isinstance(e, InvalidJTIError):
-            return "claim 'jti' must be a string"
-        if isinstance(e, jwt.DecodeError):
-            return "malformed token"
-        return "invalid token"
+        if why == "signature":
+            return "token signature is invalid"
+        return "malformed token"
+
+    def _registered(self, payload: dict[str, Any]) -> None:
+        """RFC 7519's claims this server reads or checks: ``sub`` and ``exp`` required,
+        ``jti`` a string if present, ``aud`` and ``iss`` as configured (a token that names
+        an audience is refused by a verifier without one). Their values' own checks are
+        :meth:`verify`'s; ``iat`` and claims this server does not know are ignored."""
+        for name in ("sub", "exp"):
+            if payload.get(name) is None:
+                raise AuthError(UNAUTHORIZED, f"token lacks the required claim {name!r}")
+        if not isinstance(payload["sub"], str):
+            raise AuthError(UNAUTHORIZED, "claim 'sub' must be a string")
+        if not isinstance(payload.get("jti", ""), str):
+            raise AuthError(UNAUTHORIZED, "claim 'jti' must be a string")
+        if "aud" in payload or self.audience is not None:
+            aud = payload.get("aud")
+            if aud is None:
+                raise AuthError(UNAUTHORIZED, "token lacks the required claim 'aud'")
+            audiences = [aud] if isinstance(aud, str) else aud
+            if self.audience is None or not (
+                isinstance(audiences, list) and self.audience in audiences
+            ):
+                raise AuthError(UNAUTHORIZED, "token audience does not match this server")
+        if self.issuer is not None:
+            if payload.get("iss") is None:
+                raise AuthError(UNAUTHORIZED, "token lacks the required claim 'iss'")
+            if payload["iss"] != self.issuer:  # equal, not a substring (CVE-2024-53861)
+                raise AuthError(UNAUTHORIZED, "token issuer is not accepted")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of a token's payload, refused (ValueError) if it names a member twice:
+    two parsers that disagree on which ``sub`` counts are an old way in (RFC 7519 4)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a name twice")
+    return obj
+
+
+# Strict JSON for payloads: made once (json.loads with hooks would build one per call).
+_PAYLOAD_JSON: Final = json.JSONDecoder(object_pairs_hook=_unique_names, parse_constant=_not_json)
 
 
 def _claim_int(payload: Mapping[str, Any], name: str) -> int:

@@ -1,11 +1,13 @@
 //! `tsmsg._native`: the module declaration only. Logic lives in plain-Rust modules
-//! (`codec`, `dedup`, `tls`) with their own tests; the `py_*` modules are thin pyo3 wrappers.
+//! (`codec`, `dedup`, `jwt`, `tls`) with their own tests; the `py_*` modules are thin pyo3 wrappers.
 
 pub mod codec;
 pub mod dedup;
 pub mod error;
+pub mod jwt;
 mod py_codec;
 mod py_dedup;
+mod py_jwt;
 mod py_tls;
 pub mod tls;
 
@@ -16,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     error::register(m)?;
     py_codec::register(m)?;
     py_dedup::register(m)?;
+    py_jwt::register(m)?;
     py_tls::register(m)?;
     Ok(())
 }

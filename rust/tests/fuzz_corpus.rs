@@ -62,3 +62,8 @@ fn dedup_ring() {
 fn tls_session() {
     assert!(replay("tls_session", checks::tls_session) > 0);
 }
+
+#[test]
+fn jwt_payload() {
+    assert!(replay("jwt_payload", checks::jwt_payload) > 0);
+}
