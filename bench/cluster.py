@@ -418,6 +418,9 @@ def main() -> int:
     ap.add_argument("--nodes", default="1,2,3", help="node counts on Redis")
     ap.add_argument("--no-lmdb", action="store_true", help="skip the LMDB reference node")
     ap.add_argument("--only", default="", help="comma-separated: fanin,fanout,latency")
+    ap.add_argument(
+        "--latency-rate", type=int, default=0, help="the latency case at this rate (msgs/s)"
+    )
     ap.add_argument("--duration", type=float, help="measured seconds per case")
     ap.add_argument("--rounds", type=int, help="repeat the whole grid (default 1, --full 3)")
     ap.add_argument("--redis-cpu", type=int, default=0)
@@ -493,12 +496,16 @@ def main() -> int:
                     # The latency case's publishers are all on node 1: half the peak is
                     # half of what one node takes, not of the fan-in spread over N nodes.
                     peak = one_node.get((rnd, engine), fanin_rate)
-                    if not peak:
-                        continue
                     share = float(case.split(":")[1])
-                    args = [*args, "--rate", str(round(peak * share))]
-                    whose = "fan-in" if n == 1 or (rnd, engine) not in one_node else "x1 fan-in"
-                    label = f"latency @{round(peak * share)}/s ({share:.0%} of {whose})"
+                    if a.latency_rate:  # an A/B's: one rate for both sides
+                        rate, label = a.latency_rate, f"latency @{a.latency_rate}/s (fixed)"
+                    elif peak:
+                        rate = round(peak * share)
+                        whose = "fan-in" if n == 1 or (rnd, engine) not in one_node else "x1 fan-in"
+                        label = f"latency @{rate}/s ({share:.0%} of {whose})"
+                    else:
+                        continue
+                    args = [*args, "--rate", str(rate)]
                 rec = measure(engine, n, scratch, cpus, a, (case, args, common), rnd, pyspy)
                 rec["case"] = label
                 if "error" in rec:

@@ -279,6 +279,33 @@ def test_a_batch_is_charged_for_sends_in_its_order(
     assert [e["text"] for e in store.sync("b", 0, 10).entries] == ["c4"]
 
 
+def test_send_budgets_live_in_memory_only(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """The shared send buckets are no data: never in the AOF (their charge waits for no
+    fsync), so a Redis that restarts from its AOF has every message and every bucket
+    full again, and one burst more may be sent (STORAGE.md, "Shared send limits")."""
+    limits = SendLimits(rate=0.01, burst=2, channel_rate=0.01, channel_burst=2)
+    store = RedisStore(own_redis.url, send_limits=limits)
+    stores.append(store)
+
+    def send(cids: list[str]) -> list[bool]:
+        ops = [WriteOp("message", "a", "alice", cid=c, text=c) for c in cids]
+        _submit_all(store, ops)
+        return [op.error is None for op in ops]
+
+    assert send(["c0", "c1", "c2"]) == [True, True, False]  # a burst of 2
+    with redis.Redis.from_url(own_redis.url) as admin:
+        assert any(b":rate" in key for key in admin.keys())  # the buckets are there
+    own_redis.kill()
+    own_redis.start()  # replays the AOF
+    wait_until(lambda: store.health()[0] is None)
+    with redis.Redis.from_url(own_redis.url) as admin:
+        assert not any(b":rate" in key for key in admin.keys())
+    assert [e["text"] for e in store.sync("a", 0, 10).entries] == ["c0", "c1"]
+    assert send(["c3", "c4", "c5"]) == [True, True, False]
+
+
 def test_a_run_of_messages_to_a_channel_is_one_script_call(
     redis_server: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
