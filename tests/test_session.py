@@ -1586,6 +1586,17 @@ def test_any_frame_resets_the_idle_timer(store: LmdbStore, frame: dict[str, Any]
     expect_error(session.tick(NOW_MS + 1_500 + 2 * HEARTBEAT), E.IDLE_TIMEOUT, fatal=True)
 
 
+def test_a_frame_read_earlier_never_moves_the_idle_timer_back(store: LmdbStore) -> None:
+    """A frame held back by flow control is handled with the time it was read; the
+    server kept the held connection's timer fresh meanwhile (last_rx_ms = now): handling
+    the older frame must not undo that (a held WebSocket was closed as idle this way)."""
+    session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT))
+    session.last_rx_ms = NOW_MS + 5_000  # refreshed while held
+    pong(session, 1, NOW_MS + 100)  # read at +100 ms, handled now
+    assert session.next_deadline() == NOW_MS + 5_000 + 2 * HEARTBEAT
+    assert session.tick(NOW_MS + 5_000 + 2 * HEARTBEAT - 1) == []
+
+
 def test_rate_limited_frames_reset_the_idle_timer(store: LmdbStore) -> None:
     session = connect(store, limits=Limits(heartbeat_ms=HEARTBEAT, frame_rate=1, frame_burst=1))
     pong(session, 1, NOW_MS)

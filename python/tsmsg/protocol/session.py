@@ -298,7 +298,10 @@ class Session:
     def receive_frame(self, frame: Frame, now_ms: int) -> list[Action]:
         if self.state is State.CLOSED:
             return []
-        self.last_rx_ms = now_ms
+        # Frames held back by flow control are handled with the time they were read: a
+        # refresh made meanwhile (the server's, for a held connection) is not undone.
+        if now_ms > self.last_rx_ms:
+            self.last_rx_ms = now_ms
         rid = frame.get("rid")
         bad_rid = rid is not None and (type(rid) is not int or not INT64_MIN <= rid <= INT64_MAX)
         if bad_rid or type(rid) is not int:
