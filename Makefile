@@ -126,7 +126,7 @@ bench-sizing: $(STAMP_BENCH)
 CARGO_FUZZ_VERSION := 0.13.2
 CARGO_TOOLS := $(CURDIR)/.cargo-tools
 CARGO_FUZZ := $(CARGO_TOOLS)/bin/cargo-fuzz
-FUZZ_TARGETS := decode_frames roundtrip dedup_ring tls_session jwt_payload
+FUZZ_TARGETS := decode_frames roundtrip dedup_ring tls_session jws
 FUZZ_TARGET ?= $(FUZZ_TARGETS)
 FUZZ_SECONDS ?= 60
 FUZZ_WORK := target/fuzz-work

@@ -469,6 +469,88 @@ def test_claims_are_checked_alike_whatever_checks_the_signature() -> None:
     assert "HS256" in refused(hs, forged_ed).message
 
 
+def _signed_both(body: bytes, header: bytes = b"", **kw: Any) -> list[tuple[TokenVerifier, str]]:
+    """One payload (JSON text as is) and extra header members, signed HS256 and EdDSA by
+    hand: the HMAC path (the extension) and the public-key path (pyjwt's algorithm)."""
+    private, public = _pems("EdDSA")
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ed_key: Any = load_pem_private_key(private, None)
+    out = []
+    for alg, verifier in [
+        ("HS256", TokenVerifier(SECRET, **kw)),
+        ("EdDSA", TokenVerifier(public_key=public, algorithm="EdDSA", **kw)),
+    ]:
+        head = b'{"alg":"%s"%s}' % (alg.encode(), b"," + header if header else b"")
+        signing_input = b64(head) + "." + b64(body)
+        if alg == "HS256":
+            sig = hmac.new(SECRET, signing_input.encode(), hashlib.sha256).digest()
+        else:
+            sig = ed_key.sign(signing_input.encode())
+        out.append((verifier, signing_input + "." + b64(sig)))
+    return out
+
+
+EXP = NOW + 60
+AUD = {"audience": "tsmsg"}
+DEEP = b"[" * 1200 + b"]" * 1200  # deeper than Python's JSON parser goes; fits a token
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "kw", "answer"),
+    [
+        # a claim's wrong JSON type: the claim's own message (a JWT crate's typed claims
+        # once answered "malformed" on the HMAC path only)
+        (b'{"sub": ["alice"], "exp": %d}' % EXP, b"", {}, "claim 'sub' must be a string"),
+        (b'{"sub": "alice", "exp": {"a": 1}}', b"", {}, "claim 'exp' must be an integer"),
+        (b'{"sub": "alice", "exp": %d, "nbf": [1]}' % EXP, b"", {}, "claim 'nbf' must be"),
+        # JSON that Python reads: an escaped lone surrogate in a claim no check compares
+        (b'{"sub": "alice", "exp": %d, "iss": "a\\ud800b"}' % EXP, b"", {}, None),
+        (b'{"sub": "alice", "exp": %d, "aud": ["tsmsg", "\\udc00"]}' % EXP, b"", AUD, None),
+        # header members other than alg are ignored, whatever their type
+        (b'{"sub": "alice", "exp": %d}' % EXP, b'"typ":1,"kid":1,"cty":[],"jwk":{}', {}, None),
+        # ... but not an extension (RFC 7515 4.1.11, RFC 7797)
+        (b'{"sub": "alice", "exp": %d}' % EXP, b'"b64":false,"crit":["b64"]', {}, "malformed"),
+        (b'{"sub": "alice", "exp": %d}' % EXP, b'"crit":["exp"]', {}, "malformed"),
+        (b'{"sub": "alice", "exp": %d}' % EXP, b'"b64":false', {}, "malformed"),
+        # aud: a string or an array of strings
+        (b'{"sub": "alice", "exp": %d, "aud": ["tsmsg", 7]}' % EXP, b"", AUD, "audience"),
+        (b'{"sub": "alice", "exp": %d, "aud": null}' % EXP, b"", {}, "audience"),
+        # nesting deeper than the JSON parser goes: malformed, not an internal error
+        (b'{"sub": "alice", "exp": %d, "x": %s}' % (EXP, DEEP), b"", {},
+         "malformed"),
+        (b'{"sub": "alice", "exp": %d}' % EXP, b'"x":' + DEEP, {},
+         "malformed"),
+    ],
+    ids=lambda v: v.decode(errors="replace")[:40] if isinstance(v, bytes) else None,
+)  # fmt: skip
+def test_one_token_one_answer_on_both_paths(
+    body: bytes, header: bytes, kw: dict[str, Any], answer: str | None
+) -> None:
+    """Whatever checks the signature, the parts, the header and the claims are read the
+    same way (a review of the first version found five ways they differed)."""
+    for verifier, token in _signed_both(body, header, **kw):
+        if answer is None:
+            assert verifier.verify(token, NOW).user == "alice", verifier.algorithm
+        else:
+            assert answer in refused(verifier, token).message, verifier.algorithm
+
+
+@pytest.mark.parametrize("alg", ["none", "ES512", "hs256", "HS1", ""])
+def test_an_algorithm_this_server_does_not_pin_is_named_so(alg: str) -> None:
+    token = b64(b'{"alg":"%s"}' % alg.encode()) + "." + b64(json.dumps(payload()).encode()) + "."
+    eddsa = TokenVerifier(public_key=_pems("EdDSA")[1], algorithm="EdDSA")
+    for verifier in (TokenVerifier(SECRET), eddsa):
+        assert "algorithm is not allowed" in refused(verifier, token).message
+
+
+def test_an_unsigned_deep_header_is_refused_before_any_signature_check() -> None:
+    header = b'{"alg":"EdDSA","x":' + DEEP + b"}"
+    token = b64(header) + "." + b64(json.dumps(payload()).encode()) + "." + b64(b"\0" * 64)
+    verifier = TokenVerifier(public_key=_pems("EdDSA")[1], algorithm="EdDSA")
+    assert refused(verifier, token).message == "malformed token"
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -16,8 +16,8 @@ __all__ = [
     "HmacJwt",
     "InvalidMsgpack",
     "InvalidUtf8",
-    "JwtRefused",
     "LengthOverrun",
+    "MalformedJws",
     "NonStringKey",
     "NotAMap",
     "TlsConfig",
@@ -28,6 +28,7 @@ __all__ = [
     "UnsupportedType",
     "encode",
     "encode_many",
+    "jws_parts",
     "packb",
     "unpackb",
 ]
@@ -150,14 +151,15 @@ class TlsSession:
     @property
     def wants_write(self) -> bool: ...
 
-class JwtRefused(Exception):
-    """A token's shape, algorithm or signature was refused: args[0] is 'malformed',
-    'algorithm' or 'signature'."""
+class MalformedJws(Exception):
+    """A token that is not three parts of canonical unpadded base64url."""
+
+def jws_parts(token: str) -> tuple[bytes, bytes, bytes]:
+    """A token's parts decoded: header JSON, payload JSON, signature."""
 
 @final
 class HmacJwt:
-    """Checks HMAC-signed tokens (HS256/384/512) against secrets, the current one first."""
+    """Verifies HMAC signatures (HS256/384/512) against secrets, the current one first."""
 
     def __new__(cls, algorithm: str, secrets: list[bytes]) -> Self: ...
-    def payload(self, token: str) -> bytes:
-        """The payload's JSON text as signed, or JwtRefused."""
+    def verify(self, signing_input: Buffer, signature: Buffer) -> bool: ...

@@ -3,9 +3,10 @@ channel C?".
 
 Tokens are JWTs (DESIGN.md, "Tokens and the command line") with a pinned algorithm:
 HS256 with the server secret by default, or a public key for RS256/EdDSA (needs
-``pyjwt[crypto]``). The signature is checked by the Rust extension (the ``jsonwebtoken``
-crate) for HMAC, the common case and the one a connect storm pays for, and by pyjwt for
-public keys; the claims are checked here, the same way for both. Claims:
+``pyjwt[crypto]``). The token's parts and header are read here, and its claims checked
+here, the same way for every algorithm; the signature is checked by the Rust extension
+(ring) for HMAC, the common case and the one a connect storm pays for, and by pyjwt's
+algorithms for public keys. Claims:
 
 - ``sub``: the user id (required; see :func:`valid_user`).
 - ``exp``: expiry, integer seconds since the epoch (required).
@@ -45,7 +46,7 @@ from typing import Any, Final, Literal
 
 import jwt
 
-from tsmsg._native import HmacJwt, JwtRefused
+from tsmsg._native import HmacJwt, MalformedJws, jws_parts
 
 __all__ = [
     "DEFAULT_MAX_LIFETIME_S",
@@ -301,9 +302,9 @@ class TokenVerifier:
         max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
     ) -> None:
         # What checks a signature: the extension for HMAC (the secrets, the current one
-        # first), pyjwt with the parsed public key otherwise.
+        # first), pyjwt's algorithm with the parsed public key otherwise.
         self._hmac: HmacJwt | None = None
-        self._public_key: Any = None
+        self._public: tuple[Any, Any] | None = None  # (pyjwt's algorithm, the key)
         if _is_hmac(algorithm):
             if secret is None or public_key is not None:
                 raise ValueError(f"{algorithm} verifies with a secret, not a public key")
@@ -314,7 +315,8 @@ class TokenVerifier:
         else:
             if public_key is None or secret is not None or extra_secrets:
                 raise ValueError(f"{algorithm} verifies with public_key, not a secret")
-            self._public_key = _prepare_key(algorithm, public_key, private=False)
+            key = _prepare_key(algorithm, public_key, private=False)
+            self._public = (jwt.get_algorithm_by_name(algorithm), key)
         if leeway_s < 0:
             raise ValueError(f"leeway_s must be >= 0, got {leeway_s}")
         if max_lifetime_s < 1:
@@ -396,42 +398,44 @@ class TokenVerifier:
             raise AuthError(UNAUTHORIZED, f"token is longer than {MAX_TOKEN_CHARS} characters")
         if not token.isascii():
             raise AuthError(UNAUTHORIZED, "malformed token (not ASCII)")
-        try:
-            payload = _PAYLOAD_JSON.decode(self._signed_payload(token).decode())
-        except ValueError:  # not JSON to Python (NaN, a name twice), not UTF-8
-            raise AuthError(UNAUTHORIZED, "malformed token") from None
+        payload = _json(self._signed_payload(token))
         if not isinstance(payload, dict):
             raise AuthError(UNAUTHORIZED, "malformed token")
         self._registered(payload)
         return payload
 
     def _signed_payload(self, token: str) -> bytes:
-        """The payload's JSON text of a token whose shape, algorithm and signature check
-        out: by the extension for HMAC, by pyjwt's JWS layer for a public key."""
-        if self._hmac is not None:
-            try:
-                return self._hmac.payload(token)
-            except JwtRefused as e:
-                raise AuthError(UNAUTHORIZED, self._refusal(e.args[0])) from None
+        """The payload's JSON text of a token (JWS compact form, RFC 7515) whose header
+        names this verifier's algorithm and no extension, and whose signature checks out:
+        by the extension for HMAC, by pyjwt's algorithm for a public key. The parts are
+        read here, the same way for both (PROTOCOL.md 5.1)."""
         try:
-            signed = jwt.api_jws.decode_complete(token, self._public_key, [self.algorithm])
-            payload: bytes = signed["payload"]
-            return payload
-        except jwt.InvalidAlgorithmError:
-            raise AuthError(UNAUTHORIZED, self._refusal("algorithm")) from None
-        except jwt.InvalidSignatureError:
-            raise AuthError(UNAUTHORIZED, self._refusal("signature")) from None
-        except (jwt.PyJWTError, ValueError, TypeError, UnicodeError):
-            # pyjwt wraps what it expects to fail; anything else is still a bad token.
+            header_json, payload, signature = jws_parts(token)
+        except MalformedJws:
             raise AuthError(UNAUTHORIZED, "malformed token") from None
-
-    def _refusal(self, why: str) -> str:
-        """Our own wording per failure: the libraries' messages are not our contract."""
-        if why == "algorithm":
-            return f"token algorithm is not allowed (this server accepts {self.algorithm})"
-        if why == "signature":
-            return "token signature is invalid"
-        return "malformed token"
+        header = _json(header_json)
+        if not isinstance(header, dict):
+            raise AuthError(UNAUTHORIZED, "malformed token")
+        if header.get("alg") != self.algorithm:  # `none`, another algorithm, no alg
+            accepts = f"this server accepts {self.algorithm}"
+            raise AuthError(UNAUTHORIZED, f"token algorithm is not allowed ({accepts})")
+        if "crit" in header or header.get("b64", True) is not True:
+            # RFC 7515 4.1.11: an extension a verifier does not know refuses the token;
+            # b64 false (RFC 7797, a payload not encoded) is one.
+            raise AuthError(UNAUTHORIZED, "malformed token (a JWS extension, not supported)")
+        signing_input = token[: token.rindex(".")].encode()
+        if self._hmac is not None:
+            valid = self._hmac.verify(signing_input, signature)
+        else:
+            assert self._public is not None
+            algorithm, key = self._public
+            try:
+                valid = algorithm.verify(signing_input, key, signature)
+            except (ValueError, TypeError):  # a signature of the wrong shape
+                valid = False
+        if not valid:
+            raise AuthError(UNAUTHORIZED, "token signature is invalid")
+        return payload
 
     def _registered(self, payload: dict[str, Any]) -> None:
         """RFC 7519's claims this server reads or checks: ``sub`` and ``exp`` required,
@@ -445,13 +449,18 @@ class TokenVerifier:
             raise AuthError(UNAUTHORIZED, "claim 'sub' must be a string")
         if not isinstance(payload.get("jti", ""), str):
             raise AuthError(UNAUTHORIZED, "claim 'jti' must be a string")
-        if "aud" in payload or self.audience is not None:
-            aud = payload.get("aud")
-            if aud is None:
-                raise AuthError(UNAUTHORIZED, "token lacks the required claim 'aud'")
+        if self.audience is None:
+            if "aud" in payload:
+                raise AuthError(UNAUTHORIZED, "token audience does not match this server")
+        elif payload.get("aud") is None:
+            raise AuthError(UNAUTHORIZED, "token lacks the required claim 'aud'")
+        else:
+            aud = payload["aud"]
             audiences = [aud] if isinstance(aud, str) else aud
-            if self.audience is None or not (
-                isinstance(audiences, list) and self.audience in audiences
+            if not (
+                isinstance(audiences, list)
+                and all(isinstance(a, str) for a in audiences)
+                and self.audience in audiences
             ):
                 raise AuthError(UNAUTHORIZED, "token audience does not match this server")
         if self.issuer is not None:
@@ -466,16 +475,27 @@ def _not_json(constant: str) -> Any:
 
 
 def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object of a token's payload, refused (ValueError) if it names a member twice:
-    two parsers that disagree on which ``sub`` counts are an old way in (RFC 7519 4)."""
+    """A JSON object of a token's header or payload, refused (ValueError) if it names a
+    member twice: two parsers that disagree on which ``sub`` counts are an old way in (RFC
+    7519 4)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("a name twice")
     return obj
 
 
-# Strict JSON for payloads: made once (json.loads with hooks would build one per call).
-_PAYLOAD_JSON: Final = json.JSONDecoder(object_pairs_hook=_unique_names, parse_constant=_not_json)
+# Strict JSON for a token's header and payload: made once (json.loads with hooks would
+# build one per call).
+_STRICT_JSON: Final = json.JSONDecoder(object_pairs_hook=_unique_names, parse_constant=_not_json)
+
+
+def _json(text: bytes) -> Any:
+    """A token part's JSON (RFC 8259, strictly: no name twice in an object, no NaN), or
+    AuthError; nesting too deep for the parser is malformed too."""
+    try:
+        return _STRICT_JSON.decode(text.decode())
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a name twice, too deep
+        raise AuthError(UNAUTHORIZED, "malformed token") from None
 
 
 def _claim_int(payload: Mapping[str, Any], name: str) -> int:

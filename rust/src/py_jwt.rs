@@ -1,5 +1,4 @@
-//! Python wrapper for [`crate::jwt`]: `HmacJwt` (a verifier's algorithm and secrets);
-//! conversions only.
+//! Python wrappers for [`crate::jwt`]: `jws_parts` and `HmacJwt`; conversions only.
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -10,15 +9,32 @@ use crate::jwt;
 
 create_exception!(
     tsmsg._native,
-    JwtRefused,
+    MalformedJws,
     PyException,
-    "A token's shape, algorithm or signature was refused; args[0] says which: \
-     'malformed', 'algorithm' or 'signature'."
+    "A token that is not three parts of canonical unpadded base64url."
 );
 
-/// Checks HMAC-signed tokens (HS256, HS384 or HS512) against one or more secrets, the
-/// current one first. `payload(token)` gives the payload's JSON text as signed, or
-/// raises `JwtRefused`; the claims are the caller's to check.
+type Parts<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+);
+
+/// A token's three parts decoded (header JSON, payload JSON, signature), or
+/// `MalformedJws`.
+#[pyfunction]
+fn jws_parts<'py>(py: Python<'py>, token: &str) -> PyResult<Parts<'py>> {
+    let (header, payload, signature) =
+        jwt::parts(token).ok_or_else(|| MalformedJws::new_err("malformed token"))?;
+    Ok((
+        PyBytes::new(py, &header),
+        PyBytes::new(py, &payload),
+        PyBytes::new(py, &signature),
+    ))
+}
+
+/// Verifies HMAC signatures (HS256, HS384 or HS512) against one or more secrets, the
+/// current one first: `verify(signing_input, signature) -> bool`.
 #[pyclass(module = "tsmsg._native", name = "HmacJwt", frozen)]
 pub struct HmacJwt {
     inner: jwt::HmacVerifier,
@@ -39,16 +55,14 @@ impl HmacJwt {
         })
     }
 
-    fn payload<'py>(&self, py: Python<'py>, token: &str) -> PyResult<Bound<'py, PyBytes>> {
-        match self.inner.payload(token) {
-            Ok(json) => Ok(PyBytes::new(py, &json)),
-            Err(refusal) => Err(JwtRefused::new_err(refusal.code())),
-        }
+    fn verify(&self, signing_input: &[u8], signature: &[u8]) -> bool {
+        self.inner.verify(signing_input, signature)
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("JwtRefused", m.py().get_type::<JwtRefused>())?;
+    m.add("MalformedJws", m.py().get_type::<MalformedJws>())?;
+    m.add_function(wrap_pyfunction!(jws_parts, m)?)?;
     m.add_class::<HmacJwt>()?;
     Ok(())
 }

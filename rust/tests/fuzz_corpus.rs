@@ -64,6 +64,6 @@ fn tls_session() {
 }
 
 #[test]
-fn jwt_payload() {
-    assert!(replay("jwt_payload", checks::jwt_payload) > 0);
+fn jws() {
+    assert!(replay("jws", checks::jws) > 0);
 }

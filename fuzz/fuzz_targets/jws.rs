@@ -6,4 +6,4 @@ use tsmsg_fuzz::checks;
 #[global_allocator]
 static ALLOC: checks::Tracking = checks::Tracking;
 
-fuzz_target!(|data: &[u8]| checks::jwt_payload(data));
+fuzz_target!(|data: &[u8]| checks::jws(data));
