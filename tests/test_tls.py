@@ -415,6 +415,26 @@ def test_bad_pem_files_fail_clearly(tmp_path: Path, pki: Pki) -> None:
         client_tls_context(str(tmp_path / "nope.pem"))
 
 
+def test_a_key_file_the_server_cannot_read_is_named(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key file the server's user may not read (mode 600 for another user) stops it
+    with the setting, the file and the reason. The tests run as root, who reads any file:
+    the refusal is the kernel's answer to open(), stood in for here."""
+    real_open = open
+
+    def refusing_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path) == pki.key_file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    message = f"tls_cert_file/tls_key_file: cannot read {pki.key_file}: Permission denied"
+    with pytest.raises(ValueError) as refused:
+        server_tls_context(pki.cert_file, pki.key_file)
+    assert str(refused.value) == message
+
+
 def test_serve_and_chat_with_tls_flags_under_asyncio(tmp_path: Path, pki: Pki) -> None:
     """``tsmsg serve --tls-*`` and ``tsmsg chat --ca-file`` as child processes; the
     client checks the result under asyncio."""
