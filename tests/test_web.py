@@ -141,6 +141,59 @@ async def test_connect_without_an_upgrade_is_426(harness: Harness) -> None:
     assert b"WebSocket" in body
 
 
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "keep-alive, Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",  # RFC 6455 1.3's example
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Protocol": WS_JSON,
+}
+
+
+async def test_the_101_is_rfc_6455s(harness: Harness) -> None:
+    """The answer to RFC 6455's example key is its example accept value; the response
+    names the subprotocol and nothing else is sent before the client speaks."""
+    port = harness.server.ws_port
+    assert port is not None
+    lines = ["GET /connect HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in UPGRADE.items()]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(WIRE_TIMEOUT):
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += await stream.receive_some(4096)
+    await stream.aclose()
+    assert reply == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: " + WS_JSON.encode() + b"\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"Connection": "keep-alive"}, b"Connection: Upgrade"),
+        ({"Sec-WebSocket-Version": "12"}, b"Sec-WebSocket-Version must be 13"),
+        ({"Sec-WebSocket-Version": None}, b"Sec-WebSocket-Version must be 13"),
+        ({"Sec-WebSocket-Key": None}, b"Sec-WebSocket-Key"),
+        ({"Sec-WebSocket-Key": "c2hvcnQ="}, b"Sec-WebSocket-Key"),  # 5 bytes
+        ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ!="}, b"Sec-WebSocket-Key"),
+    ],
+    ids=["no-connection-upgrade", "version-12", "no-version", "no-key", "short-key", "bad-key"],
+)
+async def test_a_malformed_upgrade_is_400_and_says_what(
+    harness: Harness, change: dict[str, str | None], says: bytes
+) -> None:
+    assert harness.server.ws_port is not None
+    headers = {k: v for k, v in {**UPGRADE, **change}.items() if v is not None}
+    status, fields, body = await http_get(harness.server.ws_port, "/connect", headers)
+    assert status == 400 and says in body, body
+    if b"Version" in says:
+        assert fields["sec-websocket-version"] == "13"
+
+
 async def test_a_malformed_request_is_400_and_an_unknown_path_404(harness: Harness) -> None:
     port = harness.server.ws_port
     assert port is not None
