@@ -1,16 +1,17 @@
 #!/bin/bash
-# usage: connects.sh N [spy]  (from the repository root, after make bench; TSMSG_BIN: the tsmsg to run; WS=1: over ws://)  -- N idle plain connections, 100 at a time; server CPU0, loadgen CPU1
+# usage: connects.sh N [spy]  (from the repository root, after make bench; TSMSG_BIN: the tsmsg to run; WS=1: over ws://; TLS=DIR: TLS with DIR's tls-{cert,key,ca}.pem, as bench/run.py's make_pki writes them)  -- N idle plain connections, 100 at a time; server CPU0, loadgen CPU1
 # prints connects/s and the server's CPU µs per connect (utime+stime over the opening)
 N=${1:-3000}
 export TSMSG_SECRET=bench-run-secret-bench-run-secret-0123456789 TSMSG_IP_CONNECT_RATE=1000000 TSMSG_IP_CONNECT_BURST=1000000 TSMSG_IP_MAX_CONNECTIONS=1000000
 D=${SCRATCH:-/tmp}/d_$$; rm -rf $D
 ADDR=127.0.0.1:7813; WSOPT=""; [ -n "$WS" ] && { ADDR=ws://127.0.0.1:7814/connect; WSOPT="--ws 127.0.0.1:7814"; }
+[ -n "$TLS" ] && { WSOPT="$WSOPT --tls-cert $TLS/tls-cert.pem --tls-key $TLS/tls-key.pem"; LGTLS="--tls --tls-ca $TLS/tls-ca.pem"; }
 taskset -c 0 ${TSMSG_BIN:-./.venv/bin/tsmsg} serve --port 7813 $WSOPT --data-dir $D > ${SCRATCH:-/tmp}/srv_$$.log 2>&1 &
 SP=$!; sleep 1.5
 CLK=$(getconf CLK_TCK)
 read U0 S0 < <(awk '{print $14, $15}' /proc/$SP/stat)
 if [ "$2" = spy ]; then ./.venv/bin/py-spy record --pid $SP --rate 500 --format raw --output ${SCRATCH:-/tmp}/conn.spy --duration 3 --threads >/dev/null 2>&1 & PS=$!; sleep 0.5; fi
-taskset -c 1 ./target/loadgen/loadgen --addr $ADDR --opt secret=$TSMSG_SECRET --workload idle --idle $N --hold 0.2 --server-pid $SP > ${SCRATCH:-/tmp}/conn_$$.json 2>${SCRATCH:-/tmp}/lg_$$.err
+taskset -c 1 ./target/loadgen/loadgen --addr $ADDR $LGTLS --opt secret=$TSMSG_SECRET --workload idle --idle $N --hold 0.2 --server-pid $SP > ${SCRATCH:-/tmp}/conn_$$.json 2>${SCRATCH:-/tmp}/lg_$$.err
 read U1 S1 < <(awk '{print $14, $15}' /proc/$SP/stat)
 [ "$2" = spy ] && wait $PS
 kill $SP; wait $SP 2>/dev/null
