@@ -282,9 +282,10 @@ def test_a_batch_is_charged_for_sends_in_its_order(
 def test_send_budgets_live_in_memory_only(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
-    """The shared send buckets are no data: never in the AOF (their charge waits for no
-    fsync), so a Redis that restarts from its AOF has every message and every bucket
-    full again, and one burst more may be sent (STORAGE.md, "Shared send limits")."""
+    """The shared send buckets are no data: their writes are not appended to the AOF
+    (their charge waits for no fsync), so a Redis that restarts from its AOF, with no
+    rewrite since, has every message and every bucket full again: one burst more may be
+    sent (STORAGE.md, "Shared send limits")."""
     limits = SendLimits(rate=0.01, burst=2, channel_rate=0.01, channel_burst=2)
     store = RedisStore(own_redis.url, send_limits=limits)
     stores.append(store)

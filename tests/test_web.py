@@ -194,6 +194,64 @@ async def test_a_malformed_upgrade_is_400_and_says_what(
         assert fields["sec-websocket-version"] == "13"
 
 
+async def raw_status(port: int, head: bytes) -> int:
+    """The status of the server's answer to ``head`` (bytes as they are)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    reply = b""
+    with trio.fail_after(WIRE_TIMEOUT):
+        await stream.send_all(head)
+        while b"\r\n\r\n" not in reply:
+            chunk = await stream.receive_some(4096)
+            assert chunk, reply
+            reply += chunk
+    await stream.aclose()
+    return int(reply.split(b" ", 2)[1])
+
+
+def upgrade_head(port: int, version: bytes = b"1.1", **fields: bytes | None) -> bytes:
+    headers = {k.encode(): v.encode() for k, v in UPGRADE.items()}
+    headers[b"Host"] = b"127.0.0.1:%d" % port
+    for name, value in fields.items():
+        key = name.replace("_", "-").encode()
+        if value is None:
+            headers.pop(key, None)
+        else:
+            headers[key] = value
+    lines = [b"GET /connect HTTP/" + version] + [k + b": " + v for k, v in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        # Upgrade: the token websocket, not a word containing it (RFC 6455 4.2.1 item 3)
+        ({"Upgrade": b"websockets"}, 426),
+        ({"Upgrade": b"notwebsocket"}, 426),
+        ({"Upgrade": b"websocket\xe9"}, 426),
+        # Connection: the token Upgrade; a non-breaking space or NEL is no whitespace
+        ({"Connection": b"upgrade\xa0"}, 400),
+        ({"Connection": b"\x85Upgrade"}, 400),
+        ({"Connection": b"keep-alive, upgrade\xa0"}, 400),
+        # HTTP/1.1 at least (RFC 6455 4.1), with or without Host
+        ({"version": b"1.0"}, 400),
+        ({"version": b"1.0", "Host": None}, 400),
+    ],
+    ids=["websockets", "notwebsocket", "websocket-e9", "upgrade-nbsp", "nel-upgrade",
+         "list-upgrade-nbsp", "http-1.0", "http-1.0-no-host"],
+)  # fmt: skip
+async def test_an_upgrade_is_read_token_by_token(
+    harness: Harness, head: dict[str, bytes | None], expected: int
+) -> None:
+    """A review's finds: what the first hand-written checks let through to a 101."""
+    port = harness.server.ws_port
+    assert port is not None
+    fields = dict(head)
+    version = fields.pop("version", None) or b"1.1"
+    assert await raw_status(port, upgrade_head(port, version, **fields)) == expected
+    # The same head, well-formed, is upgraded (the checks are not refusing everything).
+    assert await raw_status(port, upgrade_head(port)) == 101
+
+
 async def test_a_malformed_request_is_400_and_an_unknown_path_404(harness: Harness) -> None:
     port = harness.server.ws_port
     assert port is not None

@@ -106,6 +106,12 @@ def header(request: h11.Request, name: bytes) -> str | None:
     return ", ".join(values) if values else None
 
 
+def tokens(value: str | None) -> list[str]:
+    """A comma-separated header's tokens, lower-cased: spaces and tabs around each
+    removed, and nothing else (RFC 9110 5.6.1: a non-breaking space is no whitespace)."""
+    return [token.strip(" \t").lower() for token in (value or "").split(",")]
+
+
 def _nonce(key: str) -> bool:
     """An upgrade's Sec-WebSocket-Key: 16 bytes in base64 (RFC 6455 4.1, 4.2.1)."""
     if len(key) != 24 or not key.isascii():
@@ -130,7 +136,7 @@ def origin_allowed(
 
 def choose_subprotocol(offered: str | None) -> str:
     """The first subprotocol of the client's list that the server speaks."""
-    names = [p.strip() for p in (offered or "").split(",") if p.strip()]
+    names = [p.strip(" \t") for p in (offered or "").split(",") if p.strip(" \t")]
     for name in names:
         if name in SUBPROTOCOLS:
             return name
@@ -207,8 +213,7 @@ class Web:
         """Check an upgrade request; the WebSocket and the 101 response to send."""
         if request.method != b"GET":
             raise HttpError(405, "the WebSocket upgrade is a GET", {"Allow": "GET"})
-        upgrade = (header(request, b"upgrade") or "").lower()
-        if "websocket" not in upgrade:
+        if "websocket" not in tokens(header(request, b"upgrade")):
             raise HttpError(
                 426,
                 f"{CONNECT_PATH} is a WebSocket endpoint (RFC 6455): send an upgrade request",
@@ -221,8 +226,9 @@ class Web:
         subprotocol = choose_subprotocol(header(request, b"sec-websocket-protocol"))
         # The rest of RFC 6455 4.2.1 on the request h11 parsed, and the 101 of 4.2.2 (a
         # second parse by wsproto's handshake cost 15 % of a WebSocket connect).
-        connection = (header(request, b"connection") or "").lower()
-        if "upgrade" not in (token.strip() for token in connection.split(",")):
+        if request.http_version != b"1.1":  # RFC 6455 4.1: HTTP/1.1 at least (h11: 1.0 too)
+            raise HttpError(400, "bad WebSocket upgrade: an HTTP/1.1 request is needed")
+        if "upgrade" not in tokens(header(request, b"connection")):
             raise HttpError(400, "bad WebSocket upgrade: no 'Connection: Upgrade'")
         if header(request, b"sec-websocket-version") != "13":
             raise HttpError(

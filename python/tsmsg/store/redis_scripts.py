@@ -456,10 +456,11 @@ return due
 # run that both can pay for are granted. Returns per run k and the ms until both have a
 # token again (0 if k == n): {k1, wait1, k2, wait2, ...}. Each key expires once its
 # bucket would be full again: a user's channels leave nothing behind.
-# The buckets are no data to keep: they live in the primary's memory only, never in the
-# AOF nor on replicas (REPL_NONE), so under `appendfsync always` this call's reply waits
-# for no fsync (a round trip per batch, ~0.2 ms of a batch's latency here). A restarted
-# Redis or a promoted replica starts every bucket full (STORAGE.md, "Shared send limits").
+# The buckets are no data to keep: their writes are not appended to the AOF nor sent to
+# replicas (REPL_NONE), so under `appendfsync always` this call's reply waits for no fsync
+# (a round trip per batch, ~0.2 ms of a batch's latency here). A restarted Redis or a
+# promoted replica starts a bucket full, or as an AOF rewrite or a full resync copied it
+# (STORAGE.md, "Shared send limits").
 SEND_RATE = r"""
 redis.set_repl(redis.REPL_NONE)
 local now = tonumber(ARGV[1])
