@@ -544,6 +544,18 @@ def test_an_algorithm_this_server_does_not_pin_is_named_so(alg: str) -> None:
         assert "algorithm is not allowed" in refused(verifier, token).message
 
 
+@pytest.mark.parametrize("algorithm", ["EdDSA", "RS256"])
+def test_a_signature_of_any_length_is_only_invalid(algorithm: str) -> None:
+    """pyjwt's algorithms answer a signature of the wrong length with False, not an
+    exception: the verifier relies on it (no internal error from a garbled token)."""
+    verifier = TokenVerifier(public_key=_pems(algorithm)[1], algorithm=algorithm)
+    head = b64(json.dumps({"alg": algorithm}).encode()) + "." + b64(json.dumps(payload()).encode())
+    for signature in (b"", b"x", b"\xff" * 300, b"\0" * 64):
+        assert (
+            refused(verifier, head + "." + b64(signature)).message == "token signature is invalid"
+        )
+
+
 def test_an_unsigned_deep_header_is_refused_before_any_signature_check() -> None:
     header = b'{"alg":"EdDSA","x":' + DEEP + b"}"
     token = b64(header) + "." + b64(json.dumps(payload()).encode()) + "." + b64(b"\0" * 64)
