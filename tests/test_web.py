@@ -180,8 +180,17 @@ async def test_the_101_is_rfc_6455s(harness: Harness) -> None:
         ({"Sec-WebSocket-Key": None}, b"Sec-WebSocket-Key"),
         ({"Sec-WebSocket-Key": "c2hvcnQ="}, b"Sec-WebSocket-Key"),  # 5 bytes
         ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ!="}, b"Sec-WebSocket-Key"),
+        ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZé="}, b"Sec-WebSocket-Key"),  # 24, not ASCII
     ],
-    ids=["no-connection-upgrade", "version-12", "no-version", "no-key", "short-key", "bad-key"],
+    ids=[
+        "no-connection-upgrade",
+        "version-12",
+        "no-version",
+        "no-key",
+        "short-key",
+        "bad-key",
+        "non-ascii-key",
+    ],
 )
 async def test_a_malformed_upgrade_is_400_and_says_what(
     harness: Harness, change: dict[str, str | None], says: bytes

@@ -106,10 +106,15 @@ def header(request: h11.Request, name: bytes) -> str | None:
     return ", ".join(values) if values else None
 
 
-def tokens(value: str | None) -> list[str]:
-    """A comma-separated header's tokens, lower-cased: spaces and tabs around each
-    removed, and nothing else (RFC 9110 5.6.1: a non-breaking space is no whitespace)."""
-    return [token.strip(" \t").lower() for token in (value or "").split(",")]
+def comma_list(value: str | None) -> list[str]:
+    """A comma-separated header's items, spaces and tabs around each removed and nothing
+    else (RFC 9110 5.6.1: a non-breaking space is no whitespace), empty ones dropped."""
+    return [item for item in (i.strip(" \t") for i in (value or "").split(",")) if item]
+
+
+def has_token(value: str | None, token: str) -> bool:
+    """``token`` (lower case) is an item of a comma-separated header, in any case."""
+    return token in (item.lower() for item in comma_list(value))
 
 
 def _nonce(key: str) -> bool:
@@ -136,7 +141,7 @@ def origin_allowed(
 
 def choose_subprotocol(offered: str | None) -> str:
     """The first subprotocol of the client's list that the server speaks."""
-    names = [p.strip(" \t") for p in (offered or "").split(",") if p.strip(" \t")]
+    names = comma_list(offered)  # case-sensitive (RFC 6455 4.1)
     for name in names:
         if name in SUBPROTOCOLS:
             return name
@@ -213,7 +218,7 @@ class Web:
         """Check an upgrade request; the WebSocket and the 101 response to send."""
         if request.method != b"GET":
             raise HttpError(405, "the WebSocket upgrade is a GET", {"Allow": "GET"})
-        if "websocket" not in tokens(header(request, b"upgrade")):
+        if not has_token(header(request, b"upgrade"), "websocket"):
             raise HttpError(
                 426,
                 f"{CONNECT_PATH} is a WebSocket endpoint (RFC 6455): send an upgrade request",
@@ -228,7 +233,7 @@ class Web:
         # second parse by wsproto's handshake cost 15 % of a WebSocket connect).
         if request.http_version != b"1.1":  # RFC 6455 4.1: HTTP/1.1 at least (h11: 1.0 too)
             raise HttpError(400, "bad WebSocket upgrade: an HTTP/1.1 request is needed")
-        if "upgrade" not in tokens(header(request, b"connection")):
+        if not has_token(header(request, b"connection"), "upgrade"):
             raise HttpError(400, "bad WebSocket upgrade: no 'Connection: Upgrade'")
         if header(request, b"sec-websocket-version") != "13":
             raise HttpError(
