@@ -424,7 +424,7 @@ async def test_quick_connects_and_disconnects_leave_the_user_offline(
             client = await a.connect("alice")
             await client.aclose()
         await until(lambda: "alice" not in a.server.devices)
-        await until(lambda: not a.server._presence_pending)
+        await until(lambda: not a.server.presence_unwritten)
         presence = a.server.store.presence
         assert presence.statuses(["alice"], a.server.now_ms()) == {}
         presence.refresh(a.server.now_ms())  # what the node keeps alive: not alice

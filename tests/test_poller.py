@@ -27,9 +27,41 @@ from conftest import (
     running_server,
 )
 from tsmsg.server.poller import YIELD_EVERY_S, Poller
-from tsmsg.server.wire import RECEIVE_CHUNK
+from tsmsg.server.wire import RECEIVE_CHUNK, FdReceive
 
 ROOM = "room"
+
+
+async def test_a_connections_first_read_is_tried_before_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FdReceive reads a new connection's input at once (a client's hello is mostly there
+    when the server reads); waits for the fd first when told the peer waits (``drained``,
+    after a WebSocket's 101), and after a read that emptied the socket."""
+    waits: list[int] = []
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counted(fd: int) -> None:
+        waits.append(fd)
+        await wait_readable(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        b.send(b"hello")
+        assert await FdReceive(a.fileno())() == b"hello"
+        assert waits == []  # there already: no wait
+        b.send(b"again")
+        receive = FdReceive(a.fileno(), drained=True)
+        assert await receive() == b"again"
+        assert waits == [a.fileno()]
+        fresh = FdReceive(a.fileno())
+        with trio.move_on_after(0.05):  # nothing there: the read fails, then it waits
+            await fresh()
+        assert waits == [a.fileno()] * 2
+        b.send(b"late")
+        assert await fresh() == b"late"
 
 
 class Recorder:

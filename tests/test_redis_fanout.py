@@ -21,6 +21,7 @@ from tsmsg._native import packb
 from tsmsg.store import (
     RedisStore,
     RemoteEntry,
+    StoreUnavailable,
     WriteOp,
     open_store,
     redis_fanout,
@@ -364,6 +365,43 @@ def test_a_node_skips_what_it_published_itself(engine: Engine) -> None:
         store.close()
 
 
+def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
+    """set_many: one pipeline, each change's (before, after) in order, a user's several
+    changes too, also when Redis lost its scripts (sent again, in order, once loaded)."""
+    store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
+    t = int(time.time() * 1000)
+    try:
+        presence = store.presence
+        for server in engine.servers:  # as after a restart: the scripts are unknown
+            with server.client() as c:
+                c.script_flush()
+        changes = [
+            ("u1", "online", t),
+            ("u2", "away", t),
+            ("u1", None, t + 1),
+            ("u1", "busy", t + 2),
+            ("u3", "online", t + 3),
+            ("u3", None, t + 4),
+        ]
+        assert presence.set_many(changes) == [
+            ("offline", "online"),
+            ("offline", "away"),
+            ("online", "offline"),
+            ("offline", "busy"),
+            ("offline", "online"),
+            ("online", "offline"),
+        ]
+        assert presence.statuses(["u1", "u2", "u3"], t + 5) == {"u1": "busy", "u2": "away"}
+        index, node = store._prefix + b"presence:expiry", presence._node  # node + user
+        assert sorted(store._client.zrange(index, 0, -1)) == [node + b"u1", node + b"u2"]
+        store._client.set(store._user_key("u4", b"pres"), "not a hash")  # its script fails
+        results = presence.set_many([("u4", "online", t + 6), ("u2", None, t + 7)])
+        assert isinstance(results[0], StoreUnavailable), results
+        assert results[1] == ("away", "offline")  # the others are written all the same
+    finally:
+        store.close()
+
+
 def test_a_presence_refresh_extends_only_the_entry_it_knows(engine: Engine) -> None:
     """A refresh never brings back an entry a later change removed (a disconnect racing
     the refresh), and sets again one a sweep took while this node was late."""
@@ -372,17 +410,17 @@ def test_a_presence_refresh_extends_only_the_entry_it_knows(engine: Engine) -> N
     try:
         presence = store.presence
         assert presence.set("u1", "online", t + 1_000) == ("offline", "online")
-        call, raced = store._call, []
+        execute, raced = store._execute, []
 
-        def disconnect_first(fn: Callable[..., Any], *args: Any) -> Any:
+        def disconnect_first(*args: Any, **kwargs: Any) -> Any:
             if not raced:  # the refresh's pipeline: u1 disconnects just before it runs
                 raced.append(None)
                 raced[0] = presence.set("u1", None, t + 1_100)
-            return call(fn, *args)
+            return execute(*args, **kwargs)
 
-        store._call = disconnect_first  # type: ignore[method-assign]
+        store._execute = disconnect_first  # type: ignore[method-assign]
         assert presence.refresh(t + 1_200) == []  # the gone entry is not extended or re-made
-        store._call = call  # type: ignore[method-assign]
+        store._execute = execute  # type: ignore[method-assign]
         assert raced == [("online", "offline")]
         assert presence.statuses(["u1"], t + 1_300) == {}
         assert presence.set("u2", "away", t + 2_000) == ("offline", "away")

@@ -120,6 +120,7 @@ ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per thi
 # A scheduler round this much later than the tick asked for means the event loop was
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
+PRESENCE_BATCH = 256  # presence changes written to a shared engine in one call at most
 GAP_CHECK_S = 0.05  # how often the relay's gaps are looked at (it waits GAP_WAIT_MS on each)
 # Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
 # per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
@@ -333,18 +334,18 @@ def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
 Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
 
 
-def receive_of(stream: trio.abc.Stream, first_input: bytes = b"") -> Receive:
+def receive_of(stream: trio.abc.Stream, first_input: bytes = b"", drained: bool = False) -> Receive:
     """The reader's receive: up to RECEIVE_CHUNK bytes, b"" at the peer's EOF. Plain TCP:
     ``read`` on the socket, waiting with ``wait_readable`` on its fd when there is
     nothing, the way trio's own socket calls do, minus their layers: an idle connection
-    is suspended in one small frame (memory per idle connection, bench (f)). Any other
-    stream (TLS, the simulation's): its ``receive_some``. ``first_input``, if any, is
-    returned first."""
+    is suspended in one small frame (memory per idle connection, bench (f)); ``drained``:
+    nothing is expected yet (the first read waits, see FdReceive). Any other stream (TLS,
+    the simulation's): its ``receive_some``. ``first_input``, if any, is returned first."""
     if first_input:
         return functools.partial(_receive_first, [first_input], receive_of(stream))
     if not isinstance(stream, trio.SocketStream):
         return functools.partial(stream.receive_some, RECEIVE_CHUNK)
-    return FdReceive(stream.socket.fileno())
+    return FdReceive(stream.socket.fileno(), drained)
 
 
 async def _receive_first(first: list[bytes], receive: Receive) -> bytes | bytearray:
@@ -749,7 +750,8 @@ class Connection:
             session.limits.max_frame, session.limits.max_depth
         )
         settings = server.settings
-        receive = receive_of(self.stream, first_input)
+        # A WebSocket client sends its hello once it has read the 101: not there yet.
+        receive = receive_of(self.stream, first_input, drained=transport is not TCP)
         park = None  # waits in the poller until it hands the connection back
         stream = self.stream
         tls = stream if isinstance(stream, TlsStream) else None
@@ -976,8 +978,11 @@ class Server:
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
-        # user -> presence changes waiting for the engine (status or None, ms, channels)
-        self._presence_pending: dict[str, list[tuple[str | None, int, list[str]]]] = {}
+        # Presence changes for a shared engine, in order (user, status or None, ms,
+        # channels), and how many are queued or being written (_presence_writer).
+        self._presence_queue: list[tuple[str, str | None, int, list[str]]] = []
+        self._presence_due = trio.Event()
+        self.presence_unwritten = 0
         self.relay: Relay[dict[str, Any]] = Relay()
         # Store reads of requests run in the read threads (run_read), read_threads at once.
         self.reads: ReadThreads | None = None  # made by run(), unless inline_reads
@@ -1159,28 +1164,35 @@ class Server:
         if not presence.shared:  # in memory: no need to leave the loop
             self._presence_moved(user, *presence.set(user, status, now), now, channels)
             return
-        # On the engine, off the loop, one change of a user at a time and in order: a
-        # quick connect and disconnect must not reach the engine reversed.
-        pending = self._presence_pending.get(user)
-        if pending is not None:
-            pending.append((status, now, channels))
-        elif self._tasks is not None:
-            self._presence_pending[user] = [(status, now, channels)]
-            self._tasks.start_soon(self._record_presence, user)
+        # On the engine, off the loop, in order (a quick connect and disconnect must not
+        # reach the engine reversed), in batches: _presence_writer.
+        self._presence_queue.append((user, status, now, channels))
+        self.presence_unwritten += 1
+        self._presence_due.set()
 
-    async def _record_presence(self, user: str) -> None:
-        presence, pending = self.store.presence, self._presence_pending[user]
-        try:
-            while pending:
-                status, now, channels = pending.pop(0)
+    async def _presence_writer(self) -> None:
+        """On a shared engine: the presence changes queued meanwhile, at most
+        ``PRESENCE_BATCH`` in one call (one round trip), one batch at a time, in order."""
+        presence, queue = self.store.presence, self._presence_queue
+        while True:
+            if not queue:
+                self._presence_due = trio.Event()
+                await self._presence_due.wait()
+            batch = queue[:PRESENCE_BATCH]
+            del queue[:PRESENCE_BATCH]
+            changes = [(user, status, now) for user, status, now, _ in batch]
+            try:
                 try:
-                    moved = await self.run_read(functools.partial(presence.set, user, status, now))
+                    results = await self.run_read(functools.partial(presence.set_many, changes))
                 except Exception as exc:  # the engine is down: the TTL corrects it later
-                    log.warning("presence of %s not recorded: %r", user, exc)
-                    continue
-                self._presence_moved(user, *moved, now, channels)
-        finally:
-            del self._presence_pending[user]
+                    results = [exc] * len(batch)
+                for (user, _, now, channels), result in zip(batch, results, strict=True):
+                    if isinstance(result, Exception):
+                        log.warning("presence of %s not recorded: %r", user, result)
+                    else:
+                        self._presence_moved(user, *result, now, channels)
+            finally:
+                self.presence_unwritten -= len(batch)
 
     def _presence_moved(
         self, user: str, before: str, after: str, now: int, channels: list[str]
@@ -1746,6 +1758,7 @@ class Server:
                     if self.store.presence.shared:
                         self.store.follow(PRESENCE_TOPIC)
                         handlers.start_soon(self._presence_upkeep)
+                        handlers.start_soon(self._presence_writer)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
                     if settings.ws:  # in `listening`: stops accepting with the TCP port
@@ -1873,7 +1886,8 @@ class Server:
             conn.send_frame({"t": "bye", "code": E.SHUTTING_DOWN, "message": "server stopping"})
             conn.close_after_flush("server shutdown")
         with trio.move_on_after(self.settings.shutdown_grace_s):
-            while self.connections:
+            # the users' offline changes too, on a shared engine (not left to its TTL)
+            while self.connections or self.presence_unwritten:
                 await trio.sleep(0.01)
         stop()
 

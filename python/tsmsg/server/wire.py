@@ -358,16 +358,19 @@ class WebSocket:
 class FdReceive:
     """A socket's receive (plaintext TCP, and TlsStream's records): ``os.read`` on its
     fd. After a read that emptied the socket (fewer bytes than asked for), the next one
-    waits for the fd first: trying
-    it at once would mostly fail with EAGAIN, a wasted syscall and exception per wake-up
-    (a third of the reads in fan-in, issue 17). Either way a receive yields once, so a
-    busy peer cannot starve the rest."""
+    waits for the fd first: trying it at once would mostly fail with EAGAIN, a wasted
+    syscall and exception per wake-up (a third of the reads in fan-in, issue 17). The
+    first read is tried at once unless ``drained``: a client sends its hello (or TLS
+    ClientHello) as soon as it is connected, so it is mostly there by the time the server
+    reads, and waiting would cost the fd's registration with trio (bench/README.md, "A
+    connect's first read"). Either way a receive yields once, so a busy peer cannot
+    starve the rest."""
 
     __slots__ = ("drained", "fd")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, drained: bool = False) -> None:
         self.fd = fd
-        self.drained = True  # a new connection's hello is rarely there yet
+        self.drained = drained
 
     async def __call__(self) -> bytes:
         fd = self.fd

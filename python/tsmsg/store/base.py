@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol, Self
 
@@ -395,6 +395,14 @@ class Presence:
             if status is not None:
                 self._status[user] = status
         return before, status or OFFLINE
+
+    def set_many(
+        self, changes: Sequence[tuple[str, str | None, int]]
+    ) -> list[tuple[str, str] | Exception]:
+        """:meth:`set` of each ``(user, status, now_ms)`` in order, as one call where the
+        store can (one round trip): each change's ``(before, after)``, or the error that
+        kept it from the store."""
+        return [self.set(*change) for change in changes]
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
         """The status across nodes of those of ``users`` who are online somewhere."""

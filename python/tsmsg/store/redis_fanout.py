@@ -145,6 +145,9 @@ class Subscriber:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # A wake-up byte is pending (until the thread drained it): no other is sent, so a
+        # burst of signals (a reconnect storm's presence) costs one system call.
+        self._woken = False
         self._stopping = False
         # The thread's own state.
         self._followed: dict[bytes, str] = {}  # topic -> channel
@@ -183,6 +186,9 @@ class Subscriber:
         self._wake()
 
     def _wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
         with contextlib.suppress(OSError):  # full (already woken) or closed
             self._wake_w.send(b"\0")
 
@@ -438,3 +444,7 @@ class Subscriber:
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
+        # After the drain, before the queues are looked at again: a request made from
+        # here on sends a byte (the next poll returns at once); one made before it is
+        # seen by the next round.
+        self._woken = False

@@ -13,10 +13,11 @@ change is one for the user.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from tsmsg.store.base import OFFLINE, Presence
-from tsmsg.store.redis_scripts import SHAS
+from tsmsg.store.base import OFFLINE, Presence, StoreUnavailable
+from tsmsg.store.redis_scripts import evalsha
 
 if TYPE_CHECKING:
     from tsmsg.store.redis_store import RedisStore
@@ -42,21 +43,48 @@ class RedisPresence(Presence):
         return self._store._user_key(user, b"pres")
 
     def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
-        expires = now_ms + self._ttl_ms
-        with self._lock:
+        (result,) = self.set_many([(user, status, now_ms)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def set_many(
+        self, changes: Sequence[tuple[str, str | None, int]]
+    ) -> list[tuple[str, str] | Exception]:
+        """In one pipeline (one round trip per node): each user's entry and its place in
+        the expiry index, in the changes' order."""
+        commands: list[tuple[Any, ...]] = []
+        for user, status, now_ms in changes:
+            expires = now_ms + self._ttl_ms
+            with self._lock:
+                if status is None:
+                    self._status.pop(user, None)
+                    self._since.pop(user, None)
+                else:
+                    self._status[user], self._since[user] = status, now_ms
+            args = (self._node, status or "", now_ms, expires, now_ms, expires + self._ttl_ms)
+            commands.append(evalsha("presence_set", [self._key(user)], *args))
+            member = self._node + user.encode()
             if status is None:
-                self._status.pop(user, None)
-                self._since.pop(user, None)
+                commands.append(("ZREM", self._index, member))
             else:
-                self._status[user], self._since[user] = status, now_ms
-        args = (self._node, status or "", now_ms, expires, now_ms, expires + self._ttl_ms)
-        before, after = self._store._eval("presence_set", [self._key(user)], *args)
-        member = self._node + user.encode()
-        if status is None:
-            self._store._call(self._store._client.zrem, self._index, member)
-        else:
-            self._store._call(self._store._client.zadd, self._index, {member: expires})
-        return before.decode(), after.decode()
+                commands.append(("ZADD", self._index, expires, member))
+        replies = self._execute(commands)
+        out: list[tuple[str, str] | Exception] = []
+        for reply, indexed in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(reply, Exception) or isinstance(indexed, Exception):
+                error = reply if isinstance(reply, Exception) else indexed
+                out.append(StoreUnavailable(f"Redis at {self._store.target.where}: {error}"))
+            else:
+                out.append((reply[0].decode(), reply[1].decode()))
+        return out
+
+    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline on the store's client (its errors raised as StoreUnavailable,
+        each command's error its reply)."""
+        store = self._store
+        with store._using():
+            return store._execute(commands, wait=False, client=store._client)
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
         out = {}
@@ -75,25 +103,32 @@ class RedisPresence(Presence):
         expires = now_ms + self._ttl_ms
         with self._lock:
             entries = [(u, s, self._since[u]) for u, s in self._status.items()]
-        client, sha = self._store._client, SHAS["presence_extend"]
         lost = []
         for i in range(0, len(entries), REFRESH_BATCH):
             batch = entries[i : i + REFRESH_BATCH]
-            pipe = client.pipeline(transaction=False)
+            commands: list[tuple[Any, ...]] = []
             for user, status, since in batch:
                 args = (self._node, since, expires, expires + self._ttl_ms, status)
-                pipe.evalsha(sha, 1, self._key(user), *args)
-                pipe.zadd(self._index, {self._node + user.encode(): expires})
-            replies = self._store._call(pipe.execute)
+                commands.append(evalsha("presence_extend", [self._key(user)], *args))
+                commands.append(("ZADD", self._index, expires, self._node + user.encode()))
+            replies = self._execute(commands)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise StoreUnavailable(f"Redis at {self._store.target.where}: {failed}")
             lost += [e for e, extended in zip(batch, replies[::2], strict=True) if not extended]
         # Entries a sweep took while this node was late (a long Redis outage): set again,
         # unless a change of the user replaced them meanwhile.
+        with self._lock:
+            again = [
+                (user, status, now_ms)
+                for user, status, since in lost
+                if self._since.get(user) == since and self._status.get(user) == status
+            ]
         moved = []
-        for user, status, since in lost:
-            with self._lock:
-                current = self._since.get(user) == since and self._status.get(user) == status
-            if current:
-                moved.append((user, *self.set(user, status, now_ms)))
+        for (user, _, _), result in zip(again, self.set_many(again), strict=True):
+            if isinstance(result, Exception):
+                raise result
+            moved.append((user, *result))
         return moved
 
     def expired(self, now_ms: int) -> list[str]:

@@ -14,6 +14,8 @@ compaction can read an entry's ts at a known position.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from typing import Any
 
 # Shared by every script: msgpack encoders producing what tsmsg's packb produces for the
 # same values (the smallest form), so a stored entry's size is its size on the wire.
@@ -530,3 +532,8 @@ SCRIPTS: dict[str, str] = {
 SHAS: dict[str, str] = {
     name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()
 }
+
+
+def evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
+    """A pipeline's command calling script ``name``."""
+    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)

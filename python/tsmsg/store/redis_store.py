@@ -87,7 +87,7 @@ from tsmsg.store.redis_fanout import (
     signal_message,
 )
 from tsmsg.store.redis_presence import PRESENCE_TTL_S, RedisPresence
-from tsmsg.store.redis_scripts import SCRIPTS, SHAS
+from tsmsg.store.redis_scripts import SCRIPTS, SHAS, evalsha
 
 log = logging.getLogger("tsmsg.store")
 
@@ -722,7 +722,7 @@ class RedisStore(Store):
                     self._user_key(user, b"rate"),
                     self._user_key(user, b"rate:c:" + channel.encode()),
                 )
-            commands.append(_evalsha("send_rate", keys, *fixed, *(len(r[2]) for r in call)))
+            commands.append(evalsha("send_rate", keys, *fixed, *(len(r[2]) for r in call)))
         for call, reply in zip(calls, self._execute(commands, wait=False), strict=True):
             if isinstance(reply, Exception):
                 raise reply
@@ -759,29 +759,32 @@ class RedisStore(Store):
         policy = self.config
         for call in calls:
             if call.ops[0].kind == "message":
-                call.args = _evalsha(
+                call.args = evalsha(
                     "append", self._keys(call.ops[0].channel),
                     self._epochs(), _P_TS + packb(ts), ts, policy.dedup_max,
                     ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE, _lua_strings(call.args),
                 )  # fmt: skip
         return calls
 
-    def _execute(self, commands: Sequence[Sequence[Any]], *, wait: bool = True) -> list[Any]:
-        """One pipeline; WAIT at its end when replicas must confirm (and ``wait``).
-        Commands Redis did not know the script of (it restarted) are sent again once the
-        scripts are loaded."""
-        replies = self._pipeline(commands, wait)
+    def _execute(
+        self, commands: Sequence[Sequence[Any]], *, wait: bool = True, client: Any = None
+    ) -> list[Any]:
+        """One pipeline (on the writer's client unless ``client`` is given); WAIT at its
+        end when replicas must confirm (and ``wait``). Commands Redis did not know the
+        script of (it restarted) are sent again, in their order, once the scripts are
+        loaded. Each command's error is its reply."""
+        client = client or self._wclient
+        replies = self._pipeline(client, commands, wait)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             self._load_scripts()
-            for i, reply in zip(
-                missing, self._pipeline([commands[i] for i in missing], wait), strict=True
-            ):
+            again = self._pipeline(client, [commands[i] for i in missing], wait)
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    def _pipeline(self, commands: Sequence[Sequence[Any]], wait: bool = True) -> list[Any]:
-        pipe = self._wclient.pipeline(transaction=False)
+    def _pipeline(self, client: Any, commands: Sequence[Sequence[Any]], wait: bool) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args)
         replicas, timeout_ms = self._wait if wait else (0, 0)
@@ -812,12 +815,12 @@ class RedisStore(Store):
             dkey = _dedup_key(op.user, cid)
             return (dkey, op.user.encode(), body + meta, 2 if meta else 1, meta)
         if op.kind == "member":
-            return _evalsha("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
+            return evalsha("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
         if op.kind == "unmember":
             return ("SREM", self._user_key(op.user, b"ch"), op.channel)
         keys = self._keys(op.channel)
         if op.kind == "read":
-            return _evalsha("read", keys, op.user, op.seq)
+            return evalsha("read", keys, op.user, op.seq)
         if op.kind not in ("edit", "delete"):
             raise ValueError(f"unknown write kind {op.kind!r}")
         if op.kind == "edit" and op.text is None:
@@ -827,7 +830,7 @@ class RedisStore(Store):
         parsed = parse_message_id(target)
         if parsed is None:
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
-        return _evalsha(
+        return evalsha(
             "change", keys,
             op.kind[0], parsed[0], parsed[1], op.user, int(op.moderator), ts, ts_pair,
             _P_ID + packb(target) + _P_SENDER + packb(op.user),
@@ -1252,10 +1255,6 @@ def _text(value: str | bytes) -> str:
 def _entry_keys(entry: Entry) -> list[str]:
     """An entry's fields in the order the scripts write them, then any others."""
     return [k for k in ENTRY_ORDER if k in entry] + [k for k in entry if k not in ENTRY_ORDER]
-
-
-def _evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
-    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
 
 
 def _lua_strings(items: Sequence[Any]) -> bytes:
