@@ -429,3 +429,46 @@ async def test_quick_connects_and_disconnects_leave_the_user_offline(
         assert presence.statuses(["alice"], a.server.now_ms()) == {}
         presence.refresh(a.server.now_ms())  # what the node keeps alive: not alice
         assert presence.statuses(["alice"], a.server.now_ms()) == {}
+
+
+async def test_a_node_stopping_announces_its_users_offline_before_it_exits(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A graceful stop (SIGTERM) writes the offline changes of its users before the node
+    exits: members elsewhere are told at once, not after the presence TTL."""
+    long_ttl = {"engine_presence_ttl_s": 600.0}  # an expiry could not be what announces it
+    async with AsyncExitStack() as stack:
+        b = await stack.enter_async_context(
+            running_server(make_settings(tmp_path / "b", engine=redis_engine, **long_ttl))
+        )
+        carol = await b.connect("carol")
+        await join(carol)
+        async with running_server(
+            make_settings(tmp_path / "a", engine=redis_engine, **long_ttl)
+        ) as a:
+            users = [f"user{i}" for i in range(30)]
+            clients = [await a.connect(user) for user in users]
+            for client in clients:
+                await join(client)
+            store = b.server.store
+            await until(lambda: all(CHANNEL in store.channels_of(u) for u in users))
+            online = store.presence.statuses(users, b.server.now_ms())
+            assert online == dict.fromkeys(users, "online")
+            presence, set_many = a.server.store.presence, a.server.store.presence.set_many
+
+            def slow(changes: Any) -> Any:  # a Redis far away: batches are still being written
+                time.sleep(0.2)  # when the last connection is closed
+                return set_many(changes)
+
+            presence.set_many = slow  # type: ignore[method-assign]
+            await clients[0].aclose()  # its offline change is being written: a slow batch
+            await until(lambda: a.server.presence_unwritten == 1 and not a.server._presence_queue)
+            a.clients.clear()  # still connected when the node stops: the server closes them
+            a.server.stopping.set()  # their changes: the next batch, after the slow one
+        # node a's run() has returned
+        assert store.presence.statuses(users, b.server.now_ms()) == {}
+        with trio.fail_after(DELIVERY_TIMEOUT_S):
+            told = {(await carol.next(presence_of(u)))["status"] for u in users}
+        assert told == {"offline"}
+        for client in clients:
+            await client.aclose()
