@@ -32,6 +32,7 @@ WAIT_S = 10.0  # anything these tests wait for arrives well within this
 QUIET_S = 0.3  # how long "nothing arrives" is watched for
 
 _prefixes = itertools.count(1)
+PRESENCE_TTL_MS = 30_000  # RedisStore's default engine_presence_ttl_s
 
 
 def eventually(what: Callable[[], bool]) -> None:
@@ -367,14 +368,12 @@ def test_a_node_skips_what_it_published_itself(engine: Engine) -> None:
 
 def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
     """set_many: one pipeline, each change's (before, after) in order, a user's several
-    changes too, also when Redis lost its scripts (sent again, in order, once loaded)."""
+    changes too. When Redis lost its scripts, each user's last change is written once
+    they are loaded, and the earlier ones are superseded (nothing to announce)."""
     store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
     t = int(time.time() * 1000)
     try:
         presence = store.presence
-        for server in engine.servers:  # as after a restart: the scripts are unknown
-            with server.client() as c:
-                c.script_flush()
         changes = [
             ("u1", "online", t),
             ("u2", "away", t),
@@ -394,11 +393,88 @@ def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
         assert presence.statuses(["u1", "u2", "u3"], t + 5) == {"u1": "busy", "u2": "away"}
         index, node = store._prefix + b"presence:expiry", presence._node  # node + user
         assert sorted(store._client.zrange(index, 0, -1)) == [node + b"u1", node + b"u2"]
+
+        for server in engine.servers:  # as after a restart: the scripts are unknown
+            with server.client() as c:
+                c.script_flush()
+        again = [("u1", None, t + 6), ("u1", "away", t + 7), ("u2", None, t + 8)]
+        assert presence.set_many(again) == [
+            ("away", "away"),  # superseded by u1's last change
+            ("busy", "away"),
+            ("away", "offline"),
+        ]
+        assert presence.statuses(["u1", "u2"], t + 9) == {"u1": "away"}
+        assert sorted(store._client.zrange(index, 0, -1)) == [node + b"u1"]
+
         store._client.set(store._user_key("u4", b"pres"), "not a hash")  # its script fails
-        results = presence.set_many([("u4", "online", t + 6), ("u2", None, t + 7)])
+        results = presence.set_many([("u4", "online", t + 10), ("u1", None, t + 11)])
         assert isinstance(results[0], StoreUnavailable), results
         assert results[1] == ("away", "offline")  # the others are written all the same
+
+        # A change that waited (a slow batch ahead of it) holds for the TTL from when it
+        # is written, not from when it was made: no sweep takes a connected user.
+        late = t - 10 * PRESENCE_TTL_MS
+        assert presence.set_many([("u5", "online", late)]) == [("offline", "online")]
+        assert presence.statuses(["u5"], int(time.time() * 1000)) == {"u5": "online"}
+        assert presence.expired(int(time.time() * 1000)) == []
     finally:
+        store.close()
+
+
+def test_presence_changes_sent_again_keep_each_users_last(engine: Engine) -> None:
+    """Another client loads the scripts while Redis is between this pipeline's commands
+    (after a restart every node does): u's connect gets NOSCRIPT, its disconnect is
+    written. Only u's last change is sent again: u is offline, not left online by its
+    connect written after its disconnect (and never refreshed, as this node knows u is
+    gone), and nothing is announced."""
+    store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
+    presence, pipeline = store.presence, store._pipeline
+    t = int(time.time() * 1000)
+
+    def interleaved(client: Any, commands: list[Any], wait: bool) -> list[Any]:
+        if len(commands) != 2 or commands[0][0] != "EVALSHA":
+            return pipeline(client, commands, wait)  # not the first call: as it is
+        store._client.script_flush()  # a restart
+        first = pipeline(client, commands[:1], wait)  # u online: NOSCRIPT
+        store._load_scripts()  # another client's SCRIPT LOAD, between the two commands
+        return first + pipeline(client, commands[1:], wait)  # u gone: written
+
+    store._pipeline = interleaved  # type: ignore[method-assign]
+    try:
+        results = presence.set_many([("u", "online", t), ("u", None, t + 1)])
+        store._pipeline = pipeline  # type: ignore[method-assign]
+        assert [before == after for before, after in results] == [True, True], results
+        assert presence.statuses(["u"], t + 2) == {}
+        assert store._client.zscore(presence._index, presence._node + b"u") is None
+    finally:
+        store._pipeline = pipeline  # type: ignore[method-assign]
+        store.close()
+
+
+def test_a_disconnect_not_written_keeps_its_entry_where_a_sweep_finds_it(
+    engine: Engine,
+) -> None:
+    """The user's entry and the expiry index may be on different Redis Cluster
+    primaries: when the user's is down, its disconnect is not written (an error, the TTL
+    corrects it) and the index keeps the entry's member, so that a sweep claims the
+    entry once it expires (offline announced, last_seen written)."""
+    store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:", presence_ttl_s=1.0)
+    presence, pipeline = store.presence, store._pipeline
+    t = int(time.time() * 1000)
+
+    def user_primary_down(client: Any, commands: list[Any], wait: bool) -> list[Any]:
+        down = redis.ConnectionError("the user's primary is down")
+        return [down if c[0] == "EVALSHA" else pipeline(client, [c], wait)[0] for c in commands]
+
+    try:
+        assert presence.set("u", "online", t) == ("offline", "online")
+        store._pipeline = user_primary_down  # type: ignore[method-assign]
+        (result,) = presence.set_many([("u", None, t + 10)])
+        store._pipeline = pipeline  # type: ignore[method-assign]
+        assert isinstance(result, StoreUnavailable), result
+        assert presence.expired(t + 5_000) == ["u"]
+    finally:
+        store._pipeline = pipeline  # type: ignore[method-assign]
         store.close()
 
 

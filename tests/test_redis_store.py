@@ -426,6 +426,22 @@ def test_runs_are_sent_again_when_redis_lost_its_scripts(
     ]
 
 
+def test_a_leave_is_not_undone_by_its_join_sent_again(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """After a script cache loss, a batch's join (a script: NOSCRIPT) and then leave (a
+    plain SREM: applied) of one user: the join is sent again once the scripts are loaded,
+    and the leave with it, after it, so the user is not left a member."""
+    store = RedisStore(own_redis.url)
+    stores.append(store)
+    with own_redis.client() as admin:
+        admin.script_flush()
+    join, leave = WriteOp("member", "room", "alice"), WriteOp("unmember", "room", "alice")
+    _submit_all(store, [join, leave])
+    assert (join.error, leave.error) == (None, None)
+    assert store.channels_of("alice") == []
+
+
 def test_a_run_redis_refuses_fails_whole_and_stores_nothing(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:

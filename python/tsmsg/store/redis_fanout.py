@@ -219,6 +219,11 @@ class Subscriber:
                     self._drop(link, exc)
                 busy = False
             self._wait(0.0 if busy else self._timeout())
+        # Closing: the signals still queued (a stopping node's offline pushes) are sent,
+        # until the queue is empty or a batch fails (Redis is away).
+        failures = self.stats.publish_failures
+        while not self._signals.empty() and self.stats.publish_failures == failures:
+            self._send_signals()
         for link in self._links.values():
             with contextlib.suppress(Exception):
                 link.pubsub.reset()

@@ -13,14 +13,19 @@ change is one for the user.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
 
 from tsmsg.store.base import OFFLINE, Presence, StoreUnavailable
 from tsmsg.store.redis_scripts import evalsha
 
 if TYPE_CHECKING:
     from tsmsg.store.redis_store import RedisStore
+
+log = logging.getLogger("tsmsg.store")
 
 PRESENCE_TTL_S = 30.0  # default: a dead node's users count as online this long at most
 CLAIM_MAX = 256  # expired entries one sweep call claims
@@ -51,40 +56,80 @@ class RedisPresence(Presence):
     def set_many(
         self, changes: Sequence[tuple[str, str | None, int]]
     ) -> list[tuple[str, str] | Exception]:
-        """In one pipeline (one round trip per node): each user's entry and its place in
-        the expiry index, in the changes' order."""
-        commands: list[tuple[Any, ...]] = []
-        for user, status, now_ms in changes:
-            expires = now_ms + self._ttl_ms
-            with self._lock:
-                if status is None:
-                    self._status.pop(user, None)
-                    self._since.pop(user, None)
-                else:
-                    self._status[user], self._since[user] = status, now_ms
-            args = (self._node, status or "", now_ms, expires, now_ms, expires + self._ttl_ms)
-            commands.append(evalsha("presence_set", [self._key(user)], *args))
-            member = self._node + user.encode()
-            if status is None:
-                commands.append(("ZREM", self._index, member))
-            else:
-                commands.append(("ZADD", self._index, expires, member))
-        replies = self._execute(commands)
-        out: list[tuple[str, str] | Exception] = []
-        for reply, indexed in zip(replies[::2], replies[1::2], strict=True):
-            if isinstance(reply, Exception) or isinstance(indexed, Exception):
-                error = reply if isinstance(reply, Exception) else indexed
-                out.append(StoreUnavailable(f"Redis at {self._store.target.where}: {error}"))
-            else:
-                out.append((reply[0].decode(), reply[1].decode()))
-        return out
+        with self._lock:
+            for change in changes:
+                self._note(*change)
+        return self._write(changes)
 
-    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline on the store's client (its errors raised as StoreUnavailable,
-        each command's error its reply)."""
+    def _note(self, user: str, status: str | None, now_ms: int) -> None:
+        """This node's status of ``user`` as refresh() extends it (under the lock)."""
+        if status is None:
+            self._status.pop(user, None)
+            self._since.pop(user, None)
+        else:
+            self._status[user], self._since[user] = status, now_ms
+
+    def _write(
+        self, changes: Sequence[tuple[str, str | None, int]]
+    ) -> list[tuple[str, str] | Exception]:
+        """The changes' entry scripts in one pipeline, in order, then each user's place in
+        the expiry index (by the user's last change written) in another. An entry's
+        expiry counts from when it is written, not from when the change was queued."""
+        store, ttl = self._store, self._ttl_ms
+        written = store._clock()
+        commands, expiries = [], []
+        for user, status, now_ms in changes:
+            expires = max(now_ms, written) + ttl
+            args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl)
+            commands.append(evalsha("presence_set", [self._key(user)], *args))
+            expiries.append(expires)
+        replies = self._pipeline(commands)
+        last = {user: i for i, (user, _, _) in enumerate(changes)}
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis lost its scripts (a restart): once they are loaded, the last change of
+            # each user with a change not written is written again, and only that one (an
+            # earlier change written after a later one would undo it; another client's
+            # SCRIPT LOAD can land within this pipeline, so a later change may have been
+            # written). The others not written are superseded: nothing to announce.
+            with store._using():
+                store._load_scripts()
+            again = sorted(
+                {last[changes[i][0]] for i, r in enumerate(replies) if isinstance(r, NoScriptError)}
+            )
+            for i, reply in zip(again, self._pipeline([commands[i] for i in again]), strict=True):
+                replies[i] = reply
+            for i, reply in enumerate(replies):
+                final = replies[last[changes[i][0]]]
+                if isinstance(reply, NoScriptError) and not isinstance(final, Exception):
+                    replies[i] = [final[1], final[1]]
+        index: dict[str, tuple[Any, ...]] = {}
+        for (user, status, _), reply, expires in zip(changes, replies, expiries, strict=True):
+            if not isinstance(reply, Exception):  # where a sweep finds the entry, if any
+                member = self._node + user.encode()
+                op = (
+                    ("ZREM", self._index, member)
+                    if status is None
+                    else ("ZADD", self._index, expires, member)
+                )
+                index[user] = op
+        try:  # a member left behind is harmless (presence_expire finds no entry); one
+            self._pipeline(list(index.values()))  # missing is added by the next refresh
+        except StoreUnavailable as exc:
+            log.warning("presence index not updated: %s", exc)
+        where = store.target.where
+        return [
+            StoreUnavailable(f"Redis at {where}: {reply}")
+            if isinstance(reply, Exception)
+            else (reply[0].decode(), reply[1].decode())
+            for reply in replies
+        ]
+
+    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline on the store's client: each command's error is its reply; a lost
+        connection raises StoreUnavailable."""
         store = self._store
         with store._using():
-            return store._execute(commands, wait=False, client=store._client)
+            return store._pipeline(store._client, commands, False)
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
         out = {}
@@ -111,21 +156,24 @@ class RedisPresence(Presence):
                 args = (self._node, since, expires, expires + self._ttl_ms, status)
                 commands.append(evalsha("presence_extend", [self._key(user)], *args))
                 commands.append(("ZADD", self._index, expires, self._node + user.encode()))
-            replies = self._execute(commands)
+            with self._store._using():
+                replies = self._store._execute(commands, wait=False, client=self._store._client)
             failed = next((r for r in replies if isinstance(r, Exception)), None)
             if failed is not None:
                 raise StoreUnavailable(f"Redis at {self._store.target.where}: {failed}")
             lost += [e for e, extended in zip(batch, replies[::2], strict=True) if not extended]
         # Entries a sweep took while this node was late (a long Redis outage): set again,
         # unless a change of the user replaced them meanwhile.
-        with self._lock:
+        with self._lock:  # checked and noted at once: a disconnect must not slip between
             again = [
                 (user, status, now_ms)
                 for user, status, since in lost
                 if self._since.get(user) == since and self._status.get(user) == status
             ]
+            for change in again:
+                self._note(*change)
         moved = []
-        for (user, _, _), result in zip(again, self.set_many(again), strict=True):
+        for (user, _, _), result in zip(again, self._write(again), strict=True):
             if isinstance(result, Exception):
                 raise result
             moved.append((user, *result))

@@ -770,17 +770,26 @@ class RedisStore(Store):
         self, commands: Sequence[Sequence[Any]], *, wait: bool = True, client: Any = None
     ) -> list[Any]:
         """One pipeline (on the writer's client unless ``client`` is given); WAIT at its
-        end when replicas must confirm (and ``wait``). Commands Redis did not know the
-        script of (it restarted) are sent again, in their order, once the scripts are
-        loaded. Each command's error is its reply."""
+        end when replicas must confirm (and ``wait``). Each command's error is its reply.
+        Commands Redis did not know the script of (it restarted) are sent again once the
+        scripts are loaded, in their order, with every command after the first of them
+        that runs no script (SREM, SET, ZADD: idempotent, their first replies stand): so
+        those are applied after the scripts they followed (a leave is not undone by its
+        join sent again after it)."""
         client = client or self._wclient
         replies = self._pipeline(client, commands, wait)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        missing = {i for i, r in enumerate(replies) if isinstance(r, NoScriptError)}
         if missing:
             self._load_scripts()
-            again = self._pipeline(client, [commands[i] for i in missing], wait)
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
+            again = [
+                i
+                for i in range(min(missing), len(commands))
+                if i in missing or commands[i][0] != "EVALSHA"
+            ]
+            resent = self._pipeline(client, [commands[i] for i in again], wait)
+            for i, reply in zip(again, resent, strict=True):
+                if i in missing:
+                    replies[i] = reply
         return replies
 
     def _pipeline(self, client: Any, commands: Sequence[Sequence[Any]], wait: bool) -> list[Any]:
