@@ -281,6 +281,19 @@ def test_a_dup_is_not_published_and_a_moved_read_cursor_is(nodes: Nodes) -> None
     ]
 
 
+def test_signals_queued_when_a_node_closes_are_still_sent(nodes: Nodes) -> None:
+    """A stopping node's last signals (its users' offline presence) are published before
+    its pub/sub thread ends, not dropped with the thread."""
+    a, rec = nodes.a, nodes.rec
+    nodes.follow("room")
+    frames = [{"t": "typing", "channel": "room", "user": f"u{i}", "on": True} for i in range(50)]
+    for frame in frames:
+        a.publish_signal("room", frame)
+    a.close()  # at once: the thread has most of them still queued
+    rec.wait(lambda: len(rec.signals) >= len(frames))
+    assert rec.signals == [("room", frame) for frame in frames]
+
+
 def test_only_followed_channels_deliver_and_unfollow_stops(nodes: Nodes, engine: Engine) -> None:
     a, b, rec = nodes.a, nodes.b, nodes.rec
     nodes.follow("here")
