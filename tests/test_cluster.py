@@ -14,6 +14,7 @@ Each test starts its own ``redis-server`` (AOF always, loopback, a temporary dir
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -472,3 +473,34 @@ async def test_a_node_stopping_announces_its_users_offline_before_it_exits(
         assert told == {"offline"}
         for client in clients:
             await client.aclose()
+
+
+async def test_presence_changes_waiting_for_a_slow_engine_keep_one_per_user(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """While a batch is being written (Redis slow or away), a user's next change replaces
+    the one still waiting: one change per user is queued, however many happen, and the
+    net one is written."""
+    async with nodes(tmp_path, redis_engine, 1) as (a,):
+        presence, set_many = a.server.store.presence, a.server.store.presence.set_many
+        release = threading.Event()
+
+        def held(changes: Any) -> Any:
+            release.wait(DELIVERY_TIMEOUT_S)
+            return set_many(changes)
+
+        presence.set_many = held  # type: ignore[method-assign]
+        bob = await a.connect("bob")  # his change: the batch being written
+        await until(lambda: a.server.presence_unwritten == 1 and not a.server._presence_queue)
+        for _ in range(10):
+            alice = await a.connect("alice")
+            await until(lambda: "alice" in a.server.devices)  # announced (its memberships read)
+            await alice.aclose()
+            await until(lambda: "alice" not in a.server.devices)
+            assert list(a.server._presence_queue) == ["alice"]  # one change, the latest
+        assert a.server.presence_unwritten == 2
+        release.set()
+        await until(lambda: not a.server.presence_unwritten)
+        now = a.server.now_ms()
+        assert presence.statuses(["alice", "bob"], now) == {"bob": "online"}
+        await bob.aclose()

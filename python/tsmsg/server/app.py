@@ -978,11 +978,11 @@ class Server:
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
-        # Presence changes for a shared engine, in order (user, status or None, ms,
-        # channels), and how many are queued or being written (_presence_writer).
-        self._presence_queue: list[tuple[str, str | None, int, list[str]]] = []
+        # Presence changes for a shared engine, in order: user -> (status or None, ms,
+        # channels), a user's latest only (_presence_writer), and how many are written.
+        self._presence_queue: dict[str, tuple[str | None, int, list[str]]] = {}
         self._presence_due = trio.Event()
-        self.presence_unwritten = 0
+        self._presence_writing = 0
         self.relay: Relay[dict[str, Any]] = Relay()
         # Store reads of requests run in the read threads (run_read), read_threads at once.
         self.reads: ReadThreads | None = None  # made by run(), unless inline_reads
@@ -1165,10 +1165,18 @@ class Server:
             self._presence_moved(user, *presence.set(user, status, now), now, channels)
             return
         # On the engine, off the loop, in order (a quick connect and disconnect must not
-        # reach the engine reversed), in batches: _presence_writer.
-        self._presence_queue.append((user, status, now, channels))
-        self.presence_unwritten += 1
+        # reach the engine reversed), in batches: _presence_writer. A change still
+        # waiting is replaced by the user's next one (moved to the end): what is written
+        # and announced is the net change, and the queue holds one change per user
+        # however long the engine is slow or away.
+        self._presence_queue.pop(user, None)
+        self._presence_queue[user] = (status, now, channels)
         self._presence_due.set()
+
+    @property
+    def presence_unwritten(self) -> int:
+        """Presence changes queued or being written to a shared engine."""
+        return len(self._presence_queue) + self._presence_writing
 
     async def _presence_writer(self) -> None:
         """On a shared engine: the presence changes queued meanwhile, at most
@@ -1178,21 +1186,23 @@ class Server:
             if not queue:
                 self._presence_due = trio.Event()
                 await self._presence_due.wait()
-            batch = queue[:PRESENCE_BATCH]
-            del queue[:PRESENCE_BATCH]
-            changes = [(user, status, now) for user, status, now, _ in batch]
+            batch = list(itertools.islice(queue.items(), PRESENCE_BATCH))
+            for user, _ in batch:
+                del queue[user]
+            changes = [(user, status, now) for user, (status, now, _) in batch]
+            self._presence_writing = len(batch)
             try:
                 try:
                     results = await self.run_read(functools.partial(presence.set_many, changes))
                 except Exception as exc:  # the engine is down: the TTL corrects it later
                     results = [exc] * len(batch)
-                for (user, _, now, channels), result in zip(batch, results, strict=True):
+                for (user, (_, now, channels)), result in zip(batch, results, strict=True):
                     if isinstance(result, Exception):
                         log.warning("presence of %s not recorded: %r", user, result)
                     else:
                         self._presence_moved(user, *result, now, channels)
             finally:
-                self.presence_unwritten -= len(batch)
+                self._presence_writing = 0
 
     def _presence_moved(
         self, user: str, before: str, after: str, now: int, channels: list[str]
