@@ -430,15 +430,23 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'NX')
 return 1
 """
 
-# KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed;
-# returns the user's status after, or false when the entry was refreshed meanwhile.
+# KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed, with
+# every other expired entry of the user (nodes that died together: the user goes offline
+# once, at this claim; the others' claims then find no entry); returns the user's status
+# after, or false when the entry was refreshed (or removed) meanwhile.
 PRESENCE_EXPIRE = r"""
+local now = tonumber(ARGV[2])
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return false end
 local e = tonumber(string.match(v, '^%d+ (%d+) '))
-if e and e > tonumber(ARGV[2]) then return false end
+if e and e > now then return false end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local x = tonumber(string.match(all[i + 1], '^%d+ (%d+) '))
+  if x and x <= now then redis.call('HDEL', KEYS[1], all[i]) end
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
-return status_of(KEYS[1], tonumber(ARGV[2]))
+return status_of(KEYS[1], now)
 """
 
 # KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most.
