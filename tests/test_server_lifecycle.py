@@ -589,3 +589,37 @@ def test_settings_unknown_key(
 def test_settings_wrong_type(tmp_path: Path, toml: str, env: dict[str, str], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         load_settings(write_toml(tmp_path, toml), env, None)
+
+
+async def test_a_peer_closing_with_nothing_to_send_costs_no_writer_task(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disconnect is as common as a connect: a peer's EOF with nothing left to send
+    closes the connection at once, without starting a writer task to flush nothing; one
+    with a reply still owed (a send in flight) gets it first."""
+    from tsmsg.server.app import Connection
+
+    started: list[str | None] = []
+    writer = Connection.writer
+
+    async def counted(self: Connection, scope: trio.CancelScope) -> None:
+        started.append(self.user)
+        await writer(self, scope)
+
+    monkeypatch.setattr(Connection, "writer", counted)
+    for _ in range(3):
+        client = await harness.connect("alice")
+        assert (await client.request("ping"))["t"] == "pong"
+        await client.aclose()
+    with trio.fail_after(5):
+        while harness.server.connections:
+            await trio.sleep(0.01)
+    assert started == []
+
+    client = await harness.connect("bob")  # half-closes with a send in flight: acked
+    await client.send({"t": "send", "rid": 7, "channel": "room", "cid": "c1", "text": "hi"})
+    await client.stream.send_eof()
+    with trio.fail_after(5):
+        reply = await client.next()
+    assert (reply["t"], reply["rid"]) == ("ok", 7), reply
+    await client.aclose()

@@ -1,5 +1,5 @@
 #!/bin/bash
-# usage: connects.sh N [spy]  (from the repository root, after make bench; TSMSG_BIN: the tsmsg to run; WS=1: over ws://; TLS=DIR: TLS with DIR's tls-{cert,key,ca}.pem, as bench/run.py's make_pki writes them; ENGINE=URL: on that engine, e.g. redis://127.0.0.1:7392; THREADS=1: CPU per connect of each of the server's threads, named by py-spy dump)  -- N idle plain connections, 100 at a time; server CPU0, loadgen CPU1
+# usage: connects.sh N [spy]  (from the repository root, after make bench; TSMSG_BIN: the tsmsg to run; WS=1: over ws://; TLS=DIR: TLS with DIR's tls-{cert,key,ca}.pem, as bench/run.py's make_pki writes them; ENGINE=URL: on that engine, e.g. redis://127.0.0.1:7392; THREADS=1: CPU per connect of each of the server's threads, named by py-spy dump; SETTLE=S: S seconds after the load generator ends before the CPU is read, so that the disconnects count too)  -- N idle plain connections, 100 at a time; server CPU0, loadgen CPU1
 # prints connects/s and the server's CPU µs per connect (utime+stime over the opening)
 N=${1:-3000}
 export TSMSG_SECRET=bench-run-secret-bench-run-secret-0123456789 TSMSG_IP_CONNECT_RATE=1000000 TSMSG_IP_CONNECT_BURST=1000000 TSMSG_IP_MAX_CONNECTIONS=1000000
@@ -14,7 +14,7 @@ cputicks() { for t in /proc/$SP/task/*; do echo "${t##*/} $(awk '{print $14+$15}
 [ -n "$THREADS" ] && cputicks > ${SCRATCH:-/tmp}/t0_$$
 if [ "$2" = spy ]; then ./.venv/bin/py-spy record --pid $SP --rate 500 --format raw --output ${SCRATCH:-/tmp}/conn.spy --duration 3 --threads >/dev/null 2>&1 & PS=$!; sleep 0.5; fi
 taskset -c 1 ./target/loadgen/loadgen --addr $ADDR $LGTLS --opt secret=$TSMSG_SECRET --workload idle --idle $N --hold 0.2 --server-pid $SP > ${SCRATCH:-/tmp}/conn_$$.json 2>${SCRATCH:-/tmp}/lg_$$.err
-read U1 S1 < <(awk '{print $14, $15}' /proc/$SP/stat)
+sleep ${SETTLE:-0}; read U1 S1 < <(awk '{print $14, $15}' /proc/$SP/stat)
 if [ -n "$THREADS" ]; then
   cputicks > ${SCRATCH:-/tmp}/t1_$$
   ./.venv/bin/py-spy dump --pid $SP 2>/dev/null | sed -nE 's/^Thread ([0-9]+).*"(.*)"$/\1 \2/p' > ${SCRATCH:-/tmp}/tn_$$

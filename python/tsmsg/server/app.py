@@ -87,6 +87,7 @@ from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import (
     CONTENT_TYPE,
     HTTP_REQUEST,
+    PEER_CLOSED,
     Metrics,
     auth_reason,
     close_reason,
@@ -97,7 +98,15 @@ from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.server.threads import ReadThreads
 from tsmsg.server.tls_stream import TlsStream
 from tsmsg.server.web import Web
-from tsmsg.server.wire import RECEIVE_CHUNK, TCP, Codec, Decoder, FdReceive, Transport
+from tsmsg.server.wire import (
+    RECEIVE_CHUNK,
+    TCP,
+    Codec,
+    Decoder,
+    FdReceive,
+    Transport,
+    close_stream,
+)
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
 from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
@@ -565,6 +574,11 @@ class Connection:
             self.pending = data[sent:]
             self.blocked = True
             self.wake_writer()
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes queued, or taken and not yet written (the writer task's to send)."""
+        return bool(self.queue or self.pending or self.backlogged or self.writing)
 
     @property
     def backlogged(self) -> bool:
@@ -1556,8 +1570,7 @@ class Server:
                             pass
             except PEER_GONE:
                 pass  # the peer is gone, or its TLS handshake failed: close all the same
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()
+        await close_stream(stream)
 
     async def _tls_handshake(self, stream: TlsStream, peer: str) -> bool:
         """Complete the TLS handshake within its deadline. A failed or slow one is logged
@@ -1651,13 +1664,18 @@ class Server:
                     while conn.inflight and conn.closing is None:
                         conn.inflight_freed = trio.Event()
                         await conn.inflight_freed.wait()
-                    conn.close_after_flush("peer closed the connection")
-                    await trio.sleep_forever()
+                    if conn.closing is None and conn.transport is TCP and not conn.unsent:
+                        conn.closing = PEER_CLOSED  # nothing to send: no writer task to start
+                    else:
+                        conn.close_after_flush(PEER_CLOSED)  # the writer sends it, aborts
+                        await trio.sleep_forever()
         except Exception as exc:
             conn.failed(exc)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await conn.stop_writer()
+            if conn.writing:  # ended before the socket is closed (the scopes only then)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await conn.stop_writer()
+            conn.nursery = None  # no writer task from now on
             if conn.writing:  # closed under it: it ends as a lost peer
                 log.warning("writer of %s (%s) still running at close", peer, conn.user)
             reason = conn.closing or "closed"
@@ -1676,8 +1694,7 @@ class Server:
             self.metrics.closed[close_reason(reason)].inc()
             log.info("disconnect %s (%s) session %s: %s", peer, conn.user, session_id, reason)
             conn.try_send = None  # closed below: its fd may be reused by the next socket
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            await close_stream(stream)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -31,7 +31,7 @@ from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.server.http import PEER_GONE, Response, drain, encode_response, text
 from tsmsg.server.tls_stream import TlsStream
-from tsmsg.server.wire import SUBPROTOCOLS, WebSocket
+from tsmsg.server.wire import SUBPROTOCOLS, WebSocket, close_stream
 
 if TYPE_CHECKING:
     from tsmsg.server.app import Refusal, Server
@@ -316,5 +316,4 @@ class Web:
         except PEER_GONE:
             pass
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            await close_stream(stream)
