@@ -83,6 +83,7 @@ from tsmsg.protocol.session import (
     Unsubscribe,
     event_frame,
 )
+from tsmsg.server.accept import Address, serve_connections, tcp_acceptors
 from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import (
     CONTENT_TYPE,
@@ -116,7 +117,6 @@ log = logging.getLogger("tsmsg.server")
 T = TypeVar("T")
 
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
-LISTEN_BACKLOG = 4096  # pending connections the kernel queues (it caps it at somaxconn)
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
 # Descriptors a derived max_connections leaves free: the store's files, log files, the
@@ -258,28 +258,6 @@ def listen_error(host: str, port: int) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-
-
-async def tcp_listeners(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
-    """Listening sockets on HOST:PORT; with ``reuse_port`` (SO_REUSEPORT), other
-    processes may listen on the same port (nodes on one machine, one per core)."""
-    if not reuse_port:
-        return await trio.open_tcp_listeners(port, host=host)
-    listeners = []
-    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
-        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
-    ):
-        sock = trio.socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-            await sock.bind(address)
-            sock.listen(LISTEN_BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        listeners.append(trio.SocketListener(sock))
-    return listeners
 
 
 def try_send_of(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
@@ -1592,13 +1570,17 @@ class Server:
         await trio.aclose_forcefully(stream)
         return False
 
-    async def handle(self, tcp: trio.SocketStream, *, web: bool = False) -> None:
-        """A new connection on the TCP port, or (``web``) on the WebSocket port."""
+    async def handle(
+        self, tcp: trio.SocketStream, address: Address | None, *, web: bool = False
+    ) -> None:
+        """A new connection on the TCP port, or (``web``) on the WebSocket port, from
+        ``address`` (as accept gave it; None: asked of the socket)."""
         try:
-            host, port = tcp.socket.getpeername()[:2]
+            host, port = (address or tcp.socket.getpeername())[:2]
             peer = f"{host}:{port}"
         except OSError:
             host, peer = "?", "?"
+        del address  # not kept for the connection's life (memory per idle connection)
         stream: trio.abc.Stream = tcp
         if self.tls is not None:
             # No close_notify is sent or required (PROTOCOL.md section 4).
@@ -1751,7 +1733,7 @@ class Server:
                     if listeners is not None:
                         await listening.start(
                             functools.partial(
-                                trio.serve_listeners,
+                                serve_connections,
                                 self.handle,
                                 list(listeners),
                                 handler_nursery=handlers,
@@ -1759,14 +1741,15 @@ class Server:
                         )
                     else:
                         with listen_error(settings.host, settings.port):
-                            own = await tcp_listeners(
+                            own = await tcp_acceptors(
                                 settings.host, settings.port, settings.reuse_port
                             )
-                            serve = functools.partial(
-                                trio.serve_listeners, self.handle, own, handler_nursery=handlers
+                            await listening.start(
+                                functools.partial(
+                                    serve_connections, self.handle, own, handler_nursery=handlers
+                                )
                             )
-                            sockets = await listening.start(serve)
-                        self.port = sockets[0].socket.getsockname()[1]
+                        self.port = own[0].port
                         if self.tls is None:
                             log.info("TLS off: plaintext, for loopback and development only")
                         else:
@@ -1854,15 +1837,11 @@ class Server:
     ) -> None:
         host, port = parse_address(address, "ws")
         with listen_error(host, port):
-            own = await tcp_listeners(host, port, self.settings.reuse_port)
-        serve = functools.partial(
-            trio.serve_listeners,
-            functools.partial(self.handle, web=True),
-            own,
-            handler_nursery=handlers,
-        )
-        sockets = await listening.start(serve)
-        self.ws_port = sockets[0].socket.getsockname()[1]
+            own = await tcp_acceptors(host, port, self.settings.reuse_port)
+        handle = functools.partial(self.handle, web=True)
+        serve = functools.partial(serve_connections, handle, own, handler_nursery=handlers)
+        await listening.start(serve)
+        self.ws_port = own[0].port
         scheme = "http" if self.tls is None else "https"
         log.info("web chat page on %s://%s:%d/ (WebSocket at /connect)", scheme, host, self.ws_port)
 
