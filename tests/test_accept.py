@@ -14,9 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from tsmsg.server.accept import ACCEPT_BATCH, serve_connections, tcp_acceptors
+from tsmsg.server.accept import ACCEPT_BATCH, Gate, serve_connections, tcp_acceptors
 
 WAIT_S = 10
+OPEN = Gate(lambda: 10**6)  # room for any number of connections
 
 
 async def test_every_queued_connection_is_handed_over_with_its_address() -> None:
@@ -36,7 +37,7 @@ async def test_every_queued_connection_is_handed_over_with_its_address() -> None
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_connections(
-                handler, [acceptor], handler_nursery=nursery, task_status=task_status
+                handler, [acceptor], OPEN, handler_nursery=nursery, task_status=task_status
             )
         )
         with trio.fail_after(WAIT_S):
@@ -58,7 +59,7 @@ async def test_a_stream_its_handler_left_open_is_closed() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_connections(
-                handler, [acceptor], handler_nursery=nursery, task_status=task_status
+                handler, [acceptor], OPEN, handler_nursery=nursery, task_status=task_status
             )
         )
         client = await trio.open_tcp_stream("127.0.0.1", acceptor.port)
@@ -101,7 +102,7 @@ async def test_out_of_descriptors_is_logged_and_retried(caplog: pytest.LogCaptur
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: serve_connections(
-                    handler, [acceptor], handler_nursery=nursery, task_status=task_status
+                    handler, [acceptor], OPEN, handler_nursery=nursery, task_status=task_status
                 )
             )
             client = await trio.open_tcp_stream("127.0.0.1", port)
@@ -136,7 +137,7 @@ async def test_other_listeners_are_served_without_an_address() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_connections(
-                handler, [Listener()], handler_nursery=nursery, task_status=task_status
+                handler, [Listener()], OPEN, handler_nursery=nursery, task_status=task_status
             )
         )
         with trio.fail_after(WAIT_S):
@@ -144,3 +145,43 @@ async def test_other_listeners_are_served_without_an_address() -> None:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert [address for _, address in streams] == [None] * 3
+
+
+def test_a_round_takes_no_more_than_the_room_left_and_at_least_one() -> None:
+    room = [1000]
+    gate = Gate(lambda: room[0])
+    assert gate.batch() == ACCEPT_BATCH
+    room[0] = 5
+    assert gate.batch() == 5
+    gate.unstarted = 3  # accepted, not yet counted by their handlers
+    assert gate.batch() == 2
+    room[0] = 0  # at the cap: one a round, which the server refuses
+    assert gate.batch() == 1
+
+
+async def test_an_ipv6_wildcard_takes_ipv4_connections_too() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        (acceptor,) = await tcp_acceptors("::", 0, reuse_port=True)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 socket here: {exc}")
+    seen: list[Any] = []
+
+    async def handler(stream: trio.SocketStream, address: Any) -> None:
+        seen.append(address)
+        stream.socket.close()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_connections(
+                handler, [acceptor], OPEN, handler_nursery=nursery, task_status=task_status
+            )
+        )
+        client = await trio.open_tcp_stream("127.0.0.1", acceptor.port)
+        with trio.fail_after(WAIT_S):
+            while not seen:
+                await trio.sleep(0.01)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen[0][0] == "::ffff:127.0.0.1", seen  # an IPv4 peer, mapped

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import resource
+import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -252,6 +253,37 @@ async def test_fd_limit_caps_connections_and_keeps_serving_open_ones(tmp_path: P
         f"{outcomes.count('rate_limited')} refused at once, peak fds {peak_fds} "
         f"(base {base_fds}), {len(sender.acked)} sends acked"
     )
+
+
+async def test_a_burst_at_the_cap_leaves_the_descriptor_reserve_alone(tmp_path: Path) -> None:
+    """A burst of connections queued in the kernel at once, more than the descriptors
+    kept in reserve, with room for two under the cap: the accept loop takes no more than
+    the room while the cap is near, then one a round, each refused and closed before the
+    next, so the process never runs out of descriptors."""
+    cap, burst = 4, FD_RESERVE * 3
+    env = {**NO_IP_LIMITS, "TSMSG_HELLO_TIMEOUT_S": "60"}
+    async with server_process(tmp_path / "data", tmp_path / "server.log", env=env) as server:
+        async with member(server.port, "alice") as alice, member(server.port, "bob"):
+            sender = Sender(alice, "alice")
+            await sender.send()
+            base_fds = open_fds(server)
+            set_child_nofile(server, FD_RESERVE + cap)
+            queued = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(burst)]
+            refused = 0
+            for sock in queued[cap - 2 :]:  # past the two served: answered and closed
+                sock.settimeout(10)
+                reply = sock.recv(4096)
+                while chunk := sock.recv(4096):
+                    reply += chunk
+                assert b"rate_limited" in reply, reply
+                refused += 1
+            assert open_fds(server) <= base_fds + cap - 2
+            for sock in queued:
+                sock.close()
+            await sender.send()  # served throughout
+        log = server.log()
+    assert refused == burst - (cap - 2)
+    assert "EMFILE" not in log, log
 
 
 def test_accept_error_filter_folds_repeats_into_one_line_per_period() -> None:

@@ -83,7 +83,7 @@ from tsmsg.protocol.session import (
     Unsubscribe,
     event_frame,
 )
-from tsmsg.server.accept import Address, serve_connections, tcp_acceptors
+from tsmsg.server.accept import Address, Gate, serve_connections, tcp_acceptors
 from tsmsg.server.http import HttpServer, Response, Route, text
 from tsmsg.server.metrics import (
     CONTENT_TYPE,
@@ -996,6 +996,8 @@ class Server:
         # Open sockets (refused ones until closed, too) in all and per IP, and sessions
         # past hello per user: the connection caps (PROTOCOL.md 16.3).
         self.open_sockets = 0
+        # How many connections the accept loops take at once: what the cap leaves.
+        self.gate = Gate(lambda: self.max_connections() - self.open_sockets)
         self.open_by_ip: collections.Counter[str] = collections.Counter()
         self.open_by_user: collections.Counter[str] = collections.Counter()
         self._wall_ms = wall_ms  # the wall clock (injected by the simulation)
@@ -1736,6 +1738,7 @@ class Server:
                                 serve_connections,
                                 self.handle,
                                 list(listeners),
+                                self.gate,
                                 handler_nursery=handlers,
                             )
                         )
@@ -1746,7 +1749,11 @@ class Server:
                             )
                             await listening.start(
                                 functools.partial(
-                                    serve_connections, self.handle, own, handler_nursery=handlers
+                                    serve_connections,
+                                    self.handle,
+                                    own,
+                                    self.gate,
+                                    handler_nursery=handlers,
                                 )
                             )
                         self.port = own[0].port
@@ -1839,7 +1846,9 @@ class Server:
         with listen_error(host, port):
             own = await tcp_acceptors(host, port, self.settings.reuse_port)
         handle = functools.partial(self.handle, web=True)
-        serve = functools.partial(serve_connections, handle, own, handler_nursery=handlers)
+        serve = functools.partial(
+            serve_connections, handle, own, self.gate, handler_nursery=handlers
+        )
         await listening.start(serve)
         self.ws_port = own[0].port
         scheme = "http" if self.tls is None else "https"
