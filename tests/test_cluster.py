@@ -499,6 +499,8 @@ async def test_presence_changes_waiting_for_a_slow_engine_keep_one_per_user(
             await until(lambda: "alice" not in a.server.devices)
             assert list(a.server._presence_queue) == ["alice"]  # one change, the latest
         assert a.server.presence_unwritten == 2
+        (gauge,) = a.server.metrics.presence_unwritten.collect()
+        assert [sample.value for sample in gauge.samples] == [2]  # tsmsg_presence_unwritten
         release.set()
         await until(lambda: not a.server.presence_unwritten)
         now = a.server.now_ms()

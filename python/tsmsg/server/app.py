@@ -987,6 +987,7 @@ class Server:
         )
         metrics.store_lag.set_function(lambda: self._store_health()[1])
         metrics.store_failed.set_function(lambda: self._store_health()[0] is not None)
+        metrics.presence_unwritten.set_function(lambda: self.presence_unwritten)
         self.metrics_port: int | None = None  # the HTTP endpoints' port, when serving them
         self._ids = itertools.count(1)
         limits = settings.limits

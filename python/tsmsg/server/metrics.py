@@ -364,6 +364,12 @@ class Metrics:
             "Age of the oldest write not yet committed and acknowledged (0: none waits).",
             registry=registry,
         )
+        self.presence_unwritten = Gauge(
+            "tsmsg_presence_unwritten",
+            "Presence changes queued for a shared engine (Redis) or being written, one per "
+            "user at most.",
+            registry=registry,
+        )
         self.store_counters = StoreCounters()
         registry.register(self.store_counters)
         self.store_failed = Gauge(
