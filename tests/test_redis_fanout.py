@@ -434,6 +434,25 @@ def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
         store.close()
 
 
+def test_a_refresh_redis_refuses_is_an_error_not_a_silent_loss(engine: Engine) -> None:
+    """A refresh whose command Redis refuses (here the user's key is not a hash) raises
+    StoreUnavailable (the upkeep logs it and tries again), and the entries it could not
+    extend are not taken as swept."""
+    store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
+    t = int(time.time() * 1000)
+    try:
+        presence = store.presence
+        assert presence.set("u1", "online", t) == ("offline", "online")
+        store._client.delete(store._user_key("u1", b"pres"))
+        store._client.set(store._user_key("u1", b"pres"), "not a hash")
+        with pytest.raises(StoreUnavailable):
+            presence.refresh(t + 1)
+        store._client.delete(store._user_key("u1", b"pres"))
+        assert presence.refresh(t + 2) == [("u1", "offline", "online")]  # set again
+    finally:
+        store.close()
+
+
 def test_presence_changes_sent_again_keep_each_users_last(engine: Engine) -> None:
     """Another client loads the scripts while Redis is between this pipeline's commands
     (after a restart every node does): u's connect gets NOSCRIPT, its disconnect is

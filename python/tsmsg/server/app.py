@@ -661,11 +661,13 @@ class Connection:
 
     async def stop_writer(self) -> None:
         """The connection is closing: start no more writer tasks, and end a running one
-        (cancelled) before the socket is closed."""
+        (cancelled; waited for a second at most, also while the server is being
+        cancelled) before the socket is closed. Without one: no wait, no scopes."""
         self.nursery = None
         if self.writer_scope is not None:
             self.writer_scope.cancel()
-            await self.writer_done.wait()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.writer_done.wait()
 
     async def writer(self, scope: trio.CancelScope) -> None:
         """Send what the flusher could not, coalescing whatever is queued into one
@@ -1657,10 +1659,7 @@ class Server:
         except Exception as exc:
             conn.failed(exc)
         finally:
-            if conn.writing:  # ended before the socket is closed (the scopes only then)
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await conn.stop_writer()
-            conn.nursery = None  # no writer task from now on
+            await conn.stop_writer()
             if conn.writing:  # closed under it: it ends as a lost peer
                 log.warning("writer of %s (%s) still running at close", peer, conn.user)
             reason = conn.closing or "closed"

@@ -362,9 +362,9 @@ class FdReceive:
     syscall and exception per wake-up (a third of the reads in fan-in, issue 17). The
     first read is tried at once unless ``drained``: a client sends its hello (or TLS
     ClientHello) as soon as it is connected, so it is mostly there by the time the server
-    reads, and waiting would cost the fd's registration with trio (bench/README.md, "A
-    connect's first read"). Either way a receive yields once, so a busy peer cannot
-    starve the rest."""
+    reads, and waiting would cost the fd's registration with trio (bench/README.md,
+    "Connects: the first read, presence in batches"). Either way a receive yields once,
+    so a busy peer cannot starve the rest."""
 
     __slots__ = ("drained", "fd")
 
