@@ -3,7 +3,7 @@ Redis and on a Redis Cluster (STORAGE.md, "Presence between nodes").
 
 Two or three RedisStores on one key prefix play nodes. Each applies random changes
 ``(user, status or None, time)`` in batches (``set_many``, sometimes ``set``), sometimes
-after a SCRIPT FLUSH of every Redis server (as after a restart), and sometimes refreshes
+after a FUNCTION FLUSH of every Redis server (as after Redis lost its data), and sometimes refreshes
 its entries between batches. The model keeps, per (node, user), the last status the node
 set and when: a user's status across nodes is the one set most recently, and each change
 announces the model's status before and after it. A batch after a flush writes only each
@@ -33,7 +33,7 @@ TTL_S = 30.0
 TTL_MS = int(TTL_S * 1000)
 USERS = ["u1", "u2", "u3"]
 STATUSES: list[str | None] = ["online", "away", None]
-KINDS = ["set_many", "set", "flush", "refresh"]  # flush: SCRIPT FLUSH, then set_many
+KINDS = ["set_many", "set", "flush", "refresh"]  # flush: FUNCTION FLUSH, then set_many
 MAX_EXAMPLES = {"redis": 100, "redis-cluster": 50}  # ~25 ms and ~125 ms each
 
 _prefixes = itertools.count(1)
@@ -59,10 +59,10 @@ class Engine:
     def __init__(self, name: str, url: str, servers: list[redis_servers.RedisServer]) -> None:
         self.name, self.url, self.servers = name, url, servers
 
-    def flush_scripts(self) -> None:
+    def flush_library(self) -> None:
         for server in self.servers:
             with server.client() as c:
-                c.script_flush()
+                c.function_flush()
 
 
 @pytest.fixture(scope="module", params=["redis", "redis-cluster"])
@@ -126,7 +126,7 @@ def run(engine: Engine, nodes: int, script: list[Step]) -> None:
             before = {u: model.status(u) for u in USERS}
             expected = [model.set(n, *change) for change in timed]
             if kind == "flush":
-                engine.flush_scripts()
+                engine.flush_library()
                 last = {user: i for i, (user, _, _) in enumerate(timed)}
                 expected = [
                     (before[u] if last[u] == i else model.status(u), model.status(u))

@@ -381,7 +381,7 @@ def test_a_node_skips_what_it_published_itself(engine: Engine) -> None:
 
 def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
     """set_many: one pipeline, each change's (before, after) in order, a user's several
-    changes too. When Redis lost its scripts, each user's last change is written once
+    changes too. When Redis lost the function library, each user's last change is written once
     they are loaded, and the earlier ones are superseded (nothing to announce)."""
     store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
     t = int(time.time() * 1000)
@@ -407,9 +407,9 @@ def test_presence_changes_in_one_call_keep_their_order(engine: Engine) -> None:
         index, node = store._prefix + b"presence:expiry", presence._node  # node + user
         assert sorted(store._client.zrange(index, 0, -1)) == [node + b"u1", node + b"u2"]
 
-        for server in engine.servers:  # as after a restart: the scripts are unknown
+        for server in engine.servers:  # as after Redis lost its data: no library
             with server.client() as c:
-                c.script_flush()
+                c.function_flush()
         again = [("u1", None, t + 6), ("u1", "away", t + 7), ("u2", None, t + 8)]
         assert presence.set_many(again) == [
             ("away", "away"),  # superseded by u1's last change
@@ -454,21 +454,21 @@ def test_a_refresh_redis_refuses_is_an_error_not_a_silent_loss(engine: Engine) -
 
 
 def test_presence_changes_sent_again_keep_each_users_last(engine: Engine) -> None:
-    """Another client loads the scripts while Redis is between this pipeline's commands
-    (after a restart every node does): u's connect gets NOSCRIPT, its disconnect is
-    written. Only u's last change is sent again: u is offline, not left online by its
-    connect written after its disconnect (and never refreshed, as this node knows u is
-    gone), and nothing is announced."""
+    """Another node loads the library while Redis is between this pipeline's commands
+    (after Redis lost its data every node does): u's connect finds no function, its
+    disconnect is written. Only u's last change is sent again: u is offline, not left
+    online by its connect written after its disconnect (and never refreshed, as this node
+    knows u is gone), and nothing is announced."""
     store = RedisStore(engine.url, key_prefix=f"pres{next(_prefixes)}:")
     presence, pipeline = store.presence, store._pipeline
     t = int(time.time() * 1000)
 
     def interleaved(client: Any, commands: list[Any], wait: bool) -> list[Any]:
-        if len(commands) != 2 or commands[0][0] != "EVALSHA":
+        if len(commands) != 2 or commands[0][0] != "FCALL":
             return pipeline(client, commands, wait)  # not the first call: as it is
-        store._client.script_flush()  # a restart
-        first = pipeline(client, commands[:1], wait)  # u online: NOSCRIPT
-        store._load_scripts()  # another client's SCRIPT LOAD, between the two commands
+        store._client.function_flush()  # Redis lost its data
+        first = pipeline(client, commands[:1], wait)  # u online: no function
+        store._load_library()  # another node's FUNCTION LOAD, between the two
         return first + pipeline(client, commands[1:], wait)  # u gone: written
 
     store._pipeline = interleaved  # type: ignore[method-assign]
@@ -496,7 +496,7 @@ def test_a_disconnect_not_written_keeps_its_entry_where_a_sweep_finds_it(
 
     def user_primary_down(client: Any, commands: list[Any], wait: bool) -> list[Any]:
         down = redis.ConnectionError("the user's primary is down")
-        return [down if c[0] == "EVALSHA" else pipeline(client, [c], wait)[0] for c in commands]
+        return [down if c[0] == "FCALL" else pipeline(client, [c], wait)[0] for c in commands]
 
     try:
         assert presence.set("u", "online", t) == ("offline", "online")

@@ -32,6 +32,7 @@ from tsmsg.store import (
     open_store,
     redis_store,
 )
+from tsmsg.store.redis_scripts import LIBRARY_NAME
 from tsmsg.store.redis_store import CHANNEL_SUFFIXES, TOPIC_SUFFIX, parse_redis_url
 
 _prefixes = itertools.count(1)
@@ -70,11 +71,11 @@ def _submit_all(store: RedisStore, ops: list[WriteOp]) -> None:
 
 
 def _script_calls(url: str, store: RedisStore, ops: list[WriteOp]) -> int:
-    """``_submit_all``, and how many script calls Redis ran meanwhile."""
+    """``_submit_all``, and how many script (function) calls Redis ran meanwhile."""
     with redis.Redis.from_url(url) as admin:
         admin.config_resetstat()
         _submit_all(store, ops)
-        return int(admin.info("commandstats")["cmdstat_evalsha"]["calls"])
+        return int(admin.info("commandstats")["cmdstat_fcall"]["calls"])
 
 
 def test_lost_keys_give_a_new_epoch_and_resync(
@@ -401,18 +402,18 @@ def test_more_runs_than_one_charge_call_takes_are_charged_in_order(
     assert calls == 2 + (n - 20)  # two charge calls; then each message alone (channels alternate)
 
 
-def test_runs_are_sent_again_when_redis_lost_its_scripts(
+def test_runs_are_sent_again_when_redis_lost_the_library(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
-    """Redis restarted without its script cache (SCRIPT FLUSH here): a batch's charge and
-    append calls get NOSCRIPT, are sent again once the scripts are loaded, and every
-    message gets its own result, once."""
+    """Redis lost the function library (FUNCTION FLUSH here; a Redis that lost its data):
+    a batch's charge and append calls find no function, are sent again once the library
+    is loaded, and every message gets its own result, once."""
     limits = SendLimits(rate=1000.0, burst=1000, channel_rate=1000.0, channel_burst=1000)
     store = RedisStore(own_redis.url, send_limits=limits)
     stores.append(store)
     first = store.append("room", "u", "c0", "before")
     with own_redis.client() as admin:
-        admin.script_flush()
+        admin.function_flush()
     ops = [WriteOp("message", "room", "uv"[i % 2], cid=f"c{i}", text=f"t{i}") for i in range(1, 9)]
     ops.insert(3, WriteOp("message", "room", "u", cid="c0", text="again"))  # known: a dup
     _submit_all(store, ops)
@@ -429,17 +430,69 @@ def test_runs_are_sent_again_when_redis_lost_its_scripts(
 def test_a_leave_is_not_undone_by_its_join_sent_again(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:
-    """After a script cache loss, a batch's join (a script: NOSCRIPT) and then leave (a
-    plain SREM: applied) of one user: the join is sent again once the scripts are loaded,
-    and the leave with it, after it, so the user is not left a member."""
+    """After the library was lost, a batch's join (a function: not found) and then leave
+    (a plain SREM: applied) of one user: the join is sent again once the library is
+    loaded, and the leave with it, after it, so the user is not left a member."""
     store = RedisStore(own_redis.url)
     stores.append(store)
     with own_redis.client() as admin:
-        admin.script_flush()
+        admin.function_flush()
     join, leave = WriteOp("member", "room", "alice"), WriteOp("unmember", "room", "alice")
     _submit_all(store, [join, leave])
     assert (join.error, leave.error) == (None, None)
     assert store.channels_of("alice") == []
+
+
+def _libraries(server: redis_servers.RedisServer) -> list[str]:
+    with server.client() as c:
+        return [
+            _text(dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"])
+            for lib in c.function_list()
+        ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def test_the_library_outlives_a_restart_and_reaches_replicas(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore], tmp_path: Path
+) -> None:
+    """The scripts are a function library, which Redis keeps in its AOF and sends to its
+    replicas (a script cache started empty after a restart or a failover, and calls sent
+    again after a NOSCRIPT could land after later ones): a replica has it, a restarted
+    Redis has it, and the node's writes after the restart find their functions, none
+    sent again and no library loaded again."""
+    store = RedisStore(own_redis.url)
+    stores.append(store)
+    store.append("room", "u", "c0", "before")
+    replica = redis_servers.RedisServer(tmp_path / "replica").start()
+    try:
+        with replica.client() as r:
+            r.replicaof("127.0.0.1", own_redis.port)
+            wait_until(lambda: r.info("replication")["master_link_status"] == "up")
+        wait_until(lambda: _libraries(replica) == [LIBRARY_NAME])  # a failover finds it
+    finally:
+        replica.stop()
+    own_redis.kill()
+    own_redis.start()  # replays the AOF
+    assert _libraries(own_redis) == [LIBRARY_NAME]
+    with own_redis.client() as admin:
+        admin.config_resetstat()
+        wait_until(lambda: store.health()[0] is None)
+        ops = [WriteOp("message", "room", "u", cid=f"c{i}", text=f"t{i}") for i in range(1, 4)]
+        ops.append(WriteOp("member", "room", "u"))
+        _submit_all(store, ops)
+        assert [op.error for op in ops] == [None] * 4
+        assert [e["text"] for e in store.sync("room", 0, 10).entries] == [
+            "before",
+            "t1",
+            "t2",
+            "t3",
+        ]
+        stats = admin.info("commandstats")
+        assert stats["cmdstat_fcall"]["failed_calls"] == 0
+        assert "cmdstat_function|load" not in stats
 
 
 def test_a_run_redis_refuses_fails_whole_and_stores_nothing(

@@ -17,10 +17,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
-
 from tsmsg.store.base import OFFLINE, Presence, StoreUnavailable
-from tsmsg.store.redis_scripts import evalsha
+from tsmsg.store.redis_scripts import fcall, function_missing
 
 if TYPE_CHECKING:
     from tsmsg.store.redis_store import RedisStore
@@ -81,26 +79,26 @@ class RedisPresence(Presence):
         for user, status, now_ms in changes:
             expires = max(now_ms, written) + ttl
             args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl)
-            commands.append(evalsha("presence_set", [self._key(user)], *args))
+            commands.append(fcall("presence_set", [self._key(user)], *args))
             expiries.append(expires)
         replies = self._pipeline(commands)
         last = {user: i for i, (user, _, _) in enumerate(changes)}
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # Redis lost its scripts (a restart): once they are loaded, the last change of
-            # each user with a change not written is written again, and only that one (an
-            # earlier change written after a later one would undo it; another client's
-            # SCRIPT LOAD can land within this pipeline, so a later change may have been
+        if any(function_missing(r) for r in replies):
+            # Redis lost the library (function_missing): once it is loaded, the last change
+            # of each user with a change not written is written again, and only that one
+            # (an earlier change written after a later one would undo it; another node's
+            # FUNCTION LOAD can land within this pipeline, so a later change may have been
             # written). The others not written are superseded: nothing to announce.
             with store._using():
-                store._load_scripts()
+                store._load_library()
             again = sorted(
-                {last[changes[i][0]] for i, r in enumerate(replies) if isinstance(r, NoScriptError)}
+                {last[changes[i][0]] for i, r in enumerate(replies) if function_missing(r)}
             )
             for i, reply in zip(again, self._pipeline([commands[i] for i in again]), strict=True):
                 replies[i] = reply
             for i, reply in enumerate(replies):
                 final = replies[last[changes[i][0]]]
-                if isinstance(reply, NoScriptError) and not isinstance(final, Exception):
+                if function_missing(reply) and not isinstance(final, Exception):
                     replies[i] = [final[1], final[1]]
         index: dict[str, tuple[Any, ...]] = {}
         for (user, status, _), reply, expires in zip(changes, replies, expiries, strict=True):
@@ -154,7 +152,7 @@ class RedisPresence(Presence):
             commands: list[tuple[Any, ...]] = []
             for user, status, since in batch:
                 args = (self._node, since, expires, expires + self._ttl_ms, status)
-                commands.append(evalsha("presence_extend", [self._key(user)], *args))
+                commands.append(fcall("presence_extend", [self._key(user)], *args))
                 commands.append(("ZADD", self._index, expires, self._node + user.encode()))
             with self._store._using():
                 replies = self._store._execute(commands, wait=False, client=self._store._client)

@@ -9,6 +9,10 @@ and binary into text. Entries are built by concatenating msgpack pieces that Pyt
 (the ``ts``, ``sender``, ``text`` and ``meta`` pairs) with the pieces only the script knows
 (``seq`` and the message id), in a fixed order: ``seq``, ``kind``, ``ts`` first, so that
 compaction can read an entry's ts at a known position.
+
+They are loaded as one Redis function library (``LIBRARY``, FUNCTION LOAD), not as cached
+scripts: Redis keeps a library in its AOF and RDB and sends it to its replicas, so a
+restart or a failover finds it, where a script cache starts empty (STORAGE.md, "Writes").
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 # Shared by every script: msgpack encoders producing what tsmsg's packb produces for the
 # same values (the smallest form), so a stored entry's size is its size on the wire.
@@ -537,11 +543,36 @@ SCRIPTS: dict[str, str] = {
     "send_rate": SEND_RATE,
     "member": MEMBER,
 }
-SHAS: dict[str, str] = {
-    name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()
-}
+# Functions that write nothing (declared `no-writes`): Redis runs them when it is over
+# maxmemory too, as it ran these scripts before they were functions.
+READ_ONLY = frozenset({"sync", "history", "unread", "dup", "dump", "tail"})
 
 
-def evalsha(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
-    """A pipeline's command calling script ``name``."""
-    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+def _library(name: str) -> str:
+    """The scripts as one Redis function library: each script's body becomes the body
+    of a function ``<library>_<script>`` taking KEYS and ARGV, so it runs unchanged."""
+    return f"#!lua name={name}\n" + "".join(
+        f"redis.register_function{{function_name='{name}_{script}', "
+        f"callback=function(KEYS, ARGV)\n{src}\nend"
+        + (", flags={'no-writes'}" if script in READ_ONLY else "")
+        + "}\n"
+        for script, src in SCRIPTS.items()
+    )
+
+
+# The library's name carries its code's hash: nodes of two tsmsg versions (a rolling
+# upgrade) each call their own functions, never the other's (STORAGE.md).
+LIBRARY_NAME = "tsmsg_" + hashlib.sha1(_library("tsmsg").encode()).hexdigest()[:16]
+LIBRARY = _library(LIBRARY_NAME)
+FUNCTIONS: dict[str, str] = {script: f"{LIBRARY_NAME}_{script}" for script in SCRIPTS}
+
+
+def fcall(name: str, keys: Sequence[bytes], *args: Any) -> tuple[Any, ...]:
+    """A pipeline's command calling script ``name`` (its function)."""
+    return ("FCALL", FUNCTIONS[name], len(keys), *keys, *args)
+
+
+def function_missing(reply: Any) -> bool:
+    """Whether ``reply`` says Redis lacks the library: it lost its data (a restart with
+    no AOF or RDB), the library was deleted, or a primary joined the cluster since."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")

@@ -45,7 +45,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -87,7 +87,7 @@ from tsmsg.store.redis_fanout import (
     signal_message,
 )
 from tsmsg.store.redis_presence import PRESENCE_TTL_S, RedisPresence
-from tsmsg.store.redis_scripts import SCRIPTS, SHAS, evalsha
+from tsmsg.store.redis_scripts import FUNCTIONS, LIBRARY, fcall, function_missing
 
 log = logging.getLogger("tsmsg.store")
 
@@ -273,7 +273,7 @@ class RedisStore(Store):
         self._wclient = self._connect(password, retry=False)  # the writer's pipelines
         try:
             self._client.ping()
-            self._load_scripts()
+            self._load_library()
         except RedisError as exc:
             self._client.close()
             self._wclient.close()
@@ -350,11 +350,11 @@ class RedisStore(Store):
         )
         return redis.Redis.from_pool(pool)  # owns its pool: close() disconnects it
 
-    def _load_scripts(self) -> None:
-        for name, src in SCRIPTS.items():
-            sha = self._client.script_load(src)
-            if sha != SHAS[name]:
-                raise RuntimeError(f"Redis gave script {name} the sha {sha}, not {SHAS[name]}")
+    def _load_library(self) -> None:
+        """Load the scripts' function library on every primary (a replica gets it from
+        its primary). Loading a library that is there already changes nothing."""
+        for node in self._primaries():
+            node.function_load(LIBRARY, replace=True)
 
     def _primaries(self) -> list[Any]:
         """One client per primary (one Redis: itself)."""
@@ -433,10 +433,12 @@ class RedisStore(Store):
         """One script call from the caller's thread."""
         with self._using():
             try:
-                return self._client.evalsha(SHAS[name], len(keys), *keys, *args)
-            except NoScriptError:  # Redis restarted (its script cache is empty)
-                self._load_scripts()
-                return self._client.evalsha(SHAS[name], len(keys), *keys, *args)
+                return self._client.fcall(FUNCTIONS[name], len(keys), *keys, *args)
+            except RedisError as exc:
+                if not function_missing(exc):
+                    raise
+                self._load_library()  # Redis lost it (see function_missing)
+                return self._client.fcall(FUNCTIONS[name], len(keys), *keys, *args)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._using():
@@ -722,7 +724,7 @@ class RedisStore(Store):
                     self._user_key(user, b"rate"),
                     self._user_key(user, b"rate:c:" + channel.encode()),
                 )
-            commands.append(evalsha("send_rate", keys, *fixed, *(len(r[2]) for r in call)))
+            commands.append(fcall("send_rate", keys, *fixed, *(len(r[2]) for r in call)))
         for call, reply in zip(calls, self._execute(commands, wait=False), strict=True):
             if isinstance(reply, Exception):
                 raise reply
@@ -759,7 +761,7 @@ class RedisStore(Store):
         policy = self.config
         for call in calls:
             if call.ops[0].kind == "message":
-                call.args = evalsha(
+                call.args = fcall(
                     "append", self._keys(call.ops[0].channel),
                     self._epochs(), _P_TS + packb(ts), ts, policy.dedup_max,
                     ts - policy.dedup_retention_ms, DEDUP_PRUNE_PER_WRITE, _lua_strings(call.args),
@@ -771,20 +773,20 @@ class RedisStore(Store):
     ) -> list[Any]:
         """One pipeline (on the writer's client unless ``client`` is given); WAIT at its
         end when replicas must confirm (and ``wait``). Each command's error is its reply.
-        Commands Redis did not know the script of (it restarted) are sent again once the
-        scripts are loaded, in their order, with every command after the first of them
-        that runs no script (SREM, SET, ZADD: idempotent, their first replies stand): so
-        those are applied after the scripts they followed (a leave is not undone by its
-        join sent again after it)."""
+        Commands whose function Redis did not have (``function_missing``) are sent again
+        once the library is loaded, in their order, with every command after the first of
+        them that calls no function (SREM, SET, ZADD: idempotent, their first replies
+        stand): so those are applied after the calls they followed (a leave is not undone
+        by its join sent again after it)."""
         client = client or self._wclient
         replies = self._pipeline(client, commands, wait)
-        missing = {i for i, r in enumerate(replies) if isinstance(r, NoScriptError)}
+        missing = {i for i, r in enumerate(replies) if function_missing(r)}
         if missing:
-            self._load_scripts()
+            self._load_library()
             again = [
                 i
                 for i in range(min(missing), len(commands))
-                if i in missing or commands[i][0] != "EVALSHA"
+                if i in missing or commands[i][0] != "FCALL"
             ]
             resent = self._pipeline(client, [commands[i] for i in again], wait)
             for i, reply in zip(again, resent, strict=True):
@@ -824,12 +826,12 @@ class RedisStore(Store):
             dkey = _dedup_key(op.user, cid)
             return (dkey, op.user.encode(), body + meta, 2 if meta else 1, meta)
         if op.kind == "member":
-            return evalsha("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
+            return fcall("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
         if op.kind == "unmember":
             return ("SREM", self._user_key(op.user, b"ch"), op.channel)
         keys = self._keys(op.channel)
         if op.kind == "read":
-            return evalsha("read", keys, op.user, op.seq)
+            return fcall("read", keys, op.user, op.seq)
         if op.kind not in ("edit", "delete"):
             raise ValueError(f"unknown write kind {op.kind!r}")
         if op.kind == "edit" and op.text is None:
@@ -839,7 +841,7 @@ class RedisStore(Store):
         parsed = parse_message_id(target)
         if parsed is None:
             raise NotFound(f"no message {target!r} in channel {op.channel!r}")
-        return evalsha(
+        return fcall(
             "change", keys,
             op.kind[0], parsed[0], parsed[1], op.user, int(op.moderator), ts, ts_pair,
             _P_ID + packb(target) + _P_SENDER + packb(op.user),
