@@ -1,4 +1,7 @@
-import os, sys, json
+import json
+import os
+import sys
+
 pid = sys.argv[1]
 out = {}
 for tid in os.listdir(f"/proc/{pid}/task"):
