@@ -495,6 +495,88 @@ def test_the_library_outlives_a_restart_and_reaches_replicas(
         assert "cmdstat_function|load" not in stats
 
 
+def test_a_primary_that_joined_without_the_library_gets_it_from_the_writer(
+    stores: list[RedisStore], tmp_path: Path
+) -> None:
+    """A primary joins the cluster without the library (CLUSTER MEET; `redis-cli --cluster
+    add-node` copies it) and a channel's slot moves to it: the writer's next call finds
+    no function there, and the library is loaded through the writer's own client (the
+    store's other client does not know the new primary yet), so the call sent again
+    succeeds: the write is not refused."""
+    if not redis_servers.available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cluster = redis_servers.RedisCluster(tmp_path / "cluster").start()
+    new = redis_servers.RedisServer(tmp_path / "new", cluster=True).start()
+    try:
+        store = RedisStore(cluster.url)
+        stores.append(store)
+        store.append("room", "u", "c0", "before")
+        key = store._keys("room")[0]
+        slot = store._client.keyslot(key)
+        port = store._client.get_node_from_key(key).port
+        old = next(n for n in cluster.nodes if n.port == port)
+        with old.client() as src, new.client() as dst:
+            dst.execute_command("CLUSTER MEET", "127.0.0.1", old.port)
+            new_id = dst.execute_command("CLUSTER MYID").decode()
+            old_id = src.execute_command("CLUSTER MYID").decode()
+
+            def known() -> bool:
+                if b"cluster_state:ok" not in dst.execute_command(
+                    "CLUSTER", "INFO", NEVER_DECODE=True
+                ):
+                    return False
+                for node in cluster.nodes:
+                    with node.client() as c:
+                        if new_id.encode() not in c.execute_command(
+                            "CLUSTER", "NODES", NEVER_DECODE=True
+                        ):
+                            return False
+                return True
+
+            wait_until(known)
+            assert not dst.function_list()  # joined without it
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", old_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", new.port, "", 0, 5000, "KEYS", *keys)
+            for node in [*cluster.nodes, new]:
+                with node.client() as c:
+                    c.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+            assert store.append("room", "u", "c1", "after").seq == 2
+            assert _libraries(new) == [LIBRARY_NAME]
+    finally:
+        new.stop()
+        cluster.stop()
+
+
+def test_a_full_redis_lets_a_node_start_reads_and_compaction_free_memory(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """Over maxmemory (noeviction) Redis refuses a function that may write before it runs,
+    and FUNCTION LOAD: a node still opens (the library is there: it is looked for, not
+    loaded again), reads work, a write is refused (store_unavailable), and compaction
+    runs (declared allow-oom: it is how an operator frees memory)."""
+    store = RedisStore(own_redis.url, StoreConfig(compaction=CompactionPolicy(keep_recent=1)))
+    stores.append(store)
+    for i in range(100):
+        store.append("room", "u", f"c{i}", "x" * 2000)
+    with own_redis.client() as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"] - 50_000)
+        try:
+            with pytest.raises(redis.ResponseError, match="maxmemory"):
+                admin.set("probe", "x")  # full
+            again = RedisStore(own_redis.url)  # a node (re)starting
+            stores.append(again)
+            assert again.sync("room", 0, 5).entries[0]["text"] == "x" * 2000
+            with pytest.raises(StoreUnavailable):
+                again.append("room", "u", "new", "y")
+            assert store.compact("room") == 99  # (when Redis frees it is Redis's affair)
+            assert [e["seq"] for e in again.sync("room", 99, 200).entries] == [100]
+        finally:
+            admin.config_set("maxmemory", 0)
+
+
 def test_a_run_redis_refuses_fails_whole_and_stores_nothing(
     own_redis: redis_servers.RedisServer, stores: list[RedisStore]
 ) -> None:

@@ -90,7 +90,7 @@ class RedisPresence(Presence):
             # FUNCTION LOAD can land within this pipeline, so a later change may have been
             # written). The others not written are superseded: nothing to announce.
             with store._using():
-                store._load_library()
+                store._load_library()  # on the store's client, as _pipeline
             again = sorted(
                 {last[changes[i][0]] for i, r in enumerate(replies) if function_missing(r)}
             )

@@ -543,9 +543,13 @@ SCRIPTS: dict[str, str] = {
     "send_rate": SEND_RATE,
     "member": MEMBER,
 }
-# Functions that write nothing (declared `no-writes`): Redis runs them when it is over
-# maxmemory too, as it ran these scripts before they were functions.
-READ_ONLY = frozenset({"sync", "history", "unread", "dup", "dump", "tail"})
+# Redis refuses a function that may write while it is over maxmemory (noeviction), before
+# it runs; a script was refused only at its first write that could grow memory. So the
+# reads are declared `no-writes`, and the writes that free memory or must go on in a full
+# Redis (compaction, a reset, presence sweeps: deletes, and a few small fields) `allow-oom`.
+FLAGS = dict.fromkeys(
+    ("sync", "history", "unread", "dup", "dump", "tail"), "no-writes"
+) | dict.fromkeys(("compact", "reset", "presence_expire", "presence_claim"), "allow-oom")
 
 
 def _library(name: str) -> str:
@@ -554,7 +558,7 @@ def _library(name: str) -> str:
     return f"#!lua name={name}\n" + "".join(
         f"redis.register_function{{function_name='{name}_{script}', "
         f"callback=function(KEYS, ARGV)\n{src}\nend"
-        + (", flags={'no-writes'}" if script in READ_ONLY else "")
+        + (f", flags={{'{FLAGS[script]}'}}" if script in FLAGS else "")
         + "}\n"
         for script, src in SCRIPTS.items()
     )

@@ -87,7 +87,7 @@ from tsmsg.store.redis_fanout import (
     signal_message,
 )
 from tsmsg.store.redis_presence import PRESENCE_TTL_S, RedisPresence
-from tsmsg.store.redis_scripts import FUNCTIONS, LIBRARY, fcall, function_missing
+from tsmsg.store.redis_scripts import FUNCTIONS, LIBRARY, LIBRARY_NAME, fcall, function_missing
 
 log = logging.getLogger("tsmsg.store")
 
@@ -350,17 +350,22 @@ class RedisStore(Store):
         )
         return redis.Redis.from_pool(pool)  # owns its pool: close() disconnects it
 
-    def _load_library(self) -> None:
-        """Load the scripts' function library on every primary (a replica gets it from
-        its primary). Loading a library that is there already changes nothing."""
-        for node in self._primaries():
-            node.function_load(LIBRARY, replace=True)
+    def _load_library(self, client: Any = None) -> None:
+        """Load the scripts' function library on every primary that lacks it (a replica
+        gets it from its primary), as ``client`` (default: the store's) knows them: the
+        client a call failed on, whose map of the cluster has the primary that failed it.
+        Only where it is missing: a load is a write (refused over maxmemory, appended to
+        the AOF, sent to replicas), a look a read."""
+        for node in self._primaries(client):
+            if not node.function_list(library=LIBRARY_NAME):
+                node.function_load(LIBRARY, replace=True)  # another node may be loading it
 
-    def _primaries(self) -> list[Any]:
+    def _primaries(self, client: Any = None) -> list[Any]:
         """One client per primary (one Redis: itself)."""
+        client = client or self._client
         if not self.target.cluster:
-            return [self._client]
-        return [self._client.get_redis_connection(n) for n in self._client.get_primaries()]
+            return [client]
+        return [client.get_redis_connection(n) for n in client.get_primaries()]
 
     def _check_config(self) -> None:
         """Warn when Redis is configured so that it may lose acknowledged writes."""
@@ -782,7 +787,7 @@ class RedisStore(Store):
         replies = self._pipeline(client, commands, wait)
         missing = {i for i, r in enumerate(replies) if function_missing(r)}
         if missing:
-            self._load_library()
+            self._load_library(client)
             again = [
                 i
                 for i in range(min(missing), len(commands))
