@@ -425,6 +425,9 @@ def test_runs_are_sent_again_when_redis_lost_the_library(
     assert [e["text"] for e in store.sync("room", 0, 20).entries] == ["before"] + [
         f"t{i}" for i in range(1, 9)
     ]
+    with own_redis.client() as admin:
+        admin.function_flush()
+    assert store.history("room", None, 1).messages[0]["text"] == "t8"  # a read: loaded too
 
 
 def test_a_leave_is_not_undone_by_its_join_sent_again(
