@@ -359,6 +359,11 @@ class RedisStore(Store):
         for node in self._primaries(client):
             if not node.function_list(library=LIBRARY_NAME):
                 node.function_load(LIBRARY, replace=True)  # another node may be loading it
+                where = node.get_connection_kwargs()
+                log.info(
+                    "loaded the function library %s on Redis %s:%s",
+                    LIBRARY_NAME, where.get("host"), where.get("port"),
+                )  # fmt: skip
 
     def _primaries(self, client: Any = None) -> list[Any]:
         """One client per primary (one Redis: itself)."""
