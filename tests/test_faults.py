@@ -46,7 +46,7 @@ import msgpack
 import pytest
 
 from conftest import Harness
-from tsmsg.store import AppendResult, LmdbStore, NotFound, StoreConfig, StoreUnavailable
+from tsmsg.store import AppendResult, LmdbStore, NotFound, StoreConfig, StoreUnavailable, WriteOp
 
 CHANNELS = ("ch-a", "ch-b")
 THREADS = 3
@@ -564,6 +564,36 @@ async def test_a_failed_sync_stops_writes_and_reads_go_on(harness: Harness) -> N
         assert (await bob.request("history", channel="room"))["t"] == "ok"
     finally:
         store._env = env.real
+
+
+class BlockedSync(FailingSync):
+    """A ``sync`` that waits until ``release`` is set (a slow disk), saying when it began."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        self.began, self.release = threading.Event(), threading.Event()
+
+    def sync(self, force: bool = False) -> None:
+        self.began.set()
+        self.release.wait()
+        self.real.sync(force)
+
+
+def test_writes_go_on_while_the_periodic_sync_of_async_mode_runs(tmp_path: Path) -> None:
+    """``async`` durability syncs in a thread of its own: a sync that takes long (here,
+    one held until released) does not hold up commits and acks."""
+    store = LmdbStore(tmp_path / "data", StoreConfig(durability="async", sync_interval_s=0.05))
+    env = BlockedSync(store._env)
+    try:
+        store._env = env
+        assert env.began.wait(10), "no periodic sync"
+        op = store.write(WriteOp("message", "room", "alice", cid="c1", text="one"), timeout=10)
+        assert op.result is not None and op.result.seq == 1  # committed meanwhile
+        assert not env.release.is_set()
+    finally:
+        env.release.set()
+        store._env = env.real
+        store.close()
 
 
 def test_a_failed_periodic_sync_in_async_mode_stops_writes(tmp_path: Path) -> None:
