@@ -506,3 +506,83 @@ async def test_presence_changes_waiting_for_a_slow_engine_keep_one_per_user(
         now = a.server.now_ms()
         assert presence.statuses(["alice", "bob"], now) == {"bob": "online"}
         await bob.aclose()
+
+
+@pytest.mark.parametrize("lost_first", [True, False], ids=["lost-first", "position-first"])
+async def test_an_entry_written_between_the_join_read_and_the_subscription_is_pushed(
+    tmp_path: Path, redis_engine: str, lost_first: bool
+) -> None:
+    """Alice is the first member of room-1 on node A. Her join subscribes A to the channel's
+    topic and reads the head (1) at once, in another thread. Bob (node B) writes seq 2 after
+    that read and before A's SUBSCRIBE takes effect: pub/sub loses it for A, which is what
+    ``Remote.lost`` (the subscription's confirmation, then ``Relay.check``) is for. With
+    ``lost-first`` the confirmation reaches A's loop before the read's answer
+    (``Relay.position``): the check is kept until the position is known, and seq 2 is read
+    from the log and pushed (it was dropped before: PROTOCOL.md section 9 rule 7, every
+    entry after a join is in a sync reply or pushed live). ``position-first`` (the read
+    answered before the confirmation) is the control."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        bob = await b.connect("bob")
+        assert (await bob.request("send", channel="room-1", cid="c1", text="one"))["t"] == "ok"
+
+        store = a.server.store
+        sub = store._subscriber
+        subscribe_now = threading.Event()  # A's pub/sub thread waits for it to subscribe
+        answer_now = threading.Event()  # the join's read waits for it to answer
+        read_done = trio.Event()
+        lost_seen = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        real_subscribe = sub._subscribe
+
+        def slow_subscribe(now: float) -> None:
+            subscribe_now.wait(10)
+            real_subscribe(now)
+
+        sub._subscribe = slow_subscribe
+        real_channel = store.channel
+
+        def slow_channel(name: str) -> Any:
+            info = real_channel(name)
+            token.run_sync_soon(read_done.set)
+            answer_now.wait(10)
+            return info
+
+        store.channel = slow_channel
+        real_lost = a.server._remote_lost
+
+        def lost(channels: list[str]) -> None:
+            real_lost(channels)
+            lost_seen.set()
+
+        a.server._remote_lost = lost
+
+        alice = await a.connect("alice")
+        async with trio.open_nursery() as nursery:
+            replies: list[dict[str, Any]] = []
+
+            async def do_join() -> None:
+                replies.append(await join(alice))
+
+            nursery.start_soon(do_join)
+            with trio.fail_after(5):
+                await read_done.wait()  # A read head 1
+            reply = await bob.request("send", channel="room-1", cid="c2", text="two")
+            assert reply["t"] == "ok" and reply["seq"] == 2  # published: A not subscribed yet
+            await trio.sleep(0.2)
+            if not lost_first:
+                answer_now.set()
+                with trio.fail_after(5):
+                    while not replies:
+                        await trio.sleep(0.01)
+            subscribe_now.set()
+            with trio.fail_after(5):
+                await lost_seen.wait()  # the subscription is confirmed, reported lost
+            answer_now.set()
+        assert replies[0]["head"] == 1
+        # Seq 2 must reach alice: it is after her join's head and in no sync of hers.
+        with trio.move_on_after(2):
+            event = await alice.next(lambda f: f["t"] == "event")
+            assert event["seq"] == 2
+            return
+        pytest.fail("seq 2, committed after alice's join read, was never pushed to her")

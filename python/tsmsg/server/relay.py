@@ -12,10 +12,15 @@ with no gap. Per channel it keeps the last seq delivered here (``last``):
 - a seq past ``last + 1`` is held while the missing ones are probably in flight; after
   ``gap_wait_ms`` (or once ``max_held`` are held) the server is asked to read the gap from
   the log (:meth:`Relay.due`, then :meth:`Relay.filled`);
+- events possibly lost with none after them to show a gap (pub/sub was cut or has just
+  begun: :meth:`Relay.check`; an event dropped because ``max_held`` are held; a read that
+  failed) make a log read after ``last`` owed, paid only by a read issued later;
 - an event of another epoch, a log that can no longer replay the gap (compacted), or a
   position lost with pub/sub (:meth:`Relay.lost`) resets the channel: the server cuts
   the live stream of its members (a ``resync`` push: they catch up with ``sync``) and the
-  relay continues from the head the log reports.
+  relay continues from the head the log reports. Events held from the old epoch are
+  dropped (their seqs mean nothing in the new log), and the answer of a read issued
+  before the reset (or before the channel was left and joined again) is ignored.
 
 A channel is followed from the first local subscription (:meth:`Relay.follow`): events
 that arrive before its position is known (:meth:`Relay.position`, the head read after
@@ -37,6 +42,7 @@ GAP_WAIT_MS = 100
 # Events held behind a gap, per channel: past this, the gap is read from the log at once
 # (memory stays bounded whatever pub/sub delivers).
 MAX_HELD = 1024
+NOW = -(2**62)  # a time long past: a read owed since then is due at once
 
 
 @dataclass(slots=True)
@@ -45,7 +51,12 @@ class Stream(Generic[E]):
     last: int | None = None  # the last seq delivered; None: position not known yet
     held: dict[int, E] = field(default_factory=dict)  # seq -> event, waiting for a gap
     gap_since: int | None = None  # ms: when the oldest unfilled gap was seen
+    # ms since when a log read after ``last`` is owed whether or not a gap shows: events
+    # may be missing with none after them (a check, an event dropped for a full hold, a
+    # read that failed). Only a read issued later pays it: delivering in order does not.
+    owed_since: int | None = None
     filling: bool = False  # a log read for the gap is under way
+    stale: bool = False  # that read was issued before a reset: its answer is ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +98,11 @@ class Relay(Generic[E]):
         if s is None:
             return []
         if s.last is None:
+            if epoch and s.epoch is not None and epoch != s.epoch:
+                s.held.clear()  # events of a log the read found replaced
             s.epoch, s.last = epoch or s.epoch, head
+        elif s.epoch is None and epoch:
+            s.epoch = epoch  # joined before the log existed: this read tells its epoch
         return self._drain(s, now_ms)
 
     # ------------------------------------------------------------------ events
@@ -109,8 +124,8 @@ class Relay(Generic[E]):
             return []  # a repeat
         if len(s.held) < self.max_held or seq in s.held:
             s.held[seq] = event
-        elif s.gap_since is not None:
-            s.gap_since = -(2**62)  # too many held: read the gap from the log at once
+        else:
+            s.owed_since = NOW  # too many held: dropped, read from the log at once
         return self._drain(s, now_ms)
 
     def _drain(self, s: Stream[E], now_ms: int) -> list[E]:
@@ -135,10 +150,11 @@ class Relay(Generic[E]):
         the log (entries after ``since``), then hand to :meth:`filled`."""
         out = []
         for channel, s in self.streams.items():
-            if s.gap_since is None or s.filling or s.last is None:
+            if s.filling or s.last is None:
                 continue
-            if now_ms - s.gap_since >= self.gap_wait_ms:
-                s.filling = True
+            since = min(t for t in (s.gap_since, s.owed_since, now_ms + 1) if t is not None)
+            if now_ms - since >= self.gap_wait_ms:
+                s.filling, s.owed_since = True, None
                 out.append((channel, s.last))
         return out
 
@@ -158,31 +174,33 @@ class Relay(Generic[E]):
         could not replay them (compacted, or a position past the head of a reset log);
         ``retry`` when the read failed: the gap is read again after ``gap_wait_ms``."""
         s = self.streams.get(channel)
-        if s is None:
-            return []
+        if s is None or not s.filling:
+            return []  # not this stream's read (the channel was left and joined since)
         s.filling = False
+        if s.stale:  # issued before a reset: of a position (or an epoch) now past
+            s.stale = False
+            return []
         if retry:
-            s.gap_since = now_ms
+            s.owed_since = now_ms
             return []
         # Epoch 0: the read found no log yet (as in position): the events that created it
         # since, which may have set the epoch already, are no other epoch.
         if resync or (epoch and s.epoch is not None and epoch != s.epoch):
             return self._reset(channel, s, epoch, head)
+        if epoch and s.epoch is None:
+            s.epoch = epoch
         for seq, event in entries:
             if s.last is not None and seq > s.last:
                 s.held.setdefault(seq, event)
-        out = self._drain(s, now_ms)
-        if s.held and s.gap_since is not None and s.gap_since < 0:
-            s.gap_since = now_ms  # what overflowed is now read: wait again as usual
-        return out
+        return self._drain(s, now_ms)
 
     def check(self, channel: str, now_ms: int) -> None:
         """Events of ``channel`` may be missing without a later one showing the gap (the
         engine's subscription was cut, or has just begun): read the log after ``last``
         at the next :meth:`due`."""
         s = self.streams.get(channel)
-        if s is not None and s.last is not None:
-            s.gap_since = -(2**62)
+        if s is not None:  # (before its position: once it is known)
+            s.owed_since = NOW
 
     def lost(self, channel: str, epoch: int, head: int) -> Reset:
         """Events of ``channel`` may have been lost without a trace (pub/sub was cut, or
@@ -191,6 +209,9 @@ class Relay(Generic[E]):
         return self._reset(channel, s, epoch, head)
 
     def _reset(self, channel: str, s: Stream[E], epoch: int, head: int) -> Reset:
-        s.epoch, s.last, s.gap_since, s.filling = epoch, head, None, False
+        if epoch != s.epoch:
+            s.held.clear()  # events of the old log: their seqs mean nothing in the new one
         s.held = {q: e for q, e in s.held.items() if q > head}
+        s.stale = s.filling  # a read under way answers for the old position: ignored
+        s.epoch, s.last, s.gap_since = epoch, head, None
         return Reset(channel, head, epoch)
