@@ -150,9 +150,9 @@ class Relay(Generic[E]):
         the log (entries after ``since``), then hand to :meth:`filled`."""
         out = []
         for channel, s in self.streams.items():
-            if s.filling or s.last is None:
+            if s.filling or s.last is None or (s.gap_since is None and s.owed_since is None):
                 continue
-            since = min(t for t in (s.gap_since, s.owed_since, now_ms + 1) if t is not None)
+            since = min(t for t in (s.gap_since, s.owed_since) if t is not None)
             if now_ms - since >= self.gap_wait_ms:
                 s.filling, s.owed_since = True, None
                 out.append((channel, s.last))
