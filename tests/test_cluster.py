@@ -536,7 +536,7 @@ async def test_an_entry_written_between_the_join_read_and_the_subscription_is_pu
         real_subscribe = sub._subscribe
 
         def slow_subscribe(now: float) -> None:
-            subscribe_now.wait(10)
+            subscribe_now.wait(DELIVERY_TIMEOUT_S)
             real_subscribe(now)
 
         sub._subscribe = slow_subscribe
@@ -545,7 +545,7 @@ async def test_an_entry_written_between_the_join_read_and_the_subscription_is_pu
         def slow_channel(name: str) -> Any:
             info = real_channel(name)
             token.run_sync_soon(read_done.set)
-            answer_now.wait(10)
+            answer_now.wait(DELIVERY_TIMEOUT_S)
             return info
 
         store.channel = slow_channel
@@ -565,23 +565,23 @@ async def test_an_entry_written_between_the_join_read_and_the_subscription_is_pu
                 replies.append(await join(alice))
 
             nursery.start_soon(do_join)
-            with trio.fail_after(5):
+            with trio.fail_after(DELIVERY_TIMEOUT_S):
                 await read_done.wait()  # A read head 1
             reply = await bob.request("send", channel="room-1", cid="c2", text="two")
             assert reply["t"] == "ok" and reply["seq"] == 2  # published: A not subscribed yet
             await trio.sleep(0.2)
             if not lost_first:
                 answer_now.set()
-                with trio.fail_after(5):
+                with trio.fail_after(DELIVERY_TIMEOUT_S):
                     while not replies:
                         await trio.sleep(0.01)
             subscribe_now.set()
-            with trio.fail_after(5):
+            with trio.fail_after(DELIVERY_TIMEOUT_S):
                 await lost_seen.wait()  # the subscription is confirmed, reported lost
             answer_now.set()
         assert replies[0]["head"] == 1
         # Seq 2 must reach alice: it is after her join's head and in no sync of hers.
-        with trio.move_on_after(2):
+        with trio.move_on_after(DELIVERY_TIMEOUT_S):
             event = await alice.next(lambda f: f["t"] == "event")
             assert event["seq"] == 2
             return
