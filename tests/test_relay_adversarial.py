@@ -369,3 +369,50 @@ def test_model_random_walks_with_disconnects_deliver_up_to_the_head() -> None:
     """No reset, no lost publish: only disconnects, each confirmed (check) at some later
     point. Once all is quiet, the member must be at the head (rule 7)."""
     walk(OPS_LIVE, 20_000, live=True)
+
+
+# A second review (each failed before its fix).
+
+
+def test_a_read_cut_by_its_page_limit_reads_the_rest() -> None:
+    """A read after a check stops at the page limit (``more``): the owed read is not
+    paid yet, the rest is read at the next tick."""
+    relay = relay_at(0)
+    relay.check(CH, 0)
+    assert relay.due(0) == [(CH, 0)]
+    out = relay.filled(CH, 7, 3, [(1, ev(7, 1)), (2, ev(7, 2))], 1, more=True)
+    assert out == [ev(7, 1), ev(7, 2)]
+    assert relay.due(2) == [(CH, 2)]
+    assert relay.filled(CH, 7, 3, [(3, ev(7, 3))], 3) == [ev(7, 3)]
+    assert relay.due(10_000) == []
+
+
+def test_events_dropped_for_a_full_hold_beyond_the_page_are_read() -> None:
+    relay = relay_at(0, max_held=2)
+    for q in (2, 3, 4):
+        assert offer(relay, 7, q) == []  # 4 dropped: owed
+    assert relay.due(0) == [(CH, 0)]
+    out = relay.filled(CH, 7, 4, [(1, ev(7, 1))], 1, more=True)
+    assert out == [ev(7, 1), ev(7, 2), ev(7, 3)]
+    assert relay.due(2) == [(CH, 3)]
+
+
+def test_a_join_position_of_another_epoch_than_the_held_events_owes_a_read() -> None:
+    """The held event (epoch 2) and the join's read (epoch 1) disagree; epochs are not
+    ordered, so the log is read: here it says epoch 2, and the members are reset to it."""
+    relay: Relay[str] = Relay()
+    relay.follow(CH)
+    assert offer(relay, 2, 1) == []
+    assert relay.position(CH, 1, 10, 0) == []
+    assert relay.due(0) == [(CH, 10)]
+    out = relay.filled(CH, 2, 1, [], 1, resync=True)
+    assert out == Reset(CH, 1, 2)
+
+
+def test_a_failed_read_with_events_held_waits_before_the_next_try() -> None:
+    relay = relay_at(0)
+    assert offer(relay, 7, 2) == []
+    assert relay.due(W) == [(CH, 0)]
+    assert relay.filled(CH, 0, 0, [], 5 * W, retry=True) == []
+    assert relay.due(5 * W + 1) == []  # not at the next tick
+    assert relay.due(6 * W) == [(CH, 0)]

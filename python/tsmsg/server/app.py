@@ -1365,8 +1365,9 @@ class Server:
                     continue
                 entries = [(e["seq"], event_frame(channel, e)) for e in page.entries]
                 out = self.relay.filled(
-                    channel, page.epoch, page.head, entries, self.now_ms(), resync=page.resync
-                )
+                    channel, page.epoch, page.head, entries, self.now_ms(),
+                    resync=page.resync, more=page.more,
+                )  # fmt: skip
                 self.deliver(channel, out)
 
     def notify_user(self, user: str, frame: dict[str, Any]) -> None:

@@ -99,7 +99,10 @@ class Relay(Generic[E]):
             return []
         if s.last is None:
             if epoch and s.epoch is not None and epoch != s.epoch:
-                s.held.clear()  # events of a log the read found replaced
+                # The held events and the read disagree on the log (reset between them):
+                # epochs are not ordered, so a read tells which is the current one.
+                s.held.clear()
+                s.owed_since = NOW
             s.epoch, s.last = epoch or s.epoch, head
         elif s.epoch is None and epoch:
             s.epoch = epoch  # joined before the log existed: this read tells its epoch
@@ -168,11 +171,13 @@ class Relay(Generic[E]):
         *,
         resync: bool = False,
         retry: bool = False,
+        more: bool = False,
     ) -> list[E] | Reset:
         """A log read after :meth:`due`: ``entries`` (seq, event) in seq order after the
         position asked for, and the log's ``head``/``epoch``; ``resync`` when the log
         could not replay them (compacted, or a position past the head of a reset log);
-        ``retry`` when the read failed: the gap is read again after ``gap_wait_ms``."""
+        ``retry`` when the read failed: the gap is read again after ``gap_wait_ms``;
+        ``more`` when the page was cut short of the head: the rest is read at once."""
         s = self.streams.get(channel)
         if s is None or not s.filling:
             return []  # not this stream's read (the channel was left and joined since)
@@ -180,8 +185,10 @@ class Relay(Generic[E]):
         if s.stale:  # issued before a reset: of a position (or an epoch) now past
             s.stale = False
             return []
-        if retry:
+        if retry:  # (a gap waits again from now too: not read again at the next tick)
             s.owed_since = now_ms
+            if s.gap_since is not None:
+                s.gap_since = now_ms
             return []
         # Epoch 0: the read found no log yet (as in position): the events that created it
         # since, which may have set the epoch already, are no other epoch.
@@ -192,6 +199,8 @@ class Relay(Generic[E]):
         for seq, event in entries:
             if s.last is not None and seq > s.last:
                 s.held.setdefault(seq, event)
+        if more:
+            s.owed_since = NOW
         return self._drain(s, now_ms)
 
     def check(self, channel: str, now_ms: int) -> None:

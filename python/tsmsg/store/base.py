@@ -192,8 +192,9 @@ class Remote(Protocol):
 
 
 class StoreObserver(Protocol):
-    """Timings a store reports (for metrics), called from its writer thread; the store
-    knows nothing about what the observer does with them. Must be cheap and thread-safe."""
+    """Timings a store reports (for metrics), called from its own threads (the writer; the
+    sync thread of ``async`` durability); the store knows nothing about what the observer
+    does with them. Must be cheap and thread-safe."""
 
     def committed(self, writes: int, seconds: float) -> None:
         """A batch of ``writes`` was committed (or failed) in ``seconds``."""

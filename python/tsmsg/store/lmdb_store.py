@@ -424,7 +424,7 @@ class LmdbStore(Store):
         self._notify = notify
         self._clock = clock
         self._fault = fault  # test hook: called before each commit, may raise lmdb errors
-        self._observer = observer  # commit and sync timings, from the writer thread
+        self._observer = observer  # commit and sync timings, from the writer (and sync) thread
         self._keyring = config.encryption
         path = self.path = os.fspath(path)
         # Private: the files hold every message (and --dev's secret sits beside them).
