@@ -449,13 +449,9 @@ def test_a_leave_is_not_undone_by_its_join_sent_again(
 def _libraries(server: redis_servers.RedisServer) -> list[str]:
     with server.client() as c:
         return [
-            _text(dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"])
+            dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"].decode()
             for lib in c.function_list()
         ]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def test_the_library_outlives_a_restart_and_reaches_replicas(

@@ -218,9 +218,8 @@ class Relay(Generic[E]):
         return self._reset(channel, s, epoch, head)
 
     def _reset(self, channel: str, s: Stream[E], epoch: int, head: int) -> Reset:
-        if epoch != s.epoch:
-            s.held.clear()  # events of the old log: their seqs mean nothing in the new one
-        s.held = {q: e for q, e in s.held.items() if q > head}
+        # Events of the old log are dropped: their seqs mean nothing in the new one.
+        s.held = {q: e for q, e in s.held.items() if q > head} if epoch == s.epoch else {}
         s.stale = s.filling  # a read under way answers for the old position: ignored
         s.epoch, s.last, s.gap_since = epoch, head, None
         return Reset(channel, head, epoch)
