@@ -53,6 +53,7 @@ INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 RUN_GAP_MS = 1000  # a pause this long ends a run of rate-limited requests
 RID_RULE = "`rid` must be an integer from -2**63 to 2**63-1"
+SEND_LIMITED = "sending too fast: over the per-user or per-channel send rate"
 MAX_ID_CHARS = 64  # message ids are opaque strings of at most this length
 # Bytes of a reply around its list of entries ({"t":"ok","rid":…,"channel":…,"more":…,…});
 # kept generous so a page never exceeds max_frame.
@@ -576,36 +577,38 @@ class Session:
     # ------------------------------------------------------------------ writes
 
     def _spend_send(self, channel: str, now_ms: int) -> None:
-        retry = self.user_limits.take_send(self.user, channel, now_ms)
-        self._limit(retry, "send", "sending too fast: over the per-user or per-channel send rate")
+        self._limit(self.user_limits.take_send(self.user, channel, now_ms), "send", SEND_LIMITED)
 
     def _send(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
-        channel = self._channel(frame, send=True)
-        limits, cid = self.limits, frame.get("cid")
-        if not isinstance(cid, str):  # (the messages are built only for a refusal)
+        # The most frequent request: the common case is checked inline (issue 17), the
+        # helpers run only to word a refusal.
+        limits, user = self.limits, self.user
+        channel, cid, text = frame.get("channel"), frame.get("cid"), frame.get("text")
+        assert self.claims is not None
+        if type(channel) is not str or not self.claims.may_send(channel):
+            channel = self._channel(frame, send=True)  # raises
+        if type(cid) is not str or not 1 <= len(cid) <= limits.max_cid_chars:
             raise RequestError(
                 E.BAD_REQUEST, f"`cid` must be a string of 1 to {limits.max_cid_chars} chars"
             )
-        if not 1 <= len(cid) <= limits.max_cid_chars:
-            raise RequestError(
-                E.BAD_REQUEST, f"`cid` must be 1 to {limits.max_cid_chars} characters"
-            )
-        text = _text(frame, "text", limits.max_text_bytes)
+        if type(text) is not str or len(text) > limits.max_text_bytes or not text.isascii():
+            text = _text(frame, "text", limits.max_text_bytes)
         meta = frame.get("meta")
         if meta is not None:
             if not isinstance(meta, dict):
                 raise RequestError(E.BAD_REQUEST, "`meta` must be a map")
-            if len(packb(meta)) > self.limits.max_meta_bytes:
+            if len(packb(meta)) > limits.max_meta_bytes:
                 raise RequestError(
-                    E.LIMIT_EXCEEDED, f"`meta` is over {self.limits.max_meta_bytes} bytes encoded"
+                    E.LIMIT_EXCEEDED, f"`meta` is over {limits.max_meta_bytes} bytes encoded"
                 )
-        self._spend_send(channel, now_ms)
-        user = self.user
+        retry = self.user_limits.take_send(user, channel, now_ms)
+        if retry:
+            self._limit(retry, "send", SEND_LIMITED)
         dup = self.store.cached_dup(channel, user, cid)
         if dup is not None:
             return self._ok(rid, channel=channel, seq=dup.seq, id=dup.id, ts=dup.ts, dup=True)
-        op = WriteOp("message", channel, user, cid=cid, text=text, meta=meta or None)
-        return [self._submit(op, rid)]
+        op = WriteOp("message", channel, user, cid, text, meta or None, origin=self, rid=rid)
+        return [Submit(op)]
 
     def _change(self, frame: Frame, rid: int | None, now_ms: int) -> list[Action]:
         channel = self._channel(frame, send=True)
@@ -634,48 +637,57 @@ class Session:
     def write_done(self, op: WriteOp) -> list[Action]:
         """The store committed (or failed) ``op``: the reply to the requester and the
         fan-out to the channel. The fan-out happens even if this connection is gone."""
+        result, kind = op.result, op.kind
+        if type(result) is AppendResult and op.error is None:  # message, edit, delete
+            return self._appended(op, result)
         actions: list[Action] = []
         live = self.state is State.READY
-        if op.kind == "member":  # a background write: a failure is logged, not sent
+        if kind == "member":  # a background write: a failure is logged, not sent
             if op.error is None and op.changed:  # new: the user's devices learn of it
                 push = {"t": "membership", "channel": op.channel, "by": self.user}
                 actions.append(NotifyUser(op.user, push))
             return actions
-        if op.kind == "seen":
+        if kind == "seen":
             return actions  # a background write: a failure is logged by the store, not sent
         if op.error is not None:
             if live:
                 error = RequestError(op.error.code, op.error.message, **op.error.extra)
                 actions.append(Reply(error.frame(op.rid)))
             return actions
-        if op.kind == "unmember":
+        if kind == "unmember":
             return self._ok(op.rid, channel=op.channel, forgotten=True) if live else actions
-        if op.kind == "read":
-            cursor = op.result
-            if live:
-                actions += self._ok(op.rid, channel=op.channel, seq=cursor)
-            if op.changed:
-                read = {"t": "read", "channel": op.channel, "user": op.user, "seq": cursor}
-                actions.append(Publish(op.channel, read))
-            return actions
-        result = op.result
-        assert isinstance(result, AppendResult)
-        channel, seq, mid, ts = op.channel, result.seq, result.id, result.ts
-        if live and op.rid is not None:
-            ok = {"t": "ok", "rid": op.rid, "channel": channel, "seq": seq, "id": mid, "ts": ts}
-            ok["dup"] = result.dup
+        assert kind == "read", kind
+        if live:
+            actions += self._ok(op.rid, channel=op.channel, seq=result)
+        if op.changed:
+            read = {"t": "read", "channel": op.channel, "user": op.user, "seq": result}
+            actions.append(Publish(op.channel, read))
+        return actions
+
+    def _appended(self, op: WriteOp, result: AppendResult) -> list[Action]:
+        """A message, edit or delete the store answered: the ``ok`` (unless the request
+        had no rid, or this connection is gone) and, for a new entry, its event."""
+        channel, seq, mid, ts, dup = op.channel, result.seq, result.id, result.ts, result.dup
+        rid = op.rid
+        actions: list[Action] = []
+        if rid is not None and self.state is State.READY:
+            ok = {
+                "t": "ok", "rid": rid, "channel": channel, "seq": seq, "id": mid, "ts": ts,
+                "dup": dup,
+            }  # fmt: skip
             actions.append(Reply(ok))
-        if result.dup:
+        if dup:
             return actions
         # The event frame, built at once (event_frame's shape: the entry's fields).
-        event: Frame = {"t": "event", "channel": channel, "seq": seq, "kind": op.kind, "id": mid}
-        event["sender"] = op.user
-        event["ts"] = ts
+        event: Frame = {
+            "t": "event", "channel": channel, "seq": seq, "kind": op.kind, "id": mid,
+            "sender": op.user, "ts": ts,
+        }  # fmt: skip
         if op.text is not None:
             event["text"] = op.text
         if op.meta:
             event["meta"] = op.meta
-        actions.append(Publish(channel, event, epoch=op.epoch))
+        actions.append(Publish(channel, event, None, op.epoch))
         if op.kind == "message" and channel.startswith(DM_PREFIX):
             actions += self._dm_peer(channel)
         return actions

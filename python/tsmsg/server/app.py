@@ -1455,29 +1455,25 @@ class Server:
 
     def on_batch(self, batch: list[WriteOp]) -> None:
         """A committed batch, in commit order (runs in the trio thread)."""
-        metrics, now = self.metrics, time.monotonic()
-        appended = dict.fromkeys(metrics.appends, 0)  # counted per batch, not per write
-        freed: set[Connection] = set()  # their readers may wait for in-flight room
+        metrics, connections, now = self.metrics, self.connections, time.monotonic()
+        acks, appended = metrics.ack_seconds, dict.fromkeys(metrics.appends, 0)
         for op in batch:
-            if op.error is None and op.kind in appended:
-                result = op.result
-                if not (isinstance(result, AppendResult) and result.dup):
-                    appended[op.kind] += 1
+            result = op.result
+            if type(result) is AppendResult and op.error is None and not result.dup:
+                appended[op.kind] += 1  # counted per batch, not per write
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)
             if op.rid is not None and op.queued_at:  # a client waits for this reply
-                metrics.ack_seconds.observe(now - op.queued_at)
-            conn = self.connections.get(session)
+                acks.observe(now - op.queued_at)
+            conn = connections.get(session)
             if conn is not None:
                 conn.inflight -= 1
-                freed.add(conn)
+                conn.inflight_freed.set()  # its reader may wait for in-flight room
             self.perform(conn, session.write_done(op))
         for kind, n in appended.items():
             if n:
                 metrics.appends[kind].inc(n)
-        for conn in freed:
-            conn.inflight_freed.set()
 
     def _notify(self, batch: list[WriteOp]) -> None:
         """Called by the store's writer thread."""

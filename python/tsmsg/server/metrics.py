@@ -381,14 +381,15 @@ class Metrics:
 
     # -------------------------------------------------------------- hot-path helpers
 
+    # Per frame: the counter's value is added to directly (one call less than inc).
     def frame_in(self, t: object) -> None:
         counter = self.frames_in.get(t) if type(t) is str else None  # t may be unhashable
-        (self.frames_in[OTHER] if counter is None else counter).inc()
+        (self.frames_in[OTHER] if counter is None else counter).value += 1
 
     def frame_out(self, frame: dict[str, Any]) -> None:
         t = frame["t"]
         counter = self.frames_out.get(t)
-        (self.frames_out[OTHER] if counter is None else counter).inc()
+        (self.frames_out[OTHER] if counter is None else counter).value += 1
         if t == "error":
             self.error_code(frame.get("code"))
 

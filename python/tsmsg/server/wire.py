@@ -80,8 +80,7 @@ class Transport(Protocol):
 
 
 class TcpCodec:
-    def encode(self, frame: dict[str, Any]) -> bytes:
-        return encode(frame)
+    encode = staticmethod(encode)  # the extension's, called directly: once per reply
 
 
 class Tcp:

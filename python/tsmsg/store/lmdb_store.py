@@ -838,9 +838,6 @@ class LmdbStore(Store):
                         count += 1
         return count
 
-    def cached_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
-        return self.lookup_dup(channel, sender, cid)  # the ring in memory, the mapped file
-
     def lookup_dup(self, channel: str, sender: str, cid: str) -> AppendResult | None:
         # The common case (a new cid) is answered from memory alone, with no transaction.
         chan_id = self._chan_ids.get(channel)
@@ -854,6 +851,8 @@ class LmdbStore(Store):
             if rec is None or rec["id"] != chan_id:
                 return None  # reset since: the writer answers from the current log
             return self._dup_result(txn, channel, rec, seq)
+
+    cached_dup = lookup_dup  # the ring in memory, then the mapped file: no network
 
     def _dup_result(
         self, txn: lmdb.Transaction, channel: str, rec: dict[str, int], seq: int
