@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import receive
-from tsmsg import encode
+from tsmsg import DEFAULT_MAX_DEPTH, encode
 from tsmsg._native import (
     FrameError,
     FrameTooLarge,
@@ -227,6 +227,15 @@ def send(
     assert len(actions) == 2 and isinstance(actions[0], Reply), actions
     assert isinstance(actions[1], Publish), actions
     return actions[0].frame, actions[1].frame
+
+
+def meta_reaching(depth: int) -> dict[str, Any]:
+    """A meta map whose deepest container is at ``depth`` in its send frame (the send's
+    map is depth 1, meta's depth 2)."""
+    value: Any = 1
+    for _ in range(depth - 2):
+        value = [value]
+    return {"k": value}
 
 
 def meta_of_size(size: int) -> dict[str, str]:
@@ -574,6 +583,12 @@ SEND = {"channel": ROOM, "cid": "c-1", "text": "hi"}
         ({"meta": [1, 2]}, E.BAD_REQUEST),
         ({"meta": 1}, E.BAD_REQUEST),
         ({"meta": meta_of_size(4 * 1024 + 1)}, E.LIMIT_EXCEEDED),
+        # A page carries meta two levels deeper than the send (PROTOCOL.md 6.4).
+        ({"meta": meta_reaching(DEFAULT_MAX_DEPTH - 1)}, E.LIMIT_EXCEEDED),
+        ({"meta": meta_reaching(DEFAULT_MAX_DEPTH)}, E.LIMIT_EXCEEDED),
+        ({"meta": {"a": [{"f": float("nan")}]}}, E.BAD_REQUEST),  # JSON has no NaN
+        ({"meta": {"f": float("inf")}}, E.BAD_REQUEST),
+        ({"meta": {"f": -float("inf")}}, E.BAD_REQUEST),
     ],
     ids=lambda c: repr(c)[:40] if isinstance(c, dict) else c,
 )
@@ -596,6 +611,8 @@ def test_send_field_validation(store: LmdbStore, change: dict[str, Any], code: s
         {"meta": meta_of_size(4 * 1024)},
         {"meta": None},
         {"meta": {}},
+        {"meta": meta_reaching(DEFAULT_MAX_DEPTH - 2)},
+        {"meta": {"f": 1.5, "g": [-0.0, 1e308]}},
     ],
     ids=lambda c: repr(c)[:40],
 )

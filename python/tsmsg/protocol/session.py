@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -218,6 +219,35 @@ def _text(frame: Frame, key: str, max_bytes: int) -> str:
     if len(value) > max_bytes or (not value.isascii() and len(value.encode()) > max_bytes):
         raise RequestError(E.LIMIT_EXCEEDED, f"`{key}` is over {max_bytes} bytes of UTF-8")
     return value
+
+
+# The depth of `meta`'s map in a sync or history page (ok, its `events`, an event, meta),
+# two more than in the send (send, meta): a send's meta may reach depth `max_depth` - 2,
+# so that every frame the server writes nests within `max_depth` (PROTOCOL.md 6.4).
+META_PAGE_DEPTH = 4
+
+
+def _check_meta_values(value: Any, levels: int) -> None:
+    """Refuse a ``meta`` whose maps and arrays nest more than ``levels`` below its own
+    map, or that holds a float which is not finite (JSON has no NaN or infinity: a
+    WebSocket JSON client could not parse the event)."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise RequestError(E.BAD_REQUEST, "`meta` floats must be finite (no NaN, infinity)")
+        return
+    if type(value) is dict:
+        items: Any = value.values()
+    elif type(value) is list:
+        items = value
+    else:
+        return
+    if levels < 0:
+        raise RequestError(
+            E.LIMIT_EXCEEDED,
+            "`meta` nests deeper than max_depth - 2 (pages carry it two levels deeper)",
+        )
+    for item in items:
+        _check_meta_values(item, levels - 1)
 
 
 NO_CUTS: frozenset[str] = frozenset()  # what a session's ``cut`` is while empty
@@ -564,8 +594,10 @@ class Session:
         channel: str = _field(frame, "channel", str, "a channel name")
         if not valid_channel(channel):
             raise RequestError(E.BAD_REQUEST, "`channel` is not a valid channel name")
-        forget = frame.get("forget", False)
-        if not isinstance(forget, bool):
+        forget = frame.get("forget")
+        if forget is None:  # nil is absent (section 2)
+            forget = False
+        elif not isinstance(forget, bool):
             raise RequestError(E.BAD_REQUEST, "`forget` must be a boolean")
         self.joined.discard(channel)
         self._uncut(channel)
@@ -601,6 +633,7 @@ class Session:
                 raise RequestError(
                     E.LIMIT_EXCEEDED, f"`meta` is over {limits.max_meta_bytes} bytes encoded"
                 )
+            _check_meta_values(meta, limits.max_depth - META_PAGE_DEPTH)
         retry = self.user_limits.take_send(user, channel, now_ms)
         if retry:
             self._limit(retry, "send", SEND_LIMITED)
