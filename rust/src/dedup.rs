@@ -102,6 +102,19 @@ impl DedupRing {
         self.order.push_back(key);
         Ok(None)
     }
+
+    /// Forgets `key` if it is the oldest entry held, and says whether it was. For a caller
+    /// that drops entries from a copy kept in the same insertion order (a journal pruned
+    /// oldest first, by age): the ring then forgets them too. Any other key is left alone.
+    pub fn forget_oldest(&mut self, key: &[u8]) -> bool {
+        if self.order.front().map(|oldest| &**oldest) != Some(key) {
+            return false;
+        }
+        if let Some(oldest) = self.order.pop_front() {
+            self.seqs.remove(&oldest);
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +229,28 @@ mod tests {
         r.insert(b"keep", 1).unwrap();
         assert!(r.insert(b"toolong", 2).is_err());
         assert_eq!(r.get(b"keep"), Some(1));
+    }
+
+    #[test]
+    fn forget_oldest_drops_only_the_oldest_entry() {
+        let key = |k: u64| k.to_string().into_bytes();
+        let mut r = ring(3);
+        for k in 1..=3u64 {
+            assert_eq!(r.insert(&key(k), k).unwrap(), None);
+        }
+        assert!(!r.forget_oldest(&key(2))); // held, but not the oldest
+        assert!(!r.forget_oldest(&key(9))); // not held
+        assert_holds(&r, &[1, 2, 3]);
+        assert!(r.forget_oldest(&key(1)));
+        assert!(!r.forget_oldest(&key(1))); // gone already
+        assert_holds(&r, &[2, 3]);
+        // The freed room is used: a new key evicts nothing while below capacity.
+        assert_eq!(r.insert(&key(4), 4).unwrap(), None);
+        assert_holds(&r, &[2, 3, 4]);
+        assert!(r.forget_oldest(&key(2)) && r.forget_oldest(&key(3)));
+        assert!(r.forget_oldest(&key(4)));
+        assert!(r.is_empty() && !r.forget_oldest(&key(4)));
+        assert_holds(&r, &[]);
     }
 
     #[test]

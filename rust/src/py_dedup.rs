@@ -78,6 +78,12 @@ impl DedupRing {
         Ok(self.inner.insert(require_key_bytes(key)?, seq)?)
     }
 
+    /// Forgets `key` if it is the oldest entry held (True), else changes nothing (False):
+    /// a journal kept in the same order and pruned oldest first is mirrored with it.
+    fn forget_oldest(&mut self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(key_bytes(key)?.is_some_and(|key| self.inner.forget_oldest(key)))
+    }
+
     /// Any object other than str or bytes is simply not held (like `"x" in range(3)`).
     fn __contains__(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         Ok(key_bytes(key)?.is_some_and(|key| self.inner.contains(key)))

@@ -313,7 +313,10 @@ class Store(ABC):
     @abstractmethod
     def unread(self, user: str, channel: str, scan_max: int | None = None) -> int:
         """Messages after the user's cursor that are neither deleted nor the user's own,
-        counted over at most ``scan_max`` log entries after the cursor."""
+        counted over at most ``scan_max`` entries after the cursor: log entries (LMDB) or
+        messages (the Redis engine indexes them apart from edits and deletes). Either
+        bounds the work; past the bound the count is a lower bound (PROTOCOL.md 6.14), and
+        within it exact."""
 
     @abstractmethod
     def compact(self, channel: str) -> int:

@@ -292,6 +292,7 @@ def verify_export(path: str) -> ExportSummary:
     counts = {"channels": 0, "users": 0, "entries": 0}
     digest = hashlib.sha256(EXPORT_MAGIC)
     header: dict[str, Any] | None = None
+    names: set[str] = set()  # one channel is one record: a second one is refused here
     with open(path, "rb") as fh:
         for t, parsed, raw in _items(path, fh):
             if t == "end":
@@ -315,6 +316,9 @@ def verify_export(path: str) -> ExportSummary:
                     )
                 header = parsed
             elif t == "channel":
+                if parsed.name in names:
+                    raise ExportError(f"{path} holds channel {parsed.name!r} twice")
+                names.add(parsed.name)
                 counts["channels"] += 1
                 counts["entries"] += len(parsed.entries)
             elif t == "users":

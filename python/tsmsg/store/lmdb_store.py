@@ -1101,13 +1101,15 @@ class LmdbStore(Store):
             changed = {n: rec for n, rec in b.records.items() if rec["head"] != b.heads[n]}
             for name, rec in changed.items():
                 txn.put(name.encode(), packb(rec), db=self._channels)
-            self._prune_dedup(txn, b.ts, DEDUP_PRUNE_PER_BATCH + 2 * len(b.new_cids))
+            pruned = self._prune_dedup(txn, b.ts, DEDUP_PRUNE_PER_BATCH + 2 * len(b.new_cids))
             if self._fault is not None:
                 self._fault()
             txn.commit()
         except BaseException:
             txn.abort()
             raise
+        for key in pruned:  # committed: the ring forgets them as a reopened store would
+            self._ring.forget_oldest(key)
         for name, rec in changed.items():
             self._chan_ids[name] = rec["id"]
         return b.new_cids
@@ -1254,18 +1256,21 @@ class LmdbStore(Store):
         op.changed = True
         return new
 
-    def _prune_dedup(self, txn: lmdb.Transaction, now: int, most: int) -> None:
+    def _prune_dedup(self, txn: lmdb.Transaction, now: int, most: int) -> list[bytes]:
         """Drop the oldest journal entries past the size bound or the retention window,
-        a bounded number per commit (the in-memory map evicts by the same FIFO order)."""
+        a bounded number per commit; returns their dedup keys, oldest first, for the
+        in-memory map (FIFO in the same order) to forget once the commit succeeded."""
         excess = txn.stat(self._dedup)["entries"] - self.config.dedup_max
         cutoff = now - self.config.dedup_retention_ms
         cur = txn.cursor(db=self._dedup)
-        pruned = 0
-        while pruned < most and cur.first():
-            if pruned >= excess and unpackb(cur.value())[2] >= cutoff:
+        pruned: list[bytes] = []
+        while len(pruned) < most and cur.first():
+            key, _, ts = unpackb(cur.value())
+            if len(pruned) >= excess and ts >= cutoff:
                 break
             cur.delete()
-            pruned += 1
+            pruned.append(key)
+        return pruned
 
     # ---------------------------------------------------------------- compaction
 

@@ -144,8 +144,10 @@ return out
 """
 
 # An edit ('e') or a delete ('d') of message seq ARGV[3] of id prefix ARGV[2]. ARGV: 4 user,
-# 5 moderator '1'/'0', 6 ts, 7 ts pair, 8 id and sender pairs, 9 text pair, 10 edited pair.
-# Reply: {'ok', seq, epoch}, {'nf'} (no such live message) or {'fb'} (not the sender's).
+# 5 moderator '1'/'0', 6 ts, 7 ts pair, 8 id and sender pairs, 9 text pair, 10 edited pair,
+# 11 the most edits a message may have (max_edits_per_message).
+# Reply: {'ok', seq, epoch}, {'nf'} (no such live message), {'fb'} (not the sender's) or
+# {'le', count} (an edit of a message edited count >= ARGV[11] times: nothing written).
 CHANGE = r"""
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'pfx')
 local mseq = ARGV[3]
@@ -153,9 +155,13 @@ if not meta[1] or (meta[2] or meta[1]) ~= ARGV[2] then return {'nf'} end
 local sender = redis.call('HGET', KEYS[6], 's' .. mseq)
 if not sender then return {'nf'} end
 if sender ~= ARGV[4] and ARGV[5] ~= '1' then return {'fb'} end
+local edits = redis.call('HGET', KEYS[6], 'e' .. mseq)
+if ARGV[1] == 'e' and edits then
+  local count = select(2, string.gsub(edits, ',', '')) + 1
+  if count >= tonumber(ARGV[11]) then return {'le', count} end
+end
 local seq = dec(redis.call('HINCRBY', KEYS[1], 'head', 1))
 local mbase = redis.call('HGET', KEYS[6], 'b' .. mseq)
-local edits = redis.call('HGET', KEYS[6], 'e' .. mseq)
 if ARGV[1] == 'e' then
   local ebase = '\163seq' .. u(tonumber(seq)) .. '\164kind\164edit' .. ARGV[7] .. ARGV[8]
   redis.call('HSET', KEYS[2], seq, map(6) .. ebase .. ARGV[9])
@@ -313,6 +319,7 @@ return out
 # Live messages of others among the next ARGV[3] messages after ARGV[2] ('' : the user
 # ARGV[1]'s read cursor). Reply: {count, messages looked at, the last one's seq}.
 UNREAD = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '0'} end
 local from = ARGV[2]
 if from == '' then from = redis.call('HGET', KEYS[9], ARGV[1]) or '0' end
 local qs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. from, '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
@@ -322,6 +329,13 @@ for _, q in ipairs(qs) do
   if sender and sender ~= ARGV[1] then count = count + 1 end
 end
 return {count, #qs, qs[#qs] or from}
+"""
+
+# User ARGV[1]'s read cursor: 0 while the channel has no log (its meta lost: what is left
+# of the old log is not its state, STORAGE.md).
+CURSOR = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return tonumber(redis.call('HGET', KEYS[9], ARGV[1]) or '0')
 """
 
 # The first result of dedup key ARGV[1]. Reply: {} or {id prefix, seq, entry or nil}.
@@ -531,6 +545,7 @@ SCRIPTS: dict[str, str] = {
         "sync": SYNC,
         "history": HISTORY,
         "unread": UNREAD,
+        "cursor": CURSOR,
         "dup": DUP,
         "dump": _LIB_RANGE + DUMP,
         "tail": _LIB_RANGE + TAIL,
@@ -548,7 +563,7 @@ SCRIPTS: dict[str, str] = {
 # reads are declared `no-writes`, and the writes that free memory or must go on in a full
 # Redis (compaction, a reset, presence sweeps: deletes, and a few small fields) `allow-oom`.
 FLAGS = dict.fromkeys(
-    ("sync", "history", "unread", "dup", "dump", "tail"), "no-writes"
+    ("sync", "history", "unread", "cursor", "dup", "dump", "tail"), "no-writes"
 ) | dict.fromkeys(("compact", "reset", "presence_expire", "presence_claim"), "allow-oom")
 
 

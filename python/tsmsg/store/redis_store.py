@@ -76,6 +76,7 @@ from tsmsg.store.lmdb_store import (
     OP_OVERHEAD,
     StoreConfig,
     _check_name,
+    check_edits,
     now_ms,
     parse_message_id,
 )
@@ -262,6 +263,8 @@ class RedisStore(Store):
         self._epochs = epochs
         self._prefix = key_prefix.encode()
         self._registry = self._prefix + b"channels"  # names of channels (one slot of its own)
+        # New channels whose registration failed: sent again with the next batch (writer).
+        self._unregistered: set[str] = set()
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
         self._restored: list[str] = []  # channels a restore loaded (registered at its end)
         password = self.target.password
@@ -531,8 +534,7 @@ class RedisStore(Store):
             top = int(reply[-2]) - 1
 
     def read_cursor(self, user: str, channel: str) -> int:
-        raw = self._call(self._client.hget, self._keys(channel)[8], user)
-        return 0 if raw is None else int(raw)
+        return int(self._eval("cursor", self._keys(channel), user))
 
     def unread(self, user: str, channel: str, scan_max: int | None = None) -> int:
         keys = self._keys(channel)
@@ -682,11 +684,16 @@ class RedisStore(Store):
             except StoreError as exc:
                 for op in c.ops:
                     op.result, op.error, op.changed = None, exc, False
-        if created:  # the registry of names is in another slot: a second, idempotent step
+        # The registry of names is in another slot: a second, idempotent step, redone
+        # with the next batch's until it succeeds (only compact_all() and tools read it).
+        unregistered = self._unregistered
+        unregistered.update(created)
+        if unregistered:
             try:
-                self._wclient.sadd(self._registry, *created)
-            except RedisError as exc:  # only compact_all() and tools read it
-                log.error("could not record new channels %s: %s", created, exc)
+                self._wclient.sadd(self._registry, *unregistered)
+                unregistered.clear()
+            except RedisError as exc:
+                log.error("could not record new channels %s: %s", sorted(unregistered), exc)
 
     def _charge_sends(self, writes: list[_Call], ts: int) -> list[_Call]:
         """The shared send limits (``send_limits``): a token per send, edit and delete
@@ -856,6 +863,7 @@ class RedisStore(Store):
             op.kind[0], parsed[0], parsed[1], op.user, int(op.moderator), ts, ts_pair,
             _P_ID + packb(target) + _P_SENDER + packb(op.user),
             _P_TEXT + packb(op.text) if op.text is not None else b"", _P_EDITED + packb(ts),
+            self.config.max_edits,
         )  # fmt: skip
 
     def _finish(self, ops: list[WriteOp], reply: Any, ts: int, created: list[str]) -> None:
@@ -887,6 +895,8 @@ class RedisStore(Store):
             op.epoch = int(reply[2])
         elif reply[0] == b"fb":
             raise Forbidden(f"only the sender or a moderator may change message {op.target!r}")
+        elif reply[0] == b"le":
+            check_edits(op.target or "", int(reply[1]), self.config.max_edits)  # raises
         else:
             raise NotFound(f"no message {op.target!r} in channel {op.channel!r}")
 
@@ -1173,6 +1183,8 @@ class RedisStore(Store):
             epoch = self._epochs()
             dump = with_prefix(dump, epoch, str(epoch))
         meta, log_, msgs, chg, tomb, idx, dd, dq, rc = self._keys(dump.name)
+        if self._call(self._client.exists, meta):  # the target was empty at the start
+            raise ValueError(f"channel {dump.name!r} is in the export twice")
         commands: list[tuple[Any, ...]] = []
         fields: list[Any] = ["epoch", dump.epoch, "head", dump.head, "horizon", dump.horizon]
         if dump.prefix != str(dump.epoch):
