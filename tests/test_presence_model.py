@@ -2,11 +2,13 @@
 Redis and on a Redis Cluster (STORAGE.md, "Presence between nodes").
 
 Two or three RedisStores on one key prefix play nodes. Each applies random changes
-``(user, status or None, time)`` in batches (``set_many``, sometimes ``set``), sometimes
-after a FUNCTION FLUSH of every Redis server (as after Redis lost its data), and sometimes refreshes
-its entries between batches. The model keeps, per (node, user), the last status the node
-set and when: a user's status across nodes is the one set most recently, and each change
-announces the model's status before and after it. A batch after a flush writes only each
+``(user, status, CONNECTED or None, time)`` in batches (``set_many``, sometimes ``set``),
+sometimes after a FUNCTION FLUSH of every Redis server (as after Redis lost its data), and
+sometimes refreshes its entries between batches. The model keeps the nodes with a device
+of each user and the user's status (a user's, not a node's: PROTOCOL.md 6.13): a status
+set replaces it, a node's first device keeps it if another node has one (else "online"),
+the last node's device gone clears it; each change announces the model's status before
+and after it. A batch after a flush writes only each
 user's last change: that one moves the user from its status before the batch to its
 status after, the earlier ones are superseded (before == after: nothing announced).
 
@@ -27,12 +29,13 @@ from hypothesis import strategies as st
 
 import redis_servers
 from tsmsg.store import RedisStore
+from tsmsg.store.base import CONNECTED
 from tsmsg.store.redis_presence import RedisPresence
 
 TTL_S = 30.0
 TTL_MS = int(TTL_S * 1000)
 USERS = ["u1", "u2", "u3"]
-STATUSES: list[str | None] = ["online", "away", None]
+STATUSES: list[str | None] = ["online", "away", "offline", CONNECTED, None]
 KINDS = ["set_many", "set", "flush", "refresh"]  # flush: FUNCTION FLUSH, then set_many
 MAX_EXAMPLES = {"redis": 100, "redis-cluster": 50}  # ~25 ms and ~125 ms each
 
@@ -76,24 +79,34 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
 
 
 class Model:
-    """Per (node, user): the status the node last set and when (ms)."""
+    """Per (node, user): when the node's entry was last set (ms); per user: its status."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[int, str], tuple[str, int]] = {}
+        self.entries: dict[tuple[int, str], int] = {}
+        self.user_status: dict[str, str] = {}
+
+    def connected(self, user: str) -> bool:
+        return any(u == user for _, u in self.entries)
 
     def status(self, user: str) -> str:
-        mine = [v for (_, u), v in self.entries.items() if u == user]
-        return max(mine, key=lambda v: v[1])[0] if mine else "offline"
+        return self.user_status.get(user, "online") if self.connected(user) else "offline"
 
     def statuses(self) -> dict[str, str]:
-        return {u: self.status(u) for u in USERS if self.status(u) != "offline"}
+        return {u: self.status(u) for u in USERS if self.connected(u)}
 
     def set(self, node: int, user: str, status: str | None, at: int) -> tuple[str, str]:
         before = self.status(user)
+        others = any(u == user and n != node for n, u in self.entries)
         if status is None:
             self.entries.pop((node, user), None)
         else:
-            self.entries[(node, user)] = (status, at)
+            self.entries[(node, user)] = at
+            if status != CONNECTED:
+                self.user_status[user] = status
+            elif not others:
+                self.user_status[user] = "online"
+        if not self.connected(user):
+            self.user_status.pop(user, None)
         return before, self.status(user)
 
 
@@ -124,14 +137,18 @@ def run(engine: Engine, nodes: int, script: list[Step]) -> None:
                 now += dt
                 timed.append((user, status, now))
             before = {u: model.status(u) for u in USERS}
-            expected = [model.set(n, *change) for change in timed]
-            if kind == "flush":
+            if kind == "flush":  # only each user's last change is written (and announced)
                 engine.flush_library()
                 last = {user: i for i, (user, _, _) in enumerate(timed)}
+                for i, change in enumerate(timed):
+                    if last[change[0]] == i:
+                        model.set(n, *change)
                 expected = [
                     (before[u] if last[u] == i else model.status(u), model.status(u))
                     for i, (u, _, _) in enumerate(timed)
                 ]
+            else:
+                expected = [model.set(n, *change) for change in timed]
             if kind == "set":
                 got: list[object] = [presence.set(*timed[0])]
             else:
@@ -143,14 +160,14 @@ def run(engine: Engine, nodes: int, script: list[Step]) -> None:
             members = {
                 m: int(s) for m, s in stores[0]._client.zrange(index, 0, -1, withscores=True)
             }
-            for (node, user), (_, at) in model.entries.items():
+            for (node, user), at in model.entries.items():
                 member = mark(stores[node]) + user.encode()
                 assert member in members, (node, user)
                 assert members[member] >= at + TTL_MS
 
         far = now + 10 * TTL_MS  # every entry expired: each user online somewhere, once
         gone = stores[0].presence.expired(far)
-        assert sorted(gone) == sorted({u for _, u in model.entries}), gone
+        assert sorted(gone) == sorted((u, model.status(u)) for u in {u for _, u in model.entries})
         assert stores[1].presence.expired(far) == []
     finally:
         for store in stores:

@@ -504,7 +504,7 @@ def test_a_disconnect_not_written_keeps_its_entry_where_a_sweep_finds_it(
         (result,) = presence.set_many([("u", None, t + 10)])
         store._pipeline = pipeline  # type: ignore[method-assign]
         assert isinstance(result, StoreUnavailable), result
-        assert presence.expired(t + 5_000) == ["u"]
+        assert presence.expired(t + 5_000) == [("u", "online")]
     finally:
         store._pipeline = pipeline  # type: ignore[method-assign]
         store.close()
@@ -532,9 +532,10 @@ def test_a_presence_refresh_extends_only_the_entry_it_knows(engine: Engine) -> N
         assert raced == [("online", "offline")]
         assert presence.statuses(["u1"], t + 1_300) == {}
         assert presence.set("u2", "away", t + 2_000) == ("offline", "away")
-        assert presence.expired(t + 3_500) == ["u2"]  # swept: this node was late
-        assert presence.refresh(t + 3_600) == [("u2", "offline", "away")]  # set again, moved
-        assert presence.statuses(["u2"], t + 3_700) == {"u2": "away"}
+        assert presence.expired(t + 3_500) == [("u2", "away")]  # swept: this node was late
+        # Set again as a first device (the user's status went with the last entry), moved.
+        assert presence.refresh(t + 3_600) == [("u2", "offline", "online")]
+        assert presence.statuses(["u2"], t + 3_700) == {"u2": "online"}
         assert presence.refresh(t + 3_800) == []  # extended: nothing moved
     finally:
         store.close()

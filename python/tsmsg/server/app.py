@@ -110,7 +110,14 @@ from tsmsg.server.wire import (
 )
 from tsmsg.store import AppendResult, SendLimits, Store, StoreUnavailable, WriteOp
 from tsmsg.store import open_store as open_engine
-from tsmsg.store.base import OFFLINE, PRESENCE_TOPIC, ChannelInfo, Notify, RemoteEntry
+from tsmsg.store.base import (
+    CONNECTED,
+    OFFLINE,
+    PRESENCE_TOPIC,
+    ChannelInfo,
+    Notify,
+    RemoteEntry,
+)
 from tsmsg.tls import server_tls_context
 
 log = logging.getLogger("tsmsg.server")
@@ -130,6 +137,9 @@ ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per thi
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
 PRESENCE_BATCH = 256  # presence changes written to a shared engine in one call at most
+# Another node's typing `on` is turned off here this long after its timeout unless renewed
+# or turned off (its node died): the typer's own node would have sent the `off` by then.
+TYPING_GRACE_MS = 1000
 GAP_CHECK_S = 0.05  # how often the relay's gaps are looked at (it waits GAP_WAIT_MS on each)
 # Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
 # per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
@@ -970,8 +980,9 @@ class Server:
         self._round_due = trio.Event()
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
-        self.status: dict[str, str] = {}  # user -> presence status, while connected
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
+        # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
+        self._typing_elsewhere: dict[tuple[str, str], int] = {}
         # Presence changes for a shared engine, in order: user -> (status or None, ms,
         # channels), a user's latest only (_presence_writer), and how many are written.
         self._presence_queue: dict[str, tuple[str | None, int, list[str]]] = {}
@@ -1106,16 +1117,31 @@ class Server:
         if user not in self.memberships:  # its first device: load them first
             store, most = self.store, self.settings.limits.max_memberships
 
-            def then(channels: list[str]) -> list[Action]:
-                conn.session.memberships = self.memberships.setdefault(user, set(channels))
+            def query() -> list[str] | None:
+                try:
+                    return store.channels_of(user, limit=most)
+                except StoreUnavailable:  # the device counts all the same (the engine's
+                    return None  # refresh records it once back); read at its next device
+
+            def then(channels: list[str] | None) -> list[Action]:
+                if channels is not None:
+                    self.memberships.setdefault(user, set(channels))
+                self._use_memberships(conn)
                 self._presence_changed(conn, status)
                 return []
 
-            query = functools.partial(store.channels_of, user, limit=most)
             return Read(query, then, None, "presence")
-        conn.session.memberships = self.memberships[user]
+        self._use_memberships(conn)
         self._presence_changed(conn, status)
         return None
+
+    def _use_memberships(self, conn: Connection) -> None:
+        """The session's joins count on this node's set of the user's memberships, which
+        is exact on one node. On a shared engine another node's join or forget reaches
+        the set a moment later (a notice through the engine), so a join asks the store
+        (a membership must never be left unrecorded because this node thought it was)."""
+        shared = self.store.presence.shared
+        conn.session.memberships = None if shared else self.memberships.get(conn.user or "")
 
     def _presence_changed(self, conn: Connection, status: str | None) -> None:
         user = conn.user
@@ -1123,12 +1149,11 @@ class Server:
         devices = self.devices.setdefault(user, set())
         first = not devices
         devices.add(conn)
-        if status is None and not first:
-            return
-        status = status or "online"
-        if self.status.get(user) != status:
-            self.status[user] = status
-            self._announce(conn, status)
+        if status is None:  # a device connected: the user's status stays, or is "online"
+            if not first:
+                return
+            status = CONNECTED
+        self._announce(conn, status)  # the store tells whether the user's status changed
 
     def _device_gone(self, conn: Connection) -> None:
         user = conn.user
@@ -1141,7 +1166,6 @@ class Server:
         del self.devices[user]
         # Always, "offline" set by the user too: this node's entry ends (no push if the
         # user's status across nodes does not change).
-        self.status.pop(user, None)
         self._announce(conn, None)
         self.memberships.pop(user, None)
         try:
@@ -1234,13 +1258,13 @@ class Server:
                     channels = list(self.memberships.get(user, ()))
                     self._presence_moved(user, before, after, now, channels)
                 gone = await self.run_read(functools.partial(presence.expired, now))
-                for user in gone:
+                for user, before in gone:
                     channels = await self.run_read(
                         functools.partial(self.store.channels_of, user, limit=most)
                     )
                     log.info("presence of %s expired (its node is gone): offline", user)
                     self.store.submit(WriteOp("seen", "", user))
-                    self._presence_moved(user, "", OFFLINE, now, channels)
+                    self._presence_moved(user, before, OFFLINE, now, channels)
             except Exception as exc:  # the engine is down: try again at the next round
                 log.warning("presence upkeep failed: %r", exc)
 
@@ -1261,12 +1285,13 @@ class Server:
             loaded = {
                 u: (set(store.channels_of(u, limit=most)), store.last_seen(u)) for u in absent
             }
-            return loaded, store.presence.statuses(absent, now)  # online on other nodes
+            # The users' statuses across nodes (the user's, whichever device set it).
+            return loaded, store.presence.statuses(list(dict.fromkeys(users)), now)
 
         def then(
             got: tuple[dict[str, tuple[set[str], int | None]], dict[str, str]],
         ) -> list[Action]:
-            loaded, elsewhere = got
+            loaded, connected = got
 
             def channels(user: str) -> set[str]:
                 return known[user] if user in known else loaded[user][0]
@@ -1276,11 +1301,11 @@ class Server:
             for user in users:
                 if user != asker and mine.isdisjoint(channels(user)):
                     continue
-                status = self.status.get(user) or elsewhere.get(user, OFFLINE)
+                status = connected.get(user, OFFLINE)  # "offline" also when a user set it
                 entry: dict[str, Any] = {"user": user, "status": status}
                 entry["online"] = status != OFFLINE
-                seen = loaded[user][1] if user in loaded and user not in self.devices else None
-                if status == OFFLINE and seen is not None:
+                seen = loaded[user][1] if user in loaded and user not in connected else None
+                if seen is not None:  # no device anywhere (not one set "offline")
                     entry["last_seen"] = seen
                 found.append(entry)
             return [] if rid is None else [Reply({"t": "ok", "rid": rid, "users": found})]
@@ -1332,16 +1357,41 @@ class Server:
 
     def _remote_signal(self, channel: str, frame: dict[str, Any]) -> None:
         if channel == PRESENCE_TOPIC:  # another node's presence change or user notice
-            if frame.get("t") == "membership":
-                to = frame.pop("to", None)
-                if isinstance(to, str):
+            t, to, name = frame.get("t"), frame.pop("to", None), frame.get("channel")
+            if t in ("membership", "unmember") and isinstance(to, str) and isinstance(name, str):
+                mine = self.memberships.get(to)  # another node recorded it: here too
+                if mine is not None:
+                    (mine.add if t == "membership" else mine.discard)(name)
+                if t == "membership":
                     self._notify_here(to, frame)
                 return
             channels = frame.pop("channels", None)
             if frame.get("t") == "presence" and isinstance(channels, list):
                 self._push_presence(frame, channels)
             return
+        if frame.get("t") == "typing":
+            self._remote_typing(channel, frame)
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
+
+    def _remote_typing(self, channel: str, frame: dict[str, Any]) -> None:
+        """Another node's typing push: its `on` expires here too, in case that node dies
+        before it sends the `off` (its session's timer would have; PROTOCOL.md 6.10)."""
+        user = frame.get("user")
+        if not isinstance(user, str):
+            return
+        if frame.get("on") is True:
+            timeout_ms = self.settings.limits.typing_timeout_ms
+            self._typing_elsewhere[(channel, user)] = self.now_ms() + timeout_ms + TYPING_GRACE_MS
+        else:
+            self._typing_elsewhere.pop((channel, user), None)
+
+    def _expire_remote_typing(self, now: int) -> None:
+        """The `off` of each other node's typing whose `on` ran out unrenewed here."""
+        due = [key for key, until in self._typing_elsewhere.items() if until <= now]
+        for channel, user in due:
+            del self._typing_elsewhere[(channel, user)]
+            off = {"t": "typing", "channel": channel, "user": user, "on": False}
+            self.publish(channel, off, user)
 
     def _remote_lost(self, channels: list[str]) -> None:
         now = self.now_ms()
@@ -1470,6 +1520,9 @@ class Server:
             if conn is not None:
                 conn.inflight -= 1
                 conn.inflight_freed.set()  # its reader may wait for in-flight room
+            if op.kind == "unmember" and op.error is None:  # other nodes' sets of it
+                notice = {"t": "unmember", "channel": op.channel, "to": op.user}
+                self.store.publish_signal(PRESENCE_TOPIC, notice)
             self.perform(conn, session.write_done(op))
         for kind, n in appended.items():
             if n:
@@ -1866,6 +1919,8 @@ class Server:
             LOG_FILTER.flush()
             ACCEPT_FILTER.flush()
             now = self.now_ms()
+            if self._typing_elsewhere:
+                self._expire_remote_typing(now)
             # A connection the server holds back (flow control) is not idle: the server,
             # not the peer, is not reading. Unless the store has stalled (or failed): then
             # its writes may never complete, and the idle timeout applies as to any other.

@@ -378,11 +378,15 @@ PRESENCE_TOPIC = ""
 
 
 class Presence:
-    """Each node's presence of users, as a store keeps it. This base is a store of one
-    node: what this node set, in memory (``shared`` false: nothing to refresh or expire,
-    and calls never block). A shared store's (Redis) keeps each node's entry with an
-    expiry that its node refreshes, so a node that died stops counting (:meth:`expired`).
-    The methods of a shared one block (network): call them off the event loop."""
+    """The users' presence, as a store keeps it (PROTOCOL.md 6.13: a user's status, not a
+    device's). A change is a node's: its first device of a user connected
+    (:data:`CONNECTED`: the user's status stays if another node has a device of the
+    user, else it is ``"online"``), the status the user set, or its last device of the
+    user gone (``None``: the user is offline once no node has a device). This base is a
+    store of one node, in memory (``shared`` false: nothing to refresh or expire, and calls
+    never block). A shared store's (Redis) keeps each node's entry with an expiry that its
+    node refreshes, so a node that died stops counting (:meth:`expired`). The methods of a
+    shared one block (network): call them off the event loop."""
 
     shared = False
     refresh_s = 0.0  # shared: how often a live node calls refresh()
@@ -392,13 +396,15 @@ class Presence:
         self._lock = threading.Lock()
 
     def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
-        """This node's status of ``user`` (None: no device here any more). Returns the
-        user's status across all nodes before and after (``"offline"``: no device)."""
+        """A change of this node's (:class:`Presence`). Returns the user's status across
+        all nodes before and after (``"offline"`` also when no device is connected)."""
         with self._lock:
             before = self._status.pop(user, OFFLINE)
-            if status is not None:
+            if status == CONNECTED:
+                self._status[user] = "online"
+            elif status is not None:
                 self._status[user] = status
-        return before, status or OFFLINE
+        return before, self._status.get(user, OFFLINE)
 
     def set_many(
         self, changes: Sequence[tuple[str, str | None, int]]
@@ -409,7 +415,8 @@ class Presence:
         return [self.set(*change) for change in changes]
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
-        """The status across nodes of those of ``users`` who are online somewhere."""
+        """The status of those of ``users`` who have a device connected to some node
+        (``"offline"`` when such a user set it)."""
         with self._lock:
             return {u: self._status[u] for u in users if u in self._status}
 
@@ -419,10 +426,14 @@ class Presence:
         this node was late) and is set again: their status across nodes changed back."""
         return []
 
-    def expired(self, now_ms: int) -> list[str]:
-        """Users whose last entry (a dead node's) has just expired: offline now, for the
-        caller to record last_seen and announce. Each is returned to one caller only."""
+    def expired(self, now_ms: int) -> list[tuple[str, str]]:
+        """Users whose last entry (a dead node's) has just expired, with their status
+        before: no device anywhere now, for the caller to record last_seen and announce
+        (if the status was not ``"offline"`` already). Each is returned to one caller."""
         return []
 
 
+# A node's first device of a user connected (Presence.set): not a status a user can set
+# (a status has 1 to max_status_chars characters).
+CONNECTED = "\0"
 OFFLINE = "offline"

@@ -1,14 +1,14 @@
 """Presence across nodes on the Redis engine (STORAGE.md, "Presence between nodes").
 
 Each node keeps, per user with a device on it, an entry in the user's hash
-``{u:<user>}:pres``: its status, when it was set and until when it holds. A live node
-extends its entries every third of the TTL (``engine_presence_ttl_s``, 30 s); the entries
-of a node that died without a goodbye expire after the TTL. An index (a sorted set by
-expiry) lets any node claim the expired entries, each exactly once, so that the user is
-announced offline and its ``last_seen`` written by one node. The status of a user across
-nodes is the one set most recently among the entries not expired; the scripts
-(redis_scripts.py) compute it atomically with each change, so a node learns whether a
-change is one for the user.
+``{u:<user>}:pres`` (since when and until when it holds), and the hash holds the user's
+status (a user's, not a node's: PROTOCOL.md 6.13). A live node extends its entries every
+third of the TTL (``engine_presence_ttl_s``, 30 s); the entries of a node that died
+without a goodbye expire after the TTL. An index (a sorted set by expiry) lets any node
+claim the expired entries, each exactly once, so that the user is announced offline and
+its ``last_seen`` written by one node once no entry is left. The scripts
+(redis_scripts.py) apply each change atomically and return the user's status before and
+after, so a node learns whether a change is one for the user.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tsmsg.store.base import OFFLINE, Presence, StoreUnavailable
+from tsmsg.store.base import CONNECTED, Presence, StoreUnavailable
 from tsmsg.store.redis_scripts import fcall, function_missing
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class RedisPresence(Presence):
         self._store = store
         self._node = node.hex().encode()  # fixed width: index members are node + user
         self._index = store._prefix + b"presence:expiry"
-        self._since: dict[str, int] = {}  # user -> when this node's status was set (ms)
+        self._since: dict[str, int] = {}  # user -> when this node's entry was set (ms)
 
     def _key(self, user: str) -> bytes:
         return self._store._user_key(user, b"pres")
@@ -60,7 +60,7 @@ class RedisPresence(Presence):
         return self._write(changes)
 
     def _note(self, user: str, status: str | None, now_ms: int) -> None:
-        """This node's status of ``user`` as refresh() extends it (under the lock)."""
+        """This node's entry of ``user`` as refresh() extends it (under the lock)."""
         if status is None:
             self._status.pop(user, None)
             self._since.pop(user, None)
@@ -78,6 +78,7 @@ class RedisPresence(Presence):
         commands, expiries = [], []
         for user, status, now_ms in changes:
             expires = max(now_ms, written) + ttl
+            # status None: "", the node's last device of the user gone
             args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl)
             commands.append(fcall("presence_set", [self._key(user)], *args))
             expiries.append(expires)
@@ -99,7 +100,7 @@ class RedisPresence(Presence):
             for i, reply in enumerate(replies):
                 final = replies[last[changes[i][0]]]
                 if function_missing(reply) and not isinstance(final, Exception):
-                    replies[i] = [final[1], final[1]]
+                    replies[i] = [final[1], final[1], final[2]]
         index: dict[str, tuple[Any, ...]] = {}
         for (user, status, _), reply, expires in zip(changes, replies, expiries, strict=True):
             if not isinstance(reply, Exception):  # where a sweep finds the entry, if any
@@ -130,28 +131,27 @@ class RedisPresence(Presence):
             return store._pipeline(store._client, commands, False)
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
+        # At most max_presence_users (100), each in its own slot: one pipeline.
+        commands = [fcall("presence_status", [self._key(u)], now_ms) for u in users]
+        replies = self._pipeline(commands) if commands else []
         out = {}
-        for user in users:  # at most max_presence_users (100), each in its own slot
-            raw = self._store._call(self._store._client.hgetall, self._key(user))
-            best, best_t = OFFLINE, -1
-            for value in raw.values():
-                set_ms, expires, status = value.decode().split(" ", 2)
-                if int(expires) > now_ms and int(set_ms) > best_t:
-                    best, best_t = status, int(set_ms)
-            if best != OFFLINE:
-                out[user] = best
+        for user, reply in zip(users, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(f"Redis at {self._store.target.where}: {reply}")
+            if reply is not None:
+                out[user] = reply.decode()
         return out
 
     def refresh(self, now_ms: int) -> list[tuple[str, str, str]]:
         expires = now_ms + self._ttl_ms
         with self._lock:
-            entries = [(u, s, self._since[u]) for u, s in self._status.items()]
+            entries = [(u, self._since[u]) for u in self._status]
         lost = []
         for i in range(0, len(entries), REFRESH_BATCH):
             batch = entries[i : i + REFRESH_BATCH]
             commands: list[tuple[Any, ...]] = []
-            for user, status, since in batch:
-                args = (self._node, since, expires, expires + self._ttl_ms, status)
+            for user, since in batch:
+                args = (self._node, since, expires, expires + self._ttl_ms)
                 commands.append(fcall("presence_extend", [self._key(user)], *args))
                 commands.append(("ZADD", self._index, expires, self._node + user.encode()))
             with self._store._using():
@@ -164,9 +164,7 @@ class RedisPresence(Presence):
         # unless a change of the user replaced them meanwhile.
         with self._lock:  # checked and noted at once: a disconnect must not slip between
             again = [
-                (user, status, now_ms)
-                for user, status, since in lost
-                if self._since.get(user) == since and self._status.get(user) == status
+                (user, CONNECTED, now_ms) for user, since in lost if self._since.get(user) == since
             ]
             for change in again:
                 self._note(*change)
@@ -177,12 +175,12 @@ class RedisPresence(Presence):
             moved.append((user, *result))
         return moved
 
-    def expired(self, now_ms: int) -> list[str]:
+    def expired(self, now_ms: int) -> list[tuple[str, str]]:
         due = self._store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
-        offline = []
+        gone = []
         for member in due:
             node, user = member[: len(self._node)], member[len(self._node) :].decode()
-            after = self._store._eval("presence_expire", [self._key(user)], node, now_ms)
-            if after == OFFLINE.encode():
-                offline.append(user)
-        return offline
+            reply = self._store._eval("presence_expire", [self._key(user)], node, now_ms)
+            if reply and int(reply[1]) == 0:  # no entry left: no device anywhere
+                gone.append((user, reply[0].decode()))
+        return gone

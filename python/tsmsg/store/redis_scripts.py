@@ -405,46 +405,73 @@ for k = #qs, 1, -1 do out[#out + 1] = vals[k] or '' end
 return out
 """
 
-# Presence (RedisPresence): a user's hash {u:<user>}:pres has one field per node with a
-# device of theirs: "<set_ms> <expires_ms> <status>". The user's status across nodes is
-# the most recently set one of the entries not expired ("offline": none).
+# Presence (RedisPresence). A user's presence hash {u:<user>}:pres: one field per node
+# with a device of the user, the node's mark (hex) -> "<since_ms> <expires_ms>", and the
+# user's status, field "s" -> "<set_ms> <status>": a user's, not a node's (PROTOCOL.md
+# 6.13).
 _PRESENCE_LIB = r"""
-local function status_of(key, now)
-  local best, best_t = 'offline', -1
+-- How many nodes other than `skip` hold a live entry, and the user's status field.
+local function presence_state(key, now, skip)
+  local live, status = 0, 'online'
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
-    local t, e, s = string.match(all[i + 1], '^(%d+) (%d+) (.*)$')
-    if t and tonumber(e) > now and tonumber(t) > best_t then
-      best, best_t = s, tonumber(t)
+    if all[i] == 's' then
+      status = string.match(all[i + 1], '^%d+ (.*)$') or status
+    elseif all[i] ~= skip then
+      local e = tonumber(string.match(all[i + 1], '^%d+ (%d+)$'))
+      if e and e > now then live = live + 1 end
     end
   end
-  return best
+  return live, status
+end
+local function status_of(live, status)
+  if live == 0 then return 'offline' end
+  return status
 end
 """
 
-# KEYS: the user's hash. ARGV: node, status ('' to remove), set_ms, expires_ms, now_ms,
-# keep_until_ms (the hash outlives its entries' expiry, so a sweep still finds a dead
-# node's entry). Returns {status before, status after}.
+# KEYS: the user's hash. ARGV: node, change, since_ms, expires_ms, now_ms, keep_until_ms
+# (the hash outlives its entries' expiry, so a sweep still finds a dead node's entry).
+# change: '' this node's last device is gone; '\0' this node's first device connected (the
+# user's status stays if another node has a live entry, else it is "online"); anything
+# else: the status the user set. Returns {status before, status after, live entries after}
+# ("offline" with 0 entries: no device anywhere).
 PRESENCE_SET = r"""
 local now = tonumber(ARGV[5])
-local before = status_of(KEYS[1], now)
+local others, status = presence_state(KEYS[1], now, ARGV[1])
+local mine = redis.call('HGET', KEYS[1], ARGV[1])
+local me = 0
+if mine then
+  local e = tonumber(string.match(mine, '^%d+ (%d+)$'))
+  if e and e > now then me = 1 end
+end
+local before = status_of(others + me, status)
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  me = 0
 else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
+  me = 1
+  if ARGV[2] ~= '\0' then
+    status = ARGV[2]
+  elseif others == 0 then
+    status = 'online'
+  end
+  redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
   redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'GT')
   redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'NX')
 end
-return {before, status_of(KEYS[1], now)}
+if others + me == 0 then redis.call('HDEL', KEYS[1], 's') end
+return {before, status_of(others + me, status), others + me}
 """
 
-# KEYS: the user's hash. ARGV: node, set_ms, expires_ms, keep_until_ms, status. A live
-# node's refresh: extends its entry only if it is still the one set at set_ms (not one a
-# later change replaced or removed meanwhile, nor one a sweep took). Returns 1, or 0.
+# KEYS: the user's hash. ARGV: node, since_ms, expires_ms, keep_until_ms. A live node's
+# refresh: extends its entry only if it is still the one set at since_ms (not one a later
+# change replaced or removed meanwhile, nor one a sweep took). Returns 1, or 0.
 PRESENCE_EXTEND = r"""
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v or string.match(v, '^(%d+) ') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'GT')
 redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'NX')
 return 1
@@ -452,21 +479,31 @@ return 1
 
 # KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed, with
 # every other expired entry of the user (nodes that died together: the user goes offline
-# once, at this claim; the others' claims then find no entry); returns the user's status
-# after, or false when the entry was refreshed (or removed) meanwhile.
+# once, at this claim; the others' claims then find no entry). Returns {status before,
+# live entries after} (the status is the user's: it changes only when no entry is left),
+# or false when the entry was refreshed (or removed) meanwhile.
 PRESENCE_EXPIRE = r"""
 local now = tonumber(ARGV[2])
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return false end
-local e = tonumber(string.match(v, '^%d+ (%d+) '))
+local e = tonumber(string.match(v, '^%d+ (%d+)$'))
 if e and e > now then return false end
+local live, status = presence_state(KEYS[1], now, nil)
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  local x = tonumber(string.match(all[i + 1], '^%d+ (%d+) '))
+  local x = all[i] ~= 's' and tonumber(string.match(all[i + 1], '^%d+ (%d+)$'))
   if x and x <= now then redis.call('HDEL', KEYS[1], all[i]) end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-return status_of(KEYS[1], now)
+if live == 0 then redis.call('HDEL', KEYS[1], 's') end
+return {status, live}
+"""
+
+# KEYS: the user's hash. ARGV: now_ms. The user's status, or false with no live entry.
+PRESENCE_STATUS = r"""
+local live, status = presence_state(KEYS[1], tonumber(ARGV[1]), nil)
+if live == 0 then return false end
+return status
 """
 
 # KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most.
@@ -555,6 +592,7 @@ SCRIPTS: dict[str, str] = {
     "presence_expire": _PRESENCE_LIB + PRESENCE_EXPIRE,
     "presence_claim": PRESENCE_CLAIM,
     "presence_extend": PRESENCE_EXTEND,
+    "presence_status": _PRESENCE_LIB + PRESENCE_STATUS,
     "send_rate": SEND_RATE,
     "member": MEMBER,
 }
@@ -563,7 +601,7 @@ SCRIPTS: dict[str, str] = {
 # reads are declared `no-writes`, and the writes that free memory or must go on in a full
 # Redis (compaction, a reset, presence sweeps: deletes, and a few small fields) `allow-oom`.
 FLAGS = dict.fromkeys(
-    ("sync", "history", "unread", "cursor", "dup", "dump", "tail"), "no-writes"
+    ("sync", "history", "unread", "cursor", "dup", "dump", "tail", "presence_status"), "no-writes"
 ) | dict.fromkeys(("compact", "reset", "presence_expire", "presence_claim"), "allow-oom")
 
 
