@@ -69,8 +69,15 @@ class Wire:
     def reply(self, request: dict[str, Any], t: str = "ok", **fields: Any) -> list[Any]:
         return self.recv(t=t, rid=request["rid"], **fields)
 
-    def connect(self, user: str = "alice") -> list[dict[str, Any]]:
-        """hello + welcome; returns what the client sent after the welcome."""
+    def connect(
+        self,
+        user: str = "alice",
+        *,
+        limits: dict[str, Any] | None = None,
+        max_frame: int = 1 << 20,
+    ) -> list[dict[str, Any]]:
+        """hello + welcome (the server's ``limits`` and ``max_frame``, if given); returns
+        what the client sent after the welcome."""
         self.p.connection_made("token", self.now)
         [hello] = self.sent()
         assert hello["t"] == "hello" and hello["v"] == 1 and hello["token"] == "token"
@@ -81,8 +88,8 @@ class Wire:
             user=user,
             session="s1",
             heartbeat_ms=HEARTBEAT,
-            max_frame=1 << 20,
-            limits=Limits().announce(),
+            max_frame=max_frame,
+            limits=limits or Limits().announce(),
             ts=0,
         )
         return self.sent()
@@ -92,6 +99,21 @@ class Wire:
         while (e := self.p.next_event(channel)) is not None:
             out.append(e)
         return out
+
+    def tick_for(self, ms: int, step: int = 1000) -> list[dict[str, Any]]:
+        """Let ``ms`` of time pass in steps, answering every ping (the connection stays
+        healthy); returns every other frame the client sent meanwhile."""
+        frames: list[dict[str, Any]] = []
+        end = self.now + ms
+        while self.now < end:
+            self.now += step
+            self.outputs += self.p.tick(self.now)
+            for f in self.sent():
+                if f["t"] == "ping":
+                    self.reply(f, "pong", ts=self.now)
+                else:
+                    frames.append(f)
+        return frames
 
     def lose(self, reason: str = "reset") -> list[Any]:
         out = self.p.connection_lost(reason, self.now)

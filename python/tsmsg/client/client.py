@@ -646,7 +646,11 @@ class _EventStream:
             event = client._proto.next_event(self._channel)
             if event is not None:
                 client._taken(event)
-                await client._flush()  # a stalled channel may have resumed (a sync)
+                # A stalled channel may have resumed (a sync to write). Taken, the event
+                # must reach the caller: a cancellation here would lose it (the write is
+                # bounded by WRITE_TIMEOUT all the same).
+                with anyio.CancelScope(shield=True):
+                    await client._flush()
                 return event
             if client._fatal is not None:
                 raise client._fatal

@@ -229,6 +229,16 @@ class _Conn(enum.Enum):
     READY = "ready"
 
 
+def _check_utf8(value: str, what: str) -> None:
+    """Refuse here a string the wire cannot carry (a lone surrogate is not UTF-8): queued,
+    it would fail the connection's whole flush, and a saved outbox every restart's."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(E.BAD_REQUEST, f"`{what}` is not valid UTF-8") from None
+
+
 def _epoch_changed(held: int, epoch: int) -> bool:
     """A reset between two known epochs (a change from 0 is the log's first write)."""
     return held != 0 and epoch != 0 and epoch != held
@@ -417,6 +427,7 @@ class ClientProtocol:
         max_cid = self.limit("max_cid_chars")
         if not isinstance(cid, str) or not 1 <= len(cid) <= max_cid:
             raise BadRequest(E.BAD_REQUEST, f"`cid` must be 1 to {max_cid} characters")
+        _check_utf8(cid, "cid")
         self._check_text(text)
         if meta is not None:
             if not isinstance(meta, dict):
@@ -625,15 +636,21 @@ class ClientProtocol:
             self._reloaded(ch, frame)
         return []
 
+    def _back_off(self, req: _Request, error: ClientError, now_ms: int) -> bool:
+        """A refusal to retry later (PROTOCOL.md 8): ``store_unavailable`` always, with a
+        doubling wait; ``internal`` up to MAX_INTERNAL_RETRIES times. True if ``req``
+        waits for it now."""
+        if error.code not in (E.STORE_UNAVAILABLE, E.INTERNAL) or (
+            error.code == E.INTERNAL and req.attempts >= MAX_INTERNAL_RETRIES
+        ):
+            return False
+        req.not_before = now_ms + min(STORE_RETRY_MS << min(req.attempts, 16), STORE_RETRY_MAX_MS)
+        req.attempts += 1
+        return True
+
     def _failed(self, req: _Request, error: ClientError, now_ms: int) -> list[Output]:
         if req.kind == "send":
-            retry_codes = (E.STORE_UNAVAILABLE, E.INTERNAL)
-            if error.code in retry_codes and (
-                error.code == E.STORE_UNAVAILABLE or req.attempts < MAX_INTERNAL_RETRIES
-            ):
-                wait = min(STORE_RETRY_MS << req.attempts, STORE_RETRY_MAX_MS)
-                req.attempts += 1
-                req.not_before = now_ms + wait
+            if self._back_off(req, error, now_ms):
                 return []
             self._outbox.pop(req.cid, None)
             return [SendCompleted(req.cid, req.frame["channel"], None, error)]
@@ -648,6 +665,11 @@ class ClientProtocol:
         ch = self.channels.get(req.channel or "")
         if ch is None or req.gen != ch.gen:
             return []
+        if self._back_off(req, error, now_ms):  # the store is away: the same step, later
+            self._hold(req)
+            return []
+        if error.code in (E.STORE_UNAVAILABLE, E.INTERNAL):  # retried enough: start over
+            return [Disconnect(f"{req.kind} of {ch.name} failed: {error}")]
         if req.kind == "join":
             # The token no longer allows the channel (or it is not valid): stop following.
             return self._left(ch, error.code, error)
@@ -823,7 +845,7 @@ class ClientProtocol:
             failure = error or ConnectionClosed(f"left {ch.name}: {reason}")
             outputs += [Failed(h, failure) for h in ch.join_waiters]
         else:
-            self._push(Left(ch.name, reason), None, 0, 0)
+            self._push(Left(ch.name, reason), ch.name, 0, 0)  # its iterator ends with it
         return outputs
 
     def _signal(self, ch: ChannelState, event: Typing | ReadReceipt) -> None:
@@ -919,6 +941,7 @@ class ClientProtocol:
     def _check_text(self, text: object) -> None:
         if not isinstance(text, str):
             raise BadRequest(E.BAD_REQUEST, "`text` must be a string")
+        _check_utf8(text, "text")
         most = self.limit("max_text_bytes")
         if len(text) > most or len(text.encode()) > most:
             raise LimitExceeded(E.LIMIT_EXCEEDED, f"`text` is over {most} bytes of UTF-8")

@@ -25,6 +25,7 @@ export const CONNECT_TIMEOUT_MS = 10_000; // open the WebSocket and get `welcome
 export const REFRESH_MARGIN_MS = 30_000; // refresh this long before exp (or a fifth of a short life)
 export const STORE_RETRY_MS = 500; // a send refused with store_unavailable: first wait...
 export const STORE_RETRY_MAX_MS = 30_000; // ... doubling up to this
+const MAX_TIMER_MS = 2 ** 31 - 1; // the longest setTimeout delay
 export const MAX_REORDER = 10_000; // live events held per channel while it syncs
 const DEFAULT_HEARTBEAT_MS = 30_000;
 const INTERNAL = new Set(["join", "sync", "history", "ping", "refresh"]);
@@ -271,6 +272,7 @@ export class TsmsgClient {
     this._pingSent = null;
     clearTimeout(this._pingTimer);
     clearTimeout(this._refreshTimer);
+    this._refreshing = false; // a refresh in flight died with the connection
     this._held = [];
     this._inflight.clear();
     for (const req of [...this._calls]) {
@@ -333,6 +335,9 @@ export class TsmsgClient {
     const most = this.limits.max_text_bytes ?? 16384;
     if (new TextEncoder().encode(text).length > most) throw new TsmsgError("limit_exceeded", `\`text\` is over ${most} bytes of UTF-8`);
     const pending = this._outbox.get(cid);
+    if (pending && pending.frame.channel !== channel) {
+      throw new TsmsgError("bad_request", `cid ${cid} is waiting to be sent to ${pending.frame.channel}`);
+    }
     if (pending) return pending.promise;
     const d = deferred();
     this._enqueueSend(channel, text, meta, cid, d);
@@ -500,7 +505,10 @@ export class TsmsgClient {
     if (exp === null) return;
     const life = exp - Date.now();
     const margin = Math.min(REFRESH_MARGIN_MS, life / 5);
-    this._refreshTimer = setTimeout(() => this._refreshNow(), Math.max(0, life - margin));
+    const delay = Math.max(0, life - margin);
+    // Timers hold at most 2^31 - 1 ms (24.8 days; a longer one fires at once): look again then.
+    const later = delay > MAX_TIMER_MS;
+    this._refreshTimer = setTimeout(() => (later ? this._scheduleRefresh() : this._refreshNow()), Math.min(delay, MAX_TIMER_MS));
   }
 
   async _refreshNow() {
@@ -510,6 +518,7 @@ export class TsmsgClient {
     try {
       this._token = await this._provider();
       if (this._ws === ws && this._conn === "ready") this._send({ frame: { t: "refresh", token: this._token }, kind: "refresh", rid: null });
+      else this._refreshing = false; // the connection changed meanwhile: its hello carries the token
     } catch (err) {
       this._refreshing = false;
       this._emit("error", err);
@@ -559,15 +568,21 @@ export class TsmsgClient {
     else if (req.kind === "history") this._reloaded(ch, f);
   }
 
+  /** A refusal to retry later (PROTOCOL.md 8): store_unavailable always, with a doubling
+   * wait; internal up to 3 times. True if `req` waits for it now. */
+  _backOff(req, error) {
+    req.attempts = req.attempts || 0;
+    if (error.code !== "store_unavailable" && !(error.code === "internal" && req.attempts < 3)) return false;
+    const wait = Math.min(STORE_RETRY_MS * 2 ** Math.min(req.attempts, 16), STORE_RETRY_MAX_MS);
+    req.attempts += 1;
+    req.notBefore = Date.now() + wait;
+    this._later(wait + 1, () => this._pump());
+    return true;
+  }
+
   _failed(req, error) {
     if (req.kind === "send") {
-      if (error.code === "store_unavailable" || (error.code === "internal" && req.attempts < 3)) {
-        const wait = Math.min(STORE_RETRY_MS * 2 ** req.attempts, STORE_RETRY_MAX_MS);
-        req.attempts += 1;
-        req.notBefore = Date.now() + wait;
-        this._later(wait + 1, () => this._pump());
-        return;
-      }
+      if (this._backOff(req, error)) return;
       this._outbox.delete(req.frame.cid);
       return req.reject(error);
     }
@@ -581,6 +596,14 @@ export class TsmsgClient {
     }
     const ch = this.channels.get(req.channel);
     if (!ch || req.gen !== ch.gen) return;
+    if (this._backOff(req, error)) {
+      this._held.push(req); // the store is away: the same step, later
+      return;
+    }
+    if (error.code === "store_unavailable" || error.code === "internal") {
+      // retried enough: start over (the reconnect rejoins every channel)
+      return this._ws && this._ws.close(4004, `${req.kind} of ${ch.name} failed: ${error.message}`);
+    }
     if (req.kind === "join") return this._left(ch, error.code, error);
     ch.phase = "idle";
   }
