@@ -261,8 +261,6 @@ async def test_an_event_taken_by_a_cancelled_wait_is_not_lost(harness: Harness) 
         assert isinstance(got[0], Resynced) and texts == ["m0", "m1", "m2"], got
 
 
-# Not strict: whether it deadlocks depends on the loopback socket buffers' sizes.
-@pytest.mark.xfail(strict=False, reason=KNOWN + "the reader awaits the send lock")
 async def test_a_large_outbox_resent_at_connect_does_not_deadlock_on_backpressure(
     tmp_path: Path,
 ) -> None:

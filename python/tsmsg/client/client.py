@@ -124,6 +124,7 @@ class _Session:
         self.hello_error: ClientError | None = None
         self.retry_after = 0.0
         self.welcomed = anyio.Event()
+        self.write_due = anyio.Event()  # the reader queued frames: the writer's to write
 
     def end(self, reason: str) -> None:
         if self.reason is None:
@@ -521,6 +522,7 @@ class Client:
                     async with anyio.create_task_group() as tg:
                         session.tg = tg
                         tg.start_soon(self._reader, session)
+                        tg.start_soon(self._writer, session)
                         tg.start_soon(self._timer, session)
                         tg.start_soon(self._refresher, session)
                         await self._flush()
@@ -544,13 +546,23 @@ class Client:
                 for frame in decoder.feed(data):
                     self._handle(self._proto.receive_frame(frame, now))
                 self._notify()
-                await self._flush()
+                # Never a write here: a reader waiting for the socket to take a large
+                # write (an outbox resent at connect) reads no replies, and the server,
+                # whose replies then pile up, stops reading (PROTOCOL.md 14): a deadlock.
+                session.write_due.set()
         except anyio.EndOfStream:
             session.end(self._proto.close_reason or "the server closed the connection")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             session.end(self._proto.close_reason or f"connection lost: {exc!r}")
         except FrameError as exc:
             session.end(f"undecodable frame from the server: {exc}")
+
+    async def _writer(self, session: _Session) -> None:
+        """Writes what the reader's frames made the protocol queue (see _reader)."""
+        while True:
+            await session.write_due.wait()
+            session.write_due = anyio.Event()
+            await self._flush()
 
     async def _timer(self, session: _Session) -> None:
         while True:
