@@ -184,7 +184,6 @@ def test_restored_outbox_send_over_the_servers_max_frame_does_not_wedge_the_conn
 # ============================================================================ resync, left
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN + "_reload bumps gen under a join in flight")
 def test_a_push_resync_of_a_new_reason_during_join_does_not_lose_the_join_reply() -> None:
     """PROTOCOL.md 7.5: "a client MUST treat a resync with a reason it does not know like
     compacted (reload the channel)". Such a push arriving while the channel's join is in

@@ -833,7 +833,7 @@ class ClientProtocol:
         if f.get("reason") == "cut":
             if ch.phase is Phase.LIVE:
                 self._catch_up(ch)  # the sync reaching the head resumes the stream
-        elif ch.phase is not Phase.RELOADING:
+        elif ch.phase not in (Phase.RELOADING, Phase.JOINING):  # a join's reply decides
             self._reload(ch, f["head"], f["epoch"])
 
     def _left(
