@@ -127,6 +127,7 @@ export declare class TsmsgClient {
   connect(): Promise<{ user: string; session: string }>;
   close(): void;
   readonly outbox: OutboxEntry[];
+  /** How far the page has the channel (null until its first resynced or event). */
   position(channel: string): { seq: number; epoch: number } | null;
   restore(state: {
     channels?: { channel: string; seq: number; epoch: number }[];

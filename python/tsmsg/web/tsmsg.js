@@ -91,6 +91,7 @@ class ChannelState {
     this.pending = new Map(); // seq -> live event held while syncing
     this.reloadPending = false;
     this.joinWaiters = [];
+    this.delivered = null; // {seq, epoch}: how far the app has the channel (position())
   }
 }
 
@@ -186,14 +187,16 @@ export class TsmsgClient {
   /** (seq, epoch) of the last applied event of a channel. */
   position(channel) {
     const ch = this.channels.get(channel);
-    return ch && ch.known ? { seq: ch.last, epoch: ch.epoch } : null;
+    // What the app has: during a reload `last` is already the head whose history (the
+    // `resynced`) has not come yet; a position saved then would skip it when restored.
+    return ch && ch.delivered ? { ...ch.delivered } : null;
   }
 
   /** Saved state, before connect(): channels [{channel, seq, epoch}], outbox as above. */
   restore({ channels = [], outbox = [] } = {}) {
     for (const { channel, seq, epoch } of channels) {
       const ch = new ChannelState(channel);
-      Object.assign(ch, { known: true, last: seq, epoch });
+      Object.assign(ch, { known: true, last: seq, epoch, delivered: { seq, epoch } });
       this.channels.set(channel, ch);
     }
     for (const s of outbox) this._enqueueSend(s.channel, s.text, s.meta, s.cid, null);
@@ -657,6 +660,7 @@ export class TsmsgClient {
     ch.pending.clear();
     Object.assign(ch, { known: true, epoch, last: head, reloadPending: head !== 0 });
     if (head === 0) {
+      ch.delivered = { seq: 0, epoch };
       this._emit("event", { type: "resynced", channel: ch.name, head: 0, epoch, messages: [] });
       return this._catchUp(ch);
     }
@@ -667,6 +671,7 @@ export class TsmsgClient {
   _reloaded(ch, f) {
     ch.reloadPending = false;
     const messages = f.messages.map((m) => messageOf(ch.name, m));
+    ch.delivered = { seq: ch.last, epoch: ch.epoch };
     this._emit("event", { type: "resynced", channel: ch.name, head: ch.last, epoch: ch.epoch, messages, more: !!f.more });
     this._catchUp(ch);
   }
@@ -674,6 +679,7 @@ export class TsmsgClient {
   _apply(ch, e) {
     if (e.seq <= ch.last) return; // already applied
     ch.last = e.seq;
+    ch.delivered = { seq: e.seq, epoch: ch.epoch };
     const event = entryEvent(ch.name, e);
     if (event) this._emit("event", event);
   }
