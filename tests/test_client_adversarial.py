@@ -159,9 +159,6 @@ def test_a_cid_that_cannot_be_encoded_is_refused_locally_not_at_flush() -> None:
     assert [f["t"] for f in frames][:1] == ["join"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason=KNOWN + "protocol.py data_to_send/restore check no frame size"
-)
 def test_restored_outbox_send_over_the_servers_max_frame_does_not_wedge_the_connection() -> None:
     """PROTOCOL.md 3: "Clients MUST NOT send a frame larger than welcome.max_frame". An
     outbox message restored from the state file (``restore`` checks nothing), or queued

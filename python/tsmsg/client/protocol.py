@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsmsg._native import EncodeError, encode_many, packb
+from tsmsg._native import EncodeError, FrameTooLarge, encode_many, packb
 from tsmsg.auth import valid_channel, valid_user
 from tsmsg.client.errors import (
     BadRequest,
@@ -582,8 +582,23 @@ class ClientProtocol:
         self._push_signal(ConnectionChanged(True, "connected"))
         for ch in sorted(self.channels.values(), key=lambda c: c.name):
             self._start_join(ch)
+        outputs: list[Output] = [Welcomed(self.user, self.heartbeat_ms)]
+        outputs += self._refuse_oversized(self.max_frame)
         self._pump(now_ms)
-        return [Welcomed(self.user, self.heartbeat_ms)]
+        return outputs
+
+    def _refuse_oversized(self, max_frame: int) -> list[Output]:
+        """Fail the outbox's sends this server's ``max_frame`` cannot take (queued under
+        another server's limits, or restored): sent, one would fail the whole write."""
+        outputs: list[Output] = []
+        for req in list(self._outbox.values()):
+            try:
+                encode_many([{"rid": -(2**63), **req.frame}], max_frame)
+            except FrameTooLarge:
+                del self._outbox[req.cid]
+                error = LimitExceeded(E.LIMIT_EXCEEDED, f"over this server's {max_frame} bytes")
+                outputs.append(SendCompleted(req.cid, req.frame["channel"], None, error))
+        return outputs
 
     # ------------------------------------------------------------------ replies
 
