@@ -4,8 +4,7 @@ by plain calls, and its anyio front end against a real server over loopback TCP)
 browser client tsmsg.js (run under node with a fake WebSocket that plays the server, when
 node is installed).
 
-Each test names the promise it checks. A test of a defect not fixed yet is marked
-``xfail`` (strict where the defect is deterministic: the mark must go with the fix).
+Each test names the promise it checks; the tests of defects failed before their fixes.
 Every wait is bounded, no assertion is about timing."""
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ from tsmsg.protocol.limits import Limits
 CH = "room-1"
 HOST = "127.0.0.1"
 STEP = 5.0  # seconds any single wait on a real server may take
-
-# Defects this file found that are not fixed yet (issue notes): each test fails until then.
-KNOWN = "known defect, not fixed yet: "
 
 
 # ============================================================================ sans-IO helpers
@@ -658,16 +654,7 @@ def test_js_same_cid_in_another_channel_is_not_silently_dropped(tmp_path: Path) 
 
 
 @needs_node
-@pytest.mark.parametrize(
-    "step_back_ms",
-    [
-        0,
-        pytest.param(
-            1000,
-            marks=pytest.mark.xfail(strict=True, reason=KNOWN + "notBefore on Date.now"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("step_back_ms", [0, 1000])
 def test_js_rate_limited_send_is_resent_after_a_wall_clock_step_back(
     tmp_path: Path, step_back_ms: int
 ) -> None:

@@ -737,10 +737,22 @@ export class TsmsgClient {
       if (req.notBefore > now) break;
       this._send(req);
     }
+    let due = Infinity; // the earliest wait left: looked at again then
     for (const req of this._held.splice(0)) {
       const ch = this.channels.get(req.channel);
-      if (req.notBefore > now) this._held.push(req);
-      else if (req.channel === undefined || (ch && req.gen === ch.gen)) this._send(req);
+      if (req.notBefore > now) {
+        this._held.push(req);
+        due = Math.min(due, req.notBefore);
+      } else if (req.channel === undefined || (ch && req.gen === ch.gen)) this._send(req);
+    }
+    for (const req of [...this._calls, ...this._outbox.values()]) {
+      if (req.rid === null && req.notBefore > now) due = Math.min(due, req.notBefore);
+    }
+    // A wall clock stepped back makes a wait end later than its timer: one timer, re-armed.
+    if (due !== Infinity) {
+      clearTimeout(this._pumpTimer);
+      this._timers.delete(this._pumpTimer);
+      this._pumpTimer = this._later(due - now + 1, () => this._pump());
     }
   }
 }
