@@ -27,6 +27,7 @@ from tsmsg.store import (
     redis_fanout,
     redis_store,
 )
+from tsmsg.store.base import CONNECTED
 
 WAIT_S = 10.0  # anything these tests wait for arrives well within this
 QUIET_S = 0.3  # how long "nothing arrives" is watched for
@@ -539,3 +540,53 @@ def test_a_presence_refresh_extends_only_the_entry_it_knows(engine: Engine) -> N
         assert presence.refresh(t + 3_800) == []  # extended: nothing moved
     finally:
         store.close()
+
+
+def test_a_user_gone_before_a_dead_nodes_entry_is_swept_is_announced_once(
+    engine: Engine,
+) -> None:
+    """The user's status is held while the user is announced present (STORAGE.md,
+    "Presence between nodes"). A user on nodes X ("away") and Y: X dies, and before the
+    sweep claims X's expired entry the user's last device on Y leaves: that change is the
+    user's offline (from "away"), and the later claim announces nothing again (a review
+    found it announced "offline", and wrote last_seen, twice)."""
+    prefix = f"pres{next(_prefixes)}:"
+    x = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=1.0)
+    y = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=1.0)
+    t = int(time.time() * 1000)
+    try:
+        assert x.presence.set("u", CONNECTED, t) == ("offline", "online")
+        assert y.presence.set("u", CONNECTED, t + 10) == ("online", "online")
+        assert x.presence.set("u", "away", t + 20) == ("online", "away")
+        # X dies (no refresh): its entry expires at about t + 1,020; Y's is refreshed.
+        assert y.presence.refresh(t + 900) == []
+        assert y.presence.set("u", None, t + 1_500) == ("away", "offline")
+        assert y.presence.expired(t + 5_000) == []  # X's entry: nothing to announce
+        assert x.presence.statuses(["u"], t + 5_000) == {}
+    finally:
+        x.close()
+        y.close()
+
+
+def test_a_status_set_queued_with_the_devices_end_stays_for_the_other_node(
+    engine: Engine,
+) -> None:
+    """A node's queue keeps one change per user: a status set followed by that node's last
+    device leaving (an app sets "away", then closes) is written as the device change with
+    the status applied first. The user's device on the other node keeps it (a review found
+    the status set dropped, so the other node's peers never saw "away")."""
+    prefix = f"pres{next(_prefixes)}:"
+    a = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=30.0)
+    b = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=30.0)
+    t = int(time.time() * 1000)
+    try:
+        assert a.presence.set("u", CONNECTED, t) == ("offline", "online")
+        assert b.presence.set("u", CONNECTED, t + 10) == ("online", "online")
+        assert a.presence.set_many([("u", None, t + 20, "away")]) == [("online", "away")]
+        assert b.presence.statuses(["u"], t + 30) == {"u": "away"}
+        # Alone: the status set first, then the last device gone: offline.
+        assert b.presence.set_many([("u", None, t + 40, "busy")]) == [("away", "offline")]
+        assert b.presence.statuses(["u"], t + 50) == {}
+    finally:
+        a.close()
+        b.close()

@@ -209,8 +209,9 @@ def ok(rid: int, **fields: Any) -> Reply:
 
 
 def member(session: Session, channel: str) -> Submit:
-    """The fire-and-forget membership record a ``join`` submits (no rid: nothing answers)."""
-    op = WriteOp("member", channel, session.user)
+    """The fire-and-forget membership record a ``join`` submits (no rid: nothing answers),
+    bounded in the store by max_memberships (joins of other devices may be in flight)."""
+    op = WriteOp("member", channel, session.user, most=session.limits.max_memberships)
     op.origin = session
     return Submit(op)
 
@@ -2581,3 +2582,12 @@ def test_arbitrary_frames_never_raise(tmp_path: Path) -> None:
                 check_actions(session.write_done(commit(store, op)), limits)
 
         run()
+
+
+@pytest.mark.parametrize("status", ["\0", "away\n", "a\x1fb", "\x7f"])
+def test_a_status_with_a_control_character_is_refused(store: LmdbStore, status: str) -> None:
+    """PROTOCOL.md 6.13: a status holds no control characters. A review found "\\0" (one
+    character, so within the length) taken for the store's marker of a connected device:
+    set in memory as "online", ignored on Redis, and echoed in the ok."""
+    session = connect(store)
+    expect_error(call(session, "presence", rid=3, status=status), E.BAD_REQUEST, rid=3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -249,6 +250,8 @@ def _check_meta_values(value: Any, levels: int) -> None:
     for item in items:
         _check_meta_values(item, levels - 1)
 
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # not in a status (section 6.13)
 
 NO_CUTS: frozenset[str] = frozenset()  # what a session's ``cut`` is while empty
 
@@ -580,8 +583,10 @@ class Session:
             self.joined.add(channel)
             self._uncut(channel)
             actions: list[Action] = [Position(channel, info.epoch, info.head)]
-            if not member:  # for presence: who shares a channel
-                actions.append(self._submit(WriteOp("member", channel, user), None))
+            if not member:  # for presence: who shares a channel (the store keeps the bound:
+                # joins on other devices may be in flight)
+                op = WriteOp("member", channel, user, most=most)
+                actions.append(self._submit(op, None))
             fields = {"head": info.head, "read": read, "epoch": info.epoch}
             return actions + self._ok(rid, channel=channel, **fields, horizon=info.horizon)
 
@@ -824,6 +829,8 @@ class Session:
             raise RequestError(
                 E.LIMIT_EXCEEDED, f"`status` must be 1 to {self.limits.max_status_chars} chars"
             )
+        if _CONTROL.search(status):
+            raise RequestError(E.BAD_REQUEST, "`status` must hold no control characters")
         retry = self.user_limits.presence.take(self.user, now_ms)
         self._limit(retry, "presence", f"over {self.limits.presence_rate:g} status changes/s")
         return [SetPresence(status), *self._ok(rid, status=status)]

@@ -983,9 +983,10 @@ class Server:
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
         # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
         self._typing_elsewhere: dict[tuple[str, str], int] = {}
-        # Presence changes for a shared engine, in order: user -> (status or None, ms,
-        # channels), a user's latest only (_presence_writer), and how many are written.
-        self._presence_queue: dict[str, tuple[str | None, int, list[str]]] = {}
+        # Presence changes for a shared engine, in order: user -> (status, CONNECTED or
+        # None, ms, channels, a status set to write first or None), a user's latest only
+        # (_presence_writer), and how many are written.
+        self._presence_queue: dict[str, tuple[str | None, int, list[str], str | None]] = {}
         self._presence_due = trio.Event()
         self._presence_writing = 0
         self.relay: Relay[dict[str, Any]] = Relay()
@@ -1189,9 +1190,15 @@ class Server:
         # reach the engine reversed), in batches: _presence_writer. A change still
         # waiting is replaced by the user's next one (moved to the end): what is written
         # and announced is the net change, and the queue holds one change per user
-        # however long the engine is slow or away.
-        self._presence_queue.pop(user, None)
-        self._presence_queue[user] = (status, now, channels)
+        # however long the engine is slow or away. A status set that a device change
+        # replaces is kept with it, to be written first: the status is the user's, and
+        # stays for the user's devices on other nodes ("away", then the app closes).
+        prev = self._presence_queue.pop(user, None)
+        first = None
+        if status is None or status == CONNECTED:
+            if prev is not None:
+                first = prev[3] if prev[0] is None or prev[0] == CONNECTED else prev[0]
+        self._presence_queue[user] = (status, now, channels, first)
         self._presence_due.set()
 
     @property
@@ -1210,14 +1217,14 @@ class Server:
             batch = list(itertools.islice(queue.items(), PRESENCE_BATCH))
             for user, _ in batch:
                 del queue[user]
-            changes = [(user, status, now) for user, (status, now, _) in batch]
+            changes = [(user, status, now, first) for user, (status, now, _, first) in batch]
             self._presence_writing = len(batch)
             try:
                 try:
                     results = await self.run_read(functools.partial(presence.set_many, changes))
                 except Exception as exc:  # the engine is down: the TTL corrects it later
                     results = [exc] * len(batch)
-                for (user, (_, now, channels)), result in zip(batch, results, strict=True):
+                for (user, (_, now, channels, _)), result in zip(batch, results, strict=True):
                     if isinstance(result, Exception):
                         log.warning("presence of %s not recorded: %r", user, result)
                     else:
@@ -1301,10 +1308,14 @@ class Server:
             for user in users:
                 if user != asker and mine.isdisjoint(channels(user)):
                     continue
-                status = connected.get(user, OFFLINE)  # "offline" also when a user set it
+                # "offline" also when the user set it; connected here, the engine may not
+                # have it yet (a change queued, Redis away): online all the same.
+                here = user in self.devices
+                status = connected.get(user, "online" if here else OFFLINE)
                 entry: dict[str, Any] = {"user": user, "status": status}
                 entry["online"] = status != OFFLINE
-                seen = loaded[user][1] if user in loaded and user not in connected else None
+                gone = user in loaded and user not in connected and not here
+                seen = loaded[user][1] if gone else None
                 if seen is not None:  # no device anywhere (not one set "offline")
                     entry["last_seen"] = seen
                 found.append(entry)

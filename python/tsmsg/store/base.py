@@ -377,6 +377,10 @@ class Store(ABC):
 PRESENCE_TOPIC = ""
 
 
+# A presence change: (user, status, CONNECTED or None, ms[, a status set just before it]).
+PresenceChange = tuple[str, str | None, int] | tuple[str, str | None, int, str | None]
+
+
 class Presence:
     """The users' presence, as a store keeps it (PROTOCOL.md 6.13: a user's status, not a
     device's). A change is a node's: its first device of a user connected
@@ -406,13 +410,19 @@ class Presence:
                 self._status[user] = status
         return before, self._status.get(user, OFFLINE)
 
-    def set_many(
-        self, changes: Sequence[tuple[str, str | None, int]]
-    ) -> list[tuple[str, str] | Exception]:
+    def set_many(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
         """:meth:`set` of each ``(user, status, now_ms)`` in order, as one call where the
         store can (one round trip): each change's ``(before, after)``, or the error that
-        kept it from the store."""
-        return [self.set(*change) for change in changes]
+        kept it from the store. A change may carry a fourth item: a status the user set
+        just before it (a node queued both), applied first."""
+        out: list[tuple[str, str] | Exception] = []
+        for user, status, now_ms, *first in changes:
+            if first and first[0] is not None:
+                before = self.set(user, first[0], now_ms)[0]
+                out.append((before, self.set(user, status, now_ms)[1]))
+            else:
+                out.append(self.set(user, status, now_ms))
+        return out
 
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
         """The status of those of ``users`` who have a device connected to some node
@@ -434,6 +444,6 @@ class Presence:
 
 
 # A node's first device of a user connected (Presence.set): not a status a user can set
-# (a status has 1 to max_status_chars characters).
+# (a status holds no control characters, PROTOCOL.md 6.13).
 CONNECTED = "\0"
 OFFLINE = "offline"

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tsmsg.store.base import CONNECTED, Presence, StoreUnavailable
+from tsmsg.store.base import CONNECTED, Presence, PresenceChange, StoreUnavailable
 from tsmsg.store.redis_scripts import fcall, function_missing
 
 if TYPE_CHECKING:
@@ -51,12 +51,10 @@ class RedisPresence(Presence):
             raise result
         return result
 
-    def set_many(
-        self, changes: Sequence[tuple[str, str | None, int]]
-    ) -> list[tuple[str, str] | Exception]:
+    def set_many(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
         with self._lock:
             for change in changes:
-                self._note(*change)
+                self._note(*change[:3])
         return self._write(changes)
 
     def _note(self, user: str, status: str | None, now_ms: int) -> None:
@@ -67,23 +65,23 @@ class RedisPresence(Presence):
         else:
             self._status[user], self._since[user] = status, now_ms
 
-    def _write(
-        self, changes: Sequence[tuple[str, str | None, int]]
-    ) -> list[tuple[str, str] | Exception]:
+    def _write(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
         """The changes' entry scripts in one pipeline, in order, then each user's place in
         the expiry index (by the user's last change written) in another. An entry's
         expiry counts from when it is written, not from when the change was queued."""
         store, ttl = self._store, self._ttl_ms
         written = store._clock()
         commands, expiries = [], []
-        for user, status, now_ms in changes:
+        for user, status, now_ms, *rest in changes:
             expires = max(now_ms, written) + ttl
-            # status None: "", the node's last device of the user gone
-            args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl)
+            # status None: "", the node's last device of the user gone; then a status the
+            # user set just before the device change (queued with it), to apply first
+            first = (rest[0] if rest else None) or ""
+            args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl, first)
             commands.append(fcall("presence_set", [self._key(user)], *args))
             expiries.append(expires)
         replies = self._pipeline(commands)
-        last = {user: i for i, (user, _, _) in enumerate(changes)}
+        last = {change[0]: i for i, change in enumerate(changes)}
         if any(function_missing(r) for r in replies):
             # Redis lost the library (function_missing): once it is loaded, the last change
             # of each user with a change not written is written again, and only that one
@@ -102,7 +100,7 @@ class RedisPresence(Presence):
                 if function_missing(reply) and not isinstance(final, Exception):
                     replies[i] = [final[1], final[1], final[2]]
         index: dict[str, tuple[Any, ...]] = {}
-        for (user, status, _), reply, expires in zip(changes, replies, expiries, strict=True):
+        for (user, status, *_), reply, expires in zip(changes, replies, expiries, strict=True):
             if not isinstance(reply, Exception):  # where a sweep finds the entry, if any
                 member = self._node + user.encode()
                 op = (
@@ -133,7 +131,9 @@ class RedisPresence(Presence):
     def statuses(self, users: list[str], now_ms: int) -> dict[str, str]:
         # At most max_presence_users (100), each in its own slot: one pipeline.
         commands = [fcall("presence_status", [self._key(u)], now_ms) for u in users]
-        replies = self._pipeline(commands) if commands else []
+        store = self._store
+        with store._using():  # (_execute loads the function library where it is missing)
+            replies = store._execute(commands, wait=False, client=store._client) if users else []
         out = {}
         for user, reply in zip(users, replies, strict=True):
             if isinstance(reply, Exception):

@@ -410,13 +410,14 @@ return out
 # user's status, field "s" -> "<set_ms> <status>": a user's, not a node's (PROTOCOL.md
 # 6.13).
 _PRESENCE_LIB = r"""
--- How many nodes other than `skip` hold a live entry, and the user's status field.
+-- How many nodes other than `skip` hold a live entry, and the user's status: nil while no
+-- status is held, i.e. the user was not announced present, or was announced gone.
 local function presence_state(key, now, skip)
-  local live, status = 0, 'online'
+  local live, status = 0, nil
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
     if all[i] == 's' then
-      status = string.match(all[i + 1], '^%d+ (.*)$') or status
+      status = string.match(all[i + 1], '^%d+ (.*)$')
     elseif all[i] ~= skip then
       local e = tonumber(string.match(all[i + 1], '^%d+ (%d+)$'))
       if e and e > now then live = live + 1 end
@@ -426,7 +427,7 @@ local function presence_state(key, now, skip)
 end
 local function status_of(live, status)
   if live == 0 then return 'offline' end
-  return status
+  return status or 'online'
 end
 """
 
@@ -434,34 +435,33 @@ end
 # (the hash outlives its entries' expiry, so a sweep still finds a dead node's entry).
 # change: '' this node's last device is gone; '\0' this node's first device connected (the
 # user's status stays if another node has a live entry, else it is "online"); anything
-# else: the status the user set. Returns {status before, status after, live entries after}
-# ("offline" with 0 entries: no device anywhere).
+# else: the status the user set. ARGV[7]: '' or a status the user set just before this
+# change (the node queued both: it is applied first). Returns {status before, status
+# after, live entries after} ("offline" with 0 entries: no device anywhere).
 PRESENCE_SET = r"""
 local now = tonumber(ARGV[5])
 local others, status = presence_state(KEYS[1], now, ARGV[1])
-local mine = redis.call('HGET', KEYS[1], ARGV[1])
+local before = status or 'offline' -- as announced: an entry expired unswept still counts
+if ARGV[7] ~= '' then status = ARGV[7] end
 local me = 0
-if mine then
-  local e = tonumber(string.match(mine, '^%d+ (%d+)$'))
-  if e and e > now then me = 1 end
-end
-local before = status_of(others + me, status)
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  me = 0
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
   me = 1
   if ARGV[2] ~= '\0' then
     status = ARGV[2]
-  elseif others == 0 then
+  elseif others == 0 or not status then
     status = 'online'
   end
-  redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
   redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'GT')
   redis.call('PEXPIREAT', KEYS[1], ARGV[6], 'NX')
 end
-if others + me == 0 then redis.call('HDEL', KEYS[1], 's') end
+if others + me == 0 then
+  redis.call('HDEL', KEYS[1], 's')
+elseif status then
+  redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
+end
 return {before, status_of(others + me, status), others + me}
 """
 
@@ -495,6 +495,7 @@ for i = 1, #all, 2 do
   if x and x <= now then redis.call('HDEL', KEYS[1], all[i]) end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+if not status then return false end -- announced gone already (its last device left)
 if live == 0 then redis.call('HDEL', KEYS[1], 's') end
 return {status, live}
 """
@@ -503,7 +504,7 @@ return {status, live}
 PRESENCE_STATUS = r"""
 local live, status = presence_state(KEYS[1], tonumber(ARGV[1]), nil)
 if live == 0 then return false end
-return status
+return status or 'online'
 """
 
 # KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most.
