@@ -1183,8 +1183,6 @@ class RedisStore(Store):
             epoch = self._epochs()
             dump = with_prefix(dump, epoch, str(epoch))
         meta, log_, msgs, chg, tomb, idx, dd, dq, rc = self._keys(dump.name)
-        if self._call(self._client.exists, meta):  # the target was empty at the start
-            raise ValueError(f"channel {dump.name!r} is in the export twice")
         commands: list[tuple[Any, ...]] = []
         fields: list[Any] = ["epoch", dump.epoch, "head", dump.head, "horizon", dump.horizon]
         if dump.prefix != str(dump.epoch):
