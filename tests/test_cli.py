@@ -14,6 +14,7 @@ import errno
 import gc
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -42,7 +43,16 @@ SUBCOMMANDS = ["serve", "token", "compact", "inspect", "backup", "restore"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    """The command in this process; the root logger's handlers are put back after it (a
+    command's handler writes to this test's captured stderr, closed after the test: a
+    later test's log line, e.g. a Redis function library loaded, was a logging error)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(list(argv))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     out, err = capsys.readouterr()
     return code, out, err
 
