@@ -20,11 +20,9 @@ import anyio
 import pytest
 
 from conftest import Harness, make_settings, mint, running_server
-from test_client_protocol import Wire, event, join_ok
+from test_client_protocol import Wire, event, join_ok, live_channel, seqs
 from tsmsg.client import (
     BadRequest,
-    Delete,
-    Edit,
     Left,
     LimitExceeded,
     Message,
@@ -32,8 +30,10 @@ from tsmsg.client import (
     connect,
 )
 from tsmsg.client.protocol import (
+    MAX_INTERNAL_RETRIES,
     MAX_SIGNALS,
     Completed,
+    Disconnect,
     FollowChanged,
     SendCompleted,
 )
@@ -45,33 +45,6 @@ STEP = 5.0  # seconds any single wait on a real server may take
 
 
 # ============================================================================ sans-IO helpers
-
-
-def sync_ok(w: Wire, req: dict[str, Any], seqs: list[int], more: bool = False, epoch: int = 1):
-    assert req["t"] == "sync", req
-    head = max([req["since"], *seqs])
-    w.reply(
-        req,
-        channel=req["channel"],
-        events=[event(s) for s in seqs],
-        more=more,
-        head=head,
-        epoch=epoch,
-    )
-
-
-def seqs(events: list[Any]) -> list[int]:
-    return [e.seq for e in events if isinstance(e, (Message, Edit, Delete))]
-
-
-def live_channel(w: Wire, last: int, epoch: int = 1) -> None:
-    """Followed (restored at ``last``), joined and caught up, live."""
-    w.p.restore([(CH, last, epoch)], [])
-    [join] = w.connect()
-    join_ok(w, join, head=last, epoch=epoch)
-    [sync] = w.sent()
-    sync_ok(w, sync, [], epoch=epoch)
-    w.events()
 
 
 # ============================================================================ transient store errors
@@ -95,6 +68,23 @@ def test_rejoin_refused_by_a_transient_store_error_keeps_the_channel(code: str) 
     frames = w.tick_for(60_000)
     rejoins = [f for f in frames if f["t"] == "join" and f["channel"] == CH]
     assert rejoins, frames
+
+
+def test_a_join_refused_internal_past_its_retries_starts_the_connection_over() -> None:
+    """PROTOCOL.md 8: `internal` is retried a few times only (MAX_INTERNAL_RETRIES); a
+    channel's join refused once more asks for a new connection (which rejoins every
+    channel) rather than dropping the channel: it stays followed, at its position."""
+    w = Wire()
+    w.p.restore([(CH, 5, 1)], [])
+    [join] = w.connect()
+    for _ in range(MAX_INTERNAL_RETRIES):
+        w.reply(join, "error", code="internal", message="a bug")
+        assert not [o for o in w.outputs if isinstance(o, Disconnect)]
+        [join] = [f for f in w.tick_for(60_000) if f["t"] == "join"]
+    w.reply(join, "error", code="internal", message="a bug")
+    assert [o for o in w.outputs if isinstance(o, Disconnect)], w.outputs
+    assert FollowChanged(CH, False) not in w.outputs
+    assert w.p.position(CH) == (5, 1)
 
 
 @pytest.mark.parametrize("code", ["store_unavailable", "internal"])

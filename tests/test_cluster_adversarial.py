@@ -11,9 +11,10 @@ so once the watcher has zed's push, any push of the earlier change has arrived t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,18 @@ async def eventually(
     return value
 
 
-def doomed_node(tmp_path: Path, engine: str, name: str, **env: str) -> ServerProcess:
-    """A ``tsmsg serve`` child on ``engine`` (to be killed with SIGKILL)."""
-    return ServerProcess(tmp_path / name, tmp_path / f"{name}.log", "--engine", engine, env=env)
+@contextlib.asynccontextmanager
+async def doomed_node(
+    tmp_path: Path, engine: str, name: str, **env: str
+) -> AsyncIterator[ServerProcess]:
+    """A started ``tsmsg serve`` child on ``engine``, for the test to kill with SIGKILL
+    (killed on the way out whatever happens)."""
+    node = ServerProcess(tmp_path / name, tmp_path / f"{name}.log", "--engine", engine, env=env)
+    try:
+        await node.start()
+        yield node
+    finally:
+        node.kill()
 
 
 async def hello(
@@ -391,11 +401,9 @@ async def test_a_user_back_on_another_node_before_the_ttl_is_not_announced_offli
     async with nodes(tmp_path, redis_engine, 1, **SHORT_TTL) as (b,):
         carol = await b.connect("carol")
         await join(carol)
-        doomed = doomed_node(
+        async with doomed_node(
             tmp_path, redis_engine, "doomed", TSMSG_ENGINE_PRESENCE_TTL_S=str(TTL_S)
-        )
-        try:
-            await doomed.start()
+        ) as doomed:
             alice = await hello(doomed.port, "alice", b)
             await join(alice)
             await members(b, ["alice", "carol"])
@@ -418,8 +426,6 @@ async def test_a_user_back_on_another_node_before_the_ttl_is_not_announced_offli
             entry = await query(carol, "alice")
             assert entry is not None and entry["status"] == "offline" and "last_seen" in entry
             await alice.aclose()
-        finally:
-            doomed.kill()
 
 
 async def test_a_status_set_on_a_dead_node_is_replaced_by_a_push_when_it_expires(
@@ -436,11 +442,9 @@ async def test_a_status_set_on_a_dead_node_is_replaced_by_a_push_when_it_expires
         laptop = await b.connect("alice")
         await join(laptop)
         await members(b, ["alice", "carol"])
-        doomed = doomed_node(
+        async with doomed_node(
             tmp_path, redis_engine, "doomed", TSMSG_ENGINE_PRESENCE_TTL_S=str(TTL_S)
-        )
-        try:
-            await doomed.start()
+        ) as doomed:
             phone = await hello(doomed.port, "alice", b)
             assert (await phone.request("presence", status="busy"))["t"] == "ok"
             assert (await carol.next(presence_of("alice")))["status"] == "busy"
@@ -455,8 +459,6 @@ async def test_a_status_set_on_a_dead_node_is_replaced_by_a_push_when_it_expires
                 f"a query says {entry['status']!r}, carol was last told {last_told!r}"
             )
             await phone.aclose()
-        finally:
-            doomed.kill()
 
 
 async def test_a_dead_nodes_entry_expiring_announces_nothing_for_a_user_still_connected(
@@ -475,20 +477,18 @@ async def test_a_dead_nodes_entry_expiring_announces_nothing_for_a_user_still_co
         await join(laptop)
         await members(b, ["alice", "carol"])
         store, presence = b.server.store, b.server.store.presence
-        swept: list[list[str]] = []
+        swept: list[list[str]] = []  # the users each sweep returned as gone
         real_expired = presence.expired
 
-        def spy(now_ms: int) -> list[str]:
+        def spy(now_ms: int) -> list[tuple[str, str]]:
             out = real_expired(now_ms)
-            swept.append(list(out))
+            swept.append([user for user, _ in out])
             return out
 
         presence.expired = spy  # type: ignore[method-assign]
-        doomed = doomed_node(
+        async with doomed_node(
             tmp_path, redis_engine, "doomed", TSMSG_ENGINE_PRESENCE_TTL_S=str(TTL_S)
-        )
-        try:
-            await doomed.start()
+        ) as doomed:
             await hello(doomed.port, "alice", b)
             with redis.Redis.from_url(redis_engine) as admin:
                 await until(lambda: node_entries(admin, "alice") == 2)
@@ -510,8 +510,6 @@ async def test_a_dead_nodes_entry_expiring_announces_nothing_for_a_user_still_co
                 f"alice, connected to node B, was swept as offline: pushes {pushed}, "
                 f"last_seen {before} -> {store.last_seen('alice')}"
             )
-        finally:
-            doomed.kill()
 
 
 # ---------------------------------------------------------------- presence: Redis away
@@ -677,11 +675,9 @@ async def test_typing_of_a_node_killed_mid_typing_is_turned_off(
     ) as (b,):
         bob = await b.connect("bob")
         await join(bob)
-        doomed = doomed_node(
+        async with doomed_node(
             tmp_path, redis_engine, "doomed", TSMSG_LIMITS_TYPING_TIMEOUT_MS=str(timeout_ms)
-        )
-        try:
-            await doomed.start()
+        ) as doomed:
             alice = await hello(doomed.port, "alice", b)
             await join(alice)
             assert (await alice.request("typing", channel=CHANNEL, on=True))["t"] == "ok"
@@ -698,8 +694,6 @@ async def test_typing_of_a_node_killed_mid_typing_is_turned_off(
                 "alice's node died mid-typing; bob never got on: false"
             )
             await alice.aclose()
-        finally:
-            doomed.kill()
 
 
 # ---------------------------------------------------------------- read receipts
