@@ -57,6 +57,24 @@ def test_evicts_oldest_first_exactly_at_capacity() -> None:
     assert [ring.get(k) for k in (b"c", b"d", b"e")] == [2, 3, 4]
 
 
+def test_insert_all_is_insert_of_each_in_order() -> None:
+    """The store's writer hands a committed batch's cids over in one call: the same as
+    inserting them one by one (a known key keeps its seq, the oldest goes first), and a key that is
+    too long is the same ValueError."""
+    one, all_ = DedupRing(3, max_key_len=4), DedupRing(3, max_key_len=4)
+    items = {b"a": 1, b"b": 2, b"c": 3, b"d": 4}
+    for ring in (one, all_):
+        ring.insert(b"b", 9)
+    for key, seq in items.items():
+        one.insert(key, seq)
+    all_.insert_all(items)
+    assert [all_.get(k) for k in (b"a", b"b", b"c", b"d")] == [1, None, 3, 4]
+    assert [one.get(k) for k in (b"a", b"b", b"c", b"d")] == [1, None, 3, 4]
+    with pytest.raises(ValueError):
+        all_.insert_all({b"e": 5, b"long!": 6})
+    assert all_.get(b"e") == 5 and len(all_) == 3
+
+
 def test_evicted_key_gets_a_new_seq() -> None:
     ring = DedupRing(1)
     assert ring.insert(b"a", 1) is None

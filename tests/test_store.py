@@ -23,7 +23,7 @@ import lmdb
 import pytest
 
 from conftest import StoreEngine
-from tsmsg._native import packb, unpackb
+from tsmsg._native import AppendBatch, DedupRing, EncodeError, packb, unpackb
 from tsmsg.store import (
     AppendResult,
     CompactionPolicy,
@@ -1178,6 +1178,82 @@ def test_a_batch_retried_after_map_full_gives_the_same_results(
     assert [e["text"] for e in log_of(store, "fresh")] == ["f"]
     assert "ghost" not in store.channels()
     assert store.read_cursor("v", "room") == 4
+
+
+# ------------------------------------------------------------- the writer's appends
+# LmdbStore hands a batch's new messages to the extension's AppendBatch (plain calls here).
+
+
+def append_batch(
+    rec: dict[str, int], seal: Callable[[Entry, bytes], Entry] | None = None
+) -> AppendBatch:
+    def channel(name: str) -> tuple[dict[str, int], bytes, str]:
+        assert name == "room"
+        return rec, lmdb_store.U64.pack(rec["id"]), "ab"
+
+    ring = DedupRing(16, lmdb_store.MAX_DEDUP_KEY)
+    return AppendBatch(ring, {}, T0, 10, channel, seal, AppendResult, 128, 64)
+
+
+@pytest.mark.parametrize("meta", [None, {"k": [1, {"x": 2.5}], "b": True}])
+@pytest.mark.parametrize("sealed", [False, True])
+def test_append_batch_rows_are_the_entry_packed(meta: dict[str, Any] | None, sealed: bool) -> None:
+    """The extension writes a message's rows itself: the log row must be what ``packb``
+    of the entry dict gives (the layout every reader, export and older version reads),
+    sealed by the key ring's function when one is set; the journal row and the cid are
+    the dedup journal's."""
+    rec = {"id": 7, "head": 41, "epoch": 3}
+    seen: list[tuple[Entry, bytes]] = []
+
+    def seal(entry: Entry, key: bytes) -> Entry:
+        seen.append((dict(entry), key))
+        return {**entry, "text": "sealed"}
+
+    batch = append_batch(rec, seal if sealed else None)
+    op = WriteOp("message", "room", "ü", cid="c1", text="hi", meta=meta)
+    assert batch.append(op) == AppendResult("room", 42, "ab-42", T0)
+    assert rec["head"] == 42 and op.epoch == 3
+    entry: Entry = {"seq": 42, "kind": "message", "id": "ab-42", "sender": "ü", "ts": T0}
+    entry["text"] = "hi"
+    if meta:
+        entry["meta"] = meta
+    key = lmdb_store.U64.pack(7) + lmdb_store.U64.pack(42)
+    stored = {**entry, "text": "sealed"} if sealed else entry
+    assert batch.take() == ([(key, packb(stored))], [(key, b"")])
+    assert seen == ([(entry, key)] if sealed else [])
+    dkey = lmdb_store.U64.pack(7) + "ü".encode() + b"\0c1"
+    assert batch.journal == [(lmdb_store.U64.pack(10), packb([dkey, 42, T0]))]
+    assert batch.new_cids == {dkey: 42}
+    assert batch.append(op) == 42  # its cid again: the first seq, nothing queued
+    assert batch.take() == ([], []) and rec["head"] == 42
+    op2 = WriteOp("message", "room", "ü", cid="c2", text="again")
+    assert batch.append(op2).seq == 43  # the next order in the journal
+    assert batch.journal[-1][0] == lmdb_store.U64.pack(11)
+
+
+@pytest.mark.parametrize(
+    ("op", "error"),
+    [
+        (WriteOp("message", "room", "", cid="c", text="x"), ValueError),
+        (WriteOp("message", "room", "a\0b", cid="c", text="x"), ValueError),
+        (WriteOp("message", "room", "u" * 129, cid="c", text="x"), ValueError),
+        (WriteOp("message", "room", "u", cid="", text="x"), ValueError),
+        (WriteOp("message", "room", "u", cid="c" * 65, text="x"), ValueError),
+        (WriteOp("message", "room", "u", cid=None, text="x"), ValueError),
+        (WriteOp("message", "room", "u", cid="c", text=None), ValueError),
+        (WriteOp("message", "room", "u", cid="c", text="x", meta={"s": {1}}), EncodeError),
+        (WriteOp("message", "room", "u", cid="\ud800", text="x"), UnicodeEncodeError),
+    ],
+)
+def test_append_batch_refuses_a_malformed_message_and_changes_nothing(
+    op: WriteOp, error: type[Exception]
+) -> None:
+    rec = {"id": 7, "head": 5, "epoch": 1}
+    batch = append_batch(rec)
+    with pytest.raises(error):
+        batch.append(op)
+    assert batch.take() == ([], []) and batch.journal == [] and batch.new_cids == {}
+    assert rec["head"] == 5 and op.epoch == 0
 
 
 # ------------------------------------------------------------------- regressions

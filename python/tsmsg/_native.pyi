@@ -1,6 +1,6 @@
 """Type stubs for the private Rust extension `tsmsg._native` (checked by mypy.stubtest)."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Self, final
 
 from typing_extensions import Buffer
@@ -8,6 +8,7 @@ from typing_extensions import Buffer
 __all__ = [
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_FRAME",
+    "AppendBatch",
     "DedupRing",
     "EncodeError",
     "FrameDecoder",
@@ -108,6 +109,29 @@ class FrameDecoder:
     def feed(self, data: Buffer) -> list[dict[str, Any]]: ...
 
 @final
+class AppendBatch:
+    """One batch's new messages for the LMDB store's writer (rust/src/py_append.rs)."""
+
+    def __new__(
+        cls,
+        ring: DedupRing,
+        unsynced: dict[bytes, int],
+        ts: int,
+        next_order: int,
+        channel: Callable[[str], tuple[dict[str, int], bytes, str]],
+        seal: Callable[[dict[str, Any], bytes], dict[str, Any]] | None,
+        result: Callable[[str, int, str, int], Any],
+        max_user_bytes: int,
+        max_cid_chars: int,
+    ) -> Self: ...
+    def append(self, op: Any) -> Any: ...
+    def take(self) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]: ...
+    @property
+    def journal(self) -> list[tuple[bytes, bytes]]: ...
+    @property
+    def new_cids(self) -> dict[bytes, int]: ...
+
+@final
 class DedupRing:
     def __new__(cls, capacity: int, max_key_len: int = 256) -> Self: ...
     @property
@@ -116,6 +140,7 @@ class DedupRing:
     def max_key_len(self) -> int: ...
     def get(self, key: str | bytes) -> int | None: ...
     def insert(self, key: str | bytes, seq: int) -> int | None: ...
+    def insert_all(self, items: dict[bytes, int]) -> None: ...
     def forget_oldest(self, key: object) -> bool: ...
     def __contains__(self, key: object) -> bool: ...
     def __len__(self) -> int: ...

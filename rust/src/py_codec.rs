@@ -271,7 +271,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 /// Appends the msgpack form of `obj`, which sits inside `depth` containers.
-fn write_obj(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<()> {
+pub(crate) fn write_obj(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<()> {
     // Exact types first: they are nearly all of what frames hold.
     if obj.is_exact_instance_of::<PyString>() {
         return write_pystr(out, obj);

@@ -4,7 +4,7 @@ use std::num::NonZeroUsize;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::dedup;
 
@@ -12,7 +12,7 @@ use crate::dedup;
 /// seq first assigned to it. When full, inserting a new key evicts the oldest insertion.
 #[pyclass(module = "tsmsg._native", name = "DedupRing")]
 pub struct DedupRing {
-    inner: dedup::DedupRing,
+    pub(crate) inner: dedup::DedupRing,
 }
 
 /// The bytes of a str or bytes key, borrowed from the Python object (a str through its
@@ -76,6 +76,15 @@ impl DedupRing {
     /// `max_key_len` bytes raises ValueError.
     fn insert(&mut self, key: &Bound<'_, PyAny>, seq: u64) -> PyResult<Option<u64>> {
         Ok(self.inner.insert(require_key_bytes(key)?, seq)?)
+    }
+
+    /// `insert` of every (key, seq) of `items`, in the dict's order (a batch's cids).
+    fn insert_all(&mut self, items: &Bound<'_, PyDict>) -> PyResult<()> {
+        for (key, seq) in items.iter() {
+            self.inner
+                .insert(require_key_bytes(&key)?, seq.extract()?)?;
+        }
+        Ok(())
     }
 
     /// Forgets `key` if it is the oldest entry held (True), else changes nothing (False):

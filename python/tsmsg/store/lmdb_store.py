@@ -31,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from tsmsg._native import DedupRing, packb, unpackb
+from tsmsg._native import AppendBatch, DedupRing, packb, unpackb
 from tsmsg.protocol.limits import MAX_CID_CHARS
 from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
@@ -395,16 +395,13 @@ class _Batch:
 
     txn: lmdb.Transaction
     ts: int  # every entry of the batch has this time
-    log_put: Callable[[bytes, bytes], Any]  # a cursor's put into the log
-    index_put: Callable[[bytes, bytes], Any]  # a cursor's put into the message index
+    log: lmdb.Cursor  # the log's cursor: entries are written through it
+    index: lmdb.Cursor  # the message index's
+    # New messages (the hot path, in the extension): their rows wait there until
+    # _flush_appends writes them, and it holds the cids they stored (dedup key -> seq).
+    appends: AppendBatch
     records: dict[str, dict[str, int]] = field(default_factory=dict)  # channels touched
     heads: dict[str, int] = field(default_factory=dict)  # their heads before this batch
-    new_cids: dict[bytes, int] = field(default_factory=dict)  # dedup key -> seq, stored now
-    journal: list[tuple[bytes, bytes]] = field(default_factory=list)  # to append
-    # Worked out once per batch, not per message: senders' names as checked bytes, and
-    # channels' (id as a key prefix, message id prefix).
-    senders: dict[str, bytes] = field(default_factory=dict)
-    prefixes: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
 
 class LmdbStore(Store):
@@ -1053,8 +1050,7 @@ class LmdbStore(Store):
         waiting = self._waiting
         for _ in range(min(len(batch), len(waiting))):
             waiting.popleft()
-        for key, seq in self._unsynced_cids.items():
-            self._ring.insert(key, seq)
+        self._ring.insert_all(self._unsynced_cids)
         self._unsynced_cids.clear()
         for op in batch:
             if op.done is not None:
@@ -1071,16 +1067,27 @@ class LmdbStore(Store):
         ``result`` and ``error`` (a retried batch overwrites the failed attempt's)."""
         txn = self._env.begin(write=True)
         try:
-            b = _Batch(
-                txn, self._clock(), txn.cursor(db=self._log).put, txn.cursor(self._messages).put
-            )
+            ts = self._clock()
+            seal = None if self._keyring is None else self._keyring.seal
+            appends = AppendBatch(
+                self._ring, self._unsynced_cids, ts, self._next_order,
+                lambda name: self._append_channel(b, name), seal, AppendResult,
+                MAX_USER_BYTES, MAX_CID_CHARS,
+            )  # fmt: skip
+            b = _Batch(txn, ts, txn.cursor(db=self._log), txn.cursor(self._messages), appends)
+            append = appends.append
             for op in batch:
                 error: StoreError | None = None
                 result: AppendResult | int | None = None
                 try:
                     if op.kind == "message":  # the hot path: nothing else on the way
-                        result = self._append(b, op)
+                        result = append(op)
+                        if type(result) is int:  # a known cid: the seq it was first given
+                            self._flush_appends(b)  # (perhaps by this batch)
+                            rec = b.records[op.channel]
+                            result = self._dup_result(txn, op.channel, rec, result)
                     else:
+                        self._flush_appends(b)  # the log as every earlier op left it
                         result = self._apply(b, op)
                 except EncryptionError as exc:  # logged here; the client learns no key ids
                     log.error("%s %s in %r failed: %s", op.kind, op.target, op.channel, exc)
@@ -1092,16 +1099,18 @@ class LmdbStore(Store):
                 except Exception as exc:  # a malformed op fails alone, never its batch
                     error = StoreError(f"invalid write: {exc}")
                 op.result, op.error = result, error
-            if b.journal:
-                added = txn.cursor(db=self._dedup).putmulti(b.journal, append=True)[1]
-                if added != len(b.journal):  # order keys out of step: never lose cids
-                    raise RuntimeError(f"dedup journal took {added} of {len(b.journal)}")
+            self._flush_appends(b)
+            journal, new_cids = appends.journal, appends.new_cids
+            if journal:
+                added = txn.cursor(db=self._dedup).putmulti(journal, append=True)[1]
+                if added != len(journal):  # order keys out of step: never lose cids
+                    raise RuntimeError(f"dedup journal took {added} of {len(journal)}")
             # Only records whose head moved: a channel that a failed message would have
             # created is never stored, and reads rewrite nothing.
             changed = {n: rec for n, rec in b.records.items() if rec["head"] != b.heads[n]}
             for name, rec in changed.items():
                 txn.put(name.encode(), packb(rec), db=self._channels)
-            pruned = self._prune_dedup(txn, b.ts, DEDUP_PRUNE_PER_BATCH + 2 * len(b.new_cids))
+            pruned = self._prune_dedup(txn, ts, DEDUP_PRUNE_PER_BATCH + 2 * len(new_cids))
             if self._fault is not None:
                 self._fault()
             txn.commit()
@@ -1112,7 +1121,22 @@ class LmdbStore(Store):
             self._ring.forget_oldest(key)
         for name, rec in changed.items():
             self._chan_ids[name] = rec["id"]
-        return b.new_cids
+        return new_cids
+
+    def _flush_appends(self, b: _Batch) -> None:
+        """Write the rows of the messages appended so far: before an op that reads or
+        rewrites the log, and at the batch's end."""
+        log, index = b.appends.take()
+        if log:
+            b.log.putmulti(log)
+            b.index.putmulti(index)
+
+    def _append_channel(self, b: _Batch, name: str) -> tuple[dict[str, int], bytes, str]:
+        """For the extension's appends, once per channel and batch: the channel's record
+        (created if new), its id as a key prefix and its message id prefix."""
+        rec = self._record(b, name, create=True)
+        assert rec is not None
+        return rec, U64.pack(rec["id"]), record_prefix(rec)
 
     def _record(self, b: _Batch, name: str, create: bool) -> dict[str, int] | None:
         """The channel's record as this batch left it; its name is checked here, once
@@ -1132,39 +1156,6 @@ class LmdbStore(Store):
             b.records[name] = rec
             b.heads[name] = rec["head"]
         return rec
-
-    def _append(self, b: _Batch, op: WriteOp) -> AppendResult:
-        """A new message (or the first result of its cid)."""
-        user, cid, text = op.user, op.cid, op.text
-        sender = b.senders.get(user)
-        if sender is None:
-            sender = b.senders[user] = _check_name("user", user, MAX_USER_BYTES)
-        if cid is None or not 1 <= len(cid) <= MAX_CID_CHARS or text is None:
-            raise ValueError(f"a message needs text and a cid of 1 to {MAX_CID_CHARS} chars")
-        rec = self._record(b, op.channel, create=True)
-        assert rec is not None
-        known = b.prefixes.get(op.channel)
-        if known is None:
-            known = b.prefixes[op.channel] = (U64.pack(rec["id"]), record_prefix(rec))
-        chan_key, id_prefix = known
-        dkey = self._dedup_key(chan_key, sender, cid)
-        first = b.new_cids.get(dkey) or self._unsynced_cids.get(dkey) or self._ring.get(dkey)
-        if first is not None:
-            return self._dup_result(b.txn, op.channel, rec, first)
-        seq = rec["head"] + 1
-        mid = message_id(id_prefix, seq)
-        entry: Entry = {
-            "seq": seq, "kind": "message", "id": mid, "sender": user, "ts": b.ts, "text": text
-        }  # fmt: skip
-        if op.meta:
-            entry["meta"] = op.meta
-        key = self._put_entry(b.log_put, rec, entry, chan_key)  # moves the head if it succeeds
-        b.index_put(key, b"")
-        order = U64.pack(self._next_order + len(b.new_cids))
-        b.journal.append((order, packb([dkey, seq, b.ts])))
-        b.new_cids[dkey] = seq
-        op.epoch = rec["epoch"]
-        return AppendResult(op.channel, seq, mid, b.ts)
 
     def _apply(self, b: _Batch, op: WriteOp) -> AppendResult | int:
         """Any write but a message."""
@@ -1235,8 +1226,8 @@ class LmdbStore(Store):
             msg["deleted"] = True
             self._redact_edits(txn, mkey)
             txn.put(mkey, U64.pack(ts), db=self._tombstones)
-        b.log_put(mkey, self._pack(mkey, msg))
-        self._put_entry(b.log_put, rec, entry)
+        b.log.put(mkey, self._pack(mkey, msg))
+        self._put_entry(b.log.put, rec, entry)
         op.epoch = rec["epoch"]
         return AppendResult(op.channel, seq, target, ts)
 
