@@ -9,18 +9,26 @@ Every wait is bounded, no assertion is about timing."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import shutil
 import subprocess
 import textwrap
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
+import tsmsg.client.client as client_module
 from conftest import Harness, make_settings, mint, running_server
 from test_client_protocol import Wire, event, join_ok, live_channel, seqs
+from tsmsg import FrameDecoder, encode
 from tsmsg.client import (
     BadRequest,
     Left,
@@ -286,6 +294,141 @@ async def test_a_large_outbox_resent_at_connect_does_not_deadlock_on_backpressur
         assert alice.outbox == [], f"{len(alice.outbox)} of {n} sends still unacknowledged"
 
 
+# ============================================================================ scripted servers
+
+
+class ScriptedConn:
+    """One connection to a :func:`scripted_server`: the test plays the server."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+        self.frames: deque[dict[str, Any]] = deque()
+
+    async def recv(self) -> dict[str, Any]:
+        while not self.frames:
+            self.frames.extend(self.decoder.feed(await self.stream.receive()))
+        return self.frames.popleft()
+
+    async def recv_t(self, *types: str) -> dict[str, Any]:
+        """The next frame of one of ``types``, answering pings meanwhile."""
+        while True:
+            frame = await self.recv()
+            if frame["t"] in types:
+                return frame
+            if frame["t"] == "ping":
+                await self.send(t="pong", rid=frame["rid"], ts=0)
+
+    async def send(self, **frame: Any) -> None:
+        await self.stream.send(encode(frame))
+
+    async def welcome(self, user: str = "alice") -> None:
+        hello = await self.recv()
+        assert hello["t"] == "hello", hello
+        await self.send(
+            t="welcome", rid=hello["rid"], v=1, user=user, session="s", heartbeat_ms=30_000,
+            max_frame=1 << 20, limits=Limits().announce(), ts=0,
+        )  # fmt: skip
+
+
+@asynccontextmanager
+async def scripted_server(
+    handler: Callable[[ScriptedConn], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP server on loopback whose every connection runs ``handler`` (then is closed);
+    yields its port. For servers that misbehave in ways the real one cannot be made to."""
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            with contextlib.suppress(
+                anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
+            ):
+                await handler(ScriptedConn(stream))
+
+    listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+class RecordedJitter:
+    """Stands for ``random`` in the client module: records each backoff cap the reconnect
+    loop draws its full jitter under, and waits nothing (so a test of the backoff's growth
+    takes no time and depends on no clock)."""
+
+    def __init__(self) -> None:
+        self.caps: list[float] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.caps.append(high)
+        return 0.0
+
+
+# ============================================================================ reconnect backoff
+
+
+async def test_welcome_then_close_grows_the_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROTOCOL.md 4.7: "In every case the client reconnects with exponential backoff and
+    jitter". The client reset its backoff at every welcome, so a server that welcomes and
+    then closes at once (overloaded, crashing on a later frame, a proxy dropping the
+    connection) got a reconnect every <= 0.1 s (BACKOFF_BASE) from every client, for
+    ever: each cap was 0.1. A connection now resets the backoff only once it has stayed
+    up backoff_max: short-lived ones grow it as failed connects do."""
+    jitter = RecordedJitter()
+    monkeypatch.setattr(client_module, "random", jitter)
+    connects = 0
+    enough = anyio.Event()
+
+    async def welcome_then_close(conn: ScriptedConn) -> None:
+        nonlocal connects
+        connects += 1
+        await conn.welcome()
+        if connects >= 8:
+            enough.set()
+
+    async with (
+        scripted_server(welcome_then_close) as port,
+        connect(HOST, port, token=mint("alice"), backoff_max=5.0),
+    ):
+        with anyio.fail_after(STEP):
+            await enough.wait()
+    base = client_module.BACKOFF_BASE
+    expected = [min(5.0, base * 2**k) for k in range(7)]
+    assert jitter.caps[:7] == pytest.approx(expected), jitter.caps
+
+
+async def test_a_connection_up_for_backoff_max_resets_the_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other half of the rule above: a connection that stayed up for backoff_max (a
+    real session, lost later) is reconnected at once again (the cap back to BACKOFF_BASE),
+    however many short-lived ones came before it."""
+    jitter = RecordedJitter()
+    monkeypatch.setattr(client_module, "random", jitter)
+    connects = 0
+    enough = anyio.Event()
+
+    async def one_long_connection(conn: ScriptedConn) -> None:
+        nonlocal connects
+        connects += 1
+        await conn.welcome()
+        if connects == 4:
+            await anyio.sleep(1.0)  # five times backoff_max
+        if connects >= 6:
+            enough.set()
+
+    async with (
+        scripted_server(one_long_connection) as port,
+        connect(HOST, port, token=mint("alice"), backoff_max=0.2),
+    ):
+        with anyio.fail_after(STEP):
+            await enough.wait()
+    base = client_module.BACKOFF_BASE
+    # caps after connections 1-3 grow (to backoff_max); the 4th lived long: reset
+    assert jitter.caps[:5] == pytest.approx([base, 0.2, 0.2, base, 0.2]), jitter.caps
+
+
 # ============================================================================ tsmsg.js under node
 JS_HARNESS = r"""// A fake WebSocket (the test plays the server) and a virtual clock (setTimeout,
 // clearTimeout and Date.now), so tsmsg.js runs under node deterministically.
@@ -535,6 +678,31 @@ for (let i = 0; i < 30; i++) {
 done({ refreshes, asked });
 """
 
+JS_BACKOFF = r"""import { clock, advance, FakeWS, jwt, welcome, done, TsmsgClient, URL, nowS } from "./common.mjs";
+// Full jitter at its top: each reconnect waits its whole cap (virtual time).
+Math.random = () => 1 - 1e-9;
+const HOLD = JSON.parse(process.env.HOLD || "{}"); // connection number -> ms it stays up
+const c = new TsmsgClient({ url: URL, token: jwt(nowS() + 86400), WebSocket: FakeWS, backoffMaxMs: Number(process.env.BACKOFF_MAX_MS) });
+c.connect();
+const opened = [], closed = [];
+const end = clock.now + Number(process.env.WINDOW_MS);
+while (clock.now < end && opened.length < 1000) {
+  await advance(10);
+  while (opened.length < FakeWS.all.length) {
+    const ws = FakeWS.all[opened.length];
+    opened.push(clock.now);
+    await welcome(ws); // welcome, then close (at once, or after HOLD)
+    const hold = HOLD[opened.length];
+    if (hold) await advance(hold);
+    ws.serverClose(1006);
+    closed.push(clock.now);
+  }
+}
+c.close();
+// the wait before each reconnect: from a close to the next open
+done({ connects: opened.length, waits: opened.slice(1).map((t, i) => t - closed[i]) });
+"""
+
 NODE = shutil.which("node")
 TSMSG_JS = Path(__file__).resolve().parents[1] / "python" / "tsmsg" / "web" / "tsmsg.js"
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -669,6 +837,29 @@ def test_js_a_long_lived_token_is_not_refreshed_in_a_loop(tmp_path: Path) -> Non
     Real node timers here (FAKE_TIMERS=0), 300 ms of them."""
     r = run_js(tmp_path, JS_S7, FAKE_TIMERS="0")
     assert r["refreshes"] == 0, r
+
+
+@needs_node
+def test_js_welcome_then_close_grows_the_backoff(tmp_path: Path) -> None:
+    """As the Python test above: ``_welcome`` set ``_attempt = 0``, so a server that
+    welcomes and closes at once got a reconnect every BACKOFF_BASE_MS (100 ms) from every
+    page, for ever (about 550 a minute here). Now a connection resets the backoff only
+    after staying up backoffMaxMs: over a (virtual) minute with the default cap of 30 s,
+    the waits double (each at the top of its jitter) and the connects are a handful."""
+    r = run_js(tmp_path, JS_BACKOFF, BACKOFF_MAX_MS="30000", WINDOW_MS="60000")
+    waits = r["waits"]
+    assert r["connects"] <= 15, r
+    assert all(b >= 1.5 * a for a, b in itertools.pairwise(waits[:8])), waits
+
+
+@needs_node
+def test_js_a_connection_up_for_backoff_max_resets_the_backoff(tmp_path: Path) -> None:
+    """And a connection that stayed up backoffMaxMs (the 5th, for twice that) resets it:
+    the next reconnect waits BACKOFF_BASE_MS again, after four that had doubled."""
+    r = run_js(tmp_path, JS_BACKOFF, BACKOFF_MAX_MS="1000", WINDOW_MS="10000", HOLD='{"5": 2000}')
+    waits = r["waits"]
+    assert len(waits) >= 6, r
+    assert waits[3] >= 700 and waits[4] <= 150 and waits[5] >= 190, waits
 
 
 # ============================================================================ properties (passing)

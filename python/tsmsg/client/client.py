@@ -9,6 +9,16 @@ a ``token_expired`` notice). Around them, the **reconnect loop** reconnects with
 exponential backoff and full jitter (capped at ``backoff_max``), waiting at least the
 ``retry_after_ms`` of an admission refusal.
 
+Backoff reset: the backoff starts again from ``BACKOFF_BASE`` only after a connection has
+stayed up for ``backoff_max`` seconds from its ``welcome``. A connection that ends sooner
+counts as a failed attempt: the next wait doubles, as after a refused connect. Resetting
+at every welcome made a server that welcomes and then drops each connection (overloaded,
+crashing on a later frame, a proxy cutting it) get a reconnect every 0.1 s from every
+client for as long as it lasts: a thundering herd. With the reset tied to the cap, no
+pattern of drops gets more than a handful of connects per ``backoff_max`` from a client
+(the doublings up to the cap), while a real session, lost after minutes, is resumed at
+once. tsmsg.js applies the same rule with its ``backoffMaxMs``.
+
 Backpressure policy: events wait for the application in a bounded per-channel queue
 (``max_queued``, default 1000) inside the protocol object. The reader never blocks on the
 application: a channel whose queue is full stops applying its live events and, once the
@@ -124,6 +134,7 @@ class _Session:
         self.hello_error: ClientError | None = None
         self.retry_after = 0.0
         self.welcomed = anyio.Event()
+        self.welcomed_at: float | None = None  # anyio's clock (monotonic) at the welcome
         self.write_due = anyio.Event()  # the reader queued frames: the writer's to write
 
     def end(self, reason: str) -> None:
@@ -372,6 +383,7 @@ class Client:
                     self._state.follow(out.channel, out.following)
             elif isinstance(out, Welcomed):
                 if session is not None:
+                    session.welcomed_at = anyio.current_time()
                     session.welcomed.set()
                 self._first.set()
             elif isinstance(out, HelloFailed):
@@ -456,8 +468,11 @@ class Client:
                     if error is not None and self._hello_fatal(error):
                         self._fail(_refusal(error))
                         return
-                    if session.welcomed.is_set():
-                        attempt = 0
+                    if session.welcomed_at is not None:
+                        # Up for backoff_max: a session, lost; sooner: a failed attempt
+                        # (see the module docstring: no herd from a server that drops).
+                        if anyio.current_time() - session.welcomed_at >= self._backoff_max:
+                            attempt = 0
                     else:
                         self._at = (self._at + 1) % len(self._addresses)
                 self._last_error = reason
@@ -722,6 +737,10 @@ async def connect(
     :func:`tsmsg.tls.client_tls_context` with a private CA or a client certificate. A
     certificate that fails verification is fatal (raised as ``ConnectionClosed``, never
     retried); other TLS failures are retried like any lost connection.
+
+    ``backoff_max``: the longest wait (s) between reconnects (exponential backoff with
+    full jitter from BACKOFF_BASE); a connection that stayed up this long after its
+    welcome starts the backoff over, one that ended sooner doubles it (module docstring).
 
     ``fallback_addresses``: more ``(host, port)`` nodes of the same deployment (a cluster
     on one engine, docs/cluster.md). After a connection attempt that fails, or ends

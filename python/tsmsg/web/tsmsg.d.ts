@@ -28,6 +28,9 @@ export interface ClientOptions {
   tokenProvider?: () => Promise<string> | string;
   /** A WebSocket implementation (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;
+  /** The longest wait between reconnects (default 30,000 ms; exponential backoff with full
+   * jitter from 100 ms). A connection that stays up this long after its welcome starts
+   * the backoff over; one that ends sooner doubles it, like a failed connect. */
   backoffMaxMs?: number;
 }
 

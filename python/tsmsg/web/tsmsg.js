@@ -4,6 +4,9 @@
 //
 // - connect with a token or a token provider (asked again before the token expires, and
 //   after a refusal with token_expired), reconnect with exponential backoff and jitter;
+//   the backoff starts over only once a connection has stayed up backoffMaxMs after its
+//   welcome (one that ends sooner doubles it, like a failed connect: a server that
+//   welcomes and drops every connection gets no reconnect storm), as the Python client;
 // - per channel: join, then on every (re)connect `sync` from the last applied seq, page by
 //   page, holding live events meanwhile; a `resync` (or a new epoch) reloads the channel:
 //   its newest history page is one `resynced` event, then it continues from the head. So
@@ -20,7 +23,8 @@
 export const SUBPROTOCOL = "tsmsg.v1.json";
 export const PROTOCOL_VERSION = 1;
 export const BACKOFF_BASE_MS = 100; // the first reconnect waits up to this, doubling...
-export const BACKOFF_MAX_MS = 30_000; // ... up to this (with full jitter)
+export const BACKOFF_MAX_MS = 30_000; // ... up to this (with full jitter); a connection up
+// this long (backoffMaxMs) after its welcome resets the backoff, a shorter one doubles it
 export const CONNECT_TIMEOUT_MS = 10_000; // open the WebSocket and get `welcome` within this
 export const REFRESH_MARGIN_MS = 30_000; // refresh this long before exp (or a fifth of a short life)
 export const STORE_RETRY_MS = 500; // a send refused with store_unavailable: first wait...
@@ -474,7 +478,13 @@ export class TsmsgClient {
   _welcome(f) {
     this._conn = "ready";
     this.connected = true;
-    this._attempt = 0;
+    // The backoff starts over once this connection has stayed up backoffMaxMs: a
+    // server that welcomes and then drops at once must not get a reconnect every
+    // BACKOFF_BASE_MS from every page (so no reset here).
+    const ws = this._ws;
+    this._later(Math.min(this.backoffMaxMs, MAX_TIMER_MS), () => {
+      if (this._ws === ws && this._conn === "ready") this._attempt = 0;
+    });
     this.user = f.user;
     this.heartbeatMs = f.heartbeat_ms || DEFAULT_HEARTBEAT_MS;
     this.limits = f.limits || {};
