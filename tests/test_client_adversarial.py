@@ -429,6 +429,75 @@ async def test_a_connection_up_for_backoff_max_resets_the_backoff(
     assert jitter.caps[:5] == pytest.approx([base, 0.2, 0.2, base, 0.2]), jitter.caps
 
 
+# ============================================================================ token refresh
+
+
+async def test_a_call_refused_token_expired_waits_for_the_refresh() -> None:
+    """PROTOCOL.md 8 (token_expired): "send `refresh` with a new token within
+    `refresh_within_ms`, then resend the refused requests". A call refused token_expired
+    is resent once, after the refresh's ok, with the new token in place; not before it
+    (another request of the app meanwhile must not take it along: it would only be
+    refused again). The Python client's rule (protocol.py ``needs_token``), which
+    tsmsg.js follows too (test_js_a_call_refused_token_expired_waits_for_the_refresh)."""
+    release = anyio.Event()
+    asked = 0
+    refusing = anyio.Event()  # the server refused the read: the provider is being asked
+    seen_unread = anyio.Event()
+    log: list[str] = []  # the client's frames after the welcome, in order
+
+    async def provider() -> str:
+        nonlocal asked
+        asked += 1
+        if asked > 1:
+            refusing.set()
+            await release.wait()  # the refresh is under way until the test says
+        return mint("alice")
+
+    async def expired_then_refreshed(conn: ScriptedConn) -> None:
+        await conn.welcome()
+        answered = 0
+        refreshed = False
+        while answered < 2:
+            f = await conn.recv_t("read", "unread", "refresh")
+            log.append(f["t"])
+            if f["t"] == "refresh":
+                refreshed = True
+                await conn.send(t="ok", rid=f["rid"], exp=2_000_000_000)
+            elif not refreshed:
+                await conn.send(t="error", rid=f["rid"], code="token_expired", message="x")
+                if f["t"] == "unread":
+                    seen_unread.set()
+            else:
+                answered += 1
+                if f["t"] == "read":
+                    await conn.send(t="ok", rid=f["rid"], channel=CH, seq=3)
+                else:
+                    await conn.send(t="ok", rid=f["rid"], unread={CH: 0}, capped=[])
+        await anyio.sleep_forever()
+
+    results: dict[str, Any] = {}
+    async with (
+        scripted_server(expired_then_refreshed) as port,
+        connect(HOST, port, token_provider=provider) as alice,
+    ):
+
+        async def read() -> None:
+            results["read"] = await alice.read(CH, 3)
+
+        async def unread() -> None:
+            results["unread"] = await alice.unread([CH])
+
+        with anyio.fail_after(STEP):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await refusing.wait()
+                tg.start_soon(unread)  # another call while the provider works
+                await seen_unread.wait()
+                release.set()
+    assert results == {"read": 3, "unread": {CH: 0}}
+    assert log == ["read", "unread", "refresh", "read", "unread"], log
+
+
 # ============================================================================ tsmsg.js under node
 JS_HARNESS = r"""// A fake WebSocket (the test plays the server) and a virtual clock (setTimeout,
 // clearTimeout and Date.now), so tsmsg.js runs under node deterministically.
@@ -703,6 +772,30 @@ c.close();
 done({ connects: opened.length, waits: opened.slice(1).map((t, i) => t - closed[i]) });
 """
 
+JS_TOKEN = r"""import { flush, done, liveClient, jwt, nowS } from "./common.mjs";
+let release = null;
+let asked = 0;
+const tokenProvider = () => { asked++; return new Promise((r) => { release = r; }); };
+const { c, ws } = await liveClient(5, 1, { tokenProvider });
+const log = []; // the client's frames from here on, in order
+const refuse = (f) => ws.recv({ t: "error", rid: f.rid, code: "token_expired", message: "expired" });
+const take = () => { const fs = ws.take().filter((f) => f.t !== "ping"); log.push(...fs.map((f) => f.t)); return fs; };
+const read = c.read("room-1", 3); await flush();
+take().forEach(refuse); await flush(); // the read, refused: the provider is asked
+const unread = c.unread(["room-1"]); await flush(); // another call while it works
+take().forEach(refuse); await flush();
+release(jwt(nowS() + 3600)); await flush();
+for (let i = 0; i < 5; i++) { // the refresh's ok, then whatever comes: answered
+  for (const f of take()) {
+    if (f.t === "refresh") ws.recv({ t: "ok", rid: f.rid, exp: nowS() + 3600 });
+    if (f.t === "read") ws.recv({ t: "ok", rid: f.rid, channel: "room-1", seq: 3 });
+    if (f.t === "unread") ws.recv({ t: "ok", rid: f.rid, unread: { "room-1": 0 }, capped: [] });
+  }
+  await flush();
+}
+done({ log, asked, read: await read, unread: await unread });
+"""
+
 NODE = shutil.which("node")
 TSMSG_JS = Path(__file__).resolve().parents[1] / "python" / "tsmsg" / "web" / "tsmsg.js"
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -860,6 +953,17 @@ def test_js_a_connection_up_for_backoff_max_resets_the_backoff(tmp_path: Path) -
     waits = r["waits"]
     assert len(waits) >= 6, r
     assert waits[3] >= 700 and waits[4] <= 150 and waits[5] >= 190, waits
+
+
+@needs_node
+def test_js_a_call_refused_token_expired_waits_for_the_refresh(tmp_path: Path) -> None:
+    """As the Python test above. ``_reply`` (tsmsg.js) only cleared the refused call's rid
+    and asked for a refresh: any ``_pump`` before the refresh's ok (another call of the
+    app, a send, a rate-limit timer) sent it again with the expired token, refused
+    again. Now it waits (``needsToken``, as protocol.py) and goes once after the ok."""
+    r = run_js(tmp_path, JS_TOKEN)
+    assert r["log"] == ["read", "unread", "refresh", "read", "unread"], r
+    assert r["read"] == 3 and r["unread"] == {"room-1": 0}, r
 
 
 # ============================================================================ properties (passing)

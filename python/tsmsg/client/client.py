@@ -152,7 +152,10 @@ class Client:
     ``typing`` and presence are sent (again) once connected; an ``edit`` or ``delete``
     whose connection closes before its answer raises :class:`ConnectionClosed`, since
     repeating it could apply it twice. Rate-limited requests are resent after the
-    server's ``retry_after_ms``; the caller just waits longer."""
+    server's ``retry_after_ms``; the caller just waits longer. With a ``token_provider``,
+    a request refused ``token_expired`` waits for the refresh (the provider asked, the
+    ``refresh`` answered) and is then resent once, the new token in place (tsmsg.js
+    alike); without one it raises :class:`TokenExpired`."""
 
     def __init__(
         self,

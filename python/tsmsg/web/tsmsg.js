@@ -285,12 +285,16 @@ export class TsmsgClient {
     for (const req of [...this._calls]) {
       const sent = req.rid !== null;
       req.rid = null;
+      req.needsToken = false; // the next connection's hello carries a fresh token
       if (sent && !req.retry) {
         this._calls.delete(req);
         req.reject(new TsmsgError("connection_closed", `the connection closed (${reason}) before ${req.frame.t} was answered`));
       }
     }
-    for (const req of this._outbox.values()) req.rid = null;
+    for (const req of this._outbox.values()) {
+      req.rid = null;
+      req.needsToken = false;
+    }
     for (const ch of this.channels.values()) {
       ch.phase = "idle";
       ch.gen += 1;
@@ -549,6 +553,9 @@ export class TsmsgClient {
         return;
       }
       if (f.code === "token_expired" && this._provider && req.kind !== "refresh") {
+        // Resent once the refresh's ok comes (the new token in place), not at the next
+        // _pump before it: sent with the expired token, it would only be refused again.
+        req.needsToken = true;
         if (INTERNAL.has(req.kind)) this._held.push(req);
         this._refreshNow();
         return;
@@ -561,6 +568,7 @@ export class TsmsgClient {
     }
     if (req.kind === "refresh") {
       this._refreshing = false;
+      for (const waiting of [...this._calls, ...this._outbox.values(), ...this._held]) waiting.needsToken = false;
       this._scheduleRefresh();
       return this._pump();
     }
@@ -741,22 +749,25 @@ export class TsmsgClient {
   _pump() {
     if (this._conn !== "ready") return;
     const now = Date.now();
-    for (const req of this._calls) if (req.rid === null && req.notBefore <= now) this._send(req);
+    // A request refused token_expired (needsToken) waits for the refresh's ok.
+    for (const req of this._calls) if (req.rid === null && !req.needsToken && req.notBefore <= now) this._send(req);
     for (const req of this._outbox.values()) {
       if (req.rid !== null) continue;
-      if (req.notBefore > now) break;
+      if (req.needsToken || req.notBefore > now) break;
       this._send(req);
     }
     let due = Infinity; // the earliest wait left: looked at again then
     for (const req of this._held.splice(0)) {
       const ch = this.channels.get(req.channel);
-      if (req.notBefore > now) {
+      if (req.needsToken) {
+        this._held.push(req);
+      } else if (req.notBefore > now) {
         this._held.push(req);
         due = Math.min(due, req.notBefore);
       } else if (req.channel === undefined || (ch && req.gen === ch.gen)) this._send(req);
     }
     for (const req of [...this._calls, ...this._outbox.values()]) {
-      if (req.rid === null && req.notBefore > now) due = Math.min(due, req.notBefore);
+      if (req.rid === null && !req.needsToken && req.notBefore > now) due = Math.min(due, req.notBefore);
     }
     // A wall clock stepped back makes a wait end later than its timer: one timer, re-armed.
     if (due !== Infinity) {
