@@ -498,6 +498,77 @@ async def test_a_call_refused_token_expired_waits_for_the_refresh() -> None:
     assert log == ["read", "unread", "refresh", "read", "unread"], log
 
 
+# ============================================================================ leave
+
+
+async def test_nothing_of_a_page_in_flight_reaches_a_channel_left_and_joined_again() -> None:
+    """Client.leave: once it returns, nothing more of the channel comes from the old
+    follow: events still queued are dropped (``_purge``), a sync page answered after it is
+    ignored. A channel left mid-catch-up (the app took seq 1 of the page 1-3; seqs 4-6
+    still in flight) and joined again at once (the app's next join is a fresh one: its
+    first event is a Resynced) got the old page's rest: the new ChannelState's
+    generation restarts at 0, so its join's gen (1) equalled the old sync's, and the old
+    page (4-6) was applied to the new follow, queued before its Resynced."""
+    go = anyio.Event()
+
+    async def replay_then_stale_page(conn: ScriptedConn) -> None:
+        await conn.welcome()
+        join = await conn.recv_t("join")
+        await conn.send(t="ok", rid=join["rid"], channel=CH, head=6, read=0, epoch=1, horizon=0)
+        sync = await conn.recv_t("sync")
+        assert sync["since"] == 0
+        page = [event(s) for s in (1, 2, 3)]
+        await conn.send(
+            t="ok", rid=sync["rid"], channel=CH, events=page, more=True, head=6, epoch=1
+        )
+        held = await conn.recv_t("sync")
+        leave = await conn.recv_t("leave")
+        join = await conn.recv_t("join")
+        # the old page's rest, answered (in order) before the leave and the new join
+        page = [event(s) for s in (4, 5, 6)]
+        await conn.send(
+            t="ok", rid=held["rid"], channel=CH, events=page, more=False, head=6, epoch=1
+        )
+        await conn.send(t="ok", rid=leave["rid"], channel=CH)
+        await go.wait()
+        await conn.send(t="ok", rid=join["rid"], channel=CH, head=6, read=0, epoch=1, horizon=0)
+        history = await conn.recv_t("history")
+        messages = [{k: v for k, v in event(s).items() if k != "t"} for s in (5, 6)]
+        await conn.send(t="ok", rid=history["rid"], channel=CH, messages=messages, more=True)
+        await anyio.sleep_forever()
+
+    async with (
+        scripted_server(replay_then_stale_page) as port,
+        connect(HOST, port, token=mint("alice")) as alice,
+    ):
+        it = alice.events(CH)
+        with anyio.fail_after(STEP):
+            await alice.join(CH, replay=True)
+            first = await it.__anext__()
+        assert isinstance(first, Message) and first.seq == 1
+        left = anyio.Event()
+
+        async def leave() -> None:
+            await alice.leave(CH)
+            left.set()
+
+        stale: list[Any] = []
+        with anyio.fail_after(STEP):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leave)
+                await anyio.wait_all_tasks_blocked()  # the leave is sent (the server holds
+                tg.start_soon(alice.join, CH)  # its answer): joined again before it comes
+                await left.wait()
+                # Whatever the old follow left for the app is queued by now: none expected.
+                with anyio.move_on_after(0.2):
+                    async for e in it:
+                        stale.append(e)
+                go.set()
+            fresh = await it.__anext__()
+        assert stale == [], stale
+        assert isinstance(fresh, Resynced) and fresh.head == 6, fresh
+
+
 # ============================================================================ tsmsg.js under node
 JS_HARNESS = r"""// A fake WebSocket (the test plays the server) and a virtual clock (setTimeout,
 // clearTimeout and Date.now), so tsmsg.js runs under node deterministically.
@@ -796,6 +867,33 @@ for (let i = 0; i < 5; i++) { // the refresh's ok, then whatever comes: answered
 done({ log, asked, read: await read, unread: await unread });
 """
 
+JS_LEAVE = r"""import { flush, done, liveClient, ev, CH } from "./common.mjs";
+const { c, ws } = await liveClient(5);
+const after = []; // events delivered after leave() was called
+let leftAt = null;
+c.on("event", (e) => {
+  if (leftAt !== null) after.push(e.type === "resynced" ? "resynced" : e.seq);
+  else if (process.env.MODE === "listener" && e.seq === 6) { leftAt = 6; c.leave(CH); }
+});
+ws.recv(ev(9)); await flush(); // a gap: 6-8 are fetched by sync
+const [sync] = ws.take();
+if (process.env.MODE === "rejoin") { leftAt = 0; c.leave(CH); c.join(CH); await flush(); }
+const page = [6, 7, 8].map(ev);
+ws.recv({ t: "ok", rid: sync.rid, channel: CH, events: page, more: true, head: 12, epoch: 1 });
+await flush();
+const sent = ws.take().filter((f) => f.t !== "ping");
+for (const f of sent) {
+  if (f.t === "join") ws.recv({ t: "ok", rid: f.rid, channel: CH, head: 12, read: 0, epoch: 1, horizon: 0 });
+}
+await flush();
+for (const f of ws.take()) {
+  if (f.t === "history") ws.recv({ t: "ok", rid: f.rid, channel: CH, messages: [], more: true });
+  sent.push(f);
+}
+await flush();
+done({ after, sent: sent.map((f) => [f.t, f.since ?? null]), following: c.channels.has(CH) });
+"""
+
 NODE = shutil.which("node")
 TSMSG_JS = Path(__file__).resolve().parents[1] / "python" / "tsmsg" / "web" / "tsmsg.js"
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -964,6 +1062,31 @@ def test_js_a_call_refused_token_expired_waits_for_the_refresh(tmp_path: Path) -
     r = run_js(tmp_path, JS_TOKEN)
     assert r["log"] == ["read", "unread", "refresh", "read", "unread"], r
     assert r["read"] == 3 and r["unread"] == {"room-1": 0}, r
+
+
+@needs_node
+def test_js_a_listener_that_leaves_mid_page_gets_nothing_more_of_it(tmp_path: Path) -> None:
+    """docs/web.md (leave): no event of a channel after leave() is called. Events are
+    delivered to listeners synchronously: a listener that leaves the channel on the
+    first event of a sync page (6 of 6-8) got 7 and 8 all the same (``_synced`` went on
+    applying the page to the detached channel state), and, the page saying `more`, the
+    client sent a sync for the channel it no longer follows."""
+    r = run_js(tmp_path, JS_LEAVE, MODE="listener")
+    assert r["after"] == [], r
+    assert [t for t, _ in r["sent"]] == ["leave"] and r["following"] is False, r
+
+
+@needs_node
+def test_js_a_page_in_flight_does_not_reach_a_channel_left_and_joined_again(
+    tmp_path: Path,
+) -> None:
+    """As the Python test above: ``leave`` then ``join`` at once, a catch-up sync of the old
+    follow in flight. The new ChannelState's gen restarted at 0, its join's (1) equalled
+    the old sync's, so the old page (6-8) was delivered to the new follow before its
+    `resynced` (and a sync from 8 sent with it). Expected: the `resynced` first."""
+    r = run_js(tmp_path, JS_LEAVE, MODE="rejoin")
+    assert r["after"] == ["resynced"], r
+    assert r["following"] is True, r
 
 
 # ============================================================================ properties (passing)

@@ -230,6 +230,9 @@ class Client:
         return info
 
     async def leave(self, channel: str) -> None:
+        """Stop following ``channel``. From the call on, no event of it comes through
+        :meth:`events`: those not yet taken are dropped, a page in flight is ignored. A
+        later :meth:`join` starts it afresh (a :class:`Resynced` first)."""
         self._check()
         handle, outputs = self._proto.leave(channel)
         await self._wait(handle, outputs)

@@ -106,7 +106,9 @@ class ChannelState:
     epoch: int = 0  # of the log ``last`` belongs to; 0: not known
     last: int = 0  # seq of the last entry applied (queued for the app)
     phase: Phase = Phase.IDLE
-    gen: int = 0  # bumped on (re)join and reload: replies to older requests are ignored
+    # Set anew (from the protocol's one counter) on (re)join, reload and disconnect:
+    # replies to older requests are ignored, those of a follow since left included.
+    gen: int = 0
     pending: dict[int, Frame] = field(default_factory=dict)  # the reorder buffer
     join_waiters: list[int] = field(default_factory=list)  # app handles awaiting JoinInfo
     queued: int = 0  # events of this channel in the app queue
@@ -258,6 +260,9 @@ class ClientProtocol:
         self._conn = _Conn.DOWN
         self._rids = itertools.count(1)
         self._handles = itertools.count(1)
+        # Channel generations: one counter for all, so a channel left and joined again (a
+        # new ChannelState) never takes a generation a request of the old one still holds.
+        self._gens = itertools.count(1)
         self._out: list[Frame] = []
         self._inflight: dict[int, _Request] = {}  # rid -> request sent on this connection
         self._calls: dict[int, _Request] = {}  # handle -> app request not yet answered
@@ -343,7 +348,7 @@ class ClientProtocol:
         for req in self._outbox.values():
             req.rid, req.needs_token = None, False
         for ch in self.channels.values():
-            ch.phase, ch.gen = Phase.IDLE, ch.gen + 1
+            ch.phase, ch.gen = Phase.IDLE, next(self._gens)
             ch.pending.clear()
         if was_ready:
             self._push_signal(ConnectionChanged(False, reason))
@@ -399,7 +404,8 @@ class ClientProtocol:
 
     def leave(self, channel: str) -> tuple[int, list[Output]]:
         """Stop following ``channel``, forget its position and drop its events not yet
-        taken by the app (a later join starts afresh, with a Resynced)."""
+        taken by the app (a later join starts afresh, with a Resynced). From here on no
+        event of the old follow reaches the app: a page still in flight is ignored."""
         self._check_channel(channel)
         handle = next(self._handles)
         ch = self.channels.pop(channel, None)
@@ -732,7 +738,7 @@ class ClientProtocol:
     # ------------------------------------------------------------------ channel flow
 
     def _start_join(self, ch: ChannelState) -> None:
-        ch.phase, ch.gen = Phase.JOINING, ch.gen + 1
+        ch.phase, ch.gen = Phase.JOINING, next(self._gens)
         ch.pending.clear()
         self._internal("join", ch, {"t": "join", "channel": ch.name})
 
@@ -789,7 +795,7 @@ class ClientProtocol:
     def _reload(self, ch: ChannelState, head: int, epoch: int) -> None:
         """Forget the channel and continue from the server's ``head``: the newest history
         page up to it becomes a Resynced event."""
-        ch.gen += 1
+        ch.gen = next(self._gens)
         ch.pending.clear()
         self._purge(ch)
         ch.known, ch.epoch, ch.last = True, epoch, head

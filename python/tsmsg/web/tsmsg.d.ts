@@ -137,6 +137,8 @@ export declare class TsmsgClient {
     outbox?: OutboxEntry[];
   }): void;
   join(channel: string, options?: { replay?: boolean }): Promise<JoinInfo>;
+  /** Stop following a channel: from this call on no event of it is delivered (a listener
+   * that leaves mid-page gets none of the rest), until a join starts it afresh. */
   leave(channel: string): Promise<unknown>;
   send(
     channel: string,

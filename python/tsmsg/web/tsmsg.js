@@ -91,7 +91,7 @@ class ChannelState {
     this.epoch = 0;
     this.last = 0; // the last applied seq
     this.phase = "idle"; // idle | joining | reloading | syncing | live
-    this.gen = 0; // replies for an older generation are ignored
+    this.gen = 0; // set anew from the client's one counter: replies for an older one are ignored
     this.pending = new Map(); // seq -> live event held while syncing
     this.reloadPending = false;
     this.joinWaiters = [];
@@ -129,6 +129,9 @@ export class TsmsgClient {
     this._outbox = new Map(); // cid -> send not yet acknowledged, in order
     this._held = []; // internal requests waiting out a rate limit
     this._attempt = 0;
+    // Channel generations, one counter for all: a channel left and joined again (a new
+    // ChannelState) never takes a generation a request of the old follow still holds.
+    this._gens = 0;
     this._stopped = true;
     this._timers = new Set();
     this._pingSent = null;
@@ -297,7 +300,7 @@ export class TsmsgClient {
     }
     for (const ch of this.channels.values()) {
       ch.phase = "idle";
-      ch.gen += 1;
+      ch.gen = ++this._gens;
       ch.pending.clear();
     }
     if (wasReady) this._emit("connection", { connected: false, reason });
@@ -326,7 +329,11 @@ export class TsmsgClient {
     return d.promise;
   }
 
-  /** Stop following a channel. */
+  /**
+   * Stop following a channel. From this call on no event of the channel is delivered
+   * (a listener that leaves while a page is being delivered gets none of the rest), until
+   * it is joined again, which starts afresh with a `resynced`.
+   */
   leave(channel) {
     checkChannel(channel);
     const ch = this.channels.get(channel);
@@ -633,7 +640,7 @@ export class TsmsgClient {
 
   _startJoin(ch) {
     ch.phase = "joining";
-    ch.gen += 1;
+    ch.gen = ++this._gens;
     ch.pending.clear();
     this._internal("join", ch, { t: "join", channel: ch.name });
   }
@@ -662,25 +669,30 @@ export class TsmsgClient {
   _synced(ch, f) {
     if (epochChanged(ch.epoch, f.epoch)) return this._reload(ch, f.head, f.epoch);
     if (f.epoch !== 0) ch.epoch = f.epoch;
-    for (const e of f.events) this._apply(ch, e);
+    for (const e of f.events) {
+      this._apply(ch, e);
+      if (!this._follows(ch)) return; // a listener left the channel mid-page: no more of it
+    }
     if (f.more) return this._catchUp(ch);
     ch.phase = "live";
     const pending = [...ch.pending.entries()].sort((a, b) => a[0] - b[0]);
     ch.pending = new Map();
     for (const [seq, e] of pending) {
+      if (!this._follows(ch)) return;
       if (ch.phase === "live") this._live(ch, e);
       else if (ch.phase === "syncing") ch.pending.set(seq, e); // a gap remains
     }
   }
 
   _reload(ch, head, epoch) {
-    ch.gen += 1;
+    ch.gen = ++this._gens;
     ch.pending.clear();
     Object.assign(ch, { known: true, epoch, last: head, reloadPending: head !== 0 });
     if (head === 0) {
       ch.delivered = { seq: 0, epoch };
       this._emit("event", { type: "resynced", channel: ch.name, head: 0, epoch, messages: [] });
-      return this._catchUp(ch);
+      if (this._follows(ch)) this._catchUp(ch);
+      return;
     }
     ch.phase = "reloading";
     this._internal("history", ch, { t: "history", channel: ch.name, before: head + 1 });
@@ -691,10 +703,17 @@ export class TsmsgClient {
     const messages = f.messages.map((m) => messageOf(ch.name, m));
     ch.delivered = { seq: ch.last, epoch: ch.epoch };
     this._emit("event", { type: "resynced", channel: ch.name, head: ch.last, epoch: ch.epoch, messages, more: !!f.more });
-    this._catchUp(ch);
+    if (this._follows(ch)) this._catchUp(ch);
+  }
+
+  /** Whether `ch` is still followed (a listener may leave, or leave and join again, while
+   * its events are delivered: nothing more of that follow goes out then). */
+  _follows(ch) {
+    return this.channels.get(ch.name) === ch;
   }
 
   _apply(ch, e) {
+    if (!this._follows(ch)) return;
     if (e.seq <= ch.last) return; // already applied
     ch.last = e.seq;
     ch.delivered = { seq: e.seq, epoch: ch.epoch };
@@ -703,6 +722,7 @@ export class TsmsgClient {
   }
 
   _live(ch, e) {
+    if (!this._follows(ch)) return;
     if (ch.phase === "joining" || ch.phase === "reloading" || ch.phase === "syncing") {
       if (ch.pending.size < MAX_REORDER) ch.pending.set(e.seq, e);
       return;
