@@ -35,6 +35,7 @@ from tsmsg.protocol import errors as E
 from tsmsg.protocol.limits import Limits
 from tsmsg.protocol.ratelimit import UserLimits
 from tsmsg.protocol.session import (
+    META_PAGE_DEPTH,
     Action,
     Close,
     NotifyUser,
@@ -48,6 +49,7 @@ from tsmsg.protocol.session import (
     Submit,
     Subscribe,
     Unsubscribe,
+    without_unsendable_meta,
 )
 from tsmsg.store import (
     AppendResult,
@@ -2591,3 +2593,25 @@ def test_a_status_with_a_control_character_is_refused(store: LmdbStore, status: 
     set in memory as "online", ignored on Redis, and echoed in the ok."""
     session = connect(store)
     expect_error(call(session, "presence", rid=3, status=status), E.BAD_REQUEST, rid=3)
+
+
+def test_without_unsendable_meta_strips_only_the_refused_entries() -> None:
+    """What a frame that could not be encoded is sent as (PROTOCOL.md 6.4): the ``meta``
+    of an entry stored before the send checks is left out, every other field and entry
+    kept; None when there is nothing to leave out (the encoding failed for another reason,
+    which is then raised)."""
+    deep: Any = 1
+    for _ in range(DEFAULT_MAX_DEPTH - META_PAGE_DEPTH + 1):
+        deep = [deep]
+    ok_meta = {"a": [1.5]}
+    event = {"t": "event", "channel": "c", "seq": 1, "text": "x", "meta": {"k": deep}}
+    assert without_unsendable_meta(event) == {"t": "event", "channel": "c", "seq": 1, "text": "x"}
+    assert without_unsendable_meta({**event, "meta": ok_meta}) is None
+    nan = {"seq": 2, "meta": {"f": float("inf")}}
+    page = {"t": "ok", "rid": 3, "events": [event, nan, {"seq": 3, "meta": ok_meta}]}
+    fixed = without_unsendable_meta(page)
+    assert fixed is not None and fixed["rid"] == 3
+    assert [e.get("meta") for e in fixed["events"]] == [None, None, ok_meta]
+    assert page["events"][1] is nan and "meta" in nan  # the original is untouched
+    history = {"t": "ok", "rid": 4, "messages": [{"seq": 1, "meta": ok_meta}]}
+    assert without_unsendable_meta(history) is None

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 import struct
 import time
@@ -41,6 +42,7 @@ from test_server_requests import assert_error, assert_open, frames_before_pong
 from test_server_requests import send_ok as send
 from tsmsg import DEFAULT_MAX_DEPTH
 from tsmsg.server.settings import Settings
+from tsmsg.store import WriteOp
 
 ROOM = "room-1"
 Frame = dict[str, Any]
@@ -2165,3 +2167,43 @@ async def test_non_finite_meta_floats_are_refused(harness: Harness) -> None:
     assert ok["seq"] == 1
     history = next(f for f in frames if f.get("rid") == 3)
     assert [m["meta"] for m in history["messages"]] == [{"f": 1.5}], history
+
+
+@pytest.mark.parametrize("over", ["tcp", WS_JSON, WS_MSGPACK])
+async def test_meta_stored_before_its_checks_is_left_out_where_it_cannot_go(
+    harness: Harness, over: str
+) -> None:
+    """6.4: entries stored before the send checks existed (a meta deeper than pages
+    allow, a float JSON has no form for) go without their `meta` in a frame that could not
+    be written with it, and with it where it can be (msgpack carries NaN, JSON any
+    depth); the page
+    arrives and the connection stays open. Before, every sync and history of such a
+    channel closed the reader's connection, at every reconnect. The store keeps them."""
+    deep: Any = 1
+    for _ in range(DEFAULT_MAX_DEPTH - 2):
+        deep = [deep]
+    nan_room = f"{ROOM}-nan"
+    writes = [(ROOM, {"k": deep}), (ROOM, {"f": 1.5}), (nan_room, {"f": float("nan")})]
+    store = harness.server.store
+    for i, (channel, meta) in enumerate(writes):  # as an older server stored them
+        op = WriteOp("message", channel, "alice", cid=f"c{i}", text=f"t{i}", meta=meta)
+        await trio.to_thread.run_sync(lambda op=op: store.write(op, timeout=5))
+    bob = await harness.connect("bob") if over == "tcp" else await ws_client(harness, over)
+    if over != "tcp":
+        welcome = await bob.request("hello", v=1, token=mint("bob"))
+        assert welcome["t"] == "welcome", welcome
+    for channel in (ROOM, nan_room):
+        page = await bob.request("sync", channel=channel, since=0)
+        hist = await bob.request("history", channel=channel)
+        for entries in (page["events"], hist["messages"]):
+            if channel == ROOM:  # JSON has no depth limit: the deep meta goes as it is
+                assert [e["text"] for e in entries] == ["t0", "t1"], entries
+                assert entries[0].get("meta") == ({"k": deep} if over == WS_JSON else None)
+                assert entries[1]["meta"] == {"f": 1.5}
+            elif over == WS_JSON:
+                assert [e["text"] for e in entries] == ["t2"] and "meta" not in entries[0]
+            else:
+                assert math.isnan(entries[0]["meta"]["f"]), entries
+    await assert_open(bob)
+    stored = await trio.to_thread.run_sync(lambda: store.sync(ROOM, 0, 10))
+    assert stored.entries[0]["meta"] == {"k": deep}

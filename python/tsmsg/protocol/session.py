@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tsmsg._native import FrameError, FrameTooLarge, packb
+from tsmsg._native import DEFAULT_MAX_DEPTH, FrameError, FrameTooLarge, packb
 from tsmsg.auth import (
     DM_PREFIX,
     AuthError,
@@ -249,6 +249,31 @@ def _check_meta_values(value: Any, levels: int) -> None:
         )
     for item in items:
         _check_meta_values(item, levels - 1)
+
+
+def without_unsendable_meta(frame: Frame) -> Frame | None:
+    """``frame`` (an ``event``, or a reply with a page of ``events`` or ``messages``)
+    with the ``meta`` left out of each entry whose meta the send checks of section 6.4
+    refuse at the encoder's depth; None if no entry has one. Such entries were stored
+    before those checks existed, and a frame carrying one may not encode (section 6.4)."""
+
+    def sendable(entry: Any) -> bool:
+        try:
+            _check_meta_values(entry.get("meta"), DEFAULT_MAX_DEPTH - META_PAGE_DEPTH)
+        except RequestError:
+            return False
+        return True
+
+    def strip(entry: Any) -> Any:
+        return entry if sendable(entry) else {k: v for k, v in entry.items() if k != "meta"}
+
+    if frame.get("t") == "event":
+        return None if sendable(frame) else strip(frame)
+    out = dict(frame)
+    for key in ("events", "messages"):
+        if isinstance(out.get(key), list):
+            out[key] = [strip(e) if isinstance(e, dict) else e for e in out[key]]
+    return out if out != frame else None
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")  # not in a status (section 6.13)

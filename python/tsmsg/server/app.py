@@ -82,6 +82,7 @@ from tsmsg.protocol.session import (
     Subscribe,
     Unsubscribe,
     event_frame,
+    without_unsendable_meta,
 )
 from tsmsg.server.accept import Address, Gate, serve_connections, tcp_acceptors
 from tsmsg.server.http import HttpServer, Response, Route, text
@@ -452,7 +453,7 @@ class Connection:
         return self.serial
 
     def send_frame(self, frame: dict[str, Any]) -> None:
-        if self.send_bytes(self.transport.codec.encode(frame), None):
+        if self.send_bytes(encode_frame(self.transport.codec, frame), None):
             self.server.metrics.frame_out(frame)
 
     def send_bytes(self, data: bytes, channel: str | None) -> bool:
@@ -923,11 +924,28 @@ class Connection:
         return i, None
 
 
+def encode_frame(codec: Codec, frame: dict[str, Any]) -> bytes:
+    """``frame`` as ``codec`` writes it. An entry stored before the send checks of
+    section 6.4 may hold a meta that cannot be written (deeper than a page allows, a float
+    JSON has no form for): then the frame goes with that entry's meta left out."""
+    try:
+        return codec.encode(frame)
+    except ValueError as exc:
+        fixed = without_unsendable_meta(frame)
+        if fixed is None:
+            raise
+        log.warning(
+            "%s of channel %r sent without the meta of an entry stored before the send "
+            "checks (%s)", frame.get("t"), frame.get("channel"), exc,
+        )  # fmt: skip
+        return codec.encode(fixed)
+
+
 def _encoded(frame: dict[str, Any], codec: Codec, cache: dict[Codec, bytes]) -> bytes:
     """``frame`` as ``codec`` writes it, encoded once per fan-out (``cache``)."""
     data = cache.get(codec)
     if data is None:
-        data = cache[codec] = codec.encode(frame)
+        data = cache[codec] = encode_frame(codec, frame)
     return data
 
 

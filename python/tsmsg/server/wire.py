@@ -136,7 +136,11 @@ def _js_safe(value: Any) -> Any:
 class WsJsonCodec:
     def encode(self, frame: dict[str, Any]) -> bytes:
         text = json.dumps(
-            _js_safe(frame), ensure_ascii=False, separators=(",", ":"), default=_binary_as_text
+            _js_safe(frame),
+            ensure_ascii=False,
+            separators=(",", ":"),
+            default=_binary_as_text,
+            allow_nan=False,  # NaN and infinity are not JSON: a ValueError, not "NaN"
         )
         return bytes(_FRAMER.send_data(text))
 
