@@ -36,6 +36,7 @@ from test_cluster import (
     taken,
     until,
 )
+from tsmsg.store.base import StoreUnavailable
 
 redis_engine = test_cluster.redis_engine  # the fixture: a fresh Redis of the test's own
 
@@ -510,6 +511,216 @@ async def test_a_dead_nodes_entry_expiring_announces_nothing_for_a_user_still_co
                 f"alice, connected to node B, was swept as offline: pushes {pushed}, "
                 f"last_seen {before} -> {store.last_seen('alice')}"
             )
+
+
+# ---------------------------------------------------------------- presence: memberships kept right
+
+
+class Held(list[tuple[str, dict[str, Any]]]):
+    seen: list[dict[str, Any]]
+    release: Callable[[], Any]
+
+
+def hold_signals(harness: Harness, keep: Callable[[dict[str, Any]], bool]) -> Held:
+    """Signals of other nodes that ``keep`` matches are held back (not handled) by
+    ``harness``'s node and appended to the list returned; the others are handled, and
+    recorded in the list's ``seen`` attribute (``release()`` handles the held ones)."""
+    server, handle = harness.server, harness.server._remote_signal
+    held = Held()
+    held.seen = []
+
+    def hook(channel: str, frame: dict[str, Any]) -> None:
+        if keep(frame):
+            held.append((channel, frame))
+        else:
+            held.seen.append(dict(frame))
+            handle(channel, frame)
+
+    server._remote_signal = hook  # type: ignore[method-assign]
+    held.release = lambda: [handle(c, f) for c, f in held]
+    return held
+
+
+def notice(t: str, user: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda f: f.get("t") == t and f.get("to") == user
+
+
+async def left_out(carol: WireClient, user: str) -> bool:
+    return await query(carol, user) is None
+
+
+async def test_a_dropped_forget_notice_is_made_good_by_the_version_check(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 6.3/6.13: after a forget a query leaves out a user who shares no
+    channel; STORAGE.md: notices are at most once (a full publish queue drops them). Node
+    A drops its `unmember` notice of alice's forget; node B, where alice is connected too,
+    must still learn of it (by its refresh's check of the set's version)."""
+    async with nodes(tmp_path, redis_engine, 2, **SHORT_TTL) as (a, b):
+        phone, carol = await a.connect("alice"), await b.connect("carol")
+        for c in (carol, phone):
+            await join(c)
+        await members(a, ["carol", "alice"])
+        await b.connect("alice")
+        await until(lambda: CHANNEL in b.server.memberships.get("alice", ()))
+        publish = a.server.store.publish_signal
+
+        def lossy(channel: str, frame: dict[str, Any]) -> None:
+            if frame.get("t") != "unmember":  # as if the queue were full
+                publish(channel, frame)
+
+        a.server.store.publish_signal = lossy  # type: ignore[method-assign]
+        reply = await phone.request("leave", channel=CHANNEL, forget=True)
+        assert reply.get("forgotten") is True, reply
+        assert await eventually(lambda: left_out(carol, "alice"), timeout=4 * TTL_S + 2), (
+            "alice forgot room-1 (its notice lost), yet node B still shares it with carol"
+        )
+
+
+async def test_notices_of_a_join_and_a_forget_arriving_reversed_leave_no_membership(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """Notices of two membership changes may reach a node reversed (STORAGE.md:
+    "Repeats and reordering are possible"). Alice joins room-2 then forgets it on node A;
+    node B gets the `unmember` first, the `membership` after: alice is no member, and
+    carol (room-2, on node B) must not be answered about her. The default TTL: no refresh
+    comes to the rescue within the test."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        phone, carol = await a.connect("alice"), await b.connect("carol")
+        await join(carol, "room-2")
+        await b.connect("alice")
+        await on_node(b, "alice")
+        held = hold_signals(b, notice("membership", "alice"))
+        await join(phone, "room-2")
+        await members(a, ["alice", "carol"], "room-2")
+        reply = await phone.request("leave", channel="room-2", forget=True)
+        assert reply.get("forgotten") is True, reply
+        await until(lambda: held and any(f.get("t") == "unmember" for f in held.seen))
+        held.release()
+        assert await eventually(lambda: left_out(carol, "alice")), (
+            "alice forgot room-2 after joining it; node B, told in reverse order, "
+            "still shares it with carol"
+        )
+
+
+def slow_first_read(harness: Harness, user: str) -> Any:
+    """``harness``'s store answers the first read of ``user``'s memberships as it is,
+    then waits for the returned event (set by the test) before handing it over."""
+    import threading
+
+    store, release = harness.server.store, threading.Event()
+    first = [True]
+
+    def wrap(name: str) -> None:
+        real = getattr(store, name, None)
+        if real is None:
+            return
+
+        def slow(users: Any, *args: Any, **kw: Any) -> Any:
+            result = real(users, *args, **kw)
+            if first[0] and user in ([users] if isinstance(users, str) else users):
+                first[0] = False
+                release.wait(10)
+            return result
+
+        setattr(store, name, slow)
+
+    wrap("channels_of")
+    wrap("memberships_versioned")
+    return release
+
+
+async def test_a_forget_while_the_users_first_device_is_being_read_is_not_missed(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A notice that reaches a node while its copy of the user's memberships is being
+    read must not be lost: alice's laptop connects to node B, whose read of her
+    memberships answers (room-1) but is slow to come back; meanwhile her phone forgets
+    room-1 on node A and node B gets the notice. Carol (room-1, node B) must not be
+    answered about alice."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        phone, carol = await a.connect("alice"), await b.connect("carol")
+        for c in (carol, phone):
+            await join(c)
+        await members(a, ["carol", "alice"])
+        release = slow_first_read(b, "alice")
+        seen = hold_signals(b, lambda f: False).seen
+        try:
+            await b.connect("alice")
+            reply = await phone.request("leave", channel=CHANNEL, forget=True)
+            assert reply.get("forgotten") is True, reply
+            await until(lambda: any(notice("unmember", "alice")(f) for f in seen))
+        finally:
+            release.set()
+        await on_node(b, "alice")
+        assert await eventually(lambda: left_out(carol, "alice")), (
+            "alice forgot room-1 while node B read her memberships; it still shares it"
+        )
+
+
+async def test_a_forget_notice_lost_with_the_pubsub_connection_is_read_again(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """docs/cluster.md: a node's pub/sub connection dropping loses nothing lasting.
+    Node B misses the `unmember` of alice's forget (as if it came while its pub/sub
+    connection was down); once re-subscribed it reads its users' memberships again.
+    The default TTL: no refresh comes to the rescue within the test."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        phone, carol = await a.connect("alice"), await b.connect("carol")
+        for c in (carol, phone):
+            await join(c)
+        await members(a, ["carol", "alice"])
+        await b.connect("alice")
+        await until(lambda: CHANNEL in b.server.memberships.get("alice", ()))
+        dropped = hold_signals(b, notice("unmember", "alice"))
+        reply = await phone.request("leave", channel=CHANNEL, forget=True)
+        assert reply.get("forgotten") is True, reply
+        await until(lambda: bool(dropped))
+        with redis.Redis.from_url(redis_engine) as admin:
+            assert admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 2
+        assert await eventually(lambda: left_out(carol, "alice")), (
+            "node B lost a notice with its pub/sub connection and still shares room-1 "
+            "between alice and carol"
+        )
+
+
+async def test_the_first_devices_online_reaches_the_channels_once_its_memberships_are_read(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 6.13: when the user's first device completes hello the status becomes
+    online, pushed to every connection joined to a channel the user is a member of.
+    Node B fails to read alice's memberships at her hello (the engine away for that
+    read): her online must reach carol (room-1) once they are read."""
+    async with nodes(tmp_path, redis_engine, 1) as (b,):
+        carol, first = await b.connect("carol"), await b.connect("alice")
+        for c in (carol, first):
+            await join(c)
+        await members(b, ["carol", "alice"])
+        await first.aclose()
+        assert (await carol.next(presence_of("alice")))["status"] == "offline"
+        store, failures = b.server.store, [2]
+
+        def failing(name: str) -> None:
+            real = getattr(store, name, None)
+            if real is None:
+                return
+
+            def read(users: Any, *args: Any, **kw: Any) -> Any:
+                if failures[0] and "alice" in ([users] if isinstance(users, str) else users):
+                    failures[0] -= 1
+                    raise StoreUnavailable("Redis at test: away for this read")
+                return real(users, *args, **kw)
+
+            setattr(store, name, read)
+
+        failing("channels_of")
+        failing("memberships_versioned")
+        await b.connect("alice")
+        try:
+            online = await carol.next(presence_of("alice"))
+        except trio.TooSlowError:
+            pytest.fail("alice's first device connected; carol (room-1) was never told")
+        assert online["status"] == "online", online
 
 
 # ---------------------------------------------------------------- presence: Redis away

@@ -62,7 +62,7 @@ from typing import Any, NamedTuple, TypeVar
 import trio
 
 from tsmsg._native import FrameError, TlsConfig, encode
-from tsmsg.auth import TokenIssuer, TokenVerifier
+from tsmsg.auth import Claims, TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.errors import RequestError
 from tsmsg.protocol.ratelimit import Buckets, UserLimits
@@ -138,6 +138,11 @@ ACCEPT_ERROR_LOG_EVERY_S = 10.0  # out of file descriptors: one log line per thi
 # stalled (by the server itself): that time is not held against idle peers.
 LOOP_STALL_S = 1.0
 PRESENCE_BATCH = 256  # presence changes written to a shared engine in one call at most
+# On a shared engine, connected users' memberships read again in one call at most, and the
+# pause after a read that failed (doubled up to the most).
+MEMBERS_BATCH = 256
+MEMBERS_RETRY_S, MEMBERS_RETRY_MAX_S = 0.25, 2.0
+MEMBERS_NOTICE_KEEP_S = 60.0  # longer than any read (the refresh's check covers the rest)
 # Another node's typing `on` is turned off here this long after its timeout unless renewed
 # or turned off (its node died): the typer's own node would have sent the `off` by then.
 TYPING_GRACE_MS = 1000
@@ -999,12 +1004,35 @@ class Server:
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
         self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
+        # On a shared engine, other nodes change the users' memberships too: a copy here is
+        # read again from the engine (_memberships_loader) at each notice of a change, after
+        # pub/sub was lost, and when a refresh finds the engine's version of the set moved
+        # (a notice dropped). user -> the version read; the users to read (again); a
+        # number taken at each event that may change the set (a read is applied only if
+        # the number did not move while it ran: otherwise read again); this node's own
+        # changes submitted and not yet committed (applied over a read); the users whose
+        # set was never read yet; and a change of theirs announced meanwhile (claims of
+        # the changing device or None, status, ts), pushed once the set is read.
+        self._members_version: dict[str, int] = {}
+        self._members_stale: dict[str, None] = {}
+        self._members_due = trio.Event()
+        self._members_gen: dict[str, int] = {}
+        self._members_gens = itertools.count(1)
+        self._members_pending: dict[str, list[tuple[str, str]]] = {}
+        self._members_unread: set[str] = set()
+        self._owed: dict[str, tuple[Claims | None, str, int]] = {}
+        # user -> when a notice of another node's change of the user's memberships came
+        # (time.monotonic()), for MEMBERS_NOTICE_KEEP_S: a first device's read that ran
+        # meanwhile is made again.
+        self._members_noticed: dict[str, float] = {}
         # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
         self._typing_elsewhere: dict[tuple[str, str], int] = {}
         # Presence changes for a shared engine, in order: user -> (status, CONNECTED or
         # None, ms, channels, a status set to write first or None), a user's latest only
         # (_presence_writer), and how many are written.
-        self._presence_queue: dict[str, tuple[str | None, int, list[str], str | None]] = {}
+        self._presence_queue: dict[
+            str, tuple[str | None, int, list[str] | None, str | None, Claims | None]
+        ] = {}
         self._presence_due = trio.Event()
         self._presence_writing = 0
         self.relay: Relay[dict[str, Any]] = Relay()
@@ -1135,16 +1163,25 @@ class Server:
         assert user is not None
         if user not in self.memberships:  # its first device: load them first
             store, most = self.store, self.settings.limits.max_memberships
+            shared, started = store.presence.shared, time.monotonic()
 
-            def query() -> list[str] | None:
+            def query() -> tuple[list[str], int] | None:
                 try:
-                    return store.channels_of(user, limit=most)
+                    return store.memberships_versioned([user], most)[user]
                 except StoreUnavailable:  # the device counts all the same (the engine's
-                    return None  # refresh records it once back); read at its next device
+                    return None  # refresh records it once back)
 
-            def then(channels: list[str] | None) -> list[Action]:
-                if channels is not None:
-                    self.memberships.setdefault(user, set(channels))
+            def then(got: tuple[list[str], int] | None) -> list[Action]:
+                if user not in self.memberships and got is not None:
+                    self.memberships[user], self._members_version[user] = set(got[0]), got[1]
+                    if self._members_noticed.get(user, -math.inf) >= started:
+                        self._members_changed(user)  # a notice came during the read: again
+                elif user not in self.memberships and shared:
+                    # Read by _memberships_loader, again until the engine answers; a
+                    # change announced before is pushed then.
+                    self.memberships[user] = set()
+                    self._members_unread.add(user)
+                    self._members_changed(user)
                 self._use_memberships(conn)
                 self._presence_changed(conn, status)
                 return []
@@ -1153,6 +1190,86 @@ class Server:
         self._use_memberships(conn)
         self._presence_changed(conn, status)
         return None
+
+    def _members_changed(self, user: str) -> None:
+        """The engine's set of a connected user's memberships may have changed: read it
+        again (and not apply a read that was running meanwhile)."""
+        if user in self.memberships and self.store.presence.shared:
+            self._members_gen[user] = next(self._members_gens)
+            self._members_stale[user] = None
+            self._members_due.set()
+
+    def _members_forget(self, user: str) -> None:
+        """The user's last device here is gone: nothing of its memberships is kept."""
+        self.memberships.pop(user, None)
+        for held in (self._members_version, self._members_stale, self._members_gen):
+            held.pop(user, None)
+        self._members_pending.pop(user, None)
+        self._members_unread.discard(user)
+        self._owed.pop(user, None)
+
+    async def _memberships_loader(self) -> None:
+        """On a shared engine: read the sets of memberships marked stale, in batches of at
+        most ``MEMBERS_BATCH`` users (one round trip); a read that fails is tried again
+        after a pause (the engine is away)."""
+        most, pause = self.settings.limits.max_memberships, MEMBERS_RETRY_S
+        while True:
+            if not self._members_stale:
+                self._members_due = trio.Event()
+                await self._members_due.wait()
+            users = list(itertools.islice(self._members_stale, MEMBERS_BATCH))
+            for user in users:
+                del self._members_stale[user]
+            gens = {user: self._members_gen.get(user) for user in users}
+            read = functools.partial(self.store.memberships_versioned, users, most)
+            try:
+                got = await self.run_read(read)
+            except Exception as exc:
+                log.warning("memberships of %d users not read: %r", len(users), exc)
+                for user in users:
+                    if user in self.memberships:
+                        self._members_stale[user] = None
+                await trio.sleep(pause)
+                pause = min(2 * pause, MEMBERS_RETRY_MAX_S)
+                continue
+            pause = MEMBERS_RETRY_S
+            for user in users:
+                if user not in self.memberships:
+                    continue  # its last device here left meanwhile
+                if self._members_gen.get(user) != gens[user]:
+                    self._members_stale[user] = None  # changed while read: read again
+                    continue
+                channels, version = got[user]
+                mine = set(channels)
+                for kind, channel in self._members_pending.get(user, ()):
+                    (mine.add if kind == "member" else mine.discard)(channel)
+                self.memberships[user], self._members_version[user] = mine, version
+                self._members_unread.discard(user)
+                owed = self._owed.pop(user, None)
+                if owed is not None:  # announced before the set was known: pushed now
+                    claims, status, ts = owed
+                    may = [c for c in mine if claims is None or claims.may_read(c)]
+                    self._presence_moved(user, "", status, ts, may)
+
+    async def _check_memberships(self) -> None:
+        """The versions of the connected users' sets in the engine: a set whose version
+        moved since it was read here (a notice lost on the way) is read again."""
+        users = [u for u in self.memberships if u in self._members_version]
+        for i in range(0, len(users), MEMBERS_BATCH * 4):
+            batch = users[i : i + MEMBERS_BATCH * 4]
+            read = functools.partial(self.store.membership_versions, batch)
+            for user, version in (await self.run_read(read)).items():
+                held = self._members_version.get(user)
+                if held is not None and held != version:
+                    self._members_changed(user)
+
+    def _channels_for(self, user: str, claims: Claims | None) -> list[str] | None:
+        """The channels a change of ``user`` is pushed to (those ``claims`` may read);
+        None while the user's memberships were never read here (a shared engine)."""
+        if user in self._members_unread:
+            return None
+        mine = self.memberships.get(user, ())
+        return [c for c in mine if claims is None or claims.may_read(c)]
 
     def _use_memberships(self, conn: Connection) -> None:
         """The session's joins count on this node's set of the user's memberships, which
@@ -1186,7 +1303,7 @@ class Server:
         # Always, "offline" set by the user too: this node's entry ends (no push if the
         # user's status across nodes does not change).
         self._announce(conn, None)
-        self.memberships.pop(user, None)
+        self._members_forget(user)
         try:
             self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts
         except StoreUnavailable:
@@ -1200,9 +1317,9 @@ class Server:
         claims = conn.session.claims
         assert claims is not None
         user, presence, now = claims.user, self.store.presence, self.now_ms()
-        channels = [c for c in self.memberships.get(user, ()) if claims.may_read(c)]
+        channels = self._channels_for(user, claims)
         if not presence.shared:  # in memory: no need to leave the loop
-            self._presence_moved(user, *presence.set(user, status, now), now, channels)
+            self._presence_moved(user, *presence.set(user, status, now), now, channels or [])
             return
         # On the engine, off the loop, in order (a quick connect and disconnect must not
         # reach the engine reversed), in batches: _presence_writer. A change still
@@ -1216,7 +1333,7 @@ class Server:
         if status is None or status == CONNECTED:
             if prev is not None:
                 first = prev[3] if prev[0] is None or prev[0] == CONNECTED else prev[0]
-        self._presence_queue[user] = (status, now, channels, first)
+        self._presence_queue[user] = (status, now, channels, first, claims)
         self._presence_due.set()
 
     @property
@@ -1235,20 +1352,41 @@ class Server:
             batch = list(itertools.islice(queue.items(), PRESENCE_BATCH))
             for user, _ in batch:
                 del queue[user]
-            changes = [(user, status, now, first) for user, (status, now, _, first) in batch]
+            changes = [(user, status, now, first) for user, (status, now, _, first, _) in batch]
             self._presence_writing = len(batch)
             try:
                 try:
                     results = await self.run_read(functools.partial(presence.set_many, changes))
                 except Exception as exc:  # the engine is down: the TTL corrects it later
                     results = [exc] * len(batch)
-                for (user, (_, now, channels, _)), result in zip(batch, results, strict=True):
+                for (user, (_, now, channels, _, claims)), result in zip(
+                    batch, results, strict=True
+                ):
                     if isinstance(result, Exception):
                         log.warning("presence of %s not recorded: %r", user, result)
                     else:
-                        self._presence_moved(user, *result, now, channels)
+                        self._presence_result(user, *result, now, channels, claims)
             finally:
                 self._presence_writing = 0
+
+    def _presence_result(
+        self,
+        user: str,
+        before: str,
+        after: str,
+        now: int,
+        channels: list[str] | None,
+        claims: Claims | None,
+    ) -> None:
+        """A change written to the engine: pushed, or (``channels`` None: the user's
+        memberships not read yet here) pushed once they are read, if the user is still
+        connected here by then."""
+        if channels is None and user not in self._members_unread:
+            channels = self._channels_for(user, claims)  # read since: known now
+        if channels is not None:
+            self._presence_moved(user, before, after, now, channels)
+        elif before != after and user in self.devices:
+            self._owed[user] = (claims, after, now)
 
     def _presence_moved(
         self, user: str, before: str, after: str, now: int, channels: list[str]
@@ -1280,8 +1418,9 @@ class Server:
             try:
                 back = await self.run_read(functools.partial(presence.refresh, now))
                 for user, before, after in back:  # swept while this node was late
-                    channels = list(self.memberships.get(user, ()))
-                    self._presence_moved(user, before, after, now, channels)
+                    channels = self._channels_for(user, None)
+                    self._presence_result(user, before, after, now, channels, None)
+                await self._check_memberships()  # notices lost on the way
                 gone = await self.run_read(functools.partial(presence.expired, now))
                 for user, before in gone:
                     channels = await self.run_read(
@@ -1301,7 +1440,11 @@ class Server:
         assert claims is not None
         asker = claims.user
         store, most = self.store, self.settings.limits.max_memberships
-        known = {u: self.memberships[u] for u in (asker, *users) if u in self.memberships}
+        known = {
+            u: self.memberships[u]
+            for u in (asker, *users)
+            if u in self.memberships and u not in self._members_unread
+        }
         absent = [u for u in dict.fromkeys((asker, *users)) if u not in known]
 
         now = self.now_ms()
@@ -1388,9 +1531,10 @@ class Server:
         if channel == PRESENCE_TOPIC:  # another node's presence change or user notice
             t, to, name = frame.get("t"), frame.pop("to", None), frame.get("channel")
             if t in ("membership", "unmember") and isinstance(to, str) and isinstance(name, str):
-                mine = self.memberships.get(to)  # another node recorded it: here too
-                if mine is not None:
-                    (mine.add if t == "membership" else mine.discard)(name)
+                # Another node recorded it: the set is read again, not changed by the
+                # notice (notices of two nodes may come reordered, or one not at all).
+                self._members_changed(to)
+                self._note_notice(to)
                 if t == "membership":
                     self._notify_here(to, frame)
                 return
@@ -1401,6 +1545,16 @@ class Server:
         if frame.get("t") == "typing":
             self._remote_typing(channel, frame)
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
+
+    def _note_notice(self, user: str) -> None:
+        """When a notice for ``user`` came (for a first device's read running now), kept
+        MEMBERS_NOTICE_KEEP_S (oldest first: a dict in the order noted)."""
+        noticed, now = self._members_noticed, time.monotonic()
+        noticed.pop(user, None)
+        noticed[user] = now
+        for old, at in list(itertools.islice(noticed.items(), 2)):
+            if at < now - MEMBERS_NOTICE_KEEP_S:
+                del noticed[old]
 
     def _remote_typing(self, channel: str, frame: dict[str, Any]) -> None:
         """Another node's typing push: its `on` expires here too, in case that node dies
@@ -1423,6 +1577,9 @@ class Server:
             self.publish(channel, off, user)
 
     def _remote_lost(self, channels: list[str]) -> None:
+        if PRESENCE_TOPIC in channels:  # notices of other nodes' membership changes too
+            for user in list(self.memberships):
+                self._members_changed(user)
         now = self.now_ms()
         for channel in channels:
             self.relay.check(channel, now)
@@ -1463,6 +1620,7 @@ class Server:
             mine = self.memberships.get(user)
             if mine is not None and isinstance(frame.get("channel"), str):
                 mine.add(frame["channel"])
+                self._members_changed(user)  # (a read running meanwhile is read again)
         devices = self.devices.get(user)
         if devices:
             encoded: dict[Codec, bytes] = {}  # once per transport's codec (TCP, WebSocket)
@@ -1512,6 +1670,8 @@ class Server:
             mine = self.memberships.get(op.user)
             if mine is not None:
                 (mine.add if op.kind == "member" else mine.discard)(op.channel)
+                if self.store.presence.shared:  # applied over a read until committed
+                    self._members_pending.setdefault(op.user, []).append((op.kind, op.channel))
         self._round_due.set()
         self._to_submit.append(op)
         conn.inflight += 1
@@ -1540,6 +1700,8 @@ class Server:
             result = op.result
             if type(result) is AppendResult and op.error is None and not result.dup:
                 appended[op.kind] += 1  # counted per batch, not per write
+            if op.kind in ("member", "unmember") and op.user in self._members_pending:
+                self._member_committed(op)
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)
@@ -1556,6 +1718,19 @@ class Server:
         for kind, n in appended.items():
             if n:
                 metrics.appends[kind].inc(n)
+
+    def _member_committed(self, op: WriteOp) -> None:
+        """A membership change of a connected user's own, submitted here, committed (or
+        failed): a read of the set that ran meanwhile may have missed it (read again)."""
+        pending = self._members_pending[op.user]
+        with contextlib.suppress(ValueError):
+            pending.remove((op.kind, op.channel))
+        if not pending:
+            del self._members_pending[op.user]
+        if op.user in self._members_gen:
+            self._members_gen[op.user] = next(self._members_gens)
+        if op.error is not None:  # not recorded: the copy here was ahead of the engine
+            self._members_changed(op.user)
 
     def _notify(self, batch: list[WriteOp]) -> None:
         """Called by the store's writer thread."""
@@ -1855,6 +2030,7 @@ class Server:
                         self.store.follow(PRESENCE_TOPIC)
                         handlers.start_soon(self._presence_upkeep)
                         handlers.start_soon(self._presence_writer)
+                        handlers.start_soon(self._memberships_loader)
                     if settings.metrics:  # in `handlers`: /readyz says 503 while draining
                         await self._serve_http(handlers, settings.metrics)
                     if settings.ws:  # in `listening`: stops accepting with the TCP port

@@ -306,6 +306,18 @@ class Store(ABC):
         """The channels ``user`` is a member of (joined and not forgotten), sorted; the
         first ``limit`` of them when given (the cost is bounded by it)."""
 
+    def memberships_versioned(
+        self, users: list[str], limit: int | None = None
+    ) -> dict[str, tuple[list[str], int]]:
+        """Each user's :meth:`channels_of` with the version of the user's memberships: a
+        number that changes with each membership recorded or forgotten (a shared store's,
+        whose nodes keep copies; one node's store answers 0: nothing else changes them)."""
+        return {user: (self.channels_of(user, limit), 0) for user in users}
+
+    def membership_versions(self, users: list[str]) -> dict[str, int]:
+        """The version of each user's memberships (:meth:`memberships_versioned`)."""
+        return dict.fromkeys(users, 0)
+
     @abstractmethod
     def last_seen(self, user: str) -> int | None:
         """When the user's last device disconnected (ms), if ever."""

@@ -563,13 +563,25 @@ end
 return out
 """
 
-# A membership (WriteOp "member"). KEYS: the user's set of channels. ARGV: the channel,
-# most (0: no bound). Added only while the set has fewer than `most`; returns 1 if added.
+# A membership (WriteOp "member"). KEYS: the user's set of channels, its version (a
+# counter, the user's slot). ARGV: the channel, most (0: no bound). Added only while the
+# set has fewer than `most`; returns 1 if added (the version then counts one more: a node
+# that read the set at another version reads it again, STORAGE.md "Presence between
+# nodes").
 MEMBER = r"""
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 local most = tonumber(ARGV[2])
 if most > 0 and redis.call('SCARD', KEYS[1]) >= most then return 0 end
+redis.call('INCR', KEYS[2])
 return redis.call('SADD', KEYS[1], ARGV[1])
+"""
+
+# A membership forgotten (WriteOp "unmember"). KEYS, ARGV: as MEMBER's. Returns 1 if it
+# was a member (the version then counts one more).
+UNMEMBER = r"""
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('INCR', KEYS[2])
+return 1
 """
 
 SCRIPTS: dict[str, str] = {
@@ -596,6 +608,7 @@ SCRIPTS: dict[str, str] = {
     "presence_status": _PRESENCE_LIB + PRESENCE_STATUS,
     "send_rate": SEND_RATE,
     "member": MEMBER,
+    "unmember": UNMEMBER,
 }
 # Redis refuses a function that may write while it is over maxmemory (noeviction), before
 # it runs; a script was refused only at its first write that could grow memory. So the

@@ -557,6 +557,35 @@ class RedisStore(Store):
         names = self._call(self._client.smembers, self._user_key(user, b"ch"))
         return sorted(n.decode() for n in names)[:limit]
 
+    def memberships_versioned(
+        self, users: list[str], limit: int | None = None
+    ) -> dict[str, tuple[list[str], int]]:
+        # The version first: a change between the two reads shows as a version behind
+        # the set (read again later), never as a set behind its version.
+        commands: list[tuple[Any, ...]] = []
+        for user in users:
+            commands.append(("GET", self._user_key(user, b"mv")))
+            commands.append(("SMEMBERS", self._user_key(user, b"ch")))
+        with self._using():
+            replies = self._pipeline(self._client, commands, False) if users else []
+        out = {}
+        for i, user in enumerate(users):
+            version, names = replies[2 * i], replies[2 * i + 1]
+            for reply in (version, names):
+                if isinstance(reply, Exception):
+                    raise StoreUnavailable(f"Redis at {self.target.where}: {reply}")
+            out[user] = (sorted(n.decode() for n in names)[:limit], int(version or 0))
+        return out
+
+    def membership_versions(self, users: list[str]) -> dict[str, int]:
+        commands = [("GET", self._user_key(user, b"mv")) for user in users]
+        with self._using():
+            replies = self._pipeline(self._client, commands, False) if users else []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(f"Redis at {self.target.where}: {reply}")
+        return {user: int(reply or 0) for user, reply in zip(users, replies, strict=True)}
+
     def last_seen(self, user: str) -> int | None:
         raw = self._call(self._client.get, self._user_key(user, b"seen"))
         return None if raw is None else int(raw)
@@ -792,7 +821,7 @@ class RedisStore(Store):
         end when replicas must confirm (and ``wait``). Each command's error is its reply.
         Commands whose function Redis did not have (``function_missing``) are sent again
         once the library is loaded, in their order, with every command after the first of
-        them that calls no function (SREM, SET, ZADD: idempotent, their first replies
+        them that calls no function (SET, ZADD: idempotent, their first replies
         stand): so those are applied after the calls they followed (a leave is not undone
         by its join sent again after it)."""
         client = client or self._wclient
@@ -842,10 +871,9 @@ class RedisStore(Store):
             meta = _P_META + packb(op.meta) if op.meta else b""
             dkey = _dedup_key(op.user, cid)
             return (dkey, op.user.encode(), body + meta, 2 if meta else 1, meta)
-        if op.kind == "member":
-            return fcall("member", [self._user_key(op.user, b"ch")], op.channel, op.most)
-        if op.kind == "unmember":
-            return ("SREM", self._user_key(op.user, b"ch"), op.channel)
+        if op.kind in ("member", "unmember"):
+            mine = [self._user_key(op.user, b"ch"), self._user_key(op.user, b"mv")]
+            return fcall(op.kind, mine, op.channel, *((op.most,) if op.kind == "member" else ()))
         keys = self._keys(op.channel)
         if op.kind == "read":
             return fcall("read", keys, op.user, op.seq)
