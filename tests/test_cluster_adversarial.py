@@ -792,6 +792,40 @@ async def test_a_device_that_connected_while_redis_was_down_counts_once_it_is_ba
         server.stop()
 
 
+async def test_a_status_set_while_redis_was_down_is_the_status_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """PROTOCOL.md 6.13: "a presence {status} from any of the user's devices replaces"
+    the status, and the `ok` says it was set; STORAGE.md: "the next refresh restores the
+    node's entries for the users still connected". Alice sets "away" on node A while
+    Redis is down: once it is back, a query on node B must say "away" (not "online"),
+    and the last push carol got must agree."""
+    server = redis_servers.RedisServer(tmp_path / "redis").start()
+    try:
+        async with nodes(tmp_path, server.url, 2, **SHORT_TTL) as (a, b):
+            carol, alice = await b.connect("carol"), await a.connect("alice")
+            for c in (carol, alice):
+                await join(c)
+            await members(a, ["carol", "alice"])
+            await trio.to_thread.run_sync(server.kill)
+            assert (await alice.request("presence", status="away"))["t"] == "ok"
+            await until(lambda: not a.server.presence_unwritten)  # failed, logged
+            await trio.to_thread.run_sync(server.start)
+            await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
+
+            async def away() -> bool:
+                entry = await query(carol, "alice")
+                return entry is not None and entry["status"] == "away"
+
+            assert await eventually(away, timeout=4 * TTL_S + 2), (
+                f"alice set 'away' while Redis was down; now {await query(carol, 'alice')}"
+            )
+            pushed = [f["status"] for f in taken(carol, presence_of("alice"))]
+            assert not pushed or pushed[-1] == "away", pushed
+    finally:
+        server.stop()
+
+
 async def test_presence_typing_and_reads_flow_again_after_client_kill_pubsub(
     tmp_path: Path, redis_engine: str
 ) -> None:

@@ -41,6 +41,9 @@ class RedisPresence(Presence):
         self._node = node.hex().encode()  # fixed width: index members are node + user
         self._index = store._prefix + b"presence:expiry"
         self._since: dict[str, int] = {}  # user -> when this node's entry was set (ms)
+        # user -> a status the user set whose write failed (Redis away): what the refresh
+        # that sets the user's entry again writes, rather than the connected marker.
+        self._unwritten: dict[str, str] = {}
 
     def _key(self, user: str) -> bytes:
         return self._store._user_key(user, b"pres")
@@ -62,6 +65,7 @@ class RedisPresence(Presence):
         if status is None:
             self._status.pop(user, None)
             self._since.pop(user, None)
+            self._unwritten.pop(user, None)
         else:
             self._status[user], self._since[user] = status, now_ms
 
@@ -80,7 +84,11 @@ class RedisPresence(Presence):
             args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl, first)
             commands.append(fcall("presence_set", [self._key(user)], *args))
             expiries.append(expires)
-        replies = self._pipeline(commands)
+        try:
+            replies = self._pipeline(commands)
+        except StoreUnavailable as exc:
+            self._unwritten_note(changes, [exc] * len(changes))
+            raise
         last = {change[0]: i for i, change in enumerate(changes)}
         if any(function_missing(r) for r in replies):
             # Redis lost the library (function_missing): once it is loaded, the last change
@@ -99,6 +107,7 @@ class RedisPresence(Presence):
                 final = replies[last[changes[i][0]]]
                 if function_missing(reply) and not isinstance(final, Exception):
                     replies[i] = [final[1], final[1], final[2]]
+        self._unwritten_note(changes, replies)
         index: dict[str, tuple[Any, ...]] = {}
         for (user, status, *_), reply, expires in zip(changes, replies, expiries, strict=True):
             if not isinstance(reply, Exception):  # where a sweep finds the entry, if any
@@ -120,6 +129,18 @@ class RedisPresence(Presence):
             else (reply[0].decode(), reply[1].decode())
             for reply in replies
         ]
+
+    def _unwritten_note(self, changes: Sequence[PresenceChange], replies: list[Any]) -> None:
+        """Keep the status a user set (alone, or queued with a device change) whose write
+        failed, while the user is connected here: the refresh writes it (refresh())."""
+        with self._lock:
+            for (user, status, _, *rest), reply in zip(changes, replies, strict=True):
+                if not isinstance(reply, Exception):
+                    self._unwritten.pop(user, None)
+                    continue
+                set_ = status if status not in (None, CONNECTED) else (rest[0] if rest else None)
+                if set_ and user in self._status:
+                    self._unwritten[user] = set_
 
     def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One pipeline on the store's client: each command's error is its reply; a lost
@@ -160,11 +181,14 @@ class RedisPresence(Presence):
             if failed is not None:
                 raise StoreUnavailable(f"Redis at {self._store.target.where}: {failed}")
             lost += [e for e, extended in zip(batch, replies[::2], strict=True) if not extended]
-        # Entries a sweep took while this node was late (a long Redis outage): set again,
-        # unless a change of the user replaced them meanwhile.
+        # Entries a sweep took while this node was late (a long Redis outage), or whose
+        # change was not written (Redis away): set again, unless a change of the user
+        # replaced them meanwhile; with the status the user set, if its write failed.
         with self._lock:  # checked and noted at once: a disconnect must not slip between
             again = [
-                (user, CONNECTED, now_ms) for user, since in lost if self._since.get(user) == since
+                (user, self._unwritten.get(user, CONNECTED), now_ms)
+                for user, since in lost
+                if self._since.get(user) == since
             ]
             for change in again:
                 self._note(*change)
