@@ -191,6 +191,9 @@ async def test_setting_online_again_from_the_users_device_on_the_other_node(
             await join(c)
         await members(a, ["carol", "zed", "alice"])
         await on_node(b, "alice")
+        # Node B reads alice's memberships again at the notice of the join on node A, a
+        # moment later (STORAGE.md, "Presence between nodes").
+        await until(lambda: CHANNEL in b.server.memberships.get("alice", ()))
         assert (await phone.request("presence", status="away"))["t"] == "ok"
         assert (await carol.next(presence_of("alice")))["status"] == "away"
         reply = await laptop.request("presence", status="online")
@@ -511,6 +514,31 @@ async def test_a_dead_nodes_entry_expiring_announces_nothing_for_a_user_still_co
                 f"alice, connected to node B, was swept as offline: pushes {pushed}, "
                 f"last_seen {before} -> {store.last_seen('alice')}"
             )
+
+
+async def test_last_seen_is_not_written_while_the_user_is_connected_to_another_node(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 6.13: "when the user's last device disconnects ... the server stores
+    the time as the user's last_seen"; STORAGE.md: last_seen is "when the user's last
+    connected device disconnected". Alice's phone (node A) leaves while her laptop (node
+    B) stays: nothing is written as her last_seen."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        phone, _laptop = await a.connect("alice"), await b.connect("alice")
+        zed = await a.connect("zed")
+        await join(zed)
+        await on_node(b, "alice")
+        store = a.server.store
+        assert store.last_seen("alice") is None
+        await phone.aclose()
+        await gone_from(a, "alice")
+        await until(lambda: not a.server.presence_unwritten)
+        # A write of node A after it: once acknowledged, node A's earlier writes are too.
+        assert (await zed.request("send", channel=CHANNEL, cid="c1", text="x"))["t"] == "ok"
+        assert store.last_seen("alice") is None, (
+            "alice's phone left node A while her laptop is connected to node B, yet "
+            f"last_seen was written: {store.last_seen('alice')}"
+        )
 
 
 # ---------------------------------------------------------------- presence: memberships kept right

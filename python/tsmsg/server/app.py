@@ -1304,6 +1304,8 @@ class Server:
         # user's status across nodes does not change).
         self._announce(conn, None)
         self._members_forget(user)
+        if self.store.presence.shared:
+            return  # last_seen: written by the engine with the user's last entry anywhere
         try:
             self.store.submit(WriteOp("seen", "", user))  # last_seen, kept across restarts
         except StoreUnavailable:

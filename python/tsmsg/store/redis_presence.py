@@ -82,7 +82,8 @@ class RedisPresence(Presence):
             # user set just before the device change (queued with it), to apply first
             first = (rest[0] if rest else None) or ""
             args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl, first)
-            commands.append(fcall("presence_set", [self._key(user)], *args))
+            keys = [self._key(user), store._user_key(user, b"seen")]  # last_seen: the script's
+            commands.append(fcall("presence_set", keys, *args))
             expiries.append(expires)
         try:
             replies = self._pipeline(commands)

@@ -436,8 +436,10 @@ end
 # change: '' this node's last device is gone; '\0' this node's first device connected (the
 # user's status stays if another node has a live entry, else it is "online"); anything
 # else: the status the user set. ARGV[7]: '' or a status the user set just before this
-# change (the node queued both: it is applied first). Returns {status before, status
-# after, live entries after} ("offline" with 0 entries: no device anywhere).
+# change (the node queued both: it is applied first). KEYS[2]: the user's last_seen, set
+# to now_ms when this node's last device of the user leaves and no other node has a live
+# entry (the user's last device anywhere). Returns {status before, status after, live
+# entries after} ("offline" with 0 entries: no device anywhere).
 PRESENCE_SET = r"""
 local now = tonumber(ARGV[5])
 local others, status = presence_state(KEYS[1], now, ARGV[1])
@@ -459,6 +461,7 @@ else
 end
 if others + me == 0 then
   redis.call('HDEL', KEYS[1], 's')
+  if ARGV[2] == '' then redis.call('SET', KEYS[2], ARGV[5]) end -- the last device anywhere
 elseif status then
   redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
 end
