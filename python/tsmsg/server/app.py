@@ -86,6 +86,7 @@ from tsmsg.protocol.session import (
 )
 from tsmsg.server.accept import Address, Gate, serve_connections, tcp_acceptors
 from tsmsg.server.http import HttpServer, Response, Route, text
+from tsmsg.server.memberships import MembershipCopies
 from tsmsg.server.metrics import (
     CONTENT_TYPE,
     HTTP_REQUEST,
@@ -142,7 +143,6 @@ PRESENCE_BATCH = 256  # presence changes written to a shared engine in one call 
 # pause after a read that failed (doubled up to the most).
 MEMBERS_BATCH = 256
 MEMBERS_RETRY_S, MEMBERS_RETRY_MAX_S = 0.25, 2.0
-MEMBERS_NOTICE_KEEP_S = 60.0  # longer than any read (the refresh's check covers the rest)
 # Another node's typing `on` is turned off here this long after its timeout unless renewed
 # or turned off (its node died): the typer's own node would have sent the `off` by then.
 TYPING_GRACE_MS = 1000
@@ -1003,28 +1003,12 @@ class Server:
         self._round_due = trio.Event()
         self.connections: dict[Session, Connection] = {}
         self.devices: dict[str, set[Connection]] = {}  # user -> connected devices
-        self.memberships: dict[str, set[str]] = {}  # user -> channels, while connected
-        # On a shared engine, other nodes change the users' memberships too: a copy here is
-        # read again from the engine (_memberships_loader) at each notice of a change, after
-        # pub/sub was lost, and when a refresh finds the engine's version of the set moved
-        # (a notice dropped). user -> the version read; the users to read (again); a
-        # number taken at each event that may change the set (a read is applied only if
-        # the number did not move while it ran: otherwise read again); this node's own
-        # changes submitted and not yet committed (applied over a read); the users whose
-        # set was never read yet; and a change of theirs announced meanwhile (claims of
-        # the changing device or None, status, ts), pushed once the set is read.
-        self._members_version: dict[str, int] = {}
-        self._members_stale: dict[str, None] = {}
+        # The connected users' memberships (server/memberships.py): on a shared engine
+        # read again from it (_memberships_loader, woken by _members_due) whenever they
+        # may have changed. ``memberships``: user -> channels, while connected.
         self._members_due = trio.Event()
-        self._members_gen: dict[str, int] = {}
-        self._members_gens = itertools.count(1)
-        self._members_pending: dict[str, list[tuple[str, str]]] = {}
-        self._members_unread: set[str] = set()
-        self._owed: dict[str, tuple[Claims | None, str, int]] = {}
-        # user -> when a notice of another node's change of the user's memberships came
-        # (time.monotonic()), for MEMBERS_NOTICE_KEEP_S: a first device's read that ran
-        # meanwhile is made again.
-        self._members_noticed: dict[str, float] = {}
+        self.copies = MembershipCopies(lambda: self._members_due.set())
+        self.memberships = self.copies.sets
         # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
         self._typing_elsewhere: dict[tuple[str, str], int] = {}
         # Presence changes for a shared engine, in order: user -> (status, CONNECTED or
@@ -1163,7 +1147,7 @@ class Server:
         assert user is not None
         if user not in self.memberships:  # its first device: load them first
             store, most = self.store, self.settings.limits.max_memberships
-            shared, started = store.presence.shared, time.monotonic()
+            started = time.monotonic()
 
             def query() -> tuple[list[str], int] | None:
                 try:
@@ -1172,16 +1156,7 @@ class Server:
                     return None  # refresh records it once back)
 
             def then(got: tuple[list[str], int] | None) -> list[Action]:
-                if user not in self.memberships and got is not None:
-                    self.memberships[user], self._members_version[user] = set(got[0]), got[1]
-                    if self._members_noticed.get(user, -math.inf) >= started:
-                        self._members_changed(user)  # a notice came during the read: again
-                elif user not in self.memberships and shared:
-                    # Read by _memberships_loader, again until the engine answers; a
-                    # change announced before is pushed then.
-                    self.memberships[user] = set()
-                    self._members_unread.add(user)
-                    self._members_changed(user)
+                self.copies.first_read(user, got, started)
                 self._use_memberships(conn)
                 self._presence_changed(conn, status)
                 return []
@@ -1191,85 +1166,38 @@ class Server:
         self._presence_changed(conn, status)
         return None
 
-    def _members_changed(self, user: str) -> None:
-        """The engine's set of a connected user's memberships may have changed: read it
-        again (and not apply a read that was running meanwhile)."""
-        if user in self.memberships and self.store.presence.shared:
-            self._members_gen[user] = next(self._members_gens)
-            self._members_stale[user] = None
-            self._members_due.set()
-
-    def _members_forget(self, user: str) -> None:
-        """The user's last device here is gone: nothing of its memberships is kept."""
-        self.memberships.pop(user, None)
-        for held in (self._members_version, self._members_stale, self._members_gen):
-            held.pop(user, None)
-        self._members_pending.pop(user, None)
-        self._members_unread.discard(user)
-        self._owed.pop(user, None)
-
     async def _memberships_loader(self) -> None:
         """On a shared engine: read the sets of memberships marked stale, in batches of at
         most ``MEMBERS_BATCH`` users (one round trip); a read that fails is tried again
         after a pause (the engine is away)."""
+        copies = self.copies
         most, pause = self.settings.limits.max_memberships, MEMBERS_RETRY_S
         while True:
-            if not self._members_stale:
+            if not copies.stale:
                 self._members_due = trio.Event()
                 await self._members_due.wait()
-            users = list(itertools.islice(self._members_stale, MEMBERS_BATCH))
-            for user in users:
-                del self._members_stale[user]
-            gens = {user: self._members_gen.get(user) for user in users}
-            read = functools.partial(self.store.memberships_versioned, users, most)
+            taken = copies.take_stale(MEMBERS_BATCH)
+            read = functools.partial(self.store.memberships_versioned, list(taken), most)
             try:
                 got = await self.run_read(read)
             except Exception as exc:
-                log.warning("memberships of %d users not read: %r", len(users), exc)
-                for user in users:
-                    if user in self.memberships:
-                        self._members_stale[user] = None
+                log.warning("memberships of %d users not read: %r", len(taken), exc)
+                copies.read_failed(taken)
                 await trio.sleep(pause)
                 pause = min(2 * pause, MEMBERS_RETRY_MAX_S)
                 continue
             pause = MEMBERS_RETRY_S
-            for user in users:
-                if user not in self.memberships:
-                    continue  # its last device here left meanwhile
-                if self._members_gen.get(user) != gens[user]:
-                    self._members_stale[user] = None  # changed while read: read again
-                    continue
-                channels, version = got[user]
-                mine = set(channels)
-                for kind, channel in self._members_pending.get(user, ()):
-                    (mine.add if kind == "member" else mine.discard)(channel)
-                self.memberships[user], self._members_version[user] = mine, version
-                self._members_unread.discard(user)
-                owed = self._owed.pop(user, None)
-                if owed is not None:  # announced before the set was known: pushed now
-                    claims, status, ts = owed
-                    may = [c for c in mine if claims is None or claims.may_read(c)]
-                    self._presence_moved(user, "", status, ts, may)
+            for owed in copies.read_done(taken, got):  # announced before the set was known
+                self._presence_moved(owed.user, "", owed.status, owed.ts, owed.channels)
 
     async def _check_memberships(self) -> None:
         """The versions of the connected users' sets in the engine: a set whose version
         moved since it was read here (a notice lost on the way) is read again."""
-        users = [u for u in self.memberships if u in self._members_version]
+        users = self.copies.versioned()
         for i in range(0, len(users), MEMBERS_BATCH * 4):
             batch = users[i : i + MEMBERS_BATCH * 4]
             read = functools.partial(self.store.membership_versions, batch)
-            for user, version in (await self.run_read(read)).items():
-                held = self._members_version.get(user)
-                if held is not None and held != version:
-                    self._members_changed(user)
-
-    def _channels_for(self, user: str, claims: Claims | None) -> list[str] | None:
-        """The channels a change of ``user`` is pushed to (those ``claims`` may read);
-        None while the user's memberships were never read here (a shared engine)."""
-        if user in self._members_unread:
-            return None
-        mine = self.memberships.get(user, ())
-        return [c for c in mine if claims is None or claims.may_read(c)]
+            self.copies.check_versions(await self.run_read(read))
 
     def _use_memberships(self, conn: Connection) -> None:
         """The session's joins count on this node's set of the user's memberships, which
@@ -1303,7 +1231,7 @@ class Server:
         # Always, "offline" set by the user too: this node's entry ends (no push if the
         # user's status across nodes does not change).
         self._announce(conn, None)
-        self._members_forget(user)
+        self.copies.forget(user)
         if self.store.presence.shared:
             return  # last_seen: written by the engine with the user's last entry anywhere
         try:
@@ -1319,7 +1247,7 @@ class Server:
         claims = conn.session.claims
         assert claims is not None
         user, presence, now = claims.user, self.store.presence, self.now_ms()
-        channels = self._channels_for(user, claims)
+        channels = self.copies.channels_for(user, claims)
         if not presence.shared:  # in memory: no need to leave the loop
             self._presence_moved(user, *presence.set(user, status, now), now, channels or [])
             return
@@ -1383,12 +1311,12 @@ class Server:
         """A change written to the engine: pushed, or (``channels`` None: the user's
         memberships not read yet here) pushed once they are read, if the user is still
         connected here by then."""
-        if channels is None and user not in self._members_unread:
-            channels = self._channels_for(user, claims)  # read since: known now
+        if channels is None:
+            channels = self.copies.channels_for(user, claims)  # read since: known now
         if channels is not None:
             self._presence_moved(user, before, after, now, channels)
         elif before != after and user in self.devices:
-            self._owed[user] = (claims, after, now)
+            self.copies.owe(user, claims, after, now)
 
     def _presence_moved(
         self, user: str, before: str, after: str, now: int, channels: list[str]
@@ -1420,7 +1348,7 @@ class Server:
             try:
                 back = await self.run_read(functools.partial(presence.refresh, now))
                 for user, before, after in back:  # swept while this node was late
-                    channels = self._channels_for(user, None)
+                    channels = self.copies.channels_for(user, None)
                     self._presence_result(user, before, after, now, channels, None)
                 await self._check_memberships()  # notices lost on the way
                 gone = await self.run_read(functools.partial(presence.expired, now))
@@ -1442,11 +1370,7 @@ class Server:
         assert claims is not None
         asker = claims.user
         store, most = self.store, self.settings.limits.max_memberships
-        known = {
-            u: self.memberships[u]
-            for u in (asker, *users)
-            if u in self.memberships and u not in self._members_unread
-        }
+        known = {u: mine for u in (asker, *users) if (mine := self.copies.known(u)) is not None}
         absent = [u for u in dict.fromkeys((asker, *users)) if u not in known]
 
         now = self.now_ms()
@@ -1535,8 +1459,7 @@ class Server:
             if t in ("membership", "unmember") and isinstance(to, str) and isinstance(name, str):
                 # Another node recorded it: the set is read again, not changed by the
                 # notice (notices of two nodes may come reordered, or one not at all).
-                self._members_changed(to)
-                self._note_notice(to)
+                self.copies.note_notice(to, time.monotonic())
                 if t == "membership":
                     self._notify_here(to, frame)
                 return
@@ -1547,16 +1470,6 @@ class Server:
         if frame.get("t") == "typing":
             self._remote_typing(channel, frame)
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
-
-    def _note_notice(self, user: str) -> None:
-        """When a notice for ``user`` came (for a first device's read running now), kept
-        MEMBERS_NOTICE_KEEP_S (oldest first: a dict in the order noted)."""
-        noticed, now = self._members_noticed, time.monotonic()
-        noticed.pop(user, None)
-        noticed[user] = now
-        for old, at in list(itertools.islice(noticed.items(), 2)):
-            if at < now - MEMBERS_NOTICE_KEEP_S:
-                del noticed[old]
 
     def _remote_typing(self, channel: str, frame: dict[str, Any]) -> None:
         """Another node's typing push: its `on` expires here too, in case that node dies
@@ -1580,8 +1493,7 @@ class Server:
 
     def _remote_lost(self, channels: list[str]) -> None:
         if PRESENCE_TOPIC in channels:  # notices of other nodes' membership changes too
-            for user in list(self.memberships):
-                self._members_changed(user)
+            self.copies.all_changed()
         now = self.now_ms()
         for channel in channels:
             self.relay.check(channel, now)
@@ -1619,10 +1531,8 @@ class Server:
         # own joins are in the set since their submit (in order with a later forget,
         # which this notice, sent after the join's commit, must not undo).
         if frame.get("t") == "membership" and frame.get("by") != user:
-            mine = self.memberships.get(user)
-            if mine is not None and isinstance(frame.get("channel"), str):
-                mine.add(frame["channel"])
-                self._members_changed(user)  # (a read running meanwhile is read again)
+            if isinstance(frame.get("channel"), str):
+                self.copies.joined_by_other(user, frame["channel"])
         devices = self.devices.get(user)
         if devices:
             encoded: dict[Codec, bytes] = {}  # once per transport's codec (TCP, WebSocket)
@@ -1669,11 +1579,7 @@ class Server:
         if op.kind in ("member", "unmember") and op.user == conn.user:
             # the connected user's memberships, here (another user's, a DM peer's, once
             # the store recorded it: notify_user)
-            mine = self.memberships.get(op.user)
-            if mine is not None:
-                (mine.add if op.kind == "member" else mine.discard)(op.channel)
-                if self.store.presence.shared:  # applied over a read until committed
-                    self._members_pending.setdefault(op.user, []).append((op.kind, op.channel))
+            self.copies.own_change(op.user, op.kind, op.channel)
         self._round_due.set()
         self._to_submit.append(op)
         conn.inflight += 1
@@ -1702,8 +1608,8 @@ class Server:
             result = op.result
             if type(result) is AppendResult and op.error is None and not result.dup:
                 appended[op.kind] += 1  # counted per batch, not per write
-            if op.kind in ("member", "unmember") and op.user in self._members_pending:
-                self._member_committed(op)
+            if op.kind in ("member", "unmember"):  # a read of the set may have missed it
+                self.copies.committed(op.user, op.kind, op.channel, op.error is not None)
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)
@@ -1720,19 +1626,6 @@ class Server:
         for kind, n in appended.items():
             if n:
                 metrics.appends[kind].inc(n)
-
-    def _member_committed(self, op: WriteOp) -> None:
-        """A membership change of a connected user's own, submitted here, committed (or
-        failed): a read of the set that ran meanwhile may have missed it (read again)."""
-        pending = self._members_pending[op.user]
-        with contextlib.suppress(ValueError):
-            pending.remove((op.kind, op.channel))
-        if not pending:
-            del self._members_pending[op.user]
-        if op.user in self._members_gen:
-            self._members_gen[op.user] = next(self._members_gens)
-        if op.error is not None:  # not recorded: the copy here was ahead of the engine
-            self._members_changed(op.user)
 
     def _notify(self, batch: list[WriteOp]) -> None:
         """Called by the store's writer thread."""
@@ -1978,6 +1871,7 @@ class Server:
                     remote=RemoteHop(self),
                 )
             )
+        self.copies.shared = self.store.presence.shared  # other nodes change memberships too
         self.metrics.store_counters.source = self.store.counters
         if not self.inline_reads:
             self.reads = ReadThreads(settings.read_threads)
