@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -539,6 +540,80 @@ async def test_last_seen_is_not_written_while_the_user_is_connected_to_another_n
             "alice's phone left node A while her laptop is connected to node B, yet "
             f"last_seen was written: {store.last_seen('alice')}"
         )
+
+
+async def test_a_sweep_racing_a_reconnect_elsewhere_never_leaves_the_user_offline(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 6.13: a push each time the user's status changes; STORAGE.md: a sweep
+    announces offline "for each user now offline everywhere", and last_seen is when the
+    user's last device anywhere left. Alice's node is killed -9; a sweep (node B's or
+    C's) takes its entry while she is connected nowhere, and before that sweep has
+    pushed anything she reconnects to node B (online pushed). The sweep's offline,
+    decided first, must not reach members after her online (leaving her offline to them
+    while a query says online), nor write last_seen while she is connected."""
+    async with nodes(tmp_path, redis_engine, 2, **SHORT_TTL) as (b, c):
+        carol, dave = await c.connect("carol"), await b.connect("dave")
+        zeds = {id(b): await b.connect("zed"), id(c): await c.connect("zed2")}
+        for client in (carol, dave, *zeds.values()):
+            await join(client)
+        swept = threading.Event()  # a sweep took alice's entry (and waits)
+        release = threading.Event()
+        sweeper: list[Harness] = []
+        rounds: dict[int, int] = {id(b): 0, id(c): 0}  # each node's sweeps so far
+        for node in (b, c):
+            real = node.server.store.presence.expired
+
+            def spy(now_ms: int, real: Any = real, node: Harness = node) -> list[Any]:
+                out = real(now_ms)
+                rounds[id(node)] += 1
+                if any(user == "alice" for user, *_ in out):
+                    sweeper.append(node)
+                    swept.set()
+                    release.wait(30)  # the sweep's push comes after alice's reconnect
+                return out
+
+            node.server.store.presence.expired = spy  # type: ignore[method-assign]
+        try:
+            async with doomed_node(
+                tmp_path, redis_engine, "doomed", TSMSG_ENGINE_PRESENCE_TTL_S=str(TTL_S)
+            ) as doomed:
+                alice = await hello(doomed.port, "alice", b)
+                await join(alice)
+                await members(b, ["alice", "carol", "dave"])
+                doomed.kill()
+                await until(swept.is_set, timeout=4 * TTL_S + 5)
+                taken(carol, presence_of("alice"))
+                taken(dave, presence_of("alice"))
+                await b.connect("alice")
+                for watcher in (carol, dave):  # she was offline in the engine: pushed
+                    with trio.fail_after(DELIVERY_TIMEOUT_S):
+                        got = await watcher.next(presence_of("alice"))
+                    assert got["status"] == "online", got
+                store = b.server.store
+                seen = store.last_seen("alice")
+                release.set()
+                (node,) = sweeper
+                calls = rounds[id(node)]
+                await until(lambda: rounds[id(node)] > calls)  # the sweeper's round is over
+                for watcher in (carol, dave):
+                    await barrier(zeds[id(node)], watcher)
+                late = {
+                    name: [f["status"] for f in taken(w, presence_of("alice"))]
+                    for name, w in (("carol", carol), ("dave", dave))
+                }
+                entry = await query(carol, "alice")
+                assert entry is not None and entry["status"] == "online", entry
+                assert late == {"carol": [], "dave": []}, (
+                    f"alice is connected to node B, yet after her online the members were "
+                    f"told {late} (the sweep of her dead node's entry, decided before)"
+                )
+                assert store.last_seen("alice") == seen, (
+                    "last_seen written while alice is connected to node B"
+                )
+                await alice.aclose()
+        finally:
+            release.set()
 
 
 # ---------------------------------------------------------------- presence: memberships kept right

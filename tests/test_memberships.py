@@ -146,14 +146,14 @@ def test_an_unread_set_owes_its_users_latest_change_until_read() -> None:
     assert copies.sets["alice"] == set() and list(copies.stale) == ["alice"]
     assert copies.channels_for("alice", None) is None and copies.known("alice") is None
     claims = Claims(user="alice", exp=0, scopes=frozenset({SCOPE_READ}), channels=("a*",))
-    copies.owe("alice", claims, "away", 10)
-    copies.owe("alice", claims, "online", 11)  # the latest
-    copies.owe("bob", None, "online", 11)  # not connected here: nothing kept
+    copies.owe("alice", claims, "away", 10, 1)
+    copies.owe("alice", claims, "online", 11, 2)  # the latest
+    copies.owe("bob", None, "online", 11, 1)  # not connected here: nothing kept
     taken = copies.take_stale(10)
     copies.read_failed(taken)
     assert list(copies.stale) == ["alice"]
     pushes = copies.read_done(copies.take_stale(10), {"alice": (["a1", "b1"], 4)})
-    assert pushes == [Owed("alice", "online", 11, ["a1"])]
+    assert pushes == [Owed("alice", "online", 11, ["a1"], 2)]
     assert sorted(copies.channels_for("alice", None) or ()) == ["a1", "b1"]
     assert copies.known("alice") == {"a1", "b1"} and not copies.owed
 
@@ -161,7 +161,7 @@ def test_an_unread_set_owes_its_users_latest_change_until_read() -> None:
 def test_forget_drops_everything_of_the_user() -> None:
     copies, _ = shared()
     copies.first_read("alice", None, started=0.0)
-    copies.owe("alice", None, "online", 1)
+    copies.owe("alice", None, "online", 1, 1)
     copies.own_change("alice", "member", "c")
     copies.take_stale(10)
     copies.changed("alice")

@@ -96,6 +96,7 @@ from tsmsg.server.metrics import (
     close_reason,
 )
 from tsmsg.server.poller import YIELD_EVERY_S, Poller
+from tsmsg.server.presence_order import LatestPresence
 from tsmsg.server.relay import Relay, Reset
 from tsmsg.server.settings import Settings, parse_address, store_config
 from tsmsg.server.threads import ReadThreads
@@ -119,6 +120,7 @@ from tsmsg.store.base import (
     ChannelInfo,
     Notify,
     RemoteEntry,
+    presence_order,
 )
 from tsmsg.tls import server_tls_context
 
@@ -1009,6 +1011,7 @@ class Server:
         self._members_due = trio.Event()
         self.copies = MembershipCopies(lambda: self._members_due.set())
         self.memberships = self.copies.sets
+        self._latest_presence = LatestPresence(0.0)  # (kept two TTLs once the store is open)
         # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
         self._typing_elsewhere: dict[tuple[str, str], int] = {}
         # Presence changes for a shared engine, in order: user -> (status, CONNECTED or
@@ -1188,7 +1191,7 @@ class Server:
                 continue
             pause = MEMBERS_RETRY_S
             for owed in copies.read_done(taken, got):  # announced before the set was known
-                self._presence_moved(owed.user, "", owed.status, owed.ts, owed.channels)
+                self._presence_moved(owed.user, "", owed.status, owed.ts, owed.channels, owed.order)
 
     async def _check_memberships(self) -> None:
         """The versions of the connected users' sets in the engine: a set whose version
@@ -1295,7 +1298,8 @@ class Server:
                     if isinstance(result, Exception):
                         log.warning("presence of %s not recorded: %r", user, result)
                     else:
-                        self._presence_result(user, *result, now, channels, claims)
+                        order = presence_order(result)
+                        self._presence_result(user, *result, now, channels, claims, order)
             finally:
                 self._presence_writing = 0
 
@@ -1307,25 +1311,29 @@ class Server:
         now: int,
         channels: list[str] | None,
         claims: Claims | None,
+        order: int,
     ) -> None:
-        """A change written to the engine: pushed, or (``channels`` None: the user's
-        memberships not read yet here) pushed once they are read, if the user is still
-        connected here by then."""
+        """A change written to the engine (its ``order`` there): pushed, or (``channels``
+        None: the user's memberships not read yet here) pushed once they are read, if the
+        user is still connected here by then."""
         if channels is None:
             channels = self.copies.channels_for(user, claims)  # read since: known now
         if channels is not None:
-            self._presence_moved(user, before, after, now, channels)
+            self._presence_moved(user, before, after, now, channels, order)
         elif before != after and user in self.devices:
-            self.copies.owe(user, claims, after, now)
+            self.copies.owe(user, claims, after, now, order)
 
     def _presence_moved(
-        self, user: str, before: str, after: str, now: int, channels: list[str]
+        self, user: str, before: str, after: str, now: int, channels: list[str], order: int = 0
     ) -> None:
-        if before == after:
+        """A change of the user's status across nodes, with its ``order`` in the engine
+        (0: one node's store), pushed here and to the other nodes, unless a later change
+        of the user's was handled here already (presence_order.py)."""
+        if before == after or not self._latest_presence.fresh(user, order, time.monotonic()):
             return
         frame = {"t": "presence", "user": user, "status": after, "ts": now}
         self._push_presence(frame, channels)
-        self.store.publish_signal(PRESENCE_TOPIC, {**frame, "channels": channels})
+        self.store.publish_signal(PRESENCE_TOPIC, {**frame, "channels": channels, "order": order})
 
     def _push_presence(self, frame: dict[str, Any], channels: list[str]) -> None:
         """Once to every connection here joined to any of ``channels``."""
@@ -1347,18 +1355,21 @@ class Server:
             now = self.now_ms()
             try:
                 back = await self.run_read(functools.partial(presence.refresh, now))
-                for user, before, after in back:  # swept while this node was late
+                for moved in back:  # swept while this node was late
+                    user, before, after = moved
                     channels = self.copies.channels_for(user, None)
-                    self._presence_result(user, before, after, now, channels, None)
+                    order = presence_order(moved)
+                    self._presence_result(user, before, after, now, channels, None, order)
                 await self._check_memberships()  # notices lost on the way
                 gone = await self.run_read(functools.partial(presence.expired, now))
-                for user, before in gone:
+                for expired in gone:  # last_seen: written by the engine as it decided
+                    user, before = expired
                     channels = await self.run_read(
                         functools.partial(self.store.channels_of, user, limit=most)
                     )
                     log.info("presence of %s expired (its node is gone): offline", user)
-                    self.store.submit(WriteOp("seen", "", user))
-                    self._presence_moved(user, before, OFFLINE, now, channels)
+                    order = presence_order(expired)
+                    self._presence_moved(user, before, OFFLINE, now, channels, order)
             except Exception as exc:  # the engine is down: try again at the next round
                 log.warning("presence upkeep failed: %r", exc)
 
@@ -1463,8 +1474,12 @@ class Server:
                 if t == "membership":
                     self._notify_here(to, frame)
                 return
-            channels = frame.pop("channels", None)
+            channels, order = frame.pop("channels", None), frame.pop("order", 0)
             if frame.get("t") == "presence" and isinstance(channels, list):
+                user, latest = frame.get("user"), self._latest_presence
+                if isinstance(order, int) and isinstance(user, str):
+                    if not latest.fresh(user, order, time.monotonic()):
+                        return  # older than a change of the user's handled here: dropped
                 self._push_presence(frame, channels)
             return
         if frame.get("t") == "typing":
@@ -1872,6 +1887,8 @@ class Server:
                 )
             )
         self.copies.shared = self.store.presence.shared  # other nodes change memberships too
+        # a user's presence changes handled here: kept two TTLs (presence_order.py)
+        self._latest_presence = LatestPresence(6 * self.store.presence.refresh_s)
         self.metrics.store_counters.source = self.store.counters
         if not self.inline_reads:
             self.reads = ReadThreads(settings.read_threads)

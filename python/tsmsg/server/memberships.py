@@ -38,6 +38,7 @@ class Owed(NamedTuple):
     status: str
     ts: int
     channels: list[str]
+    order: int  # the change's presence order in the engine (presence_order.py)
 
 
 class MembershipCopies:
@@ -79,7 +80,7 @@ class MembershipCopies:
         self._gens = itertools.count(1)
         self.pending: dict[str, list[tuple[str, str]]] = {}
         self.unread: set[str] = set()
-        self.owed: dict[str, tuple[Claims | None, str, int]] = {}
+        self.owed: dict[str, tuple[Claims | None, str, int, int]] = {}
         self.noticed: dict[str, float] = {}
 
     # ------------------------------------------------------------------ a user's devices
@@ -205,9 +206,9 @@ class MembershipCopies:
             self.unread.discard(user)
             owed = self.owed.pop(user, None)
             if owed is not None:  # announced before the set was known: pushed now
-                claims, status, ts = owed
+                claims, status, ts, order = owed
                 may = [c for c in mine if claims is None or claims.may_read(c)]
-                pushes.append(Owed(user, status, ts, may))
+                pushes.append(Owed(user, status, ts, may, order))
         return pushes
 
     def versioned(self) -> list[str]:
@@ -238,8 +239,9 @@ class MembershipCopies:
             return None
         return self.sets.get(user)
 
-    def owe(self, user: str, claims: Claims | None, status: str, ts: int) -> None:
-        """A change of an unread user's status, written to the engine: pushed once the
-        set is read (the latest only), unless the user leaves first."""
+    def owe(self, user: str, claims: Claims | None, status: str, ts: int, order: int) -> None:
+        """A change of an unread user's status, written to the engine (its ``order``
+        there): pushed once the set is read (the latest only), unless the user leaves
+        first."""
         if user in self.sets:
-            self.owed[user] = (claims, status, ts)
+            self.owed[user] = (claims, status, ts, order)

@@ -393,6 +393,37 @@ PRESENCE_TOPIC = ""
 PresenceChange = tuple[str, str | None, int] | tuple[str, str | None, int, str | None]
 
 
+class Ordered(tuple[str, str]):
+    """A shared store's presence result, ``(before, after)`` of a change or ``(user,
+    before)`` of a sweep: a plain pair (compares and unpacks as one) with ``order``, the
+    user's presence order the change got in the engine (moved by each change of the
+    user's: of two changes, the greater came last). 0 where there is none."""
+
+    order: int
+
+    def __new__(cls, first: str, second: str, order: int = 0) -> Ordered:
+        self = super().__new__(cls, (first, second))
+        self.order = order
+        return self
+
+
+class OrderedAgain(tuple[str, str, str]):
+    """:meth:`Presence.refresh`'s ``(user, before, after)``, with ``order`` as
+    :class:`Ordered`'s."""
+
+    order: int
+
+    def __new__(cls, user: str, before: str, after: str, order: int = 0) -> OrderedAgain:
+        self = super().__new__(cls, (user, before, after))
+        self.order = order
+        return self
+
+
+def presence_order(result: tuple[str, ...]) -> int:
+    """The order of a presence result (:class:`Ordered`), 0 if it has none."""
+    return getattr(result, "order", 0)
+
+
 class Presence:
     """The users' presence, as a store keeps it (PROTOCOL.md 6.13: a user's status, not a
     device's). A change is a node's: its first device of a user connected
@@ -450,8 +481,9 @@ class Presence:
 
     def expired(self, now_ms: int) -> list[tuple[str, str]]:
         """Users whose last entry (a dead node's) has just expired, with their status
-        before: no device anywhere now, for the caller to record last_seen and announce
-        (if the status was not ``"offline"`` already). Each is returned to one caller."""
+        before: no device anywhere now (last_seen recorded by the store as it decided),
+        for the caller to announce (if the status was not ``"offline"`` already). Each is
+        returned to one caller."""
         return []
 
 

@@ -17,7 +17,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tsmsg.store.base import CONNECTED, Presence, PresenceChange, StoreUnavailable
+from tsmsg.store.base import (
+    CONNECTED,
+    Ordered,
+    OrderedAgain,
+    Presence,
+    PresenceChange,
+    StoreUnavailable,
+)
 from tsmsg.store.redis_scripts import fcall, function_missing
 
 if TYPE_CHECKING:
@@ -47,6 +54,10 @@ class RedisPresence(Presence):
 
     def _key(self, user: str) -> bytes:
         return self._store._user_key(user, b"pres")
+
+    def _order_key(self, user: str) -> bytes:
+        """The user's presence order (moved by each change: redis_scripts.py)."""
+        return self._store._user_key(user, b"pv")
 
     def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
         (result,) = self.set_many([(user, status, now_ms)])
@@ -82,7 +93,7 @@ class RedisPresence(Presence):
             # user set just before the device change (queued with it), to apply first
             first = (rest[0] if rest else None) or ""
             args = (self._node, status or "", now_ms, expires, now_ms, expires + ttl, first)
-            keys = [self._key(user), store._user_key(user, b"seen")]  # last_seen: the script's
+            keys = [self._key(user), store._user_key(user, b"seen"), self._order_key(user)]
             commands.append(fcall("presence_set", keys, *args))
             expiries.append(expires)
         try:
@@ -107,7 +118,7 @@ class RedisPresence(Presence):
             for i, reply in enumerate(replies):
                 final = replies[last[changes[i][0]]]
                 if function_missing(reply) and not isinstance(final, Exception):
-                    replies[i] = [final[1], final[1], final[2]]
+                    replies[i] = [final[1], final[1], final[2], 0]  # nothing moved
         self._unwritten_note(changes, replies)
         index: dict[str, tuple[Any, ...]] = {}
         for (user, status, *_), reply, expires in zip(changes, replies, expiries, strict=True):
@@ -127,7 +138,7 @@ class RedisPresence(Presence):
         return [
             StoreUnavailable(f"Redis at {where}: {reply}")
             if isinstance(reply, Exception)
-            else (reply[0].decode(), reply[1].decode())
+            else Ordered(reply[0].decode(), reply[1].decode(), int(reply[3]))
             for reply in replies
         ]
 
@@ -193,19 +204,21 @@ class RedisPresence(Presence):
             ]
             for change in again:
                 self._note(*change)
-        moved = []
+        moved: list[tuple[str, str, str]] = []
         for (user, _, _), result in zip(again, self._write(again), strict=True):
             if isinstance(result, Exception):
                 raise result
-            moved.append((user, *result))
+            moved.append(OrderedAgain(user, *result, order=getattr(result, "order", 0)))
         return moved
 
     def expired(self, now_ms: int) -> list[tuple[str, str]]:
-        due = self._store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
-        gone = []
+        store = self._store
+        due = store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
+        gone: list[tuple[str, str]] = []
         for member in due:
             node, user = member[: len(self._node)], member[len(self._node) :].decode()
-            reply = self._store._eval("presence_expire", [self._key(user)], node, now_ms)
+            keys = [self._key(user), store._user_key(user, b"seen"), self._order_key(user)]
+            reply = store._eval("presence_expire", keys, node, now_ms)
             if reply and int(reply[1]) == 0:  # no entry left: no device anywhere
-                gone.append((user, reply[0].decode()))
+                gone.append(Ordered(user, reply[0].decode(), int(reply[2])))
         return gone

@@ -408,7 +408,10 @@ return out
 # Presence (RedisPresence). A user's presence hash {u:<user>}:pres: one field per node
 # with a device of the user, the node's mark (hex) -> "<since_ms> <expires_ms>", and the
 # user's status, field "s" -> "<set_ms> <status>": a user's, not a node's (PROTOCOL.md
-# 6.13).
+# 6.13). {u:<user>}:pv: the user's presence order, a counter moved by every presence_set
+# and by every sweep that finds a change (presence_expire), kept for good (an integer per
+# user, as last_seen): each change's number says which of two changes of the user came
+# last in the engine, whatever order the nodes' pushes of them take (docs/cluster.md).
 _PRESENCE_LIB = r"""
 -- How many nodes other than `skip` hold a live entry, and the user's status: nil while no
 -- status is held, i.e. the user was not announced present, or was announced gone.
@@ -438,8 +441,9 @@ end
 # else: the status the user set. ARGV[7]: '' or a status the user set just before this
 # change (the node queued both: it is applied first). KEYS[2]: the user's last_seen, set
 # to now_ms when this node's last device of the user leaves and no other node has a live
-# entry (the user's last device anywhere). Returns {status before, status after, live
-# entries after} ("offline" with 0 entries: no device anywhere).
+# entry (the user's last device anywhere). KEYS[3]: the user's presence order (moved).
+# Returns {status before, status after, live entries after, order} ("offline" with 0
+# entries: no device anywhere).
 PRESENCE_SET = r"""
 local now = tonumber(ARGV[5])
 local others, status = presence_state(KEYS[1], now, ARGV[1])
@@ -465,7 +469,7 @@ if others + me == 0 then
 elseif status then
   redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
 end
-return {before, status_of(others + me, status), others + me}
+return {before, status_of(others + me, status), others + me, redis.call('INCR', KEYS[3])}
 """
 
 # KEYS: the user's hash. ARGV: node, since_ms, expires_ms, keep_until_ms. A live node's
@@ -480,11 +484,14 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[4], 'NX')
 return 1
 """
 
-# KEYS: the user's hash. ARGV: node, now_ms. A node's entry that expired is removed, with
-# every other expired entry of the user (nodes that died together: the user goes offline
-# once, at this claim; the others' claims then find no entry). Returns {status before,
-# live entries after} (the status is the user's: it changes only when no entry is left),
-# or false when the entry was refreshed (or removed) meanwhile.
+# KEYS: the user's hash, last_seen, presence order. ARGV: node, now_ms. A node's entry
+# that expired is removed, with every other expired entry of the user (nodes that died
+# together: the user goes offline once, at this claim; the others' claims then find no
+# entry). With no live entry left, last_seen is set to now_ms here, atomically with the
+# decision (a device that connects to another node after it is not overwritten by a
+# write of the sweeper's made later). Returns {status before, live entries after, order}
+# (the status is the user's: it changes only when no entry is left; the order moved), or
+# false when the entry was refreshed (or removed) meanwhile.
 PRESENCE_EXPIRE = r"""
 local now = tonumber(ARGV[2])
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -499,8 +506,11 @@ for i = 1, #all, 2 do
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 if not status then return false end -- announced gone already (its last device left)
-if live == 0 then redis.call('HDEL', KEYS[1], 's') end
-return {status, live}
+if live == 0 then
+  redis.call('HDEL', KEYS[1], 's')
+  redis.call('SET', KEYS[2], ARGV[2]) -- the last device anywhere: its node's death
+end
+return {status, live, redis.call('INCR', KEYS[3])}
 """
 
 # KEYS: the user's hash. ARGV: now_ms. The user's status, or false with no live entry.

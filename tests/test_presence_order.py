@@ -1,0 +1,25 @@
+"""A node's record of each user's latest presence change handed on
+(server/presence_order.py), by plain calls."""
+
+from __future__ import annotations
+
+from tsmsg.server.presence_order import LatestPresence
+
+
+def test_a_change_older_than_the_last_handed_on_is_dropped() -> None:
+    latest = LatestPresence(keep_s=10.0)
+    assert latest.fresh("alice", 5, now=0.0)
+    assert not latest.fresh("alice", 3, now=1.0)  # decided before: dropped
+    assert not latest.fresh("alice", 5, now=1.0)  # the same change again
+    assert latest.fresh("alice", 6, now=1.0)
+    assert latest.fresh("bob", 1, now=1.0)  # per user
+    assert latest.fresh("alice", 0, now=1.0) and latest.fresh("alice", 0, now=1.0)  # none
+
+
+def test_entries_are_forgotten_after_keep_s() -> None:
+    latest = LatestPresence(keep_s=10.0)
+    latest.fresh("alice", 5, now=0.0)
+    latest.fresh("bob", 5, now=1.0)
+    latest.fresh("carol", 1, now=20.0)
+    assert list(latest.handled) == ["carol"]
+    assert latest.fresh("alice", 3, now=20.0)  # forgotten: handed on
