@@ -1009,17 +1009,19 @@ async def test_typing_stops_when_the_typers_connection_closes_on_another_node(
         assert off["on"] is False
 
 
+@pytest.mark.parametrize("b_timeout_ms", [800, 600_000])
 async def test_typing_of_a_node_killed_mid_typing_is_turned_off(
-    tmp_path: Path, redis_engine: str
+    tmp_path: Path, redis_engine: str, b_timeout_ms: int
 ) -> None:
     """PROTOCOL.md 6.10: "when the timer runs out, the server pushes on: false" and "when
     the connection closes, for whatever reason, the server pushes on: false";
     docs/cluster.md: "Everything PROTOCOL.md promises holds across nodes: ... typing".
     Alice types on a node that is killed -9: bob on node B must get on: false (at the
-    latest once typing_timeout_ms has passed)."""
+    latest once typing_timeout_ms has passed): the typer's node's, however node B is set
+    (before, a node B set to 10 minutes kept alice typing for 10 minutes)."""
     timeout_ms = 800
     async with nodes(
-        tmp_path, redis_engine, 1, limits=fast_limits(typing_timeout_ms=timeout_ms)
+        tmp_path, redis_engine, 1, limits=fast_limits(typing_timeout_ms=b_timeout_ms)
     ) as (b,):
         bob = await b.connect("bob")
         await join(bob)
@@ -1042,6 +1044,27 @@ async def test_typing_of_a_node_killed_mid_typing_is_turned_off(
                 "alice's node died mid-typing; bob never got on: false"
             )
             await alice.aclose()
+
+
+async def test_a_late_off_from_the_typers_node_is_not_pushed_twice(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A typer's node that sends its `off` after the other nodes timed its `on` out (it
+    stalled past the grace) does not make them push a second `off`."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        bob = await b.connect("bob")
+        await join(bob)
+        alice = await a.connect("alice")
+        await join(alice)
+        on = {"t": "typing", "channel": CHANNEL, "user": "alice", "on": True}
+        a.server.store.publish_signal(CHANNEL, {**on, "timeout_ms": 50})  # as node A would
+        assert (await bob.expect("typing", channel=CHANNEL, user="alice"))["on"] is True
+        off = await bob.expect("typing", channel=CHANNEL, user="alice")  # timed out on B
+        assert off["on"] is False
+        a.server.store.publish_signal(CHANNEL, {**on, "on": False})  # node A's, late
+        assert (await alice.request("send", channel=CHANNEL, cid="x", text="x"))["t"] == "ok"
+        await collect(bob, 1)  # after the late off, had it been pushed
+        assert [f for f in bob.pending if f.get("t") == "typing"] == []
 
 
 # ---------------------------------------------------------------- read receipts

@@ -1482,21 +1482,25 @@ class Server:
                         return  # older than a change of the user's handled here: dropped
                 self._push_presence(frame, channels)
             return
-        if frame.get("t") == "typing":
-            self._remote_typing(channel, frame)
+        if frame.get("t") == "typing" and not self._remote_typing(channel, frame):
+            return
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
 
-    def _remote_typing(self, channel: str, frame: dict[str, Any]) -> None:
-        """Another node's typing push: its `on` expires here too, in case that node dies
-        before it sends the `off` (its session's timer would have; PROTOCOL.md 6.10)."""
-        user = frame.get("user")
+    def _remote_typing(self, channel: str, frame: dict[str, Any]) -> bool:
+        """Another node's typing push: its `on` expires here too, after the typer's node's
+        own timeout (``timeout_ms``, taken off the frame) and TYPING_GRACE_MS, in case
+        that node dies before it sends the `off` (its session's timer would have;
+        PROTOCOL.md 6.10). Whether to push it here: an `off` of an `on` that ran out here
+        already (its node late) is not pushed a second time."""
+        user, timeout_ms = frame.get("user"), frame.pop("timeout_ms", None)
         if not isinstance(user, str):
-            return
+            return False
         if frame.get("on") is True:
-            timeout_ms = self.settings.limits.typing_timeout_ms
+            if type(timeout_ms) is not int or timeout_ms <= 0:
+                timeout_ms = self.settings.limits.typing_timeout_ms  # an older node's push
             self._typing_elsewhere[(channel, user)] = self.now_ms() + timeout_ms + TYPING_GRACE_MS
-        else:
-            self._typing_elsewhere.pop((channel, user), None)
+            return True
+        return self._typing_elsewhere.pop((channel, user), None) is not None
 
     def _expire_remote_typing(self, now: int) -> None:
         """The `off` of each other node's typing whose `on` ran out unrenewed here."""
@@ -1567,7 +1571,10 @@ class Server:
             self.deliver(channel, out)
             return
         if frame["t"] == "typing":  # read pushes: the engine publishes them with the cursor
-            self.store.publish_signal(channel, frame)
+            # with this node's timeout: the other nodes expire an `on` after it (a node
+            # that dies mid-typing sends no `off`), however their own is set
+            timeout_ms = self.settings.limits.typing_timeout_ms
+            self.store.publish_signal(channel, {**frame, "timeout_ms": timeout_ms})
         self.publish(channel, frame, action.skip_user)
 
     def publish(self, channel: str, frame: dict[str, Any], skip_user: str | None) -> None:
