@@ -331,6 +331,8 @@ def test_serve_refuses_out_of_range_settings(
         ("retention_max_age_s = 0.0004", "retention_max_age_s must be 0 (keep all) or"),
         ("[limits]\nmax_depth = 0", "max_depth must be >= 1"),
         ("[limits]\nframe_rate = nan", "frame_rate must be > 0"),
+        ("[limits]\nsend_rate = inf", "send_rate must be > 0 and finite, not inf"),
+        ("shutdown_grace_s = inf", "shutdown_grace_s must be >= 0 and finite"),
     ]:
         config = tmp_path / "tsmsg.toml"
         config.write_text(line + "\n")

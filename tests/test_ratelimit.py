@@ -214,6 +214,10 @@ def test_limits_refuse_empty_buckets(kind: str, rate: float, burst: int) -> None
         ({"max_depth": 33}, "max_depth must be <= 32, not 33"),  # the encoder's depth
         ({"max_frame": 2**32}, "max_frame must be <= 4294967295"),
         ({"send_rate": float("nan")}, "send_rate must be > 0"),
+        # limits go to clients in `welcome`: JSON has no infinity (a JSON client's hello
+        # was answered by a closed connection)
+        ({"send_rate": float("inf")}, "send_rate must be > 0 and finite, not inf"),
+        ({"typing_rate": float("inf")}, "typing_rate must be > 0 and finite"),
     ],
 )
 def test_limits_refuse_values_the_server_cannot_serve(fields: dict[str, int], match: str) -> None:

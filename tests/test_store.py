@@ -13,6 +13,7 @@ the rest have been submitted, so the writer takes them all in its next batch.
 from __future__ import annotations
 
 import errno
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1229,6 +1230,44 @@ def test_append_batch_rows_are_the_entry_packed(meta: dict[str, Any] | None, sea
     op2 = WriteOp("message", "room", "ü", cid="c2", text="again")
     assert batch.append(op2).seq == 43  # the next order in the journal
     assert batch.journal[-1][0] == lmdb_store.U64.pack(11)
+
+
+def test_append_batch_refuses_a_seq_past_the_last_and_changes_nothing() -> None:
+    """A log at seq 2**64 - 1 (an export may bring one) takes no more messages: refused,
+    not wrapped to seq 0 (which would overwrite the log from its start)."""
+    rec = {"id": 7, "head": 2**64 - 1, "epoch": 1}
+    batch = append_batch(rec)
+    with pytest.raises(ValueError, match="last seq"):
+        batch.append(WriteOp("message", "room", "u", cid="c", text="x"))
+    assert batch.take() == ([], []) and rec["head"] == 2**64 - 1
+
+
+@pytest.mark.lmdb_only
+def test_a_batch_is_freed_when_it_is_done(open_store: OpenStore) -> None:
+    """Nothing of a committed batch outlives it: no reference cycle holds its
+    transaction, cursors and rows (with the collector off, as between its runs); and an
+    AppendBatch in a cycle is collected (the extension tells the collector what it holds).
+    Found by review: every batch was kept until a collection found nothing to free."""
+    store = open_store()
+
+    def alive(kind: type) -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive(lmdb_store._Batch)
+        for i in range(50):
+            store.write(WriteOp("message", "room", "u", cid=f"c{i}", text="x"), timeout=WAIT_S)
+        assert alive(lmdb_store._Batch) == before
+    finally:
+        gc.enable()
+    holder: list[Any] = []  # holder -> AppendBatch -> holder.append -> holder
+    holder.append(AppendBatch(DedupRing(4), {}, T0, 0, holder.append, None, AppendResult, 8, 8))
+    del holder
+    before = alive(AppendBatch)
+    gc.collect()
+    assert alive(AppendBatch) < before
 
 
 @pytest.mark.parametrize(

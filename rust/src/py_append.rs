@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::codec;
 use crate::py_codec::write_obj;
@@ -37,8 +38,9 @@ pub struct AppendBatch {
     unsynced: Py<PyDict>,
     ts: i64,
     next_order: u64,
-    /// `channel(name) -> (record, id as 8 bytes, message id prefix)`, once per channel.
-    channel: Py<PyAny>,
+    /// `channel(name) -> (record, id as 8 bytes, message id prefix)`, once per channel
+    /// (None once the garbage collector cleared this object: it may close a cycle).
+    channel: Option<Py<PyAny>>,
     /// `seal(entry, key) -> entry`: encryption at rest, or None for plaintext.
     seal: Option<Py<PyAny>>,
     /// The store's `AppendResult` type, called with (channel, seq, id, ts).
@@ -82,7 +84,7 @@ impl AppendBatch {
             unsynced,
             ts,
             next_order,
-            channel,
+            channel: Some(channel),
             seal,
             result,
             max_user_bytes,
@@ -127,7 +129,11 @@ impl AppendBatch {
         let name_obj = op.getattr(intern!(py, "channel"))?;
         let name = name_obj.cast::<PyString>()?.to_str()?;
         if !self.channels.contains_key(name) {
-            let got = self.channel.bind(py).call1((&name_obj,))?;
+            let channel = self
+                .channel
+                .as_ref()
+                .ok_or_else(|| PyTypeError::new_err("the AppendBatch was cleared"))?;
+            let got = channel.bind(py).call1((&name_obj,))?;
             let (record, key, id_prefix): (Bound<'py, PyDict>, Bound<'py, PyBytes>, String) =
                 got.extract()?;
             let key: [u8; 8] = key
@@ -167,7 +173,9 @@ impl AppendBatch {
             .get_item(intern!(py, "head"))?
             .ok_or_else(|| PyTypeError::new_err("a channel record has a head"))?
             .extract()?;
-        let seq = head + 1;
+        let seq = head.checked_add(1).ok_or_else(|| {
+            value_error("the channel's log is at the last seq (2**64 - 1)".into())
+        })?;
         let mid = format!("{}-{seq}", chan.id_prefix);
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&chan.key);
@@ -219,7 +227,10 @@ impl AppendBatch {
         codec::write_uint(out, seq);
         codec::write_int(out, self.ts);
         let row = PyBytes::new(py, out);
-        let order = self.next_order + new_cids.len() as u64;
+        let order = self
+            .next_order
+            .checked_add(new_cids.len() as u64)
+            .ok_or_else(|| value_error("the dedup journal's order passed 2**64 - 1".into()))?;
         let order = PyBytes::new(py, &order.to_be_bytes());
 
         // Nothing above changed anything: from here on the message is appended.
@@ -239,6 +250,28 @@ impl AppendBatch {
             op.setattr(intern!(py, "epoch"), epoch)?;
         }
         self.result.bind(py).call1((name_obj, seq, mid, self.ts))
+    }
+
+    /// Its references, for the garbage collector (the `channel` callable may refer to
+    /// what holds this object).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.ring)?;
+        visit.call(&self.unsynced)?;
+        visit.call(&self.channel)?;
+        visit.call(&self.seal)?;
+        visit.call(&self.result)?;
+        for channel in self.channels.values() {
+            visit.call(&channel.record)?;
+        }
+        visit.call(&self.log)?;
+        visit.call(&self.index)?;
+        visit.call(&self.journal)?;
+        visit.call(&self.new_cids)
+    }
+
+    fn __clear__(&mut self) {
+        self.channel = None;
+        self.channels.clear();
     }
 
     /// The log and index rows queued since the last `take()`, handed over (and cleared).

@@ -3,6 +3,7 @@ They are settings (see tsmsg.server.settings); clients learn them from ``welcome
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -118,11 +119,13 @@ class Limits:
 
 def check_minimums(obj: object, minimums: Mapping[str, tuple[float, bool]]) -> None:
     """Each named field at or above its lowest valid value (above it, when excluded: a
-    timeout or a rate must be > 0); NaN fails too. For the settings and the limits."""
+    timeout or a rate must be > 0), and finite: NaN and infinity fail (the limits go to
+    clients in `welcome`, and JSON has neither). For the settings and the limits."""
     for name, (low, strict) in minimums.items():
         value = getattr(obj, name)
-        if not (value > low if strict else value >= low):
-            raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
+        if not (value > low if strict else value >= low) or not math.isfinite(value):
+            what = f"{'>' if strict else '>='} {low:g} and finite"
+            raise ValueError(f"{name} must be {what}, not {value!r}")
 
 
 # The token buckets among the limits: each has a `_rate` (> 0) and a `_burst` (>= 1).

@@ -397,9 +397,6 @@ class _Batch:
     ts: int  # every entry of the batch has this time
     log: lmdb.Cursor  # the log's cursor: entries are written through it
     index: lmdb.Cursor  # the message index's
-    # New messages (the hot path, in the extension): their rows wait there until
-    # _flush_appends writes them, and it holds the cids they stored (dedup key -> seq).
-    appends: AppendBatch
     records: dict[str, dict[str, int]] = field(default_factory=dict)  # channels touched
     heads: dict[str, int] = field(default_factory=dict)  # their heads before this batch
 
@@ -1074,7 +1071,10 @@ class LmdbStore(Store):
                 lambda name: self._append_channel(b, name), seal, AppendResult,
                 MAX_USER_BYTES, MAX_CID_CHARS,
             )  # fmt: skip
-            b = _Batch(txn, ts, txn.cursor(db=self._log), txn.cursor(self._messages), appends)
+            # New messages (the hot path) are the extension's: their rows wait there until
+            # _flush_appends writes them. (Not held by `b`, which its callback holds: a
+            # cycle would keep every batch until a collection.)
+            b = _Batch(txn, ts, txn.cursor(db=self._log), txn.cursor(self._messages))
             append = appends.append
             for op in batch:
                 error: StoreError | None = None
@@ -1083,11 +1083,11 @@ class LmdbStore(Store):
                     if op.kind == "message":  # the hot path: nothing else on the way
                         result = append(op)
                         if type(result) is int:  # a known cid: the seq it was first given
-                            self._flush_appends(b)  # (perhaps by this batch)
+                            self._flush_appends(b, appends)  # (perhaps by this batch)
                             rec = b.records[op.channel]
                             result = self._dup_result(txn, op.channel, rec, result)
                     else:
-                        self._flush_appends(b)  # the log as every earlier op left it
+                        self._flush_appends(b, appends)  # the log as earlier ops left it
                         result = self._apply(b, op)
                 except EncryptionError as exc:  # logged here; the client learns no key ids
                     log.error("%s %s in %r failed: %s", op.kind, op.target, op.channel, exc)
@@ -1099,7 +1099,7 @@ class LmdbStore(Store):
                 except Exception as exc:  # a malformed op fails alone, never its batch
                     error = StoreError(f"invalid write: {exc}")
                 op.result, op.error = result, error
-            self._flush_appends(b)
+            self._flush_appends(b, appends)
             journal, new_cids = appends.journal, appends.new_cids
             if journal:
                 added = txn.cursor(db=self._dedup).putmulti(journal, append=True)[1]
@@ -1123,10 +1123,10 @@ class LmdbStore(Store):
             self._chan_ids[name] = rec["id"]
         return new_cids
 
-    def _flush_appends(self, b: _Batch) -> None:
+    def _flush_appends(self, b: _Batch, appends: AppendBatch) -> None:
         """Write the rows of the messages appended so far: before an op that reads or
         rewrites the log, and at the batch's end."""
-        log, index = b.appends.take()
+        log, index = appends.take()
         if log:
             b.log.putmulti(log)
             b.index.putmulti(index)
