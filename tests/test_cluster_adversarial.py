@@ -964,6 +964,34 @@ async def test_presence_typing_and_reads_flow_again_after_client_kill_pubsub(
         assert (await bob.next(presence_of("alice")))["status"] == "away"
 
 
+async def test_presence_is_pushed_after_redis_lost_its_data(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A FLUSHALL takes the users' presence orders with it: the next change of alice's
+    must still reach carol on the other node (found by review: the counter started again
+    at 1, below the order both nodes remembered, and every change of hers was dropped
+    there and here for good)."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        alice, carol = await a.connect("alice"), await b.connect("carol")
+        for c in (alice, carol):
+            await join(c)
+        await members(a, ["alice", "carol"])
+        await until(lambda: CHANNEL in a.server.memberships.get("alice", ()))
+        for status in ("s1", "s2", "s3"):
+            assert (await alice.request("presence", status=status))["t"] == "ok"
+            with trio.fail_after(10):
+                await carol.next(lambda f, s=status: f.get("t") == "presence" and f["status"] == s)
+        admin = redis.Redis.from_url(redis_engine)
+        await trio.to_thread.run_sync(admin.flushall)
+        for c in (alice, carol):  # memberships were lost with the data: joined again
+            await join(c, "room-2")
+        await members(a, ["alice", "carol"], "room-2")
+        await until(lambda: "room-2" in a.server.memberships.get("alice", ()))
+        assert (await alice.request("presence", status="away"))["t"] == "ok"
+        with trio.fail_after(10):
+            await carol.next(lambda f: f.get("t") == "presence" and f["status"] == "away")
+
+
 # ---------------------------------------------------------------- typing
 
 

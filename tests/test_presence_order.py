@@ -23,3 +23,13 @@ def test_entries_are_forgotten_after_keep_s() -> None:
     latest.fresh("carol", 1, now=20.0)
     assert list(latest.handled) == ["carol"]
     assert latest.fresh("alice", 3, now=20.0)  # forgotten: handed on
+
+
+def test_an_order_remembered_longer_than_keep_s_drops_nothing() -> None:
+    """A change whose order is below one remembered past keep_s is handed on: after
+    Redis lost a user's counter, a node that has seen no other change of the user since
+    must not drop the user's changes until it trims (found by review: dropped for good)."""
+    latest = LatestPresence(keep_s=10.0)
+    assert latest.fresh("alice", 50, now=0.0)
+    assert not latest.fresh("alice", 1, now=9.0)
+    assert latest.fresh("alice", 1, now=100.0)

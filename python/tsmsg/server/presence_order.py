@@ -33,8 +33,8 @@ class LatestPresence:
             return True
         handled = self.handled
         held = handled.get(user)
-        if held is not None and held[0] >= order:
-            return False
+        if held is not None and held[0] >= order and held[1] >= now - self.keep_s:
+            return False  # (an order remembered longer than keep_s drops nothing)
         handled.pop(user, None)
         handled[user] = (order, now)  # at the end: oldest first
         for old, (_, at) in list(itertools.islice(handled.items(), 2)):

@@ -412,7 +412,21 @@ return out
 # and by every sweep that finds a change (presence_expire), kept for good (an integer per
 # user, as last_seen): each change's number says which of two changes of the user came
 # last in the engine, whatever order the nodes' pushes of them take (docs/cluster.md).
-_PRESENCE_LIB = r"""
+_BUMP = r"""
+-- The counter at `key` moved on: one more than it held, and never below now_ms, so one
+-- lost with Redis's data (FLUSHALL, a restart without its AOF, a failover that lost the
+-- last writes) starts again above the values nodes remember, not below (a user's
+-- presence order and memberships' version, STORAGE.md "Presence between nodes").
+local function bump(key, now)
+  local v = redis.call('INCR', key)
+  if v < now then redis.call('SET', key, now); return now end
+  return v
+end
+"""
+
+_PRESENCE_LIB = (
+    _BUMP
+    + r"""
 -- How many nodes other than `skip` hold a live entry, and the user's status: nil while no
 -- status is held, i.e. the user was not announced present, or was announced gone.
 local function presence_state(key, now, skip)
@@ -433,6 +447,7 @@ local function status_of(live, status)
   return status or 'online'
 end
 """
+)
 
 # KEYS: the user's hash. ARGV: node, change, since_ms, expires_ms, now_ms, keep_until_ms
 # (the hash outlives its entries' expiry, so a sweep still finds a dead node's entry).
@@ -469,7 +484,7 @@ if others + me == 0 then
 elseif status then
   redis.call('HSET', KEYS[1], 's', ARGV[3] .. ' ' .. status)
 end
-return {before, status_of(others + me, status), others + me, redis.call('INCR', KEYS[3])}
+return {before, status_of(others + me, status), others + me, bump(KEYS[3], now)}
 """
 
 # KEYS: the user's hash. ARGV: node, since_ms, expires_ms, keep_until_ms. A live node's
@@ -510,7 +525,7 @@ if live == 0 then
   redis.call('HDEL', KEYS[1], 's')
   redis.call('SET', KEYS[2], ARGV[2]) -- the last device anywhere: its node's death
 end
-return {status, live, redis.call('INCR', KEYS[3])}
+return {status, live, bump(KEYS[3], now)}
 """
 
 # KEYS: the user's hash. ARGV: now_ms. The user's status, or false with no live entry.
@@ -577,7 +592,8 @@ return out
 """
 
 # A membership (WriteOp "member"). KEYS: the user's set of channels, its version (a
-# counter, the user's slot). ARGV: the channel, most (0: no bound). Added only while the
+# counter, the user's slot). ARGV: the channel, most (0: no bound), now_ms (the version
+# never goes below it: `bump`). Added only while the
 # set has fewer than `most`; returns 1 if added (the version then counts one more: a node
 # that read the set at another version reads it again, STORAGE.md "Presence between
 # nodes").
@@ -585,15 +601,15 @@ MEMBER = r"""
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 local most = tonumber(ARGV[2])
 if most > 0 and redis.call('SCARD', KEYS[1]) >= most then return 0 end
-redis.call('INCR', KEYS[2])
+bump(KEYS[2], tonumber(ARGV[3]))
 return redis.call('SADD', KEYS[1], ARGV[1])
 """
 
-# A membership forgotten (WriteOp "unmember"). KEYS, ARGV: as MEMBER's. Returns 1 if it
-# was a member (the version then counts one more).
+# A membership forgotten (WriteOp "unmember"). KEYS: as MEMBER's. ARGV: the channel,
+# now_ms. Returns 1 if it was a member (the version then moves on).
 UNMEMBER = r"""
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('INCR', KEYS[2])
+bump(KEYS[2], tonumber(ARGV[2]))
 return 1
 """
 
@@ -620,8 +636,8 @@ SCRIPTS: dict[str, str] = {
     "presence_extend": PRESENCE_EXTEND,
     "presence_status": _PRESENCE_LIB + PRESENCE_STATUS,
     "send_rate": SEND_RATE,
-    "member": MEMBER,
-    "unmember": UNMEMBER,
+    "member": _BUMP + MEMBER,
+    "unmember": _BUMP + UNMEMBER,
 }
 # Redis refuses a function that may write while it is over maxmemory (noeviction), before
 # it runs; a script was refused only at its first write that could grow memory. So the

@@ -873,7 +873,8 @@ class RedisStore(Store):
             return (dkey, op.user.encode(), body + meta, 2 if meta else 1, meta)
         if op.kind in ("member", "unmember"):
             mine = [self._user_key(op.user, b"ch"), self._user_key(op.user, b"mv")]
-            return fcall(op.kind, mine, op.channel, *((op.most,) if op.kind == "member" else ()))
+            most = (op.most,) if op.kind == "member" else ()
+            return fcall(op.kind, mine, op.channel, *most, ts)
         keys = self._keys(op.channel)
         if op.kind == "read":
             return fcall("read", keys, op.user, op.seq)
