@@ -146,6 +146,29 @@ async def test_full_api(harness: Harness) -> None:
                 raise AssertionError(f"left, yet got {event}")
 
 
+async def test_an_iterator_of_a_channel_ends_when_it_is_left(harness: Harness) -> None:
+    """``events(channel)`` ends once the channel is left (before, it waited for ever);
+    an iterator made after a new join goes on with the channel's events."""
+    with trio.fail_after(20):
+        async with connect(HOST, harness.server.port, token=mint("alice")) as alice:
+            await alice.join(CH)
+            got: list[Event] = []
+
+            async def iterate() -> None:
+                async for event in alice.events(CH):
+                    got.append(event)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(iterate)
+                await alice.send(CH, "one")
+                while not any(isinstance(e, Message) for e in got):
+                    await trio.sleep(0.01)
+                await alice.leave(CH)  # iterate() returns: the nursery can close
+            assert [type(e) for e in got] == [Resynced, Message]
+            await alice.join(CH)
+            assert [m.text for m in (await next_event(alice, want=Resynced)).messages] == ["one"]
+
+
 async def test_forbidden_channel_and_bad_token(harness: Harness) -> None:
     port = harness.server.port
     with trio.fail_after(10):

@@ -564,7 +564,7 @@ async def test_nothing_of_a_page_in_flight_reaches_a_channel_left_and_joined_aga
                     async for e in it:
                         stale.append(e)
                 go.set()
-            fresh = await it.__anext__()
+            fresh = await alice.events(CH).__anext__()  # `it` ended at the leave
         assert stale == [], stale
         assert isinstance(fresh, Resynced) and fresh.head == 6, fresh
 

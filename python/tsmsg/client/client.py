@@ -31,6 +31,7 @@ Best-effort signals (typing, read receipts, presence) are dropped when their que
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import math
 import random
@@ -190,6 +191,9 @@ class Client:
         self._session: _Session | None = None
         self._send_lock = anyio.Lock()
         self._changed = anyio.Event()  # set (and replaced) whenever something happened
+        # channel -> how many times it stopped being followed (leave, a Left, a failed
+        # join): an events(channel) iterator made before ends (_EventStream)
+        self._unfollowed: collections.Counter[str] = collections.Counter()
         self._first = anyio.Event()  # the first welcome, or a fatal error
         self._fatal: ClientError | None = None
         self._closed = False
@@ -338,7 +342,10 @@ class Client:
     def events(self, channel: str | None = None) -> _EventStream:
         """Async iterator over app events (of ``channel`` only, if given): each channel's
         entries exactly once and in seq order, across reconnects and server restarts.
-        Several iterators share one stream: each event goes to one of them."""
+        Several iterators share one stream: each event goes to one of them. An iterator
+        of one channel ends once the channel is no longer followed (:meth:`leave`, a
+        :class:`Left` from the server, which it yields first, or its join failing);
+        after a new :meth:`join`, iterate a new one."""
         return _EventStream(self, channel)
 
     # ------------------------------------------------------------------ requests
@@ -387,6 +394,9 @@ class Client:
             elif isinstance(out, FollowChanged):
                 if self._state is not None:
                     self._state.follow(out.channel, out.following)
+                if not out.following:
+                    self._unfollowed[out.channel] += 1
+                    self._notify()  # its iterators end
             elif isinstance(out, Welcomed):
                 if session is not None:
                     session.welcomed_at = anyio.current_time()
@@ -668,6 +678,7 @@ class _EventStream:
 
     def __init__(self, client: Client, channel: str | None) -> None:
         self._client, self._channel = client, channel
+        self._unfollowed = None if channel is None else client._unfollowed[channel]
 
     def __aiter__(self) -> _EventStream:
         return self
@@ -689,6 +700,8 @@ class _EventStream:
                 raise client._fatal
             if client._closed:
                 raise StopAsyncIteration
+            if self._channel is not None and client._unfollowed[self._channel] != self._unfollowed:
+                raise StopAsyncIteration  # left since this iterator was made
             await changed.wait()
 
 
