@@ -398,6 +398,34 @@ async def test_welcome_then_close_grows_the_backoff(monkeypatch: pytest.MonkeyPa
     assert jitter.caps[:7] == pytest.approx(expected), jitter.caps
 
 
+async def test_many_short_connections_in_a_row_do_not_break_the_reconnect_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that welcomes and drops every connection for hours (no reset) made the
+    reconnect loop's cap 0.1 x 2**attempt, and past 1,024 attempts that float does not
+    exist: OverflowError out of the app's ``async with connect()`` (found by review). The
+    count stops at BACKOFF_MAX_DOUBLINGS; the loop goes on at the cap."""
+    jitter = RecordedJitter()
+    monkeypatch.setattr(client_module, "random", jitter)
+    connects = 0
+    enough = anyio.Event()
+
+    async def welcome_then_close(conn: ScriptedConn) -> None:
+        nonlocal connects
+        connects += 1
+        await conn.welcome()
+        if connects >= 1100:
+            enough.set()
+
+    async with (
+        scripted_server(welcome_then_close) as port,
+        connect(HOST, port, token=mint("alice"), backoff_max=5.0),
+    ):
+        with anyio.fail_after(60):
+            await enough.wait()
+    assert jitter.caps[-1] == 5.0 and len(jitter.caps) >= 1099
+
+
 async def test_a_connection_up_for_backoff_max_resets_the_backoff(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

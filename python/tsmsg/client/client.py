@@ -88,6 +88,9 @@ TokenProvider = Callable[[], Awaitable[str]]
 CONNECT_TIMEOUT = 10.0  # s: TCP connect (and TLS handshake), then hello: the server's deadlines
 WRITE_TIMEOUT = 30.0  # s: a write taking longer means a dead peer (the server's send_timeout_s)
 BACKOFF_BASE = 0.1  # s: the first reconnect waits up to this, doubling up to backoff_max
+# Doublings counted at most (0.1 s x 2**20 is 29 hours, past any backoff_max): the count
+# grows no further, as in tsmsg.js (a float of 0.1 x 2**1024 does not exist).
+BACKOFF_MAX_DOUBLINGS = 20
 REFRESH_MARGIN = 30.0  # s: refresh this long before exp (or a fifth of a short token's life)
 REFRESH_MIN_INTERVAL = 1.0  # s: a provider that returns no newer token is asked again after
 READ_SIZE = 65536
@@ -496,7 +499,7 @@ class Client:
                     self._fail(ConnectionClosed(reason))
                     return
                 cap = min(self._backoff_max, BACKOFF_BASE * 2**attempt)
-                attempt += 1
+                attempt = min(attempt + 1, BACKOFF_MAX_DOUBLINGS)
                 await anyio.sleep(max(wait_at_least, random.uniform(0, cap)))
         except ClientError as exc:
             self._fail(exc)
