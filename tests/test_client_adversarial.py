@@ -922,6 +922,58 @@ await flush();
 done({ after, sent: sent.map((f) => [f.t, f.since ?? null]), following: c.channels.has(CH) });
 """
 
+JS_LEAVE_LOST = r"""import { flush, done, liveClient, newSocket, welcome, CH } from "./common.mjs";
+const { c, ws } = await liveClient(5);
+let leave = "pending";
+c.leave(CH).then((v) => { leave = "resolved"; }, (e) => { leave = "rejected " + e.code; });
+await flush();
+const first = ws.take().map((f) => f.t); // the leave went; the connection drops before its ok
+ws.serverClose(1006); await flush();
+const atLost = leave;
+if (process.env.MODE === "rejoin") c.join(CH); // the page joins the channel again offline
+const ws2 = await newSocket(2);
+const after = await welcome(ws2); // what the new connection sends after its welcome
+done({ first, atLost, after: after.map((f) => [f.t, f.channel ?? null]) });
+"""
+
+JS_LEAVE_IN_LISTENER = r"""import { flush, done, liveClient, ev, CH } from "./common.mjs";
+const { c, ws } = await liveClient(5);
+const second = []; // what the listener added second got after the first one left
+let left = false;
+c.on("event", (e) => { if (!left) { left = true; c.leave(CH); } });
+c.on("event", (e) => { if (left) second.push(e.type === "resynced" ? "resynced" : e.seq); });
+if (process.env.MODE === "resynced") {
+  ws.recv({ t: "resync", channel: CH, head: 12, epoch: 1, reason: "compacted" }); await flush();
+  const [history] = ws.take();
+  ws.recv({ t: "ok", rid: history.rid, channel: CH, messages: [ev(12)], more: true });
+} else {
+  ws.recv(ev(6));
+}
+await flush();
+const sent = ws.take().filter((f) => f.t !== "ping").map((f) => f.t);
+done({ second, sent, following: c.channels.has(CH) });
+"""
+
+JS_LISTENERS_CHANGED = r"""import { flush, done, liveClient, ev } from "./common.mjs";
+const { c, ws } = await liveClient(5);
+const got = { added: [], again: 0, removed: [] };
+let added = false;
+c.on("event", (e) => {
+  if (!added) { added = true; c.on("event", (x) => got.added.push(x.seq)); }
+});
+const again = (e) => { // removes and adds itself back: called once per event
+  if (++got.again > 50) return;
+  off(); off = c.on("event", again);
+};
+let off = c.on("event", again);
+let removed = null;
+c.on("event", () => removed && (removed(), (removed = null)));
+removed = c.on("event", (e) => got.removed.push(e.seq)); // removed by the one before it
+ws.recv(ev(6)); await flush();
+ws.recv(ev(7)); await flush();
+done(got);
+"""
+
 NODE = shutil.which("node")
 TSMSG_JS = Path(__file__).resolve().parents[1] / "python" / "tsmsg" / "web" / "tsmsg.js"
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -1115,6 +1167,43 @@ def test_js_a_page_in_flight_does_not_reach_a_channel_left_and_joined_again(
     r = run_js(tmp_path, JS_LEAVE, MODE="rejoin")
     assert r["after"] == ["resynced"], r
     assert r["following"] is True, r
+
+
+@needs_node
+@pytest.mark.parametrize("mode", ["leave", "rejoin"])
+def test_js_a_leave_lost_with_its_connection_is_not_sent_again(tmp_path: Path, mode: str) -> None:
+    """A `leave` (a retried call) lost with its connection was kept by ``_lost`` and sent
+    again on the next connection, after the joins ``_welcome`` sends: with the channel
+    joined again meanwhile (rejoin), the server stopped following a channel the page
+    follows (no live event of it ever came). As protocol.py's connection_lost, a leave
+    lost with its connection is resolved then: the new connection follows the channel
+    only if it was joined again."""
+    r = run_js(tmp_path, JS_LEAVE_LOST, MODE=mode)
+    assert r["first"] == ["leave"] and r["atLost"] == "resolved", r
+    assert r["after"] == ([["join", "room-1"]] if mode == "rejoin" else []), r
+
+
+@needs_node
+@pytest.mark.parametrize("mode", ["event", "resynced"])
+def test_js_no_other_listener_gets_the_event_during_which_one_left(
+    tmp_path: Path, mode: str
+) -> None:
+    """docs/web.md and tsmsg.d.ts (leave): "from the call on, no event of it reaches a
+    listener". ``_emit`` went on calling the other listeners with the event (a message,
+    or a `resynced`) during which the first one called leave(): the second got it."""
+    r = run_js(tmp_path, JS_LEAVE_IN_LISTENER, MODE=mode)
+    assert r["second"] == [] and r["following"] is False, r
+    assert r["sent"] == ["leave"], r  # and no sync for the channel left during `resynced`
+
+
+@needs_node
+def test_js_listeners_added_or_removed_during_a_delivery(tmp_path: Path) -> None:
+    """``_emit`` iterated the live Set of listeners: one added during a delivery got the
+    event being delivered, and one that removed and added itself back was called again
+    and again for the same event, for ever (capped at 50 here). Now a delivery goes to
+    the listeners there when it starts, less those removed meanwhile."""
+    r = run_js(tmp_path, JS_LISTENERS_CHANGED)
+    assert r == {"added": [7], "again": 2, "removed": []}, r
 
 
 # ============================================================================ properties (passing)

@@ -121,6 +121,8 @@ export declare class TsmsgClient {
   limits: Record<string, number>;
   heartbeatMs: number;
   closeReason: string | null;
+  /** Listen to `type`; returns a function that stops listening. An event goes to the
+   * listeners there when its delivery starts (one added during it gets the next). */
   on<K extends keyof EventMap>(type: K, fn: (value: EventMap[K]) => void): () => void;
   /** One channel's events: its entries, typing, read receipts, and its leaving. */
   onChannel(
@@ -138,7 +140,9 @@ export declare class TsmsgClient {
   }): void;
   join(channel: string, options?: { replay?: boolean }): Promise<JoinInfo>;
   /** Stop following a channel: from this call on no event of it is delivered (a listener
-   * that leaves mid-page gets none of the rest), until a join starts it afresh. */
+   * that leaves mid-page gets none of the rest, nor do the other listeners of the event it
+   * left on), until a join starts it afresh. Resolves also when its connection closes
+   * first: a new connection follows only the channels joined (again). */
   leave(channel: string): Promise<unknown>;
   send(
     channel: string,

@@ -155,8 +155,15 @@ export class TsmsgClient {
     return () => offs.forEach((off) => off());
   }
 
-  _emit(type, value) {
-    for (const fn of this._listeners.get(type) ?? []) {
+  /** Call the listeners of `type`: those there when the delivery starts, less any removed
+   * meanwhile (one added during it gets the next event, not this one). With `ch`, an event
+   * of that channel: it stops once the channel is no longer followed (a listener left it). */
+  _emit(type, value, ch = null) {
+    const listeners = this._listeners.get(type);
+    if (!listeners) return;
+    for (const fn of [...listeners]) {
+      if (!listeners.has(fn)) continue;
+      if (ch && !this._follows(ch)) return;
       try {
         fn(value);
       } catch (err) {
@@ -289,7 +296,12 @@ export class TsmsgClient {
       const sent = req.rid !== null;
       req.rid = null;
       req.needsToken = false; // the next connection's hello carries a fresh token
-      if (sent && !req.retry) {
+      if (req.frame.t === "leave") {
+        // A new connection follows only the channels joined on it: nothing to undo (sent
+        // again after the joins, it would stop a channel the page joined again meanwhile).
+        this._calls.delete(req);
+        req.resolve(undefined);
+      } else if (sent && !req.retry) {
         this._calls.delete(req);
         req.reject(new TsmsgError("connection_closed", `the connection closed (${reason}) before ${req.frame.t} was answered`));
       }
@@ -332,7 +344,8 @@ export class TsmsgClient {
   /**
    * Stop following a channel. From this call on no event of the channel is delivered
    * (a listener that leaves while a page is being delivered gets none of the rest), until
-   * it is joined again, which starts afresh with a `resynced`.
+   * it is joined again, which starts afresh with a `resynced`. Resolves also when the
+   * connection closes before the answer: a new connection follows only the joined channels.
    */
   leave(channel) {
     checkChannel(channel);
@@ -469,9 +482,9 @@ export class TsmsgClient {
     } else if (t === "resync") {
       if (ch) this._resyncPush(ch, f);
     } else if (t === "typing") {
-      if (ch) this._emit("typing", { channel: ch.name, user: f.user, on: !!f.on });
+      if (ch) this._emit("typing", { channel: ch.name, user: f.user, on: !!f.on }, ch);
     } else if (t === "read") {
-      if (ch) this._emit("read", { channel: ch.name, user: f.user, seq: f.seq });
+      if (ch) this._emit("read", { channel: ch.name, user: f.user, seq: f.seq }, ch);
     } else if (t === "presence") {
       this._emit("presence", { user: f.user, status: f.status, ts: f.ts });
     } else if (t === "membership") {
@@ -690,7 +703,7 @@ export class TsmsgClient {
     Object.assign(ch, { known: true, epoch, last: head, reloadPending: head !== 0 });
     if (head === 0) {
       ch.delivered = { seq: 0, epoch };
-      this._emit("event", { type: "resynced", channel: ch.name, head: 0, epoch, messages: [] });
+      this._emit("event", { type: "resynced", channel: ch.name, head: 0, epoch, messages: [] }, ch);
       if (this._follows(ch)) this._catchUp(ch);
       return;
     }
@@ -702,7 +715,7 @@ export class TsmsgClient {
     ch.reloadPending = false;
     const messages = f.messages.map((m) => messageOf(ch.name, m));
     ch.delivered = { seq: ch.last, epoch: ch.epoch };
-    this._emit("event", { type: "resynced", channel: ch.name, head: ch.last, epoch: ch.epoch, messages, more: !!f.more });
+    this._emit("event", { type: "resynced", channel: ch.name, head: ch.last, epoch: ch.epoch, messages, more: !!f.more }, ch);
     if (this._follows(ch)) this._catchUp(ch);
   }
 
@@ -718,7 +731,7 @@ export class TsmsgClient {
     ch.last = e.seq;
     ch.delivered = { seq: e.seq, epoch: ch.epoch };
     const event = entryEvent(ch.name, e);
-    if (event) this._emit("event", event);
+    if (event) this._emit("event", event, ch);
   }
 
   _live(ch, e) {
