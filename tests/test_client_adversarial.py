@@ -946,6 +946,8 @@ if (process.env.MODE === "resynced") {
   ws.recv({ t: "resync", channel: CH, head: 12, epoch: 1, reason: "compacted" }); await flush();
   const [history] = ws.take();
   ws.recv({ t: "ok", rid: history.rid, channel: CH, messages: [ev(12)], more: true });
+} else if (process.env.MODE === "empty") { // a reset to an empty log: resynced at once
+  ws.recv({ t: "resync", channel: CH, head: 0, epoch: 2, reason: "epoch" });
 } else {
   ws.recv(ev(6));
 }
@@ -972,6 +974,72 @@ removed = c.on("event", (e) => got.removed.push(e.seq)); // removed by the one b
 ws.recv(ev(6)); await flush();
 ws.recv(ev(7)); await flush();
 done(got);
+"""
+
+JS_REFRESH_FAILS = r"""import { flush, done, liveClient, newSocket, welcome, jwt, nowS } from "./common.mjs";
+let asked = 0;
+const tokenProvider = async () => { // the issuer is down at the refresh, back after
+  if (++asked === 1) throw new Error("issuer down");
+  return jwt(nowS() + 3600);
+};
+const { c, ws } = await liveClient(5, 1, { tokenProvider });
+const errors = []; c.on("error", (e) => errors.push(String(e.message)));
+let result = "pending";
+c.read("room-1", 3).then((v) => { result = v; }, (e) => { result = "rejected " + e.code; });
+await flush();
+for (const f of ws.take()) ws.recv({ t: "error", rid: f.rid, code: "token_expired", message: "expired" });
+await flush(); // no time passes: the server's grace (30 s) is far
+const closed = ws.readyState === 3;
+if (!closed) done({ closed, asked, errors, result }); // the read waits for the grace close
+const ws2 = await newSocket(2);
+const hello = ws2.out[0] ?? null;
+const after = await welcome(ws2);
+for (const f of after) {
+  if (f.t === "join") ws2.recv({ t: "ok", rid: f.rid, channel: "room-1", head: 5, read: 0, epoch: 1, horizon: 0 });
+  if (f.t === "read") ws2.recv({ t: "ok", rid: f.rid, channel: "room-1", seq: 3 });
+}
+await flush();
+done({ closed, asked, errors, fresh: hello && hello.token === c._token, after: after.map((f) => f.t), result });
+"""
+
+JS_LOST_WAITING_FOR_TOKEN = r"""import { flush, done, liveClient, newSocket, welcome } from "./common.mjs";
+const tokenProvider = () => new Promise(() => {}); // the refresh never ends
+const { c, ws } = await liveClient(5, 1, { tokenProvider });
+let result = "pending";
+c.read("room-1", 3).then((v) => { result = v; }, (e) => { result = "rejected " + e.code; });
+let ack = "pending";
+c.send("room-1", "hi", { cid: "c1" }).then((a) => { ack = a.seq; }, (e) => { ack = "rejected " + e.code; });
+await flush();
+for (const f of ws.take()) ws.recv({ t: "error", rid: f.rid, code: "token_expired", message: "expired" });
+await flush();
+ws.serverClose(1006); await flush(); // the connection drops while both wait for the token
+const ws2 = await newSocket(2);
+const after = await welcome(ws2); // its hello carries a token the server took
+for (const f of after) {
+  if (f.t === "read") ws2.recv({ t: "ok", rid: f.rid, channel: "room-1", seq: 3 });
+  if (f.t === "send") ws2.recv({ t: "ok", rid: f.rid, channel: "room-1", seq: 6, id: "m6", ts: 1, dup: false });
+}
+await flush();
+done({ after: after.map((f) => f.t), result, ack });
+"""
+
+JS_CONNECT_AGAIN = r"""import { clock, advance, flush, FakeWS, jwt, welcome, done, TsmsgClient, URL, nowS } from "./common.mjs";
+Math.random = () => 1 - 1e-9; // full jitter at its top: each reconnect waits its whole cap
+const c = new TsmsgClient({ url: URL, token: jwt(nowS() + 86400), WebSocket: FakeWS });
+c.connect();
+for (let i = 0; i < 10; i++) { // ten welcomed connections dropped at once: the backoff grows
+  while (FakeWS.all.length <= i) await advance(10);
+  await welcome(FakeWS.all[i]); FakeWS.all[i].serverClose(1006); await flush();
+}
+c.close(); await advance(60000);
+const n = FakeWS.all.length;
+c.connect(); // the app starts over
+while (FakeWS.all.length <= n) await advance(10);
+const ws = FakeWS.all[n];
+await welcome(ws); await advance(1000); ws.serverClose(1006); await flush(); // up 1 s only
+const t0 = clock.now;
+while (FakeWS.all.length <= n + 1 && clock.now - t0 < 120000) await advance(10);
+done({ wait: clock.now - t0 });
 """
 
 NODE = shutil.which("node")
@@ -1184,7 +1252,7 @@ def test_js_a_leave_lost_with_its_connection_is_not_sent_again(tmp_path: Path, m
 
 
 @needs_node
-@pytest.mark.parametrize("mode", ["event", "resynced"])
+@pytest.mark.parametrize("mode", ["event", "resynced", "empty"])
 def test_js_no_other_listener_gets_the_event_during_which_one_left(
     tmp_path: Path, mode: str
 ) -> None:
@@ -1193,7 +1261,9 @@ def test_js_no_other_listener_gets_the_event_during_which_one_left(
     or a `resynced`) during which the first one called leave(): the second got it."""
     r = run_js(tmp_path, JS_LEAVE_IN_LISTENER, MODE=mode)
     assert r["second"] == [] and r["following"] is False, r
-    assert r["sent"] == ["leave"], r  # and no sync for the channel left during `resynced`
+    # And no sync for a channel left during its `resynced` (the _follows checks of
+    # _reloaded and, for an empty log, _reload).
+    assert r["sent"] == ["leave"], r
 
 
 @needs_node
@@ -1204,6 +1274,41 @@ def test_js_listeners_added_or_removed_during_a_delivery(tmp_path: Path) -> None
     the listeners there when it starts, less those removed meanwhile."""
     r = run_js(tmp_path, JS_LISTENERS_CHANGED)
     assert r == {"added": [7], "again": 2, "removed": []}, r
+
+
+@needs_node
+def test_js_a_token_provider_failing_while_requests_wait_ends_the_connection(
+    tmp_path: Path,
+) -> None:
+    """After a `token_expired` refusal, a provider that threw in the refresh only emitted
+    the error: the refused request waited for a token that never came, until the
+    server's grace close (~30 s). As client.py's _refresh_token, the connection now ends
+    at once; the reconnect's hello asks the provider again and the request goes on it."""
+    r = run_js(tmp_path, JS_REFRESH_FAILS)
+    assert r["closed"] is True and r["errors"] == ["issuer down"], r
+    assert r["asked"] == 2 and r["fresh"] is True, r
+    assert r["after"] == ["join", "read"] and r["result"] == 3, r
+
+
+@needs_node
+def test_js_a_request_waiting_for_a_refresh_goes_on_the_next_connection(tmp_path: Path) -> None:
+    """A call refused `token_expired` waits for the refresh (needsToken); the connection
+    drops before it ends. The next connection's hello carries a token: ``_lost`` clears
+    needsToken, and the read and a send refused alike go on it (else they would wait for
+    a refresh never asked)."""
+    r = run_js(tmp_path, JS_LOST_WAITING_FOR_TOKEN)
+    assert r["after"] == ["join", "read", "send"], r
+    assert r["result"] == 3 and r["ack"] == 6, r
+
+
+@needs_node
+def test_js_backoff_starts_over_at_a_new_connect(tmp_path: Path) -> None:
+    """``_attempt`` survived close() (which also cancels the timer that resets it) and a
+    new connect(): after ten short connections, a fresh connect whose first connection
+    dropped early waited the cap (30 s). As the Python client, connect() starts the
+    backoff over: BACKOFF_BASE_MS (100 ms, jitter at its top)."""
+    r = run_js(tmp_path, JS_CONNECT_AGAIN)
+    assert r["wait"] <= 150, r
 
 
 # ============================================================================ properties (passing)

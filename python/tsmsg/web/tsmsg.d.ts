@@ -24,7 +24,9 @@ export interface ClientOptions {
   url?: string;
   /** A JWT (PROTOCOL.md 5.1). */
   token?: string;
-  /** Returns a fresh JWT; asked before the current one expires and after token_expired. */
+  /** Returns a fresh JWT; asked before the current one expires and after token_expired.
+   * If it fails while requests wait for its token, the connection is closed and the
+   * reconnect's hello asks it again. */
   tokenProvider?: () => Promise<string> | string;
   /** A WebSocket implementation (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;

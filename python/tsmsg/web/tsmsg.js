@@ -179,6 +179,7 @@ export class TsmsgClient {
   connect() {
     if (!this._stopped) return this._firstWelcome.promise;
     this._stopped = false;
+    this._attempt = 0; // a new start: the backoff starts over (as the Python client's connect())
     this._firstWelcome = deferred();
     this._open();
     return this._firstWelcome.promise;
@@ -559,6 +560,14 @@ export class TsmsgClient {
     } catch (err) {
       this._refreshing = false;
       this._emit("error", err);
+      // Requests refused token_expired wait for this token: nothing else would bring it
+      // before the server's grace close. End the connection now, as the Python client:
+      // the reconnect's hello asks the provider again (with backoff), then they go.
+      const waiting = [...this._calls, ...this._outbox.values(), ...this._held].some((r) => r.needsToken);
+      if (waiting && this._ws === ws && this._conn === "ready") {
+        this._token = null;
+        ws.close(4003, "the token provider failed"); // (a close reason: 123 bytes at most)
+      }
     }
   }
 
