@@ -644,7 +644,12 @@ export class FakeWS {
     realSetImmediate(() => { this.readyState = 1; this.onopen && this.onopen(); });
   }
   send(data) { this.out.push(JSON.parse(data)); }
-  close(code = 1000, reason = "") { this.serverClose(code); }
+  close(code = 1000, reason = "") {
+    // as a browser: a reason over 123 bytes of UTF-8 is a SyntaxError, nothing closed
+    if (new TextEncoder().encode(reason).length > 123) throw new SyntaxError("reason too long");
+    this.reason = reason;
+    this.serverClose(code);
+  }
   serverClose(code = 1006) {
     if (this.readyState === 3) return;
     this.readyState = 3;
@@ -1138,6 +1143,40 @@ def test_js_rejoin_refused_by_a_store_error_keeps_the_channel(tmp_path: Path, co
     assert r["lefts"] == 0 and r["following"] is True, r
     assert r["position"] == {"seq": 5, "epoch": 1}
     assert r["rejoins"] >= 1
+
+
+JS_LONG_REASON = r"""import { advance, FakeWS, jwt, welcome, newSocket, done, TsmsgClient, URL, nowS, CH } from "./common.mjs";
+const c = new TsmsgClient({ url: URL, token: jwt(nowS() + 3600), WebSocket: FakeWS });
+c.restore({ channels: [{ channel: CH, seq: 5, epoch: 1 }] });
+c.connect();
+const ws = await newSocket(1);
+let frames = await welcome(ws);
+const message = "\u00e9".repeat(200); // 400 bytes: more than a close reason holds
+let threw = null;
+for (let i = 0; i < 1200 && FakeWS.all.length < 2; i++) { // every join refused `internal`
+  for (const f of frames) if (f.t === "join") {
+    try { ws.recv({ t: "error", rid: f.rid, code: "internal", message }); } catch (e) { threw = String(e); }
+  }
+  await advance(100);
+  frames = ws.take();
+}
+done({ sockets: FakeWS.all.length, threw, reason: ws.reason ?? null });
+"""
+
+
+@needs_node
+def test_js_a_long_error_message_does_not_stop_the_connection_starting_over(
+    tmp_path: Path,
+) -> None:
+    """A join refused `internal` past its retries starts the connection over, closing it
+    with the error's message in the close reason; a browser's close() throws on a reason
+    over 123 bytes (the fake WebSocket too), so a long server message left the connection
+    open and the channel stalled (found by review). The reason is cut to whole
+    characters within 123 bytes."""
+    r = run_js(tmp_path, JS_LONG_REASON)
+    assert r["threw"] is None and r["sockets"] >= 2, r
+    assert r["reason"].startswith("join of room-1 failed: ") and "\u00e9" in r["reason"]
+    assert len(r["reason"].encode()) <= 123
 
 
 @needs_node

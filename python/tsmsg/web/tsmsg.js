@@ -25,6 +25,7 @@ export const PROTOCOL_VERSION = 1;
 export const BACKOFF_BASE_MS = 100; // the first reconnect waits up to this, doubling...
 export const BACKOFF_MAX_MS = 30_000; // ... up to this (with full jitter); a connection up
 // this long (backoffMaxMs) after its welcome resets the backoff, a shorter one doubles it
+export const MAX_CLOSE_REASON_BYTES = 123; // a WebSocket close reason; a longer one throws
 export const CONNECT_TIMEOUT_MS = 10_000; // open the WebSocket and get `welcome` within this
 export const REFRESH_MARGIN_MS = 30_000; // refresh this long before exp (or a fifth of a short life)
 export const STORE_RETRY_MS = 500; // a send refused with store_unavailable: first wait...
@@ -97,6 +98,16 @@ class ChannelState {
     this.joinWaiters = [];
     this.delivered = null; // {seq, epoch}: how far the app has the channel (position())
   }
+}
+
+// `text` cut to MAX_CLOSE_REASON_BYTES of UTF-8 (whole characters): close() throws on a
+// longer reason, and a server's message or a channel name can be longer.
+function closeReason(text) {
+  const bytes = new TextEncoder().encode(text);
+  if (bytes.length <= MAX_CLOSE_REASON_BYTES) return text;
+  let end = MAX_CLOSE_REASON_BYTES;
+  while (end > 0 && (bytes[end] & 0xc0) === 0x80) end--; // not inside a character
+  return new TextDecoder().decode(bytes.subarray(0, end));
 }
 
 export class TsmsgClient {
@@ -642,7 +653,7 @@ export class TsmsgClient {
     }
     if (req.kind === "refresh") {
       this._refreshing = false;
-      return this._ws && this._ws.close(4003, `refresh failed: ${error.message}`);
+      return this._ws && this._ws.close(4003, closeReason(`refresh failed: ${error.message}`));
     }
     const ch = this.channels.get(req.channel);
     if (!ch || req.gen !== ch.gen) return;
@@ -652,7 +663,8 @@ export class TsmsgClient {
     }
     if (error.code === "store_unavailable" || error.code === "internal") {
       // retried enough: start over (the reconnect rejoins every channel)
-      return this._ws && this._ws.close(4004, `${req.kind} of ${ch.name} failed: ${error.message}`);
+      const why = `${req.kind} of ${ch.name} failed: ${error.message}`;
+      return this._ws && this._ws.close(4004, closeReason(why));
     }
     if (req.kind === "join") return this._left(ch, error.code, error);
     ch.phase = "idle";
