@@ -120,6 +120,22 @@ def test_a_failed_own_change_is_read_again() -> None:
     assert copies.sets["alice"] == {"a"}
 
 
+def test_a_join_not_recorded_is_read_again_only_if_it_moved_the_copy() -> None:
+    """A join the engine did not record (changed False): at the memberships bound the
+    copy, which took the channel at submit, is ahead (read again); for a channel the
+    copy had already (a join again: the common case at a reconnect) nothing is read."""
+    copies, _ = shared()
+    copies.first_read("alice", (["a"], 1), started=0.0)
+    copies.own_change("alice", "member", "a")  # a member already
+    copies.committed("alice", "member", "a", failed=False, recorded=False)
+    assert not copies.stale and copies.sets["alice"] == {"a"}
+    copies.own_change("alice", "member", "b")  # refused at the bound
+    copies.committed("alice", "member", "b", failed=False, recorded=False)
+    assert list(copies.stale) == ["alice"]
+    copies.read_done(copies.take_stale(10), {"alice": (["a"], 1)})
+    assert copies.sets["alice"] == {"a"}
+
+
 def test_a_commit_of_another_users_or_no_pending_change_is_ignored() -> None:
     copies, _ = shared()
     copies.committed("nobody", "member", "x", failed=True)

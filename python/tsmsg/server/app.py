@@ -1631,9 +1631,9 @@ class Server:
             if type(result) is AppendResult and op.error is None and not result.dup:
                 appended[op.kind] += 1  # counted per batch, not per write
             if op.kind in ("member", "unmember"):  # a read of the set may have missed it
-                # (a join not recorded, at the bound: the copy was ahead of the engine)
-                refused = op.kind == "member" and not op.changed
-                self.copies.committed(op.user, op.kind, op.channel, op.error is not None or refused)
+                recorded = op.kind == "unmember" or op.changed  # (not: a member already, or
+                failed = op.error is not None  # a join at the bound: the copy was ahead)
+                self.copies.committed(op.user, op.kind, op.channel, failed, recorded)
             session: Session | None = op.origin
             if session is None:
                 continue  # the server's own write (last_seen)

@@ -59,9 +59,10 @@ class MembershipCopies:
       notice, a commit of one's own): a read is applied only if the user's number did
       not move while it ran, otherwise it is read again, so a read never puts back what
       a later change took away.
-    - ``pending``: this node's own changes submitted and not yet committed, applied over
-      every read (a read may have run before their commit); dropped at their commit,
-      which moves ``gen`` (a read that ran meanwhile may or may not have seen it).
+    - ``pending``: this node's own changes submitted and not yet committed (kind, channel,
+      whether it moved the copy), applied over every read (a read may have run before
+      their commit); dropped at their commit, which moves ``gen`` (a read that ran
+      meanwhile may or may not have seen it).
     - ``unread``: users whose set was never read (the engine was away at their first
       device): :meth:`channels_for` says None (not "no channels"), and the latest
       presence change announced meanwhile is kept in ``owed``, pushed once read.
@@ -78,7 +79,7 @@ class MembershipCopies:
         self.stale: dict[str, None] = {}
         self.gen: dict[str, int] = {}
         self._gens = itertools.count(1)
-        self.pending: dict[str, list[tuple[str, str]]] = {}
+        self.pending: dict[str, list[tuple[str, str, bool]]] = {}
         self.unread: set[str] = set()
         self.owed: dict[str, tuple[Claims | None, str, int, int]] = {}
         self.noticed: dict[str, float] = {}
@@ -149,24 +150,29 @@ class MembershipCopies:
         once; on a shared engine applied over every read until committed."""
         mine = self.sets.get(user)
         if mine is not None:
+            moved = (channel not in mine) if kind == "member" else (channel in mine)
             (mine.add if kind == "member" else mine.discard)(channel)
             if self.shared:
-                self.pending.setdefault(user, []).append((kind, channel))
+                self.pending.setdefault(user, []).append((kind, channel, moved))
 
-    def committed(self, user: str, kind: str, channel: str, failed: bool) -> None:
-        """An :meth:`own_change` committed (or ``failed``): a read that ran meanwhile
-        may have missed it (not applied); if it failed, the copy was ahead of the
-        engine (read again)."""
+    def committed(
+        self, user: str, kind: str, channel: str, failed: bool, recorded: bool = True
+    ) -> None:
+        """An :meth:`own_change` committed (or ``failed``; or not ``recorded``: a join at
+        the memberships bound): a read that ran meanwhile may have missed it (not
+        applied); if it failed, or was not recorded after it had moved the copy, the copy
+        was ahead of the engine (read again)."""
         pending = self.pending.get(user)
         if pending is None:
             return
-        if (kind, channel) in pending:
-            pending.remove((kind, channel))
+        entry = next((e for e in pending if e[:2] == (kind, channel)), None)
+        if entry is not None:
+            pending.remove(entry)
         if not pending:
             del self.pending[user]
         if user in self.gen:
             self.gen[user] = next(self._gens)
-        if failed:
+        if failed or (not recorded and entry is not None and entry[2]):
             self.changed(user)
 
     # ------------------------------------------------------------------ reads (the loader)
@@ -200,7 +206,7 @@ class MembershipCopies:
                 continue
             channels, version = got[user]
             mine = set(channels)
-            for kind, channel in self.pending.get(user, ()):
+            for kind, channel, _ in self.pending.get(user, ()):
                 (mine.add if kind == "member" else mine.discard)(channel)
             self.sets[user], self.version[user] = mine, version
             self.unread.discard(user)
