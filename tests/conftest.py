@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from wsproto import WSConnection
-from wsproto.connection import ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -129,6 +129,8 @@ class WsFraming:
         return self.ws.send(request)
 
     def encode(self, frame: dict[str, Any]) -> bytes:
+        if self.ws.state is not ConnectionState.OPEN:  # the server closed it (read already):
+            raise trio.BrokenResourceError("the WebSocket is closing")  # as a closed TCP stream
         if self.subprotocol == WS_JSON:
             return self.ws.send(TextMessage(json.dumps(frame)))
         return self.ws.send(BytesMessage(packb(frame)))
