@@ -368,6 +368,39 @@ class RecordedJitter:
 # ============================================================================ reconnect backoff
 
 
+async def backoff_caps(
+    monkeypatch: pytest.MonkeyPatch,
+    connects: int,
+    backoff_max: float,
+    long_one: int | None = None,
+    timeout: float = STEP,
+) -> list[float]:
+    """The caps the reconnect loop drew its jitter under (waiting nothing) while a server
+    welcomed and then closed ``connects`` connections, all at once but the ``long_one``-th
+    (1-based), which it kept 1 s."""
+    jitter = RecordedJitter()
+    monkeypatch.setattr(client_module, "random", jitter)
+    count = 0
+    enough = anyio.Event()
+
+    async def welcome_then_close(conn: ScriptedConn) -> None:
+        nonlocal count
+        count += 1
+        await conn.welcome()
+        if count == long_one:
+            await anyio.sleep(1.0)
+        if count >= connects:
+            enough.set()
+
+    async with (
+        scripted_server(welcome_then_close) as port,
+        connect(HOST, port, token=mint("alice"), backoff_max=backoff_max),
+    ):
+        with anyio.fail_after(timeout):
+            await enough.wait()
+    return jitter.caps
+
+
 async def test_welcome_then_close_grows_the_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """PROTOCOL.md 4.7: "In every case the client reconnects with exponential backoff and
     jitter". The client reset its backoff at every welcome, so a server that welcomes and
@@ -375,27 +408,10 @@ async def test_welcome_then_close_grows_the_backoff(monkeypatch: pytest.MonkeyPa
     connection) got a reconnect every <= 0.1 s (BACKOFF_BASE) from every client, for
     ever: each cap was 0.1. A connection now resets the backoff only once it has stayed
     up backoff_max: short-lived ones grow it as failed connects do."""
-    jitter = RecordedJitter()
-    monkeypatch.setattr(client_module, "random", jitter)
-    connects = 0
-    enough = anyio.Event()
-
-    async def welcome_then_close(conn: ScriptedConn) -> None:
-        nonlocal connects
-        connects += 1
-        await conn.welcome()
-        if connects >= 8:
-            enough.set()
-
-    async with (
-        scripted_server(welcome_then_close) as port,
-        connect(HOST, port, token=mint("alice"), backoff_max=5.0),
-    ):
-        with anyio.fail_after(STEP):
-            await enough.wait()
+    caps = await backoff_caps(monkeypatch, 8, backoff_max=5.0)
     base = client_module.BACKOFF_BASE
     expected = [min(5.0, base * 2**k) for k in range(7)]
-    assert jitter.caps[:7] == pytest.approx(expected), jitter.caps
+    assert caps[:7] == pytest.approx(expected), caps
 
 
 async def test_many_short_connections_in_a_row_do_not_break_the_reconnect_loop(
@@ -405,25 +421,8 @@ async def test_many_short_connections_in_a_row_do_not_break_the_reconnect_loop(
     reconnect loop's cap 0.1 x 2**attempt, and past 1,024 attempts that float does not
     exist: OverflowError out of the app's ``async with connect()`` (found by review). The
     count stops at BACKOFF_MAX_DOUBLINGS; the loop goes on at the cap."""
-    jitter = RecordedJitter()
-    monkeypatch.setattr(client_module, "random", jitter)
-    connects = 0
-    enough = anyio.Event()
-
-    async def welcome_then_close(conn: ScriptedConn) -> None:
-        nonlocal connects
-        connects += 1
-        await conn.welcome()
-        if connects >= 1100:
-            enough.set()
-
-    async with (
-        scripted_server(welcome_then_close) as port,
-        connect(HOST, port, token=mint("alice"), backoff_max=5.0),
-    ):
-        with anyio.fail_after(60):
-            await enough.wait()
-    assert jitter.caps[-1] == 5.0 and len(jitter.caps) >= 1099
+    caps = await backoff_caps(monkeypatch, 1100, backoff_max=5.0, timeout=60)
+    assert caps[-1] == 5.0 and len(caps) >= 1099
 
 
 async def test_a_connection_up_for_backoff_max_resets_the_backoff(
@@ -432,29 +431,10 @@ async def test_a_connection_up_for_backoff_max_resets_the_backoff(
     """The other half of the rule above: a connection that stayed up for backoff_max (a
     real session, lost later) is reconnected at once again (the cap back to BACKOFF_BASE),
     however many short-lived ones came before it."""
-    jitter = RecordedJitter()
-    monkeypatch.setattr(client_module, "random", jitter)
-    connects = 0
-    enough = anyio.Event()
-
-    async def one_long_connection(conn: ScriptedConn) -> None:
-        nonlocal connects
-        connects += 1
-        await conn.welcome()
-        if connects == 4:
-            await anyio.sleep(1.0)  # five times backoff_max
-        if connects >= 6:
-            enough.set()
-
-    async with (
-        scripted_server(one_long_connection) as port,
-        connect(HOST, port, token=mint("alice"), backoff_max=0.2),
-    ):
-        with anyio.fail_after(STEP):
-            await enough.wait()
+    caps = await backoff_caps(monkeypatch, 6, backoff_max=0.2, long_one=4)  # 1 s: 5x the max
     base = client_module.BACKOFF_BASE
     # caps after connections 1-3 grow (to backoff_max); the 4th lived long: reset
-    assert jitter.caps[:5] == pytest.approx([base, 0.2, 0.2, base, 0.2]), jitter.caps
+    assert caps[:5] == pytest.approx([base, 0.2, 0.2, base, 0.2]), caps
 
 
 # ============================================================================ token refresh

@@ -851,12 +851,12 @@ async def test_the_first_devices_online_reaches_the_channels_once_its_membership
 # ---------------------------------------------------------------- presence: Redis away
 
 
-async def test_a_user_who_left_while_redis_was_down_is_offline_after_the_ttl(
+@contextlib.asynccontextmanager
+async def carol_on_b_alice_on_a(
     tmp_path: Path,
-) -> None:
-    """STORAGE.md "Presence between nodes": "When Redis is unreachable, a change is logged
-    and not recorded; ... the entries of users who left meanwhile expire after the TTL
-    (then announced offline)"; PROTOCOL.md 6.13: last_seen recorded."""
+) -> AsyncIterator[tuple[redis_servers.RedisServer, Harness, Harness, WireClient, WireClient]]:
+    """A Redis of the test's own (to kill and start again), two nodes on it with a short
+    presence TTL, carol on node B and alice on node A, both members of CHANNEL."""
     server = redis_servers.RedisServer(tmp_path / "redis").start()
     try:
         async with nodes(tmp_path, server.url, 2, **SHORT_TTL) as (a, b):
@@ -864,20 +864,35 @@ async def test_a_user_who_left_while_redis_was_down_is_offline_after_the_ttl(
             for c in (carol, alice):
                 await join(c)
             await members(a, ["carol", "alice"])
-            await trio.to_thread.run_sync(server.kill)
-            await alice.aclose()
-            await gone_from(a, "alice")
-            await until(lambda: not a.server.presence_unwritten)  # failed, logged
-            await trio.to_thread.run_sync(server.start)
-            await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
-            with trio.fail_after(DELIVERY_TIMEOUT_S):
-                gone = await carol.next(presence_of("alice"))
-            assert gone["status"] == "offline"
-            entry = await query(carol, "alice")
-            assert entry is not None and entry["online"] is False, entry
-            assert "last_seen" in entry, entry
+            yield server, a, b, carol, alice
     finally:
         server.stop()
+
+
+async def redis_back(server: redis_servers.RedisServer, *harnesses: Harness) -> None:
+    """Start the killed Redis again; until every node says it is ready."""
+    await trio.to_thread.run_sync(server.start)
+    await until(lambda: all(h.server.readiness() is None for h in harnesses))
+
+
+async def test_a_user_who_left_while_redis_was_down_is_offline_after_the_ttl(
+    tmp_path: Path,
+) -> None:
+    """STORAGE.md "Presence between nodes": "When Redis is unreachable, a change is logged
+    and not recorded; ... the entries of users who left meanwhile expire after the TTL
+    (then announced offline)"; PROTOCOL.md 6.13: last_seen recorded."""
+    async with carol_on_b_alice_on_a(tmp_path) as (server, a, b, carol, alice):
+        await trio.to_thread.run_sync(server.kill)
+        await alice.aclose()
+        await gone_from(a, "alice")
+        await until(lambda: not a.server.presence_unwritten)  # failed, logged
+        await redis_back(server, a, b)
+        with trio.fail_after(DELIVERY_TIMEOUT_S):
+            gone = await carol.next(presence_of("alice"))
+        assert gone["status"] == "offline"
+        entry = await query(carol, "alice")
+        assert entry is not None and entry["online"] is False, entry
+        assert "last_seen" in entry, entry
 
 
 async def test_a_device_that_connected_while_redis_was_down_counts_once_it_is_back(
@@ -889,32 +904,23 @@ async def test_a_device_that_connected_while_redis_was_down_counts_once_it_is_ba
     answers"; PROTOCOL.md 6.1: "A successful hello is the user's device connecting, for
     presence". Alice connects to node A while Redis is down and stays: once Redis is back,
     carol on node B must see her online."""
-    server = redis_servers.RedisServer(tmp_path / "redis").start()
-    try:
-        async with nodes(tmp_path, server.url, 2, **SHORT_TTL) as (a, b):
-            carol, first = await b.connect("carol"), await a.connect("alice")
-            for c in (carol, first):
-                await join(c)
-            await members(a, ["carol", "alice"])
-            await first.aclose()
-            assert (await carol.next(presence_of("alice")))["status"] == "offline"
-            await trio.to_thread.run_sync(server.kill)
-            alice = await a.connect("alice")  # the hello needs no Redis
-            assert (await alice.request("ping"))["t"] == "pong"
-            await trio.to_thread.run_sync(server.start)
-            await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
+    async with carol_on_b_alice_on_a(tmp_path) as (server, a, b, carol, first):
+        await first.aclose()
+        assert (await carol.next(presence_of("alice")))["status"] == "offline"
+        await trio.to_thread.run_sync(server.kill)
+        alice = await a.connect("alice")  # the hello needs no Redis
+        assert (await alice.request("ping"))["t"] == "pong"
+        await redis_back(server, a, b)
 
-            async def online() -> bool:
-                entry = await query(carol, "alice")
-                return entry is not None and entry["online"] is True
+        async def online() -> bool:
+            entry = await query(carol, "alice")
+            return entry is not None and entry["online"] is True
 
-            assert await eventually(online, timeout=4 * TTL_S + 2), (
-                "alice has been connected to node A since before Redis came back, "
-                "yet a query on node B says she is not online"
-            )
-            assert (await alice.request("ping"))["t"] == "pong"
-    finally:
-        server.stop()
+        assert await eventually(online, timeout=4 * TTL_S + 2), (
+            "alice has been connected to node A since before Redis came back, "
+            "yet a query on node B says she is not online"
+        )
+        assert (await alice.request("ping"))["t"] == "pong"
 
 
 async def test_a_status_set_while_redis_was_down_is_the_status_once_it_is_back(
@@ -925,30 +931,21 @@ async def test_a_status_set_while_redis_was_down_is_the_status_once_it_is_back(
     node's entries for the users still connected". Alice sets "away" on node A while
     Redis is down: once it is back, a query on node B must say "away" (not "online"),
     and the last push carol got must agree."""
-    server = redis_servers.RedisServer(tmp_path / "redis").start()
-    try:
-        async with nodes(tmp_path, server.url, 2, **SHORT_TTL) as (a, b):
-            carol, alice = await b.connect("carol"), await a.connect("alice")
-            for c in (carol, alice):
-                await join(c)
-            await members(a, ["carol", "alice"])
-            await trio.to_thread.run_sync(server.kill)
-            assert (await alice.request("presence", status="away"))["t"] == "ok"
-            await until(lambda: not a.server.presence_unwritten)  # failed, logged
-            await trio.to_thread.run_sync(server.start)
-            await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
+    async with carol_on_b_alice_on_a(tmp_path) as (server, a, b, carol, alice):
+        await trio.to_thread.run_sync(server.kill)
+        assert (await alice.request("presence", status="away"))["t"] == "ok"
+        await until(lambda: not a.server.presence_unwritten)  # failed, logged
+        await redis_back(server, a, b)
 
-            async def away() -> bool:
-                entry = await query(carol, "alice")
-                return entry is not None and entry["status"] == "away"
+        async def away() -> bool:
+            entry = await query(carol, "alice")
+            return entry is not None and entry["status"] == "away"
 
-            assert await eventually(away, timeout=4 * TTL_S + 2), (
-                f"alice set 'away' while Redis was down; now {await query(carol, 'alice')}"
-            )
-            pushed = [f["status"] for f in taken(carol, presence_of("alice"))]
-            assert not pushed or pushed[-1] == "away", pushed
-    finally:
-        server.stop()
+        assert await eventually(away, timeout=4 * TTL_S + 2), (
+            f"alice set 'away' while Redis was down; now {await query(carol, 'alice')}"
+        )
+        pushed = [f["status"] for f in taken(carol, presence_of("alice"))]
+        assert not pushed or pushed[-1] == "away", pushed
 
 
 async def test_presence_typing_and_reads_flow_again_after_client_kill_pubsub(
