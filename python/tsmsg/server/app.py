@@ -120,7 +120,6 @@ from tsmsg.store.base import (
     ChannelInfo,
     Notify,
     RemoteEntry,
-    presence_order,
 )
 from tsmsg.tls import server_tls_context
 
@@ -1298,8 +1297,7 @@ class Server:
                     if isinstance(result, Exception):
                         log.warning("presence of %s not recorded: %r", user, result)
                     else:
-                        order = presence_order(result)
-                        self._presence_result(user, *result, now, channels, claims, order)
+                        self._presence_result(user, *result, now, channels, claims, result.order)
             finally:
                 self._presence_writing = 0
 
@@ -1358,8 +1356,7 @@ class Server:
                 for moved in back:  # swept while this node was late
                     user, before, after = moved
                     channels = self.copies.channels_for(user, None)
-                    order = presence_order(moved)
-                    self._presence_result(user, before, after, now, channels, None, order)
+                    self._presence_result(user, before, after, now, channels, None, moved.order)
                 await self._check_memberships()  # notices lost on the way
                 gone = await self.run_read(functools.partial(presence.expired, now))
                 for expired in gone:  # last_seen: written by the engine as it decided
@@ -1368,8 +1365,7 @@ class Server:
                         functools.partial(self.store.channels_of, user, limit=most)
                     )
                     log.info("presence of %s expired (its node is gone): offline", user)
-                    order = presence_order(expired)
-                    self._presence_moved(user, before, OFFLINE, now, channels, order)
+                    self._presence_moved(user, before, OFFLINE, now, channels, expired.order)
             except Exception as exc:  # the engine is down: try again at the next round
                 log.warning("presence upkeep failed: %r", exc)
 

@@ -394,10 +394,10 @@ PresenceChange = tuple[str, str | None, int] | tuple[str, str | None, int, str |
 
 
 class Ordered(tuple[str, str]):
-    """A shared store's presence result, ``(before, after)`` of a change or ``(user,
-    before)`` of a sweep: a plain pair (compares and unpacks as one) with ``order``, the
-    user's presence order the change got in the engine (moved by each change of the
-    user's: of two changes, the greater came last). 0 where there is none."""
+    """A presence result, ``(before, after)`` of a change or ``(user, before)`` of a
+    sweep: a plain pair (compares and unpacks as one) with ``order``, the user's presence
+    order the change got in a shared engine (moved by each change of the user's: of two
+    changes, the greater came last); 0 in one node's store, which orders nothing."""
 
     order: int
 
@@ -419,11 +419,6 @@ class OrderedAgain(tuple[str, str, str]):
         return self
 
 
-def presence_order(result: tuple[str, ...]) -> int:
-    """The order of a presence result (:class:`Ordered`), 0 if it has none."""
-    return getattr(result, "order", 0)
-
-
 class Presence:
     """The users' presence, as a store keeps it (PROTOCOL.md 6.13: a user's status, not a
     device's). A change is a node's: its first device of a user connected
@@ -442,7 +437,7 @@ class Presence:
         self._status: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
+    def set(self, user: str, status: str | None, now_ms: int) -> Ordered:
         """A change of this node's (:class:`Presence`). Returns the user's status across
         all nodes before and after (``"offline"`` also when no device is connected)."""
         with self._lock:
@@ -451,18 +446,18 @@ class Presence:
                 self._status[user] = "online"
             elif status is not None:
                 self._status[user] = status
-        return before, self._status.get(user, OFFLINE)
+        return Ordered(before, self._status.get(user, OFFLINE))
 
-    def set_many(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
+    def set_many(self, changes: Sequence[PresenceChange]) -> list[Ordered | Exception]:
         """:meth:`set` of each ``(user, status, now_ms)`` in order, as one call where the
         store can (one round trip): each change's ``(before, after)``, or the error that
         kept it from the store. A change may carry a fourth item: a status the user set
         just before it (a node queued both), applied first."""
-        out: list[tuple[str, str] | Exception] = []
+        out: list[Ordered | Exception] = []
         for user, status, now_ms, *first in changes:
             if first and first[0] is not None:
                 before = self.set(user, first[0], now_ms)[0]
-                out.append((before, self.set(user, status, now_ms)[1]))
+                out.append(Ordered(before, self.set(user, status, now_ms)[1]))
             else:
                 out.append(self.set(user, status, now_ms))
         return out
@@ -473,13 +468,13 @@ class Presence:
         with self._lock:
             return {u: self._status[u] for u in users if u in self._status}
 
-    def refresh(self, now_ms: int) -> list[tuple[str, str, str]]:
+    def refresh(self, now_ms: int) -> list[OrderedAgain]:
         """Extend this node's entries (a live node calls this every ``refresh_s``).
         Returns ``(user, before, after)`` of the users whose entry was gone (swept while
         this node was late) and is set again: their status across nodes changed back."""
         return []
 
-    def expired(self, now_ms: int) -> list[tuple[str, str]]:
+    def expired(self, now_ms: int) -> list[Ordered]:
         """Users whose last entry (a dead node's) has just expired, with their status
         before: no device anywhere now (last_seen recorded by the store as it decided),
         for the caller to announce (if the status was not ``"offline"`` already). Each is

@@ -59,13 +59,13 @@ class RedisPresence(Presence):
         """The user's presence order (moved by each change: redis_scripts.py)."""
         return self._store._user_key(user, b"pv")
 
-    def set(self, user: str, status: str | None, now_ms: int) -> tuple[str, str]:
+    def set(self, user: str, status: str | None, now_ms: int) -> Ordered:
         (result,) = self.set_many([(user, status, now_ms)])
         if isinstance(result, Exception):
             raise result
         return result
 
-    def set_many(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
+    def set_many(self, changes: Sequence[PresenceChange]) -> list[Ordered | Exception]:
         with self._lock:
             for change in changes:
                 self._note(*change[:3])
@@ -80,7 +80,7 @@ class RedisPresence(Presence):
         else:
             self._status[user], self._since[user] = status, now_ms
 
-    def _write(self, changes: Sequence[PresenceChange]) -> list[tuple[str, str] | Exception]:
+    def _write(self, changes: Sequence[PresenceChange]) -> list[Ordered | Exception]:
         """The changes' entry scripts in one pipeline, in order, then each user's place in
         the expiry index (by the user's last change written) in another. An entry's
         expiry counts from when it is written, not from when the change was queued."""
@@ -175,7 +175,7 @@ class RedisPresence(Presence):
                 out[user] = reply.decode()
         return out
 
-    def refresh(self, now_ms: int) -> list[tuple[str, str, str]]:
+    def refresh(self, now_ms: int) -> list[OrderedAgain]:
         expires = now_ms + self._ttl_ms
         with self._lock:
             entries = [(u, self._since[u]) for u in self._status]
@@ -204,17 +204,17 @@ class RedisPresence(Presence):
             ]
             for change in again:
                 self._note(*change)
-        moved: list[tuple[str, str, str]] = []
+        moved: list[OrderedAgain] = []
         for (user, _, _), result in zip(again, self._write(again), strict=True):
             if isinstance(result, Exception):
                 raise result
-            moved.append(OrderedAgain(user, *result, order=getattr(result, "order", 0)))
+            moved.append(OrderedAgain(user, *result, order=result.order))
         return moved
 
-    def expired(self, now_ms: int) -> list[tuple[str, str]]:
+    def expired(self, now_ms: int) -> list[Ordered]:
         store = self._store
         due = store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
-        gone: list[tuple[str, str]] = []
+        gone: list[Ordered] = []
         for member in due:
             node, user = member[: len(self._node)], member[len(self._node) :].decode()
             keys = [self._key(user), store._user_key(user, b"seen"), self._order_key(user)]
