@@ -579,6 +579,36 @@ class BlockedSync(FailingSync):
         self.real.sync(force)
 
 
+def test_a_retry_is_answered_from_memory_only_once_its_commit_is_durable(tmp_path: Path) -> None:
+    """With ``fsync`` a commit is acknowledged after the next sync (STORAGE.md,
+    Durability). Until then a retry of one of its cids must not be answered from the
+    in-memory map (``cached_dup``, the event loop's answer: an ``ok`` with ``dup``), which
+    would acknowledge a write a power loss can still take; the batch before it, made
+    durable by its commit, is."""
+    store = LmdbStore(tmp_path / "data", StoreConfig(durability="fsync", max_batch=1))
+    env = BlockedSync(store._env)
+    try:
+        assert store.append("room", "alice", "c0", "zero").seq == 1
+        store._env = env
+        first = WriteOp("message", "room", "alice", cid="c1", text="one")
+        second = WriteOp("message", "room", "alice", cid="c2", text="two")
+        first.done, second.done = threading.Event(), threading.Event()
+        store.submit(first, second)  # two batches of one: the second commits, then syncs
+        assert env.began.wait(10), "no sync after the second commit"
+        assert first.done.is_set() and not second.done.is_set()
+        known = store.cached_dup("room", "alice", "c1")
+        assert known is not None and known.seq == 2 and known.dup
+        assert store.cached_dup("room", "alice", "c2") is None  # committed, not durable
+        env.release.set()
+        assert second.done.wait(10)
+        again = store.cached_dup("room", "alice", "c2")
+        assert again is not None and again.seq == 3 and again.dup
+    finally:
+        env.release.set()
+        store._env = env.real
+        store.close()
+
+
 def test_writes_go_on_while_the_periodic_sync_of_async_mode_runs(tmp_path: Path) -> None:
     """``async`` durability syncs in a thread of its own: a sync that takes long (here,
     one held until released) does not hold up commits and acks."""

@@ -902,6 +902,7 @@ class LmdbStore(Store):
         commit instead of two, and no waiting when the load is low."""
         fsync = self.config.durability == "fsync"
         unsynced: list[WriteOp] = []  # committed; durable at the next sync
+        unsynced_cids: dict[bytes, int] = {}  # the cids it stored
         held: tuple[WriteOp, ...] | _Job | _Stop | None = None  # taken, for after the batch
         while True:
             item, held = held, None
@@ -911,7 +912,7 @@ class LmdbStore(Store):
                 except queue.Empty:
                     item = None
             if unsynced and not isinstance(item, tuple):
-                self._sync_and_ack(unsynced)  # idle, or a job next: make it durable now
+                self._sync_and_ack(unsynced, unsynced_cids)  # idle, or a job next: now
                 unsynced = []
             if item is None:
                 continue
@@ -924,18 +925,20 @@ class LmdbStore(Store):
             if self.failed is not None:  # queued before the failure: refused, not written
                 for op in batch:
                     op.result, op.error, op.changed = None, StoreUnavailable(self.failed), False
-                self._ack(batch)
+                self._ack(batch, {})
                 continue
-            committed = self._commit_batch(batch)
+            cids = self._commit_batch(batch)
             if not fsync:
-                self._ack(batch)
-            elif committed:
-                self._ack(unsynced)  # this commit's sync made the previous one durable
-                unsynced = batch
+                self._ack(batch, cids or {})
+            elif cids is not None:
+                # This commit's sync made the previous one durable (this one is not yet:
+                # its cids stay out of the map that answers retries until it is).
+                self._ack(unsynced, unsynced_cids)
+                unsynced, unsynced_cids = batch, cids
             else:
-                self._sync_and_ack(unsynced)
+                self._sync_and_ack(unsynced, unsynced_cids)
                 unsynced = []
-                self._ack(batch)  # they carry their errors
+                self._ack(batch, {})  # they carry their errors
 
     def _run_syncer(self) -> None:
         """``async`` durability: sync every ``sync_interval_s``, in a thread of its own
@@ -995,25 +998,26 @@ class LmdbStore(Store):
                     self._env.set_mapsize(size)
                 log.info("store map full: grew LMDB map to %d MiB", size >> 20)
 
-    def _commit_batch(self, batch: list[WriteOp]) -> bool:
-        """Commit a batch (without acknowledging it); False if the commit failed, in
-        which case every op of the batch carries the error and nothing was stored."""
+    def _commit_batch(self, batch: list[WriteOp]) -> dict[bytes, int] | None:
+        """Commit a batch (without acknowledging it): the cids it stored (dedup key ->
+        seq, for :meth:`_ack`); None if the commit failed, in which case every op of the
+        batch carries the error and nothing was stored."""
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(batch))
         start = time.perf_counter()
         try:
-            new_cids = self._with_map_growth(lambda: self._write_batch(batch))
+            new_cids: dict[bytes, int] = self._with_map_growth(lambda: self._write_batch(batch))
         except Exception as exc:  # a failed batch must never stop the writer thread
             log.error("store commit of %d writes failed: %r", len(batch), exc)
             err = StoreUnavailable(f"store commit failed: {exc}")
             for op in batch:
                 op.result, op.error, op.changed = None, err, False
-            return False
+            return None
         if self._observer is not None:
             self._observer.committed(len(batch), time.perf_counter() - start)
         self._next_order += len(new_cids)
         self._unsynced_cids.update(new_cids)
-        return True
+        return new_cids
 
     def _timed_sync(self) -> None:
         start = time.perf_counter()
@@ -1021,12 +1025,12 @@ class LmdbStore(Store):
         if self._observer is not None:
             self._observer.synced(time.perf_counter() - start)
 
-    def _sync_and_ack(self, batch: list[WriteOp]) -> None:
+    def _sync_and_ack(self, batch: list[WriteOp], cids: dict[bytes, int]) -> None:
         try:
             self._timed_sync()
         except Exception as exc:
             self._fail_stop(batch, exc)
-        self._ack(batch)
+        self._ack(batch, cids)
 
     def _fail_stop(self, batch: list[WriteOp], exc: Exception) -> None:
         """A sync failed after a commit: the batch is visible but not known to be durable
@@ -1040,15 +1044,18 @@ class LmdbStore(Store):
         for op in batch:
             op.result, op.error, op.changed = None, err, False
 
-    def _ack(self, batch: list[WriteOp]) -> None:
-        """The batch is durable (or failed): remember its cids, wake its writers."""
+    def _ack(self, batch: list[WriteOp], cids: dict[bytes, int]) -> None:
+        """The batch is durable (or failed): remember the ``cids`` it stored (a retry is
+        answered from the map only from now on), wake its writers."""
         if not batch:
             return
         waiting = self._waiting
         for _ in range(min(len(batch), len(waiting))):
             waiting.popleft()
-        self._ring.insert_all(self._unsynced_cids)
-        self._unsynced_cids.clear()
+        self._ring.insert_all(cids)
+        unsynced = self._unsynced_cids
+        for key in cids:
+            del unsynced[key]
         for op in batch:
             if op.done is not None:
                 op.done.set()
@@ -1620,7 +1627,7 @@ class LmdbStore(Store):
             if isinstance(item, tuple):
                 for op in item:
                     op.error = closed
-                self._ack(list(item))
+                self._ack(list(item), {})
             elif isinstance(item, _Job):
                 item.error = closed
                 item.done.set()
