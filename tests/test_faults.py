@@ -609,6 +609,73 @@ def test_a_retry_is_answered_from_memory_only_once_its_commit_is_durable(tmp_pat
         store.close()
 
 
+def test_a_cid_pruned_before_its_batch_is_acknowledged_is_forgotten(tmp_path: Path) -> None:
+    """STORAGE.md, Dedup: the in-memory map forgets what a commit pruned, so a running
+    store and a reopened one answer a retry alike. With ``fsync`` a batch's cids join the
+    map only at its ack, after the next commit, and that commit may already have pruned
+    them from the journal (here by ``dedup_retention_ms``: each commit is 5 s after the
+    one before). They must not join the map then: a retry of a pruned cid is a new
+    message, and the map stays in the journal's order (it went on forgetting nothing)."""
+    now = [1_000_000]
+
+    def five_seconds_later() -> None:  # called before each commit
+        now[0] += 5000
+
+    config = StoreConfig(durability="fsync", max_batch=1, dedup_retention_ms=1000)
+    store = LmdbStore(tmp_path / "data", config, clock=lambda: now[0], fault=five_seconds_later)
+    try:
+        ops = [WriteOp("message", "room", "u", cid=f"c{i}", text=str(i)) for i in (1, 2, 3)]
+        done = [threading.Event() for _ in ops]
+        for op, event in zip(ops, done, strict=True):
+            op.done = event
+        store.submit(*ops)  # three batches of one: c2's commit prunes c1, c3's prunes c2
+        assert all(event.wait(10) for event in done)
+        assert [getattr(op.result, "seq", None) for op in ops] == [1, 2, 3]
+        assert store.lookup_dup("room", "u", "c1") is None
+        assert store.lookup_dup("room", "u", "c2") is None
+        assert store.lookup_dup("room", "u", "c3") is not None
+        again = store.append("room", "u", "c1", "again")  # its commit prunes c3
+        assert (again.seq, again.dup) == (4, False)
+        assert store.lookup_dup("room", "u", "c3") is None
+    finally:
+        store.close()
+    store = LmdbStore(tmp_path / "data", config, clock=lambda: now[0])
+    try:
+        assert store.lookup_dup("room", "u", "c2") is None
+        found = store.lookup_dup("room", "u", "c1")
+        assert found is not None and found.seq == 4
+    finally:
+        store.close()
+
+
+def test_a_cid_its_own_commit_prunes_is_stored_again_as_after_a_restart(tmp_path: Path) -> None:
+    """The same with the size bound: a batch of three new cids with ``dedup_max`` 2
+    prunes its own oldest from the journal, before it is acknowledged. A retry of it in
+    the next batch is a new message, as in a reopened store, and the first batch's ack
+    must not then put the pruned seq in the map over the retry's."""
+    config = StoreConfig(durability="fsync", max_batch=3, dedup_max=2)
+    store = LmdbStore(tmp_path / "data", config)
+    try:
+        ops = [WriteOp("message", "room", "u", cid=c, text=c) for c in ("c1", "c2", "c3", "c1")]
+        done = [threading.Event() for _ in ops]
+        for op, event in zip(ops, done, strict=True):
+            op.done = event
+        store.submit(*ops)  # two batches: c1, c2, c3 (pruning c1), then c1 again
+        assert all(event.wait(10) for event in done)
+        retry = ops[3].result
+        assert isinstance(retry, AppendResult) and (retry.seq, retry.dup) == (4, False)
+        found = store.lookup_dup("room", "u", "c1")
+        assert found is not None and found.seq == 4
+    finally:
+        store.close()
+    store = LmdbStore(tmp_path / "data", config)
+    try:
+        found = store.lookup_dup("room", "u", "c1")
+        assert found is not None and found.seq == 4
+    finally:
+        store.close()
+
+
 def test_writes_go_on_while_the_periodic_sync_of_async_mode_runs(tmp_path: Path) -> None:
     """``async`` durability syncs in a thread of its own: a sync that takes long (here,
     one held until released) does not hold up commits and acks."""

@@ -1016,7 +1016,6 @@ class LmdbStore(Store):
         if self._observer is not None:
             self._observer.committed(len(batch), time.perf_counter() - start)
         self._next_order += len(new_cids)
-        self._unsynced_cids.update(new_cids)
         return new_cids
 
     def _timed_sync(self) -> None:
@@ -1052,10 +1051,12 @@ class LmdbStore(Store):
         waiting = self._waiting
         for _ in range(min(len(batch), len(waiting))):
             waiting.popleft()
-        self._ring.insert_all(cids)
-        unsynced = self._unsynced_cids
-        for key in cids:
-            del unsynced[key]
+        unsynced, kept = self._unsynced_cids, {}
+        for key, seq in cids.items():
+            if unsynced.get(key) == seq:  # else pruned since its commit (and stored again?)
+                del unsynced[key]
+                kept[key] = seq
+        self._ring.insert_all(kept)
         for op in batch:
             if op.done is not None:
                 op.done.set()
@@ -1124,8 +1125,15 @@ class LmdbStore(Store):
         except BaseException:
             txn.abort()
             raise
-        for key in pruned:  # committed: the ring forgets them as a reopened store would
-            self._ring.forget_oldest(key)
+        # Committed: not acknowledged yet (until its sync, with fsync), and only then in
+        # the ring. What the commit pruned is forgotten as a reopened store would: by the
+        # ring, or, committed but not acknowledged (the ring has it not yet), by
+        # _unsynced_cids, so that it never joins the ring (_ack).
+        unsynced = self._unsynced_cids
+        unsynced.update(new_cids)
+        for key, seq in pruned:
+            if not self._ring.forget_oldest(key) and unsynced.get(key) == seq:
+                del unsynced[key]
         for name, rec in changed.items():
             self._chan_ids[name] = rec["id"]
         return new_cids
@@ -1254,20 +1262,20 @@ class LmdbStore(Store):
         op.changed = True
         return new
 
-    def _prune_dedup(self, txn: lmdb.Transaction, now: int, most: int) -> list[bytes]:
+    def _prune_dedup(self, txn: lmdb.Transaction, now: int, most: int) -> list[tuple[bytes, int]]:
         """Drop the oldest journal entries past the size bound or the retention window,
-        a bounded number per commit; returns their dedup keys, oldest first, for the
-        in-memory map (FIFO in the same order) to forget once the commit succeeded."""
+        a bounded number per commit; returns their dedup keys and seqs, oldest first, for
+        the in-memory map (FIFO in the same order) to forget once the commit succeeded."""
         excess = txn.stat(self._dedup)["entries"] - self.config.dedup_max
         cutoff = now - self.config.dedup_retention_ms
         cur = txn.cursor(db=self._dedup)
-        pruned: list[bytes] = []
+        pruned: list[tuple[bytes, int]] = []
         while len(pruned) < most and cur.first():
-            key, _, ts = unpackb(cur.value())
+            key, seq, ts = unpackb(cur.value())
             if len(pruned) >= excess and ts >= cutoff:
                 break
             cur.delete()
-            pruned.append(key)
+            pruned.append((key, seq))
         return pruned
 
     # ---------------------------------------------------------------- compaction
