@@ -676,6 +676,30 @@ def test_a_cid_its_own_commit_prunes_is_stored_again_as_after_a_restart(tmp_path
         store.close()
 
 
+@pytest.mark.parametrize("job", ["compact", "reset_channel"])
+def test_no_job_commits_after_a_failed_sync(tmp_path: Path, job: str) -> None:
+    """STORAGE.md, Writes: after a failed sync the store stops (PostgreSQL's answer to
+    "fsyncgate"): every later write is refused until an operator restarts it. A
+    compaction pass or a reset, which run in the writer thread as jobs, are writes too:
+    one that committed on would build on pages the kernel may have dropped."""
+    store = LmdbStore(tmp_path / "data", StoreConfig(durability="fsync"))
+    env = FailingSync(store._env)
+    try:
+        first = store.append("room", "alice", "c1", "one")
+        store._env = env
+        env.failures = 1
+        with pytest.raises(StoreUnavailable, match="outcome unknown"):
+            store.append("room", "alice", "c2", "two")
+        before = store.channel("room")
+        with pytest.raises(StoreUnavailable, match="writes stopped"):
+            getattr(store, job)("room")
+        assert store.channel("room") == before
+        assert store.lookup_dup("room", "alice", "c1") == first._replace(dup=True)
+    finally:
+        store._env = env.real
+        store.close()
+
+
 def test_writes_go_on_while_the_periodic_sync_of_async_mode_runs(tmp_path: Path) -> None:
     """``async`` durability syncs in a thread of its own: a sync that takes long (here,
     one held until released) does not hold up commits and acks."""

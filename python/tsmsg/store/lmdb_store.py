@@ -976,6 +976,10 @@ class LmdbStore(Store):
             ops = nxt
 
     def _run_job(self, job: _Job) -> None:
+        if self.failed is not None:  # a sync failed: a job's commits are writes too
+            job.error = StoreUnavailable(self.failed)
+            job.done.set()
+            return
         try:
             finished = self._with_map_growth(job.fn)
         except BaseException as exc:  # reported to the waiter, never kills the writer
