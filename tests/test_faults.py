@@ -700,6 +700,73 @@ def test_no_job_commits_after_a_failed_sync(tmp_path: Path, job: str) -> None:
         store.close()
 
 
+class FailingCommit(FailingSync):
+    """An environment whose write transactions numbered in ``fail_at`` (1-based, from the
+    wrapping on) fail in LMDB's commit with ``error`` (nothing of them is stored), as when
+    the page writes or, with ``fsync``, the fdatasync inside a commit fail."""
+
+    def __init__(self, env: Any, fail_at: set[int], error: Exception) -> None:
+        super().__init__(env)
+        self.fail_at, self.error, self.begun = fail_at, error, 0
+
+    def begin(self, write: bool = False, **kw: Any) -> Any:
+        txn = self.real.begin(write=write, **kw)
+        if write:
+            self.begun += 1
+        if not (write and self.begun in self.fail_at):
+            return txn
+        error = self.error
+
+        class Txn:
+            def commit(self) -> None:
+                txn.abort()
+                raise error
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(txn, name)
+
+        return Txn()
+
+
+@pytest.mark.parametrize("error", ["eio", "enospc"])
+def test_an_io_error_in_an_fsync_commit_stops_the_store(tmp_path: Path, error: str) -> None:
+    """With ``fsync`` a batch is made durable by the sync in the next commit (MDB_NOMETASYNC).
+    When that commit fails with an I/O error, which may be its sync's, the batch before is
+    not known to be durable, and a sync succeeding after it proves nothing (the kernel
+    reports a write-back error once): that batch gets an unknown outcome and the store
+    stops, as after a failed sync. Disk full (ENOSPC, reported when pages are written)
+    stays an ordinary failed commit: the batch before is synced and acknowledged."""
+    errors = {
+        "eio": lmdb.Error(f"mdb_txn_commit: {os.strerror(errno.EIO)}"),
+        "enospc": lmdb.DiskError(f"mdb_txn_commit: {os.strerror(errno.ENOSPC)}"),
+    }
+    store = LmdbStore(tmp_path / "data", StoreConfig(durability="fsync", max_batch=1))
+    try:
+        assert store.append("room", "alice", "c0", "zero").seq == 1
+        store._env = FailingCommit(store._env, {2}, errors[error])
+        first = WriteOp("message", "room", "alice", cid="c1", text="one")
+        second = WriteOp("message", "room", "alice", cid="c2", text="two")
+        first.done, second.done = threading.Event(), threading.Event()
+        store.submit(first, second)  # two batches of one: the second's commit fails
+        assert first.done.wait(10) and second.done.wait(10)
+        assert isinstance(second.error, StoreUnavailable), second
+        assert "store commit failed" in second.error.message
+        if error == "enospc":
+            assert first.error is None and store.failed is None
+            assert store.append("room", "alice", "c3", "three").seq == 3
+            return
+        assert isinstance(first.error, StoreUnavailable), first
+        assert "outcome unknown" in first.error.message
+        assert store.failed is not None and "perhaps in its sync" in store.failed
+        with pytest.raises(StoreUnavailable, match="writes stopped"):
+            store.append("room", "alice", "c3", "three")
+        retry = store.cached_dup("room", "alice", "c1")  # what is there is answered
+        assert retry is not None and retry.seq == 2
+    finally:
+        store._env = getattr(store._env, "real", store._env)
+        store.close()
+
+
 def test_writes_go_on_while_the_periodic_sync_of_async_mode_runs(tmp_path: Path) -> None:
     """``async`` durability syncs in a thread of its own: a sync that takes long (here,
     one held until released) does not hold up commits and acks."""

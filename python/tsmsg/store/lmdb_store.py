@@ -389,6 +389,11 @@ class _Stop:
     pass
 
 
+class _CommitIOError(Exception):
+    """LMDB's commit itself failed (not disk full): with ``fsync`` the commit's sync may be
+    what failed, which makes the batch committed before it as unknown as a failed sync."""
+
+
 @dataclass(slots=True)
 class _Batch:
     """One batch's transaction and what its ops have done so far (writer thread only)."""
@@ -935,10 +940,14 @@ class LmdbStore(Store):
                 # its cids stay out of the map that answers retries until it is).
                 self._ack(unsynced, unsynced_cids)
                 unsynced, unsynced_cids = batch, cids
-            else:
-                self._sync_and_ack(unsynced, unsynced_cids)
+            else:  # they carry their errors
+                if self.failed is None:
+                    self._sync_and_ack(unsynced, unsynced_cids)
+                else:  # in the commit's sync, perhaps, which was to make them durable
+                    self._fail_stop(unsynced)
+                    self._ack(unsynced, unsynced_cids)
                 unsynced = []
-                self._ack(batch, {})  # they carry their errors
+                self._ack(batch, {})
 
     def _run_syncer(self) -> None:
         """``async`` durability: sync every ``sync_interval_s``, in a thread of its own
@@ -1013,6 +1022,8 @@ class LmdbStore(Store):
             new_cids: dict[bytes, int] = self._with_map_growth(lambda: self._write_batch(batch))
         except Exception as exc:  # a failed batch must never stop the writer thread
             log.error("store commit of %d writes failed: %r", len(batch), exc)
+            if isinstance(exc, _CommitIOError) and self.config.durability == "fsync":
+                self._fail_stop([], exc, "store commit failed in LMDB, perhaps in its sync")
             err = StoreUnavailable(f"store commit failed: {exc}")
             for op in batch:
                 op.result, op.error, op.changed = None, err, False
@@ -1035,13 +1046,18 @@ class LmdbStore(Store):
             self._fail_stop(batch, exc)
         self._ack(batch, cids)
 
-    def _fail_stop(self, batch: list[WriteOp], exc: Exception) -> None:
-        """A sync failed after a commit: the batch is visible but not known to be durable
-        (after an fsync error the kernel may have dropped the pages: PostgreSQL's
-        "fsyncgate"). Its writers get store_unavailable with an unknown outcome (their
-        cids stay remembered, so a retry is answered as a duplicate if it is there) and
-        the store stops accepting writes until it is reopened; reads keep working."""
-        self.failed = f"store sync failed ({exc!r}); writes stopped until restart"
+    def _fail_stop(
+        self, batch: list[WriteOp], exc: Exception | None = None, what: str = "store sync failed"
+    ) -> None:
+        """A sync failed (``exc``, ``what``; None: the one that stopped the store) after a
+        commit: the batch is visible but not known to be durable (after an fsync error the
+        kernel may have dropped the pages: PostgreSQL's "fsyncgate"). Its writers get
+        store_unavailable with an unknown outcome (their cids stay remembered, so a retry
+        is answered as a duplicate if it is there) and the store stops accepting writes
+        until it is reopened; reads keep working."""
+        if exc is not None:
+            self.failed = f"{what} ({exc!r}); writes stopped until restart"
+        assert self.failed is not None
         log.critical("%s: %d committed writes have an unknown outcome", self.failed, len(batch))
         err = StoreUnavailable(f"{self.failed}; outcome unknown, retry with the same cid")
         for op in batch:
@@ -1125,7 +1141,12 @@ class LmdbStore(Store):
             pruned = self._prune_dedup(txn, ts, DEDUP_PRUNE_PER_BATCH + 2 * len(new_cids))
             if self._fault is not None:
                 self._fault()
-            txn.commit()
+            try:
+                txn.commit()
+            except (lmdb.MapFullError, lmdb.DiskError):  # the map grows; disk full: refused
+                raise
+            except lmdb.Error as exc:  # an I/O error, perhaps in LMDB's own sync (fsync)
+                raise _CommitIOError(f"{exc}") from exc
         except BaseException:
             txn.abort()
             raise
