@@ -506,6 +506,56 @@ async def test_a_call_refused_token_expired_waits_for_the_refresh() -> None:
     assert log == ["read", "unread", "refresh", "read", "unread"], log
 
 
+@pytest.mark.parametrize("mode", ["timer", "notice"])
+async def test_a_token_provider_failing_with_no_request_waiting_ends_the_connection(
+    mode: str,
+) -> None:
+    """The reference behaviour tsmsg.js follows (its test of the same name): a provider
+    that fails on a live connection ends it at once (``_refresh_token``: ``session.end``),
+    with no request waiting for the token: when the refresher asks it before exp (timer:
+    a 3 s token, asked about 0.6 s before its exp) or at the server's expiry notice
+    (notice; the server's grace, 30 s, is far). The client reconnects. (Passed before
+    tsmsg.js was changed: it pins the behaviour the JS test copies.)"""
+    asked = 0
+    first = mint("alice", ttl_s=3 if mode == "timer" else 3600)
+
+    async def provider() -> str:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            raise RuntimeError("issuer down")
+        return mint("alice")
+
+    ended: list[bool] = []  # per connection: the client closed it
+    second = anyio.Event()
+
+    async def handler(conn: ScriptedConn) -> None:
+        n = len(ended) + 1
+        ended.append(False)
+        if n > 1:
+            second.set()
+        await conn.welcome()
+        if n == 1 and mode == "notice":
+            await conn.send(t="error", code="token_expired", message="x", refresh_within_ms=30_000)
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                f = await conn.recv_t("refresh")
+                await conn.send(t="ok", rid=f["rid"], exp=2_000_000_000)
+        ended[n - 1] = True
+
+    async with (
+        scripted_server(handler) as port,
+        connect(HOST, port, token=first, token_provider=provider) as alice,
+    ):
+        with anyio.fail_after(STEP):
+            await second.wait()
+            while not alice.connected:  # (welcomed: its connect is over)
+                await anyio.sleep(0.01)
+        # Ended by the client (no server notice in timer mode; the grace, 30 s, is far in
+        # notice mode), without a refresh: the provider failed.
+        assert ended[0] is True and alice.refreshes == 0, (ended, alice.refreshes)
+
+
 # ============================================================================ leave
 
 
@@ -1008,6 +1058,35 @@ await flush();
 done({ after: after.map((f) => f.t), result, ack });
 """
 
+JS_PROVIDER_FAILS = r"""import { flush, done, liveClient, newSocket, welcome, idle, jwt, nowS, FakeWS } from "./common.mjs";
+// The provider fails once, with no request waiting for its token: at the refresh timer
+// before exp (MODE=timer; a token of 120 s, refreshed 24 s before its exp) or at the
+// server's expiry notice (MODE=notice). Then it works again.
+const first = jwt(nowS() + (process.env.MODE === "timer" ? 120 : 3600));
+let asked = 0;
+const tokenProvider = async () => {
+  if (++asked === 1) throw new Error("issuer down");
+  return jwt(nowS() + 7200); // (not the first token, even at the same second)
+};
+const { c, ws } = await liveClient(5, 1, { token: first, tokenProvider });
+const errors = []; c.on("error", (e) => errors.push(String(e.message)));
+let frames = [];
+if (process.env.MODE === "timer") frames = await idle(ws, 100000); // past the refresh, before exp
+else ws.recv({ t: "error", code: "token_expired", message: "expired", refresh_within_ms: 30000 });
+await flush(); // (at the notice no time passes: the server's grace, 30 s, is far)
+const closed = ws.readyState === 3;
+const state = { closed, asked, errors, refreshes: frames.filter((f) => f.t === "refresh").length };
+if (!closed) done(state); // the connection lives on with a token the client could not renew
+const ws2 = await newSocket(2);
+const hello = ws2.out[0] ?? null;
+let after = await welcome(ws2);
+for (const f of after) if (f.t === "join") ws2.recv({ t: "ok", rid: f.rid, channel: "room-1", head: 5, read: 0, epoch: 1, horizon: 0 });
+after = [...after, ...(await idle(ws2, 30000))]; // the timer of a reused token asks again
+for (const f of after) if (f.t === "refresh") ws2.recv({ t: "ok", rid: f.rid, exp: nowS() + 3600 });
+await flush();
+done({ ...state, asked, reused: hello && hello.token === first, after: after.map((f) => f.t), connected: c.connected, sockets: FakeWS.all.length });
+"""
+
 JS_CONNECT_AGAIN = r"""import { clock, advance, flush, FakeWS, jwt, welcome, done, TsmsgClient, URL, nowS } from "./common.mjs";
 Math.random = () => 1 - 1e-9; // full jitter at its top: each reconnect waits its whole cap
 const c = new TsmsgClient({ url: URL, token: jwt(nowS() + 86400), WebSocket: FakeWS });
@@ -1307,6 +1386,32 @@ def test_js_a_token_provider_failing_while_requests_wait_ends_the_connection(
     assert r["closed"] is True and r["errors"] == ["issuer down"], r
     assert r["asked"] == 2 and r["fresh"] is True, r
     assert r["after"] == ["join", "read"] and r["result"] == 3, r
+
+
+@needs_node
+@pytest.mark.parametrize("mode", ["timer", "notice"])
+def test_js_a_token_provider_failing_with_no_request_waiting_ends_the_connection(
+    tmp_path: Path, mode: str
+) -> None:
+    """The Python client ends the connection whenever the provider fails on a live one
+    (client.py ``_refresh_token``: ``session.end``), whatever asked for the token.
+    tsmsg.js did so only while requests waited for the token: a provider that threw at
+    the refresh timer before exp (timer) or at the server's expiry notice (notice) only
+    emitted the error, and the connection went on with a token it could not renew: after
+    a failure at the timer nothing asked the provider again before the expiry notice;
+    after one at the notice, nothing did before the server's grace close. Now it ends at
+    once, as the Python client's: the reconnect's hello offers the old token while it is
+    still valid (timer; the refresh timer then asks the provider again) and asks the
+    provider for a new one once the server has said the old one expired (notice)."""
+    r = run_js(tmp_path, JS_PROVIDER_FAILS, MODE=mode)
+    assert r["closed"] is True and r["errors"] == ["issuer down"], r
+    assert r["refreshes"] == 0 and r["sockets"] == 2 and r["connected"] is True, r
+    if mode == "timer":
+        assert r["reused"] is True and r["asked"] == 2, r
+        assert r["after"] == ["join", "sync", "refresh"], r
+    else:
+        assert r["reused"] is False and r["asked"] == 2, r  # the hello's token: a new one
+        assert r["after"] == ["join", "sync"], r
 
 
 @needs_node

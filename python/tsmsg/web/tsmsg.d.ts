@@ -25,8 +25,10 @@ export interface ClientOptions {
   /** A JWT (PROTOCOL.md 5.1). */
   token?: string;
   /** Returns a fresh JWT; asked before the current one expires and after token_expired.
-   * If it fails while requests wait for its token, the connection is closed and the
-   * reconnect's hello asks it again. */
+   * If it fails (throws or rejects) on a live connection, the error is emitted and the
+   * connection is closed (as the Python client): the reconnect, with backoff, asks it
+   * again. If it fails before a hello, the error is emitted and the hello retried with
+   * backoff. */
   tokenProvider?: () => Promise<string> | string;
   /** A WebSocket implementation (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;

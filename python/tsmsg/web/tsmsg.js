@@ -3,7 +3,8 @@
 // types in tsmsg.d.ts. It mirrors the Python client (python/tsmsg/client/protocol.py):
 //
 // - connect with a token or a token provider (asked again before the token expires, and
-//   after a refusal with token_expired), reconnect with exponential backoff and jitter;
+//   after a refusal with token_expired; a provider that fails then ends the connection,
+//   as in the Python client), reconnect with exponential backoff and jitter;
 //   the backoff starts over only once a connection has stayed up backoffMaxMs after its
 //   welcome (one that ends sooner doubles it, like a failed connect: a server that
 //   welcomes and drops every connection gets no reconnect storm), as the Python client;
@@ -147,6 +148,7 @@ export class TsmsgClient {
     this._timers = new Set();
     this._pingSent = null;
     this._refreshTimer = null;
+    this._expiredHere = false;
     this._firstWelcome = null;
   }
 
@@ -253,6 +255,7 @@ export class TsmsgClient {
     const ws = new this._WebSocket(this.url, [SUBPROTOCOL]);
     this._ws = ws;
     this._conn = "hello";
+    this._expiredHere = false; // the server said (on this connection) that the token expired
     this._inflight.clear();
     this.closeReason = null;
     const giveUp = this._later(CONNECT_TIMEOUT_MS, () => {
@@ -504,8 +507,10 @@ export class TsmsgClient {
     } else if (t === "left") {
       if (ch) this._left(ch, String(f.reason ?? ""));
     } else if (t === "error") {
-      if (f.code === "token_expired" && "refresh_within_ms" in f) this._refreshNow();
-      else this.closeReason = f.code;
+      if (f.code === "token_expired" && "refresh_within_ms" in f) {
+        this._expiredHere = true;
+        this._refreshNow();
+      } else this.closeReason = f.code;
     } else if (t === "bye") {
       this.closeReason = f.code || "shutting_down";
     }
@@ -571,12 +576,16 @@ export class TsmsgClient {
     } catch (err) {
       this._refreshing = false;
       this._emit("error", err);
-      // Requests refused token_expired wait for this token: nothing else would bring it
-      // before the server's grace close. End the connection now, as the Python client:
-      // the reconnect's hello asks the provider again (with backoff), then they go.
-      const waiting = [...this._calls, ...this._outbox.values(), ...this._held].some((r) => r.needsToken);
-      if (waiting && this._ws === ws && this._conn === "ready") {
-        this._token = null;
+      // The provider failed: end the connection now, whatever asked for the token (the
+      // timer before exp, the server's expiry notice, a request refused token_expired),
+      // as the Python client (client.py _refresh_token). The reconnect (with backoff)
+      // asks the provider again, at its hello if the token is gone or about to expire,
+      // else by the refresh timer after its welcome: so a provider that keeps failing is
+      // asked at the pace of the backoff, and requests refused token_expired go on the
+      // new connection instead of waiting for the server's grace close. A token the
+      // server said has expired is dropped (not offered to the next hello).
+      if (this._ws === ws && this._conn === "ready" && !this._stopped) {
+        if (this._expiredHere) this._token = null;
         ws.close(4003, "the token provider failed"); // (a close reason: 123 bytes at most)
       }
     }
@@ -596,6 +605,7 @@ export class TsmsgClient {
         // Resent once the refresh's ok comes (the new token in place), not at the next
         // _pump before it: sent with the expired token, it would only be refused again.
         req.needsToken = true;
+        this._expiredHere = true;
         if (INTERNAL.has(req.kind)) this._held.push(req);
         this._refreshNow();
         return;
@@ -608,6 +618,7 @@ export class TsmsgClient {
     }
     if (req.kind === "refresh") {
       this._refreshing = false;
+      this._expiredHere = false;
       for (const waiting of [...this._calls, ...this._outbox.values(), ...this._held]) waiting.needsToken = false;
       this._scheduleRefresh();
       return this._pump();
