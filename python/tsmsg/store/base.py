@@ -14,12 +14,17 @@ fields. Returning dicts lets the server put them on the wire without a conversio
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
+import logging
+import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol, Self
+from typing import Any, Literal, NamedTuple, Protocol, Self, TypeVar
 
 Entry = dict[str, Any]
 Kind = Literal["message", "edit", "delete"]
@@ -28,6 +33,8 @@ Kind = Literal["message", "edit", "delete"]
 # error frames; these guard the on-disk format against any other caller).
 MAX_CHANNEL_BYTES = 128  # channel names are short identifiers, not content
 MAX_USER_BYTES = 128  # user ids come from the token's `sub`
+
+log = logging.getLogger("tsmsg.store")
 
 
 class StoreError(Exception):
@@ -381,6 +388,119 @@ class Store(ABC):
         """Presence across nodes (a user is online while any node has a device of
         theirs); a store of one node keeps this node's, in memory."""
         return Presence()
+
+
+# What the backends share besides the interface: the queue between callers and the writer
+# thread, and background compaction (LmdbStore, RedisStore: MemoryStore runs no thread);
+# how a committed batch is announced (every store).
+
+_Item = TypeVar("_Item")  # what a writer's queue carries: tuples of writes, stop marks, jobs
+OP_OVERHEAD = 128  # bytes an op counts besides its text (ids, names, meta's usual size)
+
+
+def queue_writes(
+    ops: tuple[WriteOp, ...],
+    waiting: collections.deque[float],
+    writes: queue.SimpleQueue[Any],
+) -> None:
+    """Hand ``ops`` to the writer as one item (one wake-up, however many), stamped with
+    the time (``queued_at``; ``waiting`` gets one per op, oldest first, which the writer
+    drops as it acknowledges them: see :func:`oldest_wait`)."""
+    if not ops:
+        return
+    now = time.monotonic()
+    for op in ops:
+        op.queued_at = now
+    waiting.extend(itertools.repeat(now, len(ops)))
+    writes.put(ops)
+
+
+def oldest_wait(waiting: collections.deque[float]) -> float:
+    """How long, in seconds, the oldest write not yet acknowledged has waited (0: none)."""
+    try:  # a concurrent acknowledgement may make this slightly stale: harmless
+        return max(0.0, time.monotonic() - waiting[0])
+    except IndexError:
+        return 0.0
+
+
+def take_batch(
+    ops: tuple[WriteOp, ...],
+    writes: queue.SimpleQueue[_Item],
+    most: int,
+    most_bytes: int,
+) -> tuple[list[WriteOp], tuple[WriteOp, ...] | _Item | None]:
+    """The writer's next batch: ``ops`` and the writes queued after them, in order, until
+    ``most`` writes or ``most_bytes`` of text (exceeded by one write at most); and what
+    was taken but is left for later (the rest of a tuple, a stop mark, a job)."""
+    batch: list[WriteOp] = []
+    size = 0
+    while True:
+        for i, op in enumerate(ops):
+            if len(batch) >= most or size >= most_bytes:
+                return batch, ops[i:]
+            batch.append(op)
+            size += OP_OVERHEAD + (len(op.text) if op.text else 0)
+        try:
+            nxt = writes.get_nowait()
+        except queue.Empty:
+            return batch, None
+        if not isinstance(nxt, tuple):
+            return batch, nxt
+        ops = nxt
+
+
+def notify_batch(batch: list[WriteOp], notify: Notify | None) -> None:
+    """A committed (or failed) batch: wake its blocking writers, then call the ``notify``
+    hook with it; the hook's bug is logged, never raised (it must not stop the store)."""
+    for op in batch:
+        if op.done is not None:
+            op.done.set()
+    if notify is not None:
+        try:
+            notify(batch)
+        except Exception:
+            log.exception("store notify hook failed for a batch of %d", len(batch))
+
+
+class BackgroundCompaction:
+    """A store's :meth:`~Store.compact` of every channel, on request (:meth:`compact_all`)
+    and every ``interval_s`` in a thread of its own (none when it is None or 0), until
+    :meth:`stop`."""
+
+    def __init__(self, store: Store, interval_s: float | None) -> None:
+        self._store = store
+        self._interval = interval_s
+        self.stopping = threading.Event()  # set by stop(): passes end between channels
+        self._thread: threading.Thread | None = None
+        if interval_s:
+            self._thread = threading.Thread(target=self._run, name="tsmsg-compactor", daemon=True)
+            self._thread.start()
+
+    def compact_all(self) -> dict[str, int]:
+        """Compact every channel (its new horizon by name); stops between channels once
+        :meth:`stop` was called."""
+        done: dict[str, int] = {}
+        for name in self._store.channels():
+            if self.stopping.is_set():
+                break
+            done[name] = self._store.compact(name)
+        return done
+
+    def _run(self) -> None:
+        interval = self._interval
+        assert interval
+        while not self.stopping.wait(interval):
+            try:
+                self.compact_all()
+            except Exception:
+                log.exception("background compaction failed; will retry in %.0f s", interval)
+
+    def stop(self) -> None:
+        """End compaction (a pass under way stops between channels) and wait for the
+        thread."""
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # The pseudo-channel (no channel has an empty name) of presence changes between nodes: a

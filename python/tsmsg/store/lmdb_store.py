@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import queue
@@ -37,6 +36,7 @@ from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
     MAX_USER_BYTES,
     AppendResult,
+    BackgroundCompaction,
     ChannelInfo,
     Entry,
     Forbidden,
@@ -51,6 +51,9 @@ from tsmsg.store.base import (
     StoreUnavailable,
     SyncPage,
     WriteOp,
+    oldest_wait,
+    queue_writes,
+    take_batch,
 )
 from tsmsg.store.crypto import ENCRYPTED_FIELDS, EncryptionError, Keyring, entry_kid, open_entry
 from tsmsg.store.export import ChannelDump, UserDump, edit_chains, with_prefix
@@ -82,7 +85,6 @@ DEFAULT_MAX_BATCH = 1024  # writes per transaction: bounds the time one commit h
 # Text bytes per transaction: one batch is fanned out at once, so this keeps a batch's
 # events well under a connection's outbound bound (max_queue_bytes, 4 MiB by default).
 DEFAULT_MAX_BATCH_BYTES = 1 << 20
-OP_OVERHEAD = 128  # bytes an op counts besides its text (ids, names, meta's usual size)
 # cids remembered for dedup, oldest dropped first. All of them are answered from memory
 # (about 150 bytes each, so 40 MB at the default) and journaled in LMDB for restarts.
 DEFAULT_DEDUP_MAX = 250_000
@@ -457,13 +459,7 @@ class LmdbStore(Store):
             target=self._run_writer, name="tsmsg-store-writer", daemon=True
         )
         self._writer.start()
-        self._compactor: threading.Thread | None = None
-        self._stop_compactor = threading.Event()
-        if config.compaction.interval_s:
-            self._compactor = threading.Thread(
-                target=self._run_compactor, name="tsmsg-compactor", daemon=True
-            )
-            self._compactor.start()
+        self._compaction = BackgroundCompaction(self, config.compaction.interval_s)
         self._syncer: threading.Thread | None = None
         self._stop_syncer = threading.Event()
         if config.durability == "async":
@@ -880,22 +876,12 @@ class LmdbStore(Store):
             raise StoreUnavailable("store is closed")
         if self.failed is not None:
             raise StoreUnavailable(self.failed)
-        if not ops:
-            return
-        now = time.monotonic()
-        for op in ops:
-            op.queued_at = now
-        self._waiting.extend(itertools.repeat(now, len(ops)))
-        self._queue.put(ops)  # one item, one wake-up of the writer, however many
+        queue_writes(ops, self._waiting, self._queue)
 
     def health(self) -> tuple[str | None, float]:
         if self._closed:
             return "store is closed", 0.0
-        try:  # a concurrent acknowledgement may make this slightly stale: harmless
-            lag = max(0.0, time.monotonic() - self._waiting[0])
-        except IndexError:
-            lag = 0.0
-        return self.failed, lag
+        return self.failed, oldest_wait(self._waiting)
 
     def _run_writer(self) -> None:
         """The writer loop: take every pending write (a batch), commit it, acknowledge.
@@ -964,25 +950,9 @@ class LmdbStore(Store):
     def _take_batch(
         self, ops: tuple[WriteOp, ...]
     ) -> tuple[list[WriteOp], tuple[WriteOp, ...] | _Job | _Stop | None]:
-        """The next batch: ``ops`` and the writes queued after them, in order, until
-        ``max_batch`` writes or ``max_batch_bytes`` of text (exceeded by one write at
-        most); and what was taken but is left for later (the rest of a tuple, a job)."""
-        most, most_bytes = self.config.max_batch, self.config.max_batch_bytes
-        batch: list[WriteOp] = []
-        size = 0
-        while True:
-            for i, op in enumerate(ops):
-                if len(batch) >= most or size >= most_bytes:
-                    return batch, ops[i:]
-                batch.append(op)
-                size += OP_OVERHEAD + (len(op.text) if op.text else 0)
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, None
-            if not isinstance(nxt, tuple):
-                return batch, nxt
-            ops = nxt
+        """The next batch (:func:`~tsmsg.store.base.take_batch`), up to ``max_batch``
+        writes or ``max_batch_bytes`` of text."""
+        return take_batch(ops, self._queue, self.config.max_batch, self.config.max_batch_bytes)
 
     def _run_job(self, job: _Job) -> None:
         if self.failed is not None:  # a sync failed: a job's commits are writes too
@@ -1345,7 +1315,7 @@ class LmdbStore(Store):
                     plan.update(
                         drop_below=max(0, keep), point=max(0, head - policy.keep_recent, keep)
                     )
-                elif self._stop_compactor.is_set():
+                elif self._compaction.stopping.is_set():
                     return True  # closing: the rest waits for the next pass
                 budget = COMPACT_CHUNK
                 while plan["phase"] < len(phase) and budget > 0:
@@ -1502,21 +1472,7 @@ class LmdbStore(Store):
 
     def compact_all(self) -> dict[str, int]:
         """Compact every channel; stops between channels (and steps) when closing."""
-        done: dict[str, int] = {}
-        for name in self.channels():
-            if self._stop_compactor.is_set():
-                break
-            done[name] = self.compact(name)
-        return done
-
-    def _run_compactor(self) -> None:
-        interval = self.config.compaction.interval_s
-        assert interval
-        while not self._stop_compactor.wait(interval):
-            try:
-                self.compact_all()
-            except Exception:
-                log.exception("background compaction failed; will retry in %.0f s", interval)
+        return self._compaction.compact_all()
 
     def reset_channel(self, channel: str) -> int:
         """Drop a channel's log and give it a new epoch (an operator's last resort, e.g.
@@ -1642,9 +1598,7 @@ class LmdbStore(Store):
         if self._closed:
             return
         self._closed = True
-        self._stop_compactor.set()
-        if self._compactor is not None:
-            self._compactor.join()
+        self._compaction.stop()
         self._queue.put(_Stop())
         self._writer.join()
         self._stop_syncer.set()
@@ -1669,12 +1623,6 @@ class LmdbStore(Store):
         if self._lock_fd is not None:  # the directory is free for the next opener
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def __enter__(self) -> LmdbStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ======================================================================================

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,11 +48,13 @@ from tsmsg.store.base import (
     StoreUnavailable,
     SyncPage,
     WriteOp,
+    notify_batch,
 )
 from tsmsg.store.lmdb_store import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_EDITS,
     CompactionPolicy,
+    _check_name,
     check_edits,
     id_prefix,
     message_id,
@@ -61,14 +62,6 @@ from tsmsg.store.lmdb_store import (
     now_ms,
     parse_message_id,
 )
-
-log = logging.getLogger("tsmsg.store")
-
-
-def _check_name(what: str, value: str, max_bytes: int) -> None:
-    raw = value.encode()
-    if not raw or len(raw) > max_bytes or b"\0" in raw:
-        raise ValueError(f"{what} must be 1 to {max_bytes} bytes of UTF-8 without NUL: {value!r}")
 
 
 @dataclass
@@ -398,14 +391,7 @@ class MemoryStore(Store):
                 op.error = exc
             except (ValueError, TypeError) as exc:  # a malformed op fails alone
                 op.error = StoreError(f"invalid write: {exc}")
-        for op in batch:
-            if op.done is not None:
-                op.done.set()
-        if self._notify is not None:
-            try:
-                self._notify(batch)
-            except Exception:  # as LmdbStore: the hook's bug must not stop the store
-                log.exception("store notify hook failed for a batch of %d", len(batch))
+        notify_batch(batch, self._notify)  # as LmdbStore's writer
         return batch
 
     def crash(self) -> list[WriteOp]:

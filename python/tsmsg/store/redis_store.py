@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
 import queue
 import re
@@ -55,6 +54,7 @@ from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
     MAX_USER_BYTES,
     AppendResult,
+    BackgroundCompaction,
     ChannelInfo,
     Entry,
     Forbidden,
@@ -70,10 +70,13 @@ from tsmsg.store.base import (
     StoreUnavailable,
     SyncPage,
     WriteOp,
+    notify_batch,
+    oldest_wait,
+    queue_writes,
+    take_batch,
 )
 from tsmsg.store.export import ChannelDump, UserDump, edit_chains, with_prefix
 from tsmsg.store.lmdb_store import (
-    OP_OVERHEAD,
     StoreConfig,
     _check_name,
     check_edits,
@@ -310,13 +313,7 @@ class RedisStore(Store):
             target=self._run_writer, name="tsmsg-redis-writer", daemon=True
         )
         self._writer.start()
-        self._compactor: threading.Thread | None = None
-        self._stop_compactor = threading.Event()
-        if config.compaction.interval_s:
-            self._compactor = threading.Thread(
-                target=self._run_compactor, name="tsmsg-compactor", daemon=True
-            )
-            self._compactor.start()
+        self._compaction = BackgroundCompaction(self, config.compaction.interval_s)
 
     def __str__(self) -> str:
         return f"redis {self.target.where}"
@@ -601,22 +598,12 @@ class RedisStore(Store):
     def submit(self, *ops: WriteOp) -> None:
         if self._closed:
             raise StoreUnavailable("store is closed")
-        if not ops:
-            return
-        now = time.monotonic()
-        for op in ops:
-            op.queued_at = now
-        self._waiting.extend(itertools.repeat(now, len(ops)))
-        self._queue.put(ops)
+        queue_writes(ops, self._waiting, self._queue)
 
     def health(self) -> tuple[str | None, float]:
         if self._closed:
             return "store is closed", 0.0
-        try:
-            lag = max(0.0, time.monotonic() - self._waiting[0])
-        except IndexError:
-            lag = 0.0
-        return self.down, lag
+        return self.down, oldest_wait(self._waiting)
 
     def _run_writer(self) -> None:
         held: tuple[WriteOp, ...] | _Stop | None = None
@@ -631,7 +618,7 @@ class RedisStore(Store):
                     continue
             if isinstance(item, _Stop):
                 return
-            batch, held = self._next_batch(item)
+            batch, held = self._take_batch(item)
             start = time.perf_counter()
             self._commit(batch)
             if self._observer is not None:
@@ -654,27 +641,11 @@ class RedisStore(Store):
             log.warning("Redis at %s answers again: writes resume", self.target.where)
         self.down = None
 
-    def _next_batch(
+    def _take_batch(
         self, ops: tuple[WriteOp, ...]
     ) -> tuple[list[WriteOp], tuple[WriteOp, ...] | _Stop | None]:
-        """``ops`` and what is queued after them, up to ``max_batch`` writes or
-        ``max_batch_bytes`` of text; and what was taken but is left for the next batch."""
-        most, most_bytes = self.config.max_batch, self.config.max_batch_bytes
-        batch: list[WriteOp] = []
-        size = 0
-        while True:
-            for i, op in enumerate(ops):
-                if len(batch) >= most or size >= most_bytes:
-                    return batch, ops[i:]
-                batch.append(op)
-                size += OP_OVERHEAD + len(op.text or "")
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, None
-            if isinstance(nxt, _Stop):
-                return batch, nxt
-            ops = nxt
+        """The next batch (:func:`~tsmsg.store.base.take_batch`), as LMDB's writer takes it."""
+        return take_batch(ops, self._queue, self.config.max_batch, self.config.max_batch_bytes)
 
     def _commit(self, batch: list[WriteOp]) -> None:
         """Send the batch as one pipeline; set every op's result or error (and the epoch
@@ -970,14 +941,7 @@ class RedisStore(Store):
         waiting = self._waiting
         for _ in range(min(len(batch), len(waiting))):
             waiting.popleft()
-        for op in batch:
-            if op.done is not None:
-                op.done.set()
-        if self._notify is not None:
-            try:
-                self._notify(batch)
-            except Exception:  # the hook's bug must not stop the writer thread
-                log.exception("store notify hook failed for a batch of %d", len(batch))
+        notify_batch(batch, self._notify)
 
     # ---------------------------------------------------------------- fan-out
 
@@ -1025,21 +989,7 @@ class RedisStore(Store):
 
     def compact_all(self) -> dict[str, int]:
         """Compact every channel; stops between channels when closing."""
-        done: dict[str, int] = {}
-        for name in self.channels():
-            if self._stop_compactor.is_set():
-                break
-            done[name] = self.compact(name)
-        return done
-
-    def _run_compactor(self) -> None:
-        interval = self.config.compaction.interval_s
-        assert interval
-        while not self._stop_compactor.wait(interval):
-            try:
-                self.compact_all()
-            except Exception:
-                log.exception("background compaction failed; will retry in %.0f s", interval)
+        return self._compaction.compact_all()
 
     def reset_channel(self, channel: str) -> int:
         """Drop a channel's log and give it a new epoch (see LmdbStore.reset_channel)."""
@@ -1280,9 +1230,7 @@ class RedisStore(Store):
             if self._closed:
                 return
             self._closed = True
-        self._stop_compactor.set()
-        if self._compactor is not None:
-            self._compactor.join()
+        self._compaction.stop()
         self._queue.put(_Stop())
         self._writer.join()
         closed = StoreUnavailable("store is closed")
@@ -1300,12 +1248,6 @@ class RedisStore(Store):
         self._subscriber.close()
         self._client.close()
         self._wclient.close()
-
-    def __enter__(self) -> RedisStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _text(value: str | bytes) -> str:
