@@ -51,6 +51,7 @@ from tsmsg.store.base import (
     StoreUnavailable,
     SyncPage,
     WriteOp,
+    notify_batch,
     oldest_wait,
     queue_writes,
     take_batch,
@@ -1047,14 +1048,7 @@ class LmdbStore(Store):
                 del unsynced[key]
                 kept[key] = seq
         self._ring.insert_all(kept)
-        for op in batch:
-            if op.done is not None:
-                op.done.set()
-        if self._notify is not None:
-            try:
-                self._notify(batch)
-            except Exception:  # the hook's bug must not stop the writer thread
-                log.exception("store notify hook failed for a batch of %d", len(batch))
+        notify_batch(batch, self._notify)
 
     def _write_batch(self, batch: list[WriteOp]) -> dict[bytes, int]:
         """Apply a batch in one transaction; returns the cids it stored (dedup key → seq),
