@@ -1106,6 +1106,93 @@ while (FakeWS.all.length <= n + 1 && clock.now - t0 < 120000) await advance(10);
 done({ wait: clock.now - t0 });
 """
 
+JS_HELLO_FATAL = r"""import { advance, flush, FakeWS, jwt, welcome, done, TsmsgClient, URL, nowS, CH } from "./common.mjs";
+// Every hello is refused with CODE, for a (virtual) minute. MODE: fixed (a token, no
+// provider), fresh (a provider only: each hello's token is new), stale (a token and a
+// provider: the first hello offers the token the client was given).
+let asked = 0;
+const tokenProvider = async () => { asked++; return jwt(nowS() + 7200); }; // (not the given token)
+const opts = { fixed: { token: jwt(nowS() + 3600) }, fresh: { tokenProvider }, stale: { token: jwt(nowS() + 3600), tokenProvider } }[process.env.MODE];
+const c = new TsmsgClient({ url: URL, WebSocket: FakeWS, ...opts });
+const errors = []; c.on("error", (e) => errors.push(e.code ?? String(e)));
+const outcome = {};
+const track = (name, p) => { outcome[name] = "pending"; p.then(() => { outcome[name] = "resolved"; }, (e) => { outcome[name] = "rejected " + e.code; }); };
+track("send", c.send(CH, "hi", { cid: "c1" })); // waiting, made before connect()
+track("read", c.read(CH, 3));
+track("join", c.join(CH));
+track("connect", c.connect());
+const hellos = [];
+for (let t = 0; t < 60000; t += 10) {
+  await advance(10);
+  for (const ws of FakeWS.all) {
+    for (const f of ws.take()) {
+      if (f.t !== "hello") continue;
+      hellos.push(f.token);
+      ws.recv({ t: "error", rid: f.rid, code: process.env.CODE, message: "refused" });
+      ws.serverClose(1008);
+    }
+  }
+}
+await flush();
+const state = { hellos: hellos.length, distinct: new Set(hellos).size, asked, errors, closeReason: c.closeReason, outbox: c.outbox.map((s) => s.cid) };
+track("later", c.unread([CH])); // a call after the refusal
+await flush();
+const before = { ...outcome };
+// The app may start over: connect() again sends the send still in the outbox.
+const sockets = FakeWS.all.length;
+track("again", c.connect());
+track("resend", c.send(CH, "hi", { cid: "c1" })); // the same send: its promise anew
+await advance(10);
+let after = [];
+if (FakeWS.all.length > sockets) {
+  const ws = FakeWS.last();
+  after = await welcome(ws);
+  for (const f of after) if (f.t === "send") ws.recv({ t: "ok", rid: f.rid, channel: CH, seq: 1, id: "m1", ts: 1, dup: false });
+  await flush();
+}
+done({ ...state, outcome: before, again: outcome.again, resend: outcome.resend, after: after.map((f) => f.t) });
+"""
+
+JS_HELLO_RETRIED = r"""import { clock, advance, flush, FakeWS, jwt, welcome, done, TsmsgClient, URL, nowS, CH } from "./common.mjs";
+// The first three hellos are refused with CODE (rate_limited: retry_after_ms 150), the
+// fourth is welcomed. Full jitter at its top: each wait is its whole cap.
+Math.random = () => 1 - 1e-9;
+let asked = 0;
+const tokenProvider = async () => { asked++; return jwt(nowS() + 3600); };
+const c = new TsmsgClient({ url: URL, WebSocket: FakeWS, tokenProvider });
+const errors = []; c.on("error", (e) => errors.push(e.code ?? String(e)));
+let connected = "pending";
+c.connect().then(() => { connected = "resolved"; }, (e) => { connected = "rejected " + e.code; });
+let ack = "pending";
+c.send(CH, "hi", { cid: "c1" }).then((a) => { ack = a.seq; }, (e) => { ack = "rejected " + e.code; });
+const waits = [];
+let closedAt = null;
+let after = [];
+const end = clock.now + 600000;
+while (FakeWS.all.length < 4 && clock.now < end) {
+  await advance(10);
+  const ws = FakeWS.last();
+  if (!ws || ws.done || FakeWS.all.length === 4) continue;
+  const [hello] = ws.take();
+  if (!hello) continue;
+  ws.done = true;
+  if (closedAt !== null) waits.push(clock.now - closedAt);
+  const extra = process.env.CODE === "rate_limited" ? { retry_after_ms: 150 } : {};
+  ws.recv({ t: "error", rid: hello.rid, code: process.env.CODE, message: "refused", ...extra });
+  ws.serverClose(process.env.CODE === "rate_limited" ? 1013 : 1008);
+  await flush();
+  closedAt = clock.now;
+}
+if (FakeWS.all.length === 4) {
+  const ws = FakeWS.last();
+  waits.push(clock.now - closedAt);
+  after = await welcome(ws);
+  for (const f of after) if (f.t === "send") ws.recv({ t: "ok", rid: f.rid, channel: CH, seq: 1, id: "m1", ts: 1, dup: false });
+  await flush();
+}
+done({ sockets: FakeWS.all.length, waits, asked, errors, connected, ack, after: after.map((f) => f.t) });
+"""
+
 NODE = shutil.which("node")
 TSMSG_JS = Path(__file__).resolve().parents[1] / "python" / "tsmsg" / "web" / "tsmsg.js"
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -1433,6 +1520,69 @@ def test_js_backoff_starts_over_at_a_new_connect(tmp_path: Path) -> None:
     backoff over: BACKOFF_BASE_MS (100 ms, jitter at its top)."""
     r = run_js(tmp_path, JS_CONNECT_AGAIN)
     assert r["wait"] <= 150, r
+
+
+@needs_node
+@pytest.mark.parametrize(
+    ("code", "mode"),
+    [
+        ("unauthorized", "fixed"),
+        ("unauthorized", "fresh"),
+        ("unauthorized", "stale"),
+        ("token_expired", "fixed"),
+        ("token_expired", "fresh"),
+        ("token_expired", "stale"),
+        ("unsupported_version", "fresh"),
+        ("bad_request", "fresh"),
+    ],
+)
+def test_js_a_hello_refusal_retrying_cannot_help_stops_the_client(
+    tmp_path: Path, code: str, mode: str
+) -> None:
+    """As client.py ``_hello_fatal``: a token refused right after the provider made it
+    (fresh), or a fixed token with no provider (fixed), is fatal, and so are
+    ``unsupported_version`` and ``bad_request``; a token not fresh (stale: the one the
+    client was given) is dropped and the provider asked once, whose token refused is
+    then fatal. tsmsg.js cleared the token and retried for ever whenever it had a
+    provider (a wrong secret or user looped unseen, each hello a failed login of the
+    page's address, PROTOCOL.md 16.3), and on the refusals it did stop at it rejected
+    only a pending connect(): queued requests waited for ever. Now the client stops
+    (no more hellos), emits the error, rejects connect() and every waiting request with
+    the code (and any request made later, until connect() again), and sets closeReason.
+    The send stays in the outbox: a new connect() sends it with the same cid."""
+    r = run_js(tmp_path, JS_HELLO_FATAL, CODE=code, MODE=mode)
+    assert r["hellos"] == (2 if mode == "stale" else 1), r
+    assert r["distinct"] == r["hellos"], r  # the stale token is never offered twice
+    assert r["asked"] == (0 if mode == "fixed" else 1), r
+    assert r["errors"] == [code] and r["closeReason"] == code, r
+    rejected = f"rejected {code}"
+    assert r["outcome"] == dict.fromkeys(["send", "read", "join", "connect", "later"], rejected), r
+    assert r["outbox"] == ["c1"], r
+    assert r["again"] == "resolved" and r["resend"] == "resolved", r
+    assert r["after"] == ["join", "send"], r
+
+
+@needs_node
+@pytest.mark.parametrize("code", ["rate_limited", "hello_timeout", "no_such_code"])
+def test_js_a_hello_refusal_retrying_can_help_is_retried_with_backoff(
+    tmp_path: Path, code: str
+) -> None:
+    """The other refusals of a hello are retried with backoff, as the Python client's:
+    ``rate_limited`` (admission, or the user's connection cap) waits at least its
+    ``retry_after_ms`` and, like client.py (``max(wait_at_least, uniform(0, cap))``),
+    longer when the backoff's jitter says so (tsmsg.js waited exactly retry_after_ms, so
+    every page refused at once came back at once); any other code (``hello_timeout``, an
+    unknown one) is a connection error: reconnect with backoff. Nothing is rejected and
+    no error is emitted; the welcome resolves connect() and the send goes."""
+    r = run_js(tmp_path, JS_HELLO_RETRIED, CODE=code)
+    assert r["sockets"] == 4 and r["connected"] == "resolved" and r["ack"] == 1, r
+    assert r["errors"] == [] and r["after"] == ["send"], r
+    waits = r["waits"]
+    if code == "rate_limited":
+        assert all(w >= 150 for w in waits), waits
+        assert waits[-1] >= 390, waits  # the cap (400 ms) over retry_after_ms
+    else:
+        assert waits[-1] >= 390 and all(w <= 420 for w in waits), waits
 
 
 # ============================================================================ properties (passing)

@@ -28,7 +28,9 @@ export interface ClientOptions {
    * If it fails (throws or rejects) on a live connection, the error is emitted and the
    * connection is closed (as the Python client): the reconnect, with backoff, asks it
    * again. If it fails before a hello, the error is emitted and the hello retried with
-   * backoff. */
+   * backoff. A token it has just made that the server refuses at hello (unauthorized,
+   * token_expired) stops the client (see connect()); a refused token from before that
+   * hello is dropped and the provider asked again. */
   tokenProvider?: () => Promise<string> | string;
   /** A WebSocket implementation (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;
@@ -107,6 +109,8 @@ export interface EventMap {
   membership: { channel: string; by: string };
   left: { channel: string; reason: string };
   connection: { connected: boolean; reason: string; user?: string };
+  /** A token provider's failure, a listener's exception, or the TsmsgError of a hello
+   * refusal that stopped the client (see connect()). */
   error: unknown;
 }
 
@@ -124,6 +128,8 @@ export declare class TsmsgClient {
   connected: boolean;
   limits: Record<string, number>;
   heartbeatMs: number;
+  /** The server's last word on the connection: an error code, or shutting_down; after a
+   * hello refusal that stopped the client, its code. */
   closeReason: string | null;
   /** Listen to `type`; returns a function that stops listening. An event goes to the
    * listeners there when its delivery starts (one added during it gets the next). */
@@ -133,7 +139,16 @@ export declare class TsmsgClient {
     channel: string,
     fn: (value: EventMap["event"] | EventMap["typing"] | EventMap["read"] | EventMap["left"]) => void,
   ): () => void;
+  /** Start connecting (and reconnecting); resolves at the first welcome. A hello refusal
+   * that retrying cannot help (unauthorized or token_expired of a fixed token, or of one
+   * the tokenProvider made for that hello; unsupported_version; bad_request) stops the
+   * client: no more reconnects, closeReason set to the code, and a TsmsgError of that
+   * code emitted ("error") and rejecting this promise (if still pending) and every
+   * request waiting for a connection or made afterwards, until connect() is called
+   * again. Rejected sends stay in `outbox`. rate_limited waits retry_after_ms (at least);
+   * other refusals are retried with backoff. See docs/web.md. */
   connect(): Promise<{ user: string; session: string }>;
+  /** Stop: close the connection, reconnect no more. Unacknowledged sends stay in outbox. */
   close(): void;
   readonly outbox: OutboxEntry[];
   /** How far the page has the channel (null until its first resynced or event). */

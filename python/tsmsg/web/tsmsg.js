@@ -5,6 +5,9 @@
 // - connect with a token or a token provider (asked again before the token expires, and
 //   after a refusal with token_expired; a provider that fails then ends the connection,
 //   as in the Python client), reconnect with exponential backoff and jitter;
+//   a hello refused for good (a token refused although the provider just made it, or a
+//   fixed token; unsupported_version, bad_request) stops the client and rejects what
+//   waits, as the Python client (client.py _hello_fatal);
 //   the backoff starts over only once a connection has stayed up backoffMaxMs after its
 //   welcome (one that ends sooner doubles it, like a failed connect: a server that
 //   welcomes and drops every connection gets no reconnect storm), as the Python client;
@@ -35,7 +38,11 @@ const MAX_TIMER_MS = 2 ** 31 - 1; // the longest setTimeout delay
 export const MAX_REORDER = 10_000; // live events held per channel while it syncs
 const DEFAULT_HEARTBEAT_MS = 30_000;
 const INTERNAL = new Set(["join", "sync", "history", "ping", "refresh"]);
-const FATAL_HELLO = new Set(["unauthorized", "unsupported_version", "bad_request"]);
+// A hello refused with one of these stops the client: retrying cannot help (PROTOCOL.md 8).
+const FATAL_HELLO = new Set(["unsupported_version", "bad_request"]);
+// ... and with one of these too, unless the token came from before this hello and a
+// provider can make another (client.py _hello_fatal).
+const TOKEN_REFUSED = new Set(["unauthorized", "token_expired"]);
 const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
 
 /** An error the server answered (or the client decided), with its stable code. */
@@ -150,6 +157,8 @@ export class TsmsgClient {
     this._refreshTimer = null;
     this._expiredHere = false;
     this._firstWelcome = null;
+    this._tokenFresh = false; // the token of this hello came from the provider for it
+    this._fatal = null; // the hello refusal that stopped the client (until connect())
   }
 
   // ------------------------------------------------------------------ events
@@ -192,10 +201,47 @@ export class TsmsgClient {
   connect() {
     if (!this._stopped) return this._firstWelcome.promise;
     this._stopped = false;
+    this._fatal = null;
     this._attempt = 0; // a new start: the backoff starts over (as the Python client's connect())
     this._firstWelcome = deferred();
     this._open();
     return this._firstWelcome.promise;
+  }
+
+  /** A hello refused for good: stop (no more reconnects), reject whatever waits with
+   * `error` (connect(), requests, joins, sends; a send stays in the outbox, to be saved
+   * or sent by a new connect()), and any request made before connect() again; then emit
+   * it. As the Python client's _fail. */
+  _fail(error) {
+    this._fatal = error;
+    this.closeReason = error.code;
+    this._stopped = true;
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+    clearTimeout(this._refreshTimer);
+    const ws = this._ws;
+    if (ws) {
+      this._lost(error.code); // now: a connect() called before the close comes is not raced
+      ws.close(1000, "hello refused");
+    }
+    this._firstWelcome.reject(error);
+    for (const req of this._calls) req.reject(error);
+    this._calls.clear();
+    for (const req of this._outbox.values()) {
+      req.reject(error);
+      const d = deferred(); // a later send() of its cid, or connect() again, waits anew
+      Object.assign(req, { promise: d.promise, resolve: d.resolve, reject: d.reject });
+    }
+    for (const ch of this.channels.values()) for (const d of ch.joinWaiters.splice(0)) d.reject(error);
+    this._emit("error", error);
+  }
+
+  /** A promise rejected with the error that stopped the client, if one did. */
+  _refused() {
+    if (!this._fatal) return null;
+    const d = deferred();
+    d.reject(this._fatal);
+    return d.promise;
   }
 
   /** Stop: close the connection, reconnect no more. Unacknowledged sends stay in outbox. */
@@ -231,8 +277,10 @@ export class TsmsgClient {
   }
 
   async _currentToken() {
+    this._tokenFresh = false;
     if (this._provider && (!this._token || this._expiresSoon(this._token))) {
       this._token = await this._provider();
+      this._tokenFresh = true;
     }
     return this._token;
   }
@@ -289,11 +337,13 @@ export class TsmsgClient {
     return t;
   }
 
-  _retry(waitMs = null) {
+  /** Reconnect after a backoff with full jitter; waiting at least `leastMs` (a hello's
+   * rate_limited: its retry_after_ms), as the Python client. */
+  _retry(leastMs = 0) {
     if (this._stopped) return;
     const cap = Math.min(this.backoffMaxMs, BACKOFF_BASE_MS * 2 ** Math.min(this._attempt, 20));
     this._attempt += 1;
-    this._later(waitMs ?? Math.random() * cap, () => this._open());
+    this._later(Math.max(leastMs, Math.random() * cap), () => this._open());
   }
 
   _lost(reason) {
@@ -348,6 +398,7 @@ export class TsmsgClient {
   /** Follow a channel; resolves with {channel, head, read, epoch, horizon}. */
   join(channel, { replay = false } = {}) {
     checkChannel(channel);
+    if (this._fatal) return this._refused();
     let ch = this.channels.get(channel);
     if (!ch) this.channels.set(channel, (ch = new ChannelState(channel, replay)));
     const d = deferred();
@@ -384,6 +435,7 @@ export class TsmsgClient {
     if (pending && pending.frame.channel !== channel) {
       throw new TsmsgError("bad_request", `cid ${cid} is waiting to be sent to ${pending.frame.channel}`);
     }
+    if (this._fatal) return this._refused();
     if (pending) return pending.promise;
     const d = deferred();
     this._enqueueSend(channel, text, meta, cid, d);
@@ -451,6 +503,7 @@ export class TsmsgClient {
   }
 
   _call(frame, retry) {
+    if (this._fatal) return this._refused();
     const d = deferred();
     const req = { frame, kind: "call", rid: null, retry, notBefore: 0, needsToken: false, resolve: d.resolve, reject: d.reject };
     this._calls.add(req);
@@ -475,11 +528,15 @@ export class TsmsgClient {
         this.closeReason = f.code;
         const error = new TsmsgError(f.code, f.message, f);
         if (f.code === "rate_limited") this._helloWait = error.retryAfterMs;
-        else if (this._provider && (f.code === "token_expired" || f.code === "unauthorized")) this._token = null;
-        else if (FATAL_HELLO.has(f.code) || f.code === "token_expired") {
-          this._stopped = true; // retrying cannot help: tell the app
-          this._emit("error", error);
-          this._firstWelcome.reject(error);
+        else if (TOKEN_REFUSED.has(f.code) && this._provider && !this._tokenFresh) {
+          this._token = null; // a token from before this hello: ask the provider again
+        } else if (TOKEN_REFUSED.has(f.code) || FATAL_HELLO.has(f.code)) {
+          // Retrying cannot help: another token from the provider would be refused too
+          // (a wrong secret, a wrong user), and looping would hide it (each hello a
+          // failed login of the page's address, PROTOCOL.md 16.3). Other codes
+          // (hello_timeout, an unknown one) are retried with backoff.
+          const why = TOKEN_REFUSED.has(f.code) ? `the token was refused: ${f.message}` : f.message;
+          this._fail(new TsmsgError(f.code, why, f));
         }
       }
       return;
