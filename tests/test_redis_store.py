@@ -611,6 +611,26 @@ def test_wait_for_missing_replicas_acks_nothing(
         store.append("room", "u", "c", "x")
 
 
+def test_a_channel_created_by_a_batch_of_unknown_outcome_is_registered(
+    redis_server: redis_servers.RedisServer, stores: list[RedisStore]
+) -> None:
+    """A batch whose outcome is unknown (here WAIT not confirmed; a reply lost with its
+    connection is the same) may have created channels: their names are registered all
+    the same (at once, or with a later batch if Redis is away). Before, they never were:
+    the retry of the cid is a dup (the channel is no longer new), so compact_all() (the
+    hourly compaction and retention) and the tools never saw the channel."""
+    prefix = f"reg{next(_prefixes)}:"
+    waiting = RedisStore(redis_server.url, key_prefix=prefix, wait_replicas=1, wait_timeout_ms=50)
+    stores.append(waiting)
+    with pytest.raises(StoreUnavailable, match="only 0 of 1 replicas"):
+        waiting.append("room", "u", "c1", "x")  # stored, not confirmed: outcome unknown
+    other = RedisStore(redis_server.url, key_prefix=prefix)  # another node, no WAIT
+    stores.append(other)
+    assert other.append("room", "u", "c1", "x").dup  # the retry: the first seq
+    assert other.channels() == ["room"]
+    assert other.compact_all() == {"room": 0}
+
+
 def test_unreachable_redis_fails_at_open_in_one_line() -> None:
     port = redis_servers.free_port()
     with pytest.raises(StoreUnavailable) as exc:

@@ -662,6 +662,8 @@ class RedisStore(Store):
                 op.error = StoreError(f"invalid write: {exc}")
         if not writes:
             return
+        created: list[str] = []
+        calls: list[_Call] = []
         try:
             if self._fault is not None:
                 self._fault()
@@ -675,15 +677,22 @@ class RedisStore(Store):
             for w in writes:
                 if w.ops[0].error is None:
                     w.ops[0].error = err
-            return
-        self.down = None
-        created: list[str] = []
-        for c, reply in zip(calls, replies, strict=True):
-            try:
-                self._finish(c.ops, reply, ts, created)
-            except StoreError as exc:
-                for op in c.ops:
-                    op.result, op.error, op.changed = None, exc, False
+            # Outcome unknown: the appends may have run and created their channels (a
+            # retry is then a dup, which creates nothing): register them all the same,
+            # now if Redis answered (WAIT not confirmed), else with the next batch.
+            created = [c.ops[0].channel for c in calls if c.ops[0].kind == "message"]
+            if isinstance(exc, RedisError):
+                self._unregistered.update(created)
+                return
+            replies = None
+        if replies is not None:
+            self.down = None
+            for c, reply in zip(calls, replies, strict=True):
+                try:
+                    self._finish(c.ops, reply, ts, created)
+                except StoreError as exc:
+                    for op in c.ops:
+                        op.result, op.error, op.changed = None, exc, False
         # The registry of names is in another slot: a second, idempotent step, redone
         # with the next batch's until it succeeds (only compact_all() and tools read it).
         unregistered = self._unregistered
