@@ -123,6 +123,23 @@ class RedisServer:
             proc.wait(EXIT_TIMEOUT_S)
 
 
+def start_replica(directory: Path, primary: RedisServer) -> RedisServer:
+    """A replica of ``primary`` in ``directory``, once its link is up (the primary is set
+    to sync at once instead of its default 5 s wait). End it with ``kill``: a replica
+    asked to stop waits 10 s for its primary."""
+    replica = RedisServer(directory).start()
+    with replica.client() as c, primary.client() as p:
+        p.config_set("repl-diskless-sync-delay", 0)
+        c.replicaof("127.0.0.1", primary.port)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while c.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                replica.kill()
+                raise RuntimeError(f"replica on {replica.port} did not connect:\n{replica.log()}")
+            time.sleep(POLL_S)
+    return replica
+
+
 class RedisCluster:
     """Three masters, no replicas: the slots spread over them by ``redis-cli --cluster
     create``."""

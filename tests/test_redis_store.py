@@ -33,7 +33,7 @@ from tsmsg.store import (
     redis_store,
 )
 from tsmsg.store.redis_scripts import LIBRARY_NAME
-from tsmsg.store.redis_store import CHANNEL_SUFFIXES, TOPIC_SUFFIX, parse_redis_url
+from tsmsg.store.redis_store import CHANNEL_SUFFIXES, TOPIC_SUFFIX, WAIT_MARK, parse_redis_url
 
 _prefixes = itertools.count(1)
 WAIT_S = 10.0  # a write or a recovery settles well within this
@@ -465,14 +465,11 @@ def test_the_library_outlives_a_restart_and_reaches_replicas(
     store = RedisStore(own_redis.url)
     stores.append(store)
     store.append("room", "u", "c0", "before")
-    replica = redis_servers.RedisServer(tmp_path / "replica").start()
+    replica = redis_servers.start_replica(tmp_path / "replica", own_redis)
     try:
-        with replica.client() as r:
-            r.replicaof("127.0.0.1", own_redis.port)
-            wait_until(lambda: r.info("replication")["master_link_status"] == "up")
         wait_until(lambda: _libraries(replica) == [LIBRARY_NAME])  # a failover finds it
     finally:
-        replica.stop()
+        replica.kill()
     own_redis.kill()
     own_redis.start()  # replays the AOF
     assert _libraries(own_redis) == [LIBRARY_NAME]
@@ -609,6 +606,36 @@ def test_wait_for_missing_replicas_acks_nothing(
     stores.append(store)
     with pytest.raises(StoreUnavailable, match="only 0 of 1 replicas"):
         store.append("room", "u", "c", "x")
+
+
+def test_a_batch_under_wait_writes_so_that_wait_covers_what_it_acknowledges(
+    own_redis: redis_servers.RedisServer, stores: list[RedisStore], tmp_path: Path
+) -> None:
+    """With ``wait_replicas``, a batch that writes nothing (a retried cid, answered from
+    the log) is still acknowledged only after WAIT, and since Redis 7.2 WAIT waits only
+    for the connection's last write that reached the replication stream: the original
+    write, made by another connection (another node, whose WAIT failed), would be
+    acknowledged unconfirmed. So every batch writes a mark before its WAIT, which the
+    replica has once the batch is acknowledged (Redis 7.0, installed here, waits for the
+    whole stream either way: this checks the mark)."""
+    replica = redis_servers.start_replica(tmp_path / "replica", own_redis)
+    try:
+        with replica.client() as c, own_redis.client() as primary:
+            prefix = f"mark{next(_prefixes)}:"
+            first = RedisStore(own_redis.url, key_prefix=prefix, wait_replicas=1)
+            stores.append(first)
+            assert not first.append("room", "u", "c1", "x").dup
+            mark = prefix.encode() + WAIT_MARK
+            primary.delete(mark)
+            primary.execute_command("WAIT", 1, int(WAIT_S * 1000))
+            assert not c.exists(mark)
+            other = RedisStore(own_redis.url, key_prefix=prefix, wait_replicas=1)
+            stores.append(other)
+            retry = other.append("room", "u", "c1", "x")  # answered from the log
+            assert retry.dup and retry.seq == 1
+            assert c.exists(mark)  # written by that batch, on the replica before its ack
+    finally:
+        replica.kill()
 
 
 def test_a_channel_created_by_a_batch_of_unknown_outcome_is_registered(

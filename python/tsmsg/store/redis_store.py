@@ -120,6 +120,7 @@ HEALTH_CHECK_S = 1.0  # an idle writer pings Redis this often (/readyz sees an o
 MAX_CONNECTIONS = 64  # per store: the writer, the compactor, and the server's read threads
 POOL_WAIT_S = 10.0  # a read waits this long for a free connection before failing
 DEFAULT_WAIT_TIMEOUT_MS = 1000  # WAIT for replicas: longer means a replica is not keeping up
+WAIT_MARK = b"wait"  # the key each batch writes before WAIT (_pipeline)
 KEY_CACHE_SIZE = 4096  # channels whose key names are kept built (a dict, cleared when full)
 EPOCH_BITS = 62  # epochs are random positive ints below 2**62: never reused in practice
 KEY_PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.:-]{0,64}")  # no hash tag braces, no globs
@@ -826,10 +827,16 @@ class RedisStore(Store):
             pipe.execute_command(*args)
         replicas, timeout_ms = self._wait if wait else (0, 0)
         if replicas:
+            # A write first: since Redis 7.2, WAIT waits only for this connection's last
+            # write that reached the replication stream, so a batch that wrote nothing (a
+            # retried cid answered from the log) would confirm none of the writes it
+            # acknowledges (the first attempt's, perhaps another node's, unconfirmed).
+            pipe.execute_command("SET", self._prefix + WAIT_MARK, b"")
             pipe.execute_command("WAIT", replicas, timeout_ms)
         replies: list[Any] = pipe.execute(raise_on_error=False)
         if replicas:
             acked = replies.pop()
+            replies.pop()  # the mark's OK
             if not isinstance(acked, int) or acked < replicas:
                 raise StoreUnavailable(
                     f"only {acked} of {replicas} replicas confirmed the batch within "
