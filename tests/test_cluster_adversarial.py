@@ -1358,3 +1358,44 @@ async def test_signals_and_shared_limits_cross_nodes_on_a_redis_cluster(
         for dev in (ann_a, ann_b):
             push = await dev.expect("membership", channel=dm)
             assert push["by"] == ben, push
+
+
+# ---------------------------------------------------------------- fan-out: gap reads
+
+
+async def test_a_gap_read_does_not_push_the_senders_event_before_its_ok(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 9, rule 6. Alice (node B) sends: Redis commits seq 2, and node B's
+    writer hands the batch over to the loop late (a WAIT for replicas, a busy loop: here
+    held back). Meanwhile sam (node A) writes seq 3; its event reaches B, whose relay reads
+    the gap (seq 2) from the log after GAP_WAIT_MS and pushed alice's own event to her
+    connection before her `ok`, which was only queued when the batch was handed over."""
+    async with nodes(tmp_path, redis_engine, 2) as (a, b):
+        alice, sam = await b.connect("alice"), await a.connect("sam")
+        await join(alice)
+        await members(b, ["alice"])
+        first = await sam.request("send", channel=CHANNEL, cid="s0", text="x")
+        [seen] = await collect(alice, 1)  # B follows the channel, pub/sub confirmed
+        assert seen["seq"] == first["seq"] == 1
+        server, stash = b.server, []
+        real = server.on_batch
+        server.on_batch = stash.append  # type: ignore[method-assign]
+        try:
+            await alice.send({"t": "send", "rid": 99, "channel": CHANNEL, "cid": "a1", "text": "y"})
+            await until(lambda: a.server.store.channel(CHANNEL).head == 2)
+            assert (await sam.request("send", channel=CHANNEL, cid="s1", text="z"))["seq"] == 3
+            early = None
+            with trio.move_on_after(1.0):  # the gap read is due after GAP_WAIT_MS
+                early = await alice.next(lambda f: f.get("t") == "event" and f["seq"] == 2)
+            assert early is None, "alice's own event was pushed before her ok"
+        finally:
+            server.on_batch = real  # type: ignore[method-assign]
+            for batch in stash:
+                real(batch)
+        order = []
+        with trio.fail_after(DELIVERY_TIMEOUT_S):
+            while len(order) < 2:
+                f = await alice.next(lambda f: f.get("rid") == 99 or f.get("seq") == 2)
+                order.append("ok" if f.get("rid") == 99 else "event")
+        assert order == ["ok", "event"], "alice's own event was pushed before her ok"

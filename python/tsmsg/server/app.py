@@ -148,6 +148,7 @@ MEMBERS_RETRY_S, MEMBERS_RETRY_MAX_S = 0.25, 2.0
 # or turned off (its node died): the typer's own node would have sent the `off` by then.
 TYPING_GRACE_MS = 1000
 GAP_CHECK_S = 0.05  # how often the relay's gaps are looked at (it waits GAP_WAIT_MS on each)
+ENTRY_KINDS = frozenset(("message", "edit", "delete"))  # writes that make an event
 # Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
 # per LOG_INTERVAL_S, then a count. A connect flood once wrote 16,784 WARNING lines in 5 s.
 LOG_BURST = 10
@@ -1022,6 +1023,13 @@ class Server:
         self._presence_due = trio.Event()
         self._presence_writing = 0
         self.relay: Relay[dict[str, Any]] = Relay()
+        # This node's writes of entries (messages, edits, deletes) handed to the store and
+        # not handed back yet (on_batch): id(op) -> serial, oldest first. A gap read waits
+        # for those submitted before it returned (_writes_settled): an entry it found may
+        # be one of them, whose `ok` must precede its event (PROTOCOL.md 9, rule 6).
+        self._unsettled: dict[int, int] = {}
+        self._write_serials = itertools.count(1)
+        self._settled = trio.Event()
         # Store reads of requests run in the read threads (run_read), read_threads at once.
         self.reads: ReadThreads | None = None  # made by run(), unless inline_reads
         self.metrics = metrics = Metrics()  # docs/metrics.md; served with --metrics
@@ -1528,12 +1536,23 @@ class Server:
                     log.warning("filling a gap of %s from the log failed: %r", channel, exc)
                     self.relay.filled(channel, 0, since, [], self.now_ms(), retry=True)
                     continue
+                await self._writes_settled()
                 entries = [(e["seq"], event_frame(channel, e)) for e in page.entries]
                 out = self.relay.filled(
                     channel, page.epoch, page.head, entries, self.now_ms(),
                     resync=page.resync, more=page.more,
                 )  # fmt: skip
                 self.deliver(channel, out)
+
+    async def _writes_settled(self) -> None:
+        """Until this node's entry writes submitted so far are handed back (their `ok`
+        queued and their event offered to the relay): a log read may have found them
+        committed before their batch came back, and the relay must not push an entry to
+        its sender before the `ok` (PROTOCOL.md 9, rule 6)."""
+        upto = next(self._write_serials)
+        while self._unsettled and next(iter(self._unsettled.values())) < upto:
+            self._settled = trio.Event()
+            await self._settled.wait()
 
     def notify_user(self, user: str, frame: dict[str, Any]) -> None:
         """A notice to every device of ``user``: those here, and (through the engine's
@@ -1606,6 +1625,9 @@ class Server:
         """The writes of this round, to the store in one call: one wake-up of its writer
         thread, not one per write. If the store refuses them, each fails alone."""
         ops, self._to_submit = self._to_submit, []
+        for op in ops:
+            if op.kind in ENTRY_KINDS:
+                self._unsettled[id(op)] = next(self._write_serials)
         try:
             self.store.submit(*ops)  # all or nothing
             return
@@ -1622,6 +1644,10 @@ class Server:
         """A committed batch, in commit order (runs in the trio thread)."""
         metrics, connections, now = self.metrics, self.connections, time.monotonic()
         acks, appended = metrics.ack_seconds, dict.fromkeys(metrics.appends, 0)
+        if self._unsettled:
+            for op in batch:
+                self._unsettled.pop(id(op), None)
+            self._settled.set()
         for op in batch:
             result = op.result
             if type(result) is AppendResult and op.error is None and not result.dup:
