@@ -16,6 +16,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import trio
 
 import redis_servers
 import test_cluster
-from conftest import Harness, WireClient, fast_limits, mint
+from conftest import Harness, WireClient, fast_limits, make_settings, mint, running_server
 from server_proc import ServerProcess
 from test_cluster import (
     CHANNEL,
@@ -1399,3 +1400,52 @@ async def test_a_gap_read_does_not_push_the_senders_event_before_its_ok(
                 f = await alice.next(lambda f: f.get("rid") == 99 or f.get("seq") == 2)
                 order.append("ok" if f.get("rid") == 99 else "event")
         assert order == ["ok", "event"], "alice's own event was pushed before her ok"
+
+
+async def test_a_slow_consumer_cut_while_redis_is_away_does_not_stop_the_node(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """A member on node B reads nothing while node A's sender floods the channel: B cuts
+    its live stream (section 14), and the `resync` push was made from a read of the
+    channel's head in Redis, on the event loop, while the relay's delivery ran. Redis
+    unreachable at that moment (here: that read fails as it then does) raised
+    StoreUnavailable out of the pub/sub hand-over and ended node B."""
+    from test_server_fanout import FLOOD_TEXT, QUEUE_LIMIT, connect_small_buffer
+
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(
+            running_server(make_settings(tmp_path / "a", engine=redis_engine))
+        )
+        b = await stack.enter_async_context(
+            running_server(
+                make_settings(tmp_path / "b", engine=redis_engine, max_queue_bytes=QUEUE_LIMIT)
+            )
+        )
+        slow, other = await connect_small_buffer(b, "slow"), await b.connect("bob")
+        await join(slow)
+        await join(other)
+        sender = await a.connect("alice")
+        first = await sender.request("send", channel=CHANNEL, cid="w", text="warm")
+        await collect(other, 1)  # B's subscription is confirmed
+        assert first["seq"] == 1
+
+        def away(name: str) -> Any:
+            raise StoreUnavailable("Redis connection refused")
+
+        b.server.store.channel = away  # type: ignore[method-assign]
+        text = "x" * FLOOD_TEXT
+        events: list[dict[str, Any]] = []
+
+        async def receive() -> None:
+            events.extend(await collect(other, 64))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)  # node B still serves its other member
+            for k in range(64):  # 256 KiB: past B's queue bound and the slow one's buffers
+                reply = await sender.request("send", channel=CHANNEL, cid=f"f{k}", text=text)
+                assert reply["t"] == "ok", reply
+        assert [e["seq"] for e in events] == list(range(2, 66))
+        # and the slow one is told to sync
+        with trio.fail_after(DELIVERY_TIMEOUT_S):
+            cut = await slow.next(lambda f: f.get("t") == "resync")
+        assert cut["reason"] == "cut", cut

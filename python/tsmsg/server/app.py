@@ -120,6 +120,7 @@ from tsmsg.store.base import (
     ChannelInfo,
     Notify,
     RemoteEntry,
+    StoreError,
 )
 from tsmsg.tls import server_tls_context
 
@@ -618,7 +619,7 @@ class Connection:
         metrics.frames_out["resync"].inc(len(cut))
 
     def _queue_resync(self, channel: str) -> None:
-        self.resync(channel, self.server.store.channel(channel))
+        self.resync(channel, self.server.cut_position(channel))
 
     def resync(self, channel: str, info: ChannelInfo) -> None:
         """Cut the channel's live stream (a ``resync`` push: the client syncs), after the
@@ -1446,6 +1447,19 @@ class Server:
                 del self.members[channel]
                 self.relay.unfollow(channel)
                 self.store.unfollow(channel)
+
+    def cut_position(self, channel: str) -> ChannelInfo:
+        """Where a cut live stream's ``resync`` push says the channel stands: the store's
+        head, or, when the store cannot answer (a shared engine that is away; this runs in
+        the middle of a delivery, where an error would end the server), the last seq this
+        node delivered (the client syncs from its own position either way)."""
+        try:
+            return self.store.channel(channel)
+        except StoreError as exc:
+            log.warning("channel %s: head not read for a cut (%s)", channel, exc)
+        s = self.relay.streams.get(channel)
+        last, epoch = (s.last, s.epoch) if s is not None else (None, None)
+        return ChannelInfo(channel, last or 0, 0, epoch or 0)
 
     def deliver(self, channel: str, out: list[dict[str, Any]] | Reset) -> None:
         """What the relay let through: events in order, or a reset (every member here
