@@ -1028,7 +1028,9 @@ class Server:
         # not handed back yet (on_batch): id(op) -> serial, oldest first. A gap read waits
         # for those submitted before it returned (_writes_settled): an entry it found may
         # be one of them, whose `ok` must precede its event (PROTOCOL.md 9, rule 6).
+        # Kept on a shared engine only (one node's relay never reads a gap).
         self._unsettled: dict[int, int] = {}
+        self._track_unsettled = False  # set by run()
         self._write_serials = itertools.count(1)
         self._settled = trio.Event()
         # Store reads of requests run in the read threads (run_read), read_threads at once.
@@ -1639,9 +1641,10 @@ class Server:
         """The writes of this round, to the store in one call: one wake-up of its writer
         thread, not one per write. If the store refuses them, each fails alone."""
         ops, self._to_submit = self._to_submit, []
-        for op in ops:
-            if op.kind in ENTRY_KINDS:
-                self._unsettled[id(op)] = next(self._write_serials)
+        if self._track_unsettled:
+            for op in ops:
+                if op.kind in ENTRY_KINDS:
+                    self._unsettled[id(op)] = next(self._write_serials)
         try:
             self.store.submit(*ops)  # all or nothing
             return
@@ -1931,7 +1934,8 @@ class Server:
                     remote=RemoteHop(self),
                 )
             )
-        self.copies.shared = self.store.presence.shared  # other nodes change memberships too
+        # other nodes change memberships too, and commit entries a gap read may find
+        self.copies.shared = self._track_unsettled = self.store.presence.shared
         # a user's presence changes handled here: kept two TTLs (presence_order.py)
         self._latest_presence = LatestPresence(6 * self.store.presence.refresh_s)
         self.metrics.store_counters.source = self.store.counters
