@@ -4,6 +4,7 @@ slow-consumer cut (DESIGN.md invariants 1 and 7)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -619,3 +620,42 @@ async def test_a_writer_task_bug_closes_that_connection_only(harness: Harness) -
         while not closed("tsmsg_connections_closed_total", reason="internal_error"):
             await trio.sleep(0.01)
     assert (await alice.request("send", channel=CHANNEL, cid="c2", text="still"))["seq"] == 2
+
+
+async def test_a_slow_reader_that_keeps_reading_is_cut_not_closed(tmp_path: Path) -> None:
+    """A member that reads steadily, just slower than a flood fans out (~100 KB/s): the
+    overflow is cut (a resync push) and the connection stays open (PROTOCOL.md 14: "a
+    slow client keeps its connection"); only a peer that reads nothing for
+    ``send_timeout_s`` is closed. The writer task once sent everything queued (up to
+    twice ``max_queue_bytes``) under one ``send_timeout_s`` deadline, so a reader slower
+    than that many bytes per ``send_timeout_s`` was closed as one that "read nothing"."""
+    settings = make_settings(
+        tmp_path / "data", send_timeout_s=1.0, max_queue_bytes=128 * 1024
+    )
+    async with running_server(settings) as h:
+        slow = await connect_small_buffer(h, "slow")
+        await join(slow)
+        await slow.expect("membership", channel=CHANNEL)
+        sender = await h.connect("alice")
+        got: list[dict[str, Any]] = []
+
+        async def read_steadily() -> None:  # up to the cut: nothing is queued after it
+            framing = slow.framing
+            with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                while not any(f.get("t") == "resync" for f in got):
+                    data = await slow.stream.receive_some(4096)
+                    if not data:
+                        raise EOFError
+                    got.extend(framing.feed(data))
+                    await trio.sleep(0.04)  # ~100 KB/s
+
+        texts = [(f"f{k}", f"{k:05d}".ljust(4096, "x")) for k in range(400)]
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_steadily)
+                await send_pipelined(sender, texts, window=32)
+        closed = h.server.metrics.value("tsmsg_connections_closed_total", reason="send_timeout")
+        assert closed == 0, "a reader that kept reading was closed for reading nothing"
+        assert any(f.get("t") == "resync" and f.get("reason") == "cut" for f in got)
+        slow.pending.extend(got)
+        assert (await slow.request("ping"))["t"] == "pong"

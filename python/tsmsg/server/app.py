@@ -128,6 +128,9 @@ log = logging.getLogger("tsmsg.server")
 T = TypeVar("T")
 
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+# The writer task's step: a write waits for the peer at most send_timeout_s per this many
+# bytes (a peer that reads nothing for that long is closed, a slow one is not).
+WRITE_CHUNK = 16 * 1024
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
 # Descriptors a derived max_connections leaves free: the store's files, log files, the
@@ -712,9 +715,7 @@ class Connection:
                     while self.pending or self.queue or self.backlogged:
                         data = self.pending + self._take_queue() if self.queue else self.pending
                         self.pending = b""
-                        with trio.move_on_after(timeout) as sending:
-                            await self.stream.send_all(data)
-                        if sending.cancelled_caught:
+                        if not await self._send(data, timeout):
                             reason = f"send timeout: the peer read nothing for {timeout:g} s"
                             self.closing = self.closing or reason
                             self.abort()
@@ -732,6 +733,28 @@ class Connection:
             self.has_data = SET  # the next writer task starts with data to send
             self.writer_done.set()  # stop_writer() holds it if it waits
             self.writer_done = SET
+
+    async def _send(self, data: bytes, timeout: float) -> bool:
+        """The writer's write of ``data`` (after a TLS stream's backlog), in steps of at
+        most ``WRITE_CHUNK`` bytes, each under a ``timeout`` deadline of its own: False
+        when the peer took nothing of a step for that long. One deadline for all of it (up
+        to twice ``max_queue_bytes``) closed a peer that kept reading, only slower than
+        that many bytes per ``send_timeout_s``. A step that completes is sent, however
+        late."""
+        stream = self.stream
+        if type(stream) is TlsStream:
+            while stream.backlog:
+                with trio.move_on_after(timeout) as sending:
+                    await stream.write_backlog(WRITE_CHUNK)
+                if sending.cancelled_caught:
+                    return False
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            with trio.move_on_after(timeout) as sending:
+                await stream.send_all(view[start : start + WRITE_CHUNK])
+            if sending.cancelled_caught:
+                return False
+        return True
 
     async def wait_writable(self) -> None:
         """Reader backpressure: wait while replies pile up or writes are in flight."""

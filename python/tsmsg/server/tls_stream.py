@@ -174,6 +174,15 @@ class TlsStream(trio.abc.Stream):
         del backlog[:sent]
         return not backlog
 
+    async def write_backlog(self, most: int) -> None:
+        """Write the backlog until ``most`` bytes of it are written or none is left,
+        waiting for the socket as needed (the writer task's step, under a deadline)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        goal = len(self.backlog) - most
+        while not self._write_backlog() and len(self.backlog) > goal:
+            await trio.lowlevel.wait_writable(self.fd)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def _send_backlog(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._write_backlog():
