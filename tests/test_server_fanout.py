@@ -629,9 +629,7 @@ async def test_a_slow_reader_that_keeps_reading_is_cut_not_closed(tmp_path: Path
     ``send_timeout_s`` is closed. The writer task once sent everything queued (up to
     twice ``max_queue_bytes``) under one ``send_timeout_s`` deadline, so a reader slower
     than that many bytes per ``send_timeout_s`` was closed as one that "read nothing"."""
-    settings = make_settings(
-        tmp_path / "data", send_timeout_s=1.0, max_queue_bytes=128 * 1024
-    )
+    settings = make_settings(tmp_path / "data", send_timeout_s=1.0, max_queue_bytes=128 * 1024)
     async with running_server(settings) as h:
         slow = await connect_small_buffer(h, "slow")
         await join(slow)
