@@ -42,6 +42,7 @@ from tsmsg.store import (
     StoreConfig,
     WriteOp,
 )
+from tsmsg.store import redis_store as redis_store_module
 from tsmsg.store.export import ChannelDump, ExportWriter
 
 POLICY = CompactionPolicy(keep_recent=4, tombstone_retention_ms=1000)
@@ -691,3 +692,42 @@ def test_restore_refuses_a_target_holding_only_user_data(
         assert (st.channels_of("zed"), st.last_seen("zed")) == (
             (["somewhere"], None) if what == "member" else ([], T0)
         )
+
+
+# ------------------------------------------------------------------ export consistency
+
+
+def test_redis_export_is_one_state_of_a_channel_compacted_while_it_is_read(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORAGE.md, Exports: on Redis "each channel is one consistent state of that
+    channel". A compaction step between two of the export's script calls moves the
+    horizon and drops entries (here: messages past retention) without moving the head;
+    the export took the entries read before it and the horizon read after it: a state
+    that never existed (the dropped messages kept, under the new horizon)."""
+    clock = FakeClock()
+    url = make_target(request, "redis", tmp_path / "unused").engine
+    policy = CompactionPolicy(keep_recent=2, max_count=4)
+    with RedisStore(url, StoreConfig(compaction=policy), clock=clock) as store:
+        for i in range(12):
+            store.append("room", "u", f"c{i}", f"m{i}")
+        store.set_read("v", "room", 1)
+        before = next(iter(store.export()))
+        monkeypatch.setattr(redis_store_module, "EXPORT_CHUNK", 4)
+        real_eval = store._eval
+        calls = []
+
+        def eval_then_compact(name: str, *args: Any) -> Any:
+            reply = real_eval(name, *args)
+            if name == "dump":
+                calls.append(name)
+                if len(calls) == 1:  # another node's compaction, between two reads
+                    store.compact("room")
+            return reply
+
+        monkeypatch.setattr(store, "_eval", eval_then_compact)
+        during = next(iter(store.export()))
+        monkeypatch.undo()
+        after = next(iter(store.export()))
+        assert after.horizon > 0 and after.entries != before.entries
+        assert during in (before, after)

@@ -1074,11 +1074,11 @@ class RedisStore(Store):
     # ---------------------------------------------------------------- export
 
     def export(self) -> Iterator[ChannelDump | UserDump]:
-        """Every channel, each as one consistent state of it (a channel whose head moves
-        while it is read is read again, up to ``EXPORT_RETRIES`` times), then every user's
-        memberships and last_seen as read after the channels. Channels are not consistent
-        with each other: for a point-in-time export, stop the servers first (STORAGE.md,
-        "Exports")."""
+        """Every channel, each as one consistent state of it (a channel whose head or
+        horizon moves while it is read is read again, up to ``EXPORT_RETRIES`` times),
+        then every user's memberships and last_seen as read after the channels. Channels
+        are not consistent with each other: for a point-in-time export, stop the servers
+        first (STORAGE.md, "Exports")."""
         p = len(self._prefix)
         names = set(self.channels())
         for key in self._scan(self._prefix + b"{c:*}:meta"):
@@ -1111,8 +1111,8 @@ class RedisStore(Store):
                 continue
             if dump is None:
                 return None
-            epoch, head = self._call(self._client.hmget, keys[0], "epoch", "head")
-            if epoch is not None and (int(epoch), int(head)) == (dump.epoch, dump.head):
+            now = self._call(self._client.hmget, keys[0], "epoch", "head", "horizon")
+            if now[0] is not None and tuple(map(int, now)) == (dump.epoch, dump.head, dump.horizon):
                 return dump
         raise StoreUnavailable(
             f"channel {name!r} kept changing during the export ({EXPORT_RETRIES} tries): "
@@ -1120,8 +1120,8 @@ class RedisStore(Store):
         )
 
     def _read_channel(self, keys: tuple[bytes, ...], name: str) -> ChannelDump | None:
-        """One read of a channel (None: it has no log); _Moved when a write moved its head
-        or a reset changed its epoch between two steps."""
+        """One read of a channel (None: it has no log); _Moved when a write moved its head,
+        a compaction step its horizon or a reset changed its epoch between two steps."""
         entries: list[Entry] = []
         tombs: dict[int, int] = {}
         after, fixed = 0, None
@@ -1129,11 +1129,14 @@ class RedisStore(Store):
             reply = self._eval("dump", keys, after, EXPORT_CHUNK)
             if not reply[0]:
                 return None
-            state = (int(reply[0]), int(reply[1]), reply[3].decode() or reply[0].decode())
+            # A compaction step moves the horizon (not the head) over what it dropped.
+            state = (
+                int(reply[0]), int(reply[1]), reply[3].decode() or reply[0].decode(),
+                int(reply[2]),
+            )  # fmt: skip
             if fixed is not None and state != fixed:
                 raise _Moved
             fixed = state
-            horizon = int(reply[2])
             rows = reply[4:]
             for i in range(0, len(rows), 3):
                 seq, raw, deleted = int(rows[i]), rows[i + 1], rows[i + 2]
@@ -1150,7 +1153,7 @@ class RedisStore(Store):
             first, _, ts = value.partition(b":")
             dedup.append((sender.decode(), cid.decode(), int(first), int(ts)))
         dedup.sort(key=lambda row: row[2])
-        epoch, head, prefix = fixed
+        epoch, head, prefix, horizon = fixed
         cursors = self._hash_ints(keys[8])
         return ChannelDump(name, epoch, prefix, head, horizon, entries, tombs, cursors, dedup)
 
