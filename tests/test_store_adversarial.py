@@ -43,7 +43,7 @@ from tsmsg.store import (
     WriteOp,
 )
 from tsmsg.store import redis_store as redis_store_module
-from tsmsg.store.export import ChannelDump, ExportWriter
+from tsmsg.store.export import ChannelDump, ExportWriter, restore, write_export
 
 POLICY = CompactionPolicy(keep_recent=4, tombstone_retention_ms=1000)
 FAST = StoreConfig(durability="async", compaction=POLICY)
@@ -731,3 +731,40 @@ def test_redis_export_is_one_state_of_a_channel_compacted_while_it_is_read(
         after = next(iter(store.export()))
         assert after.horizon > 0 and after.entries != before.entries
         assert during in (before, after)
+
+
+def test_lmdb_restore_keeps_the_newest_cids_and_prunes_the_oldest_first(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> None:
+    """STORAGE.md, Dedup: "The newest `dedup_max` cids are remembered; older ones, and
+    journal entries older than `dedup_retention_ms`, are pruned oldest first"; Exports: a
+    retried cid is answered as the exported store did. A restore wrote LMDB's journal one
+    channel after another (in name order), so the journal's order was no longer the cids'
+    age: with more cids than ``dedup_max`` (a Redis source bounds them per channel) the
+    restored store forgot channel a's newest cid and kept b's older ones, and retention
+    pruning stopped at a's recent cid, keeping b's expired ones."""
+    url = make_target(request, "redis", tmp_path / "unused").engine
+    with RedisStore(url, clock=clock) as source:
+        for i in range(3):
+            source.append("b", "u", f"b{i}", "old")
+        clock.advance(500)
+        newest = source.append("a", "u", "a0", "new")
+        write_export(str(tmp_path / "x.export"), "redis", clock.now, source)
+        assert source.lookup_dup("a", "u", "a0") == newest._replace(dup=True)
+
+    config = StoreConfig(durability="async", dedup_max=3, dedup_retention_ms=1000)
+    start = clock.now
+    for reopen in (False, True):  # the ring restore filled, and the journal it wrote
+        clock.now = start
+        target = LmdbStore(tmp_path / f"lmdb-{reopen}", config, clock=clock)
+        restore(str(tmp_path / "x.export"), target)
+        if reopen:
+            target.close()
+            target = LmdbStore(tmp_path / f"lmdb-{reopen}", config, clock=clock)
+        with target as st:
+            assert st.lookup_dup("a", "u", "a0") == newest._replace(dup=True), reopen
+            assert st.lookup_dup("b", "u", "b0") is None  # the oldest one is forgotten
+            clock.advance(600)  # b's cids are past the retention window, a's is not
+            st.append("c", "u", "c0", "a commit prunes")
+            assert [st.lookup_dup("b", "u", f"b{i}") for i in range(3)] == [None] * 3
+            assert st.lookup_dup("a", "u", "a0") == newest._replace(dup=True)

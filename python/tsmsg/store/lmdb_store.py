@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import hashlib
+import heapq
 import logging
 import os
 import queue
@@ -1584,7 +1585,26 @@ class LmdbStore(Store):
 
     def restore_end(self) -> None:
         """Nothing to mark: an LMDB restore is written to a new directory that is renamed
-        into place once complete (``tsmsg restore``)."""
+        into place once complete (``tsmsg restore``). The dedup journal, written one
+        channel after another, is put back in the cids' age order (their ts, then as
+        exported), keeping the newest ``dedup_max``: the newest cids are remembered and
+        pruning goes oldest first, as in the exported store (STORAGE.md, Dedup)."""
+
+        def step() -> bool:
+            with self._env.begin(write=True) as txn:
+                rows = enumerate(unpackb(v) for _, v in txn.cursor(db=self._dedup))
+                newest = heapq.nlargest(self.config.dedup_max, rows, key=lambda r: (r[1][2], r[0]))
+                newest.reverse()
+                txn.drop(self._dedup, delete=False)
+                journal = [(U64.pack(i), packb(row)) for i, (_, row) in enumerate(newest)]
+                txn.cursor(db=self._dedup).putmulti(journal, append=True)
+            ring = DedupRing(self.config.dedup_max, MAX_DEDUP_KEY)
+            for _, (dkey, seq, _ts) in newest:
+                ring.insert(dkey, seq)
+            self._ring, self._next_order = ring, len(newest)
+            return True
+
+        self._submit_job(step)
 
     # ---------------------------------------------------------------- lifecycle
 
