@@ -960,6 +960,20 @@ def test_restore_refuses_a_store_that_is_not_empty(
         assert store.channels() == ["other"]
 
 
+def test_restore_into_a_missing_parent_names_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    """A wrong target is refused in one line naming what is wrong: not the temporary
+    ``*.restoring-*`` directory the operator never named."""
+    export = tmp_path / "x.export"
+    assert run(capsys, "backup", "--export", "--data-dir", str(data_dir), str(export))[0] == 0
+    target = tmp_path / "nope" / "data"
+    code, out, err = run(capsys, "restore", "--data-dir", str(target), str(export))
+    assert out == ""
+    assert_failure(code, err, f"no directory {tmp_path / 'nope'}", str(target))
+    assert "restoring" not in err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_restore_refuses_a_damaged_export_and_loads_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, target: Target, damage: str

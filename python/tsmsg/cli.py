@@ -773,6 +773,8 @@ def restore_lmdb(settings: Settings, path: str, new_epochs: bool, progress: Any)
     if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
         raise CliError(f"restore target {target} is not empty (a new or empty directory is)")
     parent = os.path.dirname(target)
+    if not os.path.isdir(parent):  # else the error names the temporary directory
+        raise CliError(f"no directory {parent} for the restore target {target}: create it first")
     work = tempfile.mkdtemp(prefix=os.path.basename(target) + ".restoring-", dir=parent)
     try:
         with open_engine_store(settings, work) as store:
