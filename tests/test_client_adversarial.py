@@ -222,6 +222,30 @@ def test_presence_queue_bound_holds_after_left_events() -> None:
     assert w.p.queued_events <= MAX_SIGNALS
 
 
+def test_a_cut_during_a_catch_up_sync_read_is_followed_by_another_sync() -> None:
+    """PROTOCOL.md 14, 4: "the client, on the `resync` push, syncs from its last applied
+    seq"; the client skipped that when a catch-up sync was in flight ("already syncing").
+    But the server can cut the stream while that sync's store read runs (the read is not
+    held: the channel was not cut when it began, app.py begin_read), and the reply with
+    `more: false` then resumes the stream (session.py _sync ``_uncut``): the entries
+    committed after the read whose pushes the cut dropped (here 8) are in no page and are
+    never pushed. The client must sync once more after such a page."""
+    w = Wire()
+    live_channel(w, last=5)
+    w.recv(**event(7))  # a gap: the catch-up sync is in flight
+    [sync] = w.sent()
+    assert sync["since"] == 5
+    # The read saw head 7; 8 was committed and pushed, then the queue overflowed: 8 dropped.
+    w.recv(t="resync", channel=CH, head=8, epoch=1, reason="cut")
+    w.reply(sync, channel=CH, events=[event(6), event(7)], more=False, head=7, epoch=1)
+    assert seqs(w.events()) == [6, 7]
+    frames = w.tick_for(60_000)  # a quiet channel: no later event reveals the gap
+    syncs = [f for f in frames + w.sent() if f["t"] == "sync"]
+    assert syncs and syncs[0]["since"] == 7, "event 8 is never delivered"
+    w.reply(syncs[0], channel=CH, events=[event(8)], more=False, head=8, epoch=1)
+    assert seqs(w.events()) == [8]
+
+
 # ============================================================================ the anyio front end
 
 

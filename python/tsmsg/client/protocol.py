@@ -114,6 +114,10 @@ class ChannelState:
     queued: int = 0  # events of this channel in the app queue
     delivered: tuple[int, int] = (0, 0)  # (seq, epoch) of the last event the app took
     reload_pending: bool = False  # a reload's history page has not come: redo it on rejoin
+    # The sync in flight may miss live events: a `cut` push came while it was in flight
+    # (its read may predate the cut, its reply still resumes the stream). Its last page
+    # then does not end the catch-up: a sync sent after that moment does.
+    sync_again: bool = False
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -767,6 +771,7 @@ class ClientProtocol:
             ch.pending.clear()
             return
         ch.phase = Phase.SYNCING
+        ch.sync_again = False  # this sync is sent after whatever the flag was set for
         limit = min(room, self.limit("sync_default"), self.limit("sync_max"))
         frame: Frame = {"t": "sync", "channel": ch.name, "since": ch.last, "limit": limit}
         if ch.epoch != 0:
@@ -781,7 +786,7 @@ class ClientProtocol:
             ch.epoch = f["epoch"]
         for e in f["events"]:
             self._apply(ch, e)
-        if f["more"]:
+        if f["more"] or ch.sync_again:
             self._catch_up(ch)
             return
         ch.phase = Phase.LIVE
@@ -854,6 +859,8 @@ class ClientProtocol:
         if f.get("reason") == "cut":
             if ch.phase is Phase.LIVE:
                 self._catch_up(ch)  # the sync reaching the head resumes the stream
+            elif ch.phase is Phase.SYNCING:
+                ch.sync_again = True  # the sync in flight may have been read before the cut
         elif ch.phase not in (Phase.RELOADING, Phase.JOINING):  # a join's reply decides
             self._reload(ch, f["head"], f["epoch"])
 
