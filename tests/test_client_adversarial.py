@@ -39,6 +39,7 @@ from tsmsg.client import (
 )
 from tsmsg.client.protocol import (
     MAX_INTERNAL_RETRIES,
+    MAX_REORDER,
     MAX_SIGNALS,
     Completed,
     Disconnect,
@@ -244,6 +245,39 @@ def test_a_cut_during_a_catch_up_sync_read_is_followed_by_another_sync() -> None
     assert syncs and syncs[0]["since"] == 7, "event 8 is never delivered"
     w.reply(syncs[0], channel=CH, events=[event(8)], more=False, head=8, epoch=1)
     assert seqs(w.events()) == [8]
+
+
+def test_live_events_dropped_by_a_full_reorder_buffer_are_fetched_again() -> None:
+    """protocol.py MAX_REORDER: live events held while a channel syncs are bounded, "past
+    it, dropped (the sync fetches them again)". Only a sync sent after the drop fetches
+    them: when the buffer was full (of entries the later pages also returned) while the
+    last page was in flight, an event dropped then is above that page's head, and the
+    channel went live past a gap it never noticed: on a quiet channel, never delivered."""
+    w = Wire()
+    live_channel(w, last=5)
+    w.recv(**event(7))  # a gap: a multi-page catch-up begins
+    [sync] = w.sent()
+    head = 8 + MAX_REORDER  # pushed live meanwhile: 10..head, the buffer full (7 too)
+    for s in range(10, head + 1):
+        w.recv(**event(s))
+    committed = head
+    got: list[int] = []
+    for _ in range(100):
+        since = sync["since"]
+        upto = min(head, since + sync["limit"])  # a page read when the head was `head`
+        if upto == head and committed == 8 + MAX_REORDER:  # the last page, in flight: a commit
+            committed += 1
+            w.recv(**event(committed))  # pushed, dropped (the buffer is full)
+        events = [event(s) for s in range(since + 1, upto + 1)]
+        w.reply(sync, channel=CH, events=events, more=upto < head, head=head, epoch=1)
+        got += seqs(w.events())
+        frames = [f for f in w.sent() + w.tick_for(5_000) if f["t"] == "sync"]
+        if not frames:
+            break
+        [sync] = frames
+        head = committed  # a sync sent now reads every commit so far
+    assert got == list(range(6, committed + 1)), (got[-3:], committed)
+    assert w.p.channels[CH].pending == {}
 
 
 # ============================================================================ the anyio front end

@@ -82,8 +82,8 @@ Frame = dict[str, Any]
 DEFAULT_LIMITS = Limits()  # until welcome announces the server's
 MAX_QUEUED = 1000  # events of one channel waiting for the app before the channel stalls
 MAX_SIGNALS = 1000  # presence pushes waiting for the app; more are dropped (best effort)
-MAX_REORDER = 10_000  # live events held per channel while it syncs; past it, dropped (the
-# sync fetches them again), so a long catch-up under a busy channel stays bounded
+MAX_REORDER = 10_000  # live events held per channel while it syncs; past it, dropped (one
+# more sync fetches them), so a long catch-up under a busy channel stays bounded
 STORE_RETRY_MS = 500  # first wait before resending a send refused with store_unavailable
 STORE_RETRY_MAX_MS = 30_000  # ... doubling up to this
 MAX_INTERNAL_RETRIES = 3  # a send answered `internal` is retried this often, then fails
@@ -115,8 +115,9 @@ class ChannelState:
     delivered: tuple[int, int] = (0, 0)  # (seq, epoch) of the last event the app took
     reload_pending: bool = False  # a reload's history page has not come: redo it on rejoin
     # The sync in flight may miss live events: a `cut` push came while it was in flight
-    # (its read may predate the cut, its reply still resumes the stream). Its last page
-    # then does not end the catch-up: a sync sent after that moment does.
+    # (its read may predate the cut, its reply still resumes the stream), or the reorder
+    # buffer dropped some. Its last page then does not end the catch-up: a sync sent
+    # after that moment does (it fetches them all).
     sync_again: bool = False
 
 
@@ -841,8 +842,12 @@ class ClientProtocol:
         """An ``event`` push (or one held in the reorder buffer)."""
         seq = e["seq"]
         if ch.phase in (Phase.JOINING, Phase.RELOADING, Phase.SYNCING):
+            if seq <= ch.last:
+                return  # already applied (or below a reload's head): never worth holding
             if len(ch.pending) < MAX_REORDER:
                 ch.pending[seq] = e
+            else:  # dropped: possibly above the head of the sync in flight
+                ch.sync_again = True
             return
         if ch.phase is not Phase.LIVE or seq <= ch.last:
             return  # idle or stalled: a sync will fetch it; or a duplicate
