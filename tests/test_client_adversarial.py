@@ -79,6 +79,27 @@ def test_rejoin_refused_by_a_transient_store_error_keeps_the_channel(code: str) 
     assert rejoins, frames
 
 
+def test_a_rejoin_refused_token_expired_without_a_provider_keeps_the_channel() -> None:
+    """PROTOCOL.md 5.5 and 8: a request on a token whose `exp` has passed is refused
+    `token_expired` (a request error, until the grace ends and the connection closes);
+    the cure is a new token, not leaving. Without a token provider the client treated a
+    rejoin refused so like `forbidden`: it stopped following the channel, and the state
+    file deleted its saved position, so the application restarted with a new token
+    reloaded the channel (a Resynced) instead of resuming it exactly once from there."""
+    w = Wire()  # no token provider: can_refresh is False
+    w.p.restore([(CH, 5, 1)], [])
+    [join] = w.connect()  # the token expires between the welcome and the rejoin
+    w.reply(join, "error", code="token_expired", message="the token expired: send refresh")
+    assert FollowChanged(CH, False) not in w.outputs  # would delete it from the state file
+    assert not [e for e in w.events() if isinstance(e, Left)]
+    assert w.p.position(CH) == (5, 1)
+    w.lose("token_expired")  # the grace ends; a new token (a restart) resumes from seq 5
+    [join] = w.connect()
+    join_ok(w, join, head=7)
+    [sync] = w.sent()
+    assert (sync["t"], sync["since"], sync["epoch"]) == ("sync", 5, 1)
+
+
 def test_a_join_refused_internal_past_its_retries_starts_the_connection_over() -> None:
     """PROTOCOL.md 8: `internal` is retried a few times only (MAX_INTERNAL_RETRIES); a
     channel's join refused once more asks for a new connection (which rejoins every

@@ -697,6 +697,13 @@ class ClientProtocol:
         if error.code in (E.STORE_UNAVAILABLE, E.INTERNAL):  # retried enough: start over
             return [Disconnect(f"{req.kind} of {ch.name} failed: {error}")]
         if req.kind == "join":
+            if error.code == E.TOKEN_EXPIRED and ch.known:
+                # The token expired (no provider to refresh it), not the channel: keep it
+                # and its position for the next connection, on a new token.
+                ch.phase = Phase.IDLE
+                failed: list[Output] = [Failed(h, error) for h in ch.join_waiters]
+                ch.join_waiters.clear()
+                return failed
             # The token no longer allows the channel (or it is not valid): stop following.
             return self._left(ch, error.code, error)
         # A sync or history refused (forbidden after a refresh, ...): rejoining decides.
