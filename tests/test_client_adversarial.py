@@ -1664,6 +1664,130 @@ def test_js_a_hello_refusal_retrying_can_help_is_retried_with_backoff(
         assert waits[-1] >= 390 and all(w <= 420 for w in waits), waits
 
 
+JS_CUT_DURING_SYNC = r"""import { flush, done, liveClient, ev, idle, CH } from "./common.mjs";
+const { ws, events } = await liveClient(5);
+ws.recv(ev(7)); await flush(); // a gap: the catch-up sync is in flight
+const [sync] = ws.take();
+// The read saw head 7; 8 was committed and pushed, then the queue overflowed: 8 dropped.
+ws.recv({ t: "resync", channel: CH, head: 8, epoch: 1, reason: "cut" });
+ws.recv({ t: "ok", rid: sync.rid, channel: CH, events: [ev(6), ev(7)], more: false, head: 7, epoch: 1 });
+await flush();
+const first = events.map((e) => e.seq);
+const frames = await idle(ws, 60000); // a quiet channel: no later event reveals the gap
+const syncs = frames.filter((f) => f.t === "sync");
+if (syncs.length) {
+  ws.recv({ t: "ok", rid: syncs[0].rid, channel: CH, events: [ev(8)], more: false, head: 8, epoch: 1 });
+  await flush();
+}
+done({ since: sync.since, first, syncs: syncs.map((f) => f.since), delivered: events.map((e) => e.seq) });
+"""
+
+
+@needs_node
+def test_js_a_cut_during_a_catch_up_sync_read_is_followed_by_another_sync(tmp_path: Path) -> None:
+    """As the Python test above (PROTOCOL.md 13.3 ``ch.sync_again``): ``_resyncPush``
+    ignored a `cut` push unless the channel was live, so a catch-up sync read before the
+    cut ended the catch-up with its `more: false` page, and the entry the cut dropped (8)
+    was never delivered on a quiet channel."""
+    r = run_js(tmp_path, JS_CUT_DURING_SYNC)
+    assert r["since"] == 5 and r["first"] == [6, 7], r
+    assert r["syncs"][:1] == [7], "event 8 is never delivered"
+    assert r["delivered"] == [6, 7, 8], r
+
+
+JS_REORDER_FULL = r"""import { flush, done, liveClient, ev, idle, CH } from "./common.mjs";
+const { MAX_REORDER } = await import(process.env.TSMSG_JS);
+const PAGE = 1000; // the server's page size (sync_default)
+const { c, ws, events } = await liveClient(5);
+ws.recv(ev(7)); await flush(); // a gap: a multi-page catch-up begins
+let [sync] = ws.take();
+let head = 8 + MAX_REORDER; // pushed live meanwhile: 10..head, the buffer full (7 too)
+for (let s = 10; s <= head; s++) ws.recv(ev(s));
+let committed = head;
+let extra = 0; // syncs sent more than once at a time (never)
+for (let i = 0; i < 100; i++) {
+  const since = sync.since;
+  const upto = Math.min(head, since + PAGE); // a page read when the head was `head`
+  if (upto === head && committed === 8 + MAX_REORDER) { // the last page, in flight: a commit
+    committed += 1;
+    ws.recv(ev(committed)); // pushed, dropped (the buffer is full)
+  }
+  const page = [];
+  for (let s = since + 1; s <= upto; s++) page.push(ev(s));
+  ws.recv({ t: "ok", rid: sync.rid, channel: CH, events: page, more: upto < head, head, epoch: 1 });
+  await flush();
+  const frames = [...ws.take(), ...(await idle(ws, 5000))].filter((f) => f.t === "sync");
+  if (!frames.length) break;
+  extra += frames.length - 1;
+  sync = frames[0];
+  head = committed; // a sync sent now reads every commit so far
+}
+const seqs = events.map((e) => e.seq);
+let inOrder = seqs.length === committed - 5;
+for (let k = 0; k < seqs.length && inOrder; k++) inOrder = seqs[k] === 6 + k;
+done({ committed, count: seqs.length, last: seqs.slice(-3), inOrder, extra, pending: c.channels.get(CH).pending.size });
+"""
+
+
+@needs_node
+def test_js_live_events_dropped_by_a_full_reorder_buffer_are_fetched_again(
+    tmp_path: Path,
+) -> None:
+    """As the Python test above: tsmsg.js's MAX_REORDER drop relied on "the sync fetches
+    them again"; an event dropped while the last page is in flight (the buffer full of
+    entries the pages also return) is above that page's head, and the channel went live
+    past it. A drop now makes the catch-up sync once more (PROTOCOL.md 13.3 notes), and
+    events at or below the applied position are not held."""
+    r = run_js(tmp_path, JS_REORDER_FULL)
+    assert r["last"][-1:] == [r["committed"]], r
+    assert r["inOrder"] and r["count"] == r["committed"] - 5, r
+    assert r["extra"] == 0 and r["pending"] == 0, r
+
+
+JS_TOKEN_EXPIRED_REJOIN = r"""import { flush, FakeWS, jwt, welcome, newSocket, done, TsmsgClient, URL, nowS, CH, idle } from "./common.mjs";
+const c = new TsmsgClient({ url: URL, token: jwt(nowS() + 3600), WebSocket: FakeWS }); // no provider
+c.restore({ channels: [{ channel: CH, seq: 5, epoch: 1 }] });
+const lefts = []; c.on("left", (e) => lefts.push(e));
+const events = []; c.on("event", (e) => events.push(e.type));
+let joined = "pending";
+c.join(CH).then(() => { joined = "resolved"; }, (e) => { joined = "rejected " + e.code; });
+c.connect();
+let ws = await newSocket(1);
+const [join] = await welcome(ws); // the token expires between the welcome and the rejoin
+ws.recv({ t: "error", rid: join.rid, code: "token_expired", message: "the token expired: send refresh" });
+await flush();
+const following = c.channels.has(CH);
+const position = c.position(CH);
+const frames = await idle(ws, 10000);
+ws.serverClose(1008); // the grace ends; a new token (a restart) resumes from seq 5
+ws = await newSocket(2);
+const [join2] = await welcome(ws);
+if (join2) ws.recv({ t: "ok", rid: join2.rid, channel: CH, head: 7, read: 0, epoch: 1, horizon: 0 });
+await flush();
+const next = ws.take().filter((f) => f.t !== "ping");
+done({ lefts: lefts.length, following, position, joined, rejoins: frames.filter((f) => f.t === "join").length,
+       join2: join2 ? join2.t : null, next: next.map((f) => [f.t, f.since ?? null, f.epoch ?? null]), events });
+"""
+
+
+@needs_node
+def test_js_a_rejoin_refused_token_expired_without_a_provider_keeps_the_channel(
+    tmp_path: Path,
+) -> None:
+    """As the Python test above (PROTOCOL.md 5.5 and 8): ``_failed`` turned a join refused
+    `token_expired` (no token provider to refresh it) into ``_left``: a `left` event, the
+    channel unfollowed and its position gone, so the page restarted with a new token
+    reloaded the channel instead of resuming from seq 5. The channel stays followed at
+    its position; the join's promise rejects with `token_expired`."""
+    r = run_js(tmp_path, JS_TOKEN_EXPIRED_REJOIN)
+    assert r["lefts"] == 0 and r["following"] is True, r
+    assert r["position"] == {"seq": 5, "epoch": 1}, r
+    assert r["joined"] == "rejected token_expired", r
+    assert r["rejoins"] == 0, r  # the same token would be refused again
+    assert r["join2"] == "join" and r["next"] == [["sync", 5, 1]], r
+    assert "resynced" not in r["events"], r
+
+
 # ============================================================================ properties (passing)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

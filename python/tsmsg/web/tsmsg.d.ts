@@ -157,6 +157,10 @@ export declare class TsmsgClient {
     channels?: { channel: string; seq: number; epoch: number }[];
     outbox?: OutboxEntry[];
   }): void;
+  /** Follow a channel. A join refused (forbidden, ...) stops following it: the promise
+   * rejects (a rejoin no join() waits for emits `left`). Except `token_expired` without a
+   * tokenProvider on a channel followed before: it stays followed at its position (the
+   * promise rejects) and the next connection, on a new token, resumes it. */
   join(channel: string, options?: { replay?: boolean }): Promise<JoinInfo>;
   /** Stop following a channel: from this call on no event of it is delivered (a listener
    * that leaves mid-page gets none of the rest, nor do the other listeners of the event it

@@ -35,7 +35,8 @@ export const REFRESH_MARGIN_MS = 30_000; // refresh this long before exp (or a f
 export const STORE_RETRY_MS = 500; // a send refused with store_unavailable: first wait...
 export const STORE_RETRY_MAX_MS = 30_000; // ... doubling up to this
 const MAX_TIMER_MS = 2 ** 31 - 1; // the longest setTimeout delay
-export const MAX_REORDER = 10_000; // live events held per channel while it syncs
+export const MAX_REORDER = 10_000; // live events held per channel while it syncs; past it,
+// dropped (one more sync fetches them), so a long catch-up under a busy channel stays bounded
 const DEFAULT_HEARTBEAT_MS = 30_000;
 const INTERNAL = new Set(["join", "sync", "history", "ping", "refresh"]);
 // A hello refused with one of these stops the client: retrying cannot help (PROTOCOL.md 8).
@@ -103,6 +104,11 @@ class ChannelState {
     this.gen = 0; // set anew from the client's one counter: replies for an older one are ignored
     this.pending = new Map(); // seq -> live event held while syncing
     this.reloadPending = false;
+    // The sync in flight may miss live events: a `cut` push came while it was in flight
+    // (its read may predate the cut, its reply still resumes the stream), or the reorder
+    // buffer dropped some. Its last page then does not end the catch-up: a sync sent
+    // after that moment does (it fetches them all). PROTOCOL.md 13.3 `ch.sync_again`.
+    this.syncAgain = false;
     this.joinWaiters = [];
     this.delivered = null; // {seq, epoch}: how far the app has the channel (position())
   }
@@ -734,8 +740,18 @@ export class TsmsgClient {
       const why = `${req.kind} of ${ch.name} failed: ${error.message}`;
       return this._ws && this._ws.close(4004, closeReason(why));
     }
-    if (req.kind === "join") return this._left(ch, error.code, error);
-    ch.phase = "idle";
+    if (req.kind === "join") {
+      if (error.code === "token_expired" && ch.known) {
+        // The token expired (no provider to refresh it), not the channel: keep it and its
+        // position for the next connection, on a new token (as the Python client).
+        ch.phase = "idle";
+        for (const d of ch.joinWaiters.splice(0)) d.reject(error);
+        return;
+      }
+      // The token no longer allows the channel (or it is not valid): stop following.
+      return this._left(ch, error.code, error);
+    }
+    ch.phase = "idle"; // a sync or history refused (forbidden after a refresh, ...): rejoining decides
   }
 
   // ------------------------------------------------------------------ channel flow
@@ -763,6 +779,7 @@ export class TsmsgClient {
 
   _catchUp(ch) {
     ch.phase = "syncing";
+    ch.syncAgain = false; // this sync is sent after whatever the flag was set for
     const frame = { t: "sync", channel: ch.name, since: ch.last };
     if (ch.epoch !== 0) frame.epoch = ch.epoch; // a reset log answers resync, reason "epoch"
     this._internal("sync", ch, frame);
@@ -775,7 +792,7 @@ export class TsmsgClient {
       this._apply(ch, e);
       if (!this._follows(ch)) return; // a listener left the channel mid-page: no more of it
     }
-    if (f.more) return this._catchUp(ch);
+    if (f.more || ch.syncAgain) return this._catchUp(ch);
     ch.phase = "live";
     const pending = [...ch.pending.entries()].sort((a, b) => a[0] - b[0]);
     ch.pending = new Map();
@@ -826,7 +843,9 @@ export class TsmsgClient {
   _live(ch, e) {
     if (!this._follows(ch)) return;
     if (ch.phase === "joining" || ch.phase === "reloading" || ch.phase === "syncing") {
+      if (e.seq <= ch.last) return; // already applied (or below a reload's head): never worth holding
       if (ch.pending.size < MAX_REORDER) ch.pending.set(e.seq, e);
+      else ch.syncAgain = true; // dropped: possibly above the head of the sync in flight
       return;
     }
     if (ch.phase !== "live" || e.seq <= ch.last) return; // idle (a sync will fetch it) or a repeat
@@ -840,6 +859,7 @@ export class TsmsgClient {
   _resyncPush(ch, f) {
     if (f.reason === "cut") {
       if (ch.phase === "live") this._catchUp(ch); // reaching the head resumes the stream
+      else if (ch.phase === "syncing") ch.syncAgain = true; // the sync in flight may have been read before the cut
     } else if (ch.phase !== "reloading") {
       this._reload(ch, f.head, f.epoch);
     }
