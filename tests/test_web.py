@@ -529,3 +529,25 @@ async def test_a_json_client_syncs_with_the_epoch_as_it_came(harness: Harness) -
     assert isinstance(epoch, int)  # sent as a string when beyond 2**53 - 1 (exact_ints)
     reply = await client.request("sync", channel=ROOM, since=ok["seq"], epoch=str(epoch))
     assert reply["t"] == "ok" and reply["epoch"] == epoch, reply
+
+
+async def test_an_http_request_after_the_upgrade_is_a_websocket_protocol_error(
+    harness: Harness,
+) -> None:
+    """A review's find: bytes after the upgrade that look like an HTTP request got the TCP
+    port's plain-text HTTP hint written into the WebSocket (bytes no WebSocket client can
+    parse, then a close 1000), not the bad_frame and close 1002 of any protocol violation."""
+    port = harness.server.ws_port
+    assert port is not None
+    for pipelined in (True, False):
+        client = await upgrade(harness, [WS_JSON]) if not pipelined else None
+        if client is None:  # the request right behind the upgrade, in the same write
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            client = WireClient(stream, WsFraming(WS_JSON))
+            harness.clients.append(client)
+            head = framing(client).upgrade(f"127.0.0.1:{port}", None, [WS_JSON])
+            await stream.send_all(head + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        else:
+            await client.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        error = await closed_with(client, "bad_frame", 1002)
+        assert "WebSocket protocol error" in error["message"], error

@@ -827,7 +827,9 @@ class Connection:
                 return
             if not data:
                 return  # the peer closed its side: handle() still delivers pending acks
-            if session.state is State.AWAITING_HELLO and not decoder.buffered:
+            # The TCP port only: on a WebSocket such bytes are a frame like any other (a
+            # protocol violation, section 19.2), and a plain-text answer would corrupt it.
+            if session.state is State.AWAITING_HELLO and transport is TCP and not decoder.buffered:
                 if data[:8].startswith(HTTP_METHODS):  # a browser, curl: say where to go
                     self.send_bytes(http_hint(settings), None)
                     self.close_after_flush(f"{HTTP_REQUEST}: {bytes(data[:8])!r}")
