@@ -30,6 +30,7 @@ from conftest import (
     ws_connect,
     ws_upgrade,
 )
+from tsmsg._native import FrameError
 from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.server.app import Server
 from tsmsg.server.settings import Settings, load_settings
@@ -551,3 +552,12 @@ async def test_an_http_request_after_the_upgrade_is_a_websocket_protocol_error(
             await client.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         error = await closed_with(client, "bad_frame", 1002)
         assert "WebSocket protocol error" in error["message"], error
+
+
+def test_json_nesting_over_max_depth_says_so() -> None:
+    """A review's find: between max_depth and the parser's recursion limit, the frame was
+    refused as 'a lone surrogate escape' (the encoder's depth check failed first)."""
+    for levels in (32, 200):
+        text = '{"t":"ping","x":' + "[" * levels + "]" * levels + "}"
+        with pytest.raises(FrameError, match="deeper than max_depth 32"):
+            decode_json(text, 32)

@@ -194,15 +194,16 @@ def decode_json(text: str, max_depth: int) -> dict[str, Any]:
         raise FrameError("the message is not a JSON object")
     try:
         deep = _depth(frame) > max_depth
+    except RecursionError:
+        deep = True
+    if deep:  # before the encoder's check below, whose own depth limit would fail first
+        raise FrameError(f"JSON nests deeper than max_depth {max_depth}")
+    try:
         # JSON's \u escapes can spell lone surrogates, which no codec can send back (and
         # msgpack's strings, UTF-8 checked, never hold): refused like invalid UTF-8.
         packb(frame)
-    except RecursionError:
-        deep = True
     except Exception:
         raise FrameError("invalid string in JSON (a lone surrogate escape)") from None
-    if deep:
-        raise FrameError(f"JSON nests deeper than max_depth {max_depth}")
     epoch = frame.get("epoch")
     if isinstance(epoch, str) and epoch.isascii() and epoch.isdigit():
         frame["epoch"] = int(epoch)  # as the server sent it (JS_SAFE_INT)
