@@ -561,3 +561,15 @@ def test_json_nesting_over_max_depth_says_so() -> None:
         text = '{"t":"ping","x":' + "[" * levels + "]" * levels + "}"
         with pytest.raises(FrameError, match="deeper than max_depth 32"):
             decode_json(text, 32)
+
+
+async def test_an_epoch_string_of_too_many_digits_is_bad_request(harness: Harness) -> None:
+    """A review's find: the string of digits was converted with int() outside any check,
+    so one over Python's 4,300-digit limit raised a ValueError: an internal error (logged
+    with its traceback), the connection dropped without an error frame or a close."""
+    client = await connected(harness, WS_JSON)
+    for epoch in ("1" * 5000, "1" * 21, str(2**64)):
+        reply = await client.request("sync", channel=ROOM, since=0, epoch=epoch)
+        assert reply["t"] == "error" and reply["code"] == "bad_request", reply
+        assert "epoch" in reply["message"], reply
+    await assert_open(client)

@@ -40,6 +40,7 @@ INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 # JSON client gets a larger integer (an epoch, a big value in meta) as its decimal string,
 # and may send `epoch` back as one (PROTOCOL.md 19.2).
 JS_SAFE_INT = 2**53 - 1
+MAX_INT_DIGITS = len(str(INT_MAX))  # 20: the most digits an `epoch` string converts
 
 
 class Codec(Protocol):
@@ -206,7 +207,11 @@ def decode_json(text: str, max_depth: int) -> dict[str, Any]:
         raise FrameError("invalid string in JSON (a lone surrogate escape)") from None
     epoch = frame.get("epoch")
     if isinstance(epoch, str) and epoch.isascii() and epoch.isdigit():
-        frame["epoch"] = int(epoch)  # as the server sent it (JS_SAFE_INT)
+        # As the server sent it (JS_SAFE_INT). More digits than any 64-bit value has stay
+        # a string, which the request refuses (bad_request) as it does an int out of
+        # range: int() of thousands of digits would raise, or cost quadratic time.
+        if len(epoch.lstrip("0")) <= MAX_INT_DIGITS:
+            frame["epoch"] = int(epoch)
     return frame
 
 
