@@ -573,3 +573,21 @@ async def test_an_epoch_string_of_too_many_digits_is_bad_request(harness: Harnes
         assert reply["t"] == "error" and reply["code"] == "bad_request", reply
         assert "epoch" in reply["message"], reply
     await assert_open(client)
+
+
+async def test_a_dev_token_ttl_that_is_no_decimal_number_is_400(tmp_path: Path) -> None:
+    """A review's find: ttl_s was checked with str.isdigit(), true of '²' and of 5,000
+    digits, which int() then refuses: a 500 (and a logged traceback) instead of a 400."""
+    settings: Settings = make_settings(tmp_path / "data", dev=True)
+    async with trio.open_nursery() as nursery:
+        server = Server(settings, TokenVerifier(SECRET), dev_issuer=TokenIssuer(SECRET))
+        await nursery.start(server.run)
+        assert server.ws_port is not None
+        for ttl in ("%C2%B2", "9" * 5000, "%D9%A3", "0", "3601"):
+            status, _, body = await http_get(
+                server.ws_port, f"{DEV_TOKEN_PATH}?user=zoe&ttl_s={ttl}"
+            )
+            assert status == 400 and b"ttl_s" in body, (ttl, status, body)
+        status, _, body = await http_get(server.ws_port, f"{DEV_TOKEN_PATH}?user=zoe&ttl_s=0060")
+        assert status == 200 and json.loads(body)["ttl_s"] == 60
+        server.stopping.set()

@@ -288,7 +288,10 @@ class Web:
         if not USER_ID.fullmatch(user):
             raise HttpError(400, "user must be 1 to 62 characters of A-Z a-z 0-9 _ . @ -")
         ttl = (query.get("ttl_s") or [str(DEV_TOKEN_TTL_S)])[0]
-        if not ttl.isdigit() or not 1 <= int(ttl) <= DEV_TOKEN_TTL_S:
+        # ASCII digits, few enough for int(): isdigit() alone is true of '²' and of any
+        # number of digits, which int() refuses (a 500).
+        decimal = ttl.isascii() and ttl.isdigit() and len(ttl) <= 9
+        if not decimal or not 1 <= int(ttl) <= DEV_TOKEN_TTL_S:
             raise HttpError(400, f"ttl_s must be an integer from 1 to {DEV_TOKEN_TTL_S}")
         ttl_s = int(ttl)
         token = self.dev_issuer.issue(
