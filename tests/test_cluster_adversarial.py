@@ -1449,3 +1449,31 @@ async def test_a_slow_consumer_cut_while_redis_is_away_does_not_stop_the_node(
         with trio.fail_after(DELIVERY_TIMEOUT_S):
             cut = await slow.next(lambda f: f.get("t") == "resync")
         assert cut["reason"] == "cut", cut
+
+
+async def test_a_node_whose_clock_is_ahead_does_not_refill_the_shared_budget(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """docs/cluster.md: nodes' clocks agree "well within the TTL" (NTP), not exactly;
+    PROTOCOL.md 16.2: the user's devices on different servers "spend one budget". Node
+    A's clock 2 s ahead of B's: a bucket stamped by A and then charged by B must not go
+    back to B's clock (A's next charge would refill the 2 s again): alternating sends
+    between the nodes got each node's whole burst, the shared limit doubled. The skew
+    may give its refill (2 s at 0.5/s: one token) once, not at every switch of node."""
+    limits = fast_limits(
+        send_rate=100.0, send_burst=100, channel_send_rate=0.5, channel_send_burst=3
+    )
+    async with nodes(tmp_path, redis_engine, 2, limits=limits) as (a, b):
+        store = a.server.store
+        ahead = store._clock
+        store._clock = lambda: ahead() + 2000  # type: ignore[method-assign]
+        on_a, on_b = await a.connect("alice"), await b.connect("alice")
+        start = time.monotonic()
+        oks = 0
+        for i in range(8):
+            dev = (on_b, on_a)[i % 2]
+            r = await dev.request("send", channel=CHANNEL, cid=f"c{i}", text="x")
+            oks += r["t"] == "ok"
+        # the refill over the test, and once the skew's (A's first charge after B's)
+        refill = 0.5 * (time.monotonic() - start) + 0.5 * 2.0
+        assert oks <= 3 + int(refill), f"{oks} sends stored, one shared burst of 3"

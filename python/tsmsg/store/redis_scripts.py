@@ -560,31 +560,36 @@ return due
 SEND_RATE = r"""
 redis.set_repl(redis.REPL_NONE)
 local now = tonumber(ARGV[1])
+-- A bucket's level, and its stamp: never moved back (a node whose clock is behind the
+-- one that stamped it refills nothing and keeps the stamp; were the stamp set back to its
+-- clock, the other node's next charge would refill the difference again, every time).
 local function level(key, rate, burst)
   local v = redis.call('GET', key)
-  if not v then return burst end
+  if not v then return burst, now end
   local t, s = string.match(v, '^(%S+) (%d+)$')
-  return math.min(burst, tonumber(t) + math.max(0, now - tonumber(s)) * rate / 1000)
+  s = tonumber(s)
+  return math.min(burst, tonumber(t) + math.max(0, now - s) * rate / 1000), math.max(now, s)
 end
 local rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
 local crate, cburst = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {}
 for i = 1, #ARGV - 5 do
   local user, chan, n = KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[5 + i])
-  local a, b = level(user, rate, burst), level(chan, crate, cburst)
+  local a, sa = level(user, rate, burst)
+  local b, sb = level(chan, crate, cburst)
   local k = math.max(0, math.min(n, math.floor(a), math.floor(b)))
   if k > 0 then
     a, b = a - k, b - k
-    redis.call('SET', user, string.format('%.6f %d', a, now),
-      'PX', math.ceil((burst - a) * 1000 / rate) + 1000)
-    redis.call('SET', chan, string.format('%.6f %d', b, now),
-      'PX', math.ceil((cburst - b) * 1000 / crate) + 1000)
+    redis.call('SET', user, string.format('%.6f %d', a, sa),
+      'PX', math.ceil((burst - a) * 1000 / rate) + (sa - now) + 1000)
+    redis.call('SET', chan, string.format('%.6f %d', b, sb),
+      'PX', math.ceil((cburst - b) * 1000 / crate) + (sb - now) + 1000)
   end
   local wait = 0
   if k < n then
     wait = 1
-    if a < 1 then wait = math.max(wait, math.ceil((1 - a) * 1000 / rate)) end
-    if b < 1 then wait = math.max(wait, math.ceil((1 - b) * 1000 / crate)) end
+    if a < 1 then wait = math.max(wait, math.ceil((1 - a) * 1000 / rate) + sa - now) end
+    if b < 1 then wait = math.max(wait, math.ceil((1 - b) * 1000 / crate) + sb - now) end
   end
   out[2 * i - 1], out[2 * i] = k, wait
 end
