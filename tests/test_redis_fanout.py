@@ -7,6 +7,7 @@ signals reach B; a channel B does not follow delivers nothing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -590,3 +591,42 @@ def test_a_status_set_queued_with_the_devices_end_stays_for_the_other_node(
     finally:
         a.close()
         b.close()
+
+
+def test_a_sweep_cut_short_by_redis_leaves_no_claimed_entry_unannounced(
+    engine: Engine,
+) -> None:
+    """STORAGE.md, "Presence between nodes": a dead node's users are announced offline,
+    and their last_seen written, once their entries expire. Node X dies with u1 and u2;
+    node Y's sweep claims both entries, and Redis fails (a restart, a partition) after
+    u1's expiry was decided and before u2's: u1's decision was lost with the error (its
+    push never made, and not to be made again: the entry is gone), and u2's entry, taken
+    off the index by the claim, was never swept: online in no query, yet never announced
+    offline, its last_seen never written. Each is announced once, by a later sweep if
+    not by this one."""
+    prefix = f"pres{next(_prefixes)}:"
+    x = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=1.0)
+    y = RedisStore(engine.url, key_prefix=prefix, presence_ttl_s=1.0)
+    t = int(time.time() * 1000)
+    try:
+        for user in ("u1", "u2"):
+            assert x.presence.set(user, CONNECTED, t) == ("offline", "online")
+        x.close()  # (no goodbye: its entries stay until they expire)
+        real_eval, calls = y._eval, []
+
+        def fails_second_expire(name: str, keys: Any, *args: Any) -> Any:
+            if name == "presence_expire":
+                calls.append(keys)
+                if len(calls) == 2:
+                    raise redis.ConnectionError("Redis went away mid-sweep")
+            return real_eval(name, keys, *args)
+
+        y._eval = fails_second_expire  # type: ignore[method-assign]
+        announced = []
+        for now in (t + 5_000, t + 8_000, t + 11_000):  # sweeps, a TTL and more apart
+            with contextlib.suppress(redis.ConnectionError):
+                announced += [(u, before) for u, before in y.presence.expired(now)]
+        assert sorted(announced) == [("u1", "online"), ("u2", "online")]
+        assert y.last_seen("u1") is not None and y.last_seen("u2") is not None
+    finally:
+        y.close()

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+
 from tsmsg.store.base import (
     CONNECTED,
     Ordered,
@@ -212,13 +214,28 @@ class RedisPresence(Presence):
         return moved
 
     def expired(self, now_ms: int) -> list[Ordered]:
+        """The users whose last entry a sweep took (offline, last_seen written): each
+        decided here is returned, even when Redis fails before the others are swept
+        (those are claimed again once the claim's lease runs out, a TTL on)."""
         store = self._store
-        due = store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX)
+        lease = f"{now_ms + self._ttl_ms}.5"  # no expiry's score (whole ms): presence_release
+        due = store._eval("presence_claim", [self._index], now_ms, CLAIM_MAX, lease)
         gone: list[Ordered] = []
+        swept = []
         for member in due:
             node, user = member[: len(self._node)], member[len(self._node) :].decode()
             keys = [self._key(user), store._user_key(user, b"seen"), self._order_key(user)]
-            reply = store._eval("presence_expire", keys, node, now_ms)
+            try:
+                reply = store._eval("presence_expire", keys, node, now_ms)
+            except (RedisError, StoreUnavailable) as exc:  # the rest: a later sweep's
+                log.warning("presence sweep cut short: %r", exc)
+                break
+            swept.append(member)
             if reply and int(reply[1]) == 0:  # no entry left: no device anywhere
                 gone.append(Ordered(user, reply[0].decode(), int(reply[2])))
+        if swept:
+            try:  # one left claimed is harmless: swept again, presence_expire finds nothing
+                store._eval("presence_release", [self._index], lease, *swept)
+            except (RedisError, StoreUnavailable) as exc:
+                log.warning("presence sweep not released: %r", exc)
         return gone

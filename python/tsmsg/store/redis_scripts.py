@@ -535,12 +535,26 @@ if live == 0 then return false end
 return status or 'online'
 """
 
-# KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most.
-# Claims (removes and returns) the entries due: each goes to one caller only.
+# KEYS: the expiry index (a sorted set of node..user by expires_ms). ARGV: now_ms, most,
+# lease (a score no entry's expiry has: ms and a half). Claims the entries due: each goes
+# to one caller only, and stays in the index, due again at the lease, until the caller
+# releases it once swept (presence_release): a sweep cut short (Redis away, its node
+# gone) leaves the entries it did not sweep to a later one, not unswept for good.
 PRESENCE_CLAIM = r"""
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+for i = 1, #due do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], due[i]) end
 return due
+"""
+
+# KEYS: the expiry index. ARGV: the lease of a claim, then members it swept: each removed
+# unless its score moved since (its node, late but alive, refreshed its entry).
+PRESENCE_RELEASE = r"""
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == lease then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
 """
 
 # Shared send limits (SendLimits): two token buckets, each a string "<tokens> <stamp_ms>"
@@ -638,6 +652,7 @@ SCRIPTS: dict[str, str] = {
     "presence_set": _PRESENCE_LIB + PRESENCE_SET,
     "presence_expire": _PRESENCE_LIB + PRESENCE_EXPIRE,
     "presence_claim": PRESENCE_CLAIM,
+    "presence_release": PRESENCE_RELEASE,
     "presence_extend": PRESENCE_EXTEND,
     "presence_status": _PRESENCE_LIB + PRESENCE_STATUS,
     "send_rate": SEND_RATE,
@@ -650,7 +665,9 @@ SCRIPTS: dict[str, str] = {
 # Redis (compaction, a reset, presence sweeps: deletes, and a few small fields) `allow-oom`.
 FLAGS = dict.fromkeys(
     ("sync", "history", "unread", "cursor", "dup", "dump", "tail", "presence_status"), "no-writes"
-) | dict.fromkeys(("compact", "reset", "presence_expire", "presence_claim"), "allow-oom")
+) | dict.fromkeys(
+    ("compact", "reset", "presence_expire", "presence_claim", "presence_release"), "allow-oom"
+)
 
 
 def _library(name: str) -> str:
