@@ -1477,3 +1477,44 @@ async def test_a_node_whose_clock_is_ahead_does_not_refill_the_shared_budget(
         # the refill over the test, and once the skew's (A's first charge after B's)
         refill = 0.5 * (time.monotonic() - start) + 0.5 * 2.0
         assert oks <= 3 + int(refill), f"{oks} sends stored, one shared burst of 3"
+
+
+async def test_read_pushes_of_two_nodes_published_reversed_never_move_a_cursor_back(
+    tmp_path: Path, redis_engine: str
+) -> None:
+    """PROTOCOL.md 7.6: a `read` push carries "the new cursor", sent "when a user's read
+    cursor moves forward". Bob's phone (node A) reads 1, then bob's laptop (node B)
+    reads 2; A's writer is slow to publish (a stall between its commit and its publish):
+    carol, on node C, got read 2 then read 1, the cursor going back (it is 2)."""
+    async with nodes(tmp_path, redis_engine, 3) as (a, b, c):
+        alice, phone, laptop, carol = (
+            await a.connect("alice"), await a.connect("bob"), await b.connect("bob"),
+            await c.connect("carol"),
+        )  # fmt: skip
+        for client in (alice, phone, laptop, carol):
+            await join(client)
+        for i in range(2):
+            assert (await alice.request("send", channel=CHANNEL, cid=f"c{i}", text="x"))["t"] == "ok"
+        await collect(carol, 2)
+        store, stalled = a.server.store, trio.Event()
+        real_ack = store._ack
+
+        def slow_ack(batch: Any) -> None:
+            if any(op.kind == "read" for op in batch):
+                trio.from_thread.run_sync(stalled.set, trio_token=token)
+                time.sleep(0.5)  # A's writer stalls before its publish
+            real_ack(batch)
+
+        token = trio.lowlevel.current_trio_token()
+        store._ack = slow_ack  # type: ignore[method-assign]
+        await phone.send({"t": "read", "rid": 7, "channel": CHANNEL, "seq": 1})
+        await stalled.wait()
+        assert (await laptop.request("read", channel=CHANNEL, seq=2))["seq"] == 2
+        assert (await phone.next(lambda f: f.get("rid") == 7))["seq"] == 1
+        await trio.sleep(0.3)
+        seen = []
+        with trio.move_on_after(1.0):
+            while True:
+                f = await carol.next(lambda f: f.get("t") == "read")
+                seen.append(f["seq"])
+        assert seen == sorted(seen) and seen[-1] == 2, f"carol's read pushes: {seen}"

@@ -151,6 +151,10 @@ MEMBERS_RETRY_S, MEMBERS_RETRY_MAX_S = 0.25, 2.0
 # Another node's typing `on` is turned off here this long after its timeout unless renewed
 # or turned off (its node died): the typer's own node would have sent the `off` by then.
 TYPING_GRACE_MS = 1000
+# A user's read push in a channel is handed on here only if its cursor is beyond the last
+# one handed on (within this long): two nodes' reads, published in the other order than
+# they were committed, must not move a cursor back for the members (PROTOCOL.md 7.6).
+READ_ORDER_KEEP_S = 10.0
 GAP_CHECK_S = 0.05  # how often the relay's gaps are looked at (it waits GAP_WAIT_MS on each)
 ENTRY_KINDS = frozenset(("message", "edit", "delete"))  # writes that make an event
 # Repeated log lines (RepeatFilter): of one kind (a message template), the first LOG_BURST
@@ -1038,6 +1042,7 @@ class Server:
         self.copies = MembershipCopies(lambda: self._members_due.set())
         self.memberships = self.copies.sets
         self._latest_presence = LatestPresence(0.0)  # (kept two TTLs once the store is open)
+        self._latest_read = LatestPresence(READ_ORDER_KEEP_S)  # "<channel>\0<user>" -> seq
         # (channel, user) -> when other nodes' typing `on` runs out here (ms): _remote_typing
         self._typing_elsewhere: dict[tuple[str, str], int] = {}
         # Presence changes for a shared engine, in order: user -> (status, CONNECTED or
@@ -1529,6 +1534,8 @@ class Server:
             return
         if frame.get("t") == "typing" and not self._remote_typing(channel, frame):
             return
+        if frame.get("t") == "read" and not self._read_moved(channel, frame):
+            return
         self.publish(channel, frame, frame.get("user") if frame.get("t") == "typing" else None)
 
     def _remote_typing(self, channel: str, frame: dict[str, Any]) -> bool:
@@ -1546,6 +1553,15 @@ class Server:
             self._typing_elsewhere[(channel, user)] = self.now_ms() + timeout_ms + TYPING_GRACE_MS
             return True
         return self._typing_elsewhere.pop((channel, user), None) is not None
+
+    def _read_moved(self, channel: str, frame: dict[str, Any]) -> bool:
+        """Whether a read push (this node's or another's) moves the user's cursor beyond
+        the last one pushed here: each node publishes its own commits, so the pushes of
+        two nodes' reads can arrive in the other order than the engine moved them."""
+        user, seq = frame.get("user"), frame.get("seq")
+        if not isinstance(user, str) or type(seq) is not int:
+            return True
+        return self._latest_read.fresh(f"{channel}\0{user}", seq, time.monotonic())
 
     def _expire_remote_typing(self, now: int) -> None:
         """The `off` of each other node's typing whose `on` ran out unrenewed here."""
@@ -1631,6 +1647,8 @@ class Server:
             # that dies mid-typing sends no `off`), however their own is set
             timeout_ms = self.settings.limits.typing_timeout_ms
             self.store.publish_signal(channel, {**frame, "timeout_ms": timeout_ms})
+        elif frame["t"] == "read" and not self._read_moved(channel, frame):
+            return  # a later read of the user's was pushed here already
         self.publish(channel, frame, action.skip_user)
 
     def publish(self, channel: str, frame: dict[str, Any], skip_user: str | None) -> None:
