@@ -1494,7 +1494,8 @@ async def test_read_pushes_of_two_nodes_published_reversed_never_move_a_cursor_b
         for client in (alice, phone, laptop, carol):
             await join(client)
         for i in range(2):
-            assert (await alice.request("send", channel=CHANNEL, cid=f"c{i}", text="x"))["t"] == "ok"
+            sent = await alice.request("send", channel=CHANNEL, cid=f"c{i}", text="x")
+            assert sent["t"] == "ok", sent
         await collect(carol, 2)
         store, stalled = a.server.store, trio.Event()
         real_ack = store._ack
