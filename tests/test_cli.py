@@ -408,6 +408,40 @@ def test_serve_without_its_redis_fails_in_one_line(
     assert err.splitlines()[-1].startswith(f"tsmsg: cannot reach Redis at {engine[8:]}: "), err
 
 
+def test_serve_refuses_a_data_dir_that_is_a_file_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A data_dir that is a file (or empty) was an errno line naming no setting."""
+    a_file = tmp_path / "data"
+    a_file.write_text("")
+    for data_dir, fragment in ((str(a_file), "is not a directory"), ("", "not empty")):
+        for flag in ([], ["--dev"]):
+            argv = ["serve", *flag, "--port", "0", "--data-dir", data_dir]
+            code, _, err = run(capsys, *argv)
+            assert_failure(code, err, "data_dir", fragment)
+
+
+def test_serve_refuses_reuse_port_without_so_reuseport(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a platform without SO_REUSEPORT, --reuse-port was an AttributeError traceback."""
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)
+    argv = ["serve", "--dev", "--reuse-port", "--port", "0", "--data-dir", str(tmp_path)]
+    code, _, err = run(capsys, *argv)
+    assert_failure(code, err, "reuse_port", "SO_REUSEPORT")
+
+
+def test_serve_refuses_an_engine_url_with_a_query_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py took a ?key=value as a connection argument: a typo was a TypeError traceback."""
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    engine = "redis://127.0.0.1:6379?tiemout=1"
+    argv = ["serve", "--port", "0", "--engine", engine, "--data-dir", str(tmp_path)]
+    code, _, err = run(capsys, *argv)
+    assert_failure(code, err, "engine URL", "?")
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -204,6 +205,12 @@ def load_settings(
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
     check_minimums(settings, MINIMUMS)
+    if settings.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("reuse_port needs SO_REUSEPORT, which this platform lacks: leave it off")
+    if not settings.data_dir:
+        raise ValueError("data_dir must be a directory path, not empty")
+    if os.path.exists(settings.data_dir) and not os.path.isdir(settings.data_dir):
+        raise ValueError(f"data_dir {settings.data_dir!r} exists and is not a directory")
     if not 0 <= settings.port <= 65535:
         raise ValueError(f"port must be from 0 to 65535, not {settings.port!r}")
     if 0 < settings.retention_max_age_s < 0.001:  # stored in whole ms: it would mean 0

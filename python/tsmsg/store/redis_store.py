@@ -189,7 +189,10 @@ def parse_redis_url(url: str) -> RedisTarget:
         user, colon, pw = creds.partition(":")
         username = urllib.parse.unquote(user) or None
         password = urllib.parse.unquote(pw) if colon else None
-    hosts, _, db = hosts.partition("?")[0].partition("/")
+    hosts, query, _ = hosts.partition("?")
+    if query:  # redis-py would take its keys as connection arguments (a typo: a traceback)
+        raise ValueError(f"engine URL takes no ?options (HOST:PORT[/DB] only), not {url!r}")
+    hosts, _, db = hosts.partition("/")
     nodes: list[tuple[str, int]] = []
     for part in hosts.split(","):
         host, colon, port = part.rpartition(":")
