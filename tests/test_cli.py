@@ -442,6 +442,18 @@ def test_serve_refuses_an_engine_url_with_a_query_in_one_line(
     assert_failure(code, err, "engine URL", "?")
 
 
+@pytest.mark.parametrize("depth", ["999999", str(2**70)])
+def test_serve_refuses_a_too_deep_max_depth_naming_its_maximum(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: str
+) -> None:
+    """The decoder's check came first: it named 512 (the documented maximum is 32) and
+    past 64 bits raised OverflowError, a traceback."""
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    monkeypatch.setenv("TSMSG_LIMITS_MAX_DEPTH", depth)
+    code, _, err = run(capsys, "serve", "--port", "0", "--data-dir", str(tmp_path))
+    assert_failure(code, err, f"max_depth must be <= 32, not {depth}")
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

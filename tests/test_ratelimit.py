@@ -210,7 +210,7 @@ def test_limits_refuse_empty_buckets(kind: str, rate: float, burst: int) -> None
         ({"max_cid_chars": 0}, "max_cid_chars"),
         ({"history_default": 101, "history_max": 100}, "history_default"),
         ({"sync_default": 0}, "sync_default"),
-        ({"max_depth": 513}, "max_depth 513 is above the supported maximum 512"),
+        ({"max_depth": 513}, "max_depth must be <= 32, not 513"),  # not the decoder's 512
         ({"max_depth": 33}, "max_depth must be <= 32, not 33"),  # the encoder's depth
         ({"max_frame": 2**32}, "max_frame must be <= 4294967295"),
         ({"send_rate": float("nan")}, "send_rate must be > 0"),

@@ -73,11 +73,13 @@ class Limits:
         check_minimums(self, MINIMUMS)
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is a u32
             raise ValueError(f"max_frame must be <= {MAX_FRAME_LIMIT}")
-        FrameDecoder(max_frame=self.max_frame, max_depth=self.max_depth)  # its own bounds
         # The server writes frames as deep as max_depth (a page's meta) and its encoder
         # stops at DEFAULT_MAX_DEPTH: a deeper limit would accept sends it cannot page.
+        # Checked before the decoder's own bounds, whose message names a larger maximum
+        # and which overflow (a traceback) past 64 bits.
         if self.max_depth > DEFAULT_MAX_DEPTH:
             raise ValueError(f"max_depth must be <= {DEFAULT_MAX_DEPTH}, not {self.max_depth}")
+        FrameDecoder(max_frame=self.max_frame, max_depth=self.max_depth)  # its own bounds
         # The store's dedup keys hold at most MAX_CID_CHARS: a longer cid would pass the
         # protocol's check and then fail in the store.
         if not 1 <= self.max_cid_chars <= MAX_CID_CHARS:
