@@ -454,6 +454,22 @@ def test_serve_refuses_a_too_deep_max_depth_naming_its_maximum(
     assert_failure(code, err, f"max_depth must be <= 32, not {depth}")
 
 
+@pytest.mark.parametrize("command", ["serve", "inspect", "compact", "token"])
+def test_a_missing_config_file_is_named_as_the_config_file(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    """A --config that did not exist was a bare "[Errno 2] No such file or directory"."""
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    missing = str(tmp_path / "tsmsg.toml")
+    extra = ["--user", "alice"] if command == "token" else ["--data-dir", str(tmp_path)]
+    for path, reason in ((missing, "No such file or directory"), (str(tmp_path), "Is a directory")):
+        code, _, err = run(capsys, command, "--config", path, *extra)
+        assert_failure(code, err, f"config file {path}: {reason}")
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

@@ -187,7 +187,11 @@ def load_settings(
 ) -> Settings:
     settings: Settings = Settings()
     if config_file:
-        with open(config_file, "rb") as fh:
+        try:
+            fh = open(config_file, "rb")  # closed by the with below
+        except OSError as exc:  # its message names no setting
+            raise ValueError(f"config file {config_file}: {exc.strerror}") from None
+        with fh:
             try:
                 table = tomllib.load(fh)
             except tomllib.TOMLDecodeError as exc:  # its message names no file
