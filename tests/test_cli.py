@@ -470,6 +470,18 @@ def test_a_missing_config_file_is_named_as_the_config_file(
         assert_failure(code, err, f"config file {path}: {reason}")
 
 
+@pytest.mark.parametrize("limit", ["HEARTBEAT_MS", "MAX_JOINED", "SEND_BURST"])
+def test_serve_refuses_a_limit_welcome_cannot_carry(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """A limit above msgpack's integers started a server whose every welcome failed to
+    encode (an internal error on each hello); it is refused at start, in one line."""
+    monkeypatch.setenv("TSMSG_SECRET", SECRET.decode())
+    monkeypatch.setenv(f"TSMSG_LIMITS_{limit}", str(2**64))
+    code, _, err = run(capsys, "serve", "--port", "0", "--data-dir", str(tmp_path))
+    assert_failure(code, err, f"{limit.lower()} must be <= {2**63 - 1}, not {2**64}")
+
+
 def test_serve_refuses_an_incompatible_data_dir(
     capsys: pytest.CaptureFixture[str], bad_format_dir: Path
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from tsmsg._native import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME, FrameDecoder
 
@@ -19,6 +19,9 @@ FRAME_ENVELOPE = 2048
 
 
 MAX_FRAME_LIMIT = 2**32 - 1  # the 4-byte length prefix (PROTOCOL.md section 2)
+# The largest integer limit: welcome carries them, and msgpack's signed integers end here
+# (a larger heartbeat_ms started a server whose every welcome failed to encode).
+MAX_INT_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,10 @@ class Limits:
         if self.max_depth > DEFAULT_MAX_DEPTH:
             raise ValueError(f"max_depth must be <= {DEFAULT_MAX_DEPTH}, not {self.max_depth}")
         FrameDecoder(max_frame=self.max_frame, max_depth=self.max_depth)  # its own bounds
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and value > MAX_INT_LIMIT:
+                raise ValueError(f"{f.name} must be <= {MAX_INT_LIMIT}, not {value}")
         # The store's dedup keys hold at most MAX_CID_CHARS: a longer cid would pass the
         # protocol's check and then fail in the store.
         if not 1 <= self.max_cid_chars <= MAX_CID_CHARS:
