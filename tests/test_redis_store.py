@@ -709,6 +709,8 @@ def test_password_file(
         "redis-cluster://a:1/0",
         "http://host:1",
         "lmdb",
+        "redis://host:1?tiemout=1",  # redis-py would take it as a connection argument
+        "rediss://host:1/0?ssl_ca_certs=/ca.pem&socket_timeout=1",
     ],
 )
 def test_bad_engine_urls(url: str) -> None:
@@ -724,6 +726,8 @@ def test_engine_urls() -> None:
         "user",
         "p@ss",
     )
+    private_ca = parse_redis_url("rediss://cache.example:6380/1?ssl_ca_certs=/etc/ca.pem")
+    assert private_ca.nodes == (("cache.example", 6380),)  # TLS options go to redis-py
     many = parse_redis_url("redis-cluster://10.0.0.1:7000,10.0.0.2:7001")
     assert many.cluster and many.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
     assert many.where == "10.0.0.1:7000,10.0.0.2:7001"

@@ -189,9 +189,15 @@ def parse_redis_url(url: str) -> RedisTarget:
         user, colon, pw = creds.partition(":")
         username = urllib.parse.unquote(user) or None
         password = urllib.parse.unquote(pw) if colon else None
-    hosts, query, _ = hosts.partition("?")
-    if query:  # redis-py would take its keys as connection arguments (a typo: a traceback)
-        raise ValueError(f"engine URL takes no ?options (HOST:PORT[/DB] only), not {url!r}")
+    hosts, _, query = hosts.partition("?")
+    # redis-py takes the query's keys as connection arguments (a typo: a traceback): only
+    # its TLS options (rediss://...?ssl_ca_certs=PATH, a private CA) are let through.
+    for key in urllib.parse.parse_qs(query, keep_blank_values=True):
+        if not key.startswith("ssl_"):
+            raise ValueError(
+                f"engine URL takes no ?{key} (only TLS options ssl_*, such as "
+                f"ssl_ca_certs=PATH, with rediss://): {url!r}"
+            )
     hosts, _, db = hosts.partition("/")
     nodes: list[tuple[str, int]] = []
     for part in hosts.split(","):
