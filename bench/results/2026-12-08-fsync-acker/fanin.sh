@@ -9,7 +9,7 @@ taskset -c 0 ${TSMSG_BIN:-.venv/bin/tsmsg} serve --port 7812 --data-dir $D --dur
 SP=$!; sleep 1.5
 R=""; [ "$1" != "0" ] && R="--rate $1"
 if [ "$6" = spy ]; then (sleep 1.5; .venv/bin/py-spy record --pid $SP --rate 400 --format raw --output /tmp/fanin.spy --duration 3 --threads $SPYARGS >/dev/null 2>&1) & SPY=$!; fi
-(sleep 1; python3 $(dirname $0)/threads.py $SP > /tmp/t0_$$; sleep $2; python3 $(dirname $0)/threads.py $SP > /tmp/t1_$$) & TP=$!
+(sleep 1; python3 $(dirname $0)/../2026-12-07-round-hold/threads.py $SP > /tmp/t0_$$; sleep $2; python3 $(dirname $0)/../2026-12-07-round-hold/threads.py $SP > /tmp/t1_$$) & TP=$!
 taskset -c 1 target/loadgen/loadgen --addr 127.0.0.1:7812 --opt secret=$TSMSG_SECRET --workload fanin --publishers $3 --window $4 --size 100 --duration $2 --warmup 1 $R --server-pid $SP > /tmp/ab_$$.json 2>/dev/null
 wait $TP; [ -n "$METRICS" ] && curl -s 127.0.0.1:7813/metrics | grep -E "tsmsg_store_fsync_seconds" | grep -v "^#"
 kill $SP; wait $SP 2>/dev/null
