@@ -537,3 +537,29 @@ def test_a_sealed_body_cannot_override_the_plain_fields() -> None:
             ring.open(entry, ad)
     good = ring.seal({"seq": 5, "kind": "message", "sender": "alice", "text": "hi"}, ad)
     assert ring.open(good, ad) == {"seq": 5, "kind": "message", "sender": "alice", "text": "hi"}
+
+
+# ------------------------------------------------------------------ exports
+
+
+def test_an_export_of_encrypted_text_is_as_private_as_the_key_file(
+    open_store: Opener, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export holds the text in plaintext: it was created with the umask's mode
+    (0644 under the usual 022), readable by every local user, while the key file that
+    protects the same text must be 600."""
+    keys = write_key_file(tmp_path / "keys", ("A", KEY_A))
+    scenario(open_store(tmp_path / "data", keyring(("A", KEY_A))))
+    open_store.close_all()
+    out = tmp_path / "x.export"
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli(
+            capsys, "backup", "--export", "--data-dir", str(tmp_path / "data"),
+            "--encryption-key-file", str(keys), str(out),
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert (code, err) == (0, "")
+    assert WORDS["edit"].encode() in out.read_bytes()  # plaintext, as documented
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600

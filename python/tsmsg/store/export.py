@@ -32,6 +32,9 @@ LENGTH = struct.Struct(">I")
 MAX_RECORD_BYTES = (1 << 32) - 1  # a record's length field; one channel's data must fit
 USERS_PER_RECORD = 4096  # users packed in one ``users`` record
 PARTIAL_SUFFIX = ".partial"  # an export being written; renamed when complete
+# An export holds every message's text in plaintext (also of an encrypted data directory)
+# and every membership: private to its owner, like the data directory and the key file.
+EXPORT_FILE_MODE = 0o600
 
 DedupRow = tuple[str, str, int, int]  # sender, cid, seq, ts (when first stored)
 
@@ -135,7 +138,8 @@ class ExportWriter:
             raise ExportError(f"export target {path} exists")
         self.path = path
         self._partial = path + PARTIAL_SUFFIX
-        self._file: BinaryIO = open(self._partial, "xb")
+        fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, EXPORT_FILE_MODE)
+        self._file: BinaryIO = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self._counts = {"channels": 0, "users": 0, "entries": 0}
         self._users: list[UserDump] = []
