@@ -394,6 +394,21 @@ def test_add_key_creates_then_rotates(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["keys"]  # no temporary file left
 
 
+def test_add_key_keeps_a_key_file_the_server_reads_byte_for_byte(tmp_path: Path) -> None:
+    """A comment that is not ASCII (a name, a date in words) is read by the server;
+    keygen failed on it with "'ascii' codec can't decode byte ...", naming no file."""
+    path = tmp_path / "keys"
+    old = "# clé de Zoë, 2026\n" + f"A:{base64.b64encode(KEY_A).decode()}\n"
+    path.write_bytes(old.encode())
+    path.chmod(0o600)
+    assert read_key_file(path) == [("A", KEY_A)]
+    kid, older = add_key(path, "B")
+    assert (kid, older) == ("B", ["A"])
+    new = path.read_bytes()
+    assert new.startswith(b"B:") and new.endswith(old.encode())
+    assert [k for k, _ in read_key_file(path)] == ["B", "A"]
+
+
 def test_settings_take_the_key_file_from_toml_env_and_flags(tmp_path: Path) -> None:
     toml = tmp_path / "tsmsg.toml"
     toml.write_text('encryption_key_file = "/from/toml"\n')

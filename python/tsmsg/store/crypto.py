@@ -229,19 +229,19 @@ def add_key(path: str | os.PathLike[str], kid: str | None = None) -> tuple[str, 
     existing file (its keys kept after it, for reading). Written to a temporary file of
     mode 600 and renamed over ``path``. Returns the new kid and the older kids."""
     path = os.fspath(path)
-    old_text, old_kids = "", []
+    old_data, old_kids = b"", []
     if os.path.lexists(path):
         old_kids = [k for k, _ in read_key_file(path)]
-        with open(path, encoding="ascii") as fh:
-            old_text = fh.read()
+        with open(path, "rb") as fh:  # kept byte for byte (comments need not be ASCII)
+            old_data = fh.read()
     kid, line = new_key_line(kid)
     if kid in old_kids:
         raise KeyFileError(f"key id {kid!r} is already in {path}")
     tmp = f"{path}.tmp-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(line + "\n" + old_text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(line.encode() + b"\n" + old_data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
