@@ -32,6 +32,7 @@ from conftest import ENGINES, SECRET, fresh_redis_url
 from tsmsg.auth import TokenVerifier
 from tsmsg.cli import describe_horizon, main
 from tsmsg.store import Entry, LmdbStore, RedisStore, Store, StoreConfig, WriteOp
+from tsmsg.store.crypto import load_keyring
 from tsmsg.store.export import read_export
 from tsmsg.store.lmdb_store import FORMAT_VERSION, LmdbReader
 
@@ -1002,6 +1003,53 @@ def test_export_round_trip_lmdb_to_an_engine_and_back(
         assert original is not None
         edit = store.edit("room-1", "bob", original.id, "edited after the move")
         assert edit.seq == 33 and store.history("room-1", None, 30).messages[1]["edited"]
+
+
+@pytest.mark.parametrize("via", ["lmdb", "redis"])
+def test_restore_says_whether_the_text_is_stored_encrypted(
+    capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest, tmp_path: Path, via: str
+) -> None:
+    """An export of an encrypted data directory holds plaintext; a restore of it without
+    the key file (or into Redis, which has no encryption at rest) stored the text in
+    plaintext and said nothing about it."""
+    keys = tmp_path / "keys"
+    assert run(capsys, "keygen", "--kid", "A", "--encryption-key-file", str(keys))[0] == 0
+    sealed = StoreConfig(durability="async", encryption=load_keyring(str(keys)))
+    with LmdbStore(tmp_path / "source", sealed, clock=lambda: T0) as store:
+        populate_store(store)
+    export = tmp_path / "x.export"
+    code, _, err = run(
+        capsys, "backup", "--export", "--data-dir", str(tmp_path / "source"),
+        "--encryption-key-file", str(keys), str(export),
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+
+    first = make_target(request, via, tmp_path / "first")
+    code, out, err = run(capsys, "restore", *first.args, str(export))
+    assert code == 0 and "text stored in plaintext" in out
+    assert err.startswith("tsmsg: warning: ") and err.count("\n") == 1, err
+    assert "stored its text encrypted (key(s) 'A')" in err and "plaintext" in err
+    hint = "--encryption-key-file" if via == "lmdb" else "Redis engine has no encryption"
+    assert hint in err
+    if via == "lmdb":  # with the key file: encrypted again, and said so
+        second = tmp_path / "second"
+        code, out, err = run(
+            capsys, "restore", "--data-dir", str(second), "--encryption-key-file", str(keys),
+            str(export),
+        )  # fmt: skip
+        assert (code, err) == (0, "") and "text stored encrypted with key 'A'" in out
+        with LmdbReader(second) as reader:
+            assert reader.encryption == ("A",)
+            assert "enc" in reader.tail("dm", 1)[1][0]
+
+    # a plaintext source: no warning
+    plain = tmp_path / "plain.export"
+    with LmdbStore(tmp_path / "plain-source", FAST, clock=lambda: T0) as store:
+        populate_store(store)
+    assert run(capsys, "backup", "--export", "--data-dir", str(tmp_path / "plain-source"),
+               str(plain))[0] == 0  # fmt: skip
+    code, out, err = run(capsys, "restore", "--data-dir", str(tmp_path / "third"), str(plain))
+    assert (code, err) == (0, "") and "text stored in plaintext" in out
 
 
 def test_restore_with_new_epochs(

@@ -73,7 +73,7 @@ from tsmsg.store.crypto import (
     new_key_line,
     read_private_file,
 )
-from tsmsg.store.export import ChannelDump, ExportError, restore, write_export
+from tsmsg.store.export import ChannelDump, ExportError, ExportSummary, restore, write_export
 from tsmsg.store.lmdb_store import DATA_DIR_MODE, DATA_FILE_MODE, EnvStats, LmdbReader, now_ms
 from tsmsg.store.redis_store import parse_redis_url
 from tsmsg.tls import client_tls_context
@@ -697,7 +697,8 @@ def export_backup(settings: Settings, out: str) -> int:
         raise CliError(f"export target {out} exists")
     keyring = load_keyring(settings.encryption_key_file or None)
     with open_view(settings, keyring) as view:
-        counts = write_export(out, settings_engine(settings), now_ms(), view)
+        encryption = view.encryption if isinstance(view, LmdbReader) else ()
+        counts = write_export(out, settings_engine(settings), now_ms(), view, encryption)
     size = os.path.getsize(out)
     print(
         f"wrote {out}: {fmt_bytes(size)}, export of {describe(settings)}: "
@@ -747,8 +748,9 @@ def copy_backup(data_dir: str, out: str) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     settings = tool_settings(args, encryption_key_file=args.encryption_key_file)
     loaded: list[ChannelDump] = []
+    kid: str | None = None  # the key the loaded text is encrypted with
     if settings.engine == "lmdb":
-        summary = restore_lmdb(settings, args.file, args.new_epochs, loaded.append)
+        summary, kid = restore_lmdb(settings, args.file, args.new_epochs, loaded.append)
     else:
         with open_engine_store(settings) as store:
             assert isinstance(store, RedisStore)
@@ -758,6 +760,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f"into {describe(settings)}: {summary.channels} channels, {summary.entries} entries, "
         f"{summary.users} users{', new epochs' if args.new_epochs else ''}"
     )
+    print(f"text stored encrypted with key {kid!r}" if kid else "text stored in plaintext")
+    if summary.encryption and not kid:
+        how = (
+            "pass --encryption-key-file to encrypt it"
+            if settings.engine == "lmdb"
+            else "the Redis engine has no encryption at rest"
+        )
+        print(
+            f"tsmsg: warning: the source of {args.file} stored its text encrypted (key(s) "
+            f"{', '.join(map(repr, summary.encryption))}); it is stored here in plaintext "
+            f"({how})",
+            file=sys.stderr,
+        )
     for c in loaded:
         print(
             f"  {c.name}\tepoch={c.epoch}\thead={c.head}\thorizon={c.horizon}\t"
@@ -766,9 +781,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def restore_lmdb(settings: Settings, path: str, new_epochs: bool, progress: Any) -> Any:
+def restore_lmdb(
+    settings: Settings, path: str, new_epochs: bool, progress: Any
+) -> tuple[ExportSummary, str | None]:
     """Load into a new directory beside the target, renamed into place once complete: a
-    data directory at the target is never a half-loaded one."""
+    data directory at the target is never a half-loaded one. Returns the export's summary
+    and the key id the text was encrypted with (None: plaintext)."""
     target = os.path.abspath(settings.data_dir)
     if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
         raise CliError(f"restore target {target} is not empty (a new or empty directory is)")
@@ -780,11 +798,12 @@ def restore_lmdb(settings: Settings, path: str, new_epochs: bool, progress: Any)
         with open_engine_store(settings, work) as store:
             assert isinstance(store, LmdbStore)
             summary = restore(path, store, new_epochs=new_epochs, progress=progress)
+            ring = store.config.encryption
         os.rename(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return summary
+    return summary, None if ring is None else ring.active
 
 
 def nonneg_int(value: str) -> int:

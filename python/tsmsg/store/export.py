@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
 
@@ -70,6 +70,9 @@ class ExportSummary:
     channels: int
     users: int
     entries: int
+    # The key ids the source stored text encrypted with (its text is plaintext here):
+    # empty for a plaintext source (and an export from before this field).
+    encryption: tuple[str, ...] = ()
 
 
 class Exporter(Protocol):
@@ -133,7 +136,9 @@ def _channel_record(d: ChannelDump) -> dict[str, Any]:
 class ExportWriter:
     """Writes ``path`` + ``PARTIAL_SUFFIX``; :meth:`finish` seals, syncs and renames it."""
 
-    def __init__(self, path: str, source: str, created: int) -> None:
+    def __init__(
+        self, path: str, source: str, created: int, encryption: Sequence[str] = ()
+    ) -> None:
         if os.path.lexists(path):
             raise ExportError(f"export target {path} exists")
         self.path = path
@@ -144,7 +149,10 @@ class ExportWriter:
         self._counts = {"channels": 0, "users": 0, "entries": 0}
         self._users: list[UserDump] = []
         self._write_raw(EXPORT_MAGIC)
-        self._record({"t": "header", "version": EXPORT_VERSION, "source": source, "ts": created})
+        header = {"t": "header", "version": EXPORT_VERSION, "source": source, "ts": created}
+        if encryption:  # the source encrypted its text: a restore says if it no longer is
+            header["encryption"] = list(encryption)
+        self._record(header)
 
     def _write_raw(self, data: bytes) -> None:
         self._hash.update(data)
@@ -194,10 +202,13 @@ class ExportWriter:
         os.unlink(self._partial)
 
 
-def write_export(path: str, source: str, created: int, store: Exporter) -> dict[str, int]:
+def write_export(
+    path: str, source: str, created: int, store: Exporter, encryption: Sequence[str] = ()
+) -> dict[str, int]:
     """Export ``store`` to ``path`` (which must not exist); the counts written. Nothing is
-    left at ``path`` (nor its partial file) if it fails."""
-    writer = ExportWriter(path, source, created)
+    left at ``path`` (nor its partial file) if it fails. ``encryption``: the key ids the
+    source's text is encrypted with (recorded in the header)."""
+    writer = ExportWriter(path, source, created, encryption)
     try:
         for item in store.export():
             if isinstance(item, ChannelDump):
@@ -307,9 +318,11 @@ def verify_export(path: str) -> ExportSummary:
                     raise ExportError(f"{path} is corrupt (its checksum or counts do not match)")
                 if header is None:
                     raise ExportError(f"{path} has no header")
+                kids = header.get("encryption")
                 return ExportSummary(
                     header["source"], header["ts"], counts["channels"], counts["users"],
                     counts["entries"],
+                    tuple(map(str, kids)) if isinstance(kids, list) else (),
                 )  # fmt: skip
             digest.update(raw)
             if t == "header":
