@@ -255,6 +255,67 @@ def test_rotation_old_entries_readable_new_ones_under_new_key(
         assert reader.encryption == ("B",)
 
 
+class CommitFailsOnce:
+    """The store's environment, whose next write transaction fails at its commit with
+    ``MapFullError`` (as LMDB's commit can when saving its free list in a full map); the
+    store grows the map and runs the step again."""
+
+    def __init__(self, env: Any) -> None:
+        self._env, self.fired = env, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def begin(self, **kw: Any) -> Any:
+        txn = self._env.begin(**kw)
+        return txn if self.fired or not kw.get("write") else _FailingCommit(txn, self)
+
+
+class _FailingCommit:
+    def __init__(self, txn: lmdb.Transaction, owner: CommitFailsOnce) -> None:
+        self._txn, self._owner = txn, owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def __enter__(self) -> _FailingCommit:
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> bool:
+        self._txn.abort()
+        if kind is None:
+            self._owner.fired = True
+            raise lmdb.MapFullError("injected at commit")
+        return False
+
+
+def test_rekey_retried_after_a_full_map_misses_no_entry(
+    open_store: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rekey step that failed (the map full at its commit: the store grows the map and
+    runs it again) had already moved its resume point and count: the retry skipped the
+    step's entries, left them in plaintext (or under the old key) and counted them twice,
+    and rekey_all then recorded that only the active key was in use."""
+    from tsmsg.store import lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "COMPACT_CHUNK", 2)
+    path = tmp_path / "db"
+    plain = open_store(path)
+    for i in range(5):
+        plain.append("room", "alice", f"c{i}", f"plain {i} {WORDS['message']}")
+    plain.close()
+    store = open_store(path, keyring(("A", KEY_A)))
+    env = store._env
+    store._env = failing = CommitFailsOnce(env)
+    try:
+        counts = store.rekey_all()
+    finally:
+        store._env = env
+    assert failing.fired and counts == {"room": 5}
+    store.close()
+    assert [entry_kid(e) for _, e in sorted(raw_log(path).items())] == ["A"] * 5
+
+
 def test_missing_old_key_is_warned_at_open(
     open_store: Opener, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

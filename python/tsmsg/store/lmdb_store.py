@@ -1422,6 +1422,9 @@ class LmdbStore(Store):
         state = {"next": 1, "count": 0}
 
         def step() -> bool:
+            # The resume point and the count move only once the step has committed: a
+            # step that fails (the map full at its commit) runs again from the same seq.
+            count, resume = 0, 0
             with self._env.begin(write=True) as txn:
                 rec = self._channel_record(txn, channel)
                 if rec is None:
@@ -1433,8 +1436,8 @@ class LmdbStore(Store):
                 while ok and cur.key().startswith(prefix):
                     key = cur.key()
                     if budget == 0:
-                        state["next"] = U64.unpack(key[8:])[0]
-                        return False
+                        resume = U64.unpack(key[8:])[0]
+                        break
                     budget -= 1
                     entry = unpackb(cur.value())
                     kid = entry_kid(entry)
@@ -1443,8 +1446,12 @@ class LmdbStore(Store):
                     ):
                         entry = open_entry(entry, key, keyring)
                         cur.put(key, packb(keyring.seal(entry, key)))
-                        state["count"] += 1
+                        count += 1
                     ok = cur.next()
+            state["count"] += count
+            if resume:
+                state["next"] = resume
+                return False
             return True
 
         self._submit_job(step)
