@@ -7,6 +7,7 @@ never contains a secret."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -189,7 +190,15 @@ def test_bad_secrets_stop_serve_and_token_with_one_line(
         file_args = ["--secret-file", path] if path else []
         serve = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data"), *file_args]
         for argv in (serve, ["token", "--user", "alice", *file_args]):
-            code = main(argv)
+            # serve sets the root logger's handler on this test's captured stderr, closed
+            # after the test: put the handlers back (a later test's log line failed)
+            root = logging.getLogger()
+            handlers, level = root.handlers[:], root.level
+            try:
+                code = main(argv)
+            finally:
+                root.handlers[:] = handlers
+                root.setLevel(level)
             out, err = capsys.readouterr()
             assert code == 1, (argv, env, err)
             assert err.startswith("tsmsg: ") and err.count("\n") == 1, err
