@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from tsmsg import DedupRing
+from tsmsg._native import dedup_key
 
 U64_MAX = 2**64 - 1
 
@@ -25,6 +26,20 @@ def test_str_and_bytes_are_the_same_key() -> None:
     assert ring.insert(b"a", 3) is None
     assert ring.get("a") == 3
     assert len(ring) == 2
+
+
+def test_cid_keys_are_the_journals_layout() -> None:
+    """``dedup_key`` lays out (channel id, sender, cid) as the store's journal keeps it,
+    and ``get_cid`` looks that key up without building it in Python."""
+    key = dedup_key(258, "ann", "c-\u00e9")
+    assert key == (258).to_bytes(8, "big") + b"ann\0c-\xc3\xa9"
+    r = DedupRing(4)
+    r.insert(key, 7)
+    assert r.get_cid(258, "ann", "c-\u00e9") == 7
+    assert r.get_cid(259, "ann", "c-\u00e9") is None  # another channel
+    assert r.get_cid(258, "an", "nc-\u00e9") is None  # the NUL keeps sender and cid apart
+    with pytest.raises(OverflowError):
+        r.get_cid(-1, "ann", "c")
 
 
 def test_first_assignment_wins() -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "TooDeep",
     "TrailingBytes",
     "UnsupportedType",
+    "dedup_key",
     "encode",
     "encode_many",
     "jws_parts",
@@ -72,6 +73,10 @@ class UnsupportedType(FrameError):
 class EncodeError(ValueError):
     """A value that cannot be encoded: unsupported type, int outside [-2**63, 2**64),
     non-str map key, nesting deeper than 32, a frame body that is not a dict."""
+
+def dedup_key(chan_id: int, sender: str, cid: str) -> bytes:
+    """A cid's key in the dedup journal and ring: the channel id (big-endian u64), the
+    sender's UTF-8, NUL, the cid's UTF-8."""
 
 def encode(obj: dict[str, Any], max_frame: int | None = None) -> bytes:
     """One frame: 4-byte big-endian length + msgpack map, byte-identical to
@@ -139,6 +144,7 @@ class DedupRing:
     @property
     def max_key_len(self) -> int: ...
     def get(self, key: str | bytes) -> int | None: ...
+    def get_cid(self, chan_id: int, sender: str, cid: str) -> int | None: ...
     def insert(self, key: str | bytes, seq: int) -> int | None: ...
     def insert_all(self, items: dict[bytes, int]) -> None: ...
     def forget_oldest(self, key: object) -> bool: ...

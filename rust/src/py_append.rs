@@ -15,7 +15,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::codec;
 use crate::py_codec::write_obj;
-use crate::py_dedup::DedupRing;
+use crate::py_dedup::{cid_key, DedupRing};
 
 /// A channel this batch appends to, as the store's `channel` callable gave it.
 struct Channel {
@@ -153,11 +153,7 @@ impl AppendBatch {
         let chan = &self.channels[name];
         let record = chan.record.bind(py);
 
-        let mut dkey = Vec::with_capacity(8 + user.len() + 1 + cid.len());
-        dkey.extend_from_slice(&chan.key);
-        dkey.extend_from_slice(user.as_bytes());
-        dkey.push(0);
-        dkey.extend_from_slice(cid.as_bytes());
+        let dkey = cid_key(&chan.key, user, cid);
         let dkey_obj = PyBytes::new(py, &dkey);
         let new_cids = self.new_cids.bind(py);
         for known in [new_cids, self.unsynced.bind(py)] {

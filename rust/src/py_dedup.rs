@@ -15,6 +15,18 @@ pub struct DedupRing {
     pub(crate) inner: dedup::DedupRing,
 }
 
+/// A cid's dedup key: the channel's id (big-endian u64, its log key prefix), the
+/// sender's UTF-8, NUL, the cid's UTF-8 (STORAGE.md: the dedup journal). The one place
+/// that lays it out: the writer's appends (`AppendBatch`) and the event loop's lookups.
+pub(crate) fn cid_key(chan_key: &[u8; 8], sender: &str, cid: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + sender.len() + 1 + cid.len());
+    key.extend_from_slice(chan_key);
+    key.extend_from_slice(sender.as_bytes());
+    key.push(0);
+    key.extend_from_slice(cid.as_bytes());
+    key
+}
+
 /// The bytes of a str or bytes key, borrowed from the Python object (a str through its
 /// cached UTF-8 form), or `None` if `key` is neither.
 fn key_bytes<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<Option<&'a [u8]>> {
@@ -71,6 +83,13 @@ impl DedupRing {
         Ok(self.inner.get(require_key_bytes(key)?))
     }
 
+    /// `get` of the dedup key of (`chan_id`, `sender`, `cid`), built here: the event
+    /// loop's check of every send (one call, no key object).
+    fn get_cid(&self, chan_id: u64, sender: &str, cid: &str) -> Option<u64> {
+        self.inner
+            .get(&cid_key(&chan_id.to_be_bytes(), sender, cid))
+    }
+
     /// Records `seq` for `key` and returns None, evicting the oldest entry if full; if `key`
     /// is already held, changes nothing and returns its first seq. A key longer than
     /// `max_key_len` bytes raises ValueError.
@@ -112,6 +131,13 @@ impl DedupRing {
     }
 }
 
+/// The dedup key of (`chan_id`, `sender`, `cid`), as the store's journal keeps it.
+#[pyfunction]
+fn dedup_key<'py>(py: Python<'py>, chan_id: u64, sender: &str, cid: &str) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &cid_key(&chan_id.to_be_bytes(), sender, cid))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<DedupRing>()
+    m.add_class::<DedupRing>()?;
+    m.add_function(wrap_pyfunction!(dedup_key, m)?)
 }

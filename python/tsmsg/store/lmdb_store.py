@@ -31,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from tsmsg._native import AppendBatch, DedupRing, packb, unpackb
+from tsmsg._native import AppendBatch, DedupRing, dedup_key, packb, unpackb
 from tsmsg.protocol.limits import MAX_CID_CHARS
 from tsmsg.store.base import (
     MAX_CHANNEL_BYTES,
@@ -840,7 +840,7 @@ class LmdbStore(Store):
         chan_id = self._chan_ids.get(channel)
         if chan_id is None:
             return None
-        seq = self._ring.get(self._dedup_key(U64.pack(chan_id), sender.encode(), cid))
+        seq = self._ring.get_cid(chan_id, sender, cid)
         if seq is None:
             return None
         with self._read() as txn:
@@ -865,11 +865,6 @@ class LmdbStore(Store):
     @staticmethod
     def _cursor_key(user: str, chan_id: int) -> bytes:
         return user.encode() + b"\0" + U64.pack(chan_id)
-
-    @staticmethod
-    def _dedup_key(prefix: bytes, sender: bytes, cid: str) -> bytes:
-        """The dedup key of a cid: channel prefix (its id), sender, NUL, cid."""
-        return prefix + sender + b"\0" + cid.encode()
 
     # ---------------------------------------------------------------- writes
 
@@ -1568,7 +1563,7 @@ class LmdbStore(Store):
             txn.put(prefix + U64.pack(seq), U64.pack(ts), db=self._tombstones)
         for user, seq in dump.cursors.items():
             txn.put(self._cursor_key(user, chan_id), U64.pack(seq), db=self._cursors)
-        cids = [(self._dedup_key(prefix, s.encode(), cid), seq) for s, cid, seq, _ in dump.dedup]
+        cids = [(dedup_key(chan_id, s, cid), seq) for s, cid, seq, _ in dump.dedup]
         journal = [
             (U64.pack(self._next_order + i), packb([dkey, seq, row[3]]))
             for i, ((dkey, seq), row) in enumerate(zip(cids, dump.dedup, strict=True))
