@@ -449,6 +449,22 @@ async def test_rate_limited_admission_is_a_frame_then_close_1013(tmp_path: Path)
         await assert_open(first)
 
 
+async def test_every_refusal_of_the_port_is_counted_by_its_scope(tmp_path: Path) -> None:
+    """tsmsg_rate_limited_total counts connections refused with rate_limited (metrics.md):
+    on this port the upgrade (a frame), the page (a 429) and a cap (a 503) alike."""
+    settings = make_settings(tmp_path / "data", ip_connect_rate=0.001, ip_connect_burst=1)
+    async with running_server(settings) as h:
+        await connected(h, WS_JSON)  # the address's one token
+        refused = await upgrade(h, [WS_JSON])
+        await refused.expect("error", code="rate_limited")
+        assert h.server.ws_port is not None
+        status, _, body = await http_get(h.server.ws_port, "/")
+        assert status == 429 and body.startswith(b"rate_limited: "), (status, body)
+        metrics = h.server.metrics
+        assert metrics.value("tsmsg_rate_limited_total", scope="ip_connect") == 2
+        assert metrics.value("tsmsg_rate_limited_total") == 2
+
+
 async def test_a_connection_over_the_ip_cap_gets_503_at_once(tmp_path: Path) -> None:
     async with running_server(make_settings(tmp_path / "data", ip_max_connections=1)) as h:
         first = await connected(h, WS_JSON)

@@ -189,6 +189,8 @@ class Web:
                     await self._refuse(stream, peer, transport, refusal)
                     return
             elif refusal is not None:
+                log.warning("refusing connection from %s: %s", peer, refusal.message)
+                server.metrics.limited(refusal.scope)
                 raise HttpError(429, *self._refusal(refusal))
             else:
                 await self._finish(stream, self.respond(request, path))
