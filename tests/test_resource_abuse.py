@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -30,6 +31,7 @@ import trio
 from conftest import WireClient, mint
 from server_proc import ServerProcess, server_process
 from tsmsg import FrameDecoder, encode
+from tsmsg.server import http
 from tsmsg.server.app import (
     ACCEPT_ERROR_LOG_EVERY_S,
     FD_RESERVE,
@@ -324,3 +326,52 @@ def test_accept_error_filter_folds_repeats_into_one_line_per_period() -> None:
     later = record()
     assert folder.filter(later)
     assert later.getMessage().endswith("seconds (5 similar messages suppressed in the last 10 s)")
+
+
+async def test_the_http_endpoints_fit_in_the_descriptor_reserve(tmp_path: Path) -> None:
+    """The operator endpoints' connections come out of the descriptors kept in reserve
+    (FD_RESERVE: the store, logs, the HTTP endpoints): with the server at its connection
+    cap and every HTTP connection it serves held open by a silent client (and more
+    knocking), the process does not run out of descriptors, and a connection over the
+    cap is still refused at once with ``rate_limited``."""
+    cap = 4
+    env = {**NO_IP_LIMITS, "TSMSG_HELLO_TIMEOUT_S": "60"}
+    args = ("--metrics", "127.0.0.1:0")
+    async with server_process(tmp_path / "data", tmp_path / "server.log", *args, env=env) as server:
+        metrics_line = re.compile(r"health checks on http://127\.0\.0\.1:(\d+)/")
+        with trio.move_on_after(10):  # logged just after "serving on", which start() waits for
+            while (match := metrics_line.search(server.log())) is None:
+                await trio.sleep(0.01)
+        assert match is not None, server.log()
+        http_port = int(match.group(1))
+        async with member(server.port, "alice") as alice, member(server.port, "bob"):
+            sender = Sender(alice, "alice")
+            await sender.send()
+            base_fds = open_fds(server)
+            set_child_nofile(server, FD_RESERVE + cap)
+            held: list[socket.socket] = []
+            try:
+                # Silent HTTP clients (each held until its READ_TIMEOUT_S), more than served.
+                for _ in range(http.MAX_CONNECTIONS + 8):
+                    held.append(socket.create_connection(("127.0.0.1", http_port)))
+                served = base_fds + http.MAX_CONNECTIONS
+                with trio.move_on_after(2):  # until the server took them (or ran out)
+                    while open_fds(server) < served and "EMFILE" not in server.log():
+                        await trio.sleep(0.01)
+                # The cap's other two: silent chat connections.
+                for _ in range(cap - 2):
+                    held.append(socket.create_connection(("127.0.0.1", server.port)))
+                late = WireClient(await trio.open_tcp_stream("127.0.0.1", server.port))
+                try:
+                    with trio.fail_after(http.READ_TIMEOUT_S / 2):  # before any HTTP one goes
+                        reply = await late.next()
+                    assert reply["code"] == "rate_limited", reply
+                    assert "connection limit (4 connections)" in str(reply["message"]), reply
+                finally:
+                    await late.aclose()
+                await sender.send()  # served throughout
+            finally:
+                for sock in held:
+                    sock.close()
+        log = server.log()
+    assert "EMFILE" not in log, log

@@ -134,7 +134,8 @@ WRITE_CHUNK = 16 * 1024
 REFUSE_DRAIN_S = 0.25  # a refused connection: how long its input is read before the close
 REFUSE_NOW_READS = 4  # refused at a cap: reads of input already there (no wait) before the close
 # Descriptors a derived max_connections leaves free: the store's files, log files, the
-# listeners, trio's wake-up pipe, worker threads, /metrics scrapes (baseline ~20).
+# listeners, trio's wake-up pipe, worker threads (baseline ~20), the HTTP endpoints'
+# connections (http.MAX_CONNECTIONS, 16), the Redis engine's connections.
 FD_RESERVE = 64
 # The retry_after_ms of a refusal at a connection cap: unlike a bucket's, no clock says
 # when a slot frees (when some connection closes); a second is a polite reconnect pace.

@@ -24,7 +24,10 @@ log = logging.getLogger("tsmsg.http")
 MAX_REQUEST_BYTES = 8192  # the request line and headers; a probe sends a few hundred
 READ_TIMEOUT_S = 5.0  # the whole request head must arrive within this (slowloris)
 WRITE_TIMEOUT_S = 10.0  # a client that does not read its response is dropped
-MAX_CONNECTIONS = 64  # concurrent HTTP connections; more are closed at once
+# Concurrent HTTP connections; more are closed at once. Their descriptors come out of the
+# server's FD_RESERVE (64, with the ~20 a server holds anyway and the store's Redis
+# connections): a probe and a scraper need a few at a time.
+MAX_CONNECTIONS = 16
 DRAIN_BYTES = 64 * 1024  # after responding, unread input read and dropped (no RST)
 TEXT = "text/plain; charset=utf-8"
 REASONS = {
