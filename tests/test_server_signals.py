@@ -850,6 +850,37 @@ async def test_failed_logins_from_an_ip_lock_it_out(harness: Harness) -> None:
     await barrier(ok)  # an established session is not affected
 
 
+@real(ip_login_fail_rate=0.01, ip_login_fail_burst=3)
+async def test_connections_opened_before_a_lockout_cannot_keep_guessing(
+    harness: Harness,
+) -> None:
+    """The lockout is a brute-force guard of ip_login_fail_rate guesses a second: it holds
+    for connections the address opened before it ran out of tokens too. Ten connections
+    opened at once, then a forged hello on each: three guesses are answered, the other
+    hellos are refused (rate_limited, with their rid) without their token being tried.
+    (Checked only at admission, all ten were tried: up to ip_max_connections guesses for
+    each token.)"""
+    forged = TokenIssuer(b"another-secret-another-secret-!!!!").issue(
+        "alice", ["*"], now=int(time.time())
+    )
+    clients = [await harness.raw() for _ in range(10)]
+    for client in clients:
+        await client.send({"t": "hello", "rid": 7, "v": 1, "token": forged})
+    replies = [await until_closed(client) for client in clients]
+    codes = [[f["code"] for f in frames] for frames in replies]
+    assert sorted(codes) == [["rate_limited"]] * 7 + [["unauthorized"]] * 3, codes
+    for frames in replies:
+        assert frames[0]["rid"] == 7, frames
+        if frames[0]["code"] == "rate_limited":
+            assert frames[0]["retry_after_ms"] > 0, frames
+    metrics = harness.server.metrics
+    assert metrics.value("tsmsg_auth_failures_total") == 3
+    assert metrics.value("tsmsg_rate_limited_total", scope="ip_login") == 7
+    refused = await harness.raw()  # and a new connection is refused at admission, as before
+    frames = await until_closed(refused)
+    assert [(f["t"], f["code"]) for f in frames] == [("error", "rate_limited")], frames
+
+
 @real(ip_login_fail_rate=0.01, ip_login_fail_burst=1)
 async def test_failed_refreshes_are_not_failed_logins(harness: Harness) -> None:
     alice = await harness.connect("alice")

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from tsmsg._native import DEFAULT_MAX_DEPTH, FrameError, FrameTooLarge, packb
 from tsmsg.auth import (
@@ -177,6 +177,18 @@ Action = (
 )
 
 
+class Logins(Protocol):
+    """The server's guard on failed logins per client address (PROTOCOL.md 16.3), asked
+    at each hello: before its token is tried, and when it was refused."""
+
+    def check_login(self, session: Session) -> None:
+        """Raise a fatal RequestError (rate_limited) while the session's address may not
+        try a token."""
+
+    def login_failed(self, session: Session) -> None:
+        """The hello's token was refused (unauthorized, token_expired): a failed login."""
+
+
 class State(enum.Enum):
     AWAITING_HELLO = "awaiting_hello"
     READY = "ready"
@@ -294,6 +306,7 @@ class Session:
         "last_rx_ms",
         "limited_since",
         "limits",
+        "logins",
         "memberships",
         "noticed",
         "on_rate_limited",
@@ -315,6 +328,7 @@ class Session:
         user_limits: UserLimits | None = None,
         on_rate_limited: Callable[[str], None] | None = None,
         admit_user: Callable[[str], None] | None = None,
+        logins: Logins | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -346,6 +360,7 @@ class Session:
         # Called at hello with the verified user; raises RequestError to refuse the
         # connection (the server's cap on a user's connections).
         self.admit_user = admit_user
+        self.logins = logins  # the guard on failed logins per address, if any
 
     @property
     def user(self) -> str:
@@ -535,13 +550,21 @@ class Session:
             raise RequestError(
                 E.UNSUPPORTED_VERSION, f"this server speaks protocol version {PROTOCOL_VERSION}"
             )
+        logins = self.logins
+        if logins is not None:
+            logins.check_login(self)  # an address locked out gets no guess
         token = frame.get("token")
-        if not isinstance(token, str):
-            raise RequestError(E.UNAUTHORIZED, "`token` must be a JWT string")
         try:
-            claims = self.verifier.verify(token, now_ms // 1000)
-        except AuthError as exc:
-            raise RequestError(exc.code, exc.message) from None
+            if not isinstance(token, str):
+                raise RequestError(E.UNAUTHORIZED, "`token` must be a JWT string")
+            try:
+                claims = self.verifier.verify(token, now_ms // 1000)
+            except AuthError as exc:
+                raise RequestError(exc.code, exc.message) from None
+        except RequestError:
+            if logins is not None:  # counted now, not at the close: the next hello sees it
+                logins.login_failed(self)
+            raise
         if self.admit_user is not None:
             self.admit_user(claims.user)
         self.claims = claims

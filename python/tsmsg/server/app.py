@@ -1787,6 +1787,26 @@ class Server:
             )
         self.open_by_user[user] += 1
 
+    def _host_of(self, session: Session) -> str:
+        peer = self.connections[session].peer  # f"{host}:{port}" (handle), or "?"
+        return peer.rpartition(":")[0] or peer
+
+    def check_login(self, session: Session) -> None:
+        """At hello, before its token is tried (session.Logins): an address locked out
+        after failed logins is refused on the connections it opened before too (a
+        ``rate_limited`` connection error), not only at admission; else ip_max_connections
+        connections opened at once would each get a guess for every token of the bucket."""
+        wait = self.ip_login_failures.peek(self._host_of(session), self.now_ms())
+        if wait:
+            self.metrics.limited("ip_login")
+            message = "too many failed logins from this address"
+            raise RequestError(E.RATE_LIMITED, message, fatal=True, retry_after_ms=wait)
+
+    def login_failed(self, session: Session) -> None:
+        """A hello refused for its token (session.Logins): a failed login of the address,
+        counted at once (the next hello, on any connection, sees it)."""
+        self.ip_login_failures.take(self._host_of(session), self.now_ms())
+
     async def _refuse_connection(
         self, stream: trio.abc.Stream, peer: str, refusal: Refusal
     ) -> None:
@@ -1892,6 +1912,7 @@ class Server:
             self.user_limits,
             on_rate_limited=self._limited,
             admit_user=self._admit_user,
+            logins=self,
         )
         conn = Connection(self, stream, session, peer, serial, transport)
         self.connections[session] = conn
@@ -1924,8 +1945,7 @@ class Server:
             reason = conn.closing or "closed"
             self.perform(None, session.closed(reason))
             if session.claims is None and reason.startswith((E.UNAUTHORIZED, E.TOKEN_EXPIRED)):
-                self.ip_login_failures.take(host, self.now_ms())
-                self.metrics.auth_failures[auth_reason(reason)].inc()
+                self.metrics.auth_failures[auth_reason(reason)].inc()  # (login_failed counted it)
             for channel in session.joined | (conn.holding or {}).keys():
                 self.unsubscribe(conn, channel)
             self._device_gone(conn)  # after unsubscribing: its own offline push skips it
