@@ -104,6 +104,8 @@ async def test_at_the_total_cap_new_connections_are_refused_and_open_ones_served
         assert sent["t"] == "ok", sent
         assert (await bob.expect("event", channel="room"))["text"] == "still here"
         assert h.server.open_sockets == 3
+        # Each refusal's frame was sent, and counted (over TLS none is: test_tls.py).
+        assert h.server.metrics.value("tsmsg_error_frames_total", code="rate_limited") == 2
 
 
 def test_connection_cap_is_the_setting_within_the_fd_limit() -> None:

@@ -360,6 +360,26 @@ async def test_admission_refusal_over_tls(tmp_path: Path, pki: Pki) -> None:
         assert h.server.metrics.value("tsmsg_rate_limited_total", scope="ip_connect") == 2
 
 
+async def test_a_refusal_at_a_cap_over_tls_sends_no_frame_and_counts_none(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """At a cap a TLS connection is closed without a handshake (PROTOCOL.md 4), so without
+    the rate_limited frame: the refusal is counted (tsmsg_rate_limited_total), no error
+    frame is (tsmsg_error_frames_total counts the frames sent)."""
+    async with running_server(tls_settings(tmp_path, pki, max_connections=1)) as h:
+        held = await trio.open_tcp_stream(HOST, h.server.port)  # the one slot
+        with trio.fail_after(WIRE_TIMEOUT):
+            while h.server.open_sockets < 1:
+                await trio.sleep(0.005)
+        late = await trio.open_tcp_stream(HOST, h.server.port)
+        await closed_by_server(late)
+        await held.aclose()
+        metrics = h.server.metrics
+        assert metrics.value("tsmsg_rate_limited_total", scope="max_connections") == 1
+        assert metrics.value("tsmsg_error_frames_total") == 0
+        assert metrics.value("tsmsg_frames_out_total") == 0
+
+
 # ---------------------------------------------------------------------- settings, CLI
 
 

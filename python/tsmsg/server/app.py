@@ -329,23 +329,26 @@ def http_hint(settings: Settings) -> bytes:
     return head.encode() + body
 
 
-def refuse_now(stream: trio.abc.Stream, frame: bytes) -> None:
+def refuse_now(stream: trio.abc.Stream, frame: bytes) -> bool:
     """Best effort without waiting, before the close: on plain TCP the frame in one
     non-blocking write (a fresh socket's buffer takes it), FIN, then the input already
     received (a pipelined hello), so the close sends no reset that could destroy the
-    frame. Over TLS nothing: no handshake is spent on a refused connection."""
+    frame. Over TLS nothing: no handshake is spent on a refused connection. Whether the
+    frame was written."""
     send = try_send_of(stream)
     if send is None or not isinstance(stream, trio.SocketStream):
-        return
+        return False
     sock = stream.socket
+    written = False
     try:
-        send(frame)
+        written = send(frame) == len(frame)
         sock.shutdown(trio.socket.SHUT_WR)
         for _ in range(REFUSE_NOW_READS):
             if not os.read(sock.fileno(), RECEIVE_CHUNK):
                 break
     except OSError:  # BlockingIOError: nothing more to read; or the peer is gone
         pass
+    return written
 
 
 Receive = Callable[[], Awaitable[bytes | bytearray]]  # b"" at EOF
@@ -1814,11 +1817,12 @@ class Server:
         log.warning("refusing connection from %s: %s (retry in %d ms)", peer, what, retry)
         frame = RequestError(E.RATE_LIMITED, what, retry_after_ms=retry).frame(None)
         self.metrics.limited(scope)
-        self.metrics.frame_out(frame)
         if now:  # at a cap: no TLS handshake, no waiting; its fd is freed at once
-            refuse_now(stream, encode(frame))
+            if refuse_now(stream, encode(frame)):  # (over TLS no frame: none counted)
+                self.metrics.frame_out(frame)
             await trio.aclose_forcefully(stream)
             return
+        self.metrics.frame_out(frame)
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode(frame))  # over TLS, after the handshake
