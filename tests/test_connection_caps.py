@@ -7,10 +7,13 @@ users are unaffected, and the connections already open keep being served."""
 from __future__ import annotations
 
 import resource
+import socket
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import trio
 
 from conftest import Harness, WireClient, make_settings, mint, running_server
@@ -106,6 +109,36 @@ async def test_at_the_total_cap_new_connections_are_refused_and_open_ones_served
         assert h.server.open_sockets == 3
         # Each refusal's frame was sent, and counted (over TLS none is: test_tls.py).
         assert h.server.metrics.value("tsmsg_error_frames_total", code="rate_limited") == 2
+
+
+async def test_an_ipv4_client_is_one_address_on_a_dual_stack_port_and_an_ipv4_one(
+    tmp_path: Path,
+) -> None:
+    """An IPv6 socket that takes IPv4 connections (host "::", or here its loopback-only
+    form "::ffff:127.0.0.1") sees an IPv4 client as "::ffff:127.0.0.1"; the WebSocket port
+    on an IPv4 address sees it as "127.0.0.1". The per-IP caps and rates count the two
+    ports together (PROTOCOL.md 19): one address, one count."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::ffff:127.0.0.1", 0))
+    except OSError as exc:
+        pytest.skip(f"no dual-stack socket here: {exc}")
+    settings = make_settings(tmp_path / "data", ip_max_connections=1)
+    async with running_server(replace(settings, host="::ffff:127.0.0.1")) as h:
+        alice = await connect_from(h)  # IPv4, through the IPv6 socket
+        assert (await hello(alice, "alice"))["t"] == "welcome"
+        assert list(h.server.open_by_ip) == ["127.0.0.1"]
+        assert h.server.ws_port is not None
+        stream = await trio.open_tcp_stream("127.0.0.1", h.server.ws_port)
+        with trio.fail_after(5):
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+        await stream.aclose()
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"ip_max_connections 1" in reply, reply
+        assert (await alice.request("ping"))["t"] == "pong"
 
 
 def test_connection_cap_is_the_setting_within_the_fd_limit() -> None:

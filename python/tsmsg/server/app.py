@@ -1865,6 +1865,8 @@ class Server:
         ``address`` (as accept gave it; None: asked of the socket)."""
         try:
             host, port = (address or tcp.socket.getpeername())[:2]
+            if host.startswith("::ffff:") and "." in host:  # IPv4, via an IPv6 socket
+                host = host[7:]  # one address whichever port (family) it came in by
             peer = f"{host}:{port}"
         except OSError:
             host, peer = "?", "?"
