@@ -259,9 +259,12 @@ async def test_redis_killed_and_restarted_mid_stream_loses_no_acked_message(
             assert during == {} and len(refused) == 5
             assert a.server.readiness() is not None  # a failed write tells at once
             await until(lambda: b.server.readiness() is not None)  # an idle node's probe
+            # tsmsg_store_failed says so too (metrics.md), and turns 0 again below
+            assert [n.server.metrics.value("tsmsg_store_failed") for n in (a, b)] == [1, 1]
             assert (await member.request("ping"))["t"] == "pong"  # still connected
             await trio.to_thread.run_sync(redis_server.start)
             await until(lambda: a.server.readiness() is None and b.server.readiness() is None)
+            assert [n.server.metrics.value("tsmsg_store_failed") for n in (a, b)] == [0, 0]
             # The refused ones again (same cids), and more.
             later = refused + [f"after-{i}" for i in range(SENDS)]
             more, still = await send_each(sender, later)

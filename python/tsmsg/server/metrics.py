@@ -374,7 +374,8 @@ class Metrics:
         registry.register(self.store_counters)
         self.store_failed = Gauge(
             "tsmsg_store_failed",
-            "1 when the store stopped taking writes after a failed sync (restart needed).",
+            "1 while the store takes no writes: LMDB after a failed sync (restart needed), "
+            "Redis while it is unreachable (recovers by itself).",
             registry=registry,
         )
         registry.register(tallies)
