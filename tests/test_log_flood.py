@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import redis_servers
 from conftest import make_settings, running_server
 from tsmsg.server import app
 from tsmsg.server.app import LOG_BURST, LOG_INTERVAL_S, RepeatFilter
@@ -132,3 +133,34 @@ async def test_a_connect_flood_on_the_websocket_port_logs_a_few_lines_and_a_coun
         "refusing connection from %s: %s"
     ], summaries
     assert h.server.metrics.value("tsmsg_rate_limited_total") == FLOOD  # all still counted
+
+
+@pytest.mark.skipif(not redis_servers.available(), reason="no redis-server")
+async def test_store_read_failures_during_an_outage_log_a_few_lines_and_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis away: every request that reads the store fails (store_unavailable), and the
+    session logs an ERROR for each. Repeated ERROR lines are limited like the others
+    (deploy.md, "Logs"): a few, then a count."""
+    now = [0.0]
+    monkeypatch.setattr(app.LOG_FILTER, "clock", lambda: now[0])
+    monkeypatch.setattr(app.LOG_FILTER, "windows", {})
+    caplog.set_level(logging.INFO)
+    redis = redis_servers.RedisServer(tmp_path / "redis").start()
+    try:
+        settings = make_settings(tmp_path / "data", engine=redis.url, tick_ms=10)
+        async with running_server(settings) as h:
+            alice = await h.connect("alice")
+            assert (await alice.request("join", channel="room"))["t"] == "ok"
+            await trio.to_thread.run_sync(redis.kill)
+            for _ in range(FLOOD):
+                reply = await alice.request("history", channel="room")
+                assert reply["code"] == "store_unavailable", reply
+            failures = [r for r in caplog.records if "failed in the store" in r.getMessage()]
+            assert len(failures) == LOG_BURST, len(failures)
+            now[0] = LOG_INTERVAL_S
+            with trio.fail_after(5):
+                while not any("suppressed" in r.getMessage() for r in caplog.records):
+                    await trio.sleep(0.01)
+    finally:
+        redis.stop()

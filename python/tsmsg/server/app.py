@@ -243,10 +243,11 @@ def accept_error_filter(clock: Callable[[], float] = time.monotonic) -> RepeatFi
 
 # The server's own repeated lines (refused connections, slow consumers...), and trio's.
 # A logger's filter sees only the records logged on it, not its children's: the WebSocket
-# port's logger (its refusals) gets the same one.
+# port's logger (its refusals) and the sessions' (a store read failed: one per request
+# while Redis is away) get the same one. All three log from the event loop's thread only.
 LOG_FILTER = RepeatFilter()
-logging.getLogger("tsmsg.server").addFilter(LOG_FILTER)
-logging.getLogger("tsmsg.server.web").addFilter(LOG_FILTER)
+for _name in ("tsmsg.server", "tsmsg.server.web", "tsmsg.session"):
+    logging.getLogger(_name).addFilter(LOG_FILTER)
 ACCEPT_FILTER = accept_error_filter()
 logging.getLogger("trio.serve_listeners").addFilter(ACCEPT_FILTER)
 
