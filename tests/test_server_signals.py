@@ -819,6 +819,9 @@ async def test_per_ip_connection_rate(harness: Harness) -> None:
     (refusal,) = frames
     assert refusal["t"] == "error" and refusal["code"] == "rate_limited", refusal
     assert 0 < refusal["retry_after_ms"] <= 1000, refusal
+    # The message names the limit (PROTOCOL.md 4, "Admission"), not another one.
+    assert "ip_connect_rate" in refusal["message"], refusal
+    assert "login" not in refusal["message"], refusal
     await barrier(*clients)  # the admitted ones are unaffected
     await trio.sleep(refusal["retry_after_ms"] / 1000 + 0.05)
     await harness.connect("later")  # a token refilled
@@ -846,6 +849,7 @@ async def test_failed_logins_from_an_ip_lock_it_out(harness: Harness) -> None:
     frames = await until_closed(refused)
     assert [(f["t"], f["code"]) for f in frames] == [("error", "rate_limited")], frames
     assert frames[0]["retry_after_ms"] > 0
+    assert "ip_login_fail_rate" in frames[0]["message"], frames  # names the limit
     assert harness.server.metrics.value("tsmsg_auth_failures_total") == 3
     await barrier(ok)  # an established session is not affected
 

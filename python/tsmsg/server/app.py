@@ -1773,11 +1773,16 @@ class Server:
             return Refusal(CAP_RETRY_AFTER_MS, "ip_connections", message, True)
         now = self.now_ms()
         locked = self.ip_login_failures.peek(host, now)
-        retry = locked or self.ip_connections.take(host, now)
+        if locked:
+            rate = self.settings.ip_login_fail_rate
+            message = f"too many failed logins from this address (ip_login_fail_rate {rate:g}/s)"
+            return Refusal(locked, "ip_login", message, False)
+        retry = self.ip_connections.take(host, now)
         if not retry:
             return None
-        message = "too many connections or failed logins from this address"
-        return Refusal(retry, "ip_login" if locked else "ip_connect", message, False)
+        rate = self.settings.ip_connect_rate
+        message = f"too many new connections from this address (ip_connect_rate {rate:g}/s)"
+        return Refusal(retry, "ip_connect", message, False)
 
     def _admit_user(self, user: str) -> None:
         """At hello: a user with ``user_max_connections`` sessions open is refused (a
@@ -1803,7 +1808,8 @@ class Server:
         wait = self.ip_login_failures.peek(self._host_of(session), self.now_ms())
         if wait:
             self.metrics.limited("ip_login")
-            message = "too many failed logins from this address"
+            rate = self.settings.ip_login_fail_rate
+            message = f"too many failed logins from this address (ip_login_fail_rate {rate:g}/s)"
             raise RequestError(E.RATE_LIMITED, message, fatal=True, retry_after_ms=wait)
 
     def login_failed(self, session: Session) -> None:
