@@ -13,10 +13,11 @@ Each test starts its own ``redis-server`` (AOF always, loopback, a temporary dir
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import redis_servers
 from conftest import Harness, WireClient, fast_limits, make_settings, mint, running_server
 from server_proc import ServerProcess
 from tsmsg.server.settings import Settings
+from tsmsg.store.redis_store import RedisStore
 
 CHANNEL = "room-1"
 SENDS = 40  # per sender
@@ -78,6 +80,27 @@ async def collect(client: WireClient, count: int, channel: str = CHANNEL) -> lis
         while len(out) < count:
             out.append(await client.next(lambda f: f["t"] == "event" and f["channel"] == channel))
     return out
+
+
+class Intercepted:
+    """A node's ``Remote`` hook (its RemoteHop, which the engine's pub/sub thread calls)
+    with some hooks replaced: each replacement is called with the real hop first."""
+
+    def __init__(self, hop: Any, hooks: dict[str, Callable[..., None]]) -> None:
+        self._hop, self._hooks = hop, hooks
+
+    def __getattr__(self, name: str) -> Any:
+        hook = self._hooks.get(name)
+        return getattr(self._hop, name) if hook is None else functools.partial(hook, self._hop)
+
+
+def intercept(node: Harness, **hooks: Callable[..., None]) -> None:
+    """What ``node``'s engine reports from its pub/sub thread goes through ``hooks``
+    (``entries``, ``signal``, ``lost``) first."""
+    store = node.server.store
+    assert isinstance(store, RedisStore)
+    sub = store._subscriber
+    sub._remote = Intercepted(sub._remote, hooks)
 
 
 def check_stream(events: list[dict[str, Any]], first: int, last: int) -> None:
@@ -552,13 +575,12 @@ async def test_an_entry_written_between_the_join_read_and_the_subscription_is_pu
             return info
 
         store.channel = slow_channel
-        real_lost = a.server._remote_lost
 
-        def lost(channels: list[str]) -> None:
-            real_lost(channels)
-            lost_seen.set()
+        def lost(hop: Any, channels: list[str]) -> None:  # in A's pub/sub thread
+            hop.lost(channels)  # the loop runs A's handling of it, then (in order) the set
+            token.run_sync_soon(lost_seen.set)
 
-        a.server._remote_lost = lost
+        intercept(a, lost=lost)
 
         alice = await a.connect("alice")
         async with trio.open_nursery() as nursery:

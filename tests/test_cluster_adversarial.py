@@ -32,6 +32,7 @@ from test_cluster import (
     CHANNEL,
     DELIVERY_TIMEOUT_S,
     collect,
+    intercept,
     join,
     nodes,
     presence_of,
@@ -39,6 +40,7 @@ from test_cluster import (
     until,
 )
 from tsmsg.store.base import StoreUnavailable
+from tsmsg.store.redis_store import RedisStore
 
 redis_engine = test_cluster.redis_engine  # the fixture: a fresh Redis of the test's own
 
@@ -651,7 +653,7 @@ def hold_signals(harness: Harness, keep: Callable[[dict[str, Any]], bool]) -> He
     """Signals of other nodes that ``keep`` matches are held back (not handled) by
     ``harness``'s node and appended to the list returned; the others are handled, and
     recorded in the list's ``seen`` attribute (``release()`` handles the held ones)."""
-    server, handle = harness.server, harness.server._remote_signal
+    handle = harness.server._remote_signal
     held = Held()
     held.seen = []
 
@@ -662,7 +664,7 @@ def hold_signals(harness: Harness, keep: Callable[[dict[str, Any]], bool]) -> He
             held.seen.append(dict(frame))
             handle(channel, frame)
 
-    server._remote_signal = hook  # type: ignore[method-assign]
+    intercept(harness, signal=lambda hop, channel, frame: hop._soon(hook, channel, frame))
     held.release = lambda: [handle(c, f) for c, f in held]
     return held
 
@@ -1380,8 +1382,10 @@ async def test_a_gap_read_does_not_push_the_senders_event_before_its_ok(
         [seen] = await collect(alice, 1)  # B follows the channel, pub/sub confirmed
         assert seen["seq"] == first["seq"] == 1
         server, stash = b.server, []
-        real = server.on_batch
-        server.on_batch = stash.append  # type: ignore[method-assign]
+        store = server.store
+        assert isinstance(store, RedisStore)
+        real = store._notify  # the writer thread's hand-over of a batch
+        store._notify = stash.append  # held back, for the loop to handle below
         try:
             await alice.send({"t": "send", "rid": 99, "channel": CHANNEL, "cid": "a1", "text": "y"})
             await until(lambda: a.server.store.channel(CHANNEL).head == 2)
@@ -1391,9 +1395,9 @@ async def test_a_gap_read_does_not_push_the_senders_event_before_its_ok(
                 early = await alice.next(lambda f: f.get("t") == "event" and f["seq"] == 2)
             assert early is None, "alice's own event was pushed before her ok"
         finally:
-            server.on_batch = real  # type: ignore[method-assign]
+            store._notify = real
             for batch in stash:
-                real(batch)
+                server.on_batch(batch)
         order = []
         with trio.fail_after(DELIVERY_TIMEOUT_S):
             while len(order) < 2:

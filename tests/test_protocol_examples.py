@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import types
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +23,12 @@ from typing import Any
 
 import lmdb
 import pytest
+import trio
+import trio.testing
 
 from conftest import receive
 from tsmsg import FrameDecoder, encode
-from tsmsg.auth import Claims, TokenIssuer, TokenVerifier
+from tsmsg.auth import TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
 from tsmsg.protocol.limits import Limits
 from tsmsg.protocol.session import (
@@ -42,9 +43,8 @@ from tsmsg.protocol.session import (
     Subscribe,
     Unsubscribe,
 )
-from tsmsg.server.app import Server
+from tsmsg.server.app import Connection, Server
 from tsmsg.server.settings import Settings
-from tsmsg.server.wire import TCP
 from tsmsg.store import CompactionPolicy, LmdbStore, StoreConfig, WriteOp
 from tsmsg.store.lmdb_store import FORMAT_VERSION
 
@@ -413,24 +413,15 @@ def test_a_sync_below_the_horizon_is_the_documented_resync(tmp_path: Path) -> No
         store.close()
 
 
-async def test_the_server_says_the_documented_bye() -> None:
+async def test_the_server_says_the_documented_bye(store: LmdbStore) -> None:
     """At a stop, once no write is in flight: bye on every connection, then the close."""
     server = Server(Settings(), TokenVerifier(SECRET))
-    alice = StandInConnection("alice")
-    closed: list[str] = []
-
-    def close_after_flush(reason: str) -> None:
-        closed.append(reason)
-        server.connections.clear()
-
-    alice.inflight = 0  # type: ignore[attr-defined]
-    alice.close_after_flush = close_after_flush  # type: ignore[attr-defined]
-    server.connections = {"a session": alice}  # type: ignore[dict-item]
+    alice = connection(server, store, "alice")
     stopped: list[bool] = []
     await server.shutdown(lambda: stopped.append(True))
-    [bye] = alice.frames
+    [bye] = frames_of(alice)
     assert_documented(bye, "bye")
-    assert closed == ["server shutdown"] and stopped == [True]
+    assert alice.closing == "server shutdown" and stopped == [True]
 
 
 def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
@@ -444,64 +435,61 @@ def test_an_unrefreshed_token_closes_the_connection(store: LmdbStore) -> None:
     assert ordered(without_message(final.frame)) == ordered({"t": "error", "code": "token_expired"})
 
 
-class StandInConnection:
-    """What the hub's presence code uses of a connection: its user, its transport (TCP)
-    and its output."""
-
-    transport = TCP
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self.frames: list[dict[str, Any]] = []
-        # The hub reads the device's claims (which channels it may still read).
-        claims = Claims(user, 2**31, frozenset({"chat:read"}), ("*",))
-        self.session = types.SimpleNamespace(claims=claims)
-
-    def push_signal(self, data: bytes) -> None:
-        self.frames.extend(FrameDecoder().feed(data))
-
-    def send_frame(self, f: dict[str, Any]) -> None:
-        self.frames.append(f)
+def connection(server: Server, store: LmdbStore, user: str) -> Connection:
+    """A real connection of ``user`` (past hello, ``room-*``) on a memory stream, as the
+    hub sees it: its output is read back with :func:`frames_of`."""
+    session, _ = hello_session(store, user=user)
+    stream, _ = trio.testing.memory_stream_pair()
+    conn = Connection(server, stream, session, f"{user}:1", len(server.connections) + 1)
+    server.connections[session] = conn
+    return conn
 
 
-def test_the_hub_produces_the_documented_presence_frames(
-    store: LmdbStore, monkeypatch: pytest.MonkeyPatch
+def frames_of(conn: Connection) -> list[dict[str, Any]]:
+    """The frames queued for ``conn`` since the last call."""
+    data = b"".join(d for d, _ in conn.queue)
+    conn.queue.clear()
+    conn.queued_bytes = 0
+    return FrameDecoder().feed(data)
+
+
+async def test_the_hub_produces_the_documented_presence_frames(
+    store: LmdbStore, mock_clock: trio.testing.MockClock
 ) -> None:
     server = Server(Settings(), TokenVerifier(SECRET))
     server.store = store
-    monkeypatch.setattr(server, "now_ms", lambda: STORE_TS)
+    server._clock_base = (STORE_TS, trio.current_time())  # now_ms(): STORE_TS (clock stopped)
     session, hello = hello_session(store)
     join(session, store)  # alice is a member of room-1
     for user, channel in (("bob", "room-1"), ("carol", "room-1"), ("dave", "room-9")):
         store.write(WriteOp("member", channel, user), timeout=WAIT_S)
     store.write(WriteOp("seen", "", "carol"), timeout=WAIT_S)  # carol left at STORE_TS
-    alice, alice2, bob = (StandInConnection(u) for u in ("alice", "alice", "bob"))
-    server.members["room-1"] = {bob}  # type: ignore[assignment]  # bob is joined to room-1
+    alice, alice2, bob = (connection(server, store, u) for u in ("alice", "alice", "bob"))
+    server.members["room-1"] = {bob}  # bob is joined to room-1
 
-    def perform(conn: StandInConnection, actions: list[Any]) -> None:
-        read = server.perform(conn, actions)  # type: ignore[arg-type]
+    def perform(conn: Connection, actions: list[Any]) -> None:
+        read = server.perform(conn, actions)
         while read is not None:  # the server's own reads (memberships), inline
-            read = server.perform(conn, read.then(read.query()))  # type: ignore[arg-type]
+            read = server.perform(conn, read.then(read.query()))
 
     perform(bob, [SetPresence(None)])  # bob's device connects: online
     perform(alice, [a for a in hello if isinstance(a, SetPresence)])
     online = {"t": "presence", "user": "alice", "status": "online", "ts": STORE_TS}
-    assert ordered(bob.frames) == ordered(
+    assert ordered(frames_of(bob)) == ordered(
         [{"t": "presence", "user": "bob", "status": "online", "ts": STORE_TS}, online]
     )
-    bob.frames.clear()
     perform(alice2, [SetPresence(None)])  # a second device of alice: no change, no push
-    assert bob.frames == []
+    assert frames_of(bob) == []
 
     perform(alice, receive(session, frame("presence (set)"), WELCOME_TS))
-    assert_documented(alice.frames[-1], "ok (presence)")
-    [push] = bob.frames
+    assert_documented(frames_of(alice)[-1], "ok (presence)")
+    [push] = frames_of(bob)
     assert_documented(push, "presence (push)")
     perform(alice2, [SetPresence("away")])  # the same status again: no push
-    assert bob.frames == [push]
+    assert frames_of(bob) == []
 
     perform(alice, receive(session, frame("presence (query)"), WELCOME_TS))
-    assert_documented(alice.frames[-1], "ok (presence query)")
+    assert_documented(frames_of(alice)[-1], "ok (presence query)")
 
 
 def test_rate_limited_error_is_the_documented_frame(store: LmdbStore) -> None:

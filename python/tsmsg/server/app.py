@@ -611,7 +611,7 @@ class Connection:
     def _cut_streams(self, channel: str) -> None:
         """Slow consumer: drop queued live events and tell the client to sync. A held
         channel's pushes are dropped too; its resync follows the read's reply."""
-        cut = {channel}
+        queued, cut = self.queued_bytes, {channel}
         kept: list[tuple[bytes, str | None]] = []
         for data, ch in self.queue:
             if ch is None:
@@ -628,7 +628,10 @@ class Connection:
             if self.holding is None or ch not in self.holding:
                 self._queue_resync(ch)
         self.wake_writer()
-        log.warning("slow consumer %s (%s): cut live streams of %s", self.peer, self.user, cut)
+        log.warning(
+            "slow consumer %s (%s): cut live streams of %s (%d bytes queued, max_queue_bytes %d)",
+            self.peer, self.user, cut, queued, self.limit,
+        )  # fmt: skip
         metrics = self.server.metrics
         metrics.slow_consumer_resyncs.inc(len(cut))
         metrics.frames_out["resync"].inc(len(cut))
