@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.tsmsg-installed
 # What each target needs on top of serving: the extras of pyproject.toml, one stamp each.
 STAMP_TEST  := $(VENV)/.tsmsg-test-installed
 STAMP_BENCH := $(VENV)/.tsmsg-bench-installed
+# The event loop's hot modules compiled by mypyc (python/tsmsg/compiled.py), rebuilt when
+# a source they may import changes; `import tsmsg` uses them only while they match.
+COMPILED := python/tsmsg/_compiled/manifest.json
+COMPILED_DEPS := python/tsmsg/compiled.py python/tsmsg/build_compiled.py python/tsmsg/auth.py \
+	$(wildcard python/tsmsg/protocol/*.py python/tsmsg/server/*.py python/tsmsg/store/*.py)
 RUST_SOURCES := $(shell find rust -name '*.rs' 2>/dev/null) Cargo.toml Cargo.lock
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -33,9 +38,14 @@ $(VPY):
 # with), each installed once. An extra installs the package again: cargo's cache makes
 # that a relink, not a rebuild.
 $(STAMP): $(VPY) pyproject.toml constraints.txt $(RUST_SOURCES)
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -q
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E compile -q
 	rm -f $(STAMP_TEST) $(STAMP_BENCH)
 	touch $@
+
+# mypyc compiles the modules a message goes through to C (about a minute and a half):
+# 20-30 % less server CPU per message (bench/README.md). TSMSG_PURE=1 runs the sources.
+$(COMPILED): $(STAMP) $(COMPILED_DEPS)
+	$(VPY) -m tsmsg.build_compiled
 
 $(STAMP_TEST): $(STAMP)
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked -E test -q
@@ -46,7 +56,7 @@ $(STAMP_BENCH): $(STAMP)
 	touch $@
 
 # The TCP port, and the web chat page with its WebSocket endpoint on WS (docs/web.md).
-run: $(STAMP)
+run: $(STAMP) $(COMPILED)
 	@echo "tsmsg: web chat page at http://$(WS)/ (TCP clients: $(HOST):$(PORT))"
 	$(VENV)/bin/tsmsg serve --host $(HOST) --port $(PORT) --ws $(WS) --data-dir $(DATA_DIR) $(if $(TSMSG_SECRET),,--dev)
 
@@ -57,19 +67,19 @@ test: lint test-rust test-python
 test-rust:
 	cargo test --locked -q --workspace
 
-test-python: $(STAMP_TEST)
+test-python: $(STAMP_TEST) $(COMPILED)
 	$(VENV)/bin/pytest -q
 
 # The long reliability runs (tests marked slow, at their long sizes): 50 crash-loop rounds
 # over TCP, 20,000 fuzzed inputs over TCP, 100 store SIGKILL rounds. A few minutes.
-test-long: $(STAMP_TEST)
+test-long: $(STAMP_TEST) $(COMPILED)
 	TSMSG_LONG=1 TSMSG_CRASH_ROUNDS=100 $(VENV)/bin/pytest -q -m slow
 
 # The deterministic simulation (tests/sim.py): `make sim SEED=123` replays one seed (the
 # whole trace on failure, VERBOSE=1 always); without SEED, SIM_SEEDS random seeds, each
 # printed with the command that replays it.
 SIM_SEEDS ?= 200
-sim: $(STAMP_TEST)
+sim: $(STAMP_TEST) $(COMPILED)
 	$(VPY) tests/sim.py $(if $(SEED),--seed $(SEED) $(if $(VERBOSE),--verbose),--seeds $(SIM_SEEDS))
 
 lint: $(STAMP_TEST)
@@ -86,7 +96,7 @@ bench-codec: $(STAMP_BENCH)
 bench-store: $(STAMP_BENCH)
 	$(VPY) bench/store.py
 
-bench-e2e: $(STAMP_BENCH)
+bench-e2e: $(STAMP_BENCH) $(COMPILED)
 	$(VPY) bench/e2e.py
 
 # tsmsg vs Redis Streams vs NATS JetStream with the native load generator (bench/loadgen,
@@ -94,21 +104,21 @@ bench-e2e: $(STAMP_BENCH)
 # short grid, a few minutes; `bench-full`: the whole grid of issue #8. tsmsg's fan-out to
 # 100 subscribers and idle connections run over its WebSocket port too (issue 16). Results,
 # tables and plots go to bench/results/<date>-quick|full/.
-bench: $(STAMP_BENCH)
+bench: $(STAMP_BENCH) $(COMPILED)
 	$(VPY) bench/run.py --quick
 
-bench-full: $(STAMP_BENCH)
+bench-full: $(STAMP_BENCH) $(COMPILED)
 	$(VPY) bench/run.py --full
 
 # 1, 2 and 3 tsmsg nodes on one private Redis (AOF, appendfsync always) and the LMDB node
 # for the ratio: fan-in, fan-out and cross-node publish-to-deliver latency, CPU per message
 # per node and of Redis. A few minutes; results in bench/results/<date>-cluster/.
-bench-cluster: $(STAMP_BENCH)
+bench-cluster: $(STAMP_BENCH) $(COMPILED)
 	$(VPY) bench/cluster.py --quick
 
 # Server RSS per idle connection (plaintext and TLS) and disk per million messages; the
 # figures docs/deploy.md sizes with. A few minutes.
-bench-sizing: $(STAMP_BENCH)
+bench-sizing: $(STAMP_BENCH) $(COMPILED)
 	$(VPY) bench/sizing.py
 
 # Coverage-guided fuzzing of the Rust decoder, encoder and dedup ring (fuzz/README.md):
@@ -162,4 +172,4 @@ fuzz-cmin: $(CARGO_FUZZ)
 	done
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target python/tsmsg/_compiled

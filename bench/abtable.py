@@ -40,6 +40,11 @@ def figures(run: dict[str, Any]) -> list[tuple[str, float | None, str]]:
             ("µs/entry", r["cpu"]["server_cpu_s_per_million_msgs"], "us"),
             ("catch-up p99 ms", r["catch_up_time"]["p99_ms"], "ms"),
         ]
+    if workload == "replay":
+        return [
+            ("entries/s", r["entries_s_median"], "rate"),
+            ("µs/entry", r["cpu"]["server_cpu_s_per_million_msgs"], "us"),
+        ]
     if workload == "fanout":
         return [
             ("deliveries/s", r["deliveries_s"], "rate"),

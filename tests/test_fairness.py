@@ -29,7 +29,7 @@ import trio
 from conftest import WireClient, fast_limits, make_settings, mint, running_server
 from server_proc import server_process
 from tsmsg import encode
-from tsmsg.protocol.session import Session
+from tsmsg.protocol.session import HANDLERS, Session
 from tsmsg.store import LmdbStore, StoreConfig, WriteOp
 
 LONG = bool(os.environ.get("TSMSG_LONG"))
@@ -171,14 +171,14 @@ async def test_a_stall_of_the_server_is_not_blamed_on_idle_clients(
     stall) while bob pings every 200 ms against a 1 s idle timeout: bob is not closed."""
     limits = fast_limits(heartbeat_ms=500)  # idle after 2 x 500 ms
     settings = make_settings(tmp_path / "data", limits=limits, tick_ms=50)
-    real_ping = Session.HANDLERS["ping"]
+    real_ping = HANDLERS["ping"]
 
     def ping(session: Session, frame: dict[str, Any], rid: int | None, now_ms: int) -> Any:
         if session.user == "stall":
             time.sleep(2.5)  # blocks the event loop, on purpose
         return real_ping(session, frame, rid, now_ms)
 
-    monkeypatch.setitem(Session.HANDLERS, "ping", ping)
+    monkeypatch.setitem(HANDLERS, "ping", ping)
     async with running_server(settings) as h:
         bob = await h.connect("bob")
         staller = await h.connect("stall")

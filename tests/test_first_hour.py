@@ -255,7 +255,15 @@ def test_make_run_installs_only_what_serving_needs() -> None:
     runtime = " ".join(project["dependencies"])
     assert not [tool for tool in DEV_TOOLS if tool in runtime]
     run = make_dry_run("run")
-    assert "maturin develop" in run and " -E " not in run
+    # Serving installs the runtime and the `compile` extra only: mypy's compiler (mypyc)
+    # and setuptools build the hot modules (tsmsg/compiled.py); no test or bench tool.
+    assert "maturin develop" in run and "--locked -E compile " in run
+    assert "-E test" not in run and "-E bench" not in run
+    assert "-m tsmsg.build_compiled" in run
+    assert sorted(d.split(">")[0] for d in project["optional-dependencies"]["compile"]) == [
+        "mypy",
+        "setuptools",
+    ]
     assert "--locked -E test " in make_dry_run("test-python")
     assert "--locked -E bench " in make_dry_run("bench-codec")
     extras = project["optional-dependencies"]

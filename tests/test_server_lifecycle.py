@@ -366,7 +366,7 @@ async def test_a_connection_made_while_draining_is_not_left_hanging(tmp_path: Pa
 async def test_a_crashing_handler_only_closes_its_own_connection(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tsmsg.protocol.session import Session
+    from tsmsg.protocol.session import HANDLERS, Session
 
     ping = Session._ping
 
@@ -375,7 +375,7 @@ async def test_a_crashing_handler_only_closes_its_own_connection(
             raise RuntimeError("injected handler crash")
         return ping(self, frame, rid, now_ms)
 
-    monkeypatch.setitem(Session.HANDLERS, "ping", exploding_ping)
+    monkeypatch.setitem(HANDLERS, "ping", exploding_ping)
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
     await bob.request("join", channel=CHANNEL)

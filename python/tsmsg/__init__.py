@@ -7,7 +7,11 @@ public API and re-exports what users need.
 import importlib
 from typing import Any
 
-from tsmsg._native import (
+from tsmsg import compiled
+
+compiled.install()  # before any compiled module is imported: tsmsg/compiled.py
+
+from tsmsg._native import (  # noqa: E402
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_FRAME,
     DedupRing,

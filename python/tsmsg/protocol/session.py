@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from tsmsg._native import DEFAULT_MAX_DEPTH, FrameError, FrameTooLarge, packb
 from tsmsg.auth import (
@@ -397,7 +397,7 @@ class Session:
                 self._limit(retry, "frame", f"over {self.limits.frame_rate:g} frames/s")
             if bad_rid:
                 raise RequestError(E.BAD_REQUEST, RID_RULE)
-            handler = self.HANDLERS.get(t)
+            handler = HANDLERS.get(t)
             if handler is None:
                 if t == "hello":
                     raise RequestError(E.BAD_REQUEST, "this connection already said hello")
@@ -979,21 +979,23 @@ class Session:
         pong["ts"] = now_ms
         return [Reply(pong)]
 
-    # The frame types a session takes after hello. One table for every session (a
-    # per-session table of bound methods cost 1.3 KiB per connection).
-    HANDLERS: ClassVar[dict[str, Callable[[Session, Frame, int | None, int], list[Action]]]] = {
-        "join": _join,
-        "leave": _leave,
-        "send": _send,
-        "edit": _change,
-        "delete": _change,
-        "history": _history,
-        "sync": _sync,
-        "read": _read,
-        "typing": _typing,
-        "ping": _ping,
-        "refresh": _refresh,
-        "presence": _presence,
-        "unread": _unread,
-        "channels": _channels,
-    }
+
+# The frame types a session takes after hello: one table for every session (a per-session
+# table of bound methods cost 1.3 KiB per connection). Built after the class (mypyc
+# compiles this module: a class body cannot name its own methods as values).
+HANDLERS: dict[str, Callable[[Session, Frame, int | None, int], list[Action]]] = {
+    "join": Session._join,
+    "leave": Session._leave,
+    "send": Session._send,
+    "edit": Session._change,
+    "delete": Session._change,
+    "history": Session._history,
+    "sync": Session._sync,
+    "read": Session._read,
+    "typing": Session._typing,
+    "ping": Session._ping,
+    "refresh": Session._refresh,
+    "presence": Session._presence,
+    "unread": Session._unread,
+    "channels": Session._channels,
+}

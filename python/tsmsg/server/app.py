@@ -61,6 +61,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import trio
 
+from tsmsg import compiled
 from tsmsg._native import FrameError, TlsConfig, encode
 from tsmsg.auth import Claims, TokenIssuer, TokenVerifier
 from tsmsg.protocol import errors as E
@@ -2062,10 +2063,13 @@ class Server:
                             who = "with" if settings.tls_client_ca_file else "without"
                             log.info("TLS on (TLS 1.2+), %s client certificates", who)
                         log.info(
-                            "serving on %s:%d, data in %s",
+                            "serving on %s:%d, data in %s (%s)",
                             settings.host,
                             self.port,
                             self.store,
+                            "compiled modules"
+                            if compiled.why_sources is None
+                            else f"Python sources: {compiled.why_sources}",
                         )
                         listening.start_soon(self._wait_for_signal)
                     handlers.start_soon(self._tick_sessions)

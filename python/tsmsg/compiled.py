@@ -1,0 +1,149 @@
+"""The event loop's hot modules, compiled to C by mypyc (issue 17).
+
+A message costs the server a few µs of Python spread over many small functions (the
+session's checks, the connection's and the server's handling, the rate buckets, the
+metrics): no single cut removes much of it. mypyc, the compiler of mypy's type-checked
+Python, builds C extension modules from these same sources (mypy already checks them in
+``make lint``), which run the same code with native calls and attribute access.
+
+``make`` builds them (``python -m tsmsg.build_compiled``) into ``_compiled/`` beside this file,
+with a manifest of each source's SHA-256. :func:`install`, run by ``import tsmsg`` before
+any of them is imported, uses the compiled modules only when every source still matches
+its digest, and all of them or none (they call each other natively): after an edit the
+sources run, with a warning, until ``make`` builds them again. ``TSMSG_PURE=1`` runs the
+sources anyway (py-spy sees into them; a traceback shows every line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+# The modules a message goes through on the event loop, in import order. Not (yet)
+# tsmsg.server.app, though compiled it about doubles the gain (bench/README.md): a
+# coroutine compiled by mypyc 1.18 keeps its locals after it returned, for as long as its
+# caller's coroutine lives, so a compiled connection's reader kept its last read's reply
+# (a history or sync page) and its last input while idle. Its coroutines stay Python
+# until they hold nothing big across their awaits. Those of the modules here are either
+# awaited by Python coroutines (which let go of a finished one at once) or one per server.
+MODULES = (
+    "tsmsg.protocol.ratelimit",
+    "tsmsg.protocol.session",
+    "tsmsg.server.metrics",
+    "tsmsg.server.wire",
+    "tsmsg.server.poller",
+)
+GROUP = "tsmsg_compiled"  # mypyc's shared library of the modules: <GROUP>__mypyc
+PACKAGE_DIR = Path(__file__).resolve().parent  # python/tsmsg
+OUT_DIR = PACKAGE_DIR / "_compiled"
+MANIFEST = OUT_DIR / "manifest.json"
+PURE_ENV = "TSMSG_PURE"
+
+
+def source_of(module: str) -> Path:
+    return PACKAGE_DIR.parent.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds the compiled modules (and their shared library) in ``_compiled/``."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        file = self.files.get(fullname)
+        return None if file is None else importlib.util.spec_from_file_location(fullname, file)
+
+
+def _compiled_files() -> dict[str, Path] | str:
+    """The compiled module files by module name, or why they cannot be used."""
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+    except FileNotFoundError:
+        return "not built (make builds them)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest {MANIFEST}: {exc}"
+    if manifest.get("cache_tag") != sys.implementation.cache_tag:
+        return f"built for {manifest.get('cache_tag')}, not {sys.implementation.cache_tag}"
+    digests = manifest.get("sources", {})
+    if set(digests) != set(MODULES):
+        return "built for another list of modules"
+    changed = [m for m in MODULES if digests[m] != digest(source_of(m))]
+    if changed:
+        return f"{', '.join(changed)} changed since they were built (make builds them again)"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    files = {m: OUT_DIR.joinpath(*m.split(".")).with_suffix(suffix) for m in MODULES}
+    files[f"{GROUP}__mypyc"] = OUT_DIR / f"{GROUP}__mypyc{suffix}"
+    missing = [str(f) for f in files.values() if not f.exists()]
+    return f"missing {', '.join(missing)}" if missing else files
+
+
+# Why the sources run, not the compiled modules (None: they run compiled); set by install.
+why_sources: str | None = "install() not called"
+
+
+def install() -> None:
+    """Import the compiled modules from now on, if they are up to date; else (or with
+    ``TSMSG_PURE=1``) the sources, and :data:`why_sources` says why."""
+    global why_sources
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        why_sources = None
+        return
+    found = f"{PURE_ENV} is set" if os.environ.get(PURE_ENV) else _compiled_files()
+    if isinstance(found, str):
+        if not found.startswith(("not built", "built for another", PURE_ENV)):
+            message = f"tsmsg runs its sources, not its compiled modules: {found}"
+            warnings.warn(message, stacklevel=2)
+        why_sources = found
+    elif loaded := [m for m in MODULES if m in sys.modules]:
+        why_sources = f"{', '.join(loaded)} imported before tsmsg"
+    else:
+        sys.meta_path.insert(0, _Finder(found))
+        why_sources = None
+
+
+def build() -> None:
+    """Compile :data:`MODULES` into ``_compiled/`` and write its manifest (the digests of
+    the sources compiled, read before compiling: an edit meanwhile shows as a change)."""
+    from mypyc.build import mypycify  # the build's tools: not needed to run
+    from setuptools import Distribution  # type: ignore[import-untyped]
+
+    sources = {m: digest(source_of(m)) for m in MODULES}
+    with tempfile.TemporaryDirectory(prefix="tsmsg-mypyc-") as tmp:
+        os.chdir(PACKAGE_DIR.parent)  # module names from the paths; mypy's settings
+        extensions = mypycify(
+            [str(source_of(m).relative_to(PACKAGE_DIR.parent)) for m in MODULES],
+            group_name=GROUP,
+            target_dir=os.path.join(tmp, "c"),
+        )
+        dist = Distribution({"name": GROUP, "ext_modules": extensions})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.build_lib = os.path.join(tmp, "lib")
+        cmd.build_temp = os.path.join(tmp, "obj")
+        dist.run_command("build_ext")
+        shutil.rmtree(OUT_DIR, ignore_errors=True)  # (a running server keeps its mapped files)
+        for built in Path(tmp, "lib").rglob("*"):
+            if built.is_file():
+                target = OUT_DIR / built.relative_to(Path(tmp, "lib"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(built, target)
+    manifest = {"cache_tag": sys.implementation.cache_tag, "sources": sources}
+    MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -1,0 +1,83 @@
+"""The hot modules compiled by mypyc (python/tsmsg/compiled.py): used only while every
+source matches the digest it was built from, all of them or none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsmsg import compiled
+
+BUILT = compiled.MANIFEST.exists()
+
+
+def module_file(module: str, **env: str) -> str:
+    """Where ``module`` is loaded from in a fresh interpreter with ``env``."""
+    code = f"import {module} as m; print(m.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
+def test_after_make_the_hot_modules_run_compiled() -> None:
+    """`make test` tests what `make run` serves: the compiled modules, up to date (a stale
+    build would have made `import tsmsg` warn, an error under pytest's settings)."""
+    assert compiled.why_sources is None
+    for module in compiled.MODULES:
+        file = sys.modules[module].__file__ if module in sys.modules else module_file(module)
+        assert file is not None and Path(file).is_relative_to(compiled.OUT_DIR), file
+
+
+@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
+def test_tsmsg_pure_runs_the_sources() -> None:
+    file = module_file("tsmsg.server.app", TSMSG_PURE="1")
+    assert file == str(compiled.source_of("tsmsg.server.app"))
+
+
+def write_manifest(path: Path, **changes: object) -> None:
+    sources = {m: compiled.digest(compiled.source_of(m)) for m in compiled.MODULES}
+    manifest = {"cache_tag": sys.implementation.cache_tag, "sources": sources, **changes}
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_changed_source_is_named_and_its_build_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = tmp_path / "manifest.json"
+    monkeypatch.setattr(compiled, "MANIFEST", manifest)
+    monkeypatch.setattr(compiled, "OUT_DIR", tmp_path)
+    assert compiled._compiled_files() == "not built (make builds them)"
+
+    write_manifest(manifest)
+    sources = json.loads(manifest.read_text())["sources"]
+    sources["tsmsg.server.wire"] = "0" * 64  # built from another version of wire.py
+    write_manifest(manifest, sources=sources)
+    found = compiled._compiled_files()
+    assert found == "tsmsg.server.wire changed since they were built (make builds them again)"
+
+    write_manifest(manifest, cache_tag="cpython-399")
+    tag = sys.implementation.cache_tag
+    assert compiled._compiled_files() == f"built for cpython-399, not {tag}"
+
+    write_manifest(manifest, sources={"tsmsg.server.app": "x"})
+    assert compiled._compiled_files() == "built for another list of modules"
+
+    write_manifest(manifest)  # up to date, but the files are not there
+    found = compiled._compiled_files()
+    assert isinstance(found, str) and found.startswith("missing ") and "session" in found
+
+    manifest.write_text("{")
+    found = compiled._compiled_files()
+    assert isinstance(found, str) and found.startswith("unreadable manifest")
