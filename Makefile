@@ -11,6 +11,7 @@ STAMP_BENCH := $(VENV)/.tsmsg-bench-installed
 # a source they may import changes; `import tsmsg` uses them only while they match.
 COMPILED := python/tsmsg/_compiled/manifest.json
 COMPILED_DEPS := python/tsmsg/compiled.py python/tsmsg/build_compiled.py python/tsmsg/auth.py \
+	python/tsmsg/_native.pyi \
 	$(wildcard python/tsmsg/protocol/*.py python/tsmsg/server/*.py python/tsmsg/store/*.py)
 RUST_SOURCES := $(shell find rust -name '*.rs' 2>/dev/null) Cargo.toml Cargo.lock
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt

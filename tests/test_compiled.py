@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,13 @@ def test_tsmsg_pure_runs_the_sources() -> None:
 
 
 def write_manifest(path: Path, **changes: object) -> None:
-    sources = {m: compiled.digest(compiled.source_of(m)) for m in compiled.MODULES}
-    manifest = {"cache_tag": sys.implementation.cache_tag, "sources": sources, **changes}
+    sources = {m: compiled.digest(file) for m, file in compiled.dependencies().items()}
+    manifest = {
+        "cache_tag": sys.implementation.cache_tag,
+        "modules": list(compiled.MODULES),
+        "sources": sources,
+        **changes,
+    }
     path.write_text(json.dumps(manifest))
 
 
@@ -67,6 +73,13 @@ def test_a_changed_source_is_named_and_its_build_not_used(
     found = compiled._compiled_files()
     assert found == "tsmsg.server.wire changed since they were built (make builds them again)"
 
+    write_manifest(manifest)
+    sources = json.loads(manifest.read_text())["sources"]
+    sources["tsmsg.auth"] = "0" * 64  # imported by session.py: its types and Final constants
+    write_manifest(manifest, sources=sources)
+    found = compiled._compiled_files()
+    assert found == "tsmsg.auth changed since they were built (make builds them again)"
+
     write_manifest(manifest, cache_tag="cpython-399")
     tag = sys.implementation.cache_tag
     assert compiled._compiled_files() == f"built for cpython-399, not {tag}"
@@ -81,3 +94,35 @@ def test_a_changed_source_is_named_and_its_build_not_used(
     manifest.write_text("{")
     found = compiled._compiled_files()
     assert isinstance(found, str) and found.startswith("unreadable manifest")
+
+
+@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
+def test_a_changed_module_the_compiled_ones_import_is_named_and_the_build_not_used(
+    tmp_path: Path,
+) -> None:
+    """mypyc builds a module against the types and ``Final`` constants of what it imports:
+    compiled session.py has auth.py's DM_PREFIX inlined, so after an edit (or an upgrade)
+    of auth.py alone the old build would still send a DM's first message without making
+    its peer a member. A copy of the package with auth.py changed runs its sources."""
+    package = tmp_path / "tsmsg"
+    shutil.copytree(compiled.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    auth = package / "auth.py"
+    text = auth.read_text()
+    assert 'DM_PREFIX: Final = "dm:"' in text
+    auth.write_text(text.replace('DM_PREFIX: Final = "dm:"', 'DM_PREFIX: Final = "pm:"'))
+    code = (
+        "import tsmsg.protocol.session as s; from tsmsg import compiled; "
+        "print(compiled.why_sources); print(s.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "TSMSG_PURE": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    why, file = out.stdout.splitlines()
+    assert why == "tsmsg.auth changed since they were built (make builds them again)", why
+    assert file == str(package / "protocol" / "session.py")
+    assert "tsmsg runs its sources" in out.stderr

@@ -16,6 +16,7 @@ sources anyway (py-spy sees into them; a traceback shows every line).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -60,6 +61,36 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _file_of(module: str) -> Path | None:
+    """The source mypy reads for a tsmsg module (a .py, or the extension's .pyi), if any."""
+    path = PACKAGE_DIR.parent.joinpath(*module.split("."))
+    for file in (path.with_suffix(".py"), path.with_suffix(".pyi"), path / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def dependencies() -> dict[str, Path]:
+    """:data:`MODULES` and every tsmsg module they import, directly or not (those under
+    TYPE_CHECKING too): mypyc compiles a module against the types and the ``Final``
+    constants of what it imports (a constant's value is copied into the C), so a
+    change to any of them makes the build stale, as a change to the module itself does."""
+    found: dict[str, Path] = {}
+    todo = list(MODULES)
+    while todo:
+        module = todo.pop()
+        file = None if module in found or not module.startswith("tsmsg.") else _file_of(module)
+        if file is None:
+            continue
+        found[module] = file
+        for node in ast.walk(ast.parse(file.read_bytes())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return dict(sorted(found.items()))
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds the compiled modules (and their shared library) in ``_compiled/``."""
 
@@ -84,9 +115,11 @@ def _compiled_files() -> dict[str, Path] | str:
     if manifest.get("cache_tag") != sys.implementation.cache_tag:
         return f"built for {manifest.get('cache_tag')}, not {sys.implementation.cache_tag}"
     digests = manifest.get("sources", {})
-    if set(digests) != set(MODULES):
+    if manifest.get("modules") != list(MODULES) or not set(MODULES) <= set(digests):
         return "built for another list of modules"
-    changed = [m for m in MODULES if digests[m] != digest(source_of(m))]
+    # The modules compiled and every one they import (dependencies(), at build time).
+    sources = {m: _file_of(m) for m in digests}
+    changed = [m for m, file in sources.items() if file is None or digests[m] != digest(file)]
     if changed:
         return f"{', '.join(changed)} changed since they were built (make builds them again)"
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -122,11 +155,12 @@ def install() -> None:
 
 def build() -> None:
     """Compile :data:`MODULES` into ``_compiled/`` and write its manifest (the digests of
-    the sources compiled, read before compiling: an edit meanwhile shows as a change)."""
+    the sources compiled and of those they import, :func:`dependencies`, read before
+    compiling: an edit meanwhile shows as a change)."""
     from mypyc.build import mypycify  # the build's tools: not needed to run
     from setuptools import Distribution  # type: ignore[import-untyped]
 
-    sources = {m: digest(source_of(m)) for m in MODULES}
+    sources = {m: digest(file) for m, file in dependencies().items()}
     with tempfile.TemporaryDirectory(prefix="tsmsg-mypyc-") as tmp:
         os.chdir(PACKAGE_DIR.parent)  # module names from the paths; mypy's settings
         extensions = mypycify(
@@ -145,5 +179,9 @@ def build() -> None:
                 target = OUT_DIR / built.relative_to(Path(tmp, "lib"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(built, target)
-    manifest = {"cache_tag": sys.implementation.cache_tag, "sources": sources}
+    manifest = {
+        "cache_tag": sys.implementation.cache_tag,
+        "modules": list(MODULES),
+        "sources": sources,
+    }
     MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
