@@ -96,20 +96,16 @@ def test_a_changed_source_is_named_and_its_build_not_used(
     assert isinstance(found, str) and found.startswith("unreadable manifest")
 
 
-@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
-def test_a_changed_module_the_compiled_ones_import_is_named_and_the_build_not_used(
-    tmp_path: Path,
-) -> None:
-    """mypyc builds a module against the types and ``Final`` constants of what it imports:
-    compiled session.py has auth.py's DM_PREFIX inlined, so after an edit (or an upgrade)
-    of auth.py alone the old build would still send a DM's first message without making
-    its peer a member. A copy of the package with auth.py changed runs its sources."""
+def copy_package(tmp_path: Path) -> Path:
+    """A copy of the package with its compiled modules, importable from ``tmp_path``."""
     package = tmp_path / "tsmsg"
     shutil.copytree(compiled.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    auth = package / "auth.py"
-    text = auth.read_text()
-    assert 'DM_PREFIX: Final = "dm:"' in text
-    auth.write_text(text.replace('DM_PREFIX: Final = "dm:"', 'DM_PREFIX: Final = "pm:"'))
+    return package
+
+
+def import_copy(tmp_path: Path) -> tuple[str, str, str]:
+    """In a fresh interpreter, the copy's ``why_sources``, the file its session came from
+    and what it wrote to stderr (the loader's warning)."""
     code = (
         "import tsmsg.protocol.session as s; from tsmsg import compiled; "
         "print(compiled.why_sources); print(s.__file__)"
@@ -123,6 +119,38 @@ def test_a_changed_module_the_compiled_ones_import_is_named_and_the_build_not_us
         check=True,
     )
     why, file = out.stdout.splitlines()
+    return why, file, out.stderr
+
+
+@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
+def test_a_changed_module_the_compiled_ones_import_is_named_and_the_build_not_used(
+    tmp_path: Path,
+) -> None:
+    """mypyc builds a module against the types and ``Final`` constants of what it imports:
+    compiled session.py has auth.py's DM_PREFIX inlined, so after an edit (or an upgrade)
+    of auth.py alone the old build would still send a DM's first message without making
+    its peer a member. A copy of the package with auth.py changed runs its sources."""
+    package = copy_package(tmp_path)
+    auth = package / "auth.py"
+    text = auth.read_text()
+    assert 'DM_PREFIX: Final = "dm:"' in text
+    auth.write_text(text.replace('DM_PREFIX: Final = "dm:"', 'DM_PREFIX: Final = "pm:"'))
+    why, file, stderr = import_copy(tmp_path)
     assert why == "tsmsg.auth changed since they were built (make builds them again)", why
     assert file == str(package / "protocol" / "session.py")
-    assert "tsmsg runs its sources" in out.stderr
+    assert "tsmsg runs its sources" in stderr
+
+
+@pytest.mark.skipif(not BUILT, reason="compiled modules not built (make builds them)")
+def test_a_build_of_another_list_of_modules_is_not_used_with_a_warning(tmp_path: Path) -> None:
+    """An upgrade that compiles another list of modules leaves the old build: the sources
+    run until it is compiled again, and the server warns at start (docs/deploy.md 1)."""
+    package = copy_package(tmp_path)
+    manifest_file = package / "_compiled" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["modules"] = manifest["modules"][:-1]  # built before the poller was compiled
+    manifest_file.write_text(json.dumps(manifest))
+    why, file, stderr = import_copy(tmp_path)
+    assert why == "built for another list of modules", why
+    assert file == str(package / "protocol" / "session.py")
+    assert "tsmsg runs its sources, not its compiled modules: built for another" in stderr

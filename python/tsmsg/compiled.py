@@ -142,7 +142,7 @@ def install() -> None:
         return
     found = f"{PURE_ENV} is set" if os.environ.get(PURE_ENV) else _compiled_files()
     if isinstance(found, str):
-        if not found.startswith(("not built", "built for another", PURE_ENV)):
+        if not found.startswith(("not built", PURE_ENV)):
             message = f"tsmsg runs its sources, not its compiled modules: {found}"
             warnings.warn(message, stacklevel=2)
         why_sources = found
