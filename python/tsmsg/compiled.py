@@ -17,6 +17,7 @@ sources anyway (py-spy sees into them; a traceback shows every line).
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -160,36 +161,42 @@ def build() -> None:
     from mypyc.build import mypycify  # the build's tools: not needed to run
     from setuptools import Distribution  # type: ignore[import-untyped]
 
-    sources = {m: digest(file) for m, file in dependencies().items()}
-    with tempfile.TemporaryDirectory(prefix="tsmsg-mypyc-") as tmp:
-        # A copy of the package, compiled where nothing else is: run in an installed
-        # package's site-packages, mypy would take its other modules for the project's.
-        root = Path(tmp, "src")
-        skip = shutil.ignore_patterns("_compiled", "__pycache__", "*.so")
-        shutil.copytree(PACKAGE_DIR, root / "tsmsg", ignore=skip)
-        os.chdir(root)  # the module names come from the paths
-        extensions = mypycify(
-            # lmdb and msgpack have no type information (pyproject.toml says so to mypy,
-            # which is not there in an installed package): what they return is Any
-            ["--ignore-missing-imports"]
-            + [str(source_of(m).relative_to(PACKAGE_DIR.parent)) for m in MODULES],
-            group_name=GROUP,
-            target_dir=os.path.join(tmp, "c"),
-        )
-        dist = Distribution({"name": GROUP, "ext_modules": extensions})
-        cmd = dist.get_command_obj("build_ext")
-        cmd.build_lib = os.path.join(tmp, "lib")
-        cmd.build_temp = os.path.join(tmp, "obj")
-        dist.run_command("build_ext")
-        shutil.rmtree(OUT_DIR, ignore_errors=True)  # (a running server keeps its mapped files)
-        for built in Path(tmp, "lib").rglob("*"):
-            if built.is_file():
-                target = OUT_DIR / built.relative_to(Path(tmp, "lib"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(built, target)
-    manifest = {
-        "cache_tag": sys.implementation.cache_tag,
-        "modules": list(MODULES),
-        "sources": sources,
-    }
-    MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
+    # One build at a time (two `make` runs): each replaces the whole of _compiled/.
+    with open(PACKAGE_DIR / ".compiled.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sources = {m: digest(file) for m, file in dependencies().items()}
+        with tempfile.TemporaryDirectory(prefix="tsmsg-mypyc-") as tmp:
+            # A copy of the package, compiled where nothing else is: run in an
+            # installed package's site-packages, mypy would take its other modules for
+            # the project's.
+            root = Path(tmp, "src")
+            skip = shutil.ignore_patterns("_compiled", "__pycache__", "*.so")
+            shutil.copytree(PACKAGE_DIR, root / "tsmsg", ignore=skip)
+            os.chdir(root)  # the module names come from the paths
+            extensions = mypycify(
+                # lmdb and msgpack have no type information (pyproject.toml says so to
+                # mypy, which is not there in an installed package): they return Any
+                ["--ignore-missing-imports"]
+                + [str(source_of(m).relative_to(PACKAGE_DIR.parent)) for m in MODULES],
+                group_name=GROUP,
+                target_dir=os.path.join(tmp, "c"),
+            )
+            dist = Distribution({"name": GROUP, "ext_modules": extensions})
+            cmd = dist.get_command_obj("build_ext")
+            cmd.build_lib = os.path.join(tmp, "lib")
+            cmd.build_temp = os.path.join(tmp, "obj")
+            dist.run_command("build_ext")
+            shutil.rmtree(OUT_DIR, ignore_errors=True)  # (a running server keeps its files)
+            for built in Path(tmp, "lib").rglob("*"):
+                if built.is_file():
+                    target = OUT_DIR / built.relative_to(Path(tmp, "lib"))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(built, target)  # (/tmp may be another file system)
+        manifest = {
+            "cache_tag": sys.implementation.cache_tag,
+            "modules": list(MODULES),
+            "sources": sources,
+        }
+        partial = MANIFEST.with_suffix(".partial")
+        partial.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(partial, MANIFEST)  # last, whole: until then the build reads as missing
