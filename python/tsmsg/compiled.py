@@ -6,11 +6,13 @@ metrics): no single cut removes much of it. mypyc, the compiler of mypy's type-c
 Python, builds C extension modules from these same sources (mypy already checks them in
 ``make lint``), which run the same code with native calls and attribute access.
 
-``make`` builds them (``python -m tsmsg.build_compiled``) into ``_compiled/`` beside this file,
-with a manifest of each source's SHA-256. :func:`install`, run by ``import tsmsg`` before
-any of them is imported, uses the compiled modules only when every source still matches
-its digest, and all of them or none (they call each other natively): after an edit the
-sources run, with a warning, until ``make`` builds them again. ``TSMSG_PURE=1`` runs the
+``make`` builds them (``python -m tsmsg.build_compiled``) into ``_compiled/`` beside this
+file, with a manifest of the SHA-256 of each of their sources and of every tsmsg module
+they import (mypyc copies an imported ``Final`` constant into the C). :func:`install`, run
+by ``import tsmsg`` before any of them is imported, uses the compiled modules only when
+every one of those still matches its digest, and all of them or none (they call each
+other natively): after an edit the sources run, with a warning, until ``make`` builds
+them again. ``TSMSG_PURE=1`` runs the
 sources anyway (py-spy sees into them; a traceback shows every line).
 """
 
