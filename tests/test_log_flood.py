@@ -70,41 +70,22 @@ def test_kinds_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(repeats.windows) == 4
 
 
+@pytest.mark.parametrize(
+    ("port", "refusal"),
+    [
+        ("tcp", "refusing connection from %s: %s (retry in %d ms)"),
+        ("ws", "refusing connection from %s: %s"),  # its own logger, tsmsg.server.web
+    ],
+)
 async def test_a_connect_flood_logs_a_few_lines_and_a_count(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    port: str,
+    refusal: str,
 ) -> None:
-    now = [0.0]
-    monkeypatch.setattr(app.LOG_FILTER, "clock", lambda: now[0])
-    monkeypatch.setattr(app.LOG_FILTER, "windows", {})
-    settings = make_settings(tmp_path / "data", ip_max_connections=1, tick_ms=10)
-    caplog.set_level(logging.INFO, logger="tsmsg.server")
-    async with running_server(settings) as h:
-        await h.connect("alice")  # the address's one connection
-        for _ in range(FLOOD):
-            stream = await trio.open_tcp_stream("127.0.0.1", h.server.port)
-            with trio.fail_after(5):
-                while await stream.receive_some(65536):
-                    pass  # the refusal, then the close
-            await stream.aclose()
-        refusals = [r for r in caplog.records if "refusing connection" in r.getMessage()]
-        assert len(refusals) == LOG_BURST, len(refusals)
-        now[0] = LOG_INTERVAL_S  # the ticker's next flush sums up the rest
-        with trio.fail_after(5):
-            while not any("suppressed" in r.getMessage() for r in caplog.records):
-                await trio.sleep(0.01)
-    summaries = [r.getMessage() for r in caplog.records if "suppressed" in r.getMessage()]
-    assert summaries == [
-        f"{FLOOD - LOG_BURST} similar messages suppressed in the last 10 s: "
-        "refusing connection from %s: %s (retry in %d ms)"
-    ], summaries
-    assert h.server.metrics.value("tsmsg_rate_limited_total") == FLOOD  # all still counted
-
-
-async def test_a_connect_flood_on_the_websocket_port_logs_a_few_lines_and_a_count(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The WebSocket port's refusals (PROTOCOL.md 19: admission counted with the TCP
-    port's) are the same flood: its own logger's WARNING lines are limited too."""
+    """Refused connections on the TCP port, or on the WebSocket port (PROTOCOL.md 19:
+    admission counted with the TCP port's): a few WARNING lines, then a count."""
     now = [0.0]
     monkeypatch.setattr(app.LOG_FILTER, "clock", lambda: now[0])
     monkeypatch.setattr(app.LOG_FILTER, "windows", {})
@@ -112,14 +93,16 @@ async def test_a_connect_flood_on_the_websocket_port_logs_a_few_lines_and_a_coun
     caplog.set_level(logging.INFO, logger="tsmsg.server")
     async with running_server(settings) as h:
         await h.connect("alice")  # the address's one connection (TCP: counted together)
-        assert h.server.ws_port is not None
+        number = h.server.port if port == "tcp" else h.server.ws_port
+        assert number is not None
         for _ in range(FLOOD):
-            stream = await trio.open_tcp_stream("127.0.0.1", h.server.ws_port)
+            stream = await trio.open_tcp_stream("127.0.0.1", number)
             with trio.fail_after(5):
                 reply = b""
                 while chunk := await stream.receive_some(65536):
-                    reply += chunk  # the 503, then the close
-            assert reply.startswith(b"HTTP/1.1 503 "), reply
+                    reply += chunk  # the refusal, then the close
+            if port == "ws":
+                assert reply.startswith(b"HTTP/1.1 503 "), reply
             await stream.aclose()
         refusals = [r for r in caplog.records if "refusing connection" in r.getMessage()]
         assert len(refusals) == LOG_BURST, len(refusals)
@@ -129,8 +112,7 @@ async def test_a_connect_flood_on_the_websocket_port_logs_a_few_lines_and_a_coun
                 await trio.sleep(0.01)
     summaries = [r.getMessage() for r in caplog.records if "suppressed" in r.getMessage()]
     assert summaries == [
-        f"{FLOOD - LOG_BURST} similar messages suppressed in the last 10 s: "
-        "refusing connection from %s: %s"
+        f"{FLOOD - LOG_BURST} similar messages suppressed in the last 10 s: {refusal}"
     ], summaries
     assert h.server.metrics.value("tsmsg_rate_limited_total") == FLOOD  # all still counted
 
