@@ -32,6 +32,7 @@ from tsmsg.chat import (
     ById,
     ByOwn,
     BySeq,
+    Chat,
     ChatView,
     CommandError,
     DeleteCmd,
@@ -389,6 +390,22 @@ async def test_chat_refused_channel_and_wrong_user(harness: Harness) -> None:
                 stdin=stdin,
                 out=io.StringIO(),
             )
+
+
+async def test_chat_a_refused_join_leaves_no_channel_behind(harness: Harness) -> None:
+    """A /join the server refuses: the chat stays where it was, and the refused channel is
+    not left in the view's channels (the screen's side list, /join's completion)."""
+    async with connect("127.0.0.1", harness.server.port, token=mint("alice", [CH])) as client:
+        view = ChatView("alice", CH)
+        chat = Chat(client, view, io.StringIO())
+        send, receive = await chat.start("here", CH)
+        send.close()
+        receive.close()
+        with pytest.raises(Forbidden):
+            await chat.execute(Join("secret-room"))
+        assert view.current == CH
+        assert "secret-room" not in view.unread
+        assert "secret-room" not in view.channels
 
 
 # ------------------------------------------------------------------------ a server subprocess

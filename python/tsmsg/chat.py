@@ -666,6 +666,7 @@ class Chat:
             self.emit([f"-- already in {channel}"])
             return
         previous = self.view.current
+        listed = channel in self.view.unread
         self.emit(self.view.switch(channel))
         if channel not in self.client.channels:
             try:
@@ -673,6 +674,8 @@ class Chat:
             except ClientError:
                 self.view.current = previous
                 self.view.channels.pop(channel, None)
+                if not listed:  # not the user's channel: no entry in the side list
+                    self.view.unread.pop(channel, None)
                 raise
         self._maybe_mark_read()
 
