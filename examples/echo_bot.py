@@ -51,7 +51,11 @@ def main() -> int:
     parser.add_argument("--secret-file", default=DEV_SECRET, help=f"default {DEV_SECRET}")
     parser.add_argument("--channel", default="room-1")
     args = parser.parse_args()
-    secret = signing_secret(args.secret_file)
+    try:
+        secret = signing_secret(args.secret_file)
+    except ValueError as exc:  # a secret too short to sign with: one line
+        print(f"echo_bot: {exc}", file=sys.stderr)
+        return 1
     if secret is None:
         print(
             f"echo_bot: no secret: run `make run` first (it writes {DEV_SECRET}), or pass "
@@ -59,8 +63,14 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    issuer = TokenIssuer(secret)
+    try:  # a channel no token can name fails here, not after the connect timeout
+        issuer.issue(USER, [args.channel], now=int(time.time()))
+    except ValueError as exc:
+        print(f"echo_bot: {exc}", file=sys.stderr)
+        return 1
     try:
-        anyio.run(echo, args.host, args.port, args.channel, TokenIssuer(secret))
+        anyio.run(echo, args.host, args.port, args.channel, issuer)
     except KeyboardInterrupt:
         print(f"{USER} stopped", flush=True)
     except ClientError as exc:  # the server is down, or refused the token: one line

@@ -78,7 +78,11 @@ def main() -> int:
     parser.add_argument("--secret-file", default=DEV_SECRET, help=f"default {DEV_SECRET}")
     parser.add_argument("--channel", default="two-users")
     args = parser.parse_args()
-    secret = signing_secret(args.secret_file)
+    try:
+        secret = signing_secret(args.secret_file)
+    except ValueError as exc:  # a secret too short to sign with: one line
+        print(f"two_users: {exc}", file=sys.stderr)
+        return 1
     if secret is None:
         print(
             f"two_users: no secret: run `make run` first (it writes {DEV_SECRET}), or pass "
@@ -88,7 +92,7 @@ def main() -> int:
         return 1
     try:
         anyio.run(converse, args.host, args.port, args.channel, TokenIssuer(secret))
-    except ClientError as exc:  # the server is down, or refused the token: one line
+    except (ClientError, ValueError) as exc:  # server down, token refused, bad channel: one line
         print(f"two_users: {exc}", file=sys.stderr)
         return 1
     return 0

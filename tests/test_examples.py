@@ -145,3 +145,22 @@ async def test_examples_take_the_dev_secret_file_and_fail_in_one_line_without_a_
     nowhere = await run_example("two_users.py", port, "ex-down", env)
     assert nowhere.returncode == 1
     assert "no secret: run `make run` first" in nowhere.stderr.decode()
+
+
+async def test_examples_say_a_bad_channel_or_secret_in_one_line(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A channel name the token cannot name, or a secret too short to sign with: one line
+    on stderr and exit 1 at once, no traceback (nor a 10 s wait for a connection)."""
+    short = {**example_env(), "TSMSG_SECRET": "short"}
+    for name in ("two_users.py", "echo_bot.py"):
+        for channel, env, says in (
+            ("#general", example_env(), "invalid channel pattern '#general'"),
+            ("ex-short", short, "TSMSG_SECRET must be at least 32 bytes"),
+        ):
+            with trio.fail_after(WAIT_TIMEOUT):
+                done = await run_example(name, harness.server.port, channel, env)
+            err = done.stderr.decode()
+            assert done.returncode == 1, err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert says in err, err
