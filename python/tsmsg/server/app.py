@@ -1778,9 +1778,7 @@ class Server:
         now = self.now_ms()
         locked = self.ip_login_failures.peek(host, now)
         if locked:
-            rate = self.settings.ip_login_fail_rate
-            message = f"too many failed logins from this address (ip_login_fail_rate {rate:g}/s)"
-            return Refusal(locked, "ip_login", message, False)
+            return Refusal(locked, "ip_login", self._lockout_message(), False)
         retry = self.ip_connections.take(host, now)
         if not retry:
             return None
@@ -1812,9 +1810,13 @@ class Server:
         wait = self.ip_login_failures.peek(self._host_of(session), self.now_ms())
         if wait:
             self.metrics.limited("ip_login")
-            rate = self.settings.ip_login_fail_rate
-            message = f"too many failed logins from this address (ip_login_fail_rate {rate:g}/s)"
+            message = self._lockout_message()
             raise RequestError(E.RATE_LIMITED, message, fatal=True, retry_after_ms=wait)
+
+    def _lockout_message(self) -> str:
+        """The refusal of an address locked out after failed logins, at admission or hello."""
+        rate = self.settings.ip_login_fail_rate
+        return f"too many failed logins from this address (ip_login_fail_rate {rate:g}/s)"
 
     def login_failed(self, session: Session) -> None:
         """A hello refused for its token (session.Logins): a failed login of the address,
